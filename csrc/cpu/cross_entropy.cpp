@@ -1,0 +1,238 @@
+// CPU kernels of the fused cross-entropy + per-sample statistics ops (schemas in csrc/memcore.cpp).
+//
+// ce_forward: rows are split across threads. Each row is streamed once from memory in chunks of
+//   kChunk elements (a 4 KiB L1-resident block; half/bf16 chunks are widened to float there): per
+//   chunk a max sweep and an exp-sum sweep with an online rescale, giving logsumexp, the largest
+//   non-target logit (margin, argmax) and the loss. Outputs are O(N): loss, lse, [N, 3] row stats.
+// ce_backward: one streaming pass writing (exp(z - lse) - onehot) * g; no softmax tensor.
+// ce_commit: a serial O(N) scatter into the float64 [S, 6] stats buffer (deterministic, so
+//   repeated indices need no atomics), skipped entirely when the forward flagged an error.
+// Float math for fp32/fp16/bf16 logits; float64 logits take a plain double path (gradcheck).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+#include "../common.h"
+#include "vec_math.h"
+
+namespace memcore {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 1024;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct RowResult {
+  double lse, loss, prob, margin, correct;
+};
+
+// Online logsumexp over one segment of a row, in float. m/s carry the running max and the sum of
+// exp(z - m); returns the segment's own max (for the margin and argmax).
+template <typename scalar_t>
+float segment_lse(const scalar_t* z, int64_t n, float* buf, float& m, float& s) {
+  float seg_max = -kInf;
+  for (int64_t off = 0; off < n; off += kChunk) {
+    const int64_t len = std::min(kChunk, n - off);
+    const float* x;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      x = z + off;
+    } else {
+      for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(z[off + j]);
+      x = buf;
+    }
+    const float cm = max_f32(x, len);
+    seg_max = cm > seg_max ? cm : seg_max;
+    if (cm > m) {
+      s = (m == -kInf) ? 0.f : s * std::exp(m - cm);
+      m = cm;
+    }
+    if (m == -kInf) {
+      // every value so far is -inf (or NaN): keep s = 0 but let a NaN reach it
+      s += 0.f * sum_exp_f32(x, len, 0.f);
+    } else {
+      s += sum_exp_f32(x, len, m);
+    }
+  }
+  return seg_max;
+}
+
+template <typename scalar_t>
+RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
+  double zt, m_before, m_after, lse;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    const double inf = std::numeric_limits<double>::infinity();
+    m_before = -inf;
+    m_after = -inf;
+    for (int64_t j = 0; j < t; ++j) m_before = z[j] > m_before ? z[j] : m_before;
+    for (int64_t j = t + 1; j < C; ++j) m_after = z[j] > m_after ? z[j] : m_after;
+    zt = z[t];
+    double m = std::max(zt, std::max(m_before, m_after));
+    double s = 0.0;
+    if (m == -inf) {
+      s = std::numeric_limits<double>::quiet_NaN();
+    } else {
+      for (int64_t j = 0; j < C; ++j) s += std::exp(z[j] - m);
+    }
+    lse = m + std::log(s);
+  } else {
+    float m = -kInf, s = 0.f;
+    m_before = segment_lse(z, t, buf, m, s);
+    m_after = segment_lse(z + t + 1, C - t - 1, buf, m, s);
+    const float ztf = static_cast<float>(z[t]);
+    const float mm = ztf > m ? ztf : m;
+    const float tot = (m == -kInf ? 0.f : s * std::exp(m - mm)) + std::exp(ztf - mm);
+    zt = ztf;
+    lse = static_cast<double>(mm + std::log(tot));
+  }
+  RowResult r;
+  r.lse = lse;
+  r.loss = lse - zt;
+  r.prob = std::exp(-r.loss);
+  const double other = std::max(m_before, m_after);
+  r.margin = zt - other;
+  // argmax returns the first maximal index, so the target wins ties only against later classes
+  r.correct = (zt > m_before && zt >= m_after) ? 1.0 : 0.0;
+  return r;
+}
+
+template <typename scalar_t>
+void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double lse, double g,
+                  float* buf, float* obuf) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    for (int64_t j = 0; j < C; ++j) out[j] = std::exp(z[j] - lse) * g;
+    out[t] = (std::exp(z[t] - lse) - 1.0) * g;
+  } else {
+    const float lsef = static_cast<float>(lse), gf = static_cast<float>(g);
+    for (int64_t off = 0; off < C; off += kChunk) {
+      const int64_t len = std::min(kChunk, C - off);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        softmax_scale_f32(z + off, len, lsef, gf, out + off);
+      } else {
+        for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(z[off + j]);
+        softmax_scale_f32(buf, len, lsef, gf, obuf);
+        for (int64_t j = 0; j < len; ++j) out[off + j] = static_cast<scalar_t>(obuf[j]);
+      }
+    }
+    out[t] = static_cast<scalar_t>((std::exp(static_cast<float>(z[t]) - lsef) - 1.f) * gf);
+  }
+}
+
+int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+    int64_t num_samples, int64_t ignore_index) {
+  check_rows(logits, targets, "memcore::ce_forward");
+  check_vector(index, logits, at::kLong, "index", "memcore::ce_forward");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto acc = logits.options().dtype(opmath_dtype(logits));
+  at::Tensor loss = at::zeros({N}, acc), lse = at::zeros({N}, acc);
+  at::Tensor row_stats = at::zeros({N, kNumRowStats}, acc);
+  at::Tensor status = at::zeros({1}, logits.options().dtype(at::kInt));
+  std::atomic<int32_t> flags{0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* z = logits.data_ptr<scalar_t>();
+    const int64_t* tg = targets.data_ptr<int64_t>();
+    const int64_t* ix = index.data_ptr<int64_t>();
+    acc_t* loss_p = loss.data_ptr<acc_t>();
+    acc_t* lse_p = lse.data_ptr<acc_t>();
+    acc_t* rs = row_stats.data_ptr<acc_t>();
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(kChunk);
+      int32_t local = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t = tg[i];
+        if (t == ignore_index) continue;
+        if (t < 0 || t >= C) { local |= kBadTarget; continue; }
+        if (ix[i] < 0 || ix[i] >= num_samples) local |= kBadIndex;
+        const RowResult r = forward_row(z + i * C, C, t, buf.data());
+        if (!std::isfinite(r.loss)) local |= kNonFinite;
+        loss_p[i] = static_cast<acc_t>(r.loss);
+        lse_p[i] = static_cast<acc_t>(r.lse);
+        rs[i * kNumRowStats + kRowProb] = static_cast<acc_t>(r.prob);
+        rs[i * kNumRowStats + kRowMargin] = static_cast<acc_t>(r.margin);
+        rs[i * kNumRowStats + kRowCorrect] = static_cast<acc_t>(r.correct);
+      }
+      if (local) flags.fetch_or(local);
+    });
+  });
+  status.fill_(flags.load());
+  return {loss, lse, row_stats, status};
+}
+
+at::Tensor ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                           const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index) {
+  check_rows(logits, targets, "memcore::ce_backward");
+  check_vector(lse, logits, opmath_dtype(logits), "lse", "memcore::ce_backward");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor g = grad_loss.to(opmath_dtype(logits)).contiguous();
+  check_vector(g, logits, opmath_dtype(logits), "grad_loss", "memcore::ce_backward");
+  at::Tensor grad = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* z = logits.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    const int64_t* tg = targets.data_ptr<int64_t>();
+    const acc_t* lse_p = lse.data_ptr<acc_t>();
+    const acc_t* g_p = g.data_ptr<acc_t>();
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(kChunk), obuf(kChunk);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t = tg[i];
+        if (t == ignore_index || t < 0 || t >= C) {
+          std::fill(out + i * C, out + (i + 1) * C, scalar_t(0));
+          continue;
+        }
+        backward_row(z + i * C, out + i * C, C, t, lse_p[i], g_p[i], buf.data(), obuf.data());
+      }
+    });
+  });
+  return grad;
+}
+
+void ce_commit_cpu(at::Tensor& stats, const at::Tensor& index, const at::Tensor& targets,
+                   const at::Tensor& loss, const at::Tensor& row_stats, const at::Tensor& status,
+                   int64_t ignore_index) {
+  check_commit(stats, index, targets, loss, row_stats, status);
+  if (status.item<int32_t>() != 0) return;
+  const int64_t N = loss.size(0), S = stats.size(0);
+  double* st = stats.data_ptr<double>();
+  const int64_t* tg = targets.data_ptr<int64_t>();
+  const int64_t* ix = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i)  // checked before any write: a rejected call changes nothing
+    TORCH_CHECK(tg[i] == ignore_index || (ix[i] >= 0 && ix[i] < S),
+                "memcore::ce_commit: index[", i, "]=", ix[i], " outside [0, ", S, ")");
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ce_commit_cpu", [&] {
+    const scalar_t* l = loss.data_ptr<scalar_t>();
+    const scalar_t* rs = row_stats.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      if (tg[i] == ignore_index) continue;
+      double* s = st + ix[i] * kNumStats;
+      const double p = rs[i * kNumRowStats + kRowProb];
+      s[kLossSum] += l[i];
+      s[kRows] += 1.0;
+      s[kCorrect] += rs[i * kNumRowStats + kRowCorrect];
+      s[kProbSum] += p;
+      s[kProbSqSum] += p * p;
+      s[kMarginSum] += rs[i * kNumRowStats + kRowMargin];
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memcore, CPU, m) {
+  m.impl("ce_forward", &ce_forward_cpu);
+  m.impl("ce_backward", &ce_backward_cpu);
+  m.impl("ce_commit", &ce_commit_cpu);
+}
+
+}  // namespace cpu
+}  // namespace memcore

@@ -1,0 +1,75 @@
+// Branch-free float kernels for the CPU cross-entropy path, written so GCC auto-vectorises them
+// and compiled for several ISAs with target_clones: the process picks AVX-512, AVX2+FMA or the
+// baseline at load time, so one build runs on any x86-64 machine at its best width. They take raw
+// float pointers and call nothing from ATen, so no inline ATen code is compiled for a wider ISA
+// than the machine running it.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define MEMCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MEMCORE_CLONES
+#endif
+
+namespace memcore {
+namespace cpu {
+
+constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise the sums
+
+// exp(x) to ~2 ulp for x in [-87, 88] (Cephes expf polynomial); inputs below -87 give
+// exp(-87) ~ 1.6e-38 instead of 0, negligible in every sum and gradient here. NaN propagates.
+static inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
+  float k = (x * 1.44269504088896341f + kRound) - kRound;
+  float r = x - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// max over x[0, n); -inf for n == 0. NaN entries are skipped (the exp sum catches them).
+MEMCORE_CLONES inline float max_f32(const float* x, int64_t n) {
+  float acc[kLanes];
+  for (int k = 0; k < kLanes; ++k) acc[k] = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] = x[i + k] > acc[k] ? x[i + k] : acc[k];
+  float m = -std::numeric_limits<float>::infinity();
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  for (int k = 0; k < kLanes; ++k) m = acc[k] > m ? acc[k] : m;
+  return m;
+}
+
+// sum over x[0, n) of exp(x - shift)
+MEMCORE_CLONES inline float sum_exp_f32(const float* x, int64_t n, float shift) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += exp_approx(x[i + k] - shift);
+  float s = 0.f;
+  for (; i < n; ++i) s += exp_approx(x[i] - shift);
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
+// out[j] = exp(x[j] - lse) * g  (softmax times the row's upstream gradient)
+MEMCORE_CLONES inline void softmax_scale_f32(const float* x, int64_t n, float lse, float g, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_approx(x[i] - lse) * g;
+}
+
+}  // namespace cpu
+}  // namespace memcore

@@ -1,0 +1,353 @@
+// CUDA kernels of the fused cross-entropy + per-sample statistics ops (schemas in csrc/memcore.cpp).
+//
+// ce_forward: a group of TPR threads owns one row (a warp for C <= 2048, a whole block above) and
+//   streams it once with 16-byte vector loads when rows are aligned, keeping per thread an online
+//   (max, sum exp) pair, the largest logit before and after the target column, and a NaN flag;
+//   one warp-shuffle (+ shared memory across warps) reduction per row. Ignored rows are never read.
+//   Writes O(N) outputs: loss, lse, row stats [N, 3], and error bits into a 1-int status word.
+// ce_commit: one thread per row, six float64 atomicAdds into stats[index[row]] (repeated indices
+//   are correct), skipped by every thread when status != 0 so a rejected batch changes nothing.
+// ce_backward: same row mapping; writes (exp(z - lse) - onehot) * g with vector stores. Memory
+//   traffic of forward + backward: two reads and one write of the logits, nothing else O(N*C).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../checks.h"
+#include "../common.h"
+
+namespace memcore {
+namespace cuda {
+namespace {
+
+template <typename T>
+struct OpMath { using type = float; };
+template <>
+struct OpMath<double> { using type = double; };
+
+__device__ __forceinline__ float dev_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float dev_log(float x) { return logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return log(x); }
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Pack {
+  scalar_t v[VEC];
+};
+
+template <typename acc_t>
+struct RowState {
+  acc_t m;       // running max over the row
+  acc_t s;       // sum of exp(z - m)
+  acc_t before;  // max over columns < target
+  acc_t after;   // max over columns > target
+  int nan;       // a NaN was seen
+
+  __device__ __forceinline__ void init() {
+    m = s = before = after = acc_t(0);
+    m = before = after = neg_inf<acc_t>();
+    nan = 0;
+  }
+  __device__ __forceinline__ void merge(acc_t om, acc_t os, acc_t ob, acc_t oa, int on) {
+    const acc_t M = om > m ? om : m;
+    const acc_t a = (m == neg_inf<acc_t>()) ? acc_t(0) : s * dev_exp(m - M);
+    const acc_t b = (om == neg_inf<acc_t>()) ? acc_t(0) : os * dev_exp(om - M);
+    m = M;
+    s = a + b;
+    before = ob > before ? ob : before;
+    after = oa > after ? oa : after;
+    nan |= on;
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void warp_merge(RowState<acc_t>& st) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const acc_t om = __shfl_xor_sync(0xffffffffu, st.m, off);
+    const acc_t os = __shfl_xor_sync(0xffffffffu, st.s, off);
+    const acc_t ob = __shfl_xor_sync(0xffffffffu, st.before, off);
+    const acc_t oa = __shfl_xor_sync(0xffffffffu, st.after, off);
+    const int on = __shfl_xor_sync(0xffffffffu, st.nan, off);
+    st.merge(om, os, ob, oa, on);
+  }
+}
+
+// Folds VEC consecutive values starting at column j into the thread's state: one rescale per pack.
+template <typename acc_t, int VEC>
+__device__ __forceinline__ void fold(RowState<acc_t>& st, const acc_t (&x)[VEC], int64_t j, int64_t t) {
+  acc_t vmax = x[0];
+#pragma unroll
+  for (int k = 1; k < VEC; ++k) vmax = x[k] > vmax ? x[k] : vmax;
+  if (vmax > st.m) {
+    st.s = (st.m == neg_inf<acc_t>()) ? acc_t(0) : st.s * dev_exp(st.m - vmax);
+    st.m = vmax;
+  }
+  const bool live = st.m != neg_inf<acc_t>();
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    st.nan |= (x[k] != x[k]);
+    if (live) st.s += dev_exp(x[k] - st.m);
+    const int64_t col = j + k;
+    if (col < t) st.before = x[k] > st.before ? x[k] : st.before;
+    if (col > t) st.after = x[k] > st.after ? x[k] : st.after;
+  }
+}
+
+// Threads of a row: TPR. Block: max(TPR, 256) threads, so warp-sized rows pack 8 per block.
+template <int TPR>
+struct RowMap {
+  static constexpr int kThreads = TPR < 256 ? 256 : TPR;
+  static constexpr int kRowsPerBlock = kThreads / TPR;
+  __device__ static int64_t row() { return int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR; }
+  __device__ static int lane() { return threadIdx.x % TPR; }
+};
+
+template <typename scalar_t, int TPR, int VEC>
+__global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
+    const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+    const int64_t* __restrict__ index, typename OpMath<scalar_t>::type* __restrict__ loss,
+    typename OpMath<scalar_t>::type* __restrict__ lse_out,
+    typename OpMath<scalar_t>::type* __restrict__ row_stats, int* __restrict__ status, int64_t N,
+    int64_t C, int64_t num_samples, int64_t ignore_index) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  using Map = RowMap<TPR>;
+  const int64_t row = Map::row();
+  const int lane = Map::lane();
+  if (row >= N) return;  // uniform over the row's threads
+  const int64_t t = targets[row];
+  if (t == ignore_index) return;  // outputs were zero-initialised
+  if (t < 0 || t >= C) {
+    if (lane == 0) atomicOr(status, int(kBadTarget));
+    return;
+  }
+  const scalar_t* z = logits + row * C;
+  RowState<acc_t> st;
+  st.init();
+  if (VEC > 1) {
+    const Pack<scalar_t, VEC>* zv = reinterpret_cast<const Pack<scalar_t, VEC>*>(z);
+    const int64_t nv = C / VEC;
+    for (int64_t v = lane; v < nv; v += TPR) {
+      const Pack<scalar_t, VEC> p = zv[v];
+      acc_t x[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) x[k] = static_cast<acc_t>(p.v[k]);
+      fold<acc_t, VEC>(st, x, v * VEC, t);
+    }
+  } else {
+    for (int64_t j = lane; j < C; j += TPR) {
+      const acc_t x[1] = {static_cast<acc_t>(z[j])};
+      fold<acc_t, 1>(st, x, j, t);
+    }
+  }
+  warp_merge(st);
+  if (TPR > 32) {
+    constexpr int kWarps = TPR > 32 ? TPR / 32 : 1;
+    __shared__ acc_t sm[kWarps], ss[kWarps], sb[kWarps], sa[kWarps];
+    __shared__ int sn[kWarps];
+    const int warp = lane / 32;
+    if (lane % 32 == 0) {
+      sm[warp] = st.m; ss[warp] = st.s; sb[warp] = st.before; sa[warp] = st.after; sn[warp] = st.nan;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    st.init();
+    if (lane < kWarps) {
+      st.m = sm[lane]; st.s = ss[lane]; st.before = sb[lane]; st.after = sa[lane]; st.nan = sn[lane];
+    }
+    warp_merge(st);
+  }
+  if (lane != 0) return;
+  int flags = 0;
+  const int64_t ix = index[row];
+  if (ix < 0 || ix >= num_samples) flags |= kBadIndex;
+  const acc_t zt = static_cast<acc_t>(z[t]);
+  const acc_t lse = st.m + dev_log(st.s);
+  acc_t l = lse - zt;
+  if (st.nan) l = std::numeric_limits<acc_t>::quiet_NaN();
+  if (!isfinite(l)) flags |= kNonFinite;
+  if (flags) atomicOr(status, flags);
+  loss[row] = l;
+  lse_out[row] = lse;
+  const acc_t other = st.after > st.before ? st.after : st.before;
+  acc_t* rs = row_stats + row * kNumRowStats;
+  rs[kRowProb] = dev_exp(-l);
+  rs[kRowMargin] = zt - other;
+  rs[kRowCorrect] = (zt > st.before && zt >= st.after) ? acc_t(1) : acc_t(0);
+}
+
+template <typename scalar_t, int TPR, int VEC>
+__global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_backward_kernel(
+    const typename OpMath<scalar_t>::type* __restrict__ grad_loss,
+    const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+    const typename OpMath<scalar_t>::type* __restrict__ lse, scalar_t* __restrict__ grad, int64_t N,
+    int64_t C, int64_t ignore_index) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  using Map = RowMap<TPR>;
+  const int64_t row = Map::row();
+  const int lane = Map::lane();
+  if (row >= N) return;
+  const int64_t t = targets[row];
+  scalar_t* out = grad + row * C;
+  if (t == ignore_index || t < 0 || t >= C) {  // ignored rows: zero gradient, logits never read
+    for (int64_t j = lane; j < C; j += TPR) out[j] = scalar_t(0);
+    return;
+  }
+  const acc_t g = grad_loss[row];
+  const acc_t shift = lse[row];
+  const scalar_t* z = logits + row * C;
+  if (VEC > 1) {
+    const Pack<scalar_t, VEC>* zv = reinterpret_cast<const Pack<scalar_t, VEC>*>(z);
+    Pack<scalar_t, VEC>* ov = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
+    const int64_t nv = C / VEC;
+    for (int64_t v = lane; v < nv; v += TPR) {
+      const Pack<scalar_t, VEC> p = zv[v];
+      Pack<scalar_t, VEC> o;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t onehot = (v * VEC + k == t) ? acc_t(1) : acc_t(0);
+        o.v[k] = static_cast<scalar_t>((dev_exp(static_cast<acc_t>(p.v[k]) - shift) - onehot) * g);
+      }
+      ov[v] = o;
+    }
+  } else {
+    for (int64_t j = lane; j < C; j += TPR) {
+      const acc_t onehot = (j == t) ? acc_t(1) : acc_t(0);
+      out[j] = static_cast<scalar_t>((dev_exp(static_cast<acc_t>(z[j]) - shift) - onehot) * g);
+    }
+  }
+}
+
+template <typename acc_t>
+__global__ void ce_commit_kernel(double* __restrict__ stats, const int64_t* __restrict__ index,
+                                 const int64_t* __restrict__ targets, const acc_t* __restrict__ loss,
+                                 const acc_t* __restrict__ row_stats, const int* __restrict__ status,
+                                 int64_t N, int64_t num_samples, int64_t ignore_index) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= N || *status != 0) return;
+  if (targets[row] == ignore_index) return;
+  const int64_t ix = index[row];
+  if (ix < 0 || ix >= num_samples) return;  // unreachable after a clean forward; never write OOB
+  double* s = stats + ix * kNumStats;
+  const acc_t* rs = row_stats + row * kNumRowStats;
+  const double p = rs[kRowProb];
+  atomicAdd(s + kLossSum, double(loss[row]));
+  atomicAdd(s + kRows, 1.0);
+  atomicAdd(s + kCorrect, double(rs[kRowCorrect]));
+  atomicAdd(s + kProbSum, p);
+  atomicAdd(s + kProbSqSum, p * p);
+  atomicAdd(s + kMarginSum, double(rs[kRowMargin]));
+}
+
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+// Calls f(Int<TPR>, Int<VEC>) for the launch shape that fits C and the alignment: vector loads
+// need every row to start on a 16-byte boundary.
+template <typename scalar_t, typename F>
+void dispatch_shape(int64_t C, bool aligned, F&& f) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vec = aligned && C % kVec == 0;
+  auto by_tpr = [&](auto tpr) {
+    if (vec) f(tpr, Int<kVec>{});
+    else f(tpr, Int<1>{});
+  };
+  if (C <= 2048) by_tpr(Int<32>{});
+  else if (C <= 16384) by_tpr(Int<256>{});
+  else by_tpr(Int<512>{});
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+    int64_t num_samples, int64_t ignore_index) {
+  check_rows(logits, targets, "memcore::ce_forward");
+  check_vector(index, logits, at::kLong, "index", "memcore::ce_forward");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto acc = logits.options().dtype(opmath_dtype(logits));
+  at::Tensor loss = at::zeros({N}, acc), lse = at::zeros({N}, acc);
+  at::Tensor row_stats = at::zeros({N, kNumRowStats}, acc);
+  at::Tensor status = at::zeros({1}, logits.options().dtype(at::kInt));
+  if (N == 0 || C == 0) return {loss, lse, row_stats, status};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_cuda", [&] {
+    using acc_t = typename OpMath<scalar_t>::type;
+    dispatch_shape<scalar_t>(C, aligned16(logits.data_ptr()), [&](auto tpr, auto vec) {
+      constexpr int TPR = decltype(tpr)::value, VEC = decltype(vec)::value;
+      using Map = RowMap<TPR>;
+      const int64_t blocks = (N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock;
+      ce_forward_kernel<scalar_t, TPR, VEC><<<blocks, Map::kThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), index.data_ptr<int64_t>(),
+          loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), row_stats.data_ptr<acc_t>(),
+          status.data_ptr<int>(), N, C, num_samples, ignore_index);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {loss, lse, row_stats, status};
+}
+
+at::Tensor ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                            const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index) {
+  check_rows(logits, targets, "memcore::ce_backward");
+  check_vector(lse, logits, opmath_dtype(logits), "lse", "memcore::ce_backward");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor g = grad_loss.to(opmath_dtype(logits)).contiguous();
+  check_vector(g, logits, opmath_dtype(logits), "grad_loss", "memcore::ce_backward");
+  at::Tensor grad = at::empty_like(logits);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  if (N == 0 || C == 0) return grad;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_cuda", [&] {
+    using acc_t = typename OpMath<scalar_t>::type;
+    const bool aligned = aligned16(logits.data_ptr()) && aligned16(grad.data_ptr());
+    dispatch_shape<scalar_t>(C, aligned, [&](auto tpr, auto vec) {
+      constexpr int TPR = decltype(tpr)::value, VEC = decltype(vec)::value;
+      using Map = RowMap<TPR>;
+      const int64_t blocks = (N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock;
+      ce_backward_kernel<scalar_t, TPR, VEC><<<blocks, Map::kThreads, 0, stream>>>(
+          g.data_ptr<acc_t>(), logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
+          lse.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), N, C, ignore_index);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad;
+}
+
+void ce_commit_cuda(at::Tensor& stats, const at::Tensor& index, const at::Tensor& targets,
+                    const at::Tensor& loss, const at::Tensor& row_stats, const at::Tensor& status,
+                    int64_t ignore_index) {
+  check_commit(stats, index, targets, loss, row_stats, status);
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const int64_t N = loss.size(0);
+  if (N == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  const int64_t blocks = (N + kThreads - 1) / kThreads;
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ce_commit_cuda", [&] {
+    ce_commit_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        stats.data_ptr<double>(), index.data_ptr<int64_t>(), targets.data_ptr<int64_t>(),
+        loss.data_ptr<scalar_t>(), row_stats.data_ptr<scalar_t>(), status.data_ptr<int>(), N,
+        stats.size(0), ignore_index);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
+  m.impl("ce_forward", &ce_forward_cuda);
+  m.impl("ce_backward", &ce_backward_cuda);
+  m.impl("ce_commit", &ce_commit_cuda);
+}
+
+}  // namespace cuda
+}  // namespace memcore

@@ -1,0 +1,120 @@
+"""Argument checks with exceptions that name the offending argument.
+
+Only metadata (shape, dtype, device) is checked here, so nothing synchronises with the GPU. Value
+errors (targets or index out of range, non-finite logits) are detected inside the kernel in the
+same pass that computes the loss and reported through its status word; `explain_status` turns that
+word into the exception, pointing at the first offending row.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from ._layout import BAD_INDEX, BAD_TARGET, NON_FINITE
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _require_tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _require_integer(x: torch.Tensor, name: str) -> None:
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (class ids / sample indices), got {x.dtype}")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        ai = a.index if a.index is not None else torch.cuda.current_device()
+        bi = b.index if b.index is not None else torch.cuda.current_device()
+        return ai == bi
+    return True
+
+
+def rows_of(
+    logits, targets, index, ignore_index, tracker_device: Optional[torch.device]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks the inputs of accumulate and flattens them to logits [N, C], targets [N], index [N].
+
+    logits [..., C]; targets [...] (the same leading shape); index either [...] like targets or,
+    for sequence data with targets [B, T], one sample id per sequence [B].
+    """
+    _require_tensor(logits, "logits")
+    _require_tensor(targets, "targets")
+    _require_tensor(index, "index")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape [N, C] (or [..., C]), got {tuple(logits.shape)}")
+    num_classes = logits.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"logits must have at least 2 classes in the last dim, got shape {tuple(logits.shape)}")
+    _require_integer(targets, "targets")
+    _require_integer(index, "index")
+    lead = tuple(logits.shape[:-1])
+    if tuple(targets.shape) != lead:
+        raise ValueError(
+            f"targets must have shape {lead} to match logits {tuple(logits.shape)}, got {tuple(targets.shape)}"
+        )
+    if tuple(index.shape) != lead and not (len(lead) >= 2 and tuple(index.shape) == lead[:1]):
+        per_seq = f" or {lead[:1]} (one sample id per sequence)" if len(lead) >= 2 else ""
+        raise ValueError(f"index must have shape {lead}{per_seq}, got {tuple(index.shape)}")
+    for t, name in ((targets, "targets"), (index, "index")):
+        if not same_device(t.device, logits.device):
+            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+    if tracker_device is not None and not same_device(tracker_device, logits.device):
+        raise ValueError(
+            f"tracker lives on {tracker_device} but logits are on {logits.device}; "
+            f"create it with memcore.Tracker(num_samples, device={str(logits.device)!r})"
+        )
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+    n = targets.numel()
+    if tuple(index.shape) != lead:  # one id per sequence -> one id per row
+        index = index.reshape(lead[:1] + (1,) * (len(lead) - 1)).expand(lead)
+    logits2d = logits.reshape(n, num_classes)
+    if not logits2d.is_contiguous():
+        logits2d = logits2d.contiguous()
+    return logits2d, targets.reshape(n).to(torch.int64).contiguous(), index.reshape(n).to(torch.int64).contiguous()
+
+
+def explain_status(
+    bits: int, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, num_samples: int,
+    ignore_index: int, loss: torch.Tensor,
+) -> Exception:
+    """Builds the exception for a non-zero status word; names the first offending row."""
+    keep = targets != ignore_index
+    if bits & BAD_TARGET:
+        c = logits.shape[1]
+        bad = keep & ((targets < 0) | (targets >= c))
+        row = int(bad.nonzero()[0, 0])
+        return IndexError(
+            f"targets[{row}] = {int(targets[row])} is outside [0, {c}) for logits with {c} classes "
+            f"(and is not ignore_index={ignore_index}); the tracker was not updated"
+        )
+    if bits & BAD_INDEX:
+        bad = keep & ((index < 0) | (index >= num_samples))
+        row = int(bad.nonzero()[0, 0])
+        return IndexError(
+            f"index[{row}] = {int(index[row])} is outside [0, {num_samples}) (the tracker's num_samples); "
+            f"the tracker was not updated"
+        )
+    if bits & NON_FINITE:
+        bad = keep & ~torch.isfinite(loss.detach())
+        row = int(bad.nonzero()[0, 0])
+        return ValueError(
+            f"logits row {row} gives a non-finite loss ({float(loss[row])}): the row holds NaN or +inf, "
+            f"or the target's logit is -inf; the tracker was not updated"
+        )
+    return RuntimeError(f"memcore kernel reported unknown status bits {bits}")
+
+
+def describe_bits(bits: int) -> str:
+    names = [n for b, n in ((BAD_TARGET, "target out of range"), (BAD_INDEX, "index out of range"),
+                            (NON_FINITE, "non-finite loss")) if bits & b]
+    return ", ".join(names) or f"status {bits}"

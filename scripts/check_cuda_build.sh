@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the CUDA extension (no GPU needed) in .venv-cuda against the CUDA build of torch, out of
+# tree in build/cuda, then imports it and checks the CUDA kernels are registered; where a GPU is
+# present it also runs the test suite on it. Fails on any CUDA compile error.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_CUDA_SPEC="${MEMCORE_CUDA_TORCH:-torch==2.14.1}"
+if [ -z "${CUDA_HOME:-}" ]; then
+  for d in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)" 2>/dev/null || echo /x/x/x)")")"; do
+    if [ -x "$d/bin/nvcc" ] && [ -f "$d/include/cuda_runtime.h" ]; then export CUDA_HOME="$d"; break; fi
+  done
+fi
+# nvcc on PATH may be a wrapper script; torch must see the real toolkit or the link misses cudart
+[ -n "${CUDA_HOME:-}" ] || { echo "[memcore] no CUDA toolkit found (set CUDA_HOME)"; exit 1; }
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+echo "[memcore] CUDA build check: CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+python3 -m venv .venv-cuda 2>/dev/null || true
+.venv-cuda/bin/pip install -q --disable-pip-version-check "$TORCH_CUDA_SPEC" 2>&1 | grep -v "is ignored" || true
+.venv-cuda/bin/pip install -q --disable-pip-version-check numpy scikit-learn tqdm ninja pytest setuptools wheel 2>&1 | grep -v "is ignored" || true
+.venv-cuda/bin/python -c "import torch; assert torch.version.cuda, 'expected a CUDA build of torch'; print('[memcore] torch', torch.__version__)"
+MEMCORE_FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" .venv-cuda/bin/python setup.py -q build --build-base build/cuda
+lib="$(ls -d build/cuda/lib.*)"
+(cd /tmp && PYTHONPATH="$OLDPWD/$lib" "$OLDPWD/.venv-cuda/bin/python" - <<'PY'
+import torch, memcore
+assert memcore.with_cuda(), "memcore was built without its CUDA kernels"
+for op in ("ce_forward", "ce_backward", "ce_commit"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"memcore::{op}", "CUDA"), op
+print("[memcore] CUDA kernels compiled and registered:", memcore.__file__)
+PY
+)
+PYTHONPATH="$lib" .venv-cuda/bin/pytest tests -q -p no:cacheprovider -x

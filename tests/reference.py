@@ -1,0 +1,69 @@
+"""Plain-PyTorch reference of what memcore's kernels compute, for the tests."""
+import torch
+import torch.nn.functional as F
+
+
+def row_stats(logits, targets, ignore_index=-100):
+    """Per-row loss, p(target), margin, correct for non-ignored rows (float64 math)."""
+    z = logits.double()
+    keep = targets != ignore_index
+    z, t = z[keep], targets[keep]
+    loss = F.cross_entropy(z, t, reduction="none")
+    p = torch.exp(-loss)
+    zt = z.gather(1, t[:, None]).squeeze(1)
+    other = z.scatter(1, t[:, None], float("-inf")).amax(1)
+    correct = (z.argmax(1) == t).double()
+    return keep, loss, p, zt - other, correct
+
+
+def epoch_sums(batches, num_samples, ignore_index=-100):
+    """[S, 6] float64 sums over the batches (logits, targets, index), like memcore's epoch buffer."""
+    out = torch.zeros(num_samples, 6, dtype=torch.float64)
+    for logits, targets, index in batches:
+        keep, loss, p, margin, correct = row_stats(logits.cpu(), targets.cpu(), ignore_index)
+        ix = index.cpu()[keep]
+        cols = torch.stack([loss, torch.ones_like(loss), correct, p, p * p, margin], 1)
+        out.index_add_(0, ix, cols)
+    return out
+
+
+def scores(epochs, num_samples, ignore_index=-100):
+    """Reference scores for a list of epochs, each a list of (logits, targets, index) batches."""
+    total = torch.zeros(num_samples, 6, dtype=torch.float64)
+    last_loss = torch.full((num_samples,), float("nan"), dtype=torch.float64)
+    prev = [None] * num_samples
+    forgetting = [0] * num_samples
+    learned = [-1] * num_samples
+    for e, batches in enumerate(epochs):
+        s = epoch_sums(batches, num_samples, ignore_index)
+        total += s
+        for i in range(num_samples):
+            rows = s[i, 1].item()
+            if rows == 0:
+                continue
+            c = s[i, 2].item() >= rows - 1e-9
+            last_loss[i] = s[i, 0] / rows
+            if prev[i] and not c:
+                forgetting[i] += 1
+            if c and learned[i] < 0:
+                learned[i] = e
+            if not c:
+                learned[i] = -1
+            prev[i] = c
+    rows = total[:, 1]
+    nan = torch.full_like(rows, float("nan"))
+    mean = lambda col: torch.where(rows > 0, total[:, col] / rows.clamp_min(1), nan)
+    conf = mean(3)
+    lt = torch.tensor([l if l >= 0 else len(epochs) for l in learned], dtype=torch.float64)
+    return {
+        "csl": total[:, 0],
+        "csl_mean": mean(0),
+        "rows": rows,
+        "last_loss": last_loss,
+        "learning_time": torch.where(rows > 0, lt, nan),
+        "forgetting": torch.tensor(forgetting, dtype=torch.float64),
+        "confidence_mean": conf,
+        "confidence_std": (mean(4) - conf * conf).clamp_min(0).sqrt(),
+        "aum": mean(5),
+        "correctness": mean(2),
+    }

@@ -1,0 +1,116 @@
+"""Operator registration: opcheck on every op, torch.compile(fullgraph=True) of a training step."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memcore
+from memcore import _ops  # noqa: F401
+
+
+def _inputs(device, n=8, c=5, dtype=torch.float32):
+    logits = torch.randn(n, c, device=device, dtype=dtype)
+    targets = torch.randint(0, c, (n,), device=device)
+    targets[0] = -100
+    index = torch.randint(0, 4, (n,), device=device)
+    return logits, targets, index
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_ce_forward(dtype, device):
+    logits, targets, index = _inputs(device, dtype=dtype)
+    torch.library.opcheck(torch.ops.memcore.ce_forward.default, (logits, targets, index, 4, -100))
+    logits.requires_grad_()
+    torch.library.opcheck(torch.ops.memcore.ce_forward.default, (logits, targets, index, 4, -100))
+
+
+def test_opcheck_ce_backward(device):
+    logits, targets, index = _inputs(device)
+    loss, lse, _, _ = torch.ops.memcore.ce_forward(logits, targets, index, 4, -100)
+    torch.library.opcheck(torch.ops.memcore.ce_backward.default, (torch.randn_like(loss), logits, targets, lse, -100))
+
+
+def test_opcheck_ce_commit(device):
+    logits, targets, index = _inputs(device)
+    loss, _, row_stats, status = torch.ops.memcore.ce_forward(logits, targets, index, 4, -100)
+    stats = torch.zeros(4, 6, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.memcore.ce_commit.default, (stats, index, targets, loss, row_stats, status, -100))
+
+
+def test_direct_op_call_never_writes_out_of_bounds():
+    """Bypassing the Python checks still cannot corrupt memory."""
+    logits, targets, index = _inputs("cpu")
+    loss, _, row_stats, status = torch.ops.memcore.ce_forward(logits, targets, index, 4, -100)
+    stats = torch.zeros(2, 6, dtype=torch.float64)  # smaller than the index range
+    index = index.clone()
+    index[3] = 7
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.memcore.ce_commit(stats, index, targets, loss, row_stats, status, -100)
+    assert stats.abs().sum() == 0
+    with pytest.raises(RuntimeError, match="2-D"):
+        torch.ops.memcore.ce_forward(logits[0], targets, index, 4, -100)
+
+
+def test_torch_compile_fullgraph_training_step():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    ref_model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    ref_model.load_state_dict(model.state_dict())
+    tracker = memcore.Tracker(32, device="cpu")
+
+    def step(x, y, idx):  # AOTAutograd compiles the backward of this graph too
+        return memcore.accumulate(model(x), y, idx, tracker)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x, y = torch.randn(32, 12), torch.randint(0, 5, (32,))
+    idx = torch.arange(32)
+    for _ in range(2):  # second call reuses the graph
+        for b in range(0, 32, 16):
+            loss = compiled(x[b:b + 16], y[b:b + 16], idx[b:b + 16])
+            loss.backward()
+            ref = F.cross_entropy(ref_model(x[b:b + 16]), y[b:b + 16])
+            ref.backward()
+            torch.testing.assert_close(loss, ref)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+        tracker.end_epoch()
+    s = tracker.scores()
+    assert s["rows"].tolist() == [2.0] * 32
+    assert (s["csl"] > 0).all()
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    torch._dynamo.reset()
+    tracker = memcore.Tracker(16, device="cpu")
+    lin = torch.nn.Linear(6, 4)
+
+    @torch.compile(fullgraph=True)
+    def step(x, y, idx):
+        return memcore.accumulate(lin(x), y, idx, tracker)
+
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    loss = step(x, y, torch.arange(16))
+    loss.backward()
+    torch.testing.assert_close(loss, F.cross_entropy(lin(x), y))
+    tracker.end_epoch()
+    assert tracker.scores()["rows"].sum() == 16
+
+
+def test_compiled_step_defers_errors():
+    torch._dynamo.reset()
+    tracker = memcore.Tracker(4, device="cpu")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(z, y, idx):
+        return memcore.accumulate(z, y, idx, tracker)
+
+    step(torch.randn(2, 3), torch.tensor([0, 7]), torch.tensor([0, 1]))
+    assert tracker._epoch.abs().sum() == 0
+    with pytest.raises(ValueError, match="target out of range"):
+        tracker.end_epoch()
+
+
+def test_with_cuda_reports_build():
+    assert isinstance(memcore.with_cuda(), bool)
+    if torch.cuda.is_available():
+        assert memcore.with_cuda()

@@ -1,0 +1,144 @@
+"""Tracker statistics against a plain-PyTorch reference, repeated indices, epochs, checkpoints."""
+import pytest
+import torch
+
+import memcore
+from memcore import _layout as L
+
+from reference import epoch_sums, scores as ref_scores
+
+
+def _run(epochs, num_samples, device, **kw):
+    tr = memcore.Tracker(num_samples, device=device, **kw)
+    for batches in epochs:
+        for logits, targets, index in batches:
+            memcore.accumulate(logits.to(device), targets.to(device), index.to(device), tr)
+        tr.end_epoch()
+    return tr
+
+
+def _batches(n, c, num_samples, nb, scale=2.0, gen=None):
+    out = []
+    for _ in range(nb):
+        logits = torch.randn(n, c, generator=gen) * scale
+        targets = torch.randint(0, c, (n,), generator=gen)
+        index = torch.randint(0, num_samples, (n,), generator=gen)
+        out.append((logits, targets, index))
+    return out
+
+
+def test_epoch_buffer_matches_reference_with_repeated_indices(device):
+    batches = _batches(64, 7, 10, 3)  # 192 rows into 10 samples: many repeats per batch
+    tr = memcore.Tracker(10, device=device)
+    for lg, tg, ix in batches:
+        memcore.accumulate(lg.to(device), tg.to(device), ix.to(device), tr)
+    torch.testing.assert_close(tr._epoch.cpu(), epoch_sums(batches, 10), rtol=1e-6, atol=1e-6)
+
+
+def test_scores_match_reference_over_epochs(device):
+    gen = torch.Generator().manual_seed(1)
+    s = 40
+    # logits drift towards the labels so samples get learned, forgotten, relearned
+    labels = torch.randint(0, 5, (s,), generator=gen)
+    epochs = []
+    for e in range(6):
+        perm = torch.randperm(s, generator=gen)
+        batches = []
+        for chunk in perm.split(16):
+            logits = torch.randn(len(chunk), 5, generator=gen) * 1.5
+            logits[torch.arange(len(chunk)), labels[chunk]] += 1.0 * e
+            batches.append((logits, labels[chunk], chunk))
+        epochs.append(batches)
+    tr = _run(epochs, s, device)
+    got, want = tr.scores(), ref_scores(epochs, s)
+    assert set(got) == set(memcore.SCORE_NAMES) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6, equal_nan=True, msg=k)
+        assert got[k].dtype == torch.float64 and got[k].device.type == "cpu"
+    assert got["forgetting"].sum() > 0, "fixture should produce forgetting events"
+    assert len(got["learning_time"].unique()) >= 3, "fixture should spread learning times"
+
+
+def test_unseen_samples_and_open_epoch(device):
+    tr = memcore.Tracker(5, device=device)
+    logits = torch.tensor([[3.0, 0.0], [0.0, 3.0]], device=device)
+    memcore.accumulate(logits, torch.tensor([0, 0], device=device), torch.tensor([1, 3], device=device), tr)
+    s = tr.scores()  # open epoch counted as if ended, without closing it
+    assert tr.epochs == 0 and tr._epoch[:, L.ROWS].sum() == 2
+    assert s["rows"].tolist() == [0, 1, 0, 1, 0]
+    assert torch.isnan(s["csl_mean"][0]) and s["csl"][0] == 0
+    assert s["learning_time"][1] == 0 and s["learning_time"][3] == 1  # 3 is wrong: never learned
+    assert torch.isnan(s["learning_time"][0])
+    tr.end_epoch()
+    assert tr.scores()["rows"].tolist() == s["rows"].tolist()
+
+
+def test_forgetting_and_learning_time_definitions():
+    tr = memcore.Tracker(1)
+    right = torch.tensor([[2.0, 0.0]])
+    wrong = torch.tensor([[0.0, 2.0]])
+    t, i = torch.tensor([0]), torch.tensor([0])
+    for z in (wrong, right, wrong, right, right):  # epochs 0..4
+        memcore.accumulate(z, t, i, tr)
+        tr.end_epoch()
+    s = tr.scores()
+    assert s["forgetting"][0] == 1  # right (ep 1) -> wrong (ep 2)
+    assert s["learning_time"][0] == 3  # correct from epoch 3 on
+    assert s["correctness"][0] == pytest.approx(3 / 5)
+
+
+def test_correct_threshold_for_sequences():
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])  # 2 of 3 tokens right
+    targets = torch.zeros(3, dtype=torch.long)
+    seq = torch.zeros(3, dtype=torch.long)
+    strict = memcore.Tracker(1)
+    loose = memcore.Tracker(1, correct_threshold=0.5)
+    for tr in (strict, loose):
+        memcore.accumulate(logits, targets, seq, tr)
+        tr.end_epoch()
+    assert strict.scores()["learning_time"][0] == 1
+    assert loose.scores()["learning_time"][0] == 0
+
+
+def test_state_dict_round_trip_gives_identical_scores(tmp_path, device):
+    epochs = [_batches(16, 4, 12, 2, gen=torch.Generator().manual_seed(e)) for e in range(4)]
+    full = _run(epochs, 12, device)
+    part = _run(epochs[:2], 12, device)
+    path = tmp_path / "tracker.pt"
+    torch.save(part.state_dict(), path)
+    resumed = memcore.Tracker(12, device=device)
+    resumed.load_state_dict(torch.load(path))
+    assert resumed.epochs == 2
+    for batches in epochs[2:]:
+        for lg, tg, ix in batches:
+            memcore.accumulate(lg.to(device), tg.to(device), ix.to(device), resumed)
+        resumed.end_epoch()
+    a, b = full.scores(), resumed.scores()
+    for k in a:
+        assert torch.equal(a[k].nan_to_num(-1), b[k].nan_to_num(-1)), k
+
+
+def test_load_state_dict_rejects_other_sizes_and_versions():
+    st = memcore.Tracker(5).state_dict()
+    with pytest.raises(ValueError, match="num_samples=5"):
+        memcore.Tracker(6).load_state_dict(st)
+    with pytest.raises(ValueError, match="version"):
+        memcore.Tracker(5).load_state_dict({**st, "version": 99})
+    with pytest.raises(ValueError, match="state_dict"):
+        memcore.Tracker(5).load_state_dict({"foo": 1})
+
+
+def test_device_none_adopts_first_batch_device(device):
+    tr = memcore.Tracker(4)
+    assert tr.device is None
+    memcore.accumulate(torch.randn(2, 3, device=device), torch.tensor([0, 1], device=device),
+                       torch.tensor([0, 1], device=device), tr)
+    assert tr.device.type == device and tr._epoch.device.type == device
+
+
+def test_constructor_validation():
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="num_samples"):
+            memcore.Tracker(bad)
+    with pytest.raises(ValueError, match="correct_threshold"):
+        memcore.Tracker(3, correct_threshold=0)
