@@ -33,6 +33,11 @@ def _ce_commit_fake(stats, index, targets, loss, row_stats, status, ignore_index
     return None
 
 
+@torch.library.register_fake("memcore::sqnorm_commit")
+def _sqnorm_commit_fake(stats, grad, scale, index):
+    return None
+
+
 def _ce_forward_setup(ctx, inputs, output):
     logits, targets, _index, _num_samples, ignore_index = inputs
     _loss, lse, row_stats, status = output

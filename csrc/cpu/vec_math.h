@@ -71,5 +71,17 @@ MEMCORE_CLONES inline void softmax_scale_f32(const float* x, int64_t n, float ls
   for (int64_t i = 0; i < n; ++i) out[i] = exp_approx(x[i] - lse) * g;
 }
 
+// sum over x[0, n) of x^2
+MEMCORE_CLONES inline float sumsq_f32(const float* x, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += x[i + k] * x[i + k];
+  float s = 0.f;
+  for (; i < n; ++i) s += x[i] * x[i];
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
 }  // namespace cpu
 }  // namespace memcore
