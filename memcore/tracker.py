@@ -188,8 +188,11 @@ class Tracker:
         - ``input_grad_norm``: mean over presentations of the squared L2 norm of the gradient of
           the sample's own loss w.r.t. its input (recorded with ``accumulate(..., inputs=x)``).
         - ``learning_time_formal``: the CSL paper's learning time (Ravikumar et al. 2025, Eq. 7):
-          the first epoch at whose end the running mean of that squared norm is <= tau (default:
-          the dataset mean of ``input_grad_norm``); the number of epochs if it never is.
+          the first epoch from whose end on the running mean (over the sample's presentations so
+          far) of that squared norm stays <= tau (default: the dataset mean of
+          ``input_grad_norm``); the number of epochs if it ends above tau. ("Stays" makes it
+          robust to input gradients that grow early in training, when the raw first crossing
+          would be epoch 0 for every sample.)
         Both are NaN when input gradients were not recorded.
         """
         self._raise_deferred()
@@ -230,8 +233,10 @@ class Tracker:
         hist = self._grad_history + ([norm.float().cpu()] if open_epoch else [])
         tau = float(self.tau) if self.tau is not None else float(norm[~norm.isnan()].mean())
         below = torch.stack(hist) <= tau  # [E, S]; NaN (not yet seen) compares False
-        first = below.int().argmax(0).double() + self._grad_start
-        lt = torch.where(below.any(0), first, torch.full_like(first, float(epochs)))
+        # stays[e] = below at every epoch >= e: "learned" is for good, as in learning_time
+        stays = torch.flip(torch.cumprod(torch.flip(below.int(), [0]), 0), [0]).bool()
+        first = stays.int().argmax(0).double() + self._grad_start
+        lt = torch.where(stays.any(0), first, torch.full_like(first, float(epochs)))
         lt = torch.where(norm.isnan().cpu(), torch.full_like(lt, float("nan")), lt)
         return {"input_grad_norm": norm, "learning_time_formal": lt}
 
