@@ -14,7 +14,7 @@ memcore_env() {
   "$venv/bin/pip" install -q --disable-pip-version-check "$torch_spec" 2>&1 | grep -v "is ignored" || true
   "$venv/bin/python" -c "import torch" || { echo "[memcore] torch failed to install ($torch_spec)"; return 1; }
   "$venv/bin/pip" install -q --disable-pip-version-check numpy scikit-learn tqdm matplotlib ninja \
-    pytest pytest-benchmark setuptools wheel pandas cleanlab "$@" 2>&1 | grep -v "is ignored" || true
+    pytest pytest-benchmark setuptools wheel pandas cleanlab lightning transformers "accelerate>=1.1.0" "$@" 2>&1 | grep -v "is ignored" || true
   local stamp
   stamp="$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)-$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
   if [ "$(cat "$venv/.memcore-build" 2>/dev/null)" != "$stamp" ] || ! (cd /tmp && "$venv/bin/python" -c "import memcore") 2>/dev/null; then

@@ -125,6 +125,9 @@ def test_header_lines(report):
     assert "- Date: 2025-03-04 05:06 UTC" in section
     assert "- Device: cpu; torch CPU threads: 2" in section
     assert section.startswith(report.BEGIN) and section.endswith(report.END)
+    assert "- Note:" not in section
+    noted = report.render_section([doc(SMALL)], notes=["machine busy"])
+    assert "- Source: ?\n- Note: machine busy\n" in noted
 
 
 def test_later_file_wins_and_merges(report, tmp_path):
