@@ -46,6 +46,7 @@ class ExperimentConfig:
     noise: List[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1])
     duplicates: int = 0
     stability_k: int = 0
+    stability_noise: float = 0.0  # label noise of the data the agreement experiment runs on
     top_k: Optional[int] = None  # top-k for agreement; default 10% of the data
     train: TrainConfig = field(default_factory=TrainConfig)
     curvature: bool = False
@@ -190,7 +191,9 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
 
     # 3. agreement with stability memorization on the clean data
     if cfg.stability_k:
-        model, scores, run_s = tracked_run(base, cfg, desc="clean run")
+        if cfg.stability_noise > 0:
+            base, _ = mdata.inject_label_noise(base, cfg.stability_noise, seed=cfg.seed)
+        model, scores, run_s = tracked_run(base, cfg, desc="stability-data run")
         methods = all_scores(model, base, scores, cfg)
         model_fn = lambda: make_model(cfg.model, base.x.shape[1:], base.num_classes)  # noqa: E731
         stab = stability(base, model_fn, k=cfg.stability_k, cfg=TrainConfig(**{**cfg.train.__dict__, "progress": False}),
@@ -208,7 +211,8 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
                 f"{stab_s:.1f} s ({stab_s / max(run_s, 1e-9):.1f}x). The published estimator uses K=2000-4000 "
                 f"models: about {2000 * stab_s / cfg.stability_k / max(run_s, 1e-9):,.0f}x-"
                 f"{4000 * stab_s / cfg.stability_k / max(run_s, 1e-9):,.0f}x the tracked run at this model size.")
-        sections.append(f"## Agreement with stability memorization (K={cfg.stability_k}, subsets of 70%)\n\n"
+        on = f"{cfg.stability_noise:.0%} label noise" if cfg.stability_noise > 0 else "the clean labels"
+        sections.append(f"## Agreement with stability memorization (K={cfg.stability_k}, subsets of 70%, on {on})\n\n"
                         + _markdown(t) + "\n\n" + cost)
         torch.save({"memorization": mem, "scores": methods}, os.path.join(cfg.out, "stability_scores.pt"))
         results["stability"] = {"agreement": rows, "tracked_seconds": run_s, "stability_seconds": stab_s,
@@ -242,6 +246,8 @@ def add_arguments(p) -> None:
     p.add_argument("--noise", default="0.01,0.02,0.05,0.1", help="comma-separated noise rates ('' for none)")
     p.add_argument("--duplicates", type=int, default=0, help="number of duplicates with another label")
     p.add_argument("--stability-k", type=int, default=0, help="models of the stability estimator (0: skip)")
+    p.add_argument("--stability-noise", type=float, default=0.0,
+                   help="label noise of the data for the stability agreement experiment (default 0)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
@@ -261,7 +267,8 @@ def from_args(args) -> ExperimentConfig:
     noise = [float(r) for r in args.noise.split(",") if r.strip()]
     return ExperimentConfig(
         dataset=args.dataset, data_dir=args.data_dir, subset=args.subset, model=args.model, noise=noise,
-        duplicates=args.duplicates, stability_k=args.stability_k, top_k=args.top_k,
+        duplicates=args.duplicates, stability_k=args.stability_k, stability_noise=args.stability_noise,
+        top_k=args.top_k,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           device=args.device, progress=not args.no_progress),
         curvature=args.curvature, curvature_every=args.curvature_every, curvature_probes=args.curvature_probes,

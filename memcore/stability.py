@@ -6,6 +6,7 @@ estimated by counting over the K models. Resumable: the counts are saved after e
 """
 import os
 import time
+import zlib
 from typing import Callable, Dict, Optional
 
 import torch
@@ -46,7 +47,9 @@ def stability(
     cfg = cfg or TrainConfig()
     n = len(dataset)
     labels = torch.as_tensor([int(dataset[i][1]) for i in range(n)]) if not hasattr(dataset, "y") else dataset.y
-    meta = {"n": n, "subset": subset, "seed": seed}
+    # labels in the key: a checkpoint of other (e.g. differently corrupted) labels is never resumed
+    meta = {"n": n, "subset": subset, "seed": seed,
+            "labels_crc32": zlib.crc32(torch.as_tensor(labels, dtype=torch.int64).numpy().tobytes())}
     state = {"done": 0, "seconds": 0.0, "in_total": torch.zeros(n), "in_correct": torch.zeros(n),
              "out_total": torch.zeros(n), "out_correct": torch.zeros(n)}
     if checkpoint and os.path.exists(checkpoint):
