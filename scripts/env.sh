@@ -12,6 +12,7 @@ memcore_pip() {
 memcore_env() {
   local venv="$1" torch_spec="$2"
   shift 2
+  case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac  # imports below run from /tmp
   local py="${PYTHON:-python3}"
   if [ ! -x "$venv/bin/python" ]; then
     echo "[memcore] creating $venv"
