@@ -3,6 +3,10 @@
 # setup.py or the torch version changed.
 #   memcore_env VENV TORCH_SPEC [extra pip packages...]
 
+# everything the tests, demo and benchmarks use besides torch (the integrations' frameworks included)
+MEMCORE_DEPS=(numpy scikit-learn tqdm matplotlib ninja pytest pytest-benchmark setuptools wheel pandas cleanlab
+  lightning transformers "accelerate>=1.1.0")
+
 # runs a pip command without the local index's "Location ... is ignored" chatter, keeping its status
 memcore_pip() {
   "$@" 2>&1 | { grep -v "is ignored" || true; }
@@ -21,9 +25,8 @@ memcore_env() {
   # torch first, pinned (and pinned again below) so no other package pulls a different, multi-GB build
   memcore_pip "$venv/bin/pip" install -q --disable-pip-version-check "$torch_spec" numpy || {
     echo "[memcore] torch failed to install ($torch_spec)"; return 1; }
-  memcore_pip "$venv/bin/pip" install -q --disable-pip-version-check scikit-learn tqdm matplotlib ninja \
-    pytest pytest-benchmark setuptools wheel pandas cleanlab lightning transformers "accelerate>=1.1.0" \
-    "$torch_spec" "$@" || { echo "[memcore] dependencies failed to install"; return 1; }
+  memcore_pip "$venv/bin/pip" install -q --disable-pip-version-check "${MEMCORE_DEPS[@]}" "$torch_spec" "$@" || {
+    echo "[memcore] dependencies failed to install"; return 1; }
   local stamp
   stamp="$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)-$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
   if [ "$(cat "$venv/.memcore-build" 2>/dev/null)" != "$stamp" ] || ! (cd /tmp && "$venv/bin/python" -c "import memcore") 2>/dev/null; then
