@@ -57,3 +57,6 @@ torch.library.register_autograd(
 def with_cuda() -> bool:
     """True when this build of memcore contains the CUDA kernels."""
     return bool(_C.with_cuda())
+
+
+from . import _curvature_ops  # noqa: E402,F401  (fake kernels / autograd of the curvature ops)
