@@ -15,13 +15,15 @@ import re
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+if __name__ == "__main__":  # as a script: this checkout's memcore, as `python -m pytest` from the root
+    sys.path.insert(0, os.path.dirname(HERE))
 from curvature_reference import reference_curvature, small_cnn  # noqa: E402
 
 import memcore  # noqa: E402
@@ -39,15 +41,20 @@ def make_setup(device: str = DEVICE, batch: int = BATCH):
     return model, x, y
 
 
-def run_memcore(model, x, y, n_probes: int = N_PROBES) -> Dict[str, torch.Tensor]:
-    return memcore.curvature(model, x, y, n_probes=n_probes, h=H, max_rows=MAX_ROWS)
+def run_memcore(model, x, y, n_probes: int = N_PROBES, max_rows: int = MAX_ROWS) -> Dict[str, torch.Tensor]:
+    return memcore.curvature(model, x, y, n_probes=n_probes, h=H, max_rows=max_rows)
+
+
+def run_memcore_256(model, x, y, n_probes: int = N_PROBES) -> Dict[str, torch.Tensor]:
+    """Half the memory budget: 256 rows per pass, the reference's backward size."""
+    return run_memcore(model, x, y, n_probes, max_rows=256)
 
 
 def run_reference(model, x, y, n_probes: int = N_PROBES) -> Dict[str, torch.Tensor]:
     return reference_curvature(model, x, y, n_probes=n_probes, h=H)
 
 
-METHODS = {"memcore": run_memcore, "reference": run_reference}
+METHODS = {"memcore": run_memcore, "memcore_max_rows_256": run_memcore_256, "reference": run_reference}
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,7 +73,8 @@ def _sync() -> None:
 def peak_memory_mib(method: str) -> Optional[float]:
     """Peak extra memory of one call, in MiB: CUDA max_memory_allocated on GPU; on the CPU the
     resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) minus the RSS before
-    the call, measured in a fresh process after one warm-up call. None where neither works."""
+    the call, measured in a fresh process after one warm-up call, with glibc returning large
+    blocks to the system on free. None where neither works."""
     code = f"""
 import re, sys, torch
 sys.path.insert(0, {HERE!r})
@@ -86,7 +94,11 @@ else:
     f(model, x, y)
     print("PEAK", (status("VmHWM") - base) / 1024)
 """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(memcore.__file__)))  # the memcore in use
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]),
+               # fixed glibc thresholds: large blocks are mmapped and returned on free, so memory kept
+               # from the warm-up call does not hide the second call's peak
+               MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     except (OSError, subprocess.SubprocessError):
@@ -139,14 +151,12 @@ def test_peak_memory_is_measurable():
 
 
 # ------------------------------------------------------------------------------ report
-def _time(f: Callable[[], object], rounds: int) -> List[float]:
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        f()
-        _sync()
-        out.append(time.perf_counter() - t)
-    return out
+def _time(f: Callable[[], object]) -> Tuple[float, float]:
+    """(wall seconds, process CPU seconds over all threads) of one call."""
+    t, c = time.perf_counter(), time.process_time()
+    f()
+    _sync()
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main(argv=None) -> None:
@@ -157,9 +167,12 @@ def main(argv=None) -> None:
     for f in METHODS.values():  # warm-up
         f(model, x, y)
     times: Dict[str, List[float]] = {m: [] for m in METHODS}
+    cpu: Dict[str, List[float]] = {m: [] for m in METHODS}
     for _ in range(args.rounds):  # interleaved, so a busy neighbour slows both alike
         for m, f in METHODS.items():
-            times[m] += _time(lambda: f(model, x, y), 1)
+            w, c = _time(lambda: f(model, x, y))
+            times[m].append(w)
+            cpu[m].append(c)
     torch.manual_seed(1)
     ref = run_reference(model, x, y, RANK_PROBES)
     rho = spearman(run_memcore(model, x, y, RANK_PROBES)["curvature"], ref["curvature"])
@@ -167,18 +180,21 @@ def main(argv=None) -> None:
     print(f"device: {DEVICE} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}")
     print(f"shapes: small CNN, inputs [{BATCH}, 1, 28, 28] float32, n_probes={N_PROBES}, h={H}, "
-          f"max_rows={MAX_ROWS}; {args.rounds} interleaved rounds")
-    print("| method | best s/batch | median s/batch | samples/s (best) | samples/s (median) | peak extra memory |")
-    print("|---|---|---|---|---|---|")
+          f"memcore max_rows={MAX_ROWS} (default) or 256; {args.rounds} interleaved rounds")
+    print("| method | best s/batch | median s/batch | samples/s (best) | samples/s (median) "
+          "| best CPU s/batch | peak extra memory |")
+    print("|---|---|---|---|---|---|---|")
     for m, ts in times.items():
         ts = sorted(ts)
         best, med = ts[0], ts[len(ts) // 2]
         peak = f"{peaks[m]:.0f} MiB" if peaks[m] is not None else "not measured"
-        print(f"| {m} | {best:.3f} | {med:.3f} | {BATCH / best:.0f} | {BATCH / med:.0f} | {peak} |")
+        print(f"| {m} | {best:.3f} | {med:.3f} | {BATCH / best:.0f} | {BATCH / med:.0f} | {min(cpu[m]):.3f} | {peak} |")
     b = {m: sorted(ts)[0] for m, ts in times.items()}
     md = {m: sorted(ts)[len(ts) // 2] for m, ts in times.items()}
-    print(f"speedup (reference / memcore): best {b['reference'] / b['memcore']:.2f}x, "
-          f"median {md['reference'] / md['memcore']:.2f}x")
+    for m in METHODS:
+        if m != "reference":
+            print(f"speedup of {m} (reference time / its time): best {b['reference'] / b[m]:.2f}x, "
+                  f"median {md['reference'] / md[m]:.2f}x, CPU time {min(cpu['reference']) / min(cpu[m]):.2f}x")
     print(f"Spearman rank correlation of the curvature scores ({RANK_PROBES} probes each): {rho:.4f}")
 
 
