@@ -13,6 +13,7 @@ The probes v are Rademacher vectors regenerated from Philox4x32-10 inside the ke
 sample's score does not depend on the batch it came in, its position, the chunking or the device.
 """
 import math
+import numbers
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -29,15 +30,16 @@ __all__ = ["curvature", "CurvatureTracker", "MODES", "DEFAULT_MAX_ROWS"]
 
 # ---------------------------------------------------------------------------------- validation
 def _check_int(x: Any, name: str, minimum: int) -> int:
-    if not isinstance(x, int) or isinstance(x, bool):
+    if not isinstance(x, numbers.Integral) or isinstance(x, bool):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    x = int(x)
     if x < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {x}")
     return x
 
 
 def _check_h(h: Any) -> float:
-    if isinstance(h, bool) or not isinstance(h, (int, float)):
+    if isinstance(h, bool) or not isinstance(h, numbers.Real):
         raise TypeError(f"h must be a float, got {type(h).__name__}")
     h = float(h)
     if not (math.isfinite(h) and h > 0.0):
@@ -47,8 +49,9 @@ def _check_h(h: Any) -> float:
 
 def _seed64(seed: Any) -> int:
     """The 64 bits of seed as the signed int64 the kernels take (Philox key = its lo, hi words)."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = int(seed)
     if not -(1 << 63) <= seed < (1 << 64):
         raise ValueError(f"seed must fit in 64 bits, got {seed}")
     seed &= (1 << 64) - 1
@@ -93,24 +96,26 @@ def _check_batch(model, inputs, targets, index) -> Tuple[torch.Tensor, torch.Ten
 
 
 # ---------------------------------------------------------------------------------- gradients
-def _loss(model: Callable, x: torch.Tensor, y: torch.Tensor, check_targets: bool = False) -> torch.Tensor:
-    """Sum over rows of each row's own cross-entropy (no 1/B scaling), checking the logits."""
+def _loss(model: Callable, x: torch.Tensor, y: torch.Tensor, check_targets: Optional[int] = None) -> torch.Tensor:
+    """Sum over rows of each row's own cross-entropy (no 1/B scaling), checking the logits and, when
+    check_targets is the row offset of y in the batch, the targets' range."""
     logits = model(x)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"model must return logits [N, C] for inputs of N={x.shape[0]} rows, got {shape}")
     c = logits.shape[1]
-    if check_targets and y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
+    if check_targets is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
         row = int(((y < 0) | (y >= c)).nonzero()[0, 0])
-        raise IndexError(f"targets[{row}] = {int(y[row])} is outside [0, {c}) for a model with {c} classes")
+        raise IndexError(f"targets[{row + check_targets}] = {int(y[row])} is outside [0, {c}) for a model "
+                         f"with {c} classes")
     return F.cross_entropy(logits, y, reduction="sum")
 
 
-def _input_grad(model: Callable, x: torch.Tensor, y: torch.Tensor, check_targets: bool = False) -> torch.Tensor:
+def _input_grad(model: Callable, x: torch.Tensor, y: torch.Tensor, check_targets: Optional[int] = None) -> torch.Tensor:
     """grad_x of the summed per-sample losses, w.r.t. x only (parameters' .grad untouched)."""
     xg = x.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(_loss(model, xg, y, check_targets), xg)
-    return g.contiguous()
+    (g,) = torch.autograd.grad(_loss(model, xg, y, check_targets), xg, allow_unused=True)
+    return torch.zeros_like(x) if g is None else g.contiguous()  # None: the model ignores x
 
 
 def _fd_rows(model, x, y, index, n_probes, h, seed, max_rows, sq, vd) -> None:
@@ -121,7 +126,7 @@ def _fd_rows(model, x, y, index, n_probes, h, seed, max_rows, sq, vd) -> None:
     for s0 in range(0, b, bs):
         xs, ys, ix = x[s0:s0 + bs], y[s0:s0 + bs], index[s0:s0 + bs]
         n = xs.shape[0]
-        g_clean = _input_grad(model, xs, ys, check_targets=True)  # once per batch, shared by every probe
+        g_clean = _input_grad(model, xs, ys, check_targets=s0)  # once per batch, shared by every probe
         pc = max(1, max_rows // n)  # probes per perturbed pass: pc * n <= max_rows rows
         for p0 in range(0, n_probes, pc):
             np_ = min(pc, n_probes - p0)
@@ -142,10 +147,15 @@ def _hvp_rows(model, x, y, index, n_probes, h, seed, max_rows, sq, vd) -> None:
         xs, ys, ix = x[s0:s0 + bs], y[s0:s0 + bs], index[s0:s0 + bs]
         n = xs.shape[0]
         xg = xs.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(_loss(model, xg, ys, check_targets=True), xg, create_graph=True)
+        (g,) = torch.autograd.grad(_loss(model, xg, ys, check_targets=s0), xg, create_graph=True,
+                                   allow_unused=True)
         for p in range(n_probes):
             v = torch.ops.memcore.rademacher(ix, seed, p, 1, rest, x.dtype)[0]
-            (hv,) = torch.autograd.grad(g, xg, v, retain_graph=p + 1 < n_probes)
+            hv = None
+            if g is not None and g.requires_grad:
+                (hv,) = torch.autograd.grad(g, xg, v, retain_graph=p + 1 < n_probes, allow_unused=True)
+            if hv is None:  # the gradient does not depend on x: H = 0
+                hv = torch.zeros_like(v)
             hv = hv.double().reshape(n, -1) * h
             sq[p, s0:s0 + n] = hv.pow(2).sum(1)
             vd[p, s0:s0 + n] = (v.double().reshape(n, -1) * hv).sum(1)
@@ -267,7 +277,7 @@ class CurvatureTracker:
         self.n_probes = _check_int(n_probes, "n_probes", 1)
         self.h = _check_h(h)
         _seed64(seed)
-        self.seed = seed
+        self.seed = int(seed)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -305,7 +315,10 @@ class CurvatureTracker:
         seed = self._seed_for(self.updates)
         cs = torch.zeros(self.num_samples, dtype=torch.float64)
         ts, cnt = cs.clone(), cs.clone()
-        total = len(loader) if hasattr(loader, "__len__") else None
+        try:
+            total: Optional[int] = len(loader)  # type: ignore[arg-type]
+        except TypeError:  # iterable-style datasets have no length
+            total = None
         bar = tqdm(loader, total=total, disable=not self.progress, desc=f"curvature (update {self.updates})")
         for i, batch in enumerate(bar):
             if not isinstance(batch, (tuple, list)) or len(batch) != 3:
