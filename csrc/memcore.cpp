@@ -24,6 +24,27 @@ TORCH_LIBRARY(memcore, m) {
   // adds (scale[r]^2 * sum(grad[r]^2), 1) into stats[index[r]] (float64 [S, 2]) in one pass.
   // scale = 1 / dL/dloss_r turns the gradient of the reduced loss into that of the row's own loss.
   m.def("sqnorm_commit(Tensor(a!) stats, Tensor grad, Tensor scale, Tensor index) -> ()");
+
+  // Input-loss curvature (csrc/cpu/curvature.cpp, csrc/cuda/curvature.cu). Probes are Rademacher
+  // vectors from Philox4x32-10 (csrc/philox.h): entry e of probe q of the sample with dataset
+  // index i is a pure function of (seed, i, q, e), regenerated inside every kernel, never stored.
+  // Raw Philox4x32-10 words for known-answer tests: counter int64 [N, 4] (low 32 bits of each
+  // entry), key = the 64 bits of seed; returns int64 [N, 4] words in [0, 2^32).
+  m.def("philox4x32(Tensor counter, int seed) -> Tensor");
+  // Probes q = probe_start .. probe_start + n_probes - 1 of the samples index [B], as a
+  // [n_probes, B, *sample_shape] tensor of +-1 in dtype, on index's device.
+  m.def(
+      "rademacher(Tensor index, int seed, int probe_start, int n_probes, int[] sample_shape,"
+      " ScalarType dtype) -> Tensor");
+  // x + h * v for those probes: x contiguous float [B, ...] -> [n_probes, B, ...] in x's dtype.
+  m.def(
+      "rademacher_perturb(Tensor x, Tensor index, int seed, int probe_start, int n_probes, float h)"
+      " -> Tensor");
+  // One pass over grad_perturbed [P, B, ...] and grad_clean [B, ...] (probes probe_start ..
+  // probe_start + P - 1): per (probe, sample) ||gp - gc||^2 and v . (gp - gc), float64 [P, B].
+  m.def(
+      "probe_reduce(Tensor grad_perturbed, Tensor grad_clean, Tensor index, int seed,"
+      " int probe_start) -> (Tensor sqnorm, Tensor vdot)");
 }
 
 namespace {

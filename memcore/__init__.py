@@ -10,7 +10,8 @@
 from . import data
 from ._ops import with_cuda
 from .accumulate import accumulate
+from .curvature import CurvatureTracker, curvature
 from .tracker import SCORE_NAMES, Tracker
 
 __version__ = "0.1.0"
-__all__ = ["Tracker", "accumulate", "with_cuda", "SCORE_NAMES", "__version__"]
+__all__ = ["Tracker", "accumulate", "with_cuda", "SCORE_NAMES", "__version__", "curvature", "CurvatureTracker"]

@@ -44,3 +44,6 @@ def _sqnorm_commit_fake(stats, grad, scale, index):
 def with_cuda() -> bool:
     """True when this build of memcore contains the CUDA kernels."""
     return bool(_C.with_cuda())
+
+
+from . import _curvature_ops  # noqa: E402,F401  (fake kernels / autograd of the curvature ops)

@@ -1,0 +1,235 @@
+// CUDA kernels of the input-curvature ops (schemas in csrc/memcore.cpp, Philox in csrc/philox.h).
+//
+// A "row" is one (probe p, sample b) pair; a block of 128 threads owns a row (grid-stride over
+// rows). The row is walked in tiles of 128 Philox blocks (16384 elements): first every thread
+// draws one Philox4x32-10 call (the 128 signs of one 128-element block) into shared memory
+// (2 KiB), then each warp takes whole 128-element blocks, lane l handling elements l, l+32, l+64,
+// l+96 with the sign bit l of words 0..3: loads and stores are fully coalesced, need no alignment,
+// and each Philox call serves 128 elements. Probes are never stored in global memory.
+// rademacher / rademacher_perturb: write v or x + h v, [P, B, D...], in the input dtype (x + h v
+//   in fp32, fp64 for fp64, rounded once: bit-identical to the CPU kernel).
+// probe_reduce: one pass over grad_perturbed and grad_clean; per thread fp32 (fp64 for fp64)
+//   sums of (gp - gc)^2 and v . (gp - gc), widened to fp64 for the block reduction (warp
+//   shuffles + shared memory); float64 [P, B] outputs. Deterministic (no atomics); the summation
+//   order depends only on D, not on P, B or the chunking, but differs from the CPU kernel's.
+// philox4x32: the raw generator words, one thread per counter.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../curvature.h"
+#include "../philox.h"
+
+namespace memcore {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;  // threads per row; also Philox blocks per tile
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kMaxGrid = 1 << 20;
+
+template <typename T>
+struct OpMath { using type = float; };
+template <>
+struct OpMath<double> { using type = double; };
+
+// Calls f(element, bit) for every element of row (probe, index) of length D; bit is its sign bit.
+// Must be reached by all threads of the block (it synchronises).
+template <typename F>
+__device__ __forceinline__ void visit_row(int64_t D, uint64_t seed, int64_t index, uint32_t probe,
+                                          uint4* tile, F&& f) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t nblk = (D + kPhiloxBits - 1) / kPhiloxBits;
+  for (int64_t t0 = 0; t0 < nblk; t0 += kThreads) {
+    if (t0 + tid < nblk) {
+      const Philox4x32 r = rademacher_bits(seed, index, probe, static_cast<uint32_t>(t0 + tid));
+      tile[tid] = make_uint4(r.v[0], r.v[1], r.v[2], r.v[3]);
+    }
+    __syncthreads();
+    const int nk = static_cast<int>(nblk - t0 < kThreads ? nblk - t0 : int64_t(kThreads));
+    for (int k = warp; k < nk; k += kWarps) {
+      const uint4 w = tile[k];
+      const int64_t base = (t0 + k) * kPhiloxBits + lane;
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t e = base + 32 * q;
+        if (e < D) f(e, (words[q] >> lane) & 1u);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) perturb_kernel(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, const int64_t* __restrict__ index,
+    int64_t rows, int64_t B, int64_t D, uint64_t seed, int64_t probe_start, double h) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  __shared__ uint4 tile[kThreads];
+  const acc_t hh = static_cast<acc_t>(h);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t p = r / B, b = r % B;
+    scalar_t* o = out + r * D;
+    const scalar_t* xr = x ? x + b * D : nullptr;
+    visit_row(D, seed, index[b], static_cast<uint32_t>(probe_start + p), tile, [&](int64_t e, uint32_t bit) {
+      const acc_t s = bit ? hh : -hh;
+      o[e] = xr ? static_cast<scalar_t>(static_cast<acc_t>(xr[e]) + s) : static_cast<scalar_t>(s);
+    });
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) probe_reduce_kernel(
+    const scalar_t* __restrict__ gp, const scalar_t* __restrict__ gc, const int64_t* __restrict__ index,
+    double* __restrict__ sq_out, double* __restrict__ vd_out, int64_t rows, int64_t B, int64_t D,
+    uint64_t seed, int64_t probe_start) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  __shared__ uint4 tile[kThreads];
+  __shared__ double red_sq[kWarps], red_vd[kWarps];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t p = r / B, b = r % B;
+    const scalar_t* ar = gp + r * D;
+    const scalar_t* cr = gc + b * D;
+    acc_t sq = 0, vd = 0;
+    visit_row(D, seed, index[b], static_cast<uint32_t>(probe_start + p), tile, [&](int64_t e, uint32_t bit) {
+      const acc_t d = static_cast<acc_t>(ar[e]) - static_cast<acc_t>(cr[e]);
+      sq += d * d;
+      vd += bit ? d : -d;
+    });
+    double s1 = static_cast<double>(sq), s2 = static_cast<double>(vd);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+      s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+    }
+    if (lane == 0) {
+      red_sq[warp] = s1;
+      red_vd[warp] = s2;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      double t1 = 0.0, t2 = 0.0;
+      for (int w = 0; w < kWarps; ++w) {
+        t1 += red_sq[w];
+        t2 += red_vd[w];
+      }
+      sq_out[r] = t1;
+      vd_out[r] = t2;
+    }
+    __syncthreads();  // red_* are reused by the next row
+  }
+}
+
+__global__ void philox_kernel(const int64_t* __restrict__ counter, int64_t* __restrict__ out, int64_t n,
+                              uint64_t key) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int64_t* c = counter + 4 * i;
+  const Philox4x32 r = philox4x32_10(static_cast<uint32_t>(c[0]), static_cast<uint32_t>(c[1]),
+                                     static_cast<uint32_t>(c[2]), static_cast<uint32_t>(c[3]),
+                                     static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32));
+#pragma unroll
+  for (int k = 0; k < 4; ++k) out[4 * i + k] = static_cast<int64_t>(r.v[k]);
+}
+
+unsigned grid_for(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, kMaxGrid)); }
+
+template <typename scalar_t>
+void launch_perturb(const scalar_t* x, scalar_t* out, const int64_t* index, int64_t P, int64_t B,
+                    int64_t D, int64_t seed, int64_t probe_start, double h) {
+  const int64_t rows = P * B;
+  perturb_kernel<scalar_t><<<grid_for(rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      x, out, index, rows, B, D, static_cast<uint64_t>(seed), probe_start, h);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor rademacher_perturb_cuda(const at::Tensor& x, const at::Tensor& index, int64_t seed,
+                                   int64_t probe_start, int64_t n_probes, double h) {
+  const char* op = "memcore::rademacher_perturb";
+  const int64_t D = check_samples(x, "x", op);
+  const int64_t B = x.size(0);
+  check_index(index, B, x.device(), op);
+  check_probe_range(probe_start, n_probes, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<int64_t> shape{n_probes};
+  shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
+  at::Tensor out = at::empty(shape, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rademacher_perturb_cuda", [&] {
+    launch_perturb<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
+                             n_probes, B, D, seed, probe_start, h);
+  });
+  return out;
+}
+
+at::Tensor rademacher_cuda(const at::Tensor& index, int64_t seed, int64_t probe_start, int64_t n_probes,
+                           at::IntArrayRef sample_shape, at::ScalarType dtype) {
+  const char* op = "memcore::rademacher";
+  TORCH_CHECK(is_probe_dtype(dtype), op, ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(index.dim() == 1, op, ": index must be 1-D [B], got ", index.sizes());
+  const int64_t B = index.size(0);
+  check_index(index, B, index.device(), op);
+  check_probe_range(probe_start, n_probes, op);
+  const int64_t D = sample_numel(sample_shape, op);
+  const c10::cuda::CUDAGuard guard(index.device());
+  std::vector<int64_t> shape{n_probes, B};
+  shape.insert(shape.end(), sample_shape.begin(), sample_shape.end());
+  at::Tensor out = at::empty(shape, index.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rademacher_cuda", [&] {
+    launch_perturb<scalar_t>(nullptr, out.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), n_probes, B,
+                             D, seed, probe_start, 1.0);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> probe_reduce_cuda(const at::Tensor& gp, const at::Tensor& gc,
+                                                     const at::Tensor& index, int64_t seed,
+                                                     int64_t probe_start) {
+  check_probe_reduce(gp, gc, index, probe_start);
+  const c10::cuda::CUDAGuard guard(gc.device());
+  const int64_t P = gp.size(0), B = gc.size(0);
+  const int64_t D = sample_numel(gc.sizes().slice(1), "memcore::probe_reduce");
+  const auto f64 = gc.options().dtype(at::kDouble);
+  at::Tensor sq = at::zeros({P, B}, f64), vd = at::zeros({P, B}, f64);
+  const int64_t rows = P * B;
+  if (rows == 0 || D == 0) return {sq, vd};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "probe_reduce_cuda", [&] {
+    probe_reduce_kernel<scalar_t><<<grid_for(rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        gp.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), sq.data_ptr<double>(),
+        vd.data_ptr<double>(), rows, B, D, static_cast<uint64_t>(seed), probe_start);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sq, vd};
+}
+
+at::Tensor philox4x32_cuda(const at::Tensor& counter, int64_t seed) {
+  check_philox(counter);
+  const c10::cuda::CUDAGuard guard(counter.device());
+  at::Tensor out = at::empty_like(counter);
+  const int64_t n = counter.size(0);
+  if (n == 0) return out;
+  constexpr int kT = 256;
+  philox_kernel<<<static_cast<unsigned>((n + kT - 1) / kT), kT, 0, at::cuda::getCurrentCUDAStream()>>>(
+      counter.data_ptr<int64_t>(), out.data_ptr<int64_t>(), n, static_cast<uint64_t>(seed));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
+  m.impl("philox4x32", &philox4x32_cuda);
+  m.impl("rademacher", &rademacher_cuda);
+  m.impl("rademacher_perturb", &rademacher_perturb_cuda);
+  m.impl("probe_reduce", &probe_reduce_cuda);
+}
+
+}  // namespace cuda
+}  // namespace memcore
