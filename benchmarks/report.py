@@ -1,13 +1,21 @@
-"""Turns pytest-benchmark JSON from test_bench_cross_entropy.py into Markdown in RESULTS.md.
+"""Turns pytest-benchmark JSON from benchmarks/ into Markdown sections of RESULTS.md.
 
-    pytest benchmarks/test_bench_cross_entropy.py --benchmark-json=/tmp/bench_ce.json
-    python benchmarks/report.py /tmp/bench_ce.json [more.json ...] [-o benchmarks/RESULTS.md]
+    pytest benchmarks/ --benchmark-json=/tmp/bench.json
+    python benchmarks/report.py /tmp/bench.json [more.json ...] [-o benchmarks/RESULTS.md]
 
-Rows are built from each benchmark's ``extra_info`` (shape, dtype, device, threads, variant), not
-from test names. Several JSON files are merged (e.g. a quick run and a --bench-full run); where two
-files hold the same case, the later file wins. The section between ``<!-- BEGIN cross_entropy -->``
-and ``<!-- END cross_entropy -->`` is replaced (or appended; the file is created if missing), and
-the rest of the file is left as it is.
+Rows are built from each benchmark's ``extra_info`` (kernel, variant, shape, dtype, device,
+threads), not from test names. Several JSON files are merged (e.g. a quick run and a --bench-full
+run); where two files hold the same case, the later file wins. Sections, each between
+``<!-- BEGIN name -->`` and ``<!-- END name -->``:
+
+    cross_entropy   test_bench_cross_entropy.py: the loss kernel against plain and eager
+    training_step   test_bench_training_step.py: whole training steps, overhead vs plain
+    scaling         test_bench_scaling.py: time (and CUDA peak memory) vs C and N, tracker vs
+                    dataset size; also draws scaling.png next to the output (plot_scaling.py)
+
+A section is replaced (or appended; the file is created if missing) only when the input holds
+benchmarks for it, so a partial run leaves the other sections as they are; the rest of the file
+is left as it is.
 """
 import argparse
 import datetime as _dt
@@ -38,6 +46,8 @@ GOAL_OVERHEAD = 1.10                          # accumulate / plain <= this
 GOAL_SPEEDUP = {"cpu": 1.5, "cuda": 2.0}      # eager / accumulate >= this
 DEVICE_ORDER = {"cpu": 0, "cuda": 1}
 MISSING = "—"
+GPU_NOTE = ("GPU: not measured in this run — on a CUDA machine run "
+            "`MEMCORE_PY=python3 bash scripts/bench.sh --full`")
 
 Key = Tuple[int, int, str, str, Optional[int]]  # n, c, dtype, device, threads
 
@@ -232,6 +242,7 @@ def render_section(docs: Sequence[dict], notes: Sequence[str] = ()) -> str:
         "",
         render_table(rows) if rows else "_No cross_entropy benchmarks in the input._",
         "",
+        *gpu_note(k[3] for k in rows),
         "Median wall time of one forward + backward pass over the same logits tensor (CPU: float32, "
         "CUDA: bfloat16). *plain*: `F.cross_entropy(...).backward()`, no statistics. *eager*: the "
         "same six per-sample statistics memcore records, gathered with unfused PyTorch ops "
@@ -243,8 +254,19 @@ def render_section(docs: Sequence[dict], notes: Sequence[str] = ()) -> str:
 
 
 # ------------------------------------------------------------------------------------ RESULTS.md
+def section_markers(section: str) -> Tuple[str, str]:
+    """(BEGIN, END) markers of a rendered section, from its first line."""
+    first = section.split("\n", 1)[0].strip()
+    if first.startswith("<!-- BEGIN ") and first.endswith(" -->"):
+        name = first[len("<!-- BEGIN "):-len(" -->")]
+        return first, f"<!-- END {name} -->"
+    return BEGIN, END
+
+
 def replace_section(text: str, section: str) -> str:
-    """text with the BEGIN..END block replaced by ``section`` (appended when absent)."""
+    """text with the section's BEGIN..END block replaced by ``section`` (appended when absent).
+    The markers are those the section starts with (``<!-- BEGIN name -->``)."""
+    BEGIN, END = section_markers(section)  # noqa: N806 - shadows the cross_entropy defaults
     if text.count(BEGIN) > 1 or text.count(END) > 1:
         raise ValueError(f"{BEGIN} / {END} appear more than once; fix the file by hand")
     start = text.find(BEGIN)
@@ -258,28 +280,394 @@ def replace_section(text: str, section: str) -> str:
     return text[:start] + section + text[stop + len(END):]
 
 
-def update_results(path: os.PathLike, section: str) -> str:
+def update_results(path: os.PathLike, *sections: str) -> str:
+    """Replaces (or appends) each section in the file at ``path`` (created if missing)."""
     path = Path(path)
     text = path.read_text() if path.exists() else FILE_HEADER
-    new = replace_section(text, section)
+    new = text
+    for section in sections:
+        new = replace_section(new, section)
     path.write_text(new)
     return new
+
+
+# ------------------------------------------------------------------------------------ shared by the new sections
+def gpu_note(devices: Iterable[str]) -> List[str]:
+    """[GPU_NOTE, ""] when none of ``devices`` is a CUDA device, else []."""
+    if any(str(d).startswith("cuda") for d in devices):
+        return []
+    return [GPU_NOTE, ""]
+
+
+def header_lines(docs: Sequence[dict], entries: Iterable[Tuple[str, Optional[str], Optional[int]]],
+                 notes: Sequence[str] = ()) -> List[str]:
+    """Machine / torch / date / device / source / note bullets; ``entries`` are the section's
+    (device, gpu name, threads) triples."""
+    entries = list(entries)
+    devices, threads = {}, set()
+    for dev, gpu, thr in entries:
+        devices.setdefault(dev, set())
+        if gpu:
+            devices[dev].add(gpu)
+        if dev == "cpu" and thr is not None:
+            threads.add(int(thr))
+    names = [f"{d} ({', '.join(sorted(g))})" if g else d
+             for d, g in sorted(devices.items(), key=lambda kv: (DEVICE_ORDER.get(kv[0], 9), kv[0]))]
+    return [
+        f"- Machine: {_distinct(machine_line(d) for d in docs)}",
+        f"- torch: {_distinct(torch_line(d) for d in docs)}",
+        f"- Date: {_distinct(sorted(date_line(d) for d in docs))}",
+        f"- Device: {', '.join(names) if names else 'none'}"
+        + (f"; torch CPU threads: {', '.join(str(t) for t in sorted(threads))}" if threads else ""),
+        f"- Source: {', '.join(str(d.get('_source', '?')) for d in docs)}",
+    ] + [f"- Note: {note}" for note in notes]
+
+
+def _benchmarks(docs: Sequence[dict], kernels: Sequence[str]):
+    """(doc, bench, extra_info) of the benchmarks whose extra_info kernel is in ``kernels``."""
+    for doc in docs:
+        for bench in doc.get("benchmarks", []):
+            info = bench.get("extra_info") or {}
+            if info.get("kernel") in kernels and "variant" in info:
+                yield doc, bench, info
+
+
+def _threads(info: dict) -> Optional[int]:
+    t = info.get("threads")
+    return None if t is None else int(t)
+
+
+def _timing(bench: dict, info: dict) -> dict:
+    stats = bench["stats"]
+    return {
+        "median_ms": 1e3 * float(stats["median"]),
+        "iqr_ms": 1e3 * float(stats.get("iqr", 0.0)),
+        "rounds": int(stats.get("rounds", 0)),
+        "gpu": info.get("gpu"),
+    }
+
+
+# ------------------------------------------------------------------------------------ training_step
+TRAINING = "training_step"
+TRAIN_GOALS = {"memcore": 1.0, "memcore+inputs": 5.0}   # overhead vs plain, percent
+MODEL_ORDER = {"small_cnn": 0, "resnet18": 1, "lm": 2}
+
+TrainKey = Tuple[str, str, str, str, Optional[int]]  # model, shape, dtype, device, threads
+
+
+def collect_training(docs: Sequence[dict]) -> Dict[TrainKey, Dict[str, dict]]:
+    """{(model, shape, dtype, device, threads): {variant: timing}}; the ``interleaved`` entry holds
+    the per-round overhead ratios {variant: {"ratio", "lo", "hi", "n"}} instead."""
+    rows: Dict[TrainKey, Dict[str, dict]] = {}
+    for _doc, bench, info in _benchmarks(docs, [TRAINING]):
+        key = (str(info["model"]), str(info["shape"]), str(info["dtype"]), str(info["device"]), _threads(info))
+        entry = _timing(bench, info)
+        entry["batch"] = info.get("batch")
+        if info["variant"] == "interleaved":
+            entry["overhead"] = info.get("overhead") or {}
+            entry["per_variant"] = info.get("interleaved") or {}
+        rows.setdefault(key, {})[str(info["variant"])] = entry
+    return rows
+
+
+def _train_sort_key(key: TrainKey, variants: Dict[str, dict]):
+    model, shape, dtype, device, threads = key
+    batch = next((v.get("batch") for v in variants.values() if v.get("batch")), 0) or 0
+    return DEVICE_ORDER.get(device, 9), device, MODEL_ORDER.get(model, 9), model, batch, shape, dtype, threads or 0
+
+
+def overhead_pct(variants: Dict[str, dict], variant: str) -> Optional[float]:
+    """100 * (variant / plain - 1) from the separate-test medians; None if either is missing."""
+    if variant not in variants or not variants.get("plain", {}).get("median_ms"):
+        return None
+    return 100.0 * (variants[variant]["median_ms"] / variants["plain"]["median_ms"] - 1.0)
+
+
+def fmt_pct(pct: Optional[float], goal: Optional[float]) -> str:
+    """Signed percent with one decimal and ✓ / ✗ against ``goal`` (a maximum); verdict on the
+    value as printed."""
+    if pct is None:
+        return MISSING
+    shown = round(pct, 1) + 0.0  # no "-0.0"
+    text = f"{shown:+.1f} %"
+    if goal is None:
+        return text
+    return f"{text} {'✓' if shown <= goal else '✗'}"
+
+
+def fmt_interleaved(entry: Optional[dict], goal: Optional[float]) -> str:
+    """median per-round overhead [95 % CI], with ✓ / ✗ on the median against ``goal`` (if any),
+    from a ratio entry {"ratio", "lo", "hi"}."""
+    if not entry or entry.get("ratio") is None:
+        return MISSING
+    pct = lambda r: round(100.0 * (float(r) - 1.0), 1) + 0.0  # noqa: E731
+    text = fmt_pct(100.0 * (float(entry["ratio"]) - 1.0), None)
+    if entry.get("lo") is not None and entry.get("hi") is not None:
+        text += f" [{pct(entry['lo']):+.1f}, {pct(entry['hi']):+.1f}]"
+    if goal is not None:
+        text += " ✓" if pct(entry["ratio"]) <= goal else " ✗"
+    return text
+
+
+def render_training_table(rows: Dict[TrainKey, Dict[str, dict]]) -> str:
+    g1, g5 = TRAIN_GOALS["memcore"], TRAIN_GOALS["memcore+inputs"]
+    head = ["model", "batch", "dtype", "device", "threads", "plain step (ms)", "memcore step (ms)",
+            f"memcore overhead (goal ≤ {g1:g} %)", "memcore+inputs step (ms)",
+            f"memcore+inputs overhead (goal ≤ {g5:g} %)",
+            "interleaved: memcore overhead [95 % CI]", "interleaved: memcore+inputs overhead [95 % CI]",
+            "interleaved: input gradient alone, no memcore [95 % CI]",
+            "rounds (plain / memcore / +inputs / interleaved)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|"]
+    for key in sorted(rows, key=lambda k: _train_sort_key(k, rows[k])):
+        model, shape, dtype, device, threads = key
+        v = rows[key]
+        inter = (v.get("interleaved") or {}).get("overhead") or {}
+        cells = [model, shape, dtype, device, MISSING if threads is None else str(threads)]
+        cells += [fmt_ms(v["plain"]["median_ms"]) if "plain" in v else MISSING,
+                  fmt_ms(v["memcore"]["median_ms"]) if "memcore" in v else MISSING,
+                  fmt_pct(overhead_pct(v, "memcore"), g1),
+                  fmt_ms(v["memcore+inputs"]["median_ms"]) if "memcore+inputs" in v else MISSING,
+                  fmt_pct(overhead_pct(v, "memcore+inputs"), g5),
+                  fmt_interleaved(inter.get("memcore"), g1),
+                  fmt_interleaved(inter.get("memcore+inputs"), g5),
+                  fmt_interleaved(inter.get("plain+xgrad"), None)]
+        cells.append(" / ".join(str(v[x]["rounds"]) if x in v else MISSING
+                                for x in ("plain", "memcore", "memcore+inputs", "interleaved")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_training_section(docs: Sequence[dict], notes: Sequence[str] = ()) -> str:
+    rows = collect_training(docs)
+    entries = [(k[3], v.get("gpu"), k[4]) for k, vs in rows.items() for v in vs.values()]
+    body = [
+        f"<!-- BEGIN {TRAINING} -->",
+        "## Training step: plain F.cross_entropy vs memcore.accumulate",
+        "",
+        *header_lines(docs, entries, notes),
+        "",
+        render_training_table(rows) if rows else f"_No {TRAINING} benchmarks in the input._",
+        "",
+        *gpu_note(k[3] for k in rows),
+        "One round is a whole training step on a fixed random batch: `zero_grad`, forward, loss, "
+        "backward, SGD step (momentum 0.9). *small_cnn*: `memcore.models.small_cnn` on 3x32x32 inputs, "
+        "10 classes. *resnet18*: `benchmarks/resnet.py` (CIFAR variant), bf16 autocast. *lm*: "
+        "embedding(V, 256) + linear(256, V) on B sequences x T tokens (batch column B x T), one "
+        "dataset id per sequence, the last 0..T/4 targets of each sequence -100. *plain*: "
+        "`F.cross_entropy`. *memcore*: `memcore.accumulate`. *memcore+inputs*: `accumulate(..., "
+        "inputs=x)`, which also records per-sample input-gradient norms (formal learning time); its "
+        "cost includes the input gradient of the first layer, which a plain step does not compute; "
+        "*input gradient alone*: a plain step with `x.requires_grad_()` (no memcore), interleaved with "
+        "the others, to tell that cost apart from memcore's hooks and kernel. "
+        "Step columns: medians of separate tests; overhead = variant / plain − 1 from those medians. "
+        "*interleaved*: one round runs every variant back to back (rotating order); median over "
+        "rounds of the per-round ratio, with a distribution-free 95 % confidence interval of that "
+        "median, less sensitive to the machine's load drifting between tests. ✓ / ✗: the value as "
+        "printed meets / misses the goal.",
+        f"<!-- END {TRAINING} -->",
+    ]
+    return "\n".join(body)
+
+
+# ------------------------------------------------------------------------------------ scaling
+SCALING = "scaling"
+SCALING_KERNELS = ("scaling", "tracker_scaling")
+SCALING_VARIANTS = ("plain", "eager", "memcore", "liger")
+SCALING_PLOT = "scaling.png"
+
+
+def collect_scaling(docs: Sequence[dict]) -> Dict[Key, Dict[str, dict]]:
+    """{(n, c, dtype, device, threads): {variant: timing + peak_mem_mb, sweeps}} of the loss sweeps."""
+    rows: Dict[Key, Dict[str, dict]] = {}
+    for _doc, bench, info in _benchmarks(docs, ["scaling"]):
+        n, c = _shape(info)
+        key = (n, c, str(info["dtype"]), str(info["device"]), _threads(info))
+        entry = _timing(bench, info)
+        entry["peak_mem_mb"] = info.get("peak_mem_mb")
+        entry["sweeps"] = list(info.get("sweeps") or [])
+        rows.setdefault(key, {})[str(info["variant"])] = entry
+    return rows
+
+
+def collect_tracker(docs: Sequence[dict]) -> Dict[Tuple[int, str, Optional[int]], dict]:
+    """{(num_samples, device, threads): timing} of end_epoch() + scores()."""
+    rows = {}
+    for _doc, bench, info in _benchmarks(docs, ["tracker_scaling"]):
+        rows[(int(info["num_samples"]), str(info["device"]), _threads(info))] = _timing(bench, info)
+    return rows
+
+
+def _sweeps(variants: Dict[str, dict]) -> set:
+    return {s for v in variants.values() for s in v.get("sweeps", [])}
+
+
+def render_scaling_table(rows: Dict[Key, Dict[str, dict]], sweep: str) -> str:
+    """The loss-sweep table for ``sweep`` ("C" or "N"): one row per shape, columns per variant."""
+    keys = [k for k in rows if sweep in _sweeps(rows[k])]
+    if not keys:
+        return f"_No benchmarks of the {sweep} sweep in the input._"
+    variants = [v for v in SCALING_VARIANTS if any(v in rows[k] for k in keys)]
+    with_mem = any(e.get("peak_mem_mb") is not None for k in keys for e in rows[k].values())
+    head = ["N x C", "dtype", "device", "threads"] + [f"{v} (ms)" for v in variants]
+    if "eager" in variants and "memcore" in variants:
+        head.append("eager / memcore")
+    if with_mem:
+        head += [f"{v} peak (MiB)" for v in variants]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    order = (lambda k: (DEVICE_ORDER.get(k[3], 9), k[3], k[1], k[0], k[2], k[4] or 0)) if sweep == "C" else \
+        (lambda k: (DEVICE_ORDER.get(k[3], 9), k[3], k[0], k[1], k[2], k[4] or 0))
+    for key in sorted(keys, key=order):
+        n, c, dtype, device, threads = key
+        v = rows[key]
+        cells = [f"{n} x {c}", dtype, device, MISSING if threads is None else str(threads)]
+        cells += [fmt_ms(v[x]["median_ms"]) if x in v else MISSING for x in variants]
+        if "eager" in variants and "memcore" in variants:
+            ok = "eager" in v and "memcore" in v and v["memcore"]["median_ms"]
+            cells.append(f"{v['eager']['median_ms'] / v['memcore']['median_ms']:.2f}" if ok else MISSING)
+        if with_mem:
+            cells += [f"{v[x]['peak_mem_mb']:.0f}" if x in v and v[x].get("peak_mem_mb") is not None else MISSING
+                      for x in variants]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_tracker_table(rows: Dict[Tuple[int, str, Optional[int]], dict]) -> str:
+    if not rows:
+        return "_No tracker benchmarks in the input._"
+    head = ["num_samples", "device", "threads", "end_epoch() + scores() (ms)", "per 1M samples (ms)", "rounds"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---:|---:|---:|"]
+    for key in sorted(rows, key=lambda k: (DEVICE_ORDER.get(k[1], 9), k[1], k[0], k[2] or 0)):
+        s, device, threads = key
+        t = rows[key]
+        lines.append("| " + " | ".join([
+            f"{s:,}", device, MISSING if threads is None else str(threads), fmt_ms(t["median_ms"]),
+            fmt_ms(t["median_ms"] * 1e6 / s), str(t["rounds"])]) + " |")
+    return "\n".join(lines)
+
+
+def render_scaling_section(docs: Sequence[dict], notes: Sequence[str] = (), plot: Optional[str] = SCALING_PLOT) -> str:
+    rows = collect_scaling(docs)
+    trk = collect_tracker(docs)
+    entries = [(k[3], v.get("gpu"), k[4]) for k, vs in rows.items() for v in vs.values()]
+    entries += [(k[1], None, k[2]) for k in trk]
+    c_fixed = sorted({f"{k[0]} ({k[3]})" for k in rows if "C" in _sweeps(rows[k])})
+    n_fixed = sorted({str(k[1]) for k in rows if "N" in _sweeps(rows[k])})
+    body = [
+        f"<!-- BEGIN {SCALING} -->",
+        "## Scaling: loss time vs C and N, tracker vs dataset size",
+        "",
+        *header_lines(docs, entries, notes),
+        "",
+        f"### Forward + backward vs number of classes C (N fixed: {', '.join(c_fixed) or MISSING})",
+        "",
+        render_scaling_table(rows, "C"),
+        "",
+        f"### Forward + backward vs number of rows N (C fixed: {', '.join(n_fixed) or MISSING})",
+        "",
+        render_scaling_table(rows, "N"),
+        "",
+        "### Tracker: `end_epoch()` + `scores()` vs dataset size (every sample seen once in the epoch)",
+        "",
+        render_tracker_table(trk),
+        "",
+        *gpu_note([k[3] for k in rows] + [k[1] for k in trk]),
+    ]
+    if plot and rows:
+        body += [f"Time vs C, log-log, one line per variant and device: [{plot}]({plot})", "", f"![time vs C]({plot})", ""]
+    body += [
+        "Median wall time of one forward + backward pass over one logits tensor (CPU: float32, CUDA: "
+        "bfloat16), variants as in the cross-entropy section; *liger*: `liger_kernel`'s "
+        "`LigerCrossEntropyLoss` (CUDA only, when installed; it gets a fresh copy of the logits each "
+        "round, outside the timing, since it writes its gradient into its input). Peak (CUDA): "
+        "`torch.cuda.max_memory_allocated()` during one forward + backward, above what was allocated "
+        "before it (the logits gradient included).",
+        f"<!-- END {SCALING} -->",
+    ]
+    return "\n".join(body)
+
+
+# ------------------------------------------------------------------------------------ main
+SECTIONS = {SECTION: (SECTION,), TRAINING: (TRAINING,), SCALING: SCALING_KERNELS}  # name -> kernels
+
+
+def _has_section(docs: Sequence[dict], name: str) -> bool:
+    if name == SECTION:
+        return bool(collect(docs))
+    return any(True for _ in _benchmarks(docs, SECTIONS[name]))
+
+
+def notes_for(name: str, notes: Sequence[str]) -> List[str]:
+    """The notes of section ``name``: those prefixed ``name:`` (prefix removed) and those with no
+    section prefix (all sections)."""
+    out = []
+    for note in notes:
+        head, sep, rest = note.partition(":")
+        if sep and head.strip() in SECTIONS:
+            if head.strip() == name:
+                out.append(rest.strip())
+        else:
+            out.append(note)
+    return out
+
+
+def render_all(docs: Sequence[dict], notes: Sequence[str] = (), plot: Optional[str] = SCALING_PLOT) -> List[str]:
+    """The sections the input has benchmarks for, each rendered from the documents that hold them.
+    With no memcore benchmarks at all, the (empty) cross_entropy section, as before."""
+    out = []
+    for name in SECTIONS:
+        if not _has_section(docs, name):
+            continue
+        mine = [d for d in docs if _has_section([d], name)]
+        mine_notes = notes_for(name, notes)
+        if name == SECTION:
+            out.append(render_section(mine, notes=mine_notes))
+        elif name == TRAINING:
+            out.append(render_training_section(mine, notes=mine_notes))
+        else:
+            out.append(render_scaling_section(mine, notes=mine_notes, plot=plot))
+    return out or [render_section(docs, notes=notes_for(SECTION, notes))]
+
+
+def write_plot(docs: Sequence[dict], output: os.PathLike) -> Optional[Path]:
+    """Draws scaling.png next to ``output`` (plot_scaling.py); None if there is nothing to plot or
+    matplotlib is missing."""
+    if not any(True for _ in _benchmarks(docs, ["scaling"])):
+        return None
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import plot_scaling
+    except ImportError as err:  # matplotlib missing
+        print(f"scaling plot skipped: {err}", file=sys.stderr)
+        return None
+    finally:
+        sys.path.pop(0)
+    path = Path(output).resolve().parent / SCALING_PLOT
+    return plot_scaling.plot(docs, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) (--benchmark-json)")
     ap.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), help="Markdown file to update")
-    ap.add_argument("--stdout", action="store_true", help="print the section instead of writing the file")
-    ap.add_argument("--note", action="append", default=[], help="extra header line (repeatable), e.g. machine load")
+    ap.add_argument("--stdout", action="store_true", help="print the sections instead of writing the file")
+    ap.add_argument("--note", action="append", default=[],
+                    help="extra header line (repeatable), e.g. machine load; 'NAME: text' puts it in section "
+                         f"NAME only ({', '.join(SECTIONS)}), otherwise it goes into every section written")
+    ap.add_argument("--no-plot", action="store_true", help=f"do not draw {SCALING_PLOT} next to the output")
     args = ap.parse_args(argv)
-    section = render_section(load(args.json), notes=args.note)
+    docs = load(args.json)
+    sections = render_all(docs, notes=args.note)
+    text = "\n\n".join(sections)
     if args.stdout:
-        print(section)
-    else:
-        update_results(args.output, section)
-        print(section)
-        print(f"\nwrote {args.output}", file=sys.stderr)
+        print(text)
+        return 0
+    update_results(args.output, *sections)
+    print(text)
+    if not args.no_plot:
+        drawn = write_plot(docs, args.output)
+        if drawn:
+            print(f"wrote {drawn}", file=sys.stderr)
+    print(f"\nwrote {args.output}", file=sys.stderr)
     return 0
 
 

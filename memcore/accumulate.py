@@ -100,7 +100,11 @@ def _record_input_grads(tracker: Tracker, inputs: torch.Tensor, loss_rows: torch
 
     def drop_grad(t: torch.Tensor) -> None:
         t.grad = None  # the norms are recorded; keep no [N, ...] copy
+        for h in handles:  # one-shot: an input tensor reused across steps collects no hooks
+            h.remove()
 
-    loss_rows.register_hook(on_loss_grad)
-    inputs.register_hook(on_input_grad)
-    inputs.register_post_accumulate_grad_hook(drop_grad)
+    handles = [
+        loss_rows.register_hook(on_loss_grad),
+        inputs.register_hook(on_input_grad),
+        inputs.register_post_accumulate_grad_hook(drop_grad),
+    ]

@@ -90,12 +90,12 @@ def tracked_run(ds: mdata.IndexedDataset, cfg: ExperimentConfig, desc: str):
     if cfg.curvature:
         from .curvature import CurvatureTracker
 
-        curv = CurvatureTracker(len(ds), n_probes=cfg.curvature_probes, seed=cfg.seed)
+        curv = CurvatureTracker(len(ds), n_probes=cfg.curvature_probes, seed=cfg.seed, progress=False)
         loader = DataLoader(ds, batch_size=256, shuffle=False)
 
         def hook(epoch: int, m: torch.nn.Module) -> None:
             if (epoch + 1) % cfg.curvature_every == 0 or epoch + 1 == cfg.train.epochs:
-                curv.update(m, loader, progress=False)
+                curv.update(m, loader)
 
     tcfg = TrainConfig(**{**cfg.train.__dict__, "record_input_grads": True})
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.utils.data import Dataset
 
+from ._io import atomic_save
 from .training import TrainConfig, predict, train
 
 
@@ -78,7 +79,7 @@ def stability(
         state["seconds"] += time.perf_counter() - t0
         state["done"] = m + 1
         if checkpoint:
-            _atomic_save({"meta": meta, "state": state}, checkpoint)
+            atomic_save({"meta": meta, "state": state}, checkpoint)
 
     p_in = state["in_correct"] / state["in_total"]
     p_out = state["out_correct"] / state["out_total"]
@@ -89,10 +90,3 @@ def stability(
         "seconds": torch.tensor(state["seconds"], dtype=torch.float64),
         "models": torch.tensor(state["done"]),
     }
-
-
-def _atomic_save(obj, path: str) -> None:
-    """Writes to a temporary file and renames it over `path`: a crash never loses the last good file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

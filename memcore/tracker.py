@@ -4,6 +4,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from . import _layout as L
+from ._io import atomic_save
 from ._validate import describe_bits, explain_status, same_device
 
 DeviceLike = Union[str, torch.device, None]
@@ -313,6 +314,15 @@ class Tracker:
         self.tau = state["tau"]
         self._grad_start = int(state["grad_start"])
         self._grad_history = [h.clone() for h in state["grad_history"]]
+
+    def save(self, path: str) -> None:
+        """Writes ``state_dict()`` to ``path`` through a temporary file and an atomic rename, so a
+        crash while saving never destroys the previous checkpoint at ``path``."""
+        atomic_save(self.state_dict(), path)
+
+    def load(self, path: str) -> None:
+        """Restores a tracker written by ``save`` (same checks as ``load_state_dict``)."""
+        self.load_state_dict(torch.load(path, weights_only=False))
 
     def __repr__(self) -> str:
         return (f"Tracker(num_samples={self.num_samples}, device={self.device}, epochs={self.epochs}, "

@@ -177,3 +177,14 @@ def test_sqnorm_dtypes(dtype, device):
                                     torch.tensor([0, 1, 1], device=device))
     sq = grad.double().pow(2).sum(1).cpu()
     torch.testing.assert_close(stats[:, 0].cpu(), torch.stack([sq[0], sq[1] + sq[2]]), rtol=1e-5, atol=1e-6)
+
+
+def test_reused_input_tensor_collects_no_hooks():
+    model = _mlp()
+    x, y = _data(8)
+    xb = x.clone().requires_grad_()
+    tr = memcore.Tracker(8)
+    for _ in range(3):
+        memcore.accumulate(model(xb), y, torch.arange(8), tr, inputs=xb).backward()
+    assert not xb._backward_hooks and not getattr(xb, "_post_accumulate_grad_hooks", None)
+    assert tr.scores()["rows"].sum() == 24 and tr._grad_epoch[:, 1].sum() == 24

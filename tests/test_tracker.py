@@ -142,3 +142,24 @@ def test_constructor_validation():
             memcore.Tracker(bad)
     with pytest.raises(ValueError, match="correct_threshold"):
         memcore.Tracker(3, correct_threshold=0)
+
+
+def test_save_is_atomic_and_resumes(tmp_path, monkeypatch):
+    path = str(tmp_path / "tracker.pt")
+    tr = memcore.Tracker(4)
+    memcore.accumulate(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4), tr)
+    tr.end_epoch()
+    tr.save(path)
+    good = open(path, "rb").read()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        tr.save(path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == good  # the previous checkpoint survived
+    back = memcore.Tracker(4)
+    back.load(path)
+    assert torch.equal(back.scores()["csl"], tr.scores()["csl"]) and back.epochs == 1

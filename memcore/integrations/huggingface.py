@@ -20,7 +20,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("memcore.integrations.huggingface needs `pip install transformers`") from e
 
 from ..accumulate import accumulate
-from ..stability import _atomic_save
+from .._io import atomic_save
 from ..tracker import Tracker
 
 TRACKER_FILE = "memcore_tracker.pt"
@@ -40,7 +40,7 @@ class MemcoreCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
-            _atomic_save(self.tracker.state_dict(), os.path.join(folder, TRACKER_FILE))
+            atomic_save(self.tracker.state_dict(), os.path.join(folder, TRACKER_FILE))
         return control
 
 
