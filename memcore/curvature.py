@@ -23,7 +23,7 @@ from . import _ops  # noqa: F401  (operator registration)
 from ._validate import FLOAT_DTYPES, _require_integer, _require_tensor, same_device
 
 MODES = ("fd", "hvp")
-DEFAULT_MAX_ROWS = 512
+DEFAULT_MAX_ROWS = 256
 
 __all__ = ["curvature", "CurvatureTracker", "MODES", "DEFAULT_MAX_ROWS"]
 
