@@ -42,7 +42,7 @@ def _want_cuda() -> bool:
 
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/autograd/*.cpp")
     # no -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20)
     cxx = ["-O3", "-fvisibility=hidden"]
     if _want_cuda():

@@ -56,4 +56,22 @@ inline void check_commit(const at::Tensor& stats, const at::Tensor& index, const
   }
 }
 
+inline void check_sqnorm(const at::Tensor& stats, const at::Tensor& grad, const at::Tensor& scale,
+                         const at::Tensor& index) {
+  const char* op = "memcore::sqnorm_commit";
+  TORCH_CHECK(stats.dim() == 2 && stats.size(1) == kNumGradStats && stats.scalar_type() == at::kDouble &&
+                  stats.is_contiguous(),
+              op, ": stats must be a contiguous float64 [S, ", int64_t(kNumGradStats), "] tensor");
+  TORCH_CHECK(grad.dim() >= 1 && grad.is_contiguous(), op, ": grad must be a contiguous [N, ...] tensor");
+  const int64_t n = grad.size(0);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == n && scale.scalar_type() == at::kDouble, op,
+              ": scale must be float64 [N]");
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == n && index.scalar_type() == at::kLong, op,
+              ": index must be int64 [N]");
+  for (const at::Tensor* t : {&grad, &scale, &index}) {
+    TORCH_CHECK(t->device() == stats.device(), op, ": all tensors must be on ", stats.device());
+    TORCH_CHECK(t->is_contiguous(), op, ": all tensors must be contiguous");
+  }
+}
+
 }  // namespace memcore

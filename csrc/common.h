@@ -16,6 +16,9 @@ enum Stat : int64_t {
   kNumStats = 6,
 };
 
+// Per-sample input-gradient statistics buffer: float64 [num_samples, kNumGradStats].
+enum GradStat : int64_t { kGradSqSum = 0, kGradRows = 1, kNumGradStats = 2 };
+
 // Per-row statistics produced by the forward kernel: float32/64 [N, kNumRowStats].
 enum RowStat : int64_t { kRowProb = 0, kRowMargin = 1, kRowCorrect = 2, kNumRowStats = 3 };
 

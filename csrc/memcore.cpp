@@ -20,6 +20,10 @@ TORCH_LIBRARY(memcore, m) {
   m.def(
       "ce_commit(Tensor(a!) stats, Tensor index, Tensor targets, Tensor loss, Tensor row_stats,"
       " Tensor status, int ignore_index) -> ()");
+  // Per-sample squared input-gradient norms: for each row r of grad [N, ...] with scale[r] != 0,
+  // adds (scale[r]^2 * sum(grad[r]^2), 1) into stats[index[r]] (float64 [S, 2]) in one pass.
+  // scale = 1 / dL/dloss_r turns the gradient of the reduced loss into that of the row's own loss.
+  m.def("sqnorm_commit(Tensor(a!) stats, Tensor grad, Tensor scale, Tensor index) -> ()");
 
   // Input-loss curvature (csrc/cpu/curvature.cpp, csrc/cuda/curvature.cu). Probes are Rademacher
   // vectors from Philox4x32-10 (csrc/philox.h): entry e of probe q of the sample with dataset

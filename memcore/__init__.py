@@ -7,6 +7,7 @@
     tracker.end_epoch()
     scores = tracker.scores()   # {"csl": tensor[num_samples], ...}
 """
+from . import data
 from ._ops import with_cuda
 from .accumulate import accumulate
 from .curvature import CurvatureTracker, curvature

@@ -1,7 +1,7 @@
-"""Loads memcore._C and gives its operators fake-tensor kernels and autograd.
+"""Loads memcore._C and gives its operators fake-tensor kernels for torch.compile.
 
-The schemas live in csrc/memcore.cpp and the kernels in csrc/cpu and csrc/cuda; this module adds
-what torch.compile and autograd need, so the ops trace without graph breaks.
+The schemas live in csrc/memcore.cpp, the kernels in csrc/cpu and csrc/cuda, and the autograd
+formula in csrc/autograd; with the fake kernels below the ops trace without graph breaks.
 """
 import torch
 
@@ -33,25 +33,12 @@ def _ce_commit_fake(stats, index, targets, loss, row_stats, status, ignore_index
     return None
 
 
-def _ce_forward_setup(ctx, inputs, output):
-    logits, targets, _index, _num_samples, ignore_index = inputs
-    _loss, lse, row_stats, status = output
-    ctx.save_for_backward(logits, targets, lse)
-    ctx.ignore_index = ignore_index
-    ctx.mark_non_differentiable(lse, row_stats, status)
+@torch.library.register_fake("memcore::sqnorm_commit")
+def _sqnorm_commit_fake(stats, grad, scale, index):
+    return None
 
 
-def _ce_forward_backward(ctx, grad_loss, _grad_lse, _grad_row_stats, _grad_status):
-    logits, targets, lse = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = torch.ops.memcore.ce_backward(grad_loss, logits, targets, lse, ctx.ignore_index)
-    return grad, None, None, None, None
-
-
-torch.library.register_autograd(
-    "memcore::ce_forward", _ce_forward_backward, setup_context=_ce_forward_setup
-)
+# Autograd of ce_forward is registered in C++ (csrc/autograd/cross_entropy_autograd.cpp).
 
 
 def with_cuda() -> bool:

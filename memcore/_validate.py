@@ -118,3 +118,21 @@ def describe_bits(bits: int) -> str:
     names = [n for b, n in ((BAD_TARGET, "target out of range"), (BAD_INDEX, "index out of range"),
                             (NON_FINITE, "non-finite loss")) if bits & b]
     return ", ".join(names) or f"status {bits}"
+
+
+def check_inputs_for_grad(inputs, num_rows: int, logits: torch.Tensor) -> None:
+    """`accumulate(..., inputs=x)`: x must be the leaf batch input, one row per logits row."""
+    _require_tensor(inputs, "inputs")
+    if not inputs.dtype.is_floating_point:
+        raise TypeError(f"inputs must be a floating-point tensor, got {inputs.dtype}")
+    if inputs.dim() < 1 or inputs.shape[0] != num_rows:
+        raise ValueError(
+            f"inputs must have one row per logits row: shape [{num_rows}, ...], got {tuple(inputs.shape)}"
+        )
+    if not same_device(inputs.device, logits.device):
+        raise ValueError(f"inputs is on {inputs.device} but logits are on {logits.device}")
+    if not inputs.is_leaf or not inputs.requires_grad:
+        raise ValueError(
+            "inputs must be a leaf tensor that requires grad: call x.requires_grad_() on the batch "
+            "before the forward pass (x = x.detach().requires_grad_() if it came out of another op)"
+        )

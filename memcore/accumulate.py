@@ -1,8 +1,10 @@
 """`memcore.accumulate`: cross-entropy that also records per-sample statistics in a Tracker."""
+from typing import Optional
+
 import torch
 
 from . import _ops  # noqa: F401  (operator registration)
-from ._validate import REDUCTIONS, rows_of
+from ._validate import REDUCTIONS, check_inputs_for_grad, rows_of
 from .tracker import Tracker
 
 
@@ -14,6 +16,7 @@ def accumulate(
     *,
     reduction: str = "mean",
     ignore_index: int = -100,
+    inputs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Drop-in for ``F.cross_entropy(logits, targets, reduction=..., ignore_index=...)`` that also
     adds every row's loss, p(target), margin and correctness into ``tracker`` at ``index``.
@@ -28,6 +31,14 @@ def accumulate(
         tracker: the :class:`memcore.Tracker` that receives the statistics.
         reduction: "mean" (over non-ignored rows, like F.cross_entropy), "sum" or "none".
         ignore_index: rows with this target contribute no loss, gradient or statistics.
+        inputs: optional [N, ...] batch input the logits were computed from, a leaf with
+            ``requires_grad=True`` (set it before the forward pass). During ``loss.backward()`` the
+            squared L2 norm of each row's input gradient — of the row's own loss, whatever the
+            reduction or later loss scaling — is added into the tracker (fused reduce-and-scatter
+            kernel); ``inputs.grad`` is not kept. Gives the ``input_grad_norm`` and
+            ``learning_time_formal`` scores. Parameter gradients are exactly those without it.
+            Valid when each input row affects only its own logits row (no batch-coupling layers
+            such as BatchNorm in train mode).
 
     Returns:
         The loss, in ``logits.dtype``: a scalar, or per-row with the shape of ``targets`` for
@@ -44,12 +55,16 @@ def accumulate(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     logits2d, targets1d, index1d = rows_of(logits, targets, index, ignore_index, tracker.device)
+    if inputs is not None:
+        check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
     stats = tracker._stats_for(logits2d.device)
     loss, _lse, row_stats, status = torch.ops.memcore.ce_forward(
         logits2d, targets1d, index1d, tracker.num_samples, ignore_index
     )
     torch.ops.memcore.ce_commit(stats, index1d, targets1d, loss.detach(), row_stats, status, ignore_index)
     tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, loss)
+    if inputs is not None and loss.requires_grad:
+        _record_input_grads(tracker, inputs, loss, targets1d, index1d, ignore_index)
 
     if reduction == "none":
         out = loss.reshape(targets.shape)
@@ -58,3 +73,38 @@ def accumulate(
     else:
         out = loss.sum() / (targets1d != ignore_index).sum()
     return out.to(logits.dtype)
+
+
+def _record_input_grads(tracker: Tracker, inputs: torch.Tensor, loss_rows: torch.Tensor,
+                        targets: torch.Tensor, index: torch.Tensor, ignore_index: int) -> None:
+    """Hooks that reduce d(loss_r)/d(inputs_r) into the tracker during backward.
+
+    The backward pass delivers d(total)/d(inputs_r) = d(total)/d(loss_r) * d(loss_r)/d(inputs_r);
+    the hook on the per-row losses fires first and records d(total)/d(loss_r), whose inverse is
+    the row's scale (1/B for "mean", GradScaler factors, accumulation divisors all cancel).
+    """
+    upstream = {}
+
+    def on_loss_grad(g: torch.Tensor) -> None:
+        upstream["g"] = g.detach()
+
+    def on_input_grad(gx: torch.Tensor) -> None:
+        g = upstream.pop("g", None)
+        if g is None:
+            return
+        g = g.double()
+        keep = (targets != ignore_index) & (g != 0)
+        scale = torch.where(keep, 1.0 / torch.where(keep, g, torch.ones_like(g)), torch.zeros_like(g))
+        buf = tracker._grad_stats_for(gx.device)
+        torch.ops.memcore.sqnorm_commit(buf, gx.detach().contiguous(), scale, index)
+
+    def drop_grad(t: torch.Tensor) -> None:
+        t.grad = None  # the norms are recorded; keep no [N, ...] copy
+        for h in handles:  # one-shot: an input tensor reused across steps collects no hooks
+            h.remove()
+
+    handles = [
+        loss_rows.register_hook(on_loss_grad),
+        inputs.register_hook(on_input_grad),
+        inputs.register_post_accumulate_grad_hook(drop_grad),
+    ]

@@ -4,6 +4,7 @@
 # present it also runs the test suite on it. Fails on any CUDA compile error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/env.sh
 TORCH_CUDA_SPEC="${MEMCORE_CUDA_TORCH:-torch==2.14.1}"
 if [ -z "${CUDA_HOME:-}" ]; then
   for d in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)" 2>/dev/null || echo /x/x/x)")")"; do
@@ -15,17 +16,19 @@ fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 echo "[memcore] CUDA build check: CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 python3 -m venv .venv-cuda 2>/dev/null || true
-.venv-cuda/bin/pip install -q --disable-pip-version-check "$TORCH_CUDA_SPEC" 2>&1 | grep -v "is ignored" || true
-.venv-cuda/bin/pip install -q --disable-pip-version-check numpy scikit-learn tqdm ninja pytest setuptools wheel 2>&1 | grep -v "is ignored" || true
+memcore_pip .venv-cuda/bin/pip install -q --disable-pip-version-check "$TORCH_CUDA_SPEC" numpy
+memcore_pip .venv-cuda/bin/pip install -q --disable-pip-version-check "$TORCH_CUDA_SPEC" "${MEMCORE_DEPS[@]}"
 .venv-cuda/bin/python -c "import torch; assert torch.version.cuda, 'expected a CUDA build of torch'; print('[memcore] torch', torch.__version__)"
 MEMCORE_FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" .venv-cuda/bin/python setup.py -q build --build-base build/cuda
 lib="$(ls -d build/cuda/lib.*)"
 (cd /tmp && PYTHONPATH="$OLDPWD/$lib" "$OLDPWD/.venv-cuda/bin/python" - <<'PY'
 import torch, memcore
 assert memcore.with_cuda(), "memcore was built without its CUDA kernels"
-for op in ("ce_forward", "ce_backward", "ce_commit"):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"memcore::{op}", "CUDA"), op
-print("[memcore] CUDA kernels compiled and registered:", memcore.__file__)
+ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("memcore::"))
+assert ops, "no memcore operators registered"
+missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+assert not missing, f"operators without a CUDA kernel: {missing}"
+print("[memcore] CUDA kernels compiled and registered for", ", ".join(ops))
 PY
 )
 PYTHONPATH="$lib" .venv-cuda/bin/pytest tests -q -p no:cacheprovider -x

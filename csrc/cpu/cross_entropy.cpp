@@ -1,9 +1,10 @@
 // CPU kernels of the fused cross-entropy + per-sample statistics ops (schemas in csrc/memcore.cpp).
 //
-// ce_forward: rows are split across threads. Each row is streamed once from memory in chunks of
-//   kChunk elements (a 4 KiB L1-resident block; half/bf16 chunks are widened to float there): per
-//   chunk a max sweep and an exp-sum sweep with an online rescale, giving logsumexp, the largest
-//   non-target logit (margin, argmax) and the loss. Outputs are O(N): loss, lse, [N, 3] row stats.
+// ce_forward: rows are split across threads and each row is read from memory once. A row of up
+//   to kChunk elements (4 KiB: it stays in L1; half/bf16 rows are widened to float there) gets a
+//   max sweep and an exp-sum sweep; a longer row is streamed in kChunk blocks with an online
+//   (max, sum) rescale per block. Gives logsumexp, the largest logit before/after the target
+//   (margin, argmax) and the loss. Outputs are O(N): loss, lse, [N, 3] row stats.
 // ce_backward: one streaming pass writing (exp(z - lse) - onehot) * g; no softmax tensor.
 // ce_commit: a serial O(N) scatter into the float64 [S, 6] stats buffer (deterministic, so
 //   repeated indices need no atomics), skipped entirely when the forward flagged an error.
@@ -32,6 +33,17 @@ struct RowResult {
   double lse, loss, prob, margin, correct;
 };
 
+// The row as float: the pointer itself for float input, else a copy widened into buf.
+template <typename scalar_t>
+const float* z_as_float(const scalar_t* z, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return z;
+  } else {
+    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(z[j]);
+    return buf;
+  }
+}
+
 // Online logsumexp over one segment of a row, in float. m/s carry the running max and the sum of
 // exp(z - m); returns the segment's own max (for the margin and argmax).
 template <typename scalar_t>
@@ -39,13 +51,7 @@ float segment_lse(const scalar_t* z, int64_t n, float* buf, float& m, float& s) 
   float seg_max = -kInf;
   for (int64_t off = 0; off < n; off += kChunk) {
     const int64_t len = std::min(kChunk, n - off);
-    const float* x;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      x = z + off;
-    } else {
-      for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(z[off + j]);
-      x = buf;
-    }
+    const float* x = z_as_float(z + off, len, buf);
     const float cm = max_f32(x, len);
     seg_max = cm > seg_max ? cm : seg_max;
     if (cm > m) {
@@ -80,6 +86,19 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
       for (int64_t j = 0; j < C; ++j) s += std::exp(z[j] - m);
     }
     lse = m + std::log(s);
+  } else if (C <= kChunk) {
+    // the row fits in L1: a max sweep and an exp-sum sweep over the widened copy, no rescaling
+    const float* x = z_as_float(z, C, buf);
+    const float ztf = x[t];
+    const float mb = max_f32(x, t), ma = max_f32(x + t + 1, C - t - 1);
+    float mm = mb > ma ? mb : ma;
+    mm = ztf > mm ? ztf : mm;
+    // an all -inf row has no finite max; NaN then flags it (as for NaN entries)
+    const float s = mm == -kInf ? std::numeric_limits<float>::quiet_NaN() : sum_exp_f32(x, C, mm);
+    m_before = mb;
+    m_after = ma;
+    zt = ztf;
+    lse = static_cast<double>(mm + std::log(s));
   } else {
     float m = -kInf, s = 0.f;
     m_before = segment_lse(z, t, buf, m, s);
@@ -93,7 +112,8 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
   RowResult r;
   r.lse = lse;
   r.loss = lse - zt;
-  r.prob = std::exp(-r.loss);
+  r.prob = static_cast<double>(exp_approx(static_cast<float>(-r.loss)));
+  if constexpr (std::is_same_v<scalar_t, double>) r.prob = std::exp(-r.loss);
   const double other = std::max(m_before, m_after);
   r.margin = zt - other;
   // argmax returns the first maximal index, so the target wins ties only against later classes

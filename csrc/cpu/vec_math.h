@@ -48,10 +48,15 @@ MEMCORE_CLONES inline float max_f32(const float* x, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int k = 0; k < kLanes; ++k) acc[k] = x[i + k] > acc[k] ? x[i + k] : acc[k];
-  float m = -std::numeric_limits<float>::infinity();
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-  for (int k = 0; k < kLanes; ++k) m = acc[k] > m ? acc[k] : m;
-  return m;
+  if (i < n) {  // tail as one padded block, so short rows (C = 10) are vectorised too
+    for (int k = 0; k < kLanes; ++k) {
+      const float v = i + k < n ? x[i + k] : -std::numeric_limits<float>::infinity();
+      acc[k] = v > acc[k] ? v : acc[k];
+    }
+  }
+  for (int w = kLanes / 2; w >= 1; w /= 2)  // pairwise: log-depth instead of a 16-long chain
+    for (int k = 0; k < w; ++k) acc[k] = acc[k + w] > acc[k] ? acc[k + w] : acc[k];
+  return acc[0];
 }
 
 // sum over x[0, n) of exp(x - shift)
@@ -60,15 +65,32 @@ MEMCORE_CLONES inline float sum_exp_f32(const float* x, int64_t n, float shift) 
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int k = 0; k < kLanes; ++k) acc[k] += exp_approx(x[i + k] - shift);
-  float s = 0.f;
-  for (; i < n; ++i) s += exp_approx(x[i] - shift);
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
+  if (i < n) {
+    for (int k = 0; k < kLanes; ++k) {
+      const float e = exp_approx((i + k < n ? x[i + k] : shift) - shift);
+      acc[k] += i + k < n ? e : 0.f;
+    }
+  }
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+  return acc[0];
 }
 
 // out[j] = exp(x[j] - lse) * g  (softmax times the row's upstream gradient)
 MEMCORE_CLONES inline void softmax_scale_f32(const float* x, int64_t n, float lse, float g, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = exp_approx(x[i] - lse) * g;
+}
+
+// sum over x[0, n) of x^2
+MEMCORE_CLONES inline float sumsq_f32(const float* x, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += x[i + k] * x[i + k];
+  float s = 0.f;
+  for (; i < n; ++i) s += x[i] * x[i];
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
 }
 
 }  // namespace cpu

@@ -1,0 +1,65 @@
+// Autograd of memcore::ce_forward, in C++ like torchvision's csrc/ops/autograd: the backward runs
+// without the Python interpreter, so a training step pays no Python cost for the gradient.
+// d loss_r / d logits_r = softmax(logits_r) - onehot(target_r), scaled by the row's upstream
+// gradient, computed by memcore::ce_backward in one pass. lse, row_stats and status are outputs
+// without gradients. Fake tensors for torch.compile are registered in memcore/_ops.py.
+#include <torch/autograd.h>
+#include <torch/extension.h>
+
+namespace memcore {
+namespace {
+
+at::Tensor call_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                            const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("memcore::ce_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, int64_t)>();
+  return op.call(grad_loss, logits, targets, lse, ignore_index);
+}
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs call_ce_forward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                        int64_t num_samples, int64_t ignore_index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("memcore::ce_forward", "")
+                       .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                      int64_t)>();
+  return op.call(logits, targets, index, num_samples, ignore_index);
+}
+
+class CEForward : public torch::autograd::Function<CEForward> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& logits, const at::Tensor& targets,
+                                                const at::Tensor& index, int64_t num_samples,
+                                                int64_t ignore_index) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, lse, row_stats, status] = call_ce_forward(logits, targets, index, num_samples, ignore_index);
+    ctx->save_for_backward({logits, targets, lse});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->mark_non_differentiable({lse, row_stats, status});
+    return {loss, lse, row_stats, status};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad = call_ce_backward(grads[0], saved[0], saved[1], saved[2],
+                                       ctx->saved_data["ignore_index"].toInt());
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+Outputs ce_forward_autograd(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                            int64_t num_samples, int64_t ignore_index) {
+  auto out = CEForward::apply(logits, targets, index, num_samples, ignore_index);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memcore, Autograd, m) { m.impl("ce_forward", &ce_forward_autograd); }
+
+}  // namespace memcore

@@ -1,0 +1,46 @@
+"""Evaluation metrics: how well a score finds corrupted samples, and how it agrees with another."""
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
+def auroc(score, is_positive) -> float:
+    """ROC AUC of `score` (higher = more suspicious) for the boolean `is_positive`; NaN scores rank lowest."""
+    from sklearn.metrics import roc_auc_score
+
+    s, y = _np(score), _np(is_positive).astype(bool)
+    finite = np.isfinite(s)
+    lo, hi = (s[finite].min() - 1.0, s[finite].max() + 1.0) if finite.any() else (0.0, 1.0)
+    s = np.where(np.isnan(s) | np.isneginf(s), lo, np.where(np.isposinf(s), hi, s))
+    return float(roc_auc_score(y, s))
+
+
+def _pair(a, b, top: Optional[int], by):
+    """Finite entries of a and b; with `top`, only the `top` ranked highest by `by` (default b)."""
+    x, y = _np(a), _np(b)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if top is None:
+        return x[keep], y[keep]
+    key = np.where(keep, _np(by) if by is not None else y, -np.inf)
+    idx = np.argsort(-key, kind="stable")[: min(top, int(keep.sum()))]
+    return x[idx], y[idx]
+
+
+def cosine(a, b, top: Optional[int] = None, by=None) -> float:
+    """Cosine similarity of two score vectors; with `top`, on the `top` samples ranked highest by `by` (default b)."""
+    x, y = _pair(a, b, top, by)
+    den = np.linalg.norm(x) * np.linalg.norm(y)
+    return float(x @ y / den) if den > 0 else float("nan")
+
+
+def pearson(a, b, top: Optional[int] = None, by=None) -> float:
+    """Pearson correlation of two score vectors (optionally on the `top` samples by `by`, default b)."""
+    x, y = _pair(a, b, top, by)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])

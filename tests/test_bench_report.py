@@ -1,0 +1,451 @@
+"""benchmarks/report.py on hand-made pytest-benchmark JSON: table contents, ratios, markers."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("memcore_bench_report", REPORT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench(variant, n, c, median_s, *, device="cpu", dtype="float32", threads=2, rounds=7, gpu=None):
+    return {
+        "group": f"cross_entropy {n}x{c} {dtype} {device}",
+        "name": f"test_cross_entropy[{device}-{n}x{c}-{dtype}-{variant}]",
+        "extra_info": {"kernel": "cross_entropy", "variant": variant, "shape": f"{n}x{c}", "n": n, "c": c,
+                       "dtype": dtype, "device": device, "threads": threads, "gpu": gpu},
+        "stats": {"median": median_s, "iqr": 0.0, "rounds": rounds, "mean": median_s, "min": median_s},
+    }
+
+
+def doc(benchmarks, when="2025-03-04T05:06:07.123456+00:00", torch_version="2.9.9"):
+    return {
+        "machine_info": {
+            "node": "box", "system": "Linux", "release": "6.1", "machine": "x86_64",
+            "memcore": {"platform": "Linux-6.1-x86_64", "cpu_model": "Test CPU 9000", "cpu_count": 8,
+                        "torch_version": torch_version},
+        },
+        "datetime": when,
+        "version": "5.3.1",
+        "benchmarks": benchmarks,
+    }
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(json.dumps(content))
+    return path
+
+
+def table_rows(section):
+    """{shape cell: [cells]} of the Markdown table in a rendered section."""
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| shape"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[(cells[0], cells[2])] = cells
+    return rows
+
+
+SMALL = [  # 512x10: accumulate/plain = 1.05 (meets 1.10), eager/accumulate = 2.00 (meets 1.5)
+    bench("plain", 512, 10, 0.000200),
+    bench("eager", 512, 10, 0.000420),
+    bench("memcore", 512, 10, 0.000210),
+]
+MID = [  # 4096x1000: accumulate/plain = 1.25 (misses), eager/accumulate = 1.20 (misses)
+    bench("plain", 4096, 1000, 0.0080, rounds=5),
+    bench("eager", 4096, 1000, 0.0120, rounds=5),
+    bench("memcore", 4096, 1000, 0.0100, rounds=5),
+]
+
+
+def test_ratios_and_cells(report, tmp_path):
+    docs = report.load([write(tmp_path, "quick.json", doc(SMALL + MID))])
+    section = report.render_section(docs)
+    rows = table_rows(section)
+    assert set(rows) == {("512 x 10", "cpu"), ("4096 x 1000", "cpu")}
+
+    small = rows[("512 x 10", "cpu")]
+    assert small[:4] == ["512 x 10", "float32", "cpu", "2"]
+    assert small[4:7] == ["0.200", "0.420", "0.210"]          # medians in ms
+    assert small[7] == "1.05 ✓" and small[8] == "2.00 ✓"
+    assert small[9] == "7 / 7 / 7"
+
+    mid = rows[("4096 x 1000", "cpu")]
+    assert mid[4:7] == ["8.00", "12.0", "10.0"]
+    assert mid[7] == "1.25 ✗" and mid[8] == "1.20 ✗"
+    # order: smaller problem first
+    assert section.index("| 512 x 10 ") < section.index("| 4096 x 1000 ")
+
+
+def test_ratio_function(report):
+    rows = report.collect([doc(MID)])
+    overhead, speedup = report.ratios(rows[(4096, 1000, "float32", "cpu", 2)])
+    assert overhead == pytest.approx(10.0 / 8.0)
+    assert speedup == pytest.approx(12.0 / 10.0)
+    # goal boundaries: exactly 1.10 overhead and 1.5 speedup pass, as printed
+    assert report.fmt_ratio(0.011 / 0.010, 1.10, higher_is_better=False) == "1.10 ✓"
+    assert report.fmt_ratio(1.111, 1.10, higher_is_better=False) == "1.11 ✗"
+    assert report.fmt_ratio(1.5, 1.5, higher_is_better=True) == "1.50 ✓"
+    assert report.fmt_ratio(None, 1.5, higher_is_better=True) == report.MISSING
+
+
+def test_gpu_goal_and_missing_variant(report):
+    docs = [doc([
+        bench("plain", 8192, 32000, 0.0020, device="cuda", dtype="bfloat16", threads=None, gpu="H100"),
+        bench("eager", 8192, 32000, 0.0036, device="cuda", dtype="bfloat16", threads=None, gpu="H100"),
+        bench("memcore", 8192, 32000, 0.0020, device="cuda", dtype="bfloat16", threads=None, gpu="H100"),
+        bench("plain", 512, 10, 0.0002),
+        bench("memcore", 512, 10, 0.0002),
+    ])]
+    section = report.render_section(docs)
+    rows = table_rows(section)
+    gpu = rows[("8192 x 32000", "cuda")]
+    assert gpu[1] == "bfloat16" and gpu[3] == report.MISSING
+    assert gpu[7] == "1.00 ✓"
+    assert gpu[8] == "1.80 ✗"  # would pass the CPU goal (1.5), misses the GPU goal (2)
+    cpu = rows[("512 x 10", "cpu")]
+    assert cpu[5] == report.MISSING and cpu[8] == report.MISSING and cpu[7] == "1.00 ✓"
+    assert "cuda (H100)" in section
+    assert section.index("| 512 x 10 ") < section.index("| 8192 x 32000 ")  # cpu before cuda
+
+
+def test_header_lines(report):
+    section = report.render_section([doc(SMALL)])
+    assert "- Machine: Linux-6.1-x86_64, Test CPU 9000, 8 cores" in section
+    assert "- torch: 2.9.9" in section
+    assert "- Date: 2025-03-04 05:06 UTC" in section
+    assert "- Device: cpu; torch CPU threads: 2" in section
+    assert section.startswith(report.BEGIN) and section.endswith(report.END)
+    assert "- Note:" not in section
+    noted = report.render_section([doc(SMALL)], notes=["machine busy"])
+    assert "- Source: ?\n- Note: machine busy\n" in noted
+
+
+def test_later_file_wins_and_merges(report, tmp_path):
+    quick = write(tmp_path, "quick.json", doc(SMALL + MID))
+    full = write(tmp_path, "full.json", doc(
+        [bench("plain", 512, 10, 0.000100), bench("eager", 8192, 32000, 3.0, rounds=2),
+         bench("plain", 8192, 32000, 1.0, rounds=2), bench("memcore", 8192, 32000, 1.5, rounds=2)],
+        when="2025-03-05T00:00:00+00:00"))
+    section = report.render_section(report.load([quick, full]))
+    rows = table_rows(section)
+    assert rows[("512 x 10", "cpu")][4] == "0.100"          # overridden by the later file
+    assert rows[("512 x 10", "cpu")][7] == "2.10 ✗"
+    big = rows[("8192 x 32000", "cpu")]
+    assert big[4:7] == ["1000", "3000", "1500"] and big[7] == "1.50 ✗" and big[8] == "2.00 ✓"
+    assert "2025-03-04 05:06 UTC; 2025-03-05 00:00 UTC" in section
+    assert "quick.json, full.json" in section
+
+
+def test_results_file_created_and_section_replaced(report, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    first = write(tmp_path, "a.json", doc(SMALL))
+    second = write(tmp_path, "b.json", doc(MID))
+
+    assert report.main([str(first), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# memcore benchmark results")
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+    assert "| 512 x 10 " in text
+
+    # hand-written content around the section survives an update
+    out.write_text("intro line\n\n" + text + "\n## Other section\n\nkeep me\n")
+    assert report.main([str(second), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+    assert "| 4096 x 1000 " in text and "| 512 x 10 " not in text  # replaced, not appended
+    assert text.startswith("intro line\n")
+    assert text.rstrip().endswith("keep me")
+
+    # idempotent: the same input twice gives the same file
+    report.main([str(second), "-o", str(out)])
+    assert out.read_text() == text
+
+
+def test_section_appended_to_existing_file(report, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# results\n\n<!-- BEGIN other -->\nx\n<!-- END other -->\n")
+    report.update_results(out, report.render_section([doc(SMALL)]))
+    text = out.read_text()
+    assert text.startswith("# results\n\n<!-- BEGIN other -->\nx\n<!-- END other -->\n\n" + report.BEGIN)
+    assert text.count(report.BEGIN) == 1
+
+
+@pytest.mark.parametrize("bad", [
+    "<!-- BEGIN cross_entropy -->\nno end\n",
+    "<!-- END cross_entropy -->\n",
+    "<!-- BEGIN cross_entropy -->\n<!-- END cross_entropy -->\n<!-- BEGIN cross_entropy -->\n<!-- END cross_entropy -->\n",
+])
+def test_broken_markers_rejected(report, bad):
+    with pytest.raises(ValueError):
+        report.replace_section(bad, report.render_section([doc(SMALL)]))
+
+
+def test_ignores_other_benchmarks(report):
+    other = {"name": "test_other", "extra_info": {}, "stats": {"median": 1.0, "rounds": 1}}
+    foreign = bench("plain", 64, 64, 0.001)
+    foreign["extra_info"]["kernel"] = "grad_norm"
+    rows = report.collect([doc(SMALL + [other, foreign])])
+    assert list(rows) == [(512, 10, "float32", "cpu", 2)]
+
+
+# ------------------------------------------------------------------------------------ training_step
+def step_bench(model, shape, variant, median_s, *, device="cpu", dtype="float32", threads=1, rounds=9,
+               batch=128, gpu=None, overhead=None):
+    info = {"kernel": "training_step", "model": model, "variant": variant, "shape": shape, "batch": batch,
+            "dtype": dtype, "device": device, "threads": threads, "gpu": gpu}
+    if overhead is not None:
+        info["overhead"] = overhead
+        info["interleaved"] = {}
+    return {
+        "group": f"training_step {model} {shape} {dtype} {device}",
+        "name": f"test_training_step[{model}-{device}-{shape}-{dtype}-{variant}]",
+        "extra_info": info,
+        "stats": {"median": median_s, "iqr": 0.0, "rounds": rounds, "mean": median_s, "min": median_s},
+    }
+
+
+CNN = "128x3x32x32"
+STEPS = [  # small_cnn: memcore +0.4 % (meets 1 %), +inputs +6.0 % (misses 5 %)
+    step_bench("small_cnn", CNN, "plain", 0.100),
+    step_bench("small_cnn", CNN, "memcore", 0.1004),
+    step_bench("small_cnn", CNN, "memcore+inputs", 0.106),
+    step_bench("small_cnn", CNN, "interleaved", 0.31, rounds=40, overhead={
+        "memcore": {"ratio": 1.012, "lo": 0.99, "hi": 1.03, "n": 40},           # +1.2 % misses 1 %
+        "memcore+inputs": {"ratio": 1.04, "lo": 1.02, "hi": 1.055, "n": 40},    # +4.0 % meets 5 %
+        "plain+xgrad": {"ratio": 1.031, "lo": 1.0, "hi": 1.05, "n": 40}}),      # no goal
+    # LM: memcore 25 % faster than plain; no inputs variant
+    step_bench("lm", "8x256 V=32000", "plain", 2.0, batch=8, rounds=3),
+    step_bench("lm", "8x256 V=32000", "memcore", 1.5, batch=8, rounds=3),
+]
+
+
+def step_rows(section):
+    """{(model, device): [cells]} of the training_step table."""
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| model"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[(cells[0], cells[3])] = cells
+    return rows
+
+
+def test_training_section_numbers(report):
+    section = report.render_training_section([doc(STEPS)])
+    assert section.startswith("<!-- BEGIN training_step -->") and section.endswith("<!-- END training_step -->")
+    rows = step_rows(section)
+    assert set(rows) == {("small_cnn", "cpu"), ("lm", "cpu")}
+    cnn = rows[("small_cnn", "cpu")]
+    assert cnn[:5] == ["small_cnn", CNN, "float32", "cpu", "1"]
+    assert cnn[5:7] == ["100", "100"]  # fmt_ms shows >= 100 ms as integers
+    assert cnn[7] == "+0.4 % ✓"
+    assert cnn[8] == "106" and cnn[9] == "+6.0 % ✗"
+    assert cnn[10] == "+1.2 % [-1.0, +3.0] ✗"
+    assert cnn[11] == "+4.0 % [+2.0, +5.5] ✓"
+    assert cnn[12] == "+3.1 % [+0.0, +5.0]"
+    assert cnn[13] == "9 / 9 / 9 / 40"
+    lm = rows[("lm", "cpu")]
+    assert lm[1] == "8x256 V=32000"
+    assert lm[5:8] == ["2000", "1500", "-25.0 % ✓"]
+    assert lm[8] == lm[9] == lm[10] == lm[11] == lm[12] == report.MISSING
+    assert lm[13] == "3 / 3 / — / —"
+    assert section.index("| small_cnn ") < section.index("| lm ")
+    assert "- Device: cpu; torch CPU threads: 1" in section
+    assert report.GPU_NOTE in section
+
+
+def test_training_goal_boundaries(report):
+    assert report.fmt_pct(1.0, 1.0) == "+1.0 % ✓"
+    assert report.fmt_pct(1.04, 1.0) == "+1.0 % ✓"       # verdict on the value as printed
+    assert report.fmt_pct(1.06, 1.0) == "+1.1 % ✗"
+    assert report.fmt_pct(-0.01, 1.0) == "+0.0 % ✓"       # no "-0.0"
+    assert report.fmt_pct(5.0, 5.0) == "+5.0 % ✓"
+    assert report.fmt_pct(None, 5.0) == report.MISSING
+    assert report.overhead_pct({"plain": {"median_ms": 10.0}, "memcore": {"median_ms": 10.3}}, "memcore") \
+        == pytest.approx(3.0)
+    assert report.overhead_pct({"memcore": {"median_ms": 1.0}}, "memcore") is None
+
+
+def test_training_gpu_rows(report):
+    gpu = [step_bench("resnet18", "256x3x32x32", v, t, device="cuda", dtype="bfloat16", threads=None,
+                      batch=256, gpu="H100") for v, t in (("plain", 0.050), ("memcore", 0.0502),
+                                                          ("memcore+inputs", 0.0540))]
+    section = report.render_training_section([doc(STEPS + gpu)])
+    rows = step_rows(section)
+    r18 = rows[("resnet18", "cuda")]
+    assert r18[2] == "bfloat16" and r18[4] == report.MISSING
+    assert r18[5:10] == ["50.0", "50.2", "+0.4 % ✓", "54.0", "+8.0 % ✗"]
+    assert report.GPU_NOTE not in section and "GPU: not measured" not in section
+    assert "cuda (H100)" in section
+    assert section.index("| lm ") < section.index("| resnet18 ")  # cpu rows before cuda rows
+
+
+# ------------------------------------------------------------------------------------ scaling
+def scale_bench(variant, n, c, median_s, sweeps, *, device="cpu", dtype="float32", threads=1, peak=None, gpu=None):
+    return {
+        "group": f"scaling {device} {dtype}",
+        "name": f"test_loss_scaling[{device}-{n}x{c}-{dtype}-{variant}]",
+        "extra_info": {"kernel": "scaling", "variant": variant, "shape": f"{n}x{c}", "n": n, "c": c, "dtype": dtype,
+                       "device": device, "sweeps": sweeps, "threads": threads, "peak_mem_mb": peak, "gpu": gpu},
+        "stats": {"median": median_s, "iqr": 0.0, "rounds": 11, "mean": median_s, "min": median_s},
+    }
+
+
+def tracker_bench(num_samples, median_s, rounds=20):
+    return {
+        "group": "scaling tracker cpu", "name": f"test_tracker_scaling[cpu-{num_samples}]",
+        "extra_info": {"kernel": "tracker_scaling", "variant": "memcore", "num_samples": num_samples,
+                       "device": "cpu", "dtype": "float64", "threads": 1},
+        "stats": {"median": median_s, "iqr": 0.0, "rounds": rounds, "mean": median_s, "min": median_s},
+    }
+
+
+SCALING = [
+    scale_bench("plain", 1024, 10, 0.0002, ["C"]),
+    scale_bench("eager", 1024, 10, 0.0006, ["C"]),
+    scale_bench("memcore", 1024, 10, 0.0002, ["C"]),
+    scale_bench("plain", 1024, 1000, 0.003, ["C", "N"]),
+    scale_bench("eager", 1024, 1000, 0.008, ["C", "N"]),
+    scale_bench("memcore", 1024, 1000, 0.004, ["C", "N"]),
+    scale_bench("memcore", 4096, 1000, 0.016, ["N"]),
+    scale_bench("eager", 4096, 1000, 0.032, ["N"]),
+    tracker_bench(10_000, 0.001),
+    tracker_bench(1_000_000, 0.120, rounds=4),
+]
+
+
+def tables(section):
+    """[[row cells, ...], ...]: the Markdown tables of a section, in order, without header rows."""
+    out, cur = [], None
+    for line in section.splitlines():
+        if line.startswith("|"):
+            if cur is None:
+                cur = []
+                out.append(cur)
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            cur.append(cells)
+        else:
+            cur = None
+    return [t[2:] for t in out]  # drop header and alignment rows
+
+
+def test_scaling_section_tables(report):
+    section = report.render_scaling_section([doc(SCALING)])
+    assert section.startswith("<!-- BEGIN scaling -->") and section.endswith("<!-- END scaling -->")
+    by_c, by_n, trk = tables(section)
+    # vs C: both C-sweep shapes, ordered by C; columns plain / eager / memcore / eager÷memcore
+    assert by_c == [["1024 x 10", "float32", "cpu", "1", "0.200", "0.600", "0.200", "3.00"],
+                    ["1024 x 1000", "float32", "cpu", "1", "3.00", "8.00", "4.00", "2.00"]]
+    # vs N: ordered by N; 4096 has no plain run
+    assert by_n == [["1024 x 1000", "float32", "cpu", "1", "3.00", "8.00", "4.00", "2.00"],
+                    ["4096 x 1000", "float32", "cpu", "1", "—", "32.0", "16.0", "2.00"]]
+    assert trk == [["10,000", "cpu", "1", "1.00", "100", "20"], ["1,000,000", "cpu", "1", "120", "120", "4"]]
+    assert "N fixed: 1024 (cpu)" in section and "C fixed: 1000" in section
+    assert "[scaling.png](scaling.png)" in section
+    assert report.GPU_NOTE in section
+    assert "liger" not in section.split("\n\n")[3]  # no liger column without liger rows
+
+
+def test_scaling_gpu_columns(report):
+    gpu = [scale_bench(v, 8192, 32000, t, ["C"], device="cuda", dtype="bfloat16", threads=None, peak=m, gpu="H100")
+           for v, t, m in (("plain", 0.004, 2500.0), ("eager", 0.010, 3000.4), ("memcore", 0.002, 500.0),
+                           ("liger", 0.0025, 10.0))]
+    section = report.render_scaling_section([doc(SCALING + gpu)])
+    by_c = tables(section)[0]
+    head = [line for line in section.splitlines() if line.startswith("| N x C")][0]
+    assert "liger (ms)" in head and "memcore peak (MiB)" in head
+    assert by_c[-1] == ["8192 x 32000", "bfloat16", "cuda", "—", "4.00", "10.0", "2.00", "2.50", "5.00",
+                        "2500", "3000", "500", "10"]
+    assert by_c[0][:4] == ["1024 x 10", "float32", "cpu", "1"] and by_c[0][7:] == ["—", "3.00", "—", "—", "—", "—"]
+    assert report.GPU_NOTE not in section
+
+
+def test_main_writes_all_sections_once(report, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    ce_json = write(tmp_path, "ce.json", doc(SMALL))
+    step_json = write(tmp_path, "step.json", doc(STEPS))
+    scale_json = write(tmp_path, "scale.json", doc(SCALING))
+    assert report.main([str(ce_json), str(step_json), str(scale_json), "-o", str(out)]) == 0
+    text = out.read_text()
+    for name in ("cross_entropy", "training_step", "scaling"):
+        assert text.count(f"<!-- BEGIN {name} -->") == 1 and text.count(f"<!-- END {name} -->") == 1
+    assert text.index("BEGIN cross_entropy") < text.index("BEGIN training_step") < text.index("BEGIN scaling")
+    assert (tmp_path / "scaling.png").stat().st_size > 0  # drawn next to the output
+    # each section's header lists only the files that hold its benchmarks
+    ce_part = text[text.index("BEGIN cross_entropy"):text.index("END cross_entropy")]
+    assert "- Source: ce.json\n" in ce_part
+    assert "- Source: step.json\n" in text and "- Source: scale.json\n" in text
+
+    # a second run with new training figures replaces that section only, without duplicating markers
+    faster = [step_bench("small_cnn", CNN, "plain", 0.050), step_bench("small_cnn", CNN, "memcore", 0.0502)]
+    step2 = write(tmp_path, "step2.json", doc(faster))
+    (tmp_path / "scaling.png").unlink()
+    assert report.main([str(step2), "-o", str(out)]) == 0
+    new = out.read_text()
+    for name in ("cross_entropy", "training_step", "scaling"):
+        assert new.count(f"<!-- BEGIN {name} -->") == 1 and new.count(f"<!-- END {name} -->") == 1
+    rows = step_rows(new[new.index("BEGIN training_step"):new.index("END training_step")])
+    assert rows[("small_cnn", "cpu")][5:8] == ["50.0", "50.2", "+0.4 % ✓"]
+    assert ("lm", "cpu") not in rows
+    assert new[:new.index("<!-- BEGIN training_step")] == text[:text.index("<!-- BEGIN training_step")]
+    assert new[new.index("<!-- BEGIN scaling"):] == text[text.index("<!-- BEGIN scaling"):]
+    assert not (tmp_path / "scaling.png").exists()  # nothing to plot in that input
+
+    # idempotent, and --no-plot leaves the PNG alone
+    report.main([str(ce_json), str(step_json), str(scale_json), "-o", str(out), "--no-plot"])
+    report.main([str(ce_json), str(step_json), str(scale_json), "-o", str(out), "--no-plot"])
+    assert out.read_text() == text
+    assert not (tmp_path / "scaling.png").exists()
+
+
+def test_empty_input_keeps_old_behaviour(report, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    empty = write(tmp_path, "empty.json", doc([]))
+    assert report.main([str(empty), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "_No cross_entropy benchmarks in the input._" in text
+    assert "BEGIN training_step" not in text and "BEGIN scaling" not in text
+
+
+def test_section_markers(report):
+    assert report.section_markers(report.render_training_section([doc(STEPS)])) == (
+        "<!-- BEGIN training_step -->", "<!-- END training_step -->")
+    assert report.section_markers(report.render_section([doc(SMALL)])) == (report.BEGIN, report.END)
+    bad = "<!-- BEGIN scaling -->\n<!-- END scaling -->\n<!-- BEGIN scaling -->\n<!-- END scaling -->\n"
+    with pytest.raises(ValueError):
+        report.replace_section(bad, report.render_scaling_section([doc(SCALING)]))
+
+
+def test_plot_scaling_series(tmp_path):
+    spec = importlib.util.spec_from_file_location("memcore_bench_plot", REPORT.parent / "plot_scaling.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    by_c, fixed = plot.series([doc(SCALING)], "C")
+    assert by_c[("memcore", "cpu", "float32")] == {10: pytest.approx(0.2), 1000: pytest.approx(4.0)}
+    assert fixed == {"cpu": 1024}
+    by_n, fixed = plot.series([doc(SCALING)], "N")
+    assert by_n[("eager", "cpu", "float32")] == {1024: pytest.approx(8.0), 4096: pytest.approx(32.0)}
+    assert fixed == {"cpu": 1000}
+    png = plot.plot([doc(SCALING)], tmp_path / "s.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.main([str(write(tmp_path, "x.json", doc(SMALL))), "-o", str(tmp_path / "none.png")]) == 1
+
+
+def test_notes_per_section(report):
+    notes = ["machine shared", "training_step: interleaved is steadier", "scaling: full sizes", "odd: colon kept"]
+    assert report.notes_for("training_step", notes) == ["machine shared", "interleaved is steadier", "odd: colon kept"]
+    assert report.notes_for("cross_entropy", notes) == ["machine shared", "odd: colon kept"]
+    sections = report.render_all([doc(SMALL + STEPS + SCALING)], notes=notes)
+    assert [s.split("\n", 1)[0] for s in sections] == [
+        "<!-- BEGIN cross_entropy -->", "<!-- BEGIN training_step -->", "<!-- BEGIN scaling -->"]
+    assert "- Note: interleaved is steadier" in sections[1] and "steadier" not in sections[0] + sections[2]
+    assert "- Note: full sizes" in sections[2] and all("- Note: machine shared" in s for s in sections)

@@ -1,0 +1,60 @@
+"""Framework integrations; each test runs only where its framework is installed."""
+import os
+import runpy
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def _example(name):
+    return runpy.run_path(os.path.join(EXAMPLES, name))
+
+
+def test_lightning_callback_and_checkpoint(tmp_path):
+    L = pytest.importorskip("lightning")
+    import torch
+
+    import memcore
+    from memcore.integrations.lightning import MemcoreCallback
+
+    mod = _example("lightning_example.py")
+    assert mod["main"](epochs=15) > 0.9
+    # the callback's state travels with Lightning checkpoints
+    tracker = memcore.Tracker(1797)
+    cb = MemcoreCallback(tracker)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[cb], default_root_dir=str(tmp_path))
+    from memcore.data import load_digits
+
+    trainer.fit(mod["Classifier"](tracker), torch.utils.data.DataLoader(load_digits(), batch_size=256))
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt")) if (tmp_path / "checkpoints").exists() else \
+        next(tmp_path.rglob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    state = next(v for k, v in saved.items() if "MemcoreCallback" in k)
+    fresh = memcore.Tracker(1797)
+    MemcoreCallback(fresh).load_state_dict(state)
+    assert fresh.epochs == 2 and torch.equal(fresh.scores()["csl"], tracker.scores()["csl"])
+
+
+def test_hf_trainer(tmp_path):
+    pytest.importorskip("transformers")
+    mod = _example("hf_trainer_example.py")
+    assert mod["main"](epochs=6) > 0.8
+
+
+def test_hf_trainer_requires_index_column():
+    pytest.importorskip("transformers")
+    from transformers import TrainingArguments
+
+    import memcore
+    from memcore.integrations.huggingface import MemcoreTrainer
+
+    mod = _example("hf_trainer_example.py")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    args = TrainingArguments(output_dir="/tmp/memcore-hf-x", report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        MemcoreTrainer(model=model, args=args, train_dataset=mod["Sequences"](), tracker=memcore.Tracker(64))
