@@ -239,6 +239,11 @@ def render(r: Dict[str, object], note: str = "") -> str:
                       f"vs {r['extra_probes'] + 1})."]
     lines += ["", f"Spearman rank correlation of the two methods' curvature scores on the same model and inputs "
                   f"({RANK_PROBES} probes each, different random probes): {r['rho']:.4f}"]
+    sp = best["reference"] / best["memcore"]
+    goal = 2.0 if DEVICE == "cpu" else None
+    lines += ["", "Goals: " + (f"speedup ≥ {goal:g}x on the CPU at {N_PROBES} probes: {sp:.2f}x "
+                               f"{'✓' if sp >= goal else '✗'}; " if goal else "")
+              + f"Spearman ≥ 0.95: {r['rho']:.4f} {'✓' if r['rho'] >= 0.95 else '✗'}."]
     return "\n".join(lines)
 
 
