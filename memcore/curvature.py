@@ -23,7 +23,7 @@ from . import _ops  # noqa: F401  (operator registration)
 from ._validate import FLOAT_DTYPES, _require_integer, _require_tensor, same_device
 
 MODES = ("fd", "hvp")
-DEFAULT_MAX_ROWS = 512
+DEFAULT_MAX_ROWS = 256
 
 __all__ = ["curvature", "CurvatureTracker", "MODES", "DEFAULT_MAX_ROWS"]
 
@@ -307,8 +307,6 @@ class CurvatureTracker:
             This update's scores, {"curvature", "curvature_trace"}: float64 CPU [num_samples],
             NaN for samples the loader did not yield.
         """
-        from tqdm.auto import tqdm
-
         if device is None:
             p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
             device = p.device if p is not None else torch.device("cpu")
@@ -319,8 +317,15 @@ class CurvatureTracker:
             total: Optional[int] = len(loader)  # type: ignore[arg-type]
         except TypeError:  # iterable-style datasets have no length
             total = None
-        bar = tqdm(loader, total=total, disable=not self.progress, desc=f"curvature (update {self.updates})")
-        for i, batch in enumerate(bar):
+        batches: Iterable = loader
+        if self.progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # tqdm is a dependency, but a missing one only costs the bar
+                pass
+            else:
+                batches = tqdm(loader, total=total, desc=f"curvature (update {self.updates})")
+        for i, batch in enumerate(batches):
             if not isinstance(batch, (tuple, list)) or len(batch) != 3:
                 raise ValueError(f"loader must yield (inputs, targets, index) batches; batch {i} is "
                                  f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
