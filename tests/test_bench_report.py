@@ -449,3 +449,25 @@ def test_notes_per_section(report):
         "<!-- BEGIN cross_entropy -->", "<!-- BEGIN training_step -->", "<!-- BEGIN scaling -->"]
     assert "- Note: interleaved is steadier" in sections[1] and "steadier" not in sections[0] + sections[2]
     assert "- Note: full sizes" in sections[2] and all("- Note: machine shared" in s for s in sections)
+
+
+def test_stability_report_section(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import stability_report
+
+    res = {"command": "python -m memcore experiment --x", "config": {"dataset": "mnist", "subset": 100,
+           "stability_noise": 0.1, "model": "mlp", "train": {"epochs": 3}},
+           "stability": {"k": 4, "tracked_seconds": 2.0, "stability_seconds": 8.0,
+                         "agreement": {"csl": {"CS top 10": 0.9, "PC top 10": 0.5, "CS all": 0.4, "PC all": 0.3}}}}
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(res))
+    out = tmp_path / "RESULTS.md"
+    stability_report.main([str(src), "-o", str(out)])
+    stability_report.main([str(src), "-o", str(out)])
+    text = out.read_text()
+    assert text.count("<!-- BEGIN csl_vs_stability -->") == 1
+    assert "| 4 | 2.0 | 8.0 | 2.00 | 4.0x | 2,000x | 4,000x |" in text
+    assert "| csl | 0.900 | 0.500 | 0.400 | 0.300 |" in text
