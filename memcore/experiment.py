@@ -13,6 +13,7 @@ Tables are printed and saved as CSV and Markdown; PNGs: ROC curves and the highe
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -155,7 +156,7 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
     data_name = base.name
     print(f"memcore experiment: {base.name}, {len(base)} samples, {base.num_classes} classes, model {cfg.model}, "
           f"{cfg.train.epochs} epochs, device {cfg.train.torch_device()}")
-    results: Dict[str, object] = {"config": _jsonable(cfg), "command": "python -m memcore " + " ".join(argv or ["experiment"])}
+    results: Dict[str, object] = {"config": _jsonable(cfg), "command": "python -m memcore " + shlex.join(argv or ["experiment"])}
     sections = []
 
     # 1. mislabeled samples
