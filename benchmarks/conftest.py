@@ -16,6 +16,8 @@ import platform
 
 import pytest
 
+from machine import cpu_model
+
 FULL_ENV = "MEMCORE_BENCH_FULL"
 THREADS_ENV = "MEMCORE_BENCH_THREADS"
 
@@ -56,18 +58,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "bench_full" in item.keywords:
             item.add_marker(skip)
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

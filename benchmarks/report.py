@@ -26,6 +26,9 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model  # noqa: E402
+
 SECTION = "cross_entropy"
 BEGIN = f"<!-- BEGIN {SECTION} -->"
 END = f"<!-- END {SECTION} -->"
@@ -155,17 +158,6 @@ def render_table(rows: Dict[Key, Dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def _local_cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def machine_line(doc: dict) -> str:
     """platform, CPU model, core count: from the JSON (benchmarks/conftest.py stores them; else
     pytest-benchmark's own machine_info), falling back to the machine running this script."""
@@ -179,7 +171,7 @@ def machine_line(doc: dict) -> str:
     cores = mc.get("cpu_count") or cpu.get("count")
     local = not (plat and model and cores)
     plat = plat or platform.platform()
-    model = model or _local_cpu_model()
+    model = model or cpu_model()
     cores = cores or os.cpu_count()
     text = f"{plat}, {model}, {cores} cores"
     return text + (" (partly from the machine that rendered this report)" if local else "")

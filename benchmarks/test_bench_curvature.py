@@ -269,19 +269,9 @@ EXPLAIN = (
 
 def replace_block(text: str, name: str, block: str) -> str:
     """text with the block between <!-- BEGIN name --> and <!-- END name --> replaced (appended if absent)."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    if text.count(begin) > 1 or text.count(end) > 1:
-        raise ValueError(f"{begin} / {end} appear more than once; fix the file by hand")
-    wrapped = f"{begin}\n{block}\n{end}"
-    i = text.find(begin)
-    if i < 0:
-        if end in text:
-            raise ValueError(f"{end} without {begin}")
-        return text.rstrip("\n") + "\n\n" + wrapped + "\n"
-    j = text.find(end, i)
-    if j < 0:
-        raise ValueError(f"{begin} without a following {end}")
-    return text[:i] + wrapped + text[j + len(end):]
+    from report import replace_section
+
+    return replace_section(text, f"<!-- BEGIN {name} -->\n{block}\n<!-- END {name} -->")
 
 
 def write_section(path: str, device_block: str) -> None:

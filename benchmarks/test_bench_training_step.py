@@ -102,13 +102,18 @@ CASES = [
 CASE_BY_ID = {case.id: case for case in CASES}  # tests are parametrized by id (JSON-serializable)
 
 
+def _marks(case) -> list:
+    marks = []
+    if case.device == "cuda":
+        marks.append(pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available"))
+    if case.full_only:
+        marks.append(pytest.mark.bench_full)
+    return marks
+
+
 def _params():
     for case in CASES:
-        marks = []
-        if case.device == "cuda":
-            marks.append(pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available"))
-        if case.full_only:
-            marks.append(pytest.mark.bench_full)
+        marks = _marks(case)
         for variant in case.variants:
             yield pytest.param(case.id, variant, marks=marks, id=f"{case.id}-{variant}")
 
@@ -267,12 +272,7 @@ def median_ci(values: Sequence[float], z: float = 1.96):
 
 def _interleaved_params():
     for case in CASES:
-        marks = []
-        if case.device == "cuda":
-            marks.append(pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available"))
-        if case.full_only:
-            marks.append(pytest.mark.bench_full)
-        yield pytest.param(case.id, marks=marks, id=case.id)
+        yield pytest.param(case.id, marks=_marks(case), id=case.id)
 
 
 @pytest.mark.parametrize("case_id", list(_interleaved_params()))
