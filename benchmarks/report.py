@@ -203,29 +203,11 @@ def _distinct(values: Iterable[str]) -> str:
     return "; ".join(out) if out else "unknown"
 
 
-def device_line(rows: Dict[Key, Dict[str, dict]], docs: Sequence[dict]) -> str:
-    names = []
-    for dev in sorted({k[3] for k in rows}, key=lambda d: (DEVICE_ORDER.get(d, 9), d)):
-        if dev.startswith("cuda"):
-            gpus = {v.get("gpu") for k, vs in rows.items() if k[3] == dev for v in vs.values()} - {None}
-            names.append(f"{dev} ({', '.join(sorted(gpus))})" if gpus else dev)
-        else:
-            names.append(dev)
-    return ", ".join(names) if names else "none"
-
-
 def render_section(docs: Sequence[dict], notes: Sequence[str] = ()) -> str:
     """The whole marked section; ``notes`` are extra bullet lines under the header (run context)."""
     rows = collect(docs)
-    threads = {k[4] for k in rows if k[3] == "cpu" and k[4] is not None}
-    header = [
-        f"- Machine: {_distinct(machine_line(d) for d in docs)}",
-        f"- torch: {_distinct(torch_line(d) for d in docs)}",
-        f"- Date: {_distinct(sorted(date_line(d) for d in docs))}",
-        f"- Device: {device_line(rows, docs)}"
-        + (f"; torch CPU threads: {', '.join(str(t) for t in sorted(threads))}" if threads else ""),
-        f"- Source: {', '.join(str(d.get('_source', '?')) for d in docs)}",
-    ] + [f"- Note: {note}" for note in notes]
+    header = header_lines(docs, ((k[3], v.get("gpu"), k[4]) for k, vs in rows.items() for v in vs.values()),
+                          notes)
     body = [
         BEGIN,
         "## Cross-entropy kernel: memcore.accumulate vs F.cross_entropy",
