@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .training import TrainConfig, predict, train
+from .training import TrainConfig, labels_of, predict, train
 
 
 def from_tracker(scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -30,7 +30,7 @@ def from_tracker(scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def final_loss(model: torch.nn.Module, dataset: Dataset) -> torch.Tensor:
     """Per-sample cross-entropy of the final model (eval mode) on the given labels."""
     logits = predict(model, dataset)
-    return F.cross_entropy(logits, _labels(dataset), reduction="none").double()
+    return F.cross_entropy(logits, labels_of(dataset), reduction="none").double()
 
 
 def ssft(dataset: Dataset, model_fn: Callable[[], torch.nn.Module], cfg: TrainConfig, *,
@@ -43,7 +43,7 @@ def ssft(dataset: Dataset, model_fn: Callable[[], torch.nn.Module], cfg: TrainCo
     first, so the score is -forgetting_time.
     """
     n = len(dataset)
-    labels = _labels(dataset)
+    labels = labels_of(dataset)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     halves = (perm[: n // 2], perm[n // 2:])
     time_ = torch.full((n,), float(cfg.epochs), dtype=torch.float64)
@@ -76,7 +76,7 @@ def confident_learning(dataset: Dataset, model_fn: Callable[[], torch.nn.Module]
     except ImportError:
         return None
     n = len(dataset)
-    labels = _labels(dataset)
+    labels = labels_of(dataset)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     probs = torch.zeros(n, int(labels.max()) + 1)
     for f in range(folds):
@@ -89,8 +89,3 @@ def confident_learning(dataset: Dataset, model_fn: Callable[[], torch.nn.Module]
     q = get_label_quality_scores(labels.numpy(), probs.numpy())
     return 1.0 - torch.as_tensor(q, dtype=torch.float64)
 
-
-def _labels(dataset: Dataset) -> torch.Tensor:
-    if hasattr(dataset, "y"):
-        return torch.as_tensor(dataset.y)
-    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ._io import atomic_save
-from .training import TrainConfig, predict, train
+from .training import TrainConfig, labels_of, predict, train
 
 
 def stability(
@@ -47,7 +47,7 @@ def stability(
         raise ValueError(f"k must be >= 1, got {k}")
     cfg = cfg or TrainConfig()
     n = len(dataset)
-    labels = torch.as_tensor([int(dataset[i][1]) for i in range(n)]) if not hasattr(dataset, "y") else dataset.y
+    labels = labels_of(dataset)
     # labels in the key: a checkpoint of other (e.g. differently corrupted) labels is never resumed
     meta = {"n": n, "subset": subset, "seed": seed,
             "labels_crc32": zlib.crc32(torch.as_tensor(labels, dtype=torch.int64).numpy().tobytes())}

@@ -92,3 +92,10 @@ def predict(model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 512,
         out.append(model(x.to(dev)).float().cpu())
     model.train(was_training)
     return torch.cat(out)
+
+
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    """The int64 labels [N] of a dataset yielding (x, y, index): its `y` if it has one."""
+    if hasattr(dataset, "y"):
+        return torch.as_tensor(dataset.y)
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
