@@ -45,6 +45,12 @@ def _extension():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/autograd/*.cpp")
     # no -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20)
     cxx = ["-O3", "-fvisibility=hidden"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline OpenMP: compiled without -fopenmp it runs on one thread. The
+        # libgomp.so.1 torch already loaded is the one used at run time (same soname).
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if _want_cuda():
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         # ATen/cuda/CUDAContext.h pulls in cusparse.h etc.; pip's CUDA torch ships them here.
@@ -57,8 +63,9 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("MEMCORE_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
-    return CppExtension("memcore._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("memcore._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

@@ -1,8 +1,9 @@
 // CPU kernels of the fused cross-entropy + per-sample statistics ops (schemas in csrc/memcore.cpp).
 //
-// ce_forward: rows are split across threads and each row is read from memory once. A row of up
-//   to kChunk elements (4 KiB: it stays in L1; half/bf16 rows are widened to float there) gets a
-//   max sweep and an exp-sum sweep; a longer row is streamed in kChunk blocks with an online
+// ce_forward: rows are split across threads and each row is read from memory once. Rows of up
+//   to kChunk elements (4 KiB: they stay in L1; half/bf16 rows are widened to float) go in blocks
+//   of 64 to forward_block_f32 (ce_block.h): a max sweep and an exp-sum sweep per row, then log and
+//   exp across the block's rows; a longer row is streamed in kChunk blocks with an online
 //   (max, sum) rescale per block. Gives logsumexp, the largest logit before/after the target
 //   (margin, argmax) and the loss. Outputs are O(N): loss, lse, [N, 3] row stats.
 // ce_backward: one streaming pass writing (exp(z - lse) - onehot) * g; no softmax tensor.
@@ -20,6 +21,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "ce_block.h"
 #include "vec_math.h"
 
 namespace memcore {
@@ -121,6 +123,7 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
   return r;
 }
 
+// half / bf16 / double rows (float rows take backward_block_f32)
 template <typename scalar_t>
 void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double lse, double g,
                   float* buf, float* obuf) {
@@ -131,19 +134,88 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double
     const float lsef = static_cast<float>(lse), gf = static_cast<float>(g);
     for (int64_t off = 0; off < C; off += kChunk) {
       const int64_t len = std::min(kChunk, C - off);
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        softmax_scale_f32(z + off, len, lsef, gf, out + off);
-      } else {
-        for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(z[off + j]);
-        softmax_scale_f32(buf, len, lsef, gf, obuf);
-        for (int64_t j = 0; j < len; ++j) out[off + j] = static_cast<scalar_t>(obuf[j]);
-      }
+      for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(z[off + j]);
+      softmax_scale_f32(buf, len, lsef, gf, obuf);
+      for (int64_t j = 0; j < len; ++j) out[off + j] = static_cast<scalar_t>(obuf[j]);
     }
     out[t] = static_cast<scalar_t>((std::exp(static_cast<float>(z[t]) - lsef) - 1.f) * gf);
   }
 }
 
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+
+// Rows of one thread's range that are valid and not ignored, gathered in blocks of up to kBlock and
+// handed to forward_block_f32 (half/bf16 rows widened into a float buffer first).
+constexpr int64_t kBlock = 64;
+
+template <typename scalar_t, typename acc_t>
+int32_t forward_rows_small(const scalar_t*, int64_t, const int64_t*, const int64_t*, int64_t, int64_t,
+                           int64_t, int64_t, acc_t*, acc_t*, acc_t*);
+
+// double rows take forward_row (exact double math for gradcheck); never called
+template <>
+int32_t forward_rows_small<double, double>(const double*, int64_t, const int64_t*, const int64_t*,
+                                           int64_t, int64_t, int64_t, int64_t, double*, double*,
+                                           double*) {
+  return 0;
+}
+
+template <typename scalar_t, typename acc_t>
+int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, const int64_t* ix,
+                           int64_t num_samples, int64_t ignore_index, int64_t begin, int64_t end,
+                           acc_t* loss_p, acc_t* lse_p, acc_t* rs) {
+  int64_t row[kBlock], tb[kBlock], local_row[kBlock];
+  float tmp[5 * kBlock];
+  float lse[kBlock], loss[kBlock], prob[kBlock], margin[kBlock], correct[kBlock];
+  // half/bf16: the block's rows widened to float, at most 8 * kChunk floats (32 KiB)
+  const int64_t rows_per_block = std::is_same_v<scalar_t, float> ? kBlock
+                                 : std::max<int64_t>(1, std::min<int64_t>(kBlock, 8 * kChunk / C));
+  std::vector<float> wide(std::is_same_v<scalar_t, float> ? 0 : rows_per_block * C);
+  for (int64_t k = 0; k < kBlock; ++k) local_row[k] = k;
+  int32_t flags = 0;
+  int64_t nb = 0;
+  auto flush = [&]() {
+    if (nb == 0) return;
+    const float* base;
+    const int64_t* rows;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      base = z;
+      rows = row;
+    } else {
+      for (int64_t r = 0; r < nb; ++r)
+        for (int64_t j = 0; j < C; ++j) wide[r * C + j] = static_cast<float>(z[row[r] * C + j]);
+      base = wide.data();
+      rows = local_row;
+    }
+    const BlockOut out{lse, loss, prob, margin, correct};
+    if (C < kLanes) {
+      forward_block_narrow_f32(base, C, rows, tb, nb, tmp, out);
+    } else {
+      forward_block_f32(base, C, rows, tb, nb, tmp, out);
+    }
+    for (int64_t r = 0; r < nb; ++r) {
+      const int64_t i = row[r];
+      if (!std::isfinite(loss[r])) flags |= kNonFinite;
+      loss_p[i] = loss[r];
+      lse_p[i] = lse[r];
+      rs[i * kNumRowStats + kRowProb] = prob[r];
+      rs[i * kNumRowStats + kRowMargin] = margin[r];
+      rs[i * kNumRowStats + kRowCorrect] = correct[r];
+    }
+    nb = 0;
+  };
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t t = tg[i];
+    if (t == ignore_index) continue;
+    if (t < 0 || t >= C) { flags |= kBadTarget; continue; }
+    if (ix[i] < 0 || ix[i] >= num_samples) flags |= kBadIndex;
+    row[nb] = i;
+    tb[nb] = t;
+    if (++nb == rows_per_block) flush();
+  }
+  flush();
+  return flags;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
@@ -154,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
   const auto acc = logits.options().dtype(opmath_dtype(logits));
   at::Tensor loss = at::zeros({N}, acc), lse = at::zeros({N}, acc);
   at::Tensor row_stats = at::zeros({N, kNumRowStats}, acc);
-  at::Tensor status = at::zeros({1}, logits.options().dtype(at::kInt));
+  at::Tensor status = at::empty({1}, logits.options().dtype(at::kInt));
   std::atomic<int32_t> flags{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -165,6 +237,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
     acc_t* lse_p = lse.data_ptr<acc_t>();
     acc_t* rs = row_stats.data_ptr<acc_t>();
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      if (!std::is_same_v<scalar_t, double> && C <= kChunk) {
+        const int32_t local = forward_rows_small<scalar_t, acc_t>(
+            z, C, tg, ix, num_samples, ignore_index, begin, end, loss_p, lse_p, rs);
+        if (local) flags.fetch_or(local);
+        return;
+      }
       std::vector<float> buf(kChunk);
       int32_t local = 0;
       for (int64_t i = begin; i < end; ++i) {
@@ -187,6 +265,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
   return {loss, lse, row_stats, status};
 }
 
+// Backward of rows [begin, end): float rows in blocks of kBlock through one cloned call each,
+// other dtypes row by row.
+template <typename scalar_t, typename acc_t>
+void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* tg, const acc_t* lse_p,
+                   const acc_t* g_p, int64_t ignore_index, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    int64_t row[kBlock], tb[kBlock];
+    float lb[kBlock], gb[kBlock];
+    int64_t nb = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = tg[i];
+      if (t == ignore_index || t < 0 || t >= C) {
+        std::fill(out + i * C, out + (i + 1) * C, 0.f);
+        continue;
+      }
+      row[nb] = i;
+      tb[nb] = t;
+      lb[nb] = lse_p[i];
+      gb[nb] = g_p[i];
+      if (++nb == kBlock) {
+        backward_block_f32(z, out, C, row, tb, lb, gb, nb);
+        nb = 0;
+      }
+    }
+    if (nb) backward_block_f32(z, out, C, row, tb, lb, gb, nb);
+  } else {
+    std::vector<float> buf(kChunk), obuf(kChunk);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = tg[i];
+      if (t == ignore_index || t < 0 || t >= C) {
+        std::fill(out + i * C, out + (i + 1) * C, scalar_t(0));
+        continue;
+      }
+      backward_row(z + i * C, out + i * C, C, t, lse_p[i], g_p[i], buf.data(), obuf.data());
+    }
+  }
+}
+
 at::Tensor ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                            const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index) {
   check_rows(logits, targets, "memcore::ce_backward");
@@ -203,15 +319,7 @@ at::Tensor ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits
     const acc_t* lse_p = lse.data_ptr<acc_t>();
     const acc_t* g_p = g.data_ptr<acc_t>();
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(kChunk), obuf(kChunk);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t t = tg[i];
-        if (t == ignore_index || t < 0 || t >= C) {
-          std::fill(out + i * C, out + (i + 1) * C, scalar_t(0));
-          continue;
-        }
-        backward_row(z + i * C, out + i * C, C, t, lse_p[i], g_p[i], buf.data(), obuf.data());
-      }
+      backward_rows(z, out, C, tg, lse_p, g_p, ignore_index, begin, end);
     });
   });
   return grad;
