@@ -74,6 +74,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch_num_threads": torch.get_num_threads(),
         "memcore_version": memcore.__version__,
         "memcore_with_cuda": bool(memcore.with_cuda()) if callable(memcore.with_cuda) else None,
+        "cpu_isa": memcore._ops._C.cpu_isa(),
         "cuda_available": torch.cuda.is_available(),
         "full_mode": full_mode(config),
     }

@@ -179,7 +179,10 @@ def machine_line(doc: dict) -> str:
 
 def torch_line(doc: dict) -> str:
     mc = (doc.get("machine_info") or {}).get("memcore") or {}
-    return str(mc.get("torch_version") or "unknown")
+    line = str(mc.get("torch_version") or "unknown")
+    if mc.get("cpu_isa"):  # absent in JSON saved before memcore recorded it
+        line += f"; memcore CPU kernels: {mc['cpu_isa']}"
+    return line
 
 
 def date_line(doc: dict) -> str:

@@ -20,6 +20,12 @@ TORCH_LIBRARY(memcore, m) {
   m.def(
       "ce_commit(Tensor(a!) stats, Tensor index, Tensor targets, Tensor loss, Tensor row_stats,"
       " Tensor status, int ignore_index) -> ()");
+  // ce_forward + ce_commit + the loss reduction (0 none, 1 mean, 2 sum) in one call
+  // (csrc/accumulate.cpp, composite: its backward is ce_backward's). Returns the loss, in
+  // logits' dtype, and the status word.
+  m.def(
+      "ce_accumulate(Tensor(a!) stats, Tensor logits, Tensor targets, Tensor index, int ignore_index,"
+      " int reduction) -> (Tensor out, Tensor status)");
   // Per-sample squared input-gradient norms: for each row r of grad [N, ...] with scale[r] != 0,
   // adds (scale[r]^2 * sum(grad[r]^2), 1) into stats[index[r]] (float64 [S, 2]) in one pass.
   // scale = 1 / dL/dloss_r turns the gradient of the reduced loss into that of the row's own loss.
@@ -47,6 +53,12 @@ TORCH_LIBRARY(memcore, m) {
       " int probe_start) -> (Tensor sqnorm, Tensor vdot)");
 }
 
+namespace memcore {
+namespace cpu {
+const char* block_isa();  // csrc/cpu/ce_block.cpp
+}  // namespace cpu
+}  // namespace memcore
+
 namespace {
 bool with_cuda() {
 #ifdef MEMCORE_WITH_CUDA
@@ -60,4 +72,6 @@ bool with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "memcore native kernels; the operators live in torch.ops.memcore";
   m.def("with_cuda", &with_cuda, "True when the CUDA kernels were compiled in");
+  m.def("cpu_isa", &memcore::cpu::block_isa,
+        "Vector ISA of the CPU cross-entropy kernels in use: avx512, avx2 or baseline");
 }

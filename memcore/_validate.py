@@ -8,6 +8,7 @@ word into the exception, pointing at the first offending row.
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ._layout import BAD_INDEX, BAD_TARGET, NON_FINITE
 
@@ -43,6 +44,20 @@ def rows_of(
     logits [..., C]; targets [...] (the same leading shape); index either [...] like targets or,
     for sequence data with targets [B, T], one sample id per sequence [B].
     """
+    if (  # the common case, checked with as few tensor calls as possible (they dominate small batches)
+        type(logits) is torch.Tensor and type(targets) is torch.Tensor and type(index) is torch.Tensor
+        and logits.dim() == 2 and targets.dtype == torch.int64 and index.dtype == torch.int64
+        and logits.dtype in FLOAT_DTYPES and type(ignore_index) is int
+    ):
+        n, c = logits.shape
+        dev = logits.device
+        if (
+            c >= 2 and targets.shape == (n,) and index.shape == (n,)
+            and targets.device == dev and index.device == dev
+            and (tracker_device is None or tracker_device == dev)
+            and logits.is_contiguous() and targets.is_contiguous() and index.is_contiguous()
+        ):
+            return logits, targets, index
     _require_tensor(logits, "logits")
     _require_tensor(targets, "targets")
     _require_tensor(index, "index")
@@ -85,7 +100,7 @@ def rows_of(
 
 def explain_status(
     bits: int, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, num_samples: int,
-    ignore_index: int, loss: torch.Tensor,
+    ignore_index: int, loss: Optional[torch.Tensor],
 ) -> Exception:
     """Builds the exception for a non-zero status word; names the first offending row."""
     keep = targets != ignore_index
@@ -105,6 +120,11 @@ def explain_status(
             f"the tracker was not updated"
         )
     if bits & NON_FINITE:
+        if loss is None:  # the fused path keeps no per-row losses: recompute them (error path only)
+            with torch.no_grad():
+                safe = torch.where(keep, targets, torch.zeros_like(targets))
+                loss = torch.where(keep, F.cross_entropy(logits.detach().double(), safe, reduction="none"),
+                                   torch.zeros((), dtype=torch.float64, device=logits.device))
         bad = keep & ~torch.isfinite(loss.detach())
         row = int(bad.nonzero()[0, 0])
         return ValueError(

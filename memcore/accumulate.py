@@ -7,6 +7,8 @@ from . import _ops  # noqa: F401  (operator registration)
 from ._validate import REDUCTIONS, check_inputs_for_grad, rows_of
 from .tracker import Tracker
 
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as in csrc/accumulate.cpp
+
 
 def accumulate(
     logits: torch.Tensor,
@@ -58,12 +60,19 @@ def accumulate(
     if inputs is not None:
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
     stats = tracker._stats_for(logits2d.device)
+    if inputs is None:  # one operator: forward, commit and reduction (csrc/accumulate.cpp)
+        out, status = torch.ops.memcore.ce_accumulate(
+            stats, logits2d, targets1d, index1d, ignore_index, _REDUCTION_CODE[reduction]
+        )
+        tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, None)
+        return out.reshape(targets.shape) if reduction == "none" else out
+
     loss, _lse, row_stats, status = torch.ops.memcore.ce_forward(
         logits2d, targets1d, index1d, tracker.num_samples, ignore_index
     )
     torch.ops.memcore.ce_commit(stats, index1d, targets1d, loss.detach(), row_stats, status, ignore_index)
     tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, loss)
-    if inputs is not None and loss.requires_grad:
+    if loss.requires_grad:
         _record_input_grads(tracker, inputs, loss, targets1d, index1d, ignore_index)
 
     if reduction == "none":

@@ -145,8 +145,7 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
 
 // Rows of one thread's range that are valid and not ignored, gathered in blocks of up to kBlock and
-// handed to forward_block_f32 (half/bf16 rows widened into a float buffer first).
-constexpr int64_t kBlock = 64;
+// handed to the block kernels of ce_block.h (half/bf16 rows widened into a float buffer first).
 
 template <typename scalar_t, typename acc_t>
 int32_t forward_rows_small(const scalar_t*, int64_t, const int64_t*, const int64_t*, int64_t, int64_t,
@@ -165,8 +164,8 @@ int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, cons
                            int64_t num_samples, int64_t ignore_index, int64_t begin, int64_t end,
                            acc_t* loss_p, acc_t* lse_p, acc_t* rs) {
   int64_t row[kBlock], tb[kBlock], local_row[kBlock];
-  float tmp[5 * kBlock];
-  float lse[kBlock], loss[kBlock], prob[kBlock], margin[kBlock], correct[kBlock];
+  alignas(64) float tmp[5 * kBlock] = {};
+  alignas(64) float lse[kBlock], loss[kBlock], prob[kBlock], margin[kBlock], correct[kBlock];
   // half/bf16: the block's rows widened to float, at most 8 * kChunk floats (32 KiB)
   const int64_t rows_per_block = std::is_same_v<scalar_t, float> ? kBlock
                                  : std::max<int64_t>(1, std::min<int64_t>(kBlock, 8 * kChunk / C));
@@ -188,10 +187,11 @@ int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, cons
       rows = local_row;
     }
     const BlockOut out{lse, loss, prob, margin, correct};
-    if (C < kLanes) {
-      forward_block_narrow_f32(base, C, rows, tb, nb, tmp, out);
+    if (C < 16) {
+      forward_block_narrow_f32(base, C, rows, tb, nb, out);
     } else {
-      forward_block_f32(base, C, rows, tb, nb, tmp, out);
+      forward_block_f32(base, C, rows, tb, nb,
+                        BlockTmp{tmp, tmp + kBlock, tmp + 2 * kBlock, tmp + 3 * kBlock, tmp + 4 * kBlock}, out);
     }
     for (int64_t r = 0; r < nb; ++r) {
       const int64_t i = row[r];
@@ -265,6 +265,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
   return {loss, lse, row_stats, status};
 }
 
+void backward_block(const float* z, float* out, int64_t C, const int64_t* row, const int64_t* t,
+                    const float* lse, const float* g, int64_t n) {
+  if (C < 16) {
+    backward_block_narrow_f32(z, out, C, row, t, lse, g, n);
+  } else {
+    backward_block_f32(z, out, C, row, t, lse, g, n);
+  }
+}
+
 // Backward of rows [begin, end): float rows in blocks of kBlock through one cloned call each,
 // other dtypes row by row.
 template <typename scalar_t, typename acc_t>
@@ -285,11 +294,11 @@ void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* t
       lb[nb] = lse_p[i];
       gb[nb] = g_p[i];
       if (++nb == kBlock) {
-        backward_block_f32(z, out, C, row, tb, lb, gb, nb);
+        backward_block(z, out, C, row, tb, lb, gb, nb);
         nb = 0;
       }
     }
-    if (nb) backward_block_f32(z, out, C, row, tb, lb, gb, nb);
+    if (nb) backward_block(z, out, C, row, tb, lb, gb, nb);
   } else {
     std::vector<float> buf(kChunk), obuf(kChunk);
     for (int64_t i = begin; i < end; ++i) {

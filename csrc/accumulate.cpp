@@ -1,0 +1,48 @@
+// memcore::ce_accumulate: the whole of `memcore.accumulate` for a batch in one operator call —
+// ce_forward (per-row loss and statistics, one pass over logits), ce_commit (scatter into the
+// tracker's float64 [S, 6] buffer, skipped when the status word flags an error) and the loss
+// reduction. Registered as CompositeImplicitAutograd: eager mode pays one Python-to-C++ crossing
+// instead of one per op (at small batches that crossing cost more than the kernels), while
+// autograd and torch.compile see the underlying ops, whose backward is ce_backward.
+#include <torch/extension.h>
+
+namespace memcore {
+namespace {
+
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// at::Reduction values, the encoding F.cross_entropy uses too
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+std::tuple<at::Tensor, at::Tensor> ce_accumulate(at::Tensor& stats, const at::Tensor& logits,
+                                                  const at::Tensor& targets, const at::Tensor& index,
+                                                  int64_t ignore_index, int64_t reduction) {
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
+              "memcore::ce_accumulate: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  static auto forward = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("memcore::ce_forward", "")
+                            .typed<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           int64_t, int64_t)>();
+  static auto commit = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("memcore::ce_commit", "")
+                           .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       int64_t)>();
+  auto [loss, lse, row_stats, status] = forward.call(logits, targets, index, stats.size(0), ignore_index);
+  commit.call(stats, index, targets, loss.detach(), row_stats, status, ignore_index);
+  at::Tensor out;
+  if (reduction == kNone) {
+    out = loss;
+  } else if (reduction == kSum) {
+    out = loss.sum();
+  } else {  // mean over the rows that are not ignored; 0 / 0 = NaN when all are, like torch
+    out = loss.sum() / targets.ne(ignore_index).sum();
+  }
+  return {out.to(logits.scalar_type()), status};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memcore, CompositeImplicitAutograd, m) { m.impl("ce_accumulate", &ce_accumulate); }
+
+}  // namespace memcore

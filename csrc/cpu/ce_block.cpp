@@ -1,0 +1,101 @@
+// Compiles the block kernels (ce_block.inc) once per x86-64 ISA level and dispatches each call to
+// the widest one the CPU supports, chosen once at load time. The wider copies are built under
+// `#pragma GCC target` in their own namespaces; nothing from ATen is compiled inside them, so no
+// inline ATen code is built for an ISA the machine may lack. Other compilers / architectures get
+// the baseline copy only.
+#include "ce_block.h"
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "vec_math.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors are passed only between inlined helpers
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define MEMCORE_PER_ISA 1
+#endif
+
+namespace memcore {
+namespace cpu {
+
+namespace isa_base {
+#include "vec16.inc"
+#include "ce_block.inc"
+}  // namespace isa_base
+
+#ifdef MEMCORE_PER_ISA
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace isa_avx2 {
+#include "vec16.inc"
+#include "ce_block.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace isa_avx512 {
+#include "vec16.inc"
+#include "ce_block.inc"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif
+
+namespace {
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa detect() {
+#ifdef MEMCORE_PER_ISA
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
+#endif
+  return Isa::kBase;
+}
+
+const Isa kIsa = detect();
+}  // namespace
+
+#ifdef MEMCORE_PER_ISA
+#define MEMCORE_DISPATCH(fn, ...)                                          \
+  switch (kIsa) {                                                          \
+    case Isa::kAvx512: return isa_avx512::fn(__VA_ARGS__);                 \
+    case Isa::kAvx2: return isa_avx2::fn(__VA_ARGS__);                     \
+    default: return isa_base::fn(__VA_ARGS__);                             \
+  }
+#else
+#define MEMCORE_DISPATCH(fn, ...) return isa_base::fn(__VA_ARGS__);
+#endif
+
+void forward_block_f32(const float* z, int64_t C, const int64_t* row, const int64_t* t, int64_t n,
+                       BlockTmp tmp, BlockOut out) {
+  MEMCORE_DISPATCH(forward_block_f32, z, C, row, t, n, tmp, out)
+}
+
+void forward_block_narrow_f32(const float* z, int64_t C, const int64_t* row, const int64_t* t,
+                              int64_t n, BlockOut out) {
+  MEMCORE_DISPATCH(forward_block_narrow_f32, z, C, row, t, n, out)
+}
+
+void backward_block_f32(const float* z, float* out, int64_t C, const int64_t* row, const int64_t* t,
+                        const float* lse, const float* g, int64_t n) {
+  MEMCORE_DISPATCH(backward_block_f32, z, out, C, row, t, lse, g, n)
+}
+
+void backward_block_narrow_f32(const float* z, float* out, int64_t C, const int64_t* row,
+                               const int64_t* t, const float* lse, const float* g, int64_t n) {
+  MEMCORE_DISPATCH(backward_block_narrow_f32, z, out, C, row, t, lse, g, n)
+}
+
+const char* block_isa() {
+  switch (kIsa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+}  // namespace cpu
+}  // namespace memcore
