@@ -178,3 +178,26 @@ def test_row_paths_statistics(c, dtype, device):
     F.cross_entropy(ref, targets.cpu(), reduction="sum").backward()
     gtol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=4e-3)
     torch.testing.assert_close(z.grad.float().cpu(), ref.grad, **gtol)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_row_paths_narrower_isa(isa):
+    """The AVX2 and baseline copies of the CPU block kernels (a wider machine picks AVX-512 at
+    load; MEMCORE_CPU_ISA caps it) pass the row-path tests too."""
+    import os
+    import subprocess
+    import sys
+
+    order = ["baseline", "avx2", "avx512"]
+    here_isa = memcore._ops._C.cpu_isa()
+    if order.index(isa) >= order.index(here_isa):
+        pytest.skip(f"this process runs the {here_isa} copy; the {isa} copy needs a wider CPU to be a separate test")
+    env = dict(os.environ, MEMCORE_CPU_ISA=isa)
+    here = os.path.dirname(os.path.abspath(__file__))
+    probe = subprocess.run([sys.executable, "-c", "import memcore; print(memcore._ops._C.cpu_isa())"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == isa
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_cross_entropy.py"),
+         "-k", "row_paths_statistics and cpu"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

@@ -6,8 +6,10 @@
 #include "ce_block.h"
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 
 #include "vec_math.h"
 
@@ -46,10 +48,15 @@ namespace isa_avx512 {
 namespace {
 enum class Isa { kBase, kAvx2, kAvx512 };
 
+// The widest ISA the CPU supports, capped by MEMCORE_CPU_ISA=avx2|baseline (tests use it to run
+// the narrower copies on a wider machine).
 Isa detect() {
+  const char* cap = std::getenv("MEMCORE_CPU_ISA");
+  const std::string want = cap ? cap : "";
+  if (want == "baseline") return Isa::kBase;
 #ifdef MEMCORE_PER_ISA
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("x86-64-v4") && want != "avx2") return Isa::kAvx512;
   if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
 #endif
   return Isa::kBase;
