@@ -1,7 +1,7 @@
 // memcore::ce_accumulate: the whole of `memcore.accumulate` for a batch in one operator call —
-// ce_forward (per-row loss and statistics, one pass over logits), ce_commit (scatter into the
-// tracker's float64 [S, 6] buffer, skipped when the status word flags an error) and the loss
-// reduction. Registered as CompositeImplicitAutograd: eager mode pays one Python-to-C++ crossing
+// ce_forward_reduce (per-row loss and statistics in one pass over logits, and the mean or sum;
+// ce_forward for reduction "none") and ce_commit (scatter into the tracker's float64 [S, 6]
+// buffer, skipped when the status word flags an error). Registered as CompositeImplicitAutograd: eager mode pays one Python-to-C++ crossing
 // instead of one per op (at small batches that crossing cost more than the kernels), while
 // autograd and torch.compile see the underlying ops, whose backward is ce_backward.
 #include <torch/extension.h>
@@ -28,16 +28,20 @@ std::tuple<at::Tensor, at::Tensor> ce_accumulate(at::Tensor& stats, const at::Te
                            .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        int64_t)>();
-  auto [loss, lse, row_stats, status] = forward.call(logits, targets, index, stats.size(0), ignore_index);
-  commit.call(stats, index, targets, loss.detach(), row_stats, status, ignore_index);
-  at::Tensor out;
   if (reduction == kNone) {
-    out = loss;
-  } else if (reduction == kSum) {
-    out = loss.sum();
-  } else {  // mean over the rows that are not ignored; 0 / 0 = NaN when all are, like torch
-    out = loss.sum() / targets.ne(ignore_index).sum();
+    auto [loss, lse, row_stats, status] = forward.call(logits, targets, index, stats.size(0), ignore_index);
+    commit.call(stats, index, targets, loss.detach(), row_stats, status, ignore_index);
+    return {loss.to(logits.scalar_type()), status};
   }
+  // mean (over the rows that are not ignored; NaN when none is, like torch) or sum
+  static auto forward_reduce =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("memcore::ce_forward_reduce", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t)>();
+  auto [out, count, loss, lse, row_stats, status] =
+      forward_reduce.call(logits, targets, index, stats.size(0), ignore_index, reduction);
+  commit.call(stats, index, targets, loss, row_stats, status, ignore_index);
   return {out.to(logits.scalar_type()), status};
 }
 

@@ -20,6 +20,14 @@ TORCH_LIBRARY(memcore, m) {
   m.def(
       "ce_commit(Tensor(a!) stats, Tensor index, Tensor targets, Tensor loss, Tensor row_stats,"
       " Tensor status, int ignore_index) -> ()");
+  // ce_forward and the loss reduction (1 mean over non-ignored rows, 2 sum) in one call: out is
+  // the 0-d reduced loss (opmath dtype), count the 0-d int64 number of non-ignored rows; the other
+  // outputs are ce_forward's. Its backward is ce_backward with every row's upstream gradient
+  // grad_out / count (mean) or grad_out (sum): one autograd node for loss and reduction.
+  m.def(
+      "ce_forward_reduce(Tensor logits, Tensor targets, Tensor index, int num_samples, int ignore_index,"
+      " int reduction) -> (Tensor out, Tensor count, Tensor loss, Tensor lse, Tensor row_stats,"
+      " Tensor status)");
   // ce_forward + ce_commit + the loss reduction (0 none, 1 mean, 2 sum) in one call
   // (csrc/accumulate.cpp, composite: its backward is ce_backward's). Returns the loss, in
   // logits' dtype, and the status word.

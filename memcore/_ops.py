@@ -23,6 +23,12 @@ def _ce_forward_fake(logits, targets, index, num_samples, ignore_index):
     )
 
 
+@torch.library.register_fake("memcore::ce_forward_reduce")
+def _ce_forward_reduce_fake(logits, targets, index, num_samples, ignore_index, reduction):
+    loss, lse, row_stats, status = _ce_forward_fake(logits, targets, index, num_samples, ignore_index)
+    return loss.new_empty(()), targets.new_empty((), dtype=torch.int64), loss, lse, row_stats, status
+
+
 @torch.library.register_fake("memcore::ce_backward")
 def _ce_backward_fake(grad_loss, logits, targets, lse, ignore_index):
     return torch.empty_like(logits)

@@ -23,6 +23,41 @@ def test_opcheck_ce_forward(dtype, device):
     torch.library.opcheck(torch.ops.memcore.ce_forward.default, (logits, targets, index, 4, -100))
 
 
+@pytest.mark.parametrize("reduction", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_ce_forward_reduce(dtype, reduction, device):
+    logits, targets, index = _inputs(device, dtype=dtype)
+    args = (logits, targets, index, 4, -100, reduction)
+    torch.library.opcheck(torch.ops.memcore.ce_forward_reduce.default, args)
+    logits.requires_grad_()
+    torch.library.opcheck(torch.ops.memcore.ce_forward_reduce.default, args)
+
+
+def test_ce_forward_reduce_matches_cross_entropy(device):
+    logits, targets, index = _inputs(device, n=40, c=7, dtype=torch.float64)
+    for reduction, name in ((1, "mean"), (2, "sum")):
+        a = logits.clone().requires_grad_()
+        b = logits.clone().requires_grad_()
+        out, count, *_ = torch.ops.memcore.ce_forward_reduce(a, targets, index, 4, -100, reduction)
+        ref = F.cross_entropy(b, targets, reduction=name)
+        torch.testing.assert_close(out, ref)
+        assert int(count) == int((targets != -100).sum())
+        out.backward()
+        ref.backward()
+        torch.testing.assert_close(a.grad, b.grad)
+    torch.autograd.gradcheck(
+        lambda z: torch.ops.memcore.ce_forward_reduce(z, targets, index, 4, -100, 1)[0],
+        (logits.cpu().clone().requires_grad_() if device == "cpu" else logits.clone().requires_grad_(),),
+    )
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_ce_accumulate(reduction, device):
+    logits, targets, index = _inputs(device)
+    stats = torch.zeros(4, 6, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.memcore.ce_accumulate.default, (stats, logits, targets, index, -100, reduction))
+
+
 def test_opcheck_ce_backward(device):
     logits, targets, index = _inputs(device)
     loss, lse, _, _ = torch.ops.memcore.ce_forward(logits, targets, index, 4, -100)

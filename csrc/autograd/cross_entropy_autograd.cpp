@@ -52,6 +52,55 @@ class CEForward : public torch::autograd::Function<CEForward> {
   }
 };
 
+using ReduceOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ReduceOutputs call_ce_forward_reduce(const at::Tensor& logits, const at::Tensor& targets,
+                                     const at::Tensor& index, int64_t num_samples, int64_t ignore_index,
+                                     int64_t reduction) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("memcore::ce_forward_reduce", "")
+                       .typed<ReduceOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            int64_t, int64_t, int64_t)>();
+  return op.call(logits, targets, index, num_samples, ignore_index, reduction);
+}
+
+// out = mean / sum of the per-row losses; its gradient reaches every row as grad_out / count or
+// grad_out, so loss and reduction are one node and the backward one ce_backward call.
+class CEForwardReduce : public torch::autograd::Function<CEForwardReduce> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& logits, const at::Tensor& targets,
+                                                const at::Tensor& index, int64_t num_samples,
+                                                int64_t ignore_index, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, count, loss, lse, row_stats, status] =
+        call_ce_forward_reduce(logits, targets, index, num_samples, ignore_index, reduction);
+    ctx->save_for_backward({logits, targets, lse, count});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->mark_non_differentiable({count, loss, lse, row_stats, status});
+    return {out, count, loss, lse, row_stats, status};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& logits = saved[0];
+    at::Tensor g = grads[0].to(saved[2].scalar_type());
+    if (ctx->saved_data["reduction"].toInt() == 1) g = g / saved[3];
+    at::Tensor grad = call_ce_backward(g.expand({logits.size(0)}), logits, saved[1], saved[2],
+                                       ctx->saved_data["ignore_index"].toInt());
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+ReduceOutputs ce_forward_reduce_autograd(const at::Tensor& logits, const at::Tensor& targets,
+                                         const at::Tensor& index, int64_t num_samples,
+                                         int64_t ignore_index, int64_t reduction) {
+  auto out = CEForwardReduce::apply(logits, targets, index, num_samples, ignore_index, reduction);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
 Outputs ce_forward_autograd(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                             int64_t num_samples, int64_t ignore_index) {
   auto out = CEForward::apply(logits, targets, index, num_samples, ignore_index);
@@ -60,6 +109,9 @@ Outputs ce_forward_autograd(const at::Tensor& logits, const at::Tensor& targets,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(memcore, Autograd, m) { m.impl("ce_forward", &ce_forward_autograd); }
+TORCH_LIBRARY_IMPL(memcore, Autograd, m) {
+  m.impl("ce_forward", &ce_forward_autograd);
+  m.impl("ce_forward_reduce", &ce_forward_reduce_autograd);
+}
 
 }  // namespace memcore

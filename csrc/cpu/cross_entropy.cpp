@@ -274,6 +274,30 @@ void backward_block(const float* z, float* out, int64_t C, const int64_t* row, c
   }
 }
 
+// ce_forward, then the reduction over its O(N) per-row losses: serial, in double, so the result
+// does not depend on the thread count. Ignored (and rejected) rows hold loss 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_reduce_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+    int64_t ignore_index, int64_t reduction) {
+  TORCH_CHECK(reduction == 1 || reduction == 2,
+              "memcore::ce_forward_reduce: reduction must be 1 (mean) or 2 (sum), got ", reduction);
+  auto [loss, lse, row_stats, status] = ce_forward_cpu(logits, targets, index, num_samples, ignore_index);
+  const int64_t N = loss.size(0);
+  const int64_t* tg = targets.data_ptr<int64_t>();
+  int64_t count = 0;
+  for (int64_t i = 0; i < N; ++i) count += tg[i] != ignore_index;
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ce_forward_reduce_cpu", [&] {
+    const scalar_t* l = loss.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < N; ++i) total += static_cast<double>(l[i]);
+  });
+  // mean of no rows is NaN, like F.cross_entropy
+  const double value = reduction == 2 ? total : total / static_cast<double>(count);
+  at::Tensor out = at::scalar_tensor(value, loss.options());
+  at::Tensor n_rows = at::scalar_tensor(count, targets.options());
+  return {out, n_rows, loss, lse, row_stats, status};
+}
+
 // Backward of rows [begin, end): float rows in blocks of kBlock through one cloned call each,
 // other dtypes row by row.
 template <typename scalar_t, typename acc_t>
@@ -367,6 +391,7 @@ void ce_commit_cpu(at::Tensor& stats, const at::Tensor& index, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(memcore, CPU, m) {
   m.impl("ce_forward", &ce_forward_cpu);
+  m.impl("ce_forward_reduce", &ce_forward_reduce_cpu);
   m.impl("ce_backward", &ce_backward_cpu);
   m.impl("ce_commit", &ce_commit_cpu);
 }

@@ -295,6 +295,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
   return {loss, lse, row_stats, status};
 }
 
+// ce_forward, then the reduction with ATen ops on the device (ignored and rejected rows hold 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_reduce_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+    int64_t ignore_index, int64_t reduction) {
+  TORCH_CHECK(reduction == 1 || reduction == 2,
+              "memcore::ce_forward_reduce: reduction must be 1 (mean) or 2 (sum), got ", reduction);
+  auto [loss, lse, row_stats, status] = ce_forward_cuda(logits, targets, index, num_samples, ignore_index);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor count = targets.ne(ignore_index).sum();
+  at::Tensor total = loss.sum(at::kDouble);
+  at::Tensor out = (reduction == 2 ? total : total / count).to(loss.scalar_type());
+  return {out, count, loss, lse, row_stats, status};
+}
+
 at::Tensor ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
                             const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index) {
   check_rows(logits, targets, "memcore::ce_backward");
@@ -345,6 +359,7 @@ void ce_commit_cuda(at::Tensor& stats, const at::Tensor& index, const at::Tensor
 
 TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
   m.impl("ce_forward", &ce_forward_cuda);
+  m.impl("ce_forward_reduce", &ce_forward_reduce_cuda);
   m.impl("ce_backward", &ce_backward_cuda);
   m.impl("ce_commit", &ce_commit_cuda);
 }
