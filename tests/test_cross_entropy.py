@@ -181,7 +181,7 @@ def test_row_paths_statistics(c, dtype, device):
 
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_row_paths_narrower_isa(isa):
+def test_row_paths_narrower_isa(isa, tmp_path):
     """The AVX2 and baseline copies of the CPU block kernels (a wider machine picks AVX-512 at
     load; MEMCORE_CPU_ISA caps it) pass the row-path tests too."""
     import os
@@ -192,12 +192,15 @@ def test_row_paths_narrower_isa(isa):
     here_isa = memcore._ops._C.cpu_isa()
     if order.index(isa) >= order.index(here_isa):
         pytest.skip(f"this process runs the {here_isa} copy; the {isa} copy needs a wider CPU to be a separate test")
-    env = dict(os.environ, MEMCORE_CPU_ISA=isa)
+    # the children import this very build (an in-place or an out-of-tree one), from a neutral cwd
+    build = os.path.dirname(os.path.dirname(os.path.abspath(memcore.__file__)))
+    path = os.pathsep.join([build] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, MEMCORE_CPU_ISA=isa, PYTHONPATH=path)
     here = os.path.dirname(os.path.abspath(__file__))
     probe = subprocess.run([sys.executable, "-c", "import memcore; print(memcore._ops._C.cpu_isa())"],
-                           env=env, capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == isa
+                           env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert probe.returncode == 0 and probe.stdout.strip() == isa, probe.stdout + probe.stderr[-2000:]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_cross_entropy.py"),
-         "-k", "row_paths_statistics and cpu"], env=env, capture_output=True, text=True)
+         "-k", "row_paths_statistics and cpu"], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
