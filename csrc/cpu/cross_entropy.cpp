@@ -70,6 +70,8 @@ float segment_lse(const scalar_t* z, int64_t n, float* buf, float& m, float& s) 
   return seg_max;
 }
 
+// One row: exact double math for double logits (gradcheck); otherwise a row longer than kChunk,
+// streamed (shorter rows take the block kernels of ce_block.h).
 template <typename scalar_t>
 RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
   double zt, m_before, m_after, lse;
@@ -88,19 +90,6 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
       for (int64_t j = 0; j < C; ++j) s += std::exp(z[j] - m);
     }
     lse = m + std::log(s);
-  } else if (C <= kChunk) {
-    // the row fits in L1: a max sweep and an exp-sum sweep over the widened copy, no rescaling
-    const float* x = z_as_float(z, C, buf);
-    const float ztf = x[t];
-    const float mb = max_f32(x, t), ma = max_f32(x + t + 1, C - t - 1);
-    float mm = mb > ma ? mb : ma;
-    mm = ztf > mm ? ztf : mm;
-    // an all -inf row has no finite max; NaN then flags it (as for NaN entries)
-    const float s = mm == -kInf ? std::numeric_limits<float>::quiet_NaN() : sum_exp_f32(x, C, mm);
-    m_before = mb;
-    m_after = ma;
-    zt = ztf;
-    lse = static_cast<double>(mm + std::log(s));
   } else {
     float m = -kInf, s = 0.f;
     m_before = segment_lse(z, t, buf, m, s);
@@ -146,7 +135,6 @@ int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int
 
 // Rows of one thread's range that are valid and not ignored, gathered in blocks of up to kBlock and
 // handed to the block kernels of ce_block.h (half/bf16 rows widened into a float buffer first).
-
 template <typename scalar_t, typename acc_t>
 int32_t forward_rows_small(const scalar_t*, int64_t, const int64_t*, const int64_t*, int64_t, int64_t,
                            int64_t, int64_t, acc_t*, acc_t*, acc_t*);
