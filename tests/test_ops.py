@@ -85,7 +85,8 @@ def test_direct_op_call_never_writes_out_of_bounds():
         torch.ops.memcore.ce_forward(logits[0], targets, index, 4, -100)
 
 
-def test_torch_compile_fullgraph_training_step():
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_compile_fullgraph_training_step(reduction):
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
     ref_model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
@@ -93,7 +94,7 @@ def test_torch_compile_fullgraph_training_step():
     tracker = memcore.Tracker(32, device="cpu")
 
     def step(x, y, idx):  # AOTAutograd compiles the backward of this graph too
-        return memcore.accumulate(model(x), y, idx, tracker)
+        return memcore.accumulate(model(x), y, idx, tracker, reduction=reduction)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x, y = torch.randn(32, 12), torch.randint(0, 5, (32,))
@@ -101,9 +102,9 @@ def test_torch_compile_fullgraph_training_step():
     for _ in range(2):  # second call reuses the graph
         for b in range(0, 32, 16):
             loss = compiled(x[b:b + 16], y[b:b + 16], idx[b:b + 16])
-            loss.backward()
-            ref = F.cross_entropy(ref_model(x[b:b + 16]), y[b:b + 16])
-            ref.backward()
+            loss.sum().backward()
+            ref = F.cross_entropy(ref_model(x[b:b + 16]), y[b:b + 16], reduction=reduction)
+            ref.sum().backward()
             torch.testing.assert_close(loss, ref)
         for p, q in zip(model.parameters(), ref_model.parameters()):
             torch.testing.assert_close(p.grad, q.grad)
