@@ -112,7 +112,7 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
   return r;
 }
 
-// half / bf16 / double rows (float rows take backward_block_f32)
+// double rows, and half / bf16 rows longer than kChunk (the others take the block kernels)
 template <typename scalar_t>
 void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double lse, double g,
                   float* buf, float* obuf) {
@@ -286,8 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {out, n_rows, loss, lse, row_stats, status};
 }
 
-// Backward of rows [begin, end): float rows in blocks of kBlock through one cloned call each,
-// other dtypes row by row.
+// Backward of rows [begin, end): rows of up to kChunk classes in blocks through the block kernels
+// (half / bf16 widened to float scratch first); double rows and longer rows one by one.
 template <typename scalar_t, typename acc_t>
 void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* tg, const acc_t* lse_p,
                    const acc_t* g_p, int64_t ignore_index, int64_t begin, int64_t end) {
@@ -312,6 +312,38 @@ void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* t
     }
     if (nb) backward_block(z, out, C, row, tb, lb, gb, nb);
   } else {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (C <= kChunk) {  // half / bf16 short rows: widened block by block into float scratch
+        const int64_t rows_per_block = std::max<int64_t>(1, std::min<int64_t>(kBlock, 8 * kChunk / C));
+        std::vector<float> in(rows_per_block * C), res(rows_per_block * C);
+        int64_t row[kBlock], local_row[kBlock], tb[kBlock];
+        float lb[kBlock], gb[kBlock];
+        for (int64_t k = 0; k < kBlock; ++k) local_row[k] = k;
+        int64_t nb = 0;
+        auto flush = [&]() {
+          for (int64_t r = 0; r < nb; ++r)
+            for (int64_t j = 0; j < C; ++j) in[r * C + j] = static_cast<float>(z[row[r] * C + j]);
+          backward_block(in.data(), res.data(), C, local_row, tb, lb, gb, nb);
+          for (int64_t r = 0; r < nb; ++r)
+            for (int64_t j = 0; j < C; ++j) out[row[r] * C + j] = static_cast<scalar_t>(res[r * C + j]);
+          nb = 0;
+        };
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t t = tg[i];
+          if (t == ignore_index || t < 0 || t >= C) {
+            std::fill(out + i * C, out + (i + 1) * C, scalar_t(0));
+            continue;
+          }
+          row[nb] = i;
+          tb[nb] = t;
+          lb[nb] = lse_p[i];
+          gb[nb] = g_p[i];
+          if (++nb == rows_per_block) flush();
+        }
+        if (nb) flush();
+        return;
+      }
+    }
     std::vector<float> buf(kChunk), obuf(kChunk);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = tg[i];
