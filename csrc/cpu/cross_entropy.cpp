@@ -131,7 +131,7 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double
   }
 }
 
-int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1)); }
 
 // Rows of one thread's range that are valid and not ignored, gathered in blocks of up to kBlock and
 // handed to the block kernels of ce_block.h (half/bf16 rows widened into a float buffer first).
