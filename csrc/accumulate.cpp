@@ -1,24 +1,22 @@
 // memcore::ce_accumulate: the whole of `memcore.accumulate` for a batch in one operator call —
 // ce_forward_reduce (per-row loss and statistics in one pass over logits, and the mean or sum;
 // ce_forward for reduction "none") and ce_commit (scatter into the tracker's float64 [S, 6]
-// buffer, skipped when the status word flags an error). Registered as CompositeImplicitAutograd: eager mode pays one Python-to-C++ crossing
-// instead of one per op (at small batches that crossing cost more than the kernels), while
-// autograd and torch.compile see the underlying ops, whose backward is ce_backward.
+// buffer, skipped when the status word flags an error). Registered as CompositeImplicitAutograd:
+// eager mode pays one Python-to-C++ crossing instead of one per op (at small batches that crossing
+// cost more than the kernels), while autograd and torch.compile see the underlying ops.
 #include <torch/extension.h>
+
+#include "checks.h"
 
 namespace memcore {
 namespace {
 
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// at::Reduction values, the encoding F.cross_entropy uses too
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
-
 std::tuple<at::Tensor, at::Tensor> ce_accumulate(at::Tensor& stats, const at::Tensor& logits,
                                                   const at::Tensor& targets, const at::Tensor& index,
                                                   int64_t ignore_index, int64_t reduction) {
-  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
-              "memcore::ce_accumulate: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  check_reduction(reduction, /*allow_none=*/true, "memcore::ce_accumulate");
   static auto forward = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("memcore::ce_forward", "")
                             .typed<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,

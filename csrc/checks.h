@@ -28,6 +28,12 @@ inline void check_vector(const at::Tensor& t, const at::Tensor& logits, at::Scal
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+inline void check_reduction(int64_t reduction, bool allow_none, const char* op) {
+  TORCH_CHECK((allow_none && reduction == kNone) || reduction == kMean || reduction == kSum, op,
+              ": reduction must be ", allow_none ? "0 (none), " : "", "1 (mean) or 2 (sum), got ",
+              reduction);
+}
+
 inline at::ScalarType opmath_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

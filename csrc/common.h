@@ -22,6 +22,10 @@ enum GradStat : int64_t { kGradSqSum = 0, kGradRows = 1, kNumGradStats = 2 };
 // Per-row statistics produced by the forward kernel: float32/64 [N, kNumRowStats].
 enum RowStat : int64_t { kRowProb = 0, kRowMargin = 1, kRowCorrect = 2, kNumRowStats = 3 };
 
+// Loss reduction codes of ce_accumulate / ce_forward_reduce: at::Reduction's values, the encoding
+// F.cross_entropy uses too (mirrored in memcore/accumulate.py).
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
 // Error bits of the int32 status word written by the forward kernel. Any bit set means the
 // commit kernel leaves the tracker untouched.
 enum Status : int32_t {

@@ -7,7 +7,7 @@ from . import _ops  # noqa: F401  (operator registration)
 from ._validate import REDUCTIONS, check_inputs_for_grad, rows_of
 from .tracker import Tracker
 
-_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as in csrc/accumulate.cpp
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as in csrc/common.h
 
 
 def accumulate(

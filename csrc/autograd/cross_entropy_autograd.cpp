@@ -6,6 +6,8 @@
 #include <torch/autograd.h>
 #include <torch/extension.h>
 
+#include "../common.h"
+
 namespace memcore {
 namespace {
 
@@ -87,7 +89,7 @@ class CEForwardReduce : public torch::autograd::Function<CEForwardReduce> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
     at::Tensor g = grads[0].to(saved[2].scalar_type());
-    if (ctx->saved_data["reduction"].toInt() == 1) g = g / saved[3];
+    if (ctx->saved_data["reduction"].toInt() == kMean) g = g / saved[3];
     at::Tensor grad = call_ce_backward(g.expand({logits.size(0)}), logits, saved[1], saved[2],
                                        ctx->saved_data["ignore_index"].toInt());
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

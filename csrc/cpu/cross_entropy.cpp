@@ -156,7 +156,7 @@ int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, cons
   alignas(64) float lse[kBlock], loss[kBlock], prob[kBlock], margin[kBlock], correct[kBlock];
   // half/bf16: the block's rows widened to float, at most 8 * kChunk floats (32 KiB)
   const int64_t rows_per_block = std::is_same_v<scalar_t, float> ? kBlock
-                                 : std::max<int64_t>(1, std::min<int64_t>(kBlock, 8 * kChunk / C));
+                                 : std::max<int64_t>(1, std::min<int64_t>(kBlock, 8 * kChunk / std::max<int64_t>(C, 1)));
   std::vector<float> wide(std::is_same_v<scalar_t, float> ? 0 : rows_per_block * C);
   for (int64_t k = 0; k < kBlock; ++k) local_row[k] = k;
   int32_t flags = 0;
@@ -267,8 +267,7 @@ void backward_block(const float* z, float* out, int64_t C, const int64_t* row, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_reduce_cpu(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
     int64_t ignore_index, int64_t reduction) {
-  TORCH_CHECK(reduction == 1 || reduction == 2,
-              "memcore::ce_forward_reduce: reduction must be 1 (mean) or 2 (sum), got ", reduction);
+  check_reduction(reduction, /*allow_none=*/false, "memcore::ce_forward_reduce");
   auto [loss, lse, row_stats, status] = ce_forward_cpu(logits, targets, index, num_samples, ignore_index);
   const int64_t N = loss.size(0);
   const int64_t* tg = targets.data_ptr<int64_t>();
@@ -280,70 +279,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (int64_t i = 0; i < N; ++i) total += static_cast<double>(l[i]);
   });
   // mean of no rows is NaN, like F.cross_entropy
-  const double value = reduction == 2 ? total : total / static_cast<double>(count);
+  const double value = reduction == kSum ? total : total / static_cast<double>(count);
   at::Tensor out = at::scalar_tensor(value, loss.options());
   at::Tensor n_rows = at::scalar_tensor(count, targets.options());
   return {out, n_rows, loss, lse, row_stats, status};
 }
 
-// Backward of rows [begin, end): rows of up to kChunk classes in blocks through the block kernels
-// (half / bf16 widened to float scratch first); double rows and longer rows one by one.
+// Backward of rows [begin, end). Float rows, and half / bf16 rows of up to kChunk classes (widened
+// block by block into float scratch), go through the block kernels; double rows and longer half /
+// bf16 rows one by one.
 template <typename scalar_t, typename acc_t>
 void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* tg, const acc_t* lse_p,
                    const acc_t* g_p, int64_t ignore_index, int64_t begin, int64_t end) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    int64_t row[kBlock], tb[kBlock];
-    float lb[kBlock], gb[kBlock];
-    int64_t nb = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = tg[i];
-      if (t == ignore_index || t < 0 || t >= C) {
-        std::fill(out + i * C, out + (i + 1) * C, 0.f);
-        continue;
-      }
-      row[nb] = i;
-      tb[nb] = t;
-      lb[nb] = lse_p[i];
-      gb[nb] = g_p[i];
-      if (++nb == kBlock) {
-        backward_block(z, out, C, row, tb, lb, gb, nb);
-        nb = 0;
-      }
-    }
-    if (nb) backward_block(z, out, C, row, tb, lb, gb, nb);
-  } else {
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      if (C <= kChunk) {  // half / bf16 short rows: widened block by block into float scratch
-        const int64_t rows_per_block = std::max<int64_t>(1, std::min<int64_t>(kBlock, 8 * kChunk / C));
-        std::vector<float> in(rows_per_block * C), res(rows_per_block * C);
-        int64_t row[kBlock], local_row[kBlock], tb[kBlock];
-        float lb[kBlock], gb[kBlock];
-        for (int64_t k = 0; k < kBlock; ++k) local_row[k] = k;
-        int64_t nb = 0;
-        auto flush = [&]() {
-          for (int64_t r = 0; r < nb; ++r)
-            for (int64_t j = 0; j < C; ++j) in[r * C + j] = static_cast<float>(z[row[r] * C + j]);
-          backward_block(in.data(), res.data(), C, local_row, tb, lb, gb, nb);
-          for (int64_t r = 0; r < nb; ++r)
-            for (int64_t j = 0; j < C; ++j) out[row[r] * C + j] = static_cast<scalar_t>(res[r * C + j]);
-          nb = 0;
-        };
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t t = tg[i];
-          if (t == ignore_index || t < 0 || t >= C) {
-            std::fill(out + i * C, out + (i + 1) * C, scalar_t(0));
-            continue;
-          }
-          row[nb] = i;
-          tb[nb] = t;
-          lb[nb] = lse_p[i];
-          gb[nb] = g_p[i];
-          if (++nb == rows_per_block) flush();
-        }
-        if (nb) flush();
-        return;
-      }
-    }
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  if (std::is_same_v<scalar_t, double> || (!kFloat && C > kChunk)) {
     std::vector<float> buf(kChunk), obuf(kChunk);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = tg[i];
@@ -353,7 +302,39 @@ void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* t
       }
       backward_row(z + i * C, out + i * C, C, t, lse_p[i], g_p[i], buf.data(), obuf.data());
     }
+    return;
   }
+  const int64_t rows_per_block = kFloat ? kBlock : std::max<int64_t>(1, std::min<int64_t>(kBlock, 8 * kChunk / std::max<int64_t>(C, 1)));
+  std::vector<float> in(kFloat ? 0 : rows_per_block * C), res(kFloat ? 0 : rows_per_block * C);
+  int64_t row[kBlock], local_row[kBlock], tb[kBlock];
+  float lb[kBlock], gb[kBlock];
+  for (int64_t k = 0; k < kBlock; ++k) local_row[k] = k;
+  int64_t nb = 0;
+  auto flush = [&]() {
+    if constexpr (kFloat) {
+      backward_block(z, out, C, row, tb, lb, gb, nb);
+    } else if constexpr (!std::is_same_v<scalar_t, double>) {
+      for (int64_t r = 0; r < nb; ++r)
+        for (int64_t j = 0; j < C; ++j) in[r * C + j] = static_cast<float>(z[row[r] * C + j]);
+      backward_block(in.data(), res.data(), C, local_row, tb, lb, gb, nb);
+      for (int64_t r = 0; r < nb; ++r)
+        for (int64_t j = 0; j < C; ++j) out[row[r] * C + j] = static_cast<scalar_t>(res[r * C + j]);
+    }
+    nb = 0;
+  };
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t t = tg[i];
+    if (t == ignore_index || t < 0 || t >= C) {
+      std::fill(out + i * C, out + (i + 1) * C, scalar_t(0));
+      continue;
+    }
+    row[nb] = i;
+    tb[nb] = t;
+    lb[nb] = lse_p[i];
+    gb[nb] = g_p[i];
+    if (++nb == rows_per_block) flush();
+  }
+  if (nb) flush();
 }
 
 at::Tensor ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,

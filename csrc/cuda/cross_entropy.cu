@@ -299,13 +299,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_reduce_cuda(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
     int64_t ignore_index, int64_t reduction) {
-  TORCH_CHECK(reduction == 1 || reduction == 2,
-              "memcore::ce_forward_reduce: reduction must be 1 (mean) or 2 (sum), got ", reduction);
+  check_reduction(reduction, /*allow_none=*/false, "memcore::ce_forward_reduce");
   auto [loss, lse, row_stats, status] = ce_forward_cuda(logits, targets, index, num_samples, ignore_index);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor count = targets.ne(ignore_index).sum();
   at::Tensor total = loss.sum(at::kDouble);
-  at::Tensor out = (reduction == 2 ? total : total / count).to(loss.scalar_type());
+  at::Tensor out = (reduction == kSum ? total : total / count).to(loss.scalar_type());
   return {out, count, loss, lse, row_stats, status};
 }
 
