@@ -46,16 +46,78 @@ VARIANTS: Tuple[Tuple[str, str], ...] = (
     ("memcore", "memcore.accumulate fwd+bwd (ms)"),
 )
 GOAL_OVERHEAD = 1.10                          # accumulate / plain <= this
+GOAL_VS_LIGER = 1.00                          # accumulate / liger <= this (GPU)
+GOAL_BANDWIDTH_PCT = 80.0                     # effective bandwidth, % of the D2D copy (largest shape)
+LOGITS_PASSES = 3                             # fwd reads the logits, bwd reads them and writes the grad
+ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 GOAL_SPEEDUP = {"cpu": 1.5, "cuda": 2.0}      # eager / accumulate >= this
 DEVICE_ORDER = {"cpu": 0, "cuda": 1}
 MISSING = "—"
-GPU_NOTE = ("GPU: not measured in this run — on a CUDA machine run "
-            "`MEMCORE_PY=python3 bash scripts/bench.sh --full`")
+GPU_NOTE = ("GPU: not measured yet — on a CUDA machine run `bash scripts/gpu_session.sh build bench` "
+            "(builds against that machine's torch; liger-kernel for the comparison: scripts/gpu_wheels.sh)")
 
 Key = Tuple[int, int, str, str, Optional[int]]  # n, c, dtype, device, threads
 
 
 # ------------------------------------------------------------------------------------ loading
+def compact(doc: dict, notes: Sequence[str] = ()) -> dict:
+    """A copy of a pytest-benchmark document without per-round timings (``stats.data``), which
+    the tables never read, with ``notes`` stored under ``memcore_notes``."""
+    out = {k: v for k, v in doc.items() if k != "_source"}
+    out["benchmarks"] = [dict(b, stats={k: v for k, v in b.get("stats", {}).items() if k != "data"})
+                         for b in doc.get("benchmarks", [])]
+    kept = list(doc.get("memcore_notes", []))
+    out["memcore_notes"] = kept + [n for n in notes if n not in kept]
+    return out
+
+
+def save_compact(docs: Sequence[dict], folder: os.PathLike, notes: Sequence[str] = ()) -> List[Path]:
+    """Writes compact(doc, notes) for each doc to ``folder``/<its file name>; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for doc in docs:
+        if not doc.get("benchmarks"):  # e.g. a -k that selected nothing: nothing to keep
+            continue
+        path = folder / str(doc.get("_source", "bench.json"))
+        path.write_text(json.dumps(compact(doc, notes), indent=1) + "\n")
+        doc["memcore_notes"] = compact(doc, notes)["memcore_notes"]
+        paths.append(path)
+    return paths
+
+
+def _when(doc: dict) -> str:
+    return str(doc.get("datetime") or "")
+
+
+def load_dir(folder: os.PathLike) -> List[dict]:
+    """Every *.json in ``folder``, oldest run (pytest-benchmark ``datetime``) first."""
+    return sorted(load(sorted(Path(folder).glob("*.json"))), key=_when)
+
+
+def merge_inputs(saved: Sequence[dict], given: Sequence[dict]) -> List[dict]:
+    """``saved`` then ``given``; a saved file with the same name as a given one is left out."""
+    names = {d.get("_source") for d in given}
+    return [d for d in saved if d.get("_source") not in names] + list(given)
+
+
+def _cases(doc: dict) -> set:
+    return {str(b.get("fullname") or b.get("name")) for b in doc.get("benchmarks", [])}
+
+
+def prune(folder: os.PathLike, docs: Sequence[dict]) -> List[Path]:
+    """Deletes the files of ``folder`` (among ``docs``) whose every case a later doc repeats."""
+    removed = []
+    for i, doc in enumerate(docs):
+        path = Path(folder) / str(doc.get("_source", ""))
+        later = set().union(*(_cases(d) for d in docs[i + 1:])) if i + 1 < len(docs) else set()
+        mine = _cases(doc)
+        if path.is_file() and mine and mine <= later:
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def load(paths: Iterable[os.PathLike]) -> List[dict]:
     docs = []
     for path in paths:
@@ -158,6 +220,58 @@ def render_table(rows: Dict[Key, Dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def collect_copy(docs: Sequence[dict]) -> Dict[str, float]:
+    """{gpu name: device-to-device copy GB/s (bytes read + written / median time)}."""
+    out: Dict[str, float] = {}
+    for doc in docs:
+        for bench in doc.get("benchmarks", []):
+            info = bench.get("extra_info") or {}
+            if info.get("kernel") == "d2d_copy" and info.get("bytes_moved"):
+                out[str(info.get("gpu") or info.get("device"))] = (
+                    float(info["bytes_moved"]) / float(bench["stats"]["median"]) / 1e9)
+    return out
+
+
+def effective_gbs(n: int, c: int, dtype: str, median_ms: float) -> Optional[float]:
+    """GB/s a fwd + bwd must move at least (LOGITS_PASSES passes over the logits) over its time."""
+    elt = ELEMENT_BYTES.get(dtype)
+    if elt is None or not median_ms:
+        return None
+    return LOGITS_PASSES * n * c * elt / (median_ms * 1e-3) / 1e9
+
+
+def render_gpu_table(rows: Dict[Key, Dict[str, dict]], copy_gbs: Dict[str, float]) -> str:
+    """CUDA rows: memcore against liger, and memcore's effective bandwidth against the D2D copy."""
+    cuda = [k for k in rows if str(k[3]).startswith("cuda")]
+    if not cuda:
+        return ""
+    largest = max(k[0] * k[1] for k in cuda)
+    head = ["shape (N x C)", "dtype", "GPU", "memcore (ms)", "liger (ms)",
+            f"accumulate / liger (goal ≤ {GOAL_VS_LIGER:.2f})", "memcore effective GB/s",
+            "D2D copy GB/s", f"% of copy (goal ≥ {GOAL_BANDWIDTH_PCT:.0f}% on the largest shape)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for key in sorted(cuda, key=_sort_key):
+        n, c, dtype, device, _ = key
+        v = rows[key]
+        mem = v.get("memcore", {}).get("median_ms")
+        lig = v.get("liger", {}).get("median_ms")
+        gpu = next((x.get("gpu") for x in v.values() if x.get("gpu")), None) or device
+        eff = effective_gbs(n, c, dtype, mem) if mem else None
+        copy = copy_gbs.get(gpu)
+        pct = 100.0 * eff / copy if eff and copy else None
+        if pct is None:
+            pct_cell = MISSING
+        elif n * c == largest:
+            pct_cell = f"{pct:.0f}% {'✓' if round(pct) >= GOAL_BANDWIDTH_PCT else '✗'}"
+        else:
+            pct_cell = f"{pct:.0f}%"
+        cells = [f"{n} x {c}", dtype, gpu, fmt_ms(mem), fmt_ms(lig),
+                 fmt_ratio(mem / lig if mem and lig else None, GOAL_VS_LIGER, higher_is_better=False),
+                 MISSING if eff is None else f"{eff:.0f}", MISSING if copy is None else f"{copy:.0f}", pct_cell]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def machine_line(doc: dict) -> str:
     """platform, CPU model, core count: from the JSON (benchmarks/conftest.py stores them; else
     pytest-benchmark's own machine_info), falling back to the machine running this script."""
@@ -219,6 +333,7 @@ def render_section(docs: Sequence[dict], notes: Sequence[str] = ()) -> str:
         "",
         render_table(rows) if rows else "_No cross_entropy benchmarks in the input._",
         "",
+        *gpu_lines(rows, collect_copy(docs)),
         *gpu_note(k[3] for k in rows),
         "Median wall time of one forward + backward pass over the same logits tensor (CPU: float32, "
         "CUDA: bfloat16). *plain*: `F.cross_entropy(...).backward()`, no statistics. *eager*: the "
@@ -274,6 +389,22 @@ def gpu_note(devices: Iterable[str]) -> List[str]:
     if any(str(d).startswith("cuda") for d in devices):
         return []
     return [GPU_NOTE, ""]
+
+
+def gpu_lines(rows: Dict[Key, Dict[str, dict]], copy_gbs: Dict[str, float]) -> List[str]:
+    """The GPU comparison table and its legend, or [] without CUDA rows."""
+    table = render_gpu_table(rows, copy_gbs)
+    if not table:
+        return []
+    return [
+        "GPU: against liger-kernel and the memory bandwidth.", "", table, "",
+        f"*liger*: `liger_kernel`'s `LigerCrossEntropyLoss` forward + backward (a fresh copy of the "
+        f"logits each round, outside the timing, since it writes its gradient into its input). "
+        f"*Effective GB/s*: {LOGITS_PASSES} x N x C x element size (the forward reads the logits, "
+        f"the backward reads them again and writes the gradient) over memcore's fwd + bwd time. "
+        f"*D2D copy*: `dst.copy_(src)` of a buffer the size of the largest logits tensor, bytes read "
+        f"+ written over its median time (test_cuda_copy_bandwidth).", "",
+    ]
 
 
 def header_lines(docs: Sequence[dict], entries: Iterable[Tuple[str, Optional[str], Optional[int]]],
@@ -595,7 +726,9 @@ def render_all(docs: Sequence[dict], notes: Sequence[str] = (), plot: Optional[s
         if not _has_section(docs, name):
             continue
         mine = [d for d in docs if _has_section([d], name)]
-        mine_notes = notes_for(name, notes)
+        stored = [n for d in mine for n in d.get("memcore_notes", [])]
+        mine_notes = notes_for(name, [n for i, n in enumerate(list(notes) + stored)
+                                      if n not in (list(notes) + stored)[:i]])
         if name == SECTION:
             out.append(render_section(mine, notes=mine_notes))
         elif name == TRAINING:
@@ -624,7 +757,13 @@ def write_plot(docs: Sequence[dict], output: os.PathLike) -> Optional[Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) (--benchmark-json)")
+    ap.add_argument("json", nargs="*", help="pytest-benchmark JSON file(s) (--benchmark-json)")
+    ap.add_argument("--dir", help="also read every *.json in this folder (oldest run first; the given "
+                                  "files come last, so they win where they repeat a case)")
+    ap.add_argument("--save", help="store compact copies of the given files (per-round data dropped, "
+                                   "--note lines kept) in this folder, e.g. benchmarks/json")
+    ap.add_argument("--prune", action="store_true",
+                    help="with --dir: delete saved files whose every case a later file measured again")
     ap.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), help="Markdown file to update")
     ap.add_argument("--stdout", action="store_true", help="print the sections instead of writing the file")
     ap.add_argument("--note", action="append", default=[],
@@ -632,8 +771,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"NAME only ({', '.join(SECTIONS)}), otherwise it goes into every section written")
     ap.add_argument("--no-plot", action="store_true", help=f"do not draw {SCALING_PLOT} next to the output")
     args = ap.parse_args(argv)
-    docs = load(args.json)
-    sections = render_all(docs, notes=args.note)
+    if not args.json and not args.dir:
+        ap.error("give JSON files, --dir, or both")
+    new = load(args.json)
+    if args.save:
+        saved = save_compact(new, args.save, args.note)
+        print(f"saved {', '.join(str(x) for x in saved)}", file=sys.stderr)
+    docs = merge_inputs(load_dir(args.dir) if args.dir else [], new)
+    if args.dir and args.prune:
+        for gone in prune(args.dir, docs):
+            print(f"pruned {gone} (every case measured again later)", file=sys.stderr)
+        docs = merge_inputs(load_dir(args.dir), new)
+    notes = list(args.note) if not args.save else []  # saved notes come back through the docs
+    sections = render_all(docs, notes=notes)
     text = "\n\n".join(sections)
     if args.stdout:
         print(text)

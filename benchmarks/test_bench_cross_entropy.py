@@ -7,6 +7,13 @@ grad is set to None between rounds, outside the timing) in three variants:
     eager    F.cross_entropy(reduction="none") + softmax/gather/max/argmax + index_add_ of the same
              six statistics into a float64 [num_samples, 6] buffer   - the unfused way to get them
     memcore  memcore.accumulate(logits, targets, index, tracker).backward()
+    liger    liger_kernel's LigerCrossEntropyLoss (CUDA only, when importable; it writes the
+             gradient into its input, so each round gets a fresh copy of the logits, made outside
+             the timing)
+
+On CUDA, test_cuda_copy_bandwidth also times a device-to-device copy of a buffer the size of the
+largest logits tensor: the bandwidth the memory-bound loss kernels are judged against (report.py
+turns memcore's time into effective GB/s: logits read twice, gradient written once).
 
 CPU runs float32, CUDA bfloat16. Quick mode (default) runs 512x10 and 4096x1000 on CPU (and every
 shape on CUDA); the 8192x32000 CPU case (1 GiB of logits, 1 GiB of grads) needs --bench-full or
@@ -32,11 +39,18 @@ import memcore
 SHAPES = [(512, 10), (4096, 1000), (8192, 32000)]
 HEAVY_CPU = {(8192, 32000)}  # full mode only on CPU
 VARIANTS = ("plain", "eager", "memcore")
+CUDA_VARIANTS = VARIANTS + ("liger",)
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 # loss / statistics tolerances per dtype (memcore does fp32 math; bf16 outputs are rounded)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 MAX_ROUNDS = 20000
 HAS_CUDA = torch.cuda.is_available()
+
+try:  # optional baseline: a fused Triton cross-entropy (CUDA only)
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+except Exception:  # noqa: BLE001 - not installed, or its triton import failed
+    LigerCrossEntropyLoss = None
+HAS_LIGER = LigerCrossEntropyLoss is not None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -51,8 +65,11 @@ def _cases():
                 marks.append(pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available"))
             if device == "cpu" and (n, c) in HEAVY_CPU:
                 marks.append(pytest.mark.bench_full)
-            for variant in VARIANTS:
-                yield pytest.param(device, (n, c), variant, marks=marks,
+            for variant in (CUDA_VARIANTS if device == "cuda" else VARIANTS):
+                vmarks = list(marks)
+                if variant == "liger":
+                    vmarks.append(pytest.mark.skipif(not HAS_LIGER, reason="liger_kernel not importable"))
+                yield pytest.param(device, (n, c), variant, marks=vmarks,
                                    id=f"{device}-{n}x{c}-{_dtype_name(DTYPES[device])}-{variant}")
 
 
@@ -131,7 +148,46 @@ def run_memcore(p: Problem, tracker: Optional[memcore.Tracker] = None) -> torch.
     return loss
 
 
+_LIGER: dict = {}
+
+
+def run_liger(p: Problem, logits: torch.Tensor) -> torch.Tensor:
+    """LigerCrossEntropyLoss forward + backward on ``logits`` (a fresh leaf: liger overwrites it)."""
+    if "loss" not in _LIGER:
+        _LIGER["loss"] = LigerCrossEntropyLoss()
+    _LIGER["last"] = logits  # its .grad is liger's gradient, checked by _check_liger
+    loss = _LIGER["loss"](logits, p.targets)
+    loss.backward()
+    _sync(p.device)
+    return loss
+
+
 RUN = {"plain": run_plain, "eager": run_eager, "memcore": run_memcore}
+
+
+def timed_call(p: Problem, variant: str):
+    """(setup, target) for one variant: setup clears the gradient (and, for liger, makes the fresh
+    copy of the logits it needs); neither is timed."""
+    if variant == "liger":
+        box = {}
+
+        def setup():
+            p.logits.grad = None
+            box["logits"] = p.logits.detach().clone().requires_grad_()
+
+        def target():
+            return run_liger(p, box["logits"])
+
+        return setup, target
+    run = RUN[variant]
+
+    def setup():
+        p.logits.grad = None
+
+    def target():
+        return run(p)
+
+    return setup, target
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -173,6 +229,20 @@ def _check_eager_stats(p: Problem) -> None:
     assert wrong <= max(1, p.n // 1000), f"{wrong} of {p.n} rows disagree on correctness"
 
 
+def _check_liger(p: Problem, setup, target) -> None:
+    """liger's loss and gradient equal plain cross-entropy's (so the comparison is like for like)."""
+    p.logits.grad = None
+    run_plain(p)
+    expected, p.logits.grad = p.logits.grad, None
+    with torch.no_grad():
+        ref = F.cross_entropy(p.logits, p.targets).float()
+    setup()
+    loss = target()
+    torch.testing.assert_close(loss.float(), ref, **TOL[p.dtype])
+    torch.testing.assert_close(_LIGER["last"].grad.float(), expected.float(), **TOL[p.dtype])
+    _LIGER.pop("last")
+
+
 # ---------------------------------------------------------------------------------------- timing
 def _rounds(request, benchmark, target, setup) -> int:
     """Rounds so the case runs about --benchmark-max-time, at least --benchmark-min-rounds.
@@ -206,6 +276,9 @@ def test_cross_entropy(benchmark, request, device, shape, variant):
         _check_eager_stats(p)
     elif variant == "memcore":
         _check_grad(p)
+    setup, target = timed_call(p, variant)
+    if variant == "liger":
+        _check_liger(p, setup, target)
 
     benchmark.group = f"cross_entropy {n}x{c} {dtype} {device}"
     benchmark.extra_info.update(
@@ -214,16 +287,36 @@ def test_cross_entropy(benchmark, request, device, shape, variant):
         gpu=torch.cuda.get_device_name(0) if device == "cuda" else None,
     )
 
-    run = RUN[variant]
-
-    def setup():
-        p.logits.grad = None
-
-    def target():
-        return run(p)
-
     rounds = _rounds(request, benchmark, target, setup)
     loss = benchmark.pedantic(target, setup=setup, rounds=rounds,
                               warmup_rounds=min(rounds // 10, 50), iterations=1)
     p.logits.grad = None
     assert torch.isfinite(loss.float()).all()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available")
+def test_cuda_copy_bandwidth(benchmark, request):
+    """Device-to-device copy of a buffer the size of the largest logits tensor (bf16): the
+    bandwidth reference for the memory-bound kernels. Bytes moved = read + write."""
+    n, c = max(SHAPES, key=lambda s: s[0] * s[1])
+    _CACHE.clear()
+    gc.collect()
+    src = torch.randn(n, c, device="cuda").to(DTYPES["cuda"])
+    dst = torch.empty_like(src)
+    nbytes = src.numel() * src.element_size()
+
+    def target():
+        dst.copy_(src)
+        torch.cuda.synchronize()
+
+    def setup():
+        pass
+
+    target()
+    assert torch.equal(dst, src)
+    benchmark.group = "d2d copy"
+    benchmark.extra_info.update(kernel="d2d_copy", variant="copy", shape=f"{n}x{c}", n=n, c=c,
+                                dtype=_dtype_name(src.dtype), device="cuda", bytes_moved=2 * nbytes,
+                                gpu=torch.cuda.get_device_name(0))
+    rounds = _rounds(request, benchmark, target, setup)
+    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 20), iterations=1)

@@ -248,8 +248,9 @@ def render(r: Dict[str, object], note: str = "") -> str:
 
 
 GPU_TODO = ("### CUDA\n\nNot measured (no GPU in this session). On a CUDA machine: "
-            "`python benchmarks/test_bench_curvature.py --rounds 15 --write` (from the repository root; "
-            "it runs on the GPU when one is available and reports `torch.cuda.max_memory_allocated`).")
+            "`bash scripts/gpu_session.sh build curvature`, which runs "
+            "`python benchmarks/test_bench_curvature.py --rounds 15 --write` from the repository root "
+            "(on the GPU when one is available; it reports `torch.cuda.max_memory_allocated`).")
 
 EXPLAIN = (
     "One batch of 128 samples, scores for all of them. *reference*: `benchmarks/curvature_reference.py`, the "

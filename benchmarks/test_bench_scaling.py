@@ -27,7 +27,6 @@ import gc
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import memcore
 
@@ -43,11 +42,7 @@ QUICK_CPU_N = {256, 1024, 4096}
 TRACKER_SIZES = (10_000, 100_000, 1_000_000)
 QUICK_TRACKER_SIZES = {10_000, 100_000}
 
-try:  # optional baseline: a fused Triton cross-entropy (CUDA only)
-    from liger_kernel.transformers import LigerCrossEntropyLoss
-except Exception:  # noqa: BLE001 - not installed, or its triton import failed
-    LigerCrossEntropyLoss = None
-HAS_LIGER = LigerCrossEntropyLoss is not None
+HAS_LIGER = ce.HAS_LIGER
 
 
 def points(device: str):
@@ -82,19 +77,6 @@ def _cases():
                                    id=f"{device}-{n}x{c}-{ce._dtype_name(ce.DTYPES[device])}-{variant}")
 
 
-# ---------------------------------------------------------------------------------------- liger
-_LIGER = {}
-
-
-def run_liger(p: "ce.Problem", logits: torch.Tensor) -> torch.Tensor:
-    if "loss" not in _LIGER:
-        _LIGER["loss"] = LigerCrossEntropyLoss()
-    loss = _LIGER["loss"](logits, p.targets)
-    loss.backward()
-    ce._sync(p.device)
-    return loss
-
-
 def _peak_mb(p: "ce.Problem", fn) -> float:
     """Peak CUDA memory allocated during one call of fn, above what was allocated before it (MiB)."""
     ce._sync(p.device)
@@ -118,28 +100,9 @@ def test_loss_scaling(benchmark, request, device, n, c, sweeps, variant):
     else:
         ce._check_loss(p)
 
+    setup, target = ce.timed_call(p, variant)
     if variant == "liger":
-        box = {}
-
-        def setup():
-            p.logits.grad = None
-            box["logits"] = p.logits.detach().clone().requires_grad_()  # liger overwrites its input
-
-        def target():
-            return run_liger(p, box["logits"])
-
-        setup()
-        loss = target()
-        torch.testing.assert_close(loss.float(), F.cross_entropy(p.logits.detach().float(), p.targets),
-                                   **ce.TOL[p.dtype])
-    else:
-        run = ce.RUN[variant]
-
-        def setup():
-            p.logits.grad = None
-
-        def target():
-            return run(p)
+        ce._check_liger(p, setup, target)
 
     peak = None
     if device == "cuda":
@@ -155,7 +118,6 @@ def test_loss_scaling(benchmark, request, device, n, c, sweeps, variant):
     rounds = ce._rounds(request, benchmark, target, setup)
     loss = benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 50), iterations=1)
     p.logits.grad = None
-    box = None
     assert torch.isfinite(loss.float()).all()
 
 

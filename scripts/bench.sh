@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The benchmark suite: bash scripts/bench.sh [--full] [extra pytest args]
 #   default: quick shapes with real timing; --full adds the heavy cases (8192 x 32000 on CPU).
-# Saves pytest-benchmark JSON under benchmarks/out/ and regenerates the tables in
-# benchmarks/RESULTS.md from it (benchmarks/report.py). Uses .venv (CPU torch) unless
-# MEMCORE_PY names a Python that already has torch and memcore (e.g. a GPU machine's own torch).
+# Saves pytest-benchmark JSON under benchmarks/out/, keeps a compact copy in benchmarks/json/ (the
+# runs RESULTS.md is made from, committed), and regenerates the tables in benchmarks/RESULTS.md
+# from every run kept there (benchmarks/report.py --dir; a kept run whose every case was measured
+# again is pruned). So a GPU-only run (`-k cuda`) adds its rows beside the CPU ones.
+# MEMCORE_BENCH_NOTE: a line stored with the run and shown under its sections' headers (e.g.
+# "otherwise idle machine"). Uses .venv (CPU torch) unless MEMCORE_PY names a Python that
+# already has torch and memcore (e.g. a GPU machine's own torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${MEMCORE_PY:-}" ]; then
@@ -21,5 +25,8 @@ for a in "$@"; do
   if [ "$a" = "--full" ]; then args+=(--bench-full); else args+=("$a"); fi
 done
 "$py" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$json" ${args[@]+"${args[@]}"}
-"$py" benchmarks/report.py "$json"
-echo "[memcore] wrote $json and benchmarks/RESULTS.md"
+[ -f "$json" ] || { echo "[memcore] no benchmark ran (all skipped or deselected): nothing to report"; exit 1; }
+notes=()
+[ -z "${MEMCORE_BENCH_NOTE:-}" ] || notes=(--note "$MEMCORE_BENCH_NOTE")
+"$py" benchmarks/report.py "$json" --dir benchmarks/json --save benchmarks/json --prune ${notes[@]+"${notes[@]}"}
+echo "[memcore] wrote $json, benchmarks/json/$(basename "$json") and benchmarks/RESULTS.md"

@@ -118,6 +118,47 @@ def test_gpu_goal_and_missing_variant(report):
     assert section.index("| 512 x 10 ") < section.index("| 8192 x 32000 ")  # cpu before cuda
 
 
+def copy_bench(median_s, *, n=8192, c=32000, gpu="H100"):
+    return {"group": "d2d copy", "name": "test_copy_bandwidth",
+            "extra_info": {"kernel": "d2d_copy", "variant": "copy", "shape": f"{n}x{c}", "n": n, "c": c,
+                           "dtype": "bfloat16", "device": "cuda", "bytes_moved": 2 * n * c * 2, "gpu": gpu},
+            "stats": {"median": median_s, "iqr": 0.0, "rounds": 9, "mean": median_s, "min": median_s}}
+
+
+def test_gpu_liger_and_bandwidth_table(report):
+    cuda = dict(device="cuda", dtype="bfloat16", threads=None, gpu="H100")
+    docs = [doc([
+        bench("plain", 8192, 32000, 0.00070, **cuda),
+        bench("memcore", 8192, 32000, 0.00060, **cuda),   # 3 x 8192 x 32000 x 2 B / 0.6 ms = 2621 GB/s
+        bench("liger", 8192, 32000, 0.00070, **cuda),     # 0.60 / 0.70 = 0.86
+        bench("memcore", 4096, 1000, 0.00010, **cuda),    # 246 GB/s; no liger row
+        bench("memcore", 512, 10, 0.0002),                # cpu: not in the GPU table
+        copy_bench(0.00034),                              # 1048576000 B / 0.34 ms = 3084 GB/s
+    ])]
+    section = report.render_section(docs)
+    rows = table_rows(section)
+    big = rows[("8192 x 32000", "H100")]
+    assert big[3:] == ["0.600", "0.700", "0.86 ✓", "2621", "3084", "85% ✓"]
+    mid = rows[("4096 x 1000", "H100")]
+    assert mid[4] == report.MISSING and mid[5] == report.MISSING
+    assert mid[8] == "8%"                                  # no verdict below the largest shape
+    assert ("512 x 10", "H100") not in rows and ("512 x 10", "cpu") in rows
+    # the main table ignores the liger variant and the copy
+    assert rows[("8192 x 32000", "cuda")][4:7] == ["0.700", report.MISSING, "0.600"]
+    assert report.GPU_NOTE not in section
+
+
+def test_gpu_bandwidth_misses_goal_and_no_gpu_table_on_cpu(report):
+    cuda = dict(device="cuda", dtype="bfloat16", threads=None, gpu="H100")
+    docs = [doc([bench("memcore", 8192, 32000, 0.00100, **cuda), bench("liger", 8192, 32000, 0.00090, **cuda),
+                 copy_bench(0.00035)])]
+    big = table_rows(report.render_section(docs))[("8192 x 32000", "H100")]
+    assert big[5] == "1.11 ✗" and big[8] == "52% ✗"       # 1573 GB/s of 2996
+    cpu_only = report.render_section([doc(SMALL)])
+    assert "liger" not in cpu_only.split("<!-- END")[0].split("| shape")[1].split("\n")[0]
+    assert "GPU: against liger-kernel" not in cpu_only
+
+
 def test_header_lines(report):
     section = report.render_section([doc(SMALL)])
     assert "- Machine: Linux-6.1-x86_64, Test CPU 9000, 8 cores" in section
@@ -471,3 +512,42 @@ def test_stability_report_section(tmp_path):
     assert text.count("<!-- BEGIN csl_vs_stability -->") == 1
     assert "| 4 | 2.0 | 8.0 | 2.00 | 4.0x | 2,000x | 4,000x |" in text
     assert "| csl | 0.900 | 0.500 | 0.400 | 0.300 |" in text
+
+
+def test_save_dir_prune_and_stored_notes(report, tmp_path):
+    """--save keeps compact copies (no per-round data) with their notes; --dir merges them, oldest
+    run first; --prune drops a saved run whose every case a later run repeats."""
+    old = doc(SMALL, when="2025-01-01T00:00:00+00:00")
+    for b in old["benchmarks"]:
+        b["fullname"] = b["name"]
+        b["stats"]["data"] = [b["stats"]["median"]] * 3
+    first = write(tmp_path, "old.json", old)
+    saved = tmp_path / "saved"
+    assert report.main([str(first), "--save", str(saved), "--note", "cross_entropy: first run",
+                        "-o", str(tmp_path / "R.md"), "--no-plot"]) == 0
+    stored = json.loads((saved / "old.json").read_text())
+    assert "data" not in stored["benchmarks"][0]["stats"]
+    assert stored["memcore_notes"] == ["cross_entropy: first run"]
+
+    # a later GPU-only run: rendering with --dir keeps the CPU rows and the first run's note
+    gpu = doc([bench("memcore", 8192, 32000, 0.0006, device="cuda", dtype="bfloat16", threads=None, gpu="H100")],
+              when="2025-02-01T00:00:00+00:00")
+    second = write(tmp_path, "gpu.json", gpu)
+    out = tmp_path / "R.md"
+    assert report.main([str(second), "--dir", str(saved), "--save", str(saved), "-o", str(out), "--no-plot"]) == 0
+    text = out.read_text()
+    rows = table_rows(text)
+    assert ("512 x 10", "cpu") in rows and ("8192 x 32000", "cuda") in rows
+    assert "- Note: first run" in text
+    assert sorted(p.name for p in saved.iterdir()) == ["gpu.json", "old.json"]
+
+    # a later CPU run repeating every case of old.json: --prune removes old.json, the rows are the new ones
+    newer = doc([dict(b, stats=dict(b["stats"], median=b["stats"]["median"] * 2)) for b in old["benchmarks"]],
+                when="2025-03-01T00:00:00+00:00")
+    third = write(tmp_path, "new.json", newer)
+    assert report.main([str(third), "--dir", str(saved), "--save", str(saved), "--prune", "-o", str(out),
+                        "--no-plot"]) == 0
+    assert sorted(p.name for p in saved.iterdir()) == ["gpu.json", "new.json"]
+    rows = table_rows(out.read_text())
+    assert rows[("512 x 10", "cpu")][4] == "0.400" and ("8192 x 32000", "cuda") in rows
+    assert "first run" not in out.read_text()
