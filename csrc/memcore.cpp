@@ -61,6 +61,8 @@ TORCH_LIBRARY(memcore, m) {
       " int probe_start) -> (Tensor sqnorm, Tensor vdot)");
 }
 
+#include "commit_deterministic.h"
+
 namespace memcore {
 namespace cpu {
 const char* block_isa();  // csrc/cpu/ce_block.cpp
@@ -82,4 +84,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("with_cuda", &with_cuda, "True when the CUDA kernels were compiled in");
   m.def("cpu_isa", &memcore::cpu::block_isa,
         "Vector ISA of the CPU cross-entropy kernels in use: avx512, avx2 or baseline");
+  // the CUDA commits' deterministic path (torch.use_deterministic_algorithms), exposed so the
+  // tests check it against the CPU kernels on any machine
+  m.def("_ce_commit_deterministic", &memcore::ce_commit_deterministic);
+  m.def("_sqnorm_commit_deterministic", &memcore::sqnorm_commit_deterministic);
 }

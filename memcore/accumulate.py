@@ -73,7 +73,7 @@ def accumulate(
     torch.ops.memcore.ce_commit(stats, index1d, targets1d, loss.detach(), row_stats, status, ignore_index)
     tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, loss)
     if loss.requires_grad:
-        _record_input_grads(tracker, inputs, loss, targets1d, index1d, ignore_index)
+        _record_input_grads(tracker, inputs, loss, targets1d, index1d, ignore_index, status)
 
     if reduction == "none":
         out = loss.reshape(targets.shape)
@@ -85,12 +85,15 @@ def accumulate(
 
 
 def _record_input_grads(tracker: Tracker, inputs: torch.Tensor, loss_rows: torch.Tensor,
-                        targets: torch.Tensor, index: torch.Tensor, ignore_index: int) -> None:
+                        targets: torch.Tensor, index: torch.Tensor, ignore_index: int,
+                        status: torch.Tensor) -> None:
     """Hooks that reduce d(loss_r)/d(inputs_r) into the tracker during backward.
 
     The backward pass delivers d(total)/d(inputs_r) = d(total)/d(loss_r) * d(loss_r)/d(inputs_r);
     the hook on the per-row losses fires first and records d(total)/d(loss_r), whose inverse is
     the row's scale (1/B for "mean", GradScaler factors, accumulation divisors all cancel).
+    A batch the forward rejected (``status`` != 0, reachable with ``Tracker(strict=False)``)
+    records nothing here either: every row's scale is 0, decided on the device without a sync.
     """
     upstream = {}
 
@@ -102,7 +105,7 @@ def _record_input_grads(tracker: Tracker, inputs: torch.Tensor, loss_rows: torch
         if g is None:
             return
         g = g.double()
-        keep = (targets != ignore_index) & (g != 0)
+        keep = (targets != ignore_index) & (g != 0) & (status == 0)
         scale = torch.where(keep, 1.0 / torch.where(keep, g, torch.ones_like(g)), torch.zeros_like(g))
         buf = tracker._grad_stats_for(gx.device)
         torch.ops.memcore.sqnorm_commit(buf, gx.detach().contiguous(), scale, index)

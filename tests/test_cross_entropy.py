@@ -129,6 +129,53 @@ def test_noncontiguous_logits(device):
     torch.testing.assert_close(ga, gb)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c,offset", [(9, 0), (1001, 3), (4099, 1), (50257, 0), (50257, 5)])
+def test_unaligned_rows(c, offset, dtype, device):
+    """Rows that do not start on a 16-byte boundary: odd C (GPT-2's 50257) and logits that are a
+    view at an odd storage offset. The CUDA kernels read such rows as a scalar head, 16-byte packs
+    and a scalar tail; every column must be counted once."""
+    n = 6
+    base = (2.0 * torch.randn(n * c + offset)).to(device=device, dtype=dtype)
+    logits = base[offset:].view(n, c)
+    assert logits.storage_offset() == offset
+    targets = torch.randint(0, c, (n,), device=device)
+    targets[1] = 0        # the target in the head
+    targets[2] = c - 1    # the target in the tail
+    ref = logits.detach().float().requires_grad_()
+    lr = F.cross_entropy(ref, targets, reduction="sum")
+    lr.backward()
+    a = logits.detach().requires_grad_()
+    tr = memcore.Tracker(n)
+    la = memcore.accumulate(a, targets, torch.arange(n, device=device), tr, reduction="sum")
+    la.backward()
+    tol = TOL[torch.float32] if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(la.float(), lr, **tol)
+    torch.testing.assert_close(a.grad.float(), ref.grad, **(tol if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)))
+    z = logits.detach().float().cpu()
+    t = targets.cpu()
+    other = z.scatter(1, t[:, None], float("-inf")).amax(1)
+    s = tr.scores()
+    torch.testing.assert_close(s["aum"], (z.gather(1, t[:, None]).squeeze(1) - other).double(), **tol)
+    torch.testing.assert_close(s["confidence_mean"], z.softmax(1).gather(1, t[:, None]).squeeze(1).double(), **tol)
+
+
+def test_nan_logits_give_nan_gradient_rows_when_not_strict(device):
+    """strict=False lets a NaN batch through to backward: its gradient is NaN on the NaN rows and
+    equal to F.cross_entropy's elsewhere, on every device (the error is raised at scores())."""
+    logits, targets = _pair(6, 40, torch.float32, device)
+    logits[2, 7] = float("nan")
+    a = logits.detach().clone().requires_grad_()
+    b = logits.detach().clone().requires_grad_()
+    tr = memcore.Tracker(6, device=device, strict=False)
+    memcore.accumulate(a, targets, torch.arange(6, device=device), tr, reduction="sum").backward()
+    F.cross_entropy(b, targets, reduction="sum").backward()
+    assert torch.isnan(a.grad[2]).all()
+    torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
+    with pytest.raises(ValueError, match="rejected"):
+        tr.scores()
+
+
 def test_masked_vocab_minus_inf(device):
     """-inf logits (masked classes) are legal as long as the target's logit is finite."""
     logits, targets = _pair(8, 20, torch.float32, device)

@@ -130,6 +130,31 @@ def test_state_dict_keeps_history():
         assert torch.equal(v.nan_to_num(-1), other.scores()[k].nan_to_num(-1)), k
 
 
+@pytest.mark.parametrize("bad", ["nan", "index"])
+def test_rejected_batch_records_no_input_grads(bad, device):
+    """strict=False: a batch the forward rejects leaves the input-gradient statistics unchanged
+    too (no error from inside backward; the deferred error comes at scores())."""
+    model = _mlp().to(device)
+    x, y = _data(8)
+    x, y = x.to(device), y.to(device)
+    tr = memcore.Tracker(8, device=device, strict=False)
+    idx = torch.arange(8, device=device)
+    xb = x.clone().requires_grad_()
+    memcore.accumulate(model(xb), y, idx, tr, inputs=xb).backward()  # a good batch first
+    before = tr._grad_epoch.clone()
+    xb = x.clone().requires_grad_()
+    logits = model(xb)
+    if bad == "nan":
+        logits = logits + torch.tensor([float("nan")] + [0.0] * 7, device=device)[:, None]
+    else:
+        idx = idx.clone()
+        idx[3] = 8
+    memcore.accumulate(logits, y, idx, tr, inputs=xb).backward()
+    torch.testing.assert_close(tr._grad_epoch, before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rejected"):
+        tr.scores()
+
+
 def test_not_recorded_gives_nan():
     tr = memcore.Tracker(3)
     memcore.accumulate(torch.randn(3, 2), torch.tensor([0, 1, 0]), torch.arange(3), tr)

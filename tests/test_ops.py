@@ -86,13 +86,84 @@ def test_direct_op_call_never_writes_out_of_bounds():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_direct_op_call_zero_classes(dtype):
+def test_direct_op_call_zero_classes(dtype, device):
     """[N, 0] logits (rejected by accumulate) reach the kernels only by a direct op call: every row
-    is flagged, nothing crashes."""
-    z = torch.randn(3, 0, dtype=dtype)
-    t, ix = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
-    assert int(torch.ops.memcore.ce_forward(z, t, ix, 3, -100)[3]) & 1  # bad target bit
-    assert torch.ops.memcore.ce_backward(torch.ones(3), z, t, torch.zeros(3), -100).shape == (3, 0)
+    is flagged (on every device), nothing crashes, and a commit of that batch adds nothing."""
+    z = torch.randn(3, 0, dtype=dtype, device=device)
+    t, ix = torch.zeros(3, dtype=torch.long, device=device), torch.zeros(3, dtype=torch.long, device=device)
+    loss, _, row_stats, status = torch.ops.memcore.ce_forward(z, t, ix, 3, -100)
+    assert int(status) & 1  # bad target bit
+    stats = torch.zeros(3, 6, dtype=torch.float64, device=device)
+    torch.ops.memcore.ce_commit(stats, ix, t, loss, row_stats, status, -100)
+    assert stats.abs().sum() == 0
+    g = torch.ones(3, device=device)
+    assert torch.ops.memcore.ce_backward(g, z, t, torch.zeros(3, device=device), -100).shape == (3, 0)
+
+
+def test_sqnorm_commit_zero_width_rows_count(device):
+    """grad [N, 0]: each kept row adds (0, 1), on every device."""
+    stats = torch.zeros(3, 2, dtype=torch.float64, device=device)
+    scale = torch.tensor([1.0, 0.0, 2.0, 1.0], dtype=torch.float64, device=device)
+    index = torch.tensor([0, 1, 2, 2], device=device)
+    torch.ops.memcore.sqnorm_commit(stats, torch.zeros(4, 0, device=device), scale, index)
+    assert stats.cpu().tolist() == [[0.0, 1.0], [0.0, 0.0], [0.0, 2.0]]
+
+
+def _commit_case(device, n=64, c=7, samples=5):
+    """A batch with repeated indices, ignored rows and a NaN-free forward."""
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(n, c, generator=g)).to(device)
+    targets = torch.randint(0, c, (n,), generator=g)
+    targets[::5] = -100
+    index = torch.randint(0, samples, (n,), generator=g)
+    return logits, targets.to(device), index.to(device), samples
+
+
+def test_deterministic_commits_match_kernels():
+    """The ATen commits the CUDA ops switch to under torch.use_deterministic_algorithms give the
+    kernels' sums (checked here against the CPU kernels, so on any machine)."""
+    from memcore import _C
+    logits, targets, index, samples = _commit_case("cpu")
+    loss, _, row_stats, status = torch.ops.memcore.ce_forward(logits, targets, index, samples, -100)
+    want = torch.rand(samples, 6, dtype=torch.float64)
+    got = want.clone()
+    torch.ops.memcore.ce_commit(want, index, targets, loss, row_stats, status, -100)
+    _C._ce_commit_deterministic(got, index, targets, loss, row_stats, status, -100)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    before = got.clone()  # a rejected batch (status != 0) adds nothing, NaN losses included
+    _C._ce_commit_deterministic(got, index, targets, loss.clone().fill_(float("nan")), row_stats,
+                                torch.tensor([4], dtype=torch.int32), -100)
+    assert torch.equal(got, before)
+
+    grad = torch.randn(10, 3, 4)
+    scale = torch.tensor([1.0, 0.0, 2.0, 1.0, 1.0, 0.5, 1.0, 0.0, 3.0, 1.0], dtype=torch.float64)
+    idx = torch.tensor([0, 1, 0, 4, 2, 2, 2, 3, 1, 0])
+    want = torch.zeros(5, 2, dtype=torch.float64)
+    got = want.clone()
+    torch.ops.memcore.sqnorm_commit(want, grad, scale, idx)
+    _C._sqnorm_commit_deterministic(got, grad, scale, idx)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_deterministic_mode_repeats_bit_for_bit(device):
+    """torch.use_deterministic_algorithms(True): no error, and the same batch twice gives the same
+    float64 sums to the last bit (on CUDA the commits leave their atomics for sorted adds)."""
+    logits, targets, index, samples = _commit_case(device, n=4096, c=50)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            tr = memcore.Tracker(samples, device=device)
+            memcore.accumulate(logits, targets, index, tr)
+            runs.append(tr.scores())
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for key in ("csl", "confidence_mean", "aum"):
+        assert torch.equal(runs[0][key], runs[1][key]), key
+    ref = memcore.Tracker(samples)
+    memcore.accumulate(logits.cpu(), targets.cpu(), index.cpu(), ref)
+    torch.testing.assert_close(runs[0]["csl"], ref.scores()["csl"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

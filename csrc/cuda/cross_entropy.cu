@@ -1,8 +1,9 @@
 // CUDA kernels of the fused cross-entropy + per-sample statistics ops (schemas in csrc/memcore.cpp).
 //
 // ce_forward: a group of TPR threads owns one row (a warp for C <= 2048, a whole block above) and
-//   streams it once with 16-byte vector loads when rows are aligned, keeping per thread an online
-//   (max, sum exp) pair, the largest logit before and after the target column, and a NaN flag;
+//   streams it once with 16-byte vector loads (a scalar head up to the row's first 16-byte
+//   boundary and a scalar tail, so odd C such as 50257 and sliced logits vectorise too), keeping
+//   per thread an online (max, sum exp) pair, the largest logit before and after the target column, and a NaN flag;
 //   one warp-shuffle (+ shared memory across warps) reduction per row. Ignored rows are never read.
 //   Writes O(N) outputs: loss, lse, row stats [N, 3], and error bits into a 1-int status word.
 // ce_commit: one thread per row, six float64 atomicAdds into stats[index[row]] (repeated indices
@@ -18,6 +19,7 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "../commit_deterministic.h"
 #include "../common.h"
 
 namespace memcore {
@@ -29,6 +31,8 @@ struct OpMath { using type = float; };
 template <>
 struct OpMath<double> { using type = double; };
 
+// __expf: the fast exp (a few ulp; arguments here are <= 0), like the CPU kernels' exp_approx and
+// well inside the fp32 tolerance of the parity tests. Double keeps exp / log.
 __device__ __forceinline__ float dev_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double dev_exp(double x) { return exp(x); }
 __device__ __forceinline__ float dev_log(float x) { return logf(x); }
@@ -41,6 +45,15 @@ template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
 };
+
+// Elements before the first 16-byte boundary of a row starting at z (at most C). The body after
+// them is read in Packs; the row's remainder after the last whole Pack is a scalar tail.
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ int64_t head_of(const scalar_t* z, int64_t C) {
+  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(z) / sizeof(scalar_t)) % VEC);
+  const int64_t head = mis == 0 ? 0 : VEC - mis;
+  return head < C ? head : C;
+}
 
 template <typename acc_t>
 struct RowState {
@@ -131,15 +144,24 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
   const scalar_t* z = logits + row * C;
   RowState<acc_t> st;
   st.init();
-  if (VEC > 1) {
-    const Pack<scalar_t, VEC>* zv = reinterpret_cast<const Pack<scalar_t, VEC>*>(z);
-    const int64_t nv = C / VEC;
+  if constexpr (VEC > 1) {
+    const int64_t head = head_of<scalar_t, VEC>(z, C);
+    if (lane < head) {
+      const acc_t x[1] = {static_cast<acc_t>(z[lane])};
+      fold<acc_t, 1>(st, x, lane, t);
+    }
+    const Pack<scalar_t, VEC>* zv = reinterpret_cast<const Pack<scalar_t, VEC>*>(z + head);
+    const int64_t nv = (C - head) / VEC;
     for (int64_t v = lane; v < nv; v += TPR) {
       const Pack<scalar_t, VEC> p = zv[v];
       acc_t x[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) x[k] = static_cast<acc_t>(p.v[k]);
-      fold<acc_t, VEC>(st, x, v * VEC, t);
+      fold<acc_t, VEC>(st, x, head + v * VEC, t);
+    }
+    for (int64_t j = head + nv * VEC + lane; j < C; j += TPR) {
+      const acc_t x[1] = {static_cast<acc_t>(z[j])};
+      fold<acc_t, 1>(st, x, j, t);
     }
   } else {
     for (int64_t j = lane; j < C; j += TPR) {
@@ -148,8 +170,8 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
     }
   }
   warp_merge(st);
-  if (TPR > 32) {
-    constexpr int kWarps = TPR > 32 ? TPR / 32 : 1;
+  if constexpr (TPR > 32) {
+    constexpr int kWarps = TPR / 32;
     __shared__ acc_t sm[kWarps], ss[kWarps], sb[kWarps], sa[kWarps];
     __shared__ int sn[kWarps];
     const int warp = lane / 32;
@@ -169,9 +191,11 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
   const int64_t ix = index[row];
   if (ix < 0 || ix >= num_samples) flags |= kBadIndex;
   const acc_t zt = static_cast<acc_t>(z[t]);
-  const acc_t lse = st.m + dev_log(st.s);
-  acc_t l = lse - zt;
-  if (st.nan) l = std::numeric_limits<acc_t>::quiet_NaN();
+  acc_t lse = st.m + dev_log(st.s);
+  // NaN logits: loss and lse both NaN, as on the CPU, so a backward through a rejected batch
+  // (strict=False) gives NaN gradients like F.cross_entropy rather than finite ones
+  if (st.nan) lse = std::numeric_limits<acc_t>::quiet_NaN();
+  const acc_t l = lse - zt;
   if (!isfinite(l)) flags |= kNonFinite;
   if (flags) atomicOr(status, flags);
   loss[row] = l;
@@ -203,25 +227,29 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_backward_kernel(
   const acc_t g = grad_loss[row];
   const acc_t shift = lse[row];
   const scalar_t* z = logits + row * C;
-  if (VEC > 1) {
-    const Pack<scalar_t, VEC>* zv = reinterpret_cast<const Pack<scalar_t, VEC>*>(z);
-    Pack<scalar_t, VEC>* ov = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
-    const int64_t nv = C / VEC;
+  auto one = [&](int64_t j) {
+    const acc_t onehot = (j == t) ? acc_t(1) : acc_t(0);
+    out[j] = static_cast<scalar_t>((dev_exp(static_cast<acc_t>(z[j]) - shift) - onehot) * g);
+  };
+  if constexpr (VEC > 1) {  // logits and grad rows share their offset from a 16-byte boundary
+    const int64_t head = head_of<scalar_t, VEC>(z, C);
+    if (lane < head) one(lane);
+    const Pack<scalar_t, VEC>* zv = reinterpret_cast<const Pack<scalar_t, VEC>*>(z + head);
+    Pack<scalar_t, VEC>* ov = reinterpret_cast<Pack<scalar_t, VEC>*>(out + head);
+    const int64_t nv = (C - head) / VEC;
     for (int64_t v = lane; v < nv; v += TPR) {
       const Pack<scalar_t, VEC> p = zv[v];
       Pack<scalar_t, VEC> o;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const acc_t onehot = (v * VEC + k == t) ? acc_t(1) : acc_t(0);
+        const acc_t onehot = (head + v * VEC + k == t) ? acc_t(1) : acc_t(0);
         o.v[k] = static_cast<scalar_t>((dev_exp(static_cast<acc_t>(p.v[k]) - shift) - onehot) * g);
       }
       ov[v] = o;
     }
+    for (int64_t j = head + nv * VEC + lane; j < C; j += TPR) one(j);
   } else {
-    for (int64_t j = lane; j < C; j += TPR) {
-      const acc_t onehot = (j == t) ? acc_t(1) : acc_t(0);
-      out[j] = static_cast<scalar_t>((dev_exp(static_cast<acc_t>(z[j]) - shift) - onehot) * g);
-    }
+    for (int64_t j = lane; j < C; j += TPR) one(j);
   }
 }
 
@@ -249,12 +277,11 @@ __global__ void ce_commit_kernel(double* __restrict__ stats, const int64_t* __re
 template <int V>
 using Int = std::integral_constant<int, V>;
 
-// Calls f(Int<TPR>, Int<VEC>) for the launch shape that fits C and the alignment: vector loads
-// need every row to start on a 16-byte boundary.
+// Calls f(Int<TPR>, Int<VEC>) for the launch shape that fits C; vec: 16-byte packs may be used
+// (each row then has a scalar head and tail around its aligned body).
 template <typename scalar_t, typename F>
-void dispatch_shape(int64_t C, bool aligned, F&& f) {
+void dispatch_shape(int64_t C, bool vec, F&& f) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool vec = aligned && C % kVec == 0;
   auto by_tpr = [&](auto tpr) {
     if (vec) f(tpr, Int<kVec>{});
     else f(tpr, Int<1>{});
@@ -264,7 +291,15 @@ void dispatch_shape(int64_t C, bool aligned, F&& f) {
   else by_tpr(Int<512>{});
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+template <typename scalar_t>
+bool element_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(scalar_t) == 0; }
+
+// Grid size for <<<>>>, which takes an unsigned int: a clear error instead of a silent wrap.
+int64_t grid_size(int64_t blocks, const char* op) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": batch too large for one launch (",
+              blocks, " blocks); split it");
+  return blocks;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
@@ -277,14 +312,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
   at::Tensor loss = at::zeros({N}, acc), lse = at::zeros({N}, acc);
   at::Tensor row_stats = at::zeros({N, kNumRowStats}, acc);
   at::Tensor status = at::zeros({1}, logits.options().dtype(at::kInt));
-  if (N == 0 || C == 0) return {loss, lse, row_stats, status};
+  // C == 0 still launches: every non-ignored row is a bad target, as on the CPU
+  if (N == 0) return {loss, lse, row_stats, status};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_cuda", [&] {
     using acc_t = typename OpMath<scalar_t>::type;
-    dispatch_shape<scalar_t>(C, aligned16(logits.data_ptr()), [&](auto tpr, auto vec) {
+    dispatch_shape<scalar_t>(C, element_aligned<scalar_t>(logits.data_ptr()), [&](auto tpr, auto vec) {
       constexpr int TPR = decltype(tpr)::value, VEC = decltype(vec)::value;
       using Map = RowMap<TPR>;
-      const int64_t blocks = (N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock;
+      const int64_t blocks = grid_size((N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock, "memcore::ce_forward");
       ce_forward_kernel<scalar_t, TPR, VEC><<<blocks, Map::kThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), index.data_ptr<int64_t>(),
           loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), row_stats.data_ptr<acc_t>(),
@@ -321,11 +357,15 @@ at::Tensor ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logit
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_cuda", [&] {
     using acc_t = typename OpMath<scalar_t>::type;
-    const bool aligned = aligned16(logits.data_ptr()) && aligned16(grad.data_ptr());
-    dispatch_shape<scalar_t>(C, aligned, [&](auto tpr, auto vec) {
+    // packs need logits and grad rows at the same offset from a 16-byte boundary (empty_like
+    // gives that unless the logits are a slice at an odd offset)
+    const auto lp = reinterpret_cast<uintptr_t>(logits.data_ptr()), gp = reinterpret_cast<uintptr_t>(grad.data_ptr());
+    const bool vec = element_aligned<scalar_t>(logits.data_ptr()) && element_aligned<scalar_t>(grad.data_ptr()) &&
+                     (lp - gp) % 16 == 0;
+    dispatch_shape<scalar_t>(C, vec, [&](auto tpr, auto vec) {
       constexpr int TPR = decltype(tpr)::value, VEC = decltype(vec)::value;
       using Map = RowMap<TPR>;
-      const int64_t blocks = (N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock;
+      const int64_t blocks = grid_size((N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock, "memcore::ce_backward");
       ce_backward_kernel<scalar_t, TPR, VEC><<<blocks, Map::kThreads, 0, stream>>>(
           g.data_ptr<acc_t>(), logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
           lse.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), N, C, ignore_index);
@@ -342,9 +382,13 @@ void ce_commit_cuda(at::Tensor& stats, const at::Tensor& index, const at::Tensor
   const c10::cuda::CUDAGuard guard(stats.device());
   const int64_t N = loss.size(0);
   if (N == 0) return;
+  if (at::globalContext().deterministicAlgorithms()) {  // the atomics' order varies run to run
+    ce_commit_deterministic(stats, index, targets, loss, row_stats, status, ignore_index);
+    return;
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr int kThreads = 256;
-  const int64_t blocks = (N + kThreads - 1) / kThreads;
+  const int64_t blocks = grid_size((N + kThreads - 1) / kThreads, "memcore::ce_commit");
   AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ce_commit_cuda", [&] {
     ce_commit_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         stats.data_ptr<double>(), index.data_ptr<int64_t>(), targets.data_ptr<int64_t>(),

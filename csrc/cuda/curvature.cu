@@ -96,13 +96,14 @@ __global__ void __launch_bounds__(kThreads) probe_reduce_kernel(
     const int64_t p = r / B, b = r % B;
     const scalar_t* ar = gp + r * D;
     const scalar_t* cr = gc + b * D;
-    acc_t sq = 0, vd = 0;
+    // double running sums: a thread adds ~D/128 terms, and v . d cancels (the CPU sums 128-term
+    // float blocks into doubles); the kernel is memory-bound, so the FP64 adds cost nothing
+    double s1 = 0.0, s2 = 0.0;
     visit_row(D, seed, index[b], static_cast<uint32_t>(probe_start + p), tile, [&](int64_t e, uint32_t bit) {
       const acc_t d = static_cast<acc_t>(ar[e]) - static_cast<acc_t>(cr[e]);
-      sq += d * d;
-      vd += bit ? d : -d;
+      s1 += static_cast<double>(d * d);
+      s2 += static_cast<double>(bit ? d : -d);
     });
-    double s1 = static_cast<double>(sq), s2 = static_cast<double>(vd);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
       s1 += __shfl_xor_sync(0xffffffffu, s1, off);

@@ -9,7 +9,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <limits>
+
 #include "../checks.h"
+#include "../commit_deterministic.h"
 #include "../common.h"
 
 namespace memcore {
@@ -73,7 +76,13 @@ void sqnorm_commit_cuda(at::Tensor& stats, const at::Tensor& grad, const at::Ten
   check_sqnorm(stats, grad, scale, index);
   const c10::cuda::CUDAGuard guard(stats.device());
   const int64_t N = grad.size(0);
-  if (N == 0 || grad.numel() == 0) return;
+  if (N == 0) return;  // D == 0 still counts the rows (sum 0), as on the CPU
+  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "memcore::sqnorm_commit: ", N,
+              " rows is too many for one launch; split the batch");
+  if (at::globalContext().deterministicAlgorithms()) {  // the atomics' order varies run to run
+    sqnorm_commit_deterministic(stats, grad, scale, index);
+    return;
+  }
   const int64_t D = grad.numel() / N;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "sqnorm_commit_cuda", [&] {
