@@ -7,9 +7,11 @@ grad is set to None between rounds, outside the timing) in three variants:
     eager    F.cross_entropy(reduction="none") + softmax/gather/max/argmax + index_add_ of the same
              six statistics into a float64 [num_samples, 6] buffer   - the unfused way to get them
     memcore  memcore.accumulate(logits, targets, index, tracker).backward()
-    liger    liger_kernel's LigerCrossEntropyLoss (CUDA only, when importable; it writes the
-             gradient into its input, so each round gets a fresh copy of the logits, made outside
-             the timing)
+    memcore_overwrite  memcore.accumulate(..., overwrite_logits=True).backward() (CUDA only): the
+             gradient written over the logits in the forward pass, as liger does
+    liger    liger_kernel's LigerCrossEntropyLoss (CUDA only, when importable)
+The two that write their gradient into the logits get a fresh copy of them each round, made
+outside the timing.
 
 On CUDA, test_cuda_copy_bandwidth also times a device-to-device copy of a buffer the size of the
 largest logits tensor: the bandwidth the memory-bound loss kernels are judged against (report.py
@@ -39,7 +41,8 @@ import memcore
 SHAPES = [(512, 10), (4096, 1000), (8192, 32000)]
 HEAVY_CPU = {(8192, 32000)}  # full mode only on CPU
 VARIANTS = ("plain", "eager", "memcore")
-CUDA_VARIANTS = VARIANTS + ("liger",)
+CUDA_VARIANTS = VARIANTS + ("memcore_overwrite", "liger")
+IN_PLACE = {"memcore_overwrite", "liger"}  # variants that overwrite the logits they are given
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 # loss / statistics tolerances per dtype (memcore does fp32 math; bf16 outputs are rounded)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -162,21 +165,32 @@ def run_liger(p: Problem, logits: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def run_memcore_overwrite(p: Problem, logits: torch.Tensor) -> torch.Tensor:
+    """accumulate(..., overwrite_logits=True) fwd + bwd on ``logits`` (a fresh leaf: overwritten)."""
+    _LIGER["last"] = logits
+    loss = memcore.accumulate(logits, p.targets, p.index, p.tracker, overwrite_logits=True)
+    loss.backward()
+    _sync(p.device)
+    return loss
+
+
 RUN = {"plain": run_plain, "eager": run_eager, "memcore": run_memcore}
+RUN_IN_PLACE = {"memcore_overwrite": run_memcore_overwrite, "liger": run_liger}
 
 
 def timed_call(p: Problem, variant: str):
-    """(setup, target) for one variant: setup clears the gradient (and, for liger, makes the fresh
-    copy of the logits it needs); neither is timed."""
-    if variant == "liger":
+    """(setup, target) for one variant: setup clears the gradient (and, for the variants that
+    overwrite their logits, makes the fresh copy they need); neither is timed."""
+    if variant in IN_PLACE:
         box = {}
+        run_in_place = RUN_IN_PLACE[variant]
 
         def setup():
             p.logits.grad = None
             box["logits"] = p.logits.detach().clone().requires_grad_()
 
         def target():
-            return run_liger(p, box["logits"])
+            return run_in_place(p, box["logits"])
 
         return setup, target
     run = RUN[variant]
@@ -229,8 +243,8 @@ def _check_eager_stats(p: Problem) -> None:
     assert wrong <= max(1, p.n // 1000), f"{wrong} of {p.n} rows disagree on correctness"
 
 
-def _check_liger(p: Problem, setup, target) -> None:
-    """liger's loss and gradient equal plain cross-entropy's (so the comparison is like for like)."""
+def _check_in_place(p: Problem, setup, target) -> None:
+    """The in-place variant's loss and gradient equal plain cross-entropy's (like for like)."""
     p.logits.grad = None
     run_plain(p)
     expected, p.logits.grad = p.logits.grad, None
@@ -277,8 +291,8 @@ def test_cross_entropy(benchmark, request, device, shape, variant):
     elif variant == "memcore":
         _check_grad(p)
     setup, target = timed_call(p, variant)
-    if variant == "liger":
-        _check_liger(p, setup, target)
+    if variant in IN_PLACE:
+        _check_in_place(p, setup, target)
 
     benchmark.group = f"cross_entropy {n}x{c} {dtype} {device}"
     benchmark.extra_info.update(

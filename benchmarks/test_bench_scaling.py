@@ -101,8 +101,8 @@ def test_loss_scaling(benchmark, request, device, n, c, sweeps, variant):
         ce._check_loss(p)
 
     setup, target = ce.timed_call(p, variant)
-    if variant == "liger":
-        ce._check_liger(p, setup, target)
+    if variant in ce.IN_PLACE:
+        ce._check_in_place(p, setup, target)
 
     peak = None
     if device == "cuda":

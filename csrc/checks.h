@@ -80,4 +80,13 @@ inline void check_sqnorm(const at::Tensor& stats, const at::Tensor& grad, const 
   }
 }
 
+inline void check_scale_unless_one(const at::Tensor& grad, const at::Tensor& scale) {
+  const char* op = "memcore::scale_unless_one_";
+  TORCH_CHECK(grad.is_contiguous() && grad.is_floating_point(), op,
+              ": grad must be a contiguous floating-point tensor");
+  TORCH_CHECK(scale.numel() == 1 && scale.is_floating_point(), op,
+              ": scale must be a 1-element floating-point tensor, got ", scale.sizes());
+  TORCH_CHECK(scale.device() == grad.device(), op, ": scale must be on ", grad.device());
+}
+
 }  // namespace memcore

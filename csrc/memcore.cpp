@@ -28,6 +28,18 @@ TORCH_LIBRARY(memcore, m) {
       "ce_forward_reduce(Tensor logits, Tensor targets, Tensor index, int num_samples, int ignore_index,"
       " int reduction) -> (Tensor out, Tensor count, Tensor loss, Tensor lse, Tensor row_stats,"
       " Tensor status)");
+  // ce_forward_reduce, and the gradient of out w.r.t. the logits (upstream gradient 1: softmax -
+  // onehot, / count for mean) written over logits, in the forward's pass (CUDA: a second pass over
+  // each row, from L2). accumulate(..., overwrite_logits=True): forward + backward read the logits
+  // once and write them once, and no N x C gradient buffer is allocated; scale_unless_one_ then
+  // applies the actual upstream gradient in the backward.
+  m.def(
+      "ce_forward_grad_(Tensor(a!) logits, Tensor targets, Tensor index, int num_samples,"
+      " int ignore_index, int reduction) -> (Tensor out, Tensor count, Tensor loss, Tensor lse,"
+      " Tensor row_stats, Tensor status)");
+  // grad *= scale (a 1-element tensor) unless scale == 1, decided on the device: no host sync,
+  // and no pass over grad for the usual loss.backward().
+  m.def("scale_unless_one_(Tensor(a!) grad, Tensor scale) -> ()");
   // ce_forward + ce_commit + the loss reduction (0 none, 1 mean, 2 sum) in one call
   // (csrc/accumulate.cpp, composite: its backward is ce_backward's). Returns the loss, in
   // logits' dtype, and the status word.

@@ -29,6 +29,16 @@ def _ce_forward_reduce_fake(logits, targets, index, num_samples, ignore_index, r
     return loss.new_empty(()), targets.new_empty((), dtype=torch.int64), loss, lse, row_stats, status
 
 
+@torch.library.register_fake("memcore::ce_forward_grad_")
+def _ce_forward_grad_fake(logits, targets, index, num_samples, ignore_index, reduction):
+    return _ce_forward_reduce_fake(logits, targets, index, num_samples, ignore_index, reduction)
+
+
+@torch.library.register_fake("memcore::scale_unless_one_")
+def _scale_unless_one_fake(grad, scale):
+    return None
+
+
 @torch.library.register_fake("memcore::ce_backward")
 def _ce_backward_fake(grad_loss, logits, targets, lse, ignore_index):
     return torch.empty_like(logits)

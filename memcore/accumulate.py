@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 
 from . import _ops  # noqa: F401  (operator registration)
+from ._overwrite import OverwriteLogitsCE
 from ._validate import REDUCTIONS, check_inputs_for_grad, rows_of
 from .tracker import Tracker
 
@@ -19,6 +20,7 @@ def accumulate(
     reduction: str = "mean",
     ignore_index: int = -100,
     inputs: Optional[torch.Tensor] = None,
+    overwrite_logits: bool = False,
 ) -> torch.Tensor:
     """Drop-in for ``F.cross_entropy(logits, targets, reduction=..., ignore_index=...)`` that also
     adds every row's loss, p(target), margin and correctness into ``tracker`` at ``index``.
@@ -42,6 +44,17 @@ def accumulate(
             Valid when each input row affects only its own logits row (no batch-coupling layers
             such as BatchNorm in train mode).
 
+        overwrite_logits: compute the logits gradient in the forward pass and write it over the
+            logits' memory, as Liger-Kernel's cross-entropy does (reduction "mean" or "sum"). The
+            forward + backward then read the logits once and write them once instead of reading
+            them twice and allocating an N x C gradient: faster where memory bandwidth bounds the
+            loss (large vocabularies on a GPU) and one N x C buffer less at peak. The logits hold
+            the gradient after the call, so do not read them afterwards (take ``argmax`` etc.
+            before); autograd raises if another node saved them for its backward. One backward
+            per loss (no ``retain_graph`` second pass). A plain ``loss.backward()`` costs no extra
+            pass; another upstream gradient (loss scaling, ``loss / k``) costs one. Ignored, with
+            the default route, where no gradient is needed and under ``torch.compile``.
+
     Returns:
         The loss, in ``logits.dtype``: a scalar, or per-row with the shape of ``targets`` for
         reduction="none". Gradients flow to ``logits`` only.
@@ -60,6 +73,20 @@ def accumulate(
     if inputs is not None:
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
     stats = tracker._stats_for(logits2d.device)
+    if overwrite_logits:
+        if reduction == "none":
+            raise ValueError('overwrite_logits=True needs reduction "mean" or "sum" (the gradient it '
+                             'writes in the forward pass is that of the reduced loss)')
+        if inputs is not None:
+            raise ValueError("overwrite_logits=True cannot be combined with inputs= (the input-gradient "
+                             "hooks need the per-row losses in the autograd graph)")
+        if (logits.requires_grad and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            out, loss, row_stats, status = OverwriteLogitsCE.apply(
+                logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction])
+            torch.ops.memcore.ce_commit(stats, index1d, targets1d, loss, row_stats, status, ignore_index)
+            tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, loss)
+            return out.to(logits.dtype)
     if inputs is None:  # one operator: forward, commit and reduction (csrc/accumulate.cpp)
         out, status = torch.ops.memcore.ce_accumulate(
             stats, logits2d, targets1d, index1d, ignore_index, _REDUCTION_CODE[reduction]

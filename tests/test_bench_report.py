@@ -130,7 +130,8 @@ def test_gpu_liger_and_bandwidth_table(report):
     docs = [doc([
         bench("plain", 8192, 32000, 0.00070, **cuda),
         bench("memcore", 8192, 32000, 0.00060, **cuda),   # 3 x 8192 x 32000 x 2 B / 0.6 ms = 2621 GB/s
-        bench("liger", 8192, 32000, 0.00070, **cuda),     # 0.60 / 0.70 = 0.86
+        bench("memcore_overwrite", 8192, 32000, 0.00040, **cuda),  # 2 x ... / 0.4 ms = 2621 GB/s
+        bench("liger", 8192, 32000, 0.00050, **cuda),     # 0.60 / 0.50 = 1.20, 0.40 / 0.50 = 0.80
         bench("memcore", 4096, 1000, 0.00010, **cuda),    # 246 GB/s; no liger row
         bench("memcore", 512, 10, 0.0002),                # cpu: not in the GPU table
         copy_bench(0.00034),                              # 1048576000 B / 0.34 ms = 3084 GB/s
@@ -138,12 +139,12 @@ def test_gpu_liger_and_bandwidth_table(report):
     section = report.render_section(docs)
     rows = table_rows(section)
     big = rows[("8192 x 32000", "H100")]
-    assert big[3:] == ["0.600", "0.700", "0.86 ✓", "2621", "3084", "85% ✓"]
+    assert big[3:] == ["0.600", "0.400", "0.500", "1.20 ✗", "0.80 ✓", "85% ✓", "85% ✓", "3084"]
     mid = rows[("4096 x 1000", "H100")]
-    assert mid[4] == report.MISSING and mid[5] == report.MISSING
+    assert mid[4] == mid[5] == mid[6] == mid[7] == report.MISSING
     assert mid[8] == "8%"                                  # no verdict below the largest shape
     assert ("512 x 10", "H100") not in rows and ("512 x 10", "cpu") in rows
-    # the main table ignores the liger variant and the copy
+    # the main table ignores the in-place variants and the copy
     assert rows[("8192 x 32000", "cuda")][4:7] == ["0.700", report.MISSING, "0.600"]
     assert report.GPU_NOTE not in section
 
@@ -153,9 +154,9 @@ def test_gpu_bandwidth_misses_goal_and_no_gpu_table_on_cpu(report):
     docs = [doc([bench("memcore", 8192, 32000, 0.00100, **cuda), bench("liger", 8192, 32000, 0.00090, **cuda),
                  copy_bench(0.00035)])]
     big = table_rows(report.render_section(docs))[("8192 x 32000", "H100")]
-    assert big[5] == "1.11 ✗" and big[8] == "52% ✗"       # 1573 GB/s of 2996
+    assert big[6] == "1.11 ✗" and big[8] == "52% ✗"       # 1573 GB/s of 2996
+    assert big[4] == big[7] == big[9] == report.MISSING    # no overwrite run
     cpu_only = report.render_section([doc(SMALL)])
-    assert "liger" not in cpu_only.split("<!-- END")[0].split("| shape")[1].split("\n")[0]
     assert "GPU: against liger-kernel" not in cpu_only
 
 

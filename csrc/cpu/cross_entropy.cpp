@@ -112,22 +112,25 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
   return r;
 }
 
-// double rows, and half / bf16 rows longer than kChunk (the others take the block kernels)
+// double rows, and half / bf16 rows longer than kChunk (the others take the block kernels). out may
+// be z (in place): the target logit is read first, every chunk is read before it is written.
 template <typename scalar_t>
 void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double lse, double g,
                   float* buf, float* obuf) {
   if constexpr (std::is_same_v<scalar_t, double>) {
+    const double ot = (std::exp(z[t] - lse) - 1.0) * g;
     for (int64_t j = 0; j < C; ++j) out[j] = std::exp(z[j] - lse) * g;
-    out[t] = (std::exp(z[t] - lse) - 1.0) * g;
+    out[t] = ot;
   } else {
     const float lsef = static_cast<float>(lse), gf = static_cast<float>(g);
+    const scalar_t ot = static_cast<scalar_t>((std::exp(static_cast<float>(z[t]) - lsef) - 1.f) * gf);
     for (int64_t off = 0; off < C; off += kChunk) {
       const int64_t len = std::min(kChunk, C - off);
       for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(z[off + j]);
       softmax_scale_f32(buf, len, lsef, gf, obuf);
       for (int64_t j = 0; j < len; ++j) out[off + j] = static_cast<scalar_t>(obuf[j]);
     }
-    out[t] = static_cast<scalar_t>((std::exp(static_cast<float>(z[t]) - lsef) - 1.f) * gf);
+    out[t] = ot;
   }
 }
 
@@ -359,6 +362,38 @@ at::Tensor ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits
   return grad;
 }
 
+// ce_forward_reduce, then the gradient of out (upstream gradient 1) written over the logits by the
+// backward kernels run in place (they read each row, or block, before writing it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_grad_cpu(
+    at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+    int64_t ignore_index, int64_t reduction) {
+  const char* op = "memcore::ce_forward_grad_";
+  check_reduction(reduction, /*allow_none=*/false, op);
+  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written over them)");
+  auto res = ce_forward_reduce_cpu(logits, targets, index, num_samples, ignore_index, reduction);
+  const at::Tensor& lse = std::get<3>(res);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const int64_t count = std::get<1>(res).item<int64_t>();
+  // all rows ignored: w is never used (every row is zero-filled)
+  const double w = reduction == kSum || count == 0 ? 1.0 : 1.0 / static_cast<double>(count);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_grad_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    scalar_t* z = logits.data_ptr<scalar_t>();
+    const int64_t* tg = targets.data_ptr<int64_t>();
+    const acc_t* lse_p = lse.data_ptr<acc_t>();
+    const std::vector<acc_t> g(static_cast<size_t>(N), static_cast<acc_t>(w));
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      backward_rows(z, z, C, tg, lse_p, g.data(), ignore_index, begin, end);
+    });
+  });
+  return res;
+}
+
+void scale_unless_one_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_unless_one(grad, scale);
+  if (scale.item<double>() != 1.0) grad.mul_(scale.reshape({}));
+}
+
 void ce_commit_cpu(at::Tensor& stats, const at::Tensor& index, const at::Tensor& targets,
                    const at::Tensor& loss, const at::Tensor& row_stats, const at::Tensor& status,
                    int64_t ignore_index) {
@@ -395,6 +430,8 @@ TORCH_LIBRARY_IMPL(memcore, CPU, m) {
   m.impl("ce_forward_reduce", &ce_forward_reduce_cpu);
   m.impl("ce_backward", &ce_backward_cpu);
   m.impl("ce_commit", &ce_commit_cpu);
+  m.impl("ce_forward_grad_", &ce_forward_grad_cpu);
+  m.impl("scale_unless_one_", &scale_unless_one_cpu);
 }
 
 }  // namespace cpu

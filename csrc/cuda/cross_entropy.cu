@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -123,25 +124,68 @@ struct RowMap {
   __device__ static int lane() { return threadIdx.x % TPR; }
 };
 
-template <typename scalar_t, int TPR, int VEC>
+// out[j] = (exp(z[j] - shift) - onehot(j == t)) * g over the row's columns, in the forward's
+// column split. out may be z (ce_forward_grad_): each element is read, then written, by one thread.
+template <typename scalar_t, typename acc_t, int TPR, int VEC>
+__device__ __forceinline__ void row_grad(const scalar_t* z, scalar_t* out, int64_t C, int64_t t,
+                                         acc_t shift, acc_t g, int lane) {
+  auto one = [&](int64_t j) {
+    const acc_t onehot = (j == t) ? acc_t(1) : acc_t(0);
+    out[j] = static_cast<scalar_t>((dev_exp(static_cast<acc_t>(z[j]) - shift) - onehot) * g);
+  };
+  if constexpr (VEC > 1) {  // z and out rows share their offset from a 16-byte boundary
+    const int64_t head = head_of<scalar_t, VEC>(z, C);
+    if (lane < head) one(lane);
+    const Pack<scalar_t, VEC>* zv = reinterpret_cast<const Pack<scalar_t, VEC>*>(z + head);
+    Pack<scalar_t, VEC>* ov = reinterpret_cast<Pack<scalar_t, VEC>*>(out + head);
+    const int64_t nv = (C - head) / VEC;
+    for (int64_t v = lane; v < nv; v += TPR) {
+      const Pack<scalar_t, VEC> p = zv[v];
+      Pack<scalar_t, VEC> o;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t onehot = (head + v * VEC + k == t) ? acc_t(1) : acc_t(0);
+        o.v[k] = static_cast<scalar_t>((dev_exp(static_cast<acc_t>(p.v[k]) - shift) - onehot) * g);
+      }
+      ov[v] = o;
+    }
+    for (int64_t j = head + nv * VEC + lane; j < C; j += TPR) one(j);
+  } else {
+    for (int64_t j = lane; j < C; j += TPR) one(j);
+  }
+}
+
+template <typename scalar_t, int TPR>
+__device__ __forceinline__ void zero_row(scalar_t* out, int64_t C, int lane) {
+  for (int64_t j = lane; j < C; j += TPR) out[j] = scalar_t(0);
+}
+
+// GRAD (ce_forward_grad_): after the row's statistics, a second pass over the row (an L2 hit, the
+// first pass having just read it) writes the gradient of the reduced loss over the logits:
+// (softmax - onehot) / count for mean (count read on the device), or (softmax - onehot) for sum.
+template <typename scalar_t, int TPR, int VEC, bool GRAD>
 __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
-    const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+    const scalar_t* logits, const int64_t* __restrict__ targets,
     const int64_t* __restrict__ index, typename OpMath<scalar_t>::type* __restrict__ loss,
     typename OpMath<scalar_t>::type* __restrict__ lse_out,
     typename OpMath<scalar_t>::type* __restrict__ row_stats, int* __restrict__ status, int64_t N,
-    int64_t C, int64_t num_samples, int64_t ignore_index) {
+    int64_t C, int64_t num_samples, int64_t ignore_index, scalar_t* grad, const int64_t* count,
+    bool mean) {
   using acc_t = typename OpMath<scalar_t>::type;
   using Map = RowMap<TPR>;
   const int64_t row = Map::row();
   const int lane = Map::lane();
   if (row >= N) return;  // uniform over the row's threads
   const int64_t t = targets[row];
-  if (t == ignore_index) return;  // outputs were zero-initialised
-  if (t < 0 || t >= C) {
-    if (lane == 0) atomicOr(status, int(kBadTarget));
+  if (t == ignore_index || t < 0 || t >= C) {  // outputs were zero-initialised
+    if (t != ignore_index && lane == 0) atomicOr(status, int(kBadTarget));
+    if constexpr (GRAD) zero_row<scalar_t, TPR>(grad + row * C, C, lane);
     return;
   }
   const scalar_t* z = logits + row * C;
+  // read before any thread of the row can overwrite it (GRAD); the reductions below order the
+  // first pass's reads before the second pass's writes
+  const acc_t zt = static_cast<acc_t>(z[t]);
   RowState<acc_t> st;
   st.init();
   if constexpr (VEC > 1) {
@@ -179,22 +223,27 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
       sm[warp] = st.m; ss[warp] = st.s; sb[warp] = st.before; sa[warp] = st.after; sn[warp] = st.nan;
     }
     __syncthreads();
-    if (warp != 0) return;
+    // every warp merges the per-warp states in the same order, so every thread of the row ends
+    // with the same final state (the GRAD pass needs lse in all of them)
+    const int wl = lane % 32;
     st.init();
-    if (lane < kWarps) {
-      st.m = sm[lane]; st.s = ss[lane]; st.before = sb[lane]; st.after = sa[lane]; st.nan = sn[lane];
+    if (wl < kWarps) {
+      st.m = sm[wl]; st.s = ss[wl]; st.before = sb[wl]; st.after = sa[wl]; st.nan = sn[wl];
     }
     warp_merge(st);
+  }
+  acc_t lse = st.m + dev_log(st.s);
+  // NaN logits: loss and lse both NaN, as on the CPU, so a backward through a rejected batch
+  // (strict=False) gives NaN gradients like F.cross_entropy rather than finite ones
+  if (st.nan) lse = std::numeric_limits<acc_t>::quiet_NaN();
+  if constexpr (GRAD) {
+    const acc_t w = mean ? acc_t(1) / static_cast<acc_t>(*count) : acc_t(1);
+    row_grad<scalar_t, acc_t, TPR, VEC>(z, grad + row * C, C, t, lse, w, lane);
   }
   if (lane != 0) return;
   int flags = 0;
   const int64_t ix = index[row];
   if (ix < 0 || ix >= num_samples) flags |= kBadIndex;
-  const acc_t zt = static_cast<acc_t>(z[t]);
-  acc_t lse = st.m + dev_log(st.s);
-  // NaN logits: loss and lse both NaN, as on the CPU, so a backward through a rejected batch
-  // (strict=False) gives NaN gradients like F.cross_entropy rather than finite ones
-  if (st.nan) lse = std::numeric_limits<acc_t>::quiet_NaN();
   const acc_t l = lse - zt;
   if (!isfinite(l)) flags |= kNonFinite;
   if (flags) atomicOr(status, flags);
@@ -219,38 +268,25 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_backward_kernel(
   const int lane = Map::lane();
   if (row >= N) return;
   const int64_t t = targets[row];
-  scalar_t* out = grad + row * C;
   if (t == ignore_index || t < 0 || t >= C) {  // ignored rows: zero gradient, logits never read
-    for (int64_t j = lane; j < C; j += TPR) out[j] = scalar_t(0);
+    zero_row<scalar_t, TPR>(grad + row * C, C, lane);
     return;
   }
-  const acc_t g = grad_loss[row];
-  const acc_t shift = lse[row];
-  const scalar_t* z = logits + row * C;
-  auto one = [&](int64_t j) {
-    const acc_t onehot = (j == t) ? acc_t(1) : acc_t(0);
-    out[j] = static_cast<scalar_t>((dev_exp(static_cast<acc_t>(z[j]) - shift) - onehot) * g);
-  };
-  if constexpr (VEC > 1) {  // logits and grad rows share their offset from a 16-byte boundary
-    const int64_t head = head_of<scalar_t, VEC>(z, C);
-    if (lane < head) one(lane);
-    const Pack<scalar_t, VEC>* zv = reinterpret_cast<const Pack<scalar_t, VEC>*>(z + head);
-    Pack<scalar_t, VEC>* ov = reinterpret_cast<Pack<scalar_t, VEC>*>(out + head);
-    const int64_t nv = (C - head) / VEC;
-    for (int64_t v = lane; v < nv; v += TPR) {
-      const Pack<scalar_t, VEC> p = zv[v];
-      Pack<scalar_t, VEC> o;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const acc_t onehot = (head + v * VEC + k == t) ? acc_t(1) : acc_t(0);
-        o.v[k] = static_cast<scalar_t>((dev_exp(static_cast<acc_t>(p.v[k]) - shift) - onehot) * g);
-      }
-      ov[v] = o;
-    }
-    for (int64_t j = head + nv * VEC + lane; j < C; j += TPR) one(j);
-  } else {
-    for (int64_t j = lane; j < C; j += TPR) one(j);
-  }
+  row_grad<scalar_t, acc_t, TPR, VEC>(logits + row * C, grad + row * C, C, t, lse[row], grad_loss[row], lane);
+}
+
+// x *= s unless s == 1, the test made on the device (no host sync): the backward of
+// ce_forward_grad_, whose gradient already holds the factor 1; loss scaling and accumulation
+// divisors cost one pass, the plain loss.backward() none.
+template <typename scalar_t>
+__global__ void scale_unless_one_kernel(scalar_t* __restrict__ x,
+                                        const typename OpMath<scalar_t>::type* __restrict__ s, int64_t n) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const acc_t f = *s;
+  if (f == acc_t(1)) return;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * f);
 }
 
 template <typename acc_t>
@@ -301,11 +337,13 @@ int64_t grid_size(int64_t blocks, const char* op) {
   return blocks;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
-    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
-    int64_t num_samples, int64_t ignore_index) {
-  check_rows(logits, targets, "memcore::ce_forward");
-  check_vector(index, logits, at::kLong, "index", "memcore::ce_forward");
+// ce_forward's launch; with grad (GRAD kernels) also the gradient over grad (== logits' data).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_launch(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+    int64_t ignore_index, const char* op, at::Tensor* grad = nullptr, const at::Tensor* count = nullptr,
+    bool mean = false) {
+  check_rows(logits, targets, op);
+  check_vector(index, logits, at::kLong, "index", op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
   const auto acc = logits.options().dtype(opmath_dtype(logits));
@@ -320,18 +358,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
     dispatch_shape<scalar_t>(C, element_aligned<scalar_t>(logits.data_ptr()), [&](auto tpr, auto vec) {
       constexpr int TPR = decltype(tpr)::value, VEC = decltype(vec)::value;
       using Map = RowMap<TPR>;
-      const int64_t blocks = grid_size((N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock, "memcore::ce_forward");
-      ce_forward_kernel<scalar_t, TPR, VEC><<<blocks, Map::kThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), index.data_ptr<int64_t>(),
-          loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), row_stats.data_ptr<acc_t>(),
-          status.data_ptr<int>(), N, C, num_samples, ignore_index);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t blocks = grid_size((N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock, op);
+      auto launch = [&](auto kernel, scalar_t* g, const int64_t* cnt) {
+        kernel<<<blocks, Map::kThreads, 0, stream>>>(
+            logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), index.data_ptr<int64_t>(),
+            loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), row_stats.data_ptr<acc_t>(),
+            status.data_ptr<int>(), N, C, num_samples, ignore_index, g, cnt, mean);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (grad) launch(ce_forward_kernel<scalar_t, TPR, VEC, true>, grad->data_ptr<scalar_t>(), count->data_ptr<int64_t>());
+      else launch(ce_forward_kernel<scalar_t, TPR, VEC, false>, nullptr, nullptr);
     });
   });
   return {loss, lse, row_stats, status};
 }
 
-// ce_forward, then the reduction with ATen ops on the device (ignored and rejected rows hold 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+    int64_t num_samples, int64_t ignore_index) {
+  return forward_launch(logits, targets, index, num_samples, ignore_index, "memcore::ce_forward");
+}
+
+// The reduction with ATen ops on the device (ignored and rejected rows hold 0).
+at::Tensor reduce_loss(const at::Tensor& loss, const at::Tensor& count, int64_t reduction) {
+  const at::Tensor total = loss.sum(at::kDouble);
+  return (reduction == kSum ? total : total / count).to(loss.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_reduce_cuda(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
     int64_t ignore_index, int64_t reduction) {
@@ -339,9 +392,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [loss, lse, row_stats, status] = ce_forward_cuda(logits, targets, index, num_samples, ignore_index);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor count = targets.ne(ignore_index).sum();
-  at::Tensor total = loss.sum(at::kDouble);
-  at::Tensor out = (reduction == kSum ? total : total / count).to(loss.scalar_type());
-  return {out, count, loss, lse, row_stats, status};
+  return {reduce_loss(loss, count, reduction), count, loss, lse, row_stats, status};
+}
+
+// ce_forward_reduce whose forward kernel also writes d(out)/d(logits) over the logits (one read,
+// one write of them for forward + backward; no N x C buffer). count is computed first, on the
+// device, for the mean's 1/count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_grad_cuda(
+    at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+    int64_t ignore_index, int64_t reduction) {
+  const char* op = "memcore::ce_forward_grad_";
+  check_reduction(reduction, /*allow_none=*/false, op);
+  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written over them)");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_rows(logits, targets, op);
+  at::Tensor count = targets.ne(ignore_index).sum();
+  auto [loss, lse, row_stats, status] =
+      forward_launch(logits, targets, index, num_samples, ignore_index, op, &logits, &count, reduction == kMean);
+  return {reduce_loss(loss, count, reduction), count, loss, lse, row_stats, status};
+}
+
+void scale_unless_one_cuda(at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_unless_one(grad, scale);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t n = grad.numel();
+  if (n == 0) return;
+  const at::Tensor s = scale.to(opmath_dtype(grad)).contiguous();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_unless_one_cuda", [&] {
+    using acc_t = typename OpMath<scalar_t>::type;
+    scale_unless_one_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(grad.data_ptr<scalar_t>(), s.data_ptr<acc_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 at::Tensor ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -405,6 +489,8 @@ TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
   m.impl("ce_forward_reduce", &ce_forward_reduce_cuda);
   m.impl("ce_backward", &ce_backward_cuda);
   m.impl("ce_commit", &ce_commit_cuda);
+  m.impl("ce_forward_grad_", &ce_forward_grad_cuda);
+  m.impl("scale_unless_one_", &scale_unless_one_cuda);
 }
 
 }  // namespace cuda
