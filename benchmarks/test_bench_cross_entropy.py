@@ -7,8 +7,8 @@ grad is set to None between rounds, outside the timing) in three variants:
     eager    F.cross_entropy(reduction="none") + softmax/gather/max/argmax + index_add_ of the same
              six statistics into a float64 [num_samples, 6] buffer   - the unfused way to get them
     memcore  memcore.accumulate(logits, targets, index, tracker).backward()
-    memcore_overwrite  memcore.accumulate(..., overwrite_logits=True).backward() (CUDA only): the
-             gradient written over the logits in the forward pass, as liger does
+    memcore_overwrite  memcore.accumulate(..., overwrite_logits=True).backward(): the gradient
+             written over the logits in the forward pass, as liger does
     liger    liger_kernel's LigerCrossEntropyLoss (CUDA only, when importable)
 The two that write their gradient into the logits get a fresh copy of them each round, made
 outside the timing.
@@ -40,8 +40,8 @@ import memcore
 
 SHAPES = [(512, 10), (4096, 1000), (8192, 32000)]
 HEAVY_CPU = {(8192, 32000)}  # full mode only on CPU
-VARIANTS = ("plain", "eager", "memcore")
-CUDA_VARIANTS = VARIANTS + ("memcore_overwrite", "liger")
+VARIANTS = ("plain", "eager", "memcore", "memcore_overwrite")
+CUDA_VARIANTS = VARIANTS + ("liger",)
 IN_PLACE = {"memcore_overwrite", "liger"}  # variants that overwrite the logits they are given
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 # loss / statistics tolerances per dtype (memcore does fp32 math; bf16 outputs are rounded)

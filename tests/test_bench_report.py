@@ -55,6 +55,8 @@ def table_rows(section):
     return rows
 
 
+OVERWRITE = [bench("memcore_overwrite", 512, 10, 0.000150)]  # 0.75x plain
+
 SMALL = [  # 512x10: accumulate/plain = 1.05 (meets 1.10), eager/accumulate = 2.00 (meets 1.5)
     bench("plain", 512, 10, 0.000200),
     bench("eager", 512, 10, 0.000420),
@@ -77,13 +79,21 @@ def test_ratios_and_cells(report, tmp_path):
     assert small[:4] == ["512 x 10", "float32", "cpu", "2"]
     assert small[4:7] == ["0.200", "0.420", "0.210"]          # medians in ms
     assert small[7] == "1.05 ✓" and small[8] == "2.00 ✓"
-    assert small[9] == "7 / 7 / 7"
+    assert small[9] == small[10] == report.MISSING          # no overwrite_logits run
+    assert small[11] == "7 / 7 / 7"
 
     mid = rows[("4096 x 1000", "cpu")]
     assert mid[4:7] == ["8.00", "12.0", "10.0"]
     assert mid[7] == "1.25 ✗" and mid[8] == "1.20 ✗"
     # order: smaller problem first
     assert section.index("| 512 x 10 ") < section.index("| 4096 x 1000 ")
+
+
+def test_overwrite_columns(report, tmp_path):
+    docs = report.load([write(tmp_path, "o.json", doc(SMALL + OVERWRITE))])
+    small = table_rows(report.render_section(docs))[("512 x 10", "cpu")]
+    assert small[9] == "0.150" and small[10] == "0.75"
+    assert small[4:7] == ["0.200", "0.420", "0.210"]
 
 
 def test_ratio_function(report):
