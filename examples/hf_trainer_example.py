@@ -31,16 +31,24 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i], "sample_index": torch.tensor(i)}
 
 
-def main(epochs: int = 8) -> float:
+def train(epochs: int = 8, overwrite_logits: bool = False) -> memcore.Tracker:
+    """Trains the tiny GPT-2 (seeded) with MemcoreTrainer; returns the tracker."""
     data = Sequences()
+    torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2))
     tracker = memcore.Tracker(len(data))
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=8,
                                  learning_rate=3e-3, remove_unused_columns=False, report_to=[],
                                  save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
-        MemcoreTrainer(model=model, args=args, train_dataset=data, tracker=tracker).train()
-    score = auroc(tracker.scores()["csl"], data.odd)
+        MemcoreTrainer(model=model, args=args, train_dataset=data, tracker=tracker,
+                       overwrite_logits=overwrite_logits).train()
+    return tracker
+
+
+def main(epochs: int = 8) -> float:
+    tracker = train(epochs)
+    score = auroc(tracker.scores()["csl"], Sequences().odd)
     print(f"{tracker.epochs} epochs; CSL AUROC for the scrambled sequences: {score:.4f}")
     return score
 

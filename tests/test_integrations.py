@@ -44,6 +44,19 @@ def test_hf_trainer(tmp_path):
     assert mod["main"](epochs=6) > 0.8
 
 
+def test_hf_trainer_overwrite_logits_same_scores():
+    """overwrite_logits=True trains the same model: the same per-sequence statistics."""
+    pytest.importorskip("transformers")
+    import torch
+
+    mod = _example("hf_trainer_example.py")
+    a = mod["train"](epochs=2).scores()
+    b = mod["train"](epochs=2, overwrite_logits=True).scores()
+    assert a["rows"].sum() > 0
+    torch.testing.assert_close(b["csl"], a["csl"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b["rows"], a["rows"])
+
+
 def test_hf_trainer_requires_index_column():
     pytest.importorskip("transformers")
     from transformers import TrainingArguments

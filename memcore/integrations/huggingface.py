@@ -6,7 +6,8 @@
     scores = trainer.tracker.scores()   # one row per sequence: csl, csl_mean (per token), ...
 
 Each training example carries its dataset index under ``sample_index``. The loss is
-``memcore.accumulate`` on the model's logits (shifted for causal LMs), labels -100 are padding.
+``memcore.accumulate`` on the model's logits (labels shifted for causal LMs), labels -100 are
+padding; ``overwrite_logits=True`` writes the gradient over the logits in training steps.
 See examples/hf_trainer_example.py.
 """
 import os
@@ -55,11 +56,16 @@ class MemcoreTrainer(Trainer):
     Args:
         tracker: receives the statistics; ``num_samples`` = size of the training set.
         index_key: batch key holding each example's dataset index (removed before the forward).
-        causal_lm: shift logits and labels by one token (next-token prediction).
+        causal_lm: next-token prediction: position t's logits are scored against token t+1 (the
+            labels are shifted, not the logits, so the [B, T, V] logits are never copied).
+        overwrite_logits: pass ``overwrite_logits=True`` to ``memcore.accumulate`` in training
+            steps (the gradient is written over the logits in the forward pass: one N x V buffer
+            less and one pass fewer over the logits; see ``memcore.accumulate``). Evaluation steps,
+            which return the logits, keep them.
     """
 
     def __init__(self, *args, tracker: Tracker, index_key: str = "sample_index", causal_lm: bool = True,
-                 **kwargs) -> None:
+                 overwrite_logits: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if getattr(self.args, "remove_unused_columns", False):
             raise ValueError("MemcoreTrainer needs TrainingArguments(remove_unused_columns=False) so the "
@@ -67,6 +73,7 @@ class MemcoreTrainer(Trainer):
         self.tracker = tracker
         self.index_key = index_key
         self.causal_lm = causal_lm
+        self.overwrite_logits = overwrite_logits
         self.add_callback(MemcoreCallback(tracker))
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch: Optional[int] = None):
@@ -77,7 +84,8 @@ class MemcoreTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs.logits
-        if self.causal_lm:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        loss = accumulate(logits, labels, index, self.tracker)
+        if self.causal_lm:  # the last position predicts nothing: ignored
+            labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        overwrite = self.overwrite_logits and model.training and not return_outputs
+        loss = accumulate(logits, labels, index, self.tracker, overwrite_logits=overwrite)
         return (loss, outputs) if return_outputs else loss
