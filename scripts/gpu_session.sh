@@ -5,9 +5,12 @@
 # $OUT (the device tool's return folder; out/gpu elsewhere). A failing stage does not stop the
 # next one; the exit status is that of the first failure.
 #
-#   bash scripts/gpu_session.sh build test sanitize     # ~5 min on an H100 (16 cores)
-#   bash scripts/gpu_session.sh bench                   # GPU rows of the benchmark suite
-#   bash scripts/gpu_session.sh curvature               # curvature section of RESULTS.md
+#   bash scripts/gpu_session.sh build test sanitize     # one device call (each call <= 10 min)
+#   bash scripts/gpu_session.sh build bench             # the next call; build is skipped while warm
+#   bash scripts/gpu_session.sh build curvature         # curvature section of RESULTS.md
+# (not timed yet on a GPU machine: no session so far was lent one)
+# Back here, `tar xzf <returned folder>/results.tgz` in the repository root brings the new
+# RESULTS.md, scaling.png and benchmarks/json run files; commit them.
 #
 # Stages: build (skipped when memcore/_C is newer than csrc/ and setup.py), test (the whole suite,
 # CUDA tests included), sanitize (compute-sanitizer memcheck over the CUDA kernel tests), bench
@@ -59,8 +62,9 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
 
 sanitize() {
   # memcheck over the kernels' own tests; the caching allocator off so out-of-bounds accesses
-  # land outside live allocations and are seen
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+  # land outside live allocations and are seen. Instrumented runs are slow: capped so the stages
+  # after it still fit in one device call (MEMCORE_SANITIZE_TIMEOUT seconds, default 300)
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${MEMCORE_SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
     "$py" -m pytest tests/test_cross_entropy.py tests/test_bad_input.py tests/test_ops.py tests/test_curvature.py \
     tests/test_input_grad.py -q -p no:cacheprovider -x -k cuda
 }
