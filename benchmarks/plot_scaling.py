@@ -22,7 +22,8 @@ from matplotlib import ticker  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "scaling.png"
 VARIANT_STYLE = {  # colour per variant, line style per device
-    "plain": "tab:gray", "eager": "tab:orange", "memcore": "tab:blue", "liger": "tab:green",
+    "plain": "tab:gray", "eager": "tab:orange", "memcore": "tab:blue", "memcore_overwrite": "tab:cyan",
+    "liger": "tab:green",
 }
 DEVICE_STYLE = {"cpu": ("-", "o"), "cuda": ("--", "s")}
 

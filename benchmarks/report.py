@@ -600,7 +600,7 @@ def render_training_section(docs: Sequence[dict], notes: Sequence[str] = ()) -> 
 # ------------------------------------------------------------------------------------ scaling
 SCALING = "scaling"
 SCALING_KERNELS = ("scaling", "tracker_scaling")
-SCALING_VARIANTS = ("plain", "eager", "memcore", "liger")
+SCALING_VARIANTS = ("plain", "eager", "memcore", "memcore_overwrite", "liger")
 SCALING_PLOT = "scaling.png"
 
 
@@ -704,9 +704,10 @@ def render_scaling_section(docs: Sequence[dict], notes: Sequence[str] = (), plot
         body += [f"Time vs C, log-log, one line per variant and device: [{plot}]({plot})", "", f"![time vs C]({plot})", ""]
     body += [
         "Median wall time of one forward + backward pass over one logits tensor (CPU: float32, CUDA: "
-        "bfloat16), variants as in the cross-entropy section; *liger*: `liger_kernel`'s "
-        "`LigerCrossEntropyLoss` (CUDA only, when installed; it gets a fresh copy of the logits each "
-        "round, outside the timing, since it writes its gradient into its input). Peak (CUDA): "
+        "bfloat16), variants as in the cross-entropy section (*memcore_overwrite*: `overwrite_logits=True`); "
+        "*liger*: `liger_kernel`'s `LigerCrossEntropyLoss` (CUDA only, when installed). Both in-place "
+        "variants get a fresh copy of the logits each round, outside the timing, since they write "
+        "their gradient into it. Peak (CUDA): "
         "`torch.cuda.max_memory_allocated()` during one forward + backward, above what was allocated "
         "before it (the logits gradient included).",
         f"<!-- END {SCALING} -->",

@@ -7,7 +7,8 @@ test_bench_cross_entropy.py, imported from there, not copied):
     vs C   C in 10, 100, 1000, 10000, 32000 at N = 1024 (CPU float32) / N = 8192 (CUDA bfloat16)
     vs N   N in 256, 1024, 4096, 16384 at C = 1000
 
-Variants: ``memcore`` (accumulate + backward), ``eager`` (F.cross_entropy plus the same six
+Variants: ``memcore`` (accumulate + backward), ``memcore_overwrite`` (the same with
+``overwrite_logits=True``; a fresh copy of the logits each round, outside the timing), ``eager`` (F.cross_entropy plus the same six
 statistics with unfused ops and index_add_), ``plain`` (F.cross_entropy alone, the reference line)
 and, on CUDA when ``liger_kernel`` is importable, ``liger`` (LigerCrossEntropyLoss; it writes the
 gradient into its input during the forward, so each round gets a fresh copy of the logits, made
@@ -63,7 +64,7 @@ def points(device: str):
 
 def _cases():
     for device in ("cpu", "cuda"):
-        variants = ["plain", "eager", "memcore"] + (["liger"] if device == "cuda" else [])
+        variants = ["plain", "eager", "memcore", "memcore_overwrite"] + (["liger"] if device == "cuda" else [])
         for n, c, sweeps, quick in points(device):
             for variant in variants:
                 marks = []
