@@ -544,6 +544,7 @@ def render_training_table(rows: Dict[TrainKey, Dict[str, dict]]) -> str:
             f"memcore+inputs overhead (goal ≤ {g5:g} %)",
             "interleaved: memcore overhead [95 % CI]", "interleaved: memcore+inputs overhead [95 % CI]",
             "interleaved: input gradient alone, no memcore [95 % CI]",
+            "interleaved: memcore overwrite_logits overhead [95 % CI]",
             "rounds (plain / memcore / +inputs / interleaved)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|"]
     for key in sorted(rows, key=lambda k: _train_sort_key(k, rows[k])):
@@ -558,7 +559,8 @@ def render_training_table(rows: Dict[TrainKey, Dict[str, dict]]) -> str:
                   fmt_pct(overhead_pct(v, "memcore+inputs"), g5),
                   fmt_interleaved(inter.get("memcore"), g1),
                   fmt_interleaved(inter.get("memcore+inputs"), g5),
-                  fmt_interleaved(inter.get("plain+xgrad"), None)]
+                  fmt_interleaved(inter.get("plain+xgrad"), None),
+                  fmt_interleaved(inter.get("memcore+overwrite"), g1)]
         cells.append(" / ".join(str(v[x]["rounds"]) if x in v else MISSING
                                 for x in ("plain", "memcore", "memcore+inputs", "interleaved")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -586,8 +588,9 @@ def render_training_section(docs: Sequence[dict], notes: Sequence[str] = ()) -> 
         "inputs=x)`, which also records per-sample input-gradient norms (formal learning time); its "
         "cost includes the input gradient of the first layer, which a plain step does not compute; "
         "*input gradient alone*: a plain step with `x.requires_grad_()` (no memcore), interleaved with "
-        "the others, to tell that cost apart from memcore's hooks and kernel. "
-        "Step columns: medians of separate tests; overhead = variant / plain − 1 from those medians. "
+        "the others, to tell that cost apart from memcore's hooks and kernel. *overwrite_logits* (LM, "
+        "interleaved only): `accumulate(..., overwrite_logits=True)`, the gradient written over the "
+        "logits in the forward pass. Step columns: medians of separate tests; overhead = variant / plain − 1 from those medians. "
         "*interleaved*: one round runs every variant back to back (rotating order); median over "
         "rounds of the per-round ratio, with a distribution-free 95 % confidence interval of that "
         "median, less sensitive to the machine's load drifting between tests. ✓ / ✗: the value as "

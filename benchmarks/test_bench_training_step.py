@@ -54,6 +54,7 @@ from resnet import resnet18
 HAS_CUDA = torch.cuda.is_available()
 VISION_VARIANTS = ("plain", "memcore", "memcore+inputs")
 XGRAD = "plain+xgrad"  # interleaved only: plain loss, input gradient computed
+OVERWRITE = "memcore+overwrite"  # interleaved only, LM cases: accumulate(..., overwrite_logits=True)
 LM_VARIANTS = ("plain", "memcore")
 NUM_CLASSES = 10
 IMAGE = (3, 32, 32)
@@ -181,7 +182,8 @@ def loss_of(s: Step, variant: str, logits: torch.Tensor, x: torch.Tensor) -> tor
     if variant in ("plain", XGRAD):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), s.y.reshape(-1), ignore_index=-100)
     inputs = x if variant == "memcore+inputs" else None
-    return memcore.accumulate(logits, s.y, s.index, s.tracker, ignore_index=-100, inputs=inputs)
+    return memcore.accumulate(logits, s.y, s.index, s.tracker, ignore_index=-100, inputs=inputs,
+                              overwrite_logits=variant == OVERWRITE)
 
 
 def train_step(s: Step, variant: str) -> torch.Tensor:
@@ -281,7 +283,8 @@ def test_training_step_interleaved(benchmark, request, case_id: str):
     case = CASE_BY_ID[case_id]
     _STEPS.clear()
     s = _STEPS[case] = make_step(case)
-    variants = tuple(case.variants) + ((XGRAD,) if "memcore+inputs" in case.variants else ())
+    variants = (tuple(case.variants) + ((XGRAD,) if "memcore+inputs" in case.variants else ())
+                + ((OVERWRITE,) if case.model == "lm" else ()))
     times: Dict[str, List[float]] = {v: [] for v in variants}
     cycle = [0]
 

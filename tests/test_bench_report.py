@@ -304,15 +304,26 @@ def test_training_section_numbers(report):
     assert cnn[10] == "+1.2 % [-1.0, +3.0] ✗"
     assert cnn[11] == "+4.0 % [+2.0, +5.5] ✓"
     assert cnn[12] == "+3.1 % [+0.0, +5.0]"
-    assert cnn[13] == "9 / 9 / 9 / 40"
+    assert cnn[13] == report.MISSING
+    assert cnn[14] == "9 / 9 / 9 / 40"
     lm = rows[("lm", "cpu")]
     assert lm[1] == "8x256 V=32000"
     assert lm[5:8] == ["2000", "1500", "-25.0 % ✓"]
     assert lm[8] == lm[9] == lm[10] == lm[11] == lm[12] == report.MISSING
-    assert lm[13] == "3 / 3 / — / —"
+    assert lm[14] == "3 / 3 / — / —"
     assert section.index("| small_cnn ") < section.index("| lm ")
     assert "- Device: cpu; torch CPU threads: 1" in section
     assert report.GPU_NOTE in section
+
+
+def test_training_overwrite_column(report):
+    lm = STEPS[-2:] + [step_bench("lm", "8x256 V=32000", "interleaved", 5.0, batch=8, rounds=20, overhead={
+        "memcore": {"ratio": 0.95, "lo": 0.93, "hi": 0.97, "n": 20},
+        "memcore+overwrite": {"ratio": 0.80, "lo": 0.78, "hi": 0.83, "n": 20}})]
+    row = step_rows(report.render_training_section([doc(lm)]))[("lm", "cpu")]
+    assert row[10] == "-5.0 % [-7.0, -3.0] ✓"
+    assert row[13] == "-20.0 % [-22.0, -17.0] ✓"
+    assert row[14] == "3 / 3 / — / 20"
 
 
 def test_training_goal_boundaries(report):
