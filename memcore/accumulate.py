@@ -52,8 +52,11 @@ def accumulate(
             the gradient after the call, so do not read them afterwards (take ``argmax`` etc.
             before); autograd raises if another node saved them for its backward. One backward
             per loss (no ``retain_graph`` second pass). A plain ``loss.backward()`` costs no extra
-            pass; another upstream gradient (loss scaling, ``loss / k``) costs one. Ignored, with
-            the default route, where no gradient is needed and under ``torch.compile``.
+            pass; another upstream gradient (loss scaling, ``loss / k``) costs one. The gradient is
+            stored in the logits' dtype before that factor is applied, so with float16 logits and
+            a ``GradScaler`` small entries can underflow: use it with bfloat16 / float32 logits
+            (or the default route for float16 + GradScaler). Ignored, with the default route, where
+            no gradient is needed and under ``torch.compile``.
 
     Returns:
         The loss, in ``logits.dtype``: a scalar, or per-row with the shape of ``targets`` for
