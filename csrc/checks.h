@@ -34,6 +34,13 @@ inline void check_reduction(int64_t reduction, bool allow_none, const char* op) 
               reduction);
 }
 
+// ce_forward_grad_ (CPU and CUDA): a reduction and logits it can overwrite row by row
+inline void check_forward_grad(const at::Tensor& logits, int64_t reduction) {
+  const char* op = "memcore::ce_forward_grad_";
+  check_reduction(reduction, /*allow_none=*/false, op);
+  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written over them)");
+}
+
 inline at::ScalarType opmath_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -367,9 +367,7 @@ at::Tensor ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_grad_cpu(
     at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
     int64_t ignore_index, int64_t reduction) {
-  const char* op = "memcore::ce_forward_grad_";
-  check_reduction(reduction, /*allow_none=*/false, op);
-  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written over them)");
+  check_forward_grad(logits, reduction);
   auto res = ce_forward_reduce_cpu(logits, targets, index, num_samples, ignore_index, reduction);
   const at::Tensor& lse = std::get<3>(res);
   const int64_t N = logits.size(0), C = logits.size(1);

@@ -402,8 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
     int64_t ignore_index, int64_t reduction) {
   const char* op = "memcore::ce_forward_grad_";
-  check_reduction(reduction, /*allow_none=*/false, op);
-  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written over them)");
+  check_forward_grad(logits, reduction);
   const c10::cuda::CUDAGuard guard(logits.device());
   check_rows(logits, targets, op);
   at::Tensor count = targets.ne(ignore_index).sum();
