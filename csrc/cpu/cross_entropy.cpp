@@ -22,6 +22,7 @@
 #include "../checks.h"
 #include "../common.h"
 #include "ce_block.h"
+#include "widen.h"
 #include "vec_math.h"
 
 namespace memcore {
@@ -41,7 +42,7 @@ const float* z_as_float(const scalar_t* z, int64_t n, float* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return z;
   } else {
-    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(z[j]);
+    widen(z, buf, n);
     return buf;
   }
 }
@@ -126,9 +127,9 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double
     const scalar_t ot = static_cast<scalar_t>((std::exp(static_cast<float>(z[t]) - lsef) - 1.f) * gf);
     for (int64_t off = 0; off < C; off += kChunk) {
       const int64_t len = std::min(kChunk, C - off);
-      for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(z[off + j]);
+      widen(z + off, buf, len);
       softmax_scale_f32(buf, len, lsef, gf, obuf);
-      for (int64_t j = 0; j < len; ++j) out[off + j] = static_cast<scalar_t>(obuf[j]);
+      narrow(obuf, out + off, len);
     }
     out[t] = ot;
   }
@@ -173,7 +174,7 @@ int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, cons
       rows = row;
     } else {
       for (int64_t r = 0; r < nb; ++r)
-        for (int64_t j = 0; j < C; ++j) wide[r * C + j] = static_cast<float>(z[row[r] * C + j]);
+        widen(z + row[r] * C, wide.data() + r * C, C);
       base = wide.data();
       rows = local_row;
     }
@@ -318,10 +319,10 @@ void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* t
       backward_block(z, out, C, row, tb, lb, gb, nb);
     } else if constexpr (!std::is_same_v<scalar_t, double>) {
       for (int64_t r = 0; r < nb; ++r)
-        for (int64_t j = 0; j < C; ++j) in[r * C + j] = static_cast<float>(z[row[r] * C + j]);
+        widen(z + row[r] * C, in.data() + r * C, C);
       backward_block(in.data(), res.data(), C, local_row, tb, lb, gb, nb);
       for (int64_t r = 0; r < nb; ++r)
-        for (int64_t j = 0; j < C; ++j) out[row[r] * C + j] = static_cast<scalar_t>(res[r * C + j]);
+        narrow(res.data() + r * C, out + row[r] * C, C);
     }
     nb = 0;
   };

@@ -13,6 +13,7 @@
 #include "../checks.h"
 #include "../common.h"
 #include "vec_math.h"
+#include "widen.h"
 
 namespace memcore {
 namespace cpu {
@@ -33,7 +34,7 @@ double row_sumsq(const scalar_t* g, int64_t d, float* buf) {
       if constexpr (std::is_same_v<scalar_t, float>) {
         s += sumsq_f32(g + off, len);
       } else {
-        for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(g[off + j]);
+        widen(g + off, buf, len);
         s += sumsq_f32(buf, len);
       }
     }

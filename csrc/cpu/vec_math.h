@@ -99,5 +99,24 @@ MEMCORE_CLONES inline float sumsq_f32(const float* x, int64_t n) {
   return s;
 }
 
+// bfloat16 bits <-> float, bit for bit c10::BFloat16's conversions (widening is a shift; narrowing
+// rounds to nearest even, NaN -> 0x7FC0), branch-free so each clone vectorises them: the scalar
+// c10 conversions dominated the bf16 rows' time.
+MEMCORE_CLONES inline void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+
+MEMCORE_CLONES inline void f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    dst[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+}
+
 }  // namespace cpu
 }  // namespace memcore
