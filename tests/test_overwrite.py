@@ -29,7 +29,7 @@ def _run(logits, targets, index, reduction, overwrite, factor=1.0, samples=None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("c", [3, 17, 1000, 1025, 5000])
+@pytest.mark.parametrize("c", [3, 17, 1000, 1025, 5000, 20001])  # every CUDA row shape, odd C
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_matches_default_route(c, dtype, reduction, device):
     logits, targets, index = _batch(40, c, dtype, device)
