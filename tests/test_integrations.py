@@ -57,6 +57,38 @@ def test_hf_trainer_overwrite_logits_same_scores():
     torch.testing.assert_close(b["rows"], a["rows"])
 
 
+def test_hf_compute_loss_follows_num_items_in_batch(tmp_path):
+    """With gradient accumulation the Trainer passes num_items_in_batch (tokens over all micro-batches)
+    and, for models taking loss kwargs, does not divide the loss itself: compute_loss must return the
+    token sum over that count, else the gradient is accumulation-steps times too large."""
+    pytest.importorskip("transformers")
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    import memcore
+    from memcore.integrations.huggingface import MemcoreTrainer
+
+    mod = _example("hf_trainer_example.py")
+    data = mod["Sequences"]()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    args = TrainingArguments(output_dir=str(tmp_path), remove_unused_columns=False, report_to=[], use_cpu=True,
+                             gradient_accumulation_steps=2)
+    trainer = MemcoreTrainer(model=model, args=args, train_dataset=data, tracker=memcore.Tracker(len(data)))
+    batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "labels", "sample_index")}
+    batch["labels"][0, -5:] = -100
+    model.eval()  # no dropout: the reference and compute_loss see the same logits
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+    shifted = batch["labels"][:, 1:]
+    token_sum = F.cross_entropy(logits[:, :-1].reshape(-1, 32), shifted.reshape(-1), reduction="sum")
+    got = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(100))
+    torch.testing.assert_close(got, token_sum / 100)
+    mean = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(mean, token_sum / shifted.ne(-100).sum())
+
+
 def test_hf_trainer_requires_index_column():
     pytest.importorskip("transformers")
     from transformers import TrainingArguments

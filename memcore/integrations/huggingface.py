@@ -60,8 +60,9 @@ class MemcoreTrainer(Trainer):
             labels are shifted, not the logits, so the [B, T, V] logits are never copied).
         overwrite_logits: pass ``overwrite_logits=True`` to ``memcore.accumulate`` in training
             steps (the gradient is written over the logits in the forward pass: one N x V buffer
-            less and one pass fewer over the logits; see ``memcore.accumulate``). Evaluation steps,
-            which return the logits, keep them.
+            less; see ``memcore.accumulate``). When the Trainer normalises by its token count
+            (``num_items_in_batch``) the backward scales the gradient in one pass, so the saving
+            is the memory, not a pass. Evaluation steps, which return the logits, keep them.
     """
 
     def __init__(self, *args, tracker: Tracker, index_key: str = "sample_index", causal_lm: bool = True,
@@ -77,6 +78,10 @@ class MemcoreTrainer(Trainer):
         self.add_callback(MemcoreCallback(tracker))
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch: Optional[int] = None):
+        """The model's forward, then ``memcore.accumulate``. With ``num_items_in_batch`` (the Trainer
+        passes it for models that take loss kwargs, counting the labels of every micro-batch of a
+        gradient-accumulation step) the loss is the token sum over that count, as the Trainer
+        expects: it then does not divide by the accumulation steps itself."""
         inputs = dict(inputs)
         if self.index_key not in inputs:
             raise KeyError(f"batch has no {self.index_key!r}: add each example's dataset index to the dataset")
@@ -87,5 +92,9 @@ class MemcoreTrainer(Trainer):
         if self.causal_lm:  # the last position predicts nothing: ignored
             labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
         overwrite = self.overwrite_logits and model.training and not return_outputs
-        loss = accumulate(logits, labels, index, self.tracker, overwrite_logits=overwrite)
+        if num_items_in_batch is None:
+            loss = accumulate(logits, labels, index, self.tracker, overwrite_logits=overwrite)
+        else:  # Trainer's contract: the token sum over the tokens of all accumulated micro-batches
+            loss = accumulate(logits, labels, index, self.tracker, reduction="sum", overwrite_logits=overwrite)
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
