@@ -404,8 +404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "memcore::ce_forward_grad_";
   check_forward_grad(logits, reduction);
   const c10::cuda::CUDAGuard guard(logits.device());
-  check_rows(logits, targets, op);
-  at::Tensor count = targets.ne(ignore_index).sum();
+  at::Tensor count = targets.ne(ignore_index).sum();  // forward_launch checks targets
   auto [loss, lse, row_stats, status] =
       forward_launch(logits, targets, index, num_samples, ignore_index, op, &logits, &count, reduction == kMean);
   return {reduce_loss(loss, count, reduction), count, loss, lse, row_stats, status};
