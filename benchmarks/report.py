@@ -81,8 +81,9 @@ def save_compact(docs: Sequence[dict], folder: os.PathLike, notes: Sequence[str]
         if not doc.get("benchmarks"):  # e.g. a -k that selected nothing: nothing to keep
             continue
         path = folder / str(doc.get("_source", "bench.json"))
-        path.write_text(json.dumps(compact(doc, notes), indent=1) + "\n")
-        doc["memcore_notes"] = compact(doc, notes)["memcore_notes"]
+        small = compact(doc, notes)
+        path.write_text(json.dumps(small, indent=1) + "\n")
+        doc["memcore_notes"] = small["memcore_notes"]
         paths.append(path)
     return paths
 
@@ -108,14 +109,14 @@ def _cases(doc: dict) -> set:
 
 def prune(folder: os.PathLike, docs: Sequence[dict]) -> List[Path]:
     """Deletes the files of ``folder`` (among ``docs``) whose every case a later doc repeats."""
-    removed = []
-    for i, doc in enumerate(docs):
+    removed, later = [], set()
+    for doc in reversed(docs):
         path = Path(folder) / str(doc.get("_source", ""))
-        later = set().union(*(_cases(d) for d in docs[i + 1:])) if i + 1 < len(docs) else set()
         mine = _cases(doc)
         if path.is_file() and mine and mine <= later:
             path.unlink()
             removed.append(path)
+        later |= mine
     return removed
 
 
@@ -803,9 +804,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"saved {', '.join(str(x) for x in saved)}", file=sys.stderr)
     docs = merge_inputs(load_dir(args.dir) if args.dir else [], new)
     if args.dir and args.prune:
-        for gone in prune(args.dir, docs):
-            print(f"pruned {gone} (every case measured again later)", file=sys.stderr)
-        docs = merge_inputs(load_dir(args.dir), new)
+        gone = {path.name for path in prune(args.dir, docs)}
+        for name in sorted(gone):
+            print(f"pruned {name} (every case measured again later)", file=sys.stderr)
+        docs = [d for d in docs if d.get("_source") not in gone]
     notes = list(args.note) if not args.save else []  # saved notes come back through the docs
     sections = render_all(docs, notes=notes)
     text = "\n\n".join(sections)

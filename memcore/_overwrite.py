@@ -7,9 +7,9 @@ writes a new gradient tensor), and no N x C buffer is allocated. The backward ha
 back as the gradient, multiplied by the upstream gradient unless it is 1 (decided on the device).
 
 Safety: the logits' version counter is bumped, so autograd catches any other node that saved
-them for its backward ("modified by an inplace operation"); reading the
-logits after the call reads the gradient. The gradient exists once: a second backward through
-the same loss (retain_graph=True) raises.
+them for its backward ("modified by an inplace operation"); reading the logits after the call
+reads the gradient. The gradient exists once: a second backward through the same loss
+(retain_graph=True) raises.
 """
 import torch
 

@@ -135,6 +135,12 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double
   }
 }
 
+// Rows of C classes per block when half / bf16 rows are widened into float scratch: at most
+// 8 * kChunk floats (32 KiB), so the block stays in L1.
+int64_t widened_rows(int64_t C) {
+  return std::max<int64_t>(1, std::min<int64_t>(kBlock, 8 * kChunk / std::max<int64_t>(C, 1)));
+}
+
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1)); }
 
 // Rows of one thread's range that are valid and not ignored, gathered in blocks of up to kBlock and
@@ -158,9 +164,8 @@ int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, cons
   int64_t row[kBlock], tb[kBlock], local_row[kBlock];
   alignas(64) float tmp[5 * kBlock] = {};
   alignas(64) float lse[kBlock], loss[kBlock], prob[kBlock], margin[kBlock], correct[kBlock];
-  // half/bf16: the block's rows widened to float, at most 8 * kChunk floats (32 KiB)
-  const int64_t rows_per_block = std::is_same_v<scalar_t, float> ? kBlock
-                                 : std::max<int64_t>(1, std::min<int64_t>(kBlock, 8 * kChunk / std::max<int64_t>(C, 1)));
+  // half/bf16: the block's rows widened to float (widened_rows)
+  const int64_t rows_per_block = std::is_same_v<scalar_t, float> ? kBlock : widened_rows(C);
   std::vector<float> wide(std::is_same_v<scalar_t, float> ? 0 : rows_per_block * C);
   for (int64_t k = 0; k < kBlock; ++k) local_row[k] = k;
   int32_t flags = 0;
@@ -308,7 +313,7 @@ void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* t
     }
     return;
   }
-  const int64_t rows_per_block = kFloat ? kBlock : std::max<int64_t>(1, std::min<int64_t>(kBlock, 8 * kChunk / std::max<int64_t>(C, 1)));
+  const int64_t rows_per_block = kFloat ? kBlock : widened_rows(C);
   std::vector<float> in(kFloat ? 0 : rows_per_block * C), res(kFloat ? 0 : rows_per_block * C);
   int64_t row[kBlock], local_row[kBlock], tb[kBlock];
   float lb[kBlock], gb[kBlock];
@@ -341,25 +346,32 @@ void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* t
   if (nb) flush();
 }
 
-at::Tensor ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
-                           const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index) {
-  check_rows(logits, targets, "memcore::ce_backward");
-  check_vector(lse, logits, opmath_dtype(logits), "lse", "memcore::ce_backward");
+// out = (softmax(logits) - onehot) * g row by row, across threads; out may be logits (in place).
+// g: opmath [N].
+void backward_into(const at::Tensor& logits, at::Tensor& out, const at::Tensor& targets, const at::Tensor& lse,
+                   const at::Tensor& g, int64_t ignore_index) {
   const int64_t N = logits.size(0), C = logits.size(1);
-  at::Tensor g = grad_loss.to(opmath_dtype(logits)).contiguous();
-  check_vector(g, logits, opmath_dtype(logits), "grad_loss", "memcore::ce_backward");
-  at::Tensor grad = at::empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* z = logits.data_ptr<scalar_t>();
-    scalar_t* out = grad.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t* tg = targets.data_ptr<int64_t>();
     const acc_t* lse_p = lse.data_ptr<acc_t>();
     const acc_t* g_p = g.data_ptr<acc_t>();
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      backward_rows(z, out, C, tg, lse_p, g_p, ignore_index, begin, end);
+      backward_rows(z, o, C, tg, lse_p, g_p, ignore_index, begin, end);
     });
   });
+}
+
+at::Tensor ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                           const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index) {
+  check_rows(logits, targets, "memcore::ce_backward");
+  check_vector(lse, logits, opmath_dtype(logits), "lse", "memcore::ce_backward");
+  at::Tensor g = grad_loss.to(opmath_dtype(logits)).contiguous();
+  check_vector(g, logits, opmath_dtype(logits), "grad_loss", "memcore::ce_backward");
+  at::Tensor grad = at::empty_like(logits);
+  backward_into(logits, grad, targets, lse, g, ignore_index);
   return grad;
 }
 
@@ -371,20 +383,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_forward_grad(logits, reduction);
   auto res = ce_forward_reduce_cpu(logits, targets, index, num_samples, ignore_index, reduction);
   const at::Tensor& lse = std::get<3>(res);
-  const int64_t N = logits.size(0), C = logits.size(1);
   const int64_t count = std::get<1>(res).item<int64_t>();
   // all rows ignored: w is never used (every row is zero-filled)
   const double w = reduction == kSum || count == 0 ? 1.0 : 1.0 / static_cast<double>(count);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_grad_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    scalar_t* z = logits.data_ptr<scalar_t>();
-    const int64_t* tg = targets.data_ptr<int64_t>();
-    const acc_t* lse_p = lse.data_ptr<acc_t>();
-    const std::vector<acc_t> g(static_cast<size_t>(N), static_cast<acc_t>(w));
-    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      backward_rows(z, z, C, tg, lse_p, g.data(), ignore_index, begin, end);
-    });
-  });
+  backward_into(logits, logits, targets, lse, at::full({logits.size(0)}, w, lse.options()), ignore_index);
   return res;
 }
 

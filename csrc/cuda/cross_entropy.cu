@@ -3,9 +3,9 @@
 // ce_forward: a group of TPR threads owns one row (a warp for C <= 2048, a whole block above) and
 //   streams it once with 16-byte vector loads (a scalar head up to the row's first 16-byte
 //   boundary and a scalar tail, so odd C such as 50257 and sliced logits vectorise too), keeping
-//   per thread an online (max, sum exp) pair, the largest logit before and after the target column, and a NaN flag;
-//   one warp-shuffle (+ shared memory across warps) reduction per row. Ignored rows are never read.
-//   Writes O(N) outputs: loss, lse, row stats [N, 3], and error bits into a 1-int status word.
+//   per thread an online (max, sum exp) pair, the largest logit before and after the target column
+//   and a NaN flag; one warp-shuffle (+ shared memory across warps) reduction per row. Ignored
+//   rows are never read. Writes O(N) outputs: loss, lse, row stats [N, 3], and error bits into a 1-int status word.
 // ce_commit: one thread per row, six float64 atomicAdds into stats[index[row]] (repeated indices
 //   are correct), skipped by every thread when status != 0 so a rejected batch changes nothing.
 // ce_backward: same row mapping; writes (exp(z - lse) - onehot) * g with vector stores. Memory

@@ -92,9 +92,10 @@ class MemcoreTrainer(Trainer):
         if self.causal_lm:  # the last position predicts nothing: ignored
             labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
         overwrite = self.overwrite_logits and model.training and not return_outputs
-        if num_items_in_batch is None:
-            loss = accumulate(logits, labels, index, self.tracker, overwrite_logits=overwrite)
-        else:  # Trainer's contract: the token sum over the tokens of all accumulated micro-batches
-            loss = accumulate(logits, labels, index, self.tracker, reduction="sum", overwrite_logits=overwrite)
+        # with num_items_in_batch, Trainer's contract: the token sum over the tokens of every
+        # accumulated micro-batch
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = accumulate(logits, labels, index, self.tracker, reduction=reduction, overwrite_logits=overwrite)
+        if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
