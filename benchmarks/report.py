@@ -622,10 +622,12 @@ def collect_scaling(docs: Sequence[dict]) -> Dict[Key, Dict[str, dict]]:
 
 
 def collect_tracker(docs: Sequence[dict]) -> Dict[Tuple[int, str, Optional[int]], dict]:
-    """{(num_samples, device, threads): timing} of end_epoch() + scores()."""
+    """{(num_samples, device, threads): timing + state_mb, peak_mem_mb} of end_epoch() + scores()."""
     rows = {}
     for _doc, bench, info in _benchmarks(docs, ["tracker_scaling"]):
-        rows[(int(info["num_samples"]), str(info["device"]), _threads(info))] = _timing(bench, info)
+        entry = _timing(bench, info)
+        entry["state_mb"], entry["peak_mem_mb"] = info.get("state_mb"), info.get("peak_mem_mb")
+        rows[(int(info["num_samples"]), str(info["device"]), _threads(info))] = entry
     return rows
 
 
@@ -657,8 +659,7 @@ def render_scaling_table(rows: Dict[Key, Dict[str, dict]], sweep: str) -> str:
             ok = "eager" in v and "memcore" in v and v["memcore"]["median_ms"]
             cells.append(f"{v['eager']['median_ms'] / v['memcore']['median_ms']:.2f}" if ok else MISSING)
         if with_mem:
-            cells += [f"{v[x]['peak_mem_mb']:.0f}" if x in v and v[x].get("peak_mem_mb") is not None else MISSING
-                      for x in variants]
+            cells += [_fmt_mib(v[x].get("peak_mem_mb")) if x in v else MISSING for x in variants]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -666,15 +667,25 @@ def render_scaling_table(rows: Dict[Key, Dict[str, dict]], sweep: str) -> str:
 def render_tracker_table(rows: Dict[Tuple[int, str, Optional[int]], dict]) -> str:
     if not rows:
         return "_No tracker benchmarks in the input._"
-    head = ["num_samples", "device", "threads", "end_epoch() + scores() (ms)", "per 1M samples (ms)", "rounds"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---:|---:|---:|"]
+    mem = [m for m in ("state_mb", "peak_mem_mb") if any(t.get(m) is not None for t in rows.values())]
+    head = ["num_samples", "device", "threads", "end_epoch() + scores() (ms)", "per 1M samples (ms)"]
+    head += [{"state_mb": "tracker state (MiB)", "peak_mem_mb": "end_epoch() + scores() peak (MiB)"}[m] for m in mem]
+    head.append("rounds")
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     for key in sorted(rows, key=lambda k: (DEVICE_ORDER.get(k[1], 9), k[1], k[0], k[2] or 0)):
         s, device, threads = key
         t = rows[key]
-        lines.append("| " + " | ".join([
-            f"{s:,}", device, MISSING if threads is None else str(threads), fmt_ms(t["median_ms"]),
-            fmt_ms(t["median_ms"] * 1e6 / s), str(t["rounds"])]) + " |")
+        cells = [f"{s:,}", device, MISSING if threads is None else str(threads), fmt_ms(t["median_ms"]),
+                 fmt_ms(t["median_ms"] * 1e6 / s)]
+        cells += [_fmt_mib(t.get(m)) for m in mem]
+        lines.append("| " + " | ".join(cells + [str(t["rounds"])]) + " |")
     return "\n".join(lines)
+
+
+def _fmt_mib(v: Optional[float]) -> str:
+    if v is None:
+        return MISSING
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
 
 
 def render_scaling_section(docs: Sequence[dict], notes: Sequence[str] = (), plot: Optional[str] = SCALING_PLOT) -> str:
@@ -711,9 +722,11 @@ def render_scaling_section(docs: Sequence[dict], notes: Sequence[str] = (), plot
         "bfloat16), variants as in the cross-entropy section (*memcore_overwrite*: `overwrite_logits=True`); "
         "*liger*: `liger_kernel`'s `LigerCrossEntropyLoss` (CUDA only, when installed). Both in-place "
         "variants get a fresh copy of the logits each round, outside the timing, since they write "
-        "their gradient into it. Peak (CUDA): "
-        "`torch.cuda.max_memory_allocated()` during one forward + backward, above what was allocated "
-        "before it (the logits gradient included).",
+        "their gradient into it. Peak: memory torch allocated during one forward + backward above what "
+        "was allocated before it, the logits gradient included (the logits themselves and, for the "
+        "in-place variants, their fresh copy are not): `torch.cuda.max_memory_allocated()` on CUDA; "
+        "on the CPU the running sum of the CPU allocator's allocation and free events recorded by "
+        "`torch.profiler` (`benchmarks/memory.py`). Tracker state: every tensor of `state_dict()`.",
         f"<!-- END {SCALING} -->",
     ]
     return "\n".join(body)

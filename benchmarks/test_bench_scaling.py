@@ -12,11 +12,13 @@ Variants: ``memcore`` (accumulate + backward), ``memcore_overwrite`` (the same w
 statistics with unfused ops and index_add_), ``plain`` (F.cross_entropy alone, the reference line)
 and, on CUDA when ``liger_kernel`` is importable, ``liger`` (LigerCrossEntropyLoss; it writes the
 gradient into its input during the forward, so each round gets a fresh copy of the logits, made
-outside the timing). On CUDA each case also records the peak memory allocated during one
-forward + backward above what was allocated before it (torch.cuda.max_memory_allocated).
+outside the timing). Each case also records the peak memory torch allocated during one forward +
+backward above what was allocated before it (benchmarks/memory.py: torch.cuda.max_memory_allocated
+on CUDA, the CPU allocator's events under torch.profiler on the CPU).
 
 Tracker sweep (CPU): ``tracker.end_epoch()`` + ``tracker.scores()`` for num_samples 1e4, 1e5, 1e6,
-after an epoch in which every sample was seen once (filled outside the timing each round).
+after an epoch in which every sample was seen once (filled outside the timing each round); also
+the tracker's state size (every buffer of its state_dict) and the peak memory of the timed call.
 
 Quick mode (default) runs a subset of the CPU sizes (C in 10, 1000, 32000; N in 256, 1024, 4096;
 num_samples 1e4, 1e5); --bench-full runs them all. CUDA runs every size.
@@ -32,6 +34,7 @@ import torch
 import memcore
 
 import test_bench_cross_entropy as ce  # problem, variants and timing helper; benchmarks/ is on sys.path
+from memory import peak_mib
 
 HAS_CUDA = torch.cuda.is_available()
 C_SWEEP = (10, 100, 1000, 10000, 32000)
@@ -78,18 +81,6 @@ def _cases():
                                    id=f"{device}-{n}x{c}-{ce._dtype_name(ce.DTYPES[device])}-{variant}")
 
 
-def _peak_mb(p: "ce.Problem", fn) -> float:
-    """Peak CUDA memory allocated during one call of fn, above what was allocated before it (MiB)."""
-    ce._sync(p.device)
-    gc.collect()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    ce._sync(p.device)
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 @pytest.mark.parametrize("device,n,c,sweeps,variant", list(_cases()))
 def test_loss_scaling(benchmark, request, device, n, c, sweeps, variant):
     p = ce._problem(device, n, c)
@@ -105,10 +96,9 @@ def test_loss_scaling(benchmark, request, device, n, c, sweeps, variant):
     if variant in ce.IN_PLACE:
         ce._check_in_place(p, setup, target)
 
-    peak = None
-    if device == "cuda":
-        setup()
-        peak = _peak_mb(p, target)
+    setup()
+    peak = peak_mib(device, target)
+    p.logits.grad = None
 
     benchmark.group = f"scaling {device} {dtype}"
     benchmark.extra_info.update(
@@ -127,6 +117,17 @@ def _tracker_cases():
     for s in TRACKER_SIZES:
         marks = [] if s in QUICK_TRACKER_SIZES else [pytest.mark.bench_full]
         yield pytest.param(s, marks=marks, id=f"cpu-{s}")
+
+
+def _nbytes(obj) -> int:
+    """Bytes of every tensor in a (nested) state_dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 @pytest.mark.parametrize("num_samples", list(_tracker_cases()))
@@ -152,11 +153,14 @@ def test_tracker_scaling(benchmark, request, num_samples):
     scores = target()
     assert scores["rows"].sum().item() == num_samples
     assert torch.isfinite(scores["csl"]).all()
+    state_mb = _nbytes(tracker.state_dict()) / 2**20
+    setup()
+    peak = peak_mib("cpu", target)
 
     benchmark.group = "scaling tracker cpu"
     benchmark.extra_info.update(
         kernel="tracker_scaling", variant="memcore", num_samples=num_samples, device="cpu", dtype="float64",
-        threads=torch.get_num_threads(),
+        threads=torch.get_num_threads(), state_mb=state_mb, peak_mem_mb=peak,
     )
     rounds = ce._rounds(request, benchmark, target, setup)
     out = benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 5), iterations=1)

@@ -5,9 +5,10 @@
 1. mislabel detection: for each noise rate, one tracked training run on the noisy labels, then the
    AUROC of every score for the flipped samples (CSL paper Table 2);
 2. duplicate detection: k images inserted again with another label, AUROC for the copies;
-3. agreement with stability memorization: one tracked run on the clean data against the
-   Feldman–Zhang estimator with K models; cosine similarity and Pearson correlation, top-k and
-   all (CSL paper Table 1), and the compute of each.
+3. agreement with stability memorization: one tracked run on the clean (or --stability-noise)
+   data against the Feldman–Zhang estimator with K models; cosine similarity and Pearson
+   correlation, top-k and all (CSL paper Table 1), Spearman on all, the split-half reliability
+   of the estimate, and the compute of each (a plain run, a CSL run, the K models).
 Tables are printed and saved as CSV and Markdown; PNGs: ROC curves and the highest-CSL images.
 """
 import json
@@ -17,13 +18,13 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from . import baselines, data as mdata
-from .metrics import auroc, cosine, pearson
+from .metrics import auroc, cosine, pearson, spearman, split_half_reliability
 from .models import make_model
 from .stability import stability
 from .tracker import Tracker
@@ -111,6 +112,20 @@ def tracked_run(ds: mdata.IndexedDataset, cfg: ExperimentConfig, desc: str):
     return model, scores, seconds
 
 
+def timing_runs(ds: mdata.IndexedDataset, cfg: ExperimentConfig) -> Tuple[float, float]:
+    """Seconds of one training run with plain F.cross_entropy and of one with memcore.accumulate
+    (no input gradients): what CSL costs next to the training a user runs anyway."""
+    out = []
+    for tracker in (None, Tracker(len(ds))):
+        torch.manual_seed(cfg.seed)
+        model = make_model(cfg.model, ds.x.shape[1:], ds.num_classes)
+        tcfg = TrainConfig(**{**cfg.train.__dict__, "record_input_grads": False, "progress": False})
+        t0 = time.perf_counter()
+        train(model, ds, tcfg, tracker=tracker)
+        out.append(time.perf_counter() - t0)
+    return out[0], out[1]
+
+
 def all_scores(model, ds, scores: Dict[str, torch.Tensor], cfg: ExperimentConfig) -> Dict[str, torch.Tensor]:
     """Every method's score for one run, oriented higher = more suspicious."""
     out = {"csl": scores["csl"], "final_loss": baselines.final_loss(model, ds)}
@@ -194,35 +209,47 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
         results["duplicate_auroc"] = {k: v["AUROC"] for k, v in rows.items()}
         print("\n" + sections[-1])
 
-    # 3. agreement with stability memorization on the clean data
+    # 3. agreement with stability memorization
     if cfg.stability_k:
         if cfg.stability_noise > 0:
             base, _ = mdata.inject_label_noise(base, cfg.stability_noise, seed=cfg.seed)
-        model, scores, run_s = tracked_run(base, cfg, desc="stability-data run")
+        model, scores, full_s = tracked_run(base, cfg, desc="stability-data run")
+        plain_s, csl_s = timing_runs(base, cfg)
+        fit = float((predict(model, base).argmax(1) == base.y).double().mean())
         methods = all_scores(model, base, scores, cfg)
         model_fn = lambda: make_model(cfg.model, base.x.shape[1:], base.num_classes)  # noqa: E731
         stab = stability(base, model_fn, k=cfg.stability_k, cfg=TrainConfig(**{**cfg.train.__dict__, "progress": False}),
                          seed=cfg.seed, checkpoint=os.path.join(cfg.out, "stability.pt"), progress=cfg.train.progress)
         mem = stab["memorization"]
+        halves = stab.get("memorization_halves")
+        rel = split_half_reliability(halves[0], halves[1]) if halves is not None else float("nan")
         top = cfg.top_k or max(10, len(base) // 10)
         rows = {}
         for k, s in methods.items():
             rows[k] = {f"CS top {top}": cosine(s, mem, top=top), f"PC top {top}": pearson(s, mem, top=top),
-                       "CS all": cosine(s, mem), "PC all": pearson(s, mem)}
+                       "CS all": cosine(s, mem), "PC all": pearson(s, mem), "SC all": spearman(s, mem)}
         t = _table(rows, list(next(iter(rows.values())).keys()))
         _csv(t, os.path.join(cfg.out, "stability_agreement.csv"))
         stab_s = float(stab["seconds"])
-        cost = (f"Compute: one tracked training run (CSL and every tracker score; curvature excluded) {run_s:.1f} s; "
-                f"stability estimator with K={cfg.stability_k} models "
-                f"{stab_s:.1f} s ({stab_s / max(run_s, 1e-9):.1f}x). The published estimator uses K=2000-4000 "
-                f"models: about {2000 * stab_s / cfg.stability_k / max(run_s, 1e-9):,.0f}x-"
-                f"{4000 * stab_s / cfg.stability_k / max(run_s, 1e-9):,.0f}x the tracked run at this model size.")
+        per_model = stab_s / cfg.stability_k
+        p_in = float(stab["p_in"].nanmean())
+        cost = (f"Compute: one training run with plain F.cross_entropy {plain_s:.1f} s; with memcore.accumulate "
+                f"(CSL and the loss statistics) {csl_s:.1f} s; with every tracker score (input gradients "
+                f"too) {full_s:.1f} s. Stability estimator, K={cfg.stability_k} models: {stab_s:.1f} s "
+                f"({per_model:.2f} s a model, {stab_s / csl_s:.1f}x the CSL run); at the published K=2000-4000, "
+                f"about {2000 * per_model / csl_s:,.0f}x-{4000 * per_model / csl_s:,.0f}x.\n\n"
+                f"Fit: the tracked model classifies {fit:.1%} of its training samples as labelled; the "
+                f"stability models {p_in:.1%} of the samples they trained on (mean P(correct | in)). "
+                f"Split-half reliability of the stability estimate (even vs odd models, Spearman-Brown): "
+                f"{rel:.3f}; no score can reach a Pearson correlation above its square root, {rel ** 0.5:.3f}.")
         on = f"{cfg.stability_noise:.0%} label noise" if cfg.stability_noise > 0 else "the clean labels"
         sections.append(f"## Agreement with stability memorization (K={cfg.stability_k}, subsets of 70%, on {on})\n\n"
                         + _markdown(t) + "\n\n" + cost)
-        torch.save({"memorization": mem, "scores": methods}, os.path.join(cfg.out, "stability_scores.pt"))
-        results["stability"] = {"agreement": rows, "tracked_seconds": run_s, "stability_seconds": stab_s,
-                                "k": cfg.stability_k}
+        torch.save({"memorization": mem, "memorization_halves": halves, "scores": methods},
+                   os.path.join(cfg.out, "stability_scores.pt"))
+        results["stability"] = {"agreement": rows, "k": cfg.stability_k, "stability_seconds": stab_s,
+                                "plain_seconds": plain_s, "csl_seconds": csl_s, "tracked_seconds": full_s,
+                                "train_accuracy": fit, "stability_p_in": p_in, "reliability": rel}
         print("\n" + sections[-1])
 
     header = (f"# memcore experiment results\n\nCommand: `{results['command']}`\n\n"

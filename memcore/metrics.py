@@ -44,3 +44,24 @@ def pearson(a, b, top: Optional[int] = None, by=None) -> float:
     if len(x) < 2 or x.std() == 0 or y.std() == 0:
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman(a, b, top: Optional[int] = None, by=None) -> float:
+    """Spearman rank correlation (Pearson of the ranks, ties averaged), like `pearson`."""
+    from scipy.stats import rankdata
+
+    x, y = _pair(a, b, top, by)
+    return pearson(rankdata(x), rankdata(y)) if len(x) >= 2 else float("nan")
+
+
+def split_half_reliability(half_a, half_b) -> float:
+    """Reliability of an estimate that averages two independent halves `half_a`, `half_b` [N].
+
+    The Spearman–Brown formula 2r / (1 + r) on r = Pearson(half_a, half_b): the expected
+    correlation of the full estimate with another one made the same way. Its square root bounds
+    the Pearson correlation any score can reach with the estimate, whatever the score. 0 when the
+    halves do not correlate positively (no signal above the noise); NaN when no sample has a
+    finite value in both halves.
+    """
+    r = pearson(half_a, half_b)
+    return 2.0 * r / (1.0 + r) if r > 0 else (0.0 if r == r else float("nan"))

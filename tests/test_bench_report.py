@@ -363,11 +363,11 @@ def scale_bench(variant, n, c, median_s, sweeps, *, device="cpu", dtype="float32
     }
 
 
-def tracker_bench(num_samples, median_s, rounds=20):
+def tracker_bench(num_samples, median_s, rounds=20, **mem):
     return {
         "group": "scaling tracker cpu", "name": f"test_tracker_scaling[cpu-{num_samples}]",
         "extra_info": {"kernel": "tracker_scaling", "variant": "memcore", "num_samples": num_samples,
-                       "device": "cpu", "dtype": "float64", "threads": 1},
+                       "device": "cpu", "dtype": "float64", "threads": 1, **mem},
         "stats": {"median": median_s, "iqr": 0.0, "rounds": rounds, "mean": median_s, "min": median_s},
     }
 
@@ -430,6 +430,22 @@ def test_scaling_gpu_columns(report):
                         "2500", "3000", "500", "10"]
     assert by_c[0][:4] == ["1024 x 10", "float32", "cpu", "1"] and by_c[0][7:] == ["—", "3.00", "—", "—", "—", "—"]
     assert report.GPU_NOTE not in section
+
+
+def test_scaling_memory_columns(report):
+    """CPU peaks (as benchmarks/memory.py records them) and the tracker's state size get columns;
+    small figures keep two significant digits."""
+    cpu = [scale_bench(v, 1024, 32000, t, ["C"], peak=m)
+           for v, t, m in (("plain", 0.1, 375.0), ("memcore", 0.04, 125.03), ("memcore_overwrite", 0.01, 0.031))]
+    trk = [tracker_bench(10_000, 0.001, state_mb=0.84, peak_mem_mb=1.5),
+           tracker_bench(1_000_000, 0.1, rounds=4, state_mb=84.0, peak_mem_mb=None)]
+    section = report.render_scaling_section([doc(cpu + trk)])
+    by_c, rows = tables(section)  # no N sweep in the input: its table is a sentence
+    assert by_c == [["1024 x 32000", "float32", "cpu", "1", "100", "40.0", "10.0", "375", "125", "0.031"]]
+    head = [line for line in section.splitlines() if line.startswith("| num_samples")][0]
+    assert "tracker state (MiB)" in head and "end_epoch() + scores() peak (MiB)" in head
+    assert rows == [["10,000", "cpu", "1", "1.00", "100", "0.84", "1.5", "20"],
+                    ["1,000,000", "cpu", "1", "100", "100", "84", "—", "4"]]
 
 
 def test_main_writes_all_sections_once(report, tmp_path):
@@ -521,10 +537,16 @@ def test_stability_report_section(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import stability_report
 
-    res = {"command": "python -m memcore experiment --x", "config": {"dataset": "mnist", "subset": 100,
-           "stability_noise": 0.1, "model": "mlp", "train": {"epochs": 3}},
-           "stability": {"k": 4, "tracked_seconds": 2.0, "stability_seconds": 8.0,
-                         "agreement": {"csl": {"CS top 10": 0.9, "PC top 10": 0.5, "CS all": 0.4, "PC all": 0.3}}}}
+    cfg = {"dataset": "mnist", "subset": 100, "stability_noise": 0.1, "model": "mlp",
+           "train": {"epochs": 3, "batch_size": 128, "lr": 0.05, "weight_decay": 0.0}}
+    res = {"command": "python -m memcore experiment --x", "config": cfg,
+           "stability": {"k": 4, "plain_seconds": 1.9, "csl_seconds": 2.0, "tracked_seconds": 2.5,
+                         "stability_seconds": 8.0, "train_accuracy": 0.99, "stability_p_in": 0.98,
+                         "reliability": 0.81,
+                         "agreement": {"csl": {"CS top 10": 0.9, "PC top 10": 0.5, "CS all": 0.4, "PC all": 0.8,
+                                               "SC all": 0.7},
+                                       "aum": {"CS top 10": 0.1, "PC top 10": 0.2, "CS all": 0.3, "PC all": 0.4,
+                                               "SC all": 0.5}}}}
     src = tmp_path / "results.json"
     src.write_text(json.dumps(res))
     out = tmp_path / "RESULTS.md"
@@ -532,8 +554,32 @@ def test_stability_report_section(tmp_path):
     stability_report.main([str(src), "-o", str(out)])
     text = out.read_text()
     assert text.count("<!-- BEGIN csl_vs_stability -->") == 1
-    assert "| 4 | 2.0 | 8.0 | 2.00 | 4.0x | 2,000x | 4,000x |" in text
-    assert "| csl | 0.900 | 0.500 | 0.400 | 0.300 |" in text
+    # ratios over the CSL run (2.0 s): 2,000 x 2 s / 2 s = 2,000x meets the 1,000x goal
+    assert "| 4 | 1.9 | 2.0 | 2.5 | 8.0 | 2.00 | 4.0x | 2,000x ✓ | 4,000x ✓ |" in text
+    assert "| csl | 0.900 ✓ | 0.500 | 0.400 | 0.800 ✓ | 0.700 |" in text
+    assert "| aum | 0.100 | 0.200 | 0.300 | 0.400 | 0.500 |" in text  # verdicts are CSL's only
+    assert "n/a" not in text
+    assert "cosine, top 10 (goal ≥ 0.87)" in text and "Spearman, all" in text
+    assert "√0.810 = 0.900" in text
+
+    # a results file from before the plain / CSL timings: the run with every score stands in
+    st = res["stability"]
+    for key in ("plain_seconds", "csl_seconds", "train_accuracy", "stability_p_in", "reliability"):
+        del st[key]
+    st["stability_seconds"] = 1.0
+    st["agreement"] = {"csl": {"CS top 10": 0.8, "PC top 10": 0.5, "CS all": 0.4, "PC all": 0.3}}
+    src.write_text(json.dumps(res))
+    stability_report.main([str(src), "-o", str(out)])
+    text = out.read_text()
+    assert "| 4 | 2.5 | 1.0 | 0.25 | 0.4x | 200x ✗ | 400x ✗ |" in text
+    assert "| csl | 0.800 ✗ | 0.500 | 0.400 | 0.300 ✗ |" in text and "reliability" not in text
+
+    # an undefined correlation (top-k memorization all 1.0) is n/a, explained, not "nan"
+    st["agreement"]["csl"]["PC top 10"] = float("nan")
+    src.write_text(json.dumps(res))
+    stability_report.main([str(src), "-o", str(out)])
+    text = out.read_text()
+    assert "| csl | 0.800 ✗ | n/a | 0.400 | 0.300 ✗ |" in text and "n/a: a correlation is undefined" in text
 
 
 def test_save_dir_prune_and_stored_notes(report, tmp_path):

@@ -1,4 +1,6 @@
 """Evaluation pieces on scikit-learn's digits: stability estimator, baselines, experiment command."""
+import json
+import math
 import os
 
 import pytest
@@ -7,8 +9,8 @@ import torch
 import memcore
 from memcore import baselines, data
 from memcore.experiment import ExperimentConfig, run
-from memcore.metrics import auroc, cosine, pearson
-from memcore.models import make_model
+from memcore.metrics import auroc, cosine, pearson, spearman, split_half_reliability
+from memcore.models import make_model, mlp
 from memcore.stability import stability
 from memcore.training import TrainConfig, train
 
@@ -43,6 +45,52 @@ def test_stability_flags_flipped_labels_and_resumes(tmp_path):
     assert mem[flipped & both].mean() > mem[~flipped & both].mean() + 0.3
     with pytest.raises(ValueError, match="checkpoint"):
         stability(ds, _model, k=6, subset=0.5, cfg=MEMORIZE, checkpoint=ck, progress=False)
+    with pytest.raises(ValueError, match="checkpoint"):  # another recipe: its models are not mixed in
+        stability(ds, _model, k=6, cfg=TrainConfig(**{**MEMORIZE.__dict__, "epochs": 41}), checkpoint=ck,
+                  progress=False)
+    with pytest.raises(ValueError, match="checkpoint"):
+        stability(ds, lambda: mlp((1, 8, 8), 10, width=64), k=6, cfg=MEMORIZE, checkpoint=ck, progress=False)
+    # halves: models 0, 2 and models 1, 3; their counts add up to the whole estimate's
+    halves = res["memorization_halves"]
+    assert halves.shape == (2, len(ds)) and halves.dtype == torch.float64
+    torch.testing.assert_close(halves, fresh["memorization_halves"], equal_nan=True)
+    torch.testing.assert_close(halves[1], _mem_of_models(ds, [1, 3]), equal_nan=True)
+
+
+def _mem_of_models(ds, models):
+    """Memorization from the listed models of a seed-0 run alone, each trained as stability() does."""
+    from memcore.training import predict
+
+    n = len(ds)
+    c = {k: torch.zeros(n, dtype=torch.float64) for k in ("ic", "it", "oc", "ot")}
+    for m in models:
+        g = torch.Generator().manual_seed(m)
+        chosen = torch.randperm(n, generator=g)[: int(round(0.7 * n))]
+        inside = torch.zeros(n, dtype=torch.bool)
+        inside[chosen] = True
+        torch.manual_seed(m)
+        model = train(_model(), ds, TrainConfig(**{**MEMORIZE.__dict__, "seed": m, "progress": False}),
+                      indices=chosen.tolist())
+        correct = (predict(model, ds).argmax(1) == ds.y).double()
+        c["ic"] += correct * inside
+        c["it"] += inside.double()
+        c["oc"] += correct * ~inside
+        c["ot"] += (~inside).double()
+    return c["ic"] / c["it"] - c["oc"] / c["ot"]
+
+
+def test_stability_resumes_a_checkpoint_without_halves(tmp_path):
+    """A checkpoint written before the odd-model counts were kept still resumes; it has no halves."""
+    ds, _ = _small(n=120)
+    ck = str(tmp_path / "old.pt")
+    stability(ds, _model, k=1, cfg=MEMORIZE, checkpoint=ck, progress=False)
+    saved = torch.load(ck)
+    saved["state"] = {k: v for k, v in saved["state"].items() if not k.startswith("odd_")}
+    torch.save(saved, ck)
+    res = stability(ds, _model, k=2, cfg=MEMORIZE, checkpoint=ck, progress=False)
+    fresh = stability(ds, _model, k=2, cfg=MEMORIZE, progress=False)
+    assert int(res["models"]) == 2 and "memorization_halves" not in res
+    torch.testing.assert_close(res["memorization"], fresh["memorization"], equal_nan=True)
 
 
 def test_every_baseline_gives_one_finite_score_per_sample():
@@ -70,6 +118,24 @@ def test_metrics():
     assert pearson(a, -a) == pytest.approx(-1.0)
     assert cosine(torch.tensor([1.0, 0.0, 5.0]), torch.tensor([0.0, 1.0, 5.0]), top=1) == pytest.approx(1.0)
     assert auroc(torch.tensor([0.1, 0.9, float("nan")]), torch.tensor([False, True, False])) == 1.0
+    x = torch.tensor([0.5, 3.0, 1.0, 9.0, 2.0])
+    assert spearman(x, x.exp()) == pytest.approx(1.0)  # ranks only: any increasing map
+    assert spearman(x, -x ** 3) == pytest.approx(-1.0)
+    assert spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.8660254)
+
+
+def test_split_half_reliability():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(20000, generator=g, dtype=torch.float64)
+    a = truth + torch.randn(20000, generator=g, dtype=torch.float64)  # each half: r = 1/2 with the other
+    b = truth + torch.randn(20000, generator=g, dtype=torch.float64)
+    assert split_half_reliability(a, b) == pytest.approx(2 * 0.5 / 1.5, abs=0.02)
+    assert split_half_reliability(truth, truth) == pytest.approx(1.0)
+    assert split_half_reliability(a, -b) == 0.0  # anti-correlated halves: no signal
+    assert math.isnan(split_half_reliability(torch.full((3,), float("nan")), a[:3]))  # nothing to compare
+    # the full estimate (a + b) / 2 correlates with a fresh one made the same way as predicted
+    c, d = (truth + torch.randn(20000, generator=g, dtype=torch.float64) for _ in range(2))
+    assert pearson((a + b) / 2, (c + d) / 2) == pytest.approx(split_half_reliability(a, b), abs=0.02)
 
 
 def test_experiment_command_end_to_end(tmp_path):
@@ -78,13 +144,21 @@ def test_experiment_command_end_to_end(tmp_path):
 
     code = main([
         "experiment", "--dataset", "digits", "--subset", "300", "--noise", "0.1", "--duplicates", "10",
-        "--stability-k", "2", "--epochs", "3", "--batch-size", "64", "--out", out, "--no-progress",
+        "--stability-k", "4", "--epochs", "3", "--batch-size", "64", "--out", out, "--no-progress",
     ])
     assert code == 0
     for f in ("results.md", "results.json", "mislabel_auroc.csv", "duplicate_auroc.csv",
               "stability_agreement.csv", "roc_mislabel.png", "top_csl.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     md = open(os.path.join(out, "results.md")).read()
+    with open(os.path.join(out, "results.json")) as f:
+        st = json.load(f)["stability"]
+    for key in ("plain_seconds", "csl_seconds", "tracked_seconds", "stability_seconds"):
+        assert st[key] > 0, key
+    assert 0.0 <= st["train_accuracy"] <= 1.0 and 0.0 <= st["stability_p_in"] <= 1.0
+    assert 0.0 <= st["reliability"] <= 1.0  # 2 models a half: small, but a number
+    assert set(st["agreement"]["csl"]) == {"CS top 30", "PC top 30", "CS all", "PC all", "SC all"}
+    assert "Split-half reliability" in md
     assert "| CSL |" in md and "Mislabel detection" in md and "python -m memcore experiment" in md
     with open(os.path.join(out, "roc_mislabel.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
