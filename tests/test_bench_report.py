@@ -581,6 +581,16 @@ def test_stability_report_section(tmp_path):
     text = out.read_text()
     assert "| csl | 0.800 ✗ | n/a | 0.400 | 0.300 ✗ |" in text and "n/a: a correlation is undefined" in text
 
+    # several experiments (e.g. noisy and clean labels): one section, a subsection each, in order
+    clean = json.loads(json.dumps(res))
+    clean["config"]["stability_noise"] = 0.0
+    src2 = tmp_path / "clean.json"
+    src2.write_text(json.dumps(clean))
+    stability_report.main([str(src), str(src2), "-o", str(out)])
+    text = out.read_text()
+    assert text.count("<!-- BEGIN csl_vs_stability -->") == 1 and text.count("Ratios are") == 1
+    assert 0 < text.index("### 10% label noise, K=4") < text.index("### Clean labels, K=4")
+
 
 def test_save_dir_prune_and_stored_notes(report, tmp_path):
     """--save keeps compact copies (no per-round data) with their notes; --dir merges them, oldest
