@@ -9,6 +9,7 @@ small CNN with 1x28x28 (MNIST-sized) random inputs, batch 128, 10 probes.
 Runs on CUDA when available, else on the CPU.
 """
 import argparse
+import json
 import os
 import platform
 import re
@@ -292,6 +293,21 @@ def write_section(path: str, device_block: str) -> None:
         f.write(text)
 
 
+def save_summary(r: Dict[str, object], folder: str) -> str:
+    """The goals' figures of one measurement as {folder}/{device}.json (read by benchmarks/summary.py)."""
+    best = {m: min(v) for m, v in r["wall"].items()}
+    med = {m: sorted(v)[len(v) // 2] for m, v in r["wall"].items()}
+    out = {"device": DEVICE, "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else None,
+           "machine": _machine(), "torch": torch.__version__, "date": r["date"], "rounds": r["rounds"],
+           "batch": BATCH, "n_probes": N_PROBES, "spearman": r["rho"],
+           "speedup_best": best["reference"] / best["memcore"], "speedup_median": med["reference"] / med["memcore"]}
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{DEVICE}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    return path
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Measures the curvature benchmark and prints (or writes) its "
                                             "block of benchmarks/RESULTS.md")
@@ -303,11 +319,13 @@ def main(argv=None) -> None:
                    help="update this device's block of the curvature section of RESULTS.md (default path: "
                         "benchmarks/RESULTS.md)")
     args = p.parse_args(argv)
-    block = render(measure(args.rounds, args.extra_probes), args.note)
+    r = measure(args.rounds, args.extra_probes)
+    block = render(r, args.note)
     print(block)
     if args.write:
         write_section(args.write, block)
-        print(f"[memcore] updated the curvature section of {args.write}")
+        saved = save_summary(r, os.path.join(os.path.dirname(os.path.abspath(args.write)), "json", "curvature"))
+        print(f"[memcore] updated the curvature section of {args.write}; goals' figures in {saved}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 # Saves pytest-benchmark JSON under benchmarks/out/, keeps a compact copy in benchmarks/json/ (the
 # runs RESULTS.md is made from, committed), and regenerates the tables in benchmarks/RESULTS.md
 # from every run kept there (benchmarks/report.py --dir; a kept run whose every case was measured
-# again is pruned). So a GPU-only run (`-k cuda`) adds its rows beside the CPU ones.
+# again is pruned), then the goals table at its top (benchmarks/summary.py). So a GPU-only run
+# (`-k cuda`) adds its rows beside the CPU ones.
 # MEMCORE_BENCH_NOTE: a line stored with the run and shown under its sections' headers (e.g.
 # "otherwise idle machine"). Uses .venv (CPU torch) unless MEMCORE_PY names a Python that
 # already has torch and memcore (e.g. a GPU machine's own torch).
@@ -29,4 +30,5 @@ done
 notes=()
 [ -z "${MEMCORE_BENCH_NOTE:-}" ] || notes=(--note "$MEMCORE_BENCH_NOTE")
 "$py" benchmarks/report.py "$json" --dir benchmarks/json --save benchmarks/json --prune ${notes[@]+"${notes[@]}"}
+"$py" benchmarks/summary.py > /dev/null  # the goals table at the top, from every saved measurement
 echo "[memcore] wrote $json, benchmarks/json/$(basename "$json") and benchmarks/RESULTS.md"

@@ -86,7 +86,8 @@ for stage in "${stages[@]}"; do
     test) run test "$py" -m pytest tests -q -p no:cacheprovider -rs ;;
     sanitize) run sanitize sanitize ;;
     bench) run bench bench; pack ;;
-    curvature) run curvature "$py" benchmarks/test_bench_curvature.py --rounds 15 --write; pack ;;
+    curvature) run curvature "$py" benchmarks/test_bench_curvature.py --rounds 15 --write \
+                 && "$py" benchmarks/summary.py > /dev/null; pack ;;
     *) echo "[memcore] unknown stage '$stage' (build test sanitize bench curvature all)"; status=2 ;;
   esac
 done

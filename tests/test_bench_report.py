@@ -629,3 +629,101 @@ def test_save_dir_prune_and_stored_notes(report, tmp_path):
     rows = table_rows(out.read_text())
     assert rows[("512 x 10", "cpu")][4] == "0.400" and ("8192 x 32000", "cuda") in rows
     assert "first run" not in out.read_text()
+
+
+# ------------------------------------------------------------------------------------ summary
+def _summary():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import summary
+
+    return summary
+
+
+def _experiment(noise, cs_top, pc_all, k=100, stab_s=300.0, csl_s=4.0):
+    return {"config": {"dataset": "mnist", "subset": 4000, "stability_noise": noise},
+            "stability": {"k": k, "stability_seconds": stab_s, "csl_seconds": csl_s, "tracked_seconds": 5.0,
+                          "agreement": {"csl": {"CS top 400": cs_top, "PC top 400": 0.1, "CS all": 0.5,
+                                                "PC all": pc_all}}}}
+
+
+def test_summary_rows_and_verdicts(tmp_path):
+    summary = _summary()
+    curv = {"cpu": {"device": "cpu", "speedup_best": 2.04, "speedup_median": 1.9, "spearman": 0.97}}
+    experiments = [(_experiment(0.1, 0.9, 0.7), "a"), (_experiment(0.0, 0.8, 0.8, stab_s=150.0), "b")]
+    section = summary.render([doc(SMALL + MID + STEPS)], curv, experiments)
+    rows = {(r[0], r[2]): r[3:] for r in (line.strip("|").split(" | ") for line in section.splitlines()
+                                           if line.startswith("| ") and not line.startswith("| goal"))}
+    rows = {(g.strip(), d.strip()): [c.strip() for c in rest] for (g, d), rest in rows.items()}
+    # cross-entropy: the worst shape decides (MID: 1.25x plain, 1.20x eager: both missed)
+    assert rows[("accumulate fwd+bwd ≤ 1.10x plain F.cross_entropy, every shape", "cpu")][0].startswith("1.05x–1.25x")
+    assert rows[("accumulate fwd+bwd ≤ 1.10x plain F.cross_entropy, every shape", "cpu")][1] == "✗"
+    assert rows[("accumulate ≥ 1.5x faster than the eager statistics", "cpu")] == ["1.20x–2.00x", "✗"]
+    # training step: the interleaved medians, with the goal of each variant
+    assert rows[("training step with accumulate ≤ 1 % slower (small_cnn 128x3x32x32 float32)", "cpu")] == [
+        "+1.2 % (interleaved median)", "✗"]
+    assert rows[("training step with accumulate(..., inputs=x) ≤ 5 % slower (small_cnn 128x3x32x32 float32)",
+                 "cpu")] == ["+4.0 % (interleaved median)", "✓"]
+    assert rows[("curvature ≥ 2x faster than the reference algorithm (10 probes)", "cpu")][1] == "✓"
+    # stability: ratio at K=2000 = 2000 x (300 / 100) / 4 = 1,500x; clean: 750x
+    assert rows[("CSL ≥ 1,000x cheaper than stability at K=2000 (mnist 4000, 10% noise, K=100)", "cpu")] == [
+        "1,500x", "✓"]
+    assert rows[("CSL ≥ 1,000x cheaper than stability at K=2000 (mnist 4000, clean labels, K=100)", "cpu")] == [
+        "750x", "✗"]
+    assert rows[("cosine(CSL, memorization) on the top-k ≥ 0.87 (mnist 4000, 10% noise, K=100)", "cpu")] == [
+        "0.900", "✓"]
+    assert rows[("Pearson(CSL, memorization) on all ≥ 0.79 (mnist 4000, clean labels, K=100)", "cpu")] == [
+        "0.800", "✓"]
+    # no CUDA measurement: every GPU goal is listed as not measured, with its command, after the CPU rows
+    gpu = [k for k in rows if k[1] == "cuda"]
+    assert len(gpu) == 6 and all(rows[k][0].startswith("not measured: `bash scripts/gpu_session.sh")
+                                 and rows[k][1] == "—" for k in gpu)
+    assert section.index("| cpu |") < section.index("| cuda |")
+    assert "6 met, 6 missed, 6 not measured" in section  # counted from the rows above
+
+
+def test_summary_gpu_rows_when_measured():
+    summary = _summary()
+    big = [bench(v, 8192, 32000, t, device="cuda", dtype="bfloat16", threads=None, gpu="H100")
+           for v, t in (("plain", 0.004), ("eager", 0.010), ("memcore", 0.0025), ("liger", 0.0026))]
+    copy = {"group": "copy", "name": "test_cuda_copy_bandwidth",
+            "extra_info": {"kernel": "d2d_copy", "gpu": "H100", "device": "cuda", "bytes_moved": 2 * 8192 * 32000 * 2},
+            "stats": {"median": 0.0004, "iqr": 0.0, "rounds": 10, "mean": 0.0004, "min": 0.0004}}
+    section = summary.render([doc(big + [copy])], {}, [])
+    lines = [line for line in section.splitlines() if "| cuda |" in line]
+    text = "\n".join(lines)
+    assert "| 0.62x (8192x32000 bfloat16) | ✓ |" in text and "| 4.00x | ✓ |" in text
+    assert "memcore / liger ≤ 1.00) | #3 | cuda | 0.96 | ✓ |" in text
+    # 3 passes of 8192 x 32000 x 2 bytes in 2.5 ms = 629 GB/s against the copy's 2,621 GB/s: 24 %
+    assert "| 24% (8192x32000 bfloat16) | ✗ |" in text
+    assert sum("not measured" in line for line in lines) == 2  # the training step and curvature rows
+
+
+def test_summary_placed_first_and_idempotent(tmp_path):
+    summary = _summary()
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "run.json").write_text(json.dumps(doc(SMALL)))
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# results\n\nintro\n\n<!-- BEGIN cross_entropy -->\nx\n<!-- END cross_entropy -->\n")
+    argv = ["-o", str(out), "--json-dir", str(tmp_path / "json"), "--results-dir", str(tmp_path / "none")]
+    summary.main(argv)
+    first = out.read_text()
+    assert first.index("intro") < first.index("<!-- BEGIN summary -->") < first.index("<!-- BEGIN cross_entropy")
+    summary.main(argv)
+    assert out.read_text() == first and first.count("<!-- BEGIN summary -->") == 1
+
+
+def test_curvature_summary_file_feeds_the_summary(tmp_path):
+    """test_bench_curvature.py --write saves the goals' figures where summary.py reads them."""
+    summary = _summary()
+    import test_bench_curvature as tbc
+
+    r = {"wall": {"memcore": [0.2, 0.1, 0.3], "reference": [0.4, 0.3, 0.5], "memcore_max_rows_512": [1.0]},
+         "rho": 0.96, "date": "2026-01-01 00:00 UTC", "rounds": 3}
+    tbc.save_summary(r, str(tmp_path / "curvature"))
+    curv = summary.load_curvature(tmp_path / "curvature")
+    assert curv[tbc.DEVICE]["speedup_best"] == pytest.approx(3.0) and curv[tbc.DEVICE]["speedup_median"] == 2.0
+    rows = summary.curvature_rows(curv)
+    assert rows[0][2:] == (tbc.DEVICE, "3.00x best, 2.00x median", "✓")
+    assert rows[1][3:] == ("0.960", "✓")
