@@ -30,9 +30,9 @@ TORCH_LIBRARY(memcore, m) {
       " Tensor status)");
   // ce_forward_reduce, and the gradient of out w.r.t. the logits (upstream gradient 1: softmax -
   // onehot, / count for mean) written over logits, in the forward's pass (CUDA: a second pass over
-  // each row, from L2). accumulate(..., overwrite_logits=True): forward + backward read the logits
-  // once and write them once, and no N x C gradient buffer is allocated; scale_unless_one_ then
-  // applies the actual upstream gradient in the backward.
+  // each row right after the first, from L2 while the rows in flight fit there).
+  // accumulate(..., overwrite_logits=True): no N x C gradient buffer and no backward pass over the
+  // logits; scale_unless_one_ applies the actual upstream gradient in the backward.
   m.def(
       "ce_forward_grad_(Tensor(a!) logits, Tensor targets, Tensor index, int num_samples,"
       " int ignore_index, int reduction) -> (Tensor out, Tensor count, Tensor loss, Tensor lse,"

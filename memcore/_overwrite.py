@@ -1,9 +1,11 @@
 """Autograd of memcore::ce_forward_grad_, the route of ``accumulate(..., overwrite_logits=True)``.
 
 The forward op computes the loss and statistics and writes the gradient of the reduced loss
-(upstream gradient 1) over the logits' memory, as Liger-Kernel's cross-entropy does: forward +
-backward then read the logits once and write them once (the default route reads them twice and
-writes a new gradient tensor), and no N x C buffer is allocated. The backward hands that memory
+(upstream gradient 1) over the logits' memory, as Liger-Kernel's cross-entropy does: no N x C
+buffer is allocated, and the backward makes no pass over the logits (the default route's
+backward reads them again and writes a new gradient tensor). The forward's gradient pass re-reads
+each row right after its statistics pass: from cache while the rows in flight fit there (on a GPU,
+L2; very wide rows may not, which only a GPU run can tell), else from memory. The backward hands that memory
 back as the gradient, multiplied by the upstream gradient unless it is 1 (decided on the device).
 
 Safety: the logits' version counter is bumped, so autograd catches any other node that saved

@@ -148,3 +148,20 @@ def test_tracker_device_mismatch_cpu_meta():
     tr = memcore.Tracker(10, device="meta")
     with pytest.raises(ValueError, match="tracker lives on meta"):
         memcore.accumulate(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([0, 1]), tr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [7, 1000, 5000, 40000])  # a warp, a warp with vector loads, a block, a wide block
+def test_all_minus_inf_row_has_nan_lse_on_every_device(device, dtype, c):
+    """A row with no finite logit has no log-sum-exp: the op's lse is NaN (as for NaN rows), the
+    row's loss is not finite, and accumulate rejects the batch naming that row."""
+    logits, targets, index, tr = _ok(device, n=4, c=c)
+    logits = logits.to(dtype)
+    logits[2] = float("-inf")
+    loss, lse, _, status = torch.ops.memcore.ce_forward(logits, targets, index, 10, -100)
+    assert torch.isnan(lse[2]) and not torch.isfinite(loss[2])
+    assert torch.isfinite(lse[[0, 1, 3]]).all() and int(status) != 0
+    before = tr._epoch.clone()
+    with pytest.raises(ValueError, match="row 2"):
+        memcore.accumulate(logits, targets, index, tr)
+    _unchanged(tr, before)

@@ -160,9 +160,10 @@ __device__ __forceinline__ void zero_row(scalar_t* out, int64_t C, int lane) {
   for (int64_t j = lane; j < C; j += TPR) out[j] = scalar_t(0);
 }
 
-// GRAD (ce_forward_grad_): after the row's statistics, a second pass over the row (an L2 hit, the
-// first pass having just read it) writes the gradient of the reduced loss over the logits:
-// (softmax - onehot) / count for mean (count read on the device), or (softmax - onehot) for sum.
+// GRAD (ce_forward_grad_): after the row's statistics, a second pass over the row writes the
+// gradient of the reduced loss over the logits: (softmax - onehot) / count for mean (count read
+// on the device), or (softmax - onehot) for sum. It re-reads the row from L2 as long as the rows
+// in flight fit there; very wide rows (256k fp32 = 1 MB each) may come from HBM again.
 template <typename scalar_t, int TPR, int VEC, bool GRAD>
 __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
     const scalar_t* logits, const int64_t* __restrict__ targets,
@@ -183,8 +184,8 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
     return;
   }
   const scalar_t* z = logits + row * C;
-  // read before any thread of the row can overwrite it (GRAD); the reductions below order the
-  // first pass's reads before the second pass's writes
+  // every lane reads the target logit; in GRAD its owning lane overwrites it later, after the
+  // barrier before the gradient pass (each other element is read and written by one thread)
   const acc_t zt = static_cast<acc_t>(z[t]);
   RowState<acc_t> st;
   st.init();
@@ -233,10 +234,14 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
     warp_merge(st);
   }
   acc_t lse = st.m + dev_log(st.s);
-  // NaN logits: loss and lse both NaN, as on the CPU, so a backward through a rejected batch
-  // (strict=False) gives NaN gradients like F.cross_entropy rather than finite ones
-  if (st.nan) lse = std::numeric_limits<acc_t>::quiet_NaN();
+  // NaN logits, or a row with no finite max (all -inf): loss and lse both NaN, as on the CPU, so a
+  // backward through a rejected batch (strict=False) gives NaN gradients like F.cross_entropy
+  if (st.nan || st.m == neg_inf<acc_t>()) lse = std::numeric_limits<acc_t>::quiet_NaN();
   if constexpr (GRAD) {
+    // one warp per row: only shuffles lie between lane 0's read of z[t] above and the owning
+    // lane's overwrite below, and shuffles do not order memory; __syncwarp does (wider rows
+    // passed a __syncthreads). Rows return early whole, so the full mask is safe.
+    if constexpr (TPR <= 32) __syncwarp();
     const acc_t w = mean ? acc_t(1) / static_cast<acc_t>(*count) : acc_t(1);
     row_grad<scalar_t, acc_t, TPR, VEC>(z, grad + row * C, C, t, lse, w, lane);
   }
@@ -395,9 +400,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {reduce_loss(loss, count, reduction), count, loss, lse, row_stats, status};
 }
 
-// ce_forward_reduce whose forward kernel also writes d(out)/d(logits) over the logits (one read,
-// one write of them for forward + backward; no N x C buffer). count is computed first, on the
-// device, for the mean's 1/count.
+// ce_forward_reduce whose forward kernel also writes d(out)/d(logits) over the logits (no N x C
+// buffer, no backward pass over them). count is computed first, on the device, for the mean's
+// 1/count.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_grad_cuda(
     at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
     int64_t ignore_index, int64_t reduction) {
