@@ -14,6 +14,7 @@ namespace {
 // rows that keep their values; the others add zeros into row 0 (NaN losses of a rejected batch
 // are replaced, not multiplied by 0)
 void add_rows(at::Tensor& stats, const at::Tensor& index, const at::Tensor& keep, const at::Tensor& vals) {
+  if (stats.size(0) == 0) return;  // no row 0 to park rejected rows in, and no row to keep either
   const at::Tensor k = keep.logical_and(index.ge(0)).logical_and(index.lt(stats.size(0)));
   stats.index_put_({at::where(k, index, 0)}, at::where(k.unsqueeze(1), vals, 0.0), /*accumulate=*/true);
 }

@@ -144,6 +144,12 @@ def test_deterministic_commits_match_kernels():
     _C._sqnorm_commit_deterministic(got, grad, scale, idx)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
+    # a stats buffer without rows (direct op calls only; a Tracker has >= 1 sample): nothing to add
+    empty = torch.zeros(0, 6, dtype=torch.float64)
+    _C._ce_commit_deterministic(empty, index, targets, loss, row_stats, torch.tensor([1], dtype=torch.int32), -100)
+    _C._sqnorm_commit_deterministic(torch.zeros(0, 2, dtype=torch.float64), grad, scale, idx)
+    assert empty.shape == (0, 6)
+
 
 def test_deterministic_mode_repeats_bit_for_bit(device):
     """torch.use_deterministic_algorithms(True): no error, and the same batch twice gives the same
