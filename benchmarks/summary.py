@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import report  # noqa: E402
 import stability_report  # noqa: E402
+from stability_report import _ok  # noqa: E402
 
 NAME = "summary"
 CURVATURE_GOALS = {"cpu": 2.0, "cuda": 3.0}  # speedup over the reference algorithm at 10 probes
@@ -30,10 +31,6 @@ GPU_BENCH = "`bash scripts/gpu_session.sh build bench`"
 GPU_CURV = "`bash scripts/gpu_session.sh build curvature`"
 
 Row = Tuple[str, str, str, str, str]  # goal, issue, device, measured, verdict
-
-
-def _ok(ok: bool) -> str:
-    return "✓" if ok else "✗"
 
 
 def _span(values: Sequence[float], fmt: str) -> str:
@@ -50,8 +47,9 @@ def cross_entropy_rows(docs: Sequence[dict]) -> List[Row]:
     out: List[Row] = []
     for device in ("cpu", "cuda"):
         keys = sorted((k for k in rows if k[3] == device), key=report._sort_key)
-        over = [(k, r[0]) for k in keys for r in [report.ratios(rows[k])] if r[0] is not None]
-        speed = [(k, r[1]) for k in keys for r in [report.ratios(rows[k])] if r[1] is not None]
+        ratios = {k: report.ratios(rows[k]) for k in keys}  # (accumulate / plain, eager / accumulate)
+        over = [(k, r[0]) for k, r in ratios.items() if r[0] is not None]
+        speed = [(k, r[1]) for k, r in ratios.items() if r[1] is not None]
         shapes = lambda ks: ", ".join(f"{k[0]}x{k[1]} {k[2]}" for k in ks)  # noqa: E731
         goal_speed = report.GOAL_SPEEDUP[device]
         if over:
