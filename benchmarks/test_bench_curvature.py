@@ -199,11 +199,15 @@ def measure(rounds: int, extra_probes: int = 0, extra_rounds: int = 5) -> Dict[s
                 date=start, load=(load0, load1), rounds=rounds, extra=extra, extra_probes=extra_probes)
 
 
+def _best_median(wall: Dict[str, List[float]]) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """({method: fastest round}, {method: median round}) of the timed rounds."""
+    return ({m: min(v) for m, v in wall.items()}, {m: sorted(v)[len(v) // 2] for m, v in wall.items()})
+
+
 def render(r: Dict[str, object], note: str = "") -> str:
     """The device's block of the curvature section of RESULTS.md."""
     wall, cpu, peaks = r["wall"], r["cpu"], r["peaks"]
-    med = {m: sorted(v)[len(v) // 2] for m, v in wall.items()}
-    best = {m: min(v) for m, v in wall.items()}
+    best, med = _best_median(wall)
     dev = torch.cuda.get_device_name(0) if DEVICE == "cuda" else _machine()
     load = r["load"]
     lines = [
@@ -295,8 +299,7 @@ def write_section(path: str, device_block: str) -> None:
 
 def save_summary(r: Dict[str, object], folder: str) -> str:
     """The goals' figures of one measurement as {folder}/{device}.json (read by benchmarks/summary.py)."""
-    best = {m: min(v) for m, v in r["wall"].items()}
-    med = {m: sorted(v)[len(v) // 2] for m, v in r["wall"].items()}
+    best, med = _best_median(r["wall"])
     out = {"device": DEVICE, "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else None,
            "machine": _machine(), "torch": torch.__version__, "date": r["date"], "rounds": r["rounds"],
            "batch": BATCH, "n_probes": N_PROBES, "spearman": r["rho"],

@@ -60,9 +60,8 @@ def stability(
             "labels_crc32": zlib.crc32(torch.as_tensor(labels, dtype=torch.int64).numpy().tobytes()),
             "train": {f: getattr(cfg, f) for f in ("epochs", "batch_size", "lr", "momentum", "weight_decay")},
             "model_crc32": zlib.crc32(repr(model_fn()).encode())}
-    state = {"done": 0, "seconds": 0.0, "in_total": torch.zeros(n), "in_correct": torch.zeros(n),
-             "out_total": torch.zeros(n), "out_correct": torch.zeros(n)}
-    state.update({f"odd_{key}": torch.zeros(n) for key in _COUNTS})
+    state = {"done": 0, "seconds": 0.0, **{key: torch.zeros(n) for key in _COUNTS},
+             **{f"odd_{key}": torch.zeros(n) for key in _COUNTS}}
     if checkpoint and os.path.exists(checkpoint):
         saved = torch.load(checkpoint)
         if saved.get("meta") != meta:
