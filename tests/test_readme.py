@@ -1,27 +1,94 @@
-"""The README's runnable examples run as written: every ```python block right after a
-`<!-- readme-test: run -->` line is executed in a fresh namespace (the others use placeholders
-such as `model` and `loader` and are shown for shape only)."""
+"""The documentation's runnable examples run as written, and the README agrees with the code.
+
+Every ```python block right after a `<!-- readme-test: run -->` line in README.md, docs/*.md and
+DEVELOPMENT.md is executed in a fresh namespace (unmarked blocks use placeholders such as `model`
+and `loader` and are shown for shape only). The README's scores table must list exactly the
+scores `Tracker.scores()` returns, each with the direction `export.ranked_issues` treats as
+suspicious, and relative links in the docs must point at files that exist.
+"""
 import re
 from pathlib import Path
+from typing import List, Tuple
 
 import pytest
+import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import memcore
+from memcore import export
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, ROOT / "DEVELOPMENT.md"] + sorted((ROOT / "docs").glob("*.md"))
 MARK = "<!-- readme-test: run -->"
 
 
-def runnable_blocks():
-    text = README.read_text()
-    blocks = re.findall(re.escape(MARK) + r"\s*\n```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == text.count(MARK), "a readme-test mark is not followed by a python block"
-    return blocks
+def _existing_docs() -> List[Path]:
+    return [p for p in DOCS if p.is_file()]
+
+
+def runnable_blocks() -> List[Tuple[str, int, str]]:
+    """(file name relative to the repository, 1-based block number in that file, code)."""
+    out = []
+    for path in _existing_docs():
+        text = path.read_text()
+        blocks = re.findall(re.escape(MARK) + r"\s*\n```python\n(.*?)```", text, flags=re.S)
+        name = str(path.relative_to(ROOT))
+        assert len(blocks) == text.count(MARK), f"{name}: a readme-test mark is not followed by a python block"
+        out += [(name, i + 1, code) for i, code in enumerate(blocks)]
+    return out
+
+
+BLOCKS = runnable_blocks()
 
 
 def test_readme_has_runnable_examples():
-    assert len(runnable_blocks()) >= 2
+    assert sum(1 for name, _, _ in BLOCKS if name == "README.md") >= 2
 
 
-@pytest.mark.parametrize("i", range(len(runnable_blocks())))
-def test_readme_example_runs(i, capsys):
-    code = runnable_blocks()[i]
-    exec(compile(code, f"README.md example {i + 1}", "exec"), {"__name__": f"readme_example_{i + 1}"})
+@pytest.mark.parametrize("name,number,code", BLOCKS, ids=[f"{n}-{i}" for n, i, _ in BLOCKS])
+def test_doc_example_runs(name, number, code, capsys):
+    label = f"{name} example {number}"
+    exec(compile(code, label, "exec"), {"__name__": re.sub(r"\W", "_", label)})
+
+
+def _scores_table() -> List[List[str]]:
+    """Rows of the README table whose header is `| score | meaning | suspicious when |`."""
+    lines = README.read_text().splitlines()
+    header = "| score | meaning | suspicious when |"
+    assert lines.count(header) == 1, "README needs exactly one scores table"
+    start = lines.index(header)
+    assert re.fullmatch(r"\|(\s*-+\s*\|){3}", lines[start + 1]), "scores table: missing separator row"
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == 3, f"scores table row with {len(cells)} cells: {line}"
+        rows.append(cells)
+    return rows
+
+
+def test_readme_scores_table_matches_the_tracker():
+    rows = _scores_table()
+    names = [re.fullmatch(r"`(\w+)`", name).group(1) for name, _, _ in rows]
+    assert len(names) == len(set(names)), "a score is listed twice"
+    tracker = memcore.Tracker(4)
+    assert set(names) == set(tracker.scores()) == set(memcore.SCORE_NAMES)
+    for name, meaning, direction in rows:
+        assert meaning, f"{name}: no meaning"
+        assert direction in ("high", "low"), f"{name}: suspicious when {direction!r}"
+        score = name.strip("`")
+        # sample 0 has the highest value, sample 1 the lowest: the most suspicious one is
+        # sample 0 when high is suspicious, sample 1 when low is
+        values = {score: torch.tensor([3.0, -3.0, 0.0, 1.0], dtype=torch.float64)}
+        top = int(export.ranked_issues(values, by=score, top=1)[0])
+        assert top == (0 if direction == "high" else 1), f"{score}: README says {direction}"
+
+
+def test_doc_links_point_at_files():
+    for path in _existing_docs():
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # external or same-page
+            file = (path.parent / target.split("#")[0]).resolve()
+            assert file.exists(), f"{path.relative_to(ROOT)} links to missing {target}"
