@@ -1,6 +1,6 @@
 """The documentation's runnable examples run as written, and the README agrees with the code.
 
-Every ```python block right after a `<!-- readme-test: run -->` line in README.md, docs/*.md and
+Every ```python block right after a `<!-- readme-test: run -->` line (on a line of its own) in README.md, docs/*.md and
 DEVELOPMENT.md is executed in a fresh namespace (unmarked blocks use placeholders such as `model`
 and `loader` and are shown for shape only). The README's scores table must list exactly the
 scores `Tracker.scores()` returns, each with the direction `export.ranked_issues` treats as
@@ -31,9 +31,11 @@ def runnable_blocks() -> List[Tuple[str, int, str]]:
     out = []
     for path in _existing_docs():
         text = path.read_text()
-        blocks = re.findall(re.escape(MARK) + r"\s*\n```python\n(.*?)```", text, flags=re.S)
+        # a mark counts on a line of its own (prose may quote it)
+        blocks = re.findall(r"^" + re.escape(MARK) + r"[ \t]*\n```python\n(.*?)^```", text, flags=re.S | re.M)
+        marks = re.findall(r"^" + re.escape(MARK) + r"[ \t]*$", text, flags=re.M)
         name = str(path.relative_to(ROOT))
-        assert len(blocks) == text.count(MARK), f"{name}: a readme-test mark is not followed by a python block"
+        assert len(blocks) == len(marks), f"{name}: a readme-test mark is not followed by a python block"
         out += [(name, i + 1, code) for i, code in enumerate(blocks)]
     return out
 
@@ -85,10 +87,21 @@ def test_readme_scores_table_matches_the_tracker():
         assert top == (0 if direction == "high" else 1), f"{score}: README says {direction}"
 
 
-def test_doc_links_point_at_files():
+def _anchors(path: Path) -> List[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)  # no headings in code
+    heads = re.findall(r"^#{1,6} (.+)$", text, flags=re.M)
+    return [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads]
+
+
+def test_doc_links_point_at_files_and_headings():
     for path in _existing_docs():
         for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue  # external or same-page
-            file = (path.parent / target.split("#")[0]).resolve()
-            assert file.exists(), f"{path.relative_to(ROOT)} links to missing {target}"
+            if re.match(r"[a-z]+:", target):
+                continue  # external
+            file_part, _, anchor = target.partition("#")
+            file = (path.parent / file_part).resolve() if file_part else path
+            where = f"{path.relative_to(ROOT)} links to {target}"
+            assert file.exists(), f"{where}: no such file"
+            if anchor and file.suffix == ".md":
+                assert anchor in _anchors(file), f"{where}: no such heading"
