@@ -60,4 +60,10 @@ def device(text: str) -> str:
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every flag's default and keeps the descriptions' line breaks."""
+    """Shows every flag's default (unless its help already says it in words) and keeps the
+    descriptions' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)

@@ -359,7 +359,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default="digits", choices=DATASETS,
                    help="digits is bundled with scikit-learn; the others are read from --data-dir")
     g.add_argument("--data-dir", default=None,
-                   help="MNIST idx files / CIFAR python-pickle batches (MNIST default: $MEMCORE_MNIST_DIR)")
+                   help="MNIST idx files / CIFAR python-pickle batches (default: $MEMCORE_MNIST_DIR for MNIST)")
     g.add_argument("--subset", type=_args.positive_int, default=None,
                    help="train on a random subset of this many samples (default: all)")
     g.add_argument("--noise", type=_args.rates, default="0.01,0.02,0.05,0.1",
@@ -390,7 +390,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cl", action="store_true", help="confident learning via cleanlab (2 extra trainings)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None,
-                   help="output directory (default: a fresh runs/<dataset>-<UTC time>; never overwrite results/)")
+                   help="output directory (default: a fresh runs/<dataset>-<UTC time>, so no run overwrites the committed results/)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
