@@ -9,8 +9,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 import memcore
+from memcore.eval.metrics import auroc
 from memcore.integrations.huggingface import MemcoreTrainer
-from memcore.metrics import auroc
 
 
 class Sequences(torch.utils.data.Dataset):

@@ -7,9 +7,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import memcore
-from memcore.data import inject_label_noise, load_digits
+from memcore.eval.corruptions import inject_label_noise
+from memcore.eval.datasets import load_digits
+from memcore.eval.metrics import auroc
 from memcore.integrations.lightning import MemcoreCallback
-from memcore.metrics import auroc
 
 
 class Classifier(L.LightningModule):

@@ -6,12 +6,17 @@
         loss.backward(); opt.step(); opt.zero_grad()
     tracker.end_epoch()
     scores = tracker.scores()   # {"csl": tensor[num_samples], ...}
+
+The core (this package without ``memcore.eval``) needs only torch and numpy; the research harness
+``memcore.eval`` needs ``pip install 'memcore[eval]'``.
 """
-from . import data
-from ._ops import with_cuda
+from . import data, export
+from ._ops import cpu_isa, with_cuda
 from .accumulate import accumulate
 from .curvature import CurvatureTracker, curvature
-from .tracker import SCORE_NAMES, Tracker
+from .scores import SCORE_NAMES, SCORES
+from .tracker import Tracker
 
 __version__ = "0.1.0"
-__all__ = ["Tracker", "accumulate", "with_cuda", "SCORE_NAMES", "__version__", "curvature", "CurvatureTracker"]
+__all__ = ["Tracker", "accumulate", "curvature", "CurvatureTracker", "with_cuda", "cpu_isa", "SCORES",
+           "SCORE_NAMES", "export", "data", "__version__"]

@@ -3,8 +3,7 @@ from typing import Optional
 
 import torch
 
-from . import _ops  # noqa: F401  (operator registration)
-from ._overwrite import OverwriteLogitsCE
+from ._ops.cross_entropy import OverwriteLogitsCE  # also registers the ops
 from ._validate import REDUCTIONS, check_inputs_for_grad, rows_of
 from .tracker import Tracker
 

@@ -6,8 +6,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-# scores where a LOW value is suspicious; every other score is suspicious when high
-LOW_IS_SUSPICIOUS = {"confidence_mean", "aum", "correctness"}
+from .scores import LOW_IS_SUSPICIOUS  # noqa: F401  (re-exported: scores suspicious when low)
 
 
 def _suspicion(scores: Dict[str, torch.Tensor], by: str) -> np.ndarray:
@@ -21,7 +20,11 @@ def _suspicion(scores: Dict[str, torch.Tensor], by: str) -> np.ndarray:
 
 def to_dataframe(scores: Dict[str, torch.Tensor], labels: Optional[torch.Tensor] = None):
     """A pandas DataFrame with one row per sample: `index`, optionally `label`, one column per score."""
-    import pandas as pd
+    try:
+        import pandas as pd
+    except ImportError as e:
+        raise ImportError("memcore.export.to_dataframe needs pandas: pip install 'memcore[export]' "
+                          "(to_csv needs nothing)") from e
 
     n = len(next(iter(scores.values())))
     cols = {"index": np.arange(n)}
@@ -59,8 +62,12 @@ def ranked_issues(scores: Dict[str, torch.Tensor], by: str = "csl", top: Optiona
 
 
 def label_quality_scores(scores: Dict[str, torch.Tensor], by: str = "csl") -> np.ndarray:
-    """cleanlab's convention: a quality in [0, 1] per sample, lower = more likely a label issue
-    (1 - the sample's suspicion percentile under score `by`)."""
+    """cleanlab's convention: a quality in [0, 1] per sample, lower = more likely a label issue.
+
+    It is a percentile rank, not a calibrated probability: 1 - the sample's suspicion percentile
+    under score `by`, so it is uniform on [0, 1] by construction whatever the data (thresholding at
+    0.5 flags half the dataset). Pick a cut-off from your estimated noise rate instead, e.g.
+    ``ranked_issues(scores, fraction=rate)``. float64 [N]."""
     s = _suspicion(scores, by)
     ranks = np.empty(len(s))
     ranks[np.argsort(s, kind="stable")] = np.arange(len(s))

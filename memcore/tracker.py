@@ -6,14 +6,10 @@ import torch
 from . import _layout as L
 from ._io import atomic_save
 from ._validate import describe_bits, explain_status, same_device
+from .scores import SCORE_NAMES
 
 DeviceLike = Union[str, torch.device, None]
 
-SCORE_NAMES = (
-    "csl", "csl_mean", "rows", "last_loss", "learning_time", "forgetting",
-    "confidence_mean", "confidence_std", "aum", "correctness",
-    "input_grad_norm", "learning_time_formal",
-)
 
 
 class Tracker:

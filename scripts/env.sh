@@ -3,9 +3,12 @@
 # setup.py or the torch version changed.
 #   memcore_env VENV TORCH_SPEC [extra pip packages...]
 
-# everything the tests, demo and benchmarks use besides torch (the integrations' frameworks included)
-MEMCORE_DEPS=(numpy scikit-learn tqdm matplotlib ninja pytest pytest-benchmark setuptools wheel pandas cleanlab
-  lightning transformers "accelerate>=1.1.0")
+# everything the tests, demo and benchmarks use besides torch: the core needs numpy only; the extras
+# eval (scikit-learn tqdm matplotlib pandas), export (pandas pyarrow), test (pytest pytest-benchmark
+# hypothesis ruff), hf, lightning; cleanlab for the confident-learning baseline; setuptools >= 77 reads
+# pyproject's SPDX license string
+MEMCORE_DEPS=(numpy scikit-learn tqdm matplotlib ninja pytest pytest-benchmark hypothesis ruff "setuptools>=77"
+  wheel pandas pyarrow cleanlab lightning transformers "accelerate>=1.1.0")
 
 # runs a pip command without the local index's "Location ... is ignored" chatter, keeping its status
 memcore_pip() {

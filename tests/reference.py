@@ -54,7 +54,7 @@ def scores(epochs, num_samples, ignore_index=-100):
     nan = torch.full_like(rows, float("nan"))
     mean = lambda col: torch.where(rows > 0, total[:, col] / rows.clamp_min(1), nan)
     conf = mean(3)
-    lt = torch.tensor([l if l >= 0 else len(epochs) for l in learned], dtype=torch.float64)
+    lt = torch.tensor([e if e >= 0 else len(epochs) for e in learned], dtype=torch.float64)
     return {
         "csl": total[:, 0],
         "csl_mean": mean(0),

@@ -238,7 +238,7 @@ def test_row_paths_narrower_isa(isa, tmp_path):
     import sys
 
     order = ["baseline", "avx2", "avx512"]
-    here_isa = memcore._ops._C.cpu_isa()
+    here_isa = memcore.cpu_isa()
     if order.index(isa) >= order.index(here_isa):
         pytest.skip(f"this process runs the {here_isa} copy; the {isa} copy needs a wider CPU to be a separate test")
     # the children import this very build (an in-place or an out-of-tree one), from a neutral cwd
@@ -246,7 +246,7 @@ def test_row_paths_narrower_isa(isa, tmp_path):
     path = os.pathsep.join([build] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     env = dict(os.environ, MEMCORE_CPU_ISA=isa, PYTHONPATH=path)
     here = os.path.dirname(os.path.abspath(__file__))
-    probe = subprocess.run([sys.executable, "-c", "import memcore; print(memcore._ops._C.cpu_isa())"],
+    probe = subprocess.run([sys.executable, "-c", "import memcore; print(memcore.cpu_isa())"],
                            env=env, cwd=tmp_path, capture_output=True, text=True)
     assert probe.returncode == 0 and probe.stdout.strip() == isa, probe.stdout + probe.stderr[-2000:]
     run = subprocess.run(

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import memcore
-from memcore import _ops  # noqa: F401
 
 ops = torch.ops.memcore
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -1,4 +1,5 @@
-"""memcore.data: loaders (digits, MNIST idx, CIFAR pickles) and controlled corruptions."""
+"""memcore.data (IndexedDataset), memcore.eval.datasets (digits, MNIST idx, CIFAR pickles) and
+memcore.eval.corruptions."""
 import gzip
 import pickle
 
@@ -6,16 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from memcore.data import (
-    IndexedDataset,
-    default_mnist_dir,
-    inject_duplicates,
-    inject_label_noise,
-    load_cifar,
-    load_digits,
-    load_mnist,
-)
-
+from memcore.data import IndexedDataset
+from memcore.eval.corruptions import inject_duplicates, inject_label_noise
+from memcore.eval.datasets import default_mnist_dir, load_cifar, load_digits, load_mnist
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -242,6 +236,36 @@ def test_cifar_errors(tmp_path):
     _write_pickle(bad, {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
     with pytest.raises(ValueError, match="test_batch"):
         load_cifar(tmp_path / "cifar-10-batches-py", split="test")
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: what a crafted "CIFAR batch" would carry."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.cmd,))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_refuses_a_pickle_that_runs_code(tmp_path, protocol):
+    """The reader accepts only what the official release holds; a file naming os.system is refused
+    before anything is called (the command would create a file)."""
+    d = tmp_path / "cifar-10-batches-py"
+    _fake_cifar10(d)
+    marker = tmp_path / "pwned"
+    # the call comes first in the file, so it is the first global the reader meets whatever the protocol
+    payload = {"run": _RunsCode(f"touch {marker}"), b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump(payload, f, protocol=protocol)
+    with pytest.raises(ValueError, match=r"test_batch.*refusing to load the global (os|posix|nt)\.system"):
+        load_cifar(d, split="test")
+    assert not marker.exists()
+    # the reader itself still loads what the release holds (dicts, lists, bytes, numpy arrays)
+    assert len(load_cifar(d, split="train")) == 10
 
 
 # ----------------------------------------------------------------------------- label noise

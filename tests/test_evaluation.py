@@ -7,19 +7,21 @@ import pytest
 import torch
 
 import memcore
-from memcore import baselines, data
-from memcore.experiment import ExperimentConfig, run
-from memcore.metrics import auroc, cosine, pearson, spearman, split_half_reliability
-from memcore.models import make_model, mlp
-from memcore.stability import stability
-from memcore.training import TrainConfig, train
+from memcore.data import IndexedDataset
+from memcore.eval import baselines
+from memcore.eval.corruptions import inject_label_noise
+from memcore.eval.datasets import load_digits
+from memcore.eval.metrics import auroc, cosine, pearson, spearman, split_half_reliability, top_k_overlap
+from memcore.eval.models import make_model, mlp
+from memcore.eval.stability import stability
+from memcore.eval.training import TrainConfig, train
 
 
 def _small(n=300, rate=0.2, seed=0):
-    base = data.load_digits()
+    base = load_digits()
     keep = torch.randperm(len(base), generator=torch.Generator().manual_seed(seed))[:n]
-    ds = data.IndexedDataset(base.x[keep], base.y[keep], num_classes=10, name="digits-small")
-    return data.inject_label_noise(ds, rate, seed=seed)
+    ds = IndexedDataset(base.x[keep], base.y[keep], num_classes=10, name="digits-small")
+    return inject_label_noise(ds, rate, seed=seed)
 
 
 CFG = TrainConfig(epochs=15, batch_size=32, lr=0.05, progress=False, device="cpu")
@@ -59,7 +61,7 @@ def test_stability_flags_flipped_labels_and_resumes(tmp_path):
 
 def _mem_of_models(ds, models):
     """Memorization from the listed models of a seed-0 run alone, each trained as stability() does."""
-    from memcore.training import predict
+    from memcore.eval.training import predict
 
     n = len(ds)
     c = {k: torch.zeros(n, dtype=torch.float64) for k in ("ic", "it", "oc", "ot")}
@@ -116,12 +118,40 @@ def test_metrics():
     a = torch.tensor([1.0, 2.0, 3.0, float("nan")])
     assert cosine(a, a) == pytest.approx(1.0)
     assert pearson(a, -a) == pytest.approx(-1.0)
-    assert cosine(torch.tensor([1.0, 0.0, 5.0]), torch.tensor([0.0, 1.0, 5.0]), top=1) == pytest.approx(1.0)
+    # top 2 by the second vector: samples 2 and 1, (5, 0) against (5, 1)
+    assert cosine(torch.tensor([1.0, 0.0, 5.0]), torch.tensor([0.0, 1.0, 5.0]), top=2) == pytest.approx(25 / 26 ** 0.5 / 5)
     assert auroc(torch.tensor([0.1, 0.9, float("nan")]), torch.tensor([False, True, False])) == 1.0
     x = torch.tensor([0.5, 3.0, 1.0, 9.0, 2.0])
     assert spearman(x, x.exp()) == pytest.approx(1.0)  # ranks only: any increasing map
     assert spearman(x, -x ** 3) == pytest.approx(-1.0)
     assert spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.8660254)
+
+
+def test_top_k_agreement_is_undefined_where_the_estimate_is_constant():
+    """Against an estimate that is constant on its top k, cosine would measure only how even the
+    score is there (uniform noise in [1, 2] scores 0.98): the top-k cosine is n/a, the rank overlap
+    stays meaningful and sits at chance for a score unrelated to the estimate."""
+    g = torch.Generator().manual_seed(0)
+    mem = torch.zeros(4000, dtype=torch.float64)
+    mem[:400] = 1.0  # 400 samples at the estimate's maximum
+    noise = 1.0 + torch.rand(4000, generator=g, dtype=torch.float64)
+    assert math.isnan(cosine(noise, mem, top=400))
+    assert math.isnan(pearson(noise, mem, top=400)) and math.isnan(spearman(noise, mem, top=400))
+    assert top_k_overlap(noise, mem, 400) == pytest.approx(0.1, abs=0.04)  # chance: 400 / 4000
+    assert top_k_overlap(mem + noise / 10, mem, 400) == 1.0
+    # ties at the k-th value count as broken at random: 2 of the 4 tied samples make the top 2
+    b = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    assert top_k_overlap(torch.tensor([6.0, 5.0, 0.0, 0.0, 1.0, 2.0]), b, 2) == pytest.approx(0.5)
+    assert top_k_overlap(torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0, 1.0]), b, 2) == 0.0
+    x = torch.tensor([3.0, 1.0, 2.0, 5.0])
+    assert top_k_overlap(x, x, 2) == 1.0 and top_k_overlap(x, -x, 2) == 0.0
+    from memcore.eval.experiment import agreement_rows
+
+    rows, facts = agreement_rows({"csl": noise}, mem, 400)
+    assert facts["estimate_constant"] and facts["overlap_chance"] == pytest.approx(0.1)
+    assert math.isnan(rows["csl"]["CS top 400"]) and rows["csl"]["overlap top 400"] < 0.2
+    rows, facts = agreement_rows({"csl": noise}, mem + noise, 400)  # an estimate that varies: defined
+    assert not facts["estimate_constant"] and rows["csl"]["SC top 400"] > 0.9
 
 
 def test_split_half_reliability():
@@ -157,7 +187,10 @@ def test_experiment_command_end_to_end(tmp_path):
         assert st[key] > 0, key
     assert 0.0 <= st["train_accuracy"] <= 1.0 and 0.0 <= st["stability_p_in"] <= 1.0
     assert 0.0 <= st["reliability"] <= 1.0  # 2 models a half: small, but a number
-    assert set(st["agreement"]["csl"]) == {"CS top 30", "PC top 30", "CS all", "PC all", "SC all"}
+    assert set(st["agreement"]["csl"]) == {"CS top 30", "PC top 30", "SC top 30", "overlap top 30",
+                                           "CS all", "PC all", "SC all"}
+    assert st["top_k"] == 30 and 0.0 < st["top_k_overlap_chance"] <= 1.0
+    assert isinstance(st["top_k_estimate_constant"], bool)
     assert "Split-half reliability" in md
     assert "| CSL |" in md and "Mislabel detection" in md and "python -m memcore experiment" in md
     with open(os.path.join(out, "roc_mislabel.png"), "rb") as f:

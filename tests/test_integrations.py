@@ -1,7 +1,6 @@
 """Framework integrations; each test runs only where its framework is installed."""
 import os
 import runpy
-import sys
 
 import pytest
 
@@ -26,7 +25,7 @@ def test_lightning_callback_and_checkpoint(tmp_path):
     cb = MemcoreCallback(tracker)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[cb], default_root_dir=str(tmp_path))
-    from memcore.data import load_digits
+    from memcore.eval.datasets import load_digits
 
     trainer.fit(mod["Classifier"](tracker), torch.utils.data.DataLoader(load_digits(), batch_size=256))
     ckpt = next((tmp_path / "checkpoints").glob("*.ckpt")) if (tmp_path / "checkpoints").exists() else \

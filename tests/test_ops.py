@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 import memcore
-from memcore import _ops  # noqa: F401
 
 
 def _inputs(device, n=8, c=5, dtype=torch.float32):

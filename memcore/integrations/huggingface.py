@@ -20,8 +20,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("memcore.integrations.huggingface needs `pip install transformers`") from e
 
-from ..accumulate import accumulate
 from .._io import atomic_save
+from ..accumulate import accumulate
 from ..tracker import Tracker
 
 TRACKER_FILE = "memcore_tracker.pt"

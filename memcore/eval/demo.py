@@ -1,27 +1,34 @@
 """The demo: train a small network on scikit-learn's digits with injected label noise, tracking
 per-sample statistics with memcore, and show how well each score finds the flipped labels.
 
-    python -m memcore demo [--noise 0.1] [--epochs 40] [--seed 0]
+    python -m memcore demo [--noise 0.1] [--epochs 40] [--seed 0] [--out runs/demo]
+
+Writes every sample's scores as CSV (``memcore.export.to_csv``) to ``<out>/scores.csv``.
 """
+import argparse
+import os
 import time
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .accumulate import accumulate
-from .data import inject_label_noise, load_digits
-from .tracker import Tracker
+from .. import export
+from ..accumulate import accumulate
+from ..scores import suspicion
+from ..tracker import Tracker
+from . import _args, require
+from .corruptions import inject_label_noise
+from .datasets import load_digits
 
-# score name -> (label shown, sign that makes "higher = more suspicious")
+# score name -> label shown; the direction that makes "higher = more suspicious" is the registry's
 SUSPICION = {
-    "csl": ("CSL (cumulative sample loss)", 1.0),
-    "last_loss": ("final loss", 1.0),
-    "learning_time": ("learning time (epochs)", 1.0),
-    "forgetting": ("forgetting events", 1.0),
-    "confidence_mean": ("in-confidence (1 - p)", -1.0),
-    "aum": ("area under margin", -1.0),
+    "csl": "CSL (cumulative sample loss)",
+    "last_loss": "final loss",
+    "learning_time": "learning time (epochs)",
+    "forgetting": "forgetting events",
+    "confidence_mean": "in-confidence (1 - p)",
+    "aum": "area under margin",
 }
 
 
@@ -34,10 +41,12 @@ def _model(in_dim: int, num_classes: int) -> torch.nn.Module:
 
 
 def run_demo(noise: float = 0.1, epochs: int = 40, seed: int = 0, top: int = 10,
-             device: Optional[str] = None, progress: bool = True) -> Dict[str, float]:
-    """Runs the demo, prints its report and returns {score name: mislabel AUROC}."""
-    from sklearn.metrics import roc_auc_score
-    from tqdm.auto import tqdm
+             device: Optional[str] = None, progress: bool = True,
+             out: Optional[str] = "runs/demo") -> Dict[str, float]:
+    """Runs the demo, prints its report, writes the scores to ``<out>/scores.csv`` (``out=None``:
+    no file) and returns {score name: mislabel AUROC}."""
+    roc_auc_score = require("sklearn.metrics").roc_auc_score
+    tqdm = require("tqdm.auto").tqdm
 
     torch.manual_seed(seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -70,10 +79,10 @@ def run_demo(noise: float = 0.1, epochs: int = 40, seed: int = 0, top: int = 10,
 
     scores = tracker.scores()
     truth = flipped.numpy()
-    aurocs = {k: float(roc_auc_score(truth, (sign * scores[k]).numpy())) for k, (_, sign) in SUSPICION.items()}
+    aurocs = {k: float(roc_auc_score(truth, suspicion(k, scores[k]).numpy())) for k in SUSPICION}
     print(f"trained in {elapsed:.1f}s, final train accuracy {correct / n:.3f} (on the noisy labels)\n")
     print("AUROC for finding the flipped labels (1.0 = perfect, 0.5 = chance):")
-    for k, (label, _) in sorted(SUSPICION.items(), key=lambda kv: -aurocs[kv[0]]):
+    for k, label in sorted(SUSPICION.items(), key=lambda kv: -aurocs[kv[0]]):
         print(f"  {label:<30s} {aurocs[k]:.4f}")
 
     model.eval()
@@ -88,4 +97,28 @@ def run_demo(noise: float = 0.1, epochs: int = 40, seed: int = 0, top: int = 10,
               f"{int(pred[i]):9d}  {'yes' if flipped[i] else 'no'}")
     hits = int(flipped[order].sum())
     print(f"\n{hits}/{top} of the top-{top} CSL samples are flipped labels.")
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "scores.csv")
+        export.to_csv(scores, path, labels=data.y)
+        print(f"\nwrote every sample's scores to {path} (columns: index, label, "
+              f"{', '.join(scores)}).\nNext: rank your own data the same way, "
+              f"memcore.export.ranked_issues(tracker.scores(), by='csl'); or run the papers' "
+              f"experiments: python -m memcore experiment --help")
     return aurocs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``python -m memcore demo``; each one's range is checked by argparse."""
+    p.add_argument("--noise", type=_args.rate, default=0.1, help="fraction of labels to flip, in [0, 1)")
+    p.add_argument("--epochs", type=_args.positive_int, default=40, help="training epochs")
+    p.add_argument("--seed", type=_args.nonnegative_int, default=0, help="seed of noise, model and order")
+    p.add_argument("--top", type=_args.positive_int, default=10, help="how many suspicious samples to list")
+    p.add_argument("--device", type=_args.device, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default="runs/demo", help="directory for scores.csv")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def from_args(args: argparse.Namespace) -> Dict[str, object]:
+    return dict(noise=args.noise, epochs=args.epochs, seed=args.seed, top=args.top, device=args.device,
+                progress=not args.no_progress, out=args.out)

@@ -10,20 +10,25 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..scores import suspicion
 from .training import TrainConfig, labels_of, predict, train
 
 
 def from_tracker(scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Baselines available from one tracked run, oriented so that higher = more suspicious."""
+    """Baselines available from one tracked run, oriented so that higher = more suspicious (the
+    direction of each tracker score comes from the registry, ``memcore.scores``)."""
     out = {
-        "in_confidence": 1.0 - scores["confidence_mean"],
-        "forgetting": scores["forgetting"],
-        "learning_time": scores["learning_time"],
-        "aum": -scores["aum"],
+        # in-confidence as the papers define it, 1 - p: the registry's orientation (-p) shifted by 1,
+        # which AUROC ignores but the cosine of the agreement tables does not
+        "in_confidence": 1.0 + suspicion("confidence_mean", scores["confidence_mean"]),
+        "forgetting": suspicion("forgetting", scores["forgetting"]),
+        "learning_time": suspicion("learning_time", scores["learning_time"]),
+        "aum": suspicion("aum", scores["aum"]),
     }
     if not torch.isnan(scores["input_grad_norm"]).all():
-        out["loss_sensitivity"] = scores["input_grad_norm"]  # input-gradient magnitude over training
-        out["learning_time_formal"] = scores["learning_time_formal"]
+        # input-gradient magnitude over training
+        out["loss_sensitivity"] = suspicion("input_grad_norm", scores["input_grad_norm"])
+        out["learning_time_formal"] = suspicion("learning_time_formal", scores["learning_time_formal"])
     return out
 
 

@@ -3,6 +3,10 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from . import require
+
+require("matplotlib", "sklearn")  # fail at import, naming the eval extra
+
 
 def _plt():
     import matplotlib

@@ -16,7 +16,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.utils.data import Dataset
 
-from ._io import atomic_save
+from .._io import atomic_save
+from . import require
 from .training import TrainConfig, labels_of, predict, train
 
 
@@ -45,7 +46,7 @@ def stability(
         odd-numbered models alone (absent when resuming a checkpoint written before they were kept).
         Samples never held out (or never included) get NaN memorization.
     """
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto").tqdm
 
     if not 0.0 < subset < 1.0:
         raise ValueError(f"subset must be in (0, 1), got {subset}")

@@ -4,6 +4,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import require
+
 
 def _np(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
@@ -11,8 +13,7 @@ def _np(x) -> np.ndarray:
 
 def auroc(score, is_positive) -> float:
     """ROC AUC of `score` (higher = more suspicious) for the boolean `is_positive`; NaN scores rank lowest."""
-    from sklearn.metrics import roc_auc_score
-
+    roc_auc_score = require("sklearn.metrics").roc_auc_score
     s, y = _np(score), _np(is_positive).astype(bool)
     finite = np.isfinite(s)
     lo, hi = (s[finite].min() - 1.0, s[finite].max() + 1.0) if finite.any() else (0.0, 1.0)
@@ -32,8 +33,15 @@ def _pair(a, b, top: Optional[int], by):
 
 
 def cosine(a, b, top: Optional[int] = None, by=None) -> float:
-    """Cosine similarity of two score vectors; with `top`, on the `top` samples ranked highest by `by` (default b)."""
+    """Cosine similarity of two score vectors; with `top`, on the `top` samples ranked highest by `by` (default b).
+
+    NaN when either vector is constant on the chosen samples (with `top`): against a constant
+    vector cosine measures only how even the other one is (uniform noise in [1, 2] scores 0.98),
+    not agreement. Without `top` the full vectors are compared, as the papers do.
+    """
     x, y = _pair(a, b, top, by)
+    if top is not None and (len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0):
+        return float("nan")
     den = np.linalg.norm(x) * np.linalg.norm(y)
     return float(x @ y / den) if den > 0 else float("nan")
 
@@ -46,12 +54,39 @@ def pearson(a, b, top: Optional[int] = None, by=None) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x, ties given their average rank."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)
+    return (last - (counts - 1) / 2.0)[inverse]
+
+
 def spearman(a, b, top: Optional[int] = None, by=None) -> float:
     """Spearman rank correlation (Pearson of the ranks, ties averaged), like `pearson`."""
-    from scipy.stats import rankdata
-
     x, y = _pair(a, b, top, by)
-    return pearson(rankdata(x), rankdata(y)) if len(x) >= 2 else float("nan")
+    return pearson(_ranks(x), _ranks(y)) if len(x) >= 2 else float("nan")
+
+
+def _top_membership(x: np.ndarray, k: int) -> np.ndarray:
+    """P(sample in the top k of x) when ties at the k-th value are broken at random."""
+    v = np.sort(x)[::-1][k - 1]
+    above, tied = x > v, x == v
+    p = above.astype(np.float64)
+    p[tied] = (k - above.sum()) / tied.sum()
+    return p
+
+
+def top_k_overlap(a, b, k: int) -> float:
+    """Fraction of the `k` samples ranked highest by `a` that are among the `k` highest by `b`
+    (finite entries of both only; k is capped at their number), ties at the k-th value broken at
+    random (the expectation is returned). A rank measure that stays defined when `b` is constant on its top k; chance level
+    is k / N.
+    """
+    x, y = _pair(a, b, None, None)
+    k = min(int(k), len(x))
+    if k < 1:
+        return float("nan")
+    return float(_top_membership(x, k) @ _top_membership(y, k) / k)
 
 
 def split_half_reliability(half_a, half_b) -> float:

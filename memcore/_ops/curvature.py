@@ -2,7 +2,7 @@
 csrc/cpu/curvature.cpp and csrc/cuda/curvature.cu). Imported by memcore._ops."""
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.memcore.*)
+from .. import _C  # noqa: F401  (registers torch.ops.memcore.*)
 
 
 @torch.library.register_fake("memcore::philox4x32")

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .accumulate import accumulate
-from .tracker import Tracker
+from ..accumulate import accumulate
+from ..tracker import Tracker
+from . import require
 
 
 @dataclass
@@ -43,7 +44,7 @@ def train(
     index each sample carries), else F.cross_entropy. `on_epoch_end(epoch, model)` runs after
     each epoch (after `tracker.end_epoch()`), e.g. to score curvature.
     """
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto").tqdm
 
     dev = cfg.torch_device()
     model.to(dev)

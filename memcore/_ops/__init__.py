@@ -1,0 +1,18 @@
+"""Loads the compiled extension memcore._C (which registers torch.ops.memcore.*) and the Python
+side of each op family: fake kernels and autograd (``cross_entropy``, ``curvature``)."""
+from .. import _C
+from . import cross_entropy, curvature  # noqa: F401  (fake kernels / autograd registration)
+
+
+def with_cuda() -> bool:
+    """True when this build of memcore contains the CUDA kernels."""
+    return bool(_C.with_cuda())
+
+
+def cpu_isa() -> str:
+    """The instruction set of the CPU kernels picked at load (e.g. ``"avx2"``, ``"baseline"``);
+    ``MEMCORE_CPU_ISA=avx2|baseline`` overrides the choice before import."""
+    return str(_C.cpu_isa())
+
+
+__all__ = ["with_cuda", "cpu_isa"]

@@ -1,0 +1,99 @@
+"""`python -m memcore`: help text, flag ranges checked by argparse (errors name the flag), the
+demo's CSV, and the experiment's output directory."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import memcore
+from memcore.__main__ import main
+
+
+def _cli(*args, cwd=None):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(memcore.__file__)))
+    path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return subprocess.run([sys.executable, "-m", "memcore", *args], env=dict(os.environ, PYTHONPATH=path),
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_top_level_help_describes_both_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "demo" in text and "experiment" in text and "scores.csv" in text and "runs/" in text
+
+
+def test_experiment_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["experiment", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--subset", "--epochs", "--curvature-every", "--stability-k", "--lr", "--out", "--model"):
+        assert flag in text, flag
+    assert "(default: 20)" in text and "(default: 0.05)" in text and "{cnn,mlp}" in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "(default: runs/demo)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["experiment", "--subset", "-5"], "--subset"),
+    (["experiment", "--subset", "0"], "--subset"),
+    (["experiment", "--curvature-every", "0"], "--curvature-every"),
+    (["experiment", "--epochs", "-1"], "--epochs"),
+    (["experiment", "--epochs", "2.5"], "--epochs"),
+    (["experiment", "--noise", "0.1,1.5"], "--noise"),
+    (["experiment", "--stability-noise", "-0.1"], "--stability-noise"),
+    (["experiment", "--lr", "0"], "--lr"),
+    (["experiment", "--model", "resnet"], "--model"),
+    (["experiment", "--dataset", "imagenet"], "--dataset"),
+    (["experiment", "--device", "gpu7"], "--device"),
+    (["demo", "--noise", "1.0"], "--noise"),
+    (["demo", "--top", "0"], "--top"),
+    (["demo", "--epochs", "-3"], "--epochs"),
+])
+def test_bad_flags_are_refused_by_name(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}:" in err and "Traceback" not in err, err
+
+
+def test_bad_flag_from_the_command_line_is_one_error_line(tmp_path):
+    r = _cli("experiment", "--subset", "-5", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == \
+        "python -m memcore experiment: error: argument --subset: must be an integer >= 1, got '-5'"
+
+
+def test_missing_data_dir_is_an_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["experiment", "--dataset", "cifar10", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "error: CIFAR needs --data-dir" in capsys.readouterr().err
+
+
+def test_experiment_writes_to_a_fresh_runs_directory_by_default(tmp_path, monkeypatch):
+    from memcore.eval.experiment import ExperimentConfig, default_out, run
+    from memcore.eval.training import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    out = default_out("digits")
+    assert out.startswith(os.path.join("runs", "digits-"))
+    cfg = ExperimentConfig(subset=100, noise=[0.1], train=TrainConfig(epochs=1, progress=False, device="cpu"))
+    res = run(cfg)
+    written = res["config"]["out"]
+    assert written.startswith(os.path.join("runs", "digits-")) and os.path.isfile(os.path.join(written, "results.json"))
+    with pytest.raises(ValueError, match="curvature_every"):
+        run(ExperimentConfig(curvature_every=0, out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_demo_writes_scores_csv_and_suggests_next_step(tmp_path, capsys):
+    main(["demo", "--epochs", "2", "--no-progress", "--out", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    path = tmp_path / "demo" / "scores.csv"
+    lines = path.read_text().splitlines()
+    assert lines[0] == "index,label," + ",".join(memcore.SCORE_NAMES) and len(lines) == 1797 + 1
+    assert str(path) in out and "Next:" in out
