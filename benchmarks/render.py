@@ -27,13 +27,15 @@ ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ------------------------------------------------------------------------------------ store
 def load(path: Path = STORE, allow_dirty: bool = False):
-    """(published rows, how many were left out): the latest row per figure, dirty and unrecorded
-    trees left out unless ``allow_dirty``."""
+    """(published rows, how many figures were left out): the latest row per figure; rows from dirty or
+    unrecorded trees left out unless ``allow_dirty`` (a clean older figure then stands)."""
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     df["value"] = df["value"].astype(float)
-    df = df.sort_values("date", kind="stable").drop_duplicates(KEY, keep="last")
+    df = df.sort_values("date", kind="stable")
     clean = df["dirty"] == "0"
-    return (df if allow_dirty else df[clean]), int((~clean).sum()) if not allow_dirty else 0
+    if allow_dirty:
+        return df.drop_duplicates(KEY, keep="last"), 0
+    return df[clean].drop_duplicates(KEY, keep="last"), len(df[~clean].drop_duplicates(KEY))
 
 
 def provenance(rows: pd.DataFrame) -> str:
@@ -106,11 +108,13 @@ def cross_entropy(df: pd.DataFrame) -> List[str]:
         **{f"{v} (ms)": fmt(r.get(v)) for v in variants},
         "memcore / plain": fmt(div(r.get("memcore"), r.get("plain")), "x"),
         "eager / memcore": fmt(div(r.get("eager"), r.get("memcore")), "x"),
-        **({"memcore_overwrite / plain": fmt(div(r["memcore_overwrite"], r.get("plain")), "x")} if "memcore_overwrite" in r else {}),
+        **({"memcore_overwrite / plain": fmt(div(r["memcore_overwrite"], r.get("plain")), "x")}
+           if "memcore_overwrite" in r else {}),
         **({"memcore / liger": fmt(div(r.get("memcore"), r["liger"]), "x")} if "liger" in r else {}),
         "rounds": " / ".join(fmt(at(rnd, k, v), "int") for v in variants),
         **meta(rows[(rows["shape"] == k[0]) & (rows.device == k[2])])} for k, r in med.iterrows()])
-    return ["## Cross-entropy kernel: memcore.accumulate vs F.cross_entropy", "", *header(rows), "", markdown(table), "",
+    return ["## Cross-entropy kernel: memcore.accumulate vs F.cross_entropy", "", *header(rows), "",
+            markdown(table), "",
             *_gpu_todo(rows),
             "Median wall time of one forward + backward pass over the same logits tensor (CPU: float32, CUDA: "
             "bfloat16). *plain*: `F.cross_entropy(...).backward()`, no statistics. *eager*: the same six per-sample "
@@ -171,7 +175,8 @@ def scaling(df: pd.DataFrame) -> List[str]:
         med = med.reindex(sorted(med.index, key=lambda k: (k[2], int(k[0].split("x")[axis]))))
         variants = [v for v in CE_VARIANTS if v in med]
         table = pd.DataFrame([dict(zip(["N x C", "dtype", "device", "threads"], k)) | {
-            **{f"{v} (ms)": fmt(r.get(v)) for v in variants}, "eager / memcore": fmt(div(r.get("eager"), r.get("memcore")), "x"),
+            **{f"{v} (ms)": fmt(r.get(v)) for v in variants},
+            "eager / memcore": fmt(div(r.get("eager"), r.get("memcore")), "x"),
             **{f"{v} peak (MiB)": fmt(at(peak, k, v)) for v in variants},
             **meta(part[(part["shape"] == k[0]) & (part.device == k[2])])} for k, r in med.iterrows()])
         fixed = sorted({s.split("x")[1 - axis] for s in part["shape"]})
@@ -239,7 +244,8 @@ def curvature(df: pd.DataFrame) -> List[str]:
                                f"{ref.best_s / r.best_s:.2f}x / {ref.median_s / r.median_s:.2f}x"}
                               for m, r in t.iterrows()])
         out += [f"### {device.upper()}", "", *header(part),
-                f"- Shapes: `small_cnn` (benchmarks/curvature_reference.py), inputs [{main['shape'].iloc[0].replace('x', ', ')}] "
+                f"- Shapes: `small_cnn` (benchmarks/curvature_reference.py), inputs "
+                f"[{main['shape'].iloc[0].replace('x', ', ')}] "
                 f"{main['dtype'].iloc[0]}, 10 classes; {fmt(t['rounds'].max(), 'int')} interleaved rounds; "
                 f"{meta(main)['date']} ({meta(main)['commit']})", "", markdown(table), ""]
         for case, g in part[~part.case.isin(["10 probes", "100 probes"])].groupby("case"):
@@ -271,7 +277,8 @@ def experiments(folder: Path) -> List[dict]:
             continue
         cfg, st = d["config"], d["stability"]
         noise = cfg.get("stability_noise") or 0.0
-        d["label"] = f"{cfg['dataset']} {cfg['subset']}, {f'{noise:.0%} noise' if noise else 'clean labels'}, K={st['k']}"
+        data = f"{noise:.0%} noise" if noise else "clean labels"
+        d["label"] = f"{cfg['dataset']} {cfg['subset']}, {data}, K={st['k']}"
         d["path"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
         d["date"] = d.get("date") or subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT,
                                                     capture_output=True, text=True).stdout.strip() or "uncommitted"
@@ -293,7 +300,8 @@ def stability(exps: Sequence[dict]) -> List[str]:
         cost = pd.DataFrame([{"K (models)": st["k"], "plain run (s)": fmt(st.get("plain_seconds")),
                               "CSL run (s)": fmt(st["csl_seconds"]), "every score (s)": fmt(st["tracked_seconds"]),
                               "stability, K models (s)": fmt(st["stability_seconds"]), "per model (s)": fmt(per_model),
-                              **{f"ratio at K={k}": f"{k * per_model / st['csl_seconds']:,.0f}x" for k in (2000, 4000)}}])
+                              **{f"ratio at K={k}": f"{k * per_model / st['csl_seconds']:,.0f}x"
+                                 for k in (2000, 4000)}}])
         agree = pd.DataFrame(st["agreement"]).T.map(lambda v: "n/a" if v != v else f"{v:.3f}")
         if constant_top(st["agreement"]):
             for c in [c for c in agree if c.startswith("CS top")]:
@@ -306,7 +314,8 @@ def stability(exps: Sequence[dict]) -> List[str]:
                                       .replace("SC ", "Spearman, "))), ""]
         if "reliability" in st:
             rel = st["reliability"]
-            out += [f"Fit: the tracked model classifies {st['train_accuracy']:.1%} of its training samples as labelled; "
+            out += [f"Fit: the tracked model classifies {st['train_accuracy']:.1%} of its training samples as "
+                    "labelled; "
                     f"the stability models {st['stability_p_in']:.1%} of those they trained on. Split-half reliability "
                     f"of the K-model estimate (Spearman–Brown): {rel:.3f}, so no score can correlate with it above "
                     f"√{rel:.3f} = {rel ** 0.5:.3f}.", ""]
@@ -358,7 +367,8 @@ def figures(df: pd.DataFrame, exps: Sequence[dict]) -> pd.DataFrame:
         st, rows = d["stability"], pd.DataFrame([dict(device="cpu", machine="machine not recorded", date=d["date"],
                                                       commit="", dirty="0")])
         agree = st["agreement"]["csl"]
-        add("stability cost ratio K=2000", rows, d["label"], 2000 * st["stability_seconds"] / st["k"] / st["csl_seconds"])
+        add("stability cost ratio K=2000", rows, d["label"],
+            2000 * st["stability_seconds"] / st["k"] / st["csl_seconds"])
         for key, v in agree.items():
             if key.startswith("CS top"):
                 why = ("n/a: the estimate is 1.0 on every top-k sample, so a cosine there cannot fail"
@@ -389,7 +399,8 @@ def goals_table(figs: pd.DataFrame) -> List[str]:
             worst = ok.loc[ok.value.idxmax() if g.op == "<=" else ok.value.idxmin()]
             span = f"{g.fmt.format(ok.value.min())}–{g.fmt.format(ok.value.max())}" if len(ok) > 1 else ""
             text = g.fmt.format(worst.value)
-            rows.append([g.wording, g.issue, f"{g.device} ({worst.machine})", f"{text} worst ({span})" if span else text,
+            rows.append([g.wording, g.issue, f"{g.device} ({worst.machine})",
+                         f"{text} worst ({span})" if span else text,
                          "; ".join(ok["at"]), verdict(text, g.op, g.threshold)])
             continue
         for _, f in sel.iterrows():

@@ -58,12 +58,14 @@ def test_slow_shape_fails_the_goal(tmp_path):
 
 def test_dirty_rows_are_refused_unless_allowed(tmp_path):
     rows = ROWS + [ce("8192x32000", s, v, dirty="1") for s, v in (("plain", 1.0), ("memcore", 5.0), ("eager", 9.0))]
+    rows.append(ce("4096x1000", "memcore", 50.0, dirty="1", commit="", date="2026-03-01T00:00:00Z"))
     text = published(tmp_path, rows)
-    assert "8192x32000" not in text and "3 stored figures from modified or unrecorded" in text
+    assert "8192x32000" not in text and "4 stored figures from modified or unrecorded" in text
+    assert "| 4096x1000 | float32 | cpu | 2 | 10.0 | 40.0 | 5.00 |" in text  # the older clean figure stands
     assert goal_line(text, "accumulate fwd+bwd ≤ 1.10x plain").endswith("| ✓ |")
     (tmp_path / "results.csv").unlink()
     text = published(tmp_path, rows, allow_dirty=True)
-    assert "aaaaaaa+dirty" in text and "Includes figures measured on modified" in text
+    assert "aaaaaaa+dirty" in text and "unrecorded" in text and "Includes figures measured on modified" in text
     assert goal_line(text, "accumulate fwd+bwd ≤ 1.10x plain").endswith("| ✗ |")  # 5.00x counts now
 
 
