@@ -218,7 +218,8 @@ def plot(df: pd.DataFrame, path: Path) -> None:
             ax.plot(g.x, g.value, marker="o", linestyle="-" if device == "cpu" else "--", label=f"{variant} ({device})")
         ax.set(xscale="log", yscale="log", xlabel=sweep, ylabel="forward + backward (ms)", title=f"time vs {sweep}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if not part.empty:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -447,7 +448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "publish them)", file=sys.stderr)
     exps = experiments(args.results) if args.results.is_dir() else []
     args.output.write_text(render(df, exps, left_out, args.allow_dirty))
-    if (df.suite == "scaling").any():
+    if df.case.str.startswith("loss vs").any():
         plot(df, args.output.parent / "scaling.png")
     print(f"[memcore] wrote {args.output}", file=sys.stderr)
     return 0
