@@ -14,7 +14,7 @@ The two that write their gradient into the logits get a fresh copy of them each 
 outside the timing.
 
 On CUDA, test_cuda_copy_bandwidth also times a device-to-device copy of a buffer the size of the
-largest logits tensor: the bandwidth the memory-bound loss kernels are judged against (report.py
+largest logits tensor: the bandwidth the memory-bound loss kernels are judged against (render.py
 turns memcore's time into effective GB/s: logits read twice, gradient written once).
 
 CPU runs float32, CUDA bfloat16. Quick mode (default) runs 512x10 and 4096x1000 on CPU (and every
@@ -23,8 +23,7 @@ MEMCORE_BENCH_FULL=1. Every case first checks, outside the timing, that memcore'
 F.cross_entropy (and, per variant, the eager statistics / memcore gradient), so a quick or
 --benchmark-disable run also catches wrong results.
 
-    pytest benchmarks/test_bench_cross_entropy.py --benchmark-json=/tmp/bench_ce.json
-    python benchmarks/report.py /tmp/bench_ce.json     # -> benchmarks/RESULTS.md
+    bash scripts/bench.sh -k cross_entropy      # measure, store in benchmarks/results.csv, render
 """
 import gc
 import math

@@ -23,8 +23,7 @@ the tracker's state size (every buffer of its state_dict) and the peak memory of
 Quick mode (default) runs a subset of the CPU sizes (C in 10, 1000, 32000; N in 256, 1024, 4096;
 num_samples 1e4, 1e5); --bench-full runs them all. CUDA runs every size.
 
-    pytest benchmarks/test_bench_scaling.py --bench-threads=1 --benchmark-json=/tmp/bench_scaling.json
-    python benchmarks/plot_scaling.py /tmp/bench_scaling.json      # -> benchmarks/scaling.png
+    bash scripts/bench.sh -k scaling --bench-threads=1     # measure, store, render (RESULTS.md + scaling.png)
 """
 import gc
 
@@ -33,8 +32,8 @@ import torch
 
 import memcore
 
-import test_bench_cross_entropy as ce  # problem, variants and timing helper; benchmarks/ is on sys.path
-from memory import peak_mib
+from benchmarks import test_bench_cross_entropy as ce  # problem, variants and timing helper
+from benchmarks.memory import peak_mib
 
 HAS_CUDA = torch.cuda.is_available()
 C_SWEEP = (10, 100, 1000, 10000, 32000)

@@ -12,9 +12,9 @@ backward, SGD step (momentum 0.9). Variants:
     plain+xgrad      (interleaved test only) F.cross_entropy with x.requires_grad: the cost of the
                      input gradient alone, without memcore, to tell it apart from memcore's hooks.
 
-Cases (goals, see report.py: memcore <= 1 % slower than plain, memcore+inputs <= 5 %):
+Cases (goals, see benchmarks/goals.py: memcore <= 1 % slower than plain, memcore+inputs <= 5 %):
 
-    small_cnn  CPU float32   batch 128 x 3x32x32, 10 classes (memcore.models.small_cnn)
+    small_cnn  CPU float32   batch 128 x 3x32x32, 10 classes (memcore.eval.models.small_cnn)
     resnet18   CUDA bf16     batch 256 x 3x32x32, 10 classes, torch.autocast(bfloat16) (resnet.py)
     lm         embedding(V, 256) + linear(256, V) on [B sequences x T tokens], one dataset id per
                sequence (index of shape [B]), the last 0..T/4 targets of each sequence -100
@@ -25,14 +25,13 @@ Per-variant medians from separate tests drift with the load of a shared machine 
 1 % the goal asks for, so each case also has an ``interleaved`` test: one round runs one step of
 every variant back to back (rotating the order), and its extra_info holds, per variant, the median
 over rounds of (variant step time / plain step time in the same round) with a distribution-free
-95 % confidence interval of that median. report.py shows both.
+95 % confidence interval of that median. RESULTS.md shows both; the goals are judged on the interleaved figures.
 
 Each case first checks, outside the timing, that memcore's loss equals F.cross_entropy's on the
 same batch and weights (and that memcore+inputs recorded input-gradient norms), so a
 --benchmark-disable run also catches wrong results.
 
-    pytest benchmarks/test_bench_training_step.py --bench-threads=1 --benchmark-json=/tmp/bench_step.json
-    python benchmarks/report.py /tmp/bench_step.json
+    bash scripts/bench.sh -k training_step --bench-threads=1    # measure, store, render
 """
 import contextlib
 import math
@@ -46,10 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import memcore
-from memcore.models import small_cnn
-
-import test_bench_cross_entropy as ce  # shared helpers (_rounds, _dtype_name); benchmarks/ is on sys.path
-from resnet import resnet18
+from benchmarks import test_bench_cross_entropy as ce  # shared helpers (_rounds, _dtype_name)
+from benchmarks.resnet import resnet18
+from memcore.eval.models import small_cnn
 
 HAS_CUDA = torch.cuda.is_available()
 VISION_VARIANTS = ("plain", "memcore", "memcore+inputs")

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The benchmark suite: bash scripts/bench.sh [--full] [extra pytest args]
 #   default: quick shapes with real timing; --full adds the heavy cases (8192 x 32000 on CPU).
-# Saves pytest-benchmark JSON under benchmarks/out/, keeps a compact copy in benchmarks/json/ (the
-# runs RESULTS.md is made from, committed), and regenerates the tables in benchmarks/RESULTS.md
-# from every run kept there (benchmarks/report.py --dir; a kept run whose every case was measured
-# again is pruned), then the goals table at its top (benchmarks/summary.py). So a GPU-only run
-# (`-k cuda`) adds its rows beside the CPU ones.
-# MEMCORE_BENCH_NOTE: a line stored with the run and shown under its sections' headers (e.g.
-# "otherwise idle machine"). Uses .venv (CPU torch) unless MEMCORE_PY names a Python that
-# already has torch and memcore (e.g. a GPU machine's own torch).
+# Appends every measured figure to benchmarks/results.csv (one row each, with the git commit and
+# whether the tree had changes), then regenerates benchmarks/RESULTS.md and scaling.png from the
+# whole store (python -m benchmarks.render; the latest figure per case wins, so a GPU-only run
+# `-k cuda` adds its rows beside the CPU ones). Figures from a modified tree are stored but not
+# published unless MEMCORE_ALLOW_DIRTY=1 (render --allow-dirty, marked as such).
+# MEMCORE_BENCH_NOTE: a line stored with each figure (e.g. "otherwise idle machine"). Uses .venv
+# (CPU torch) unless MEMCORE_PY names a Python that already has torch and memcore (e.g. a GPU
+# machine's own torch). The raw pytest-benchmark JSON stays in benchmarks/out/ (not committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${MEMCORE_PY:-}" ]; then
@@ -19,16 +19,13 @@ else
   py=.venv/bin/python
 fi
 mkdir -p benchmarks/out
-stamp="$(date -u +%Y%m%dT%H%M%SZ)"
-json="benchmarks/out/bench-$stamp.json"
+json="benchmarks/out/bench-$(date -u +%Y%m%dT%H%M%SZ).json"
 args=()
 for a in "$@"; do
   if [ "$a" = "--full" ]; then args+=(--bench-full); else args+=("$a"); fi
 done
-"$py" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$json" ${args[@]+"${args[@]}"}
-[ -f "$json" ] || { echo "[memcore] no benchmark ran (all skipped or deselected): nothing to report"; exit 1; }
-notes=()
-[ -z "${MEMCORE_BENCH_NOTE:-}" ] || notes=(--note "$MEMCORE_BENCH_NOTE")
-"$py" benchmarks/report.py "$json" --dir benchmarks/json --save benchmarks/json --prune ${notes[@]+"${notes[@]}"}
-"$py" benchmarks/summary.py > /dev/null  # the goals table at the top, from every saved measurement
-echo "[memcore] wrote $json, benchmarks/json/$(basename "$json") and benchmarks/RESULTS.md"
+"$py" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$json" --bench-store=benchmarks/results.csv \
+  ${args[@]+"${args[@]}"}
+render=()
+[ "${MEMCORE_ALLOW_DIRTY:-0}" = "1" ] && render=(--allow-dirty)
+"$py" -m benchmarks.render ${render[@]+"${render[@]}"}

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # The GPU checks, for a machine lent through the device tool (or any CUDA machine whose python3
 # already has a CUDA torch). Builds memcore's CUDA kernels against that torch, then runs the named
-# stages; each stage's log, and a tarball of the benchmark JSON / RESULTS.md / scaling.png, go to
+# stages; each stage's log, and a tarball of the benchmark store / RESULTS.md / scaling.png, go to
 # $OUT (the device tool's return folder; out/gpu elsewhere). A failing stage does not stop the
 # next one; the exit status is that of the first failure.
 #
 #   bash scripts/gpu_session.sh build test sanitize     # one device call (each call <= 10 min)
 #   bash scripts/gpu_session.sh build bench             # the next call; build is skipped while warm
-#   bash scripts/gpu_session.sh build curvature         # curvature section of RESULTS.md
+#   bash scripts/gpu_session.sh build curvature         # curvature figures into the store, RESULTS.md
 # (not timed yet on a GPU machine: no session so far was lent one)
 # Back here, `tar xzf <returned folder>/results.tgz` in the repository root brings the new
-# RESULTS.md, scaling.png and benchmarks/json run files; commit them.
+# benchmarks/results.csv (the GPU rows appended), RESULTS.md and scaling.png; commit them.
 #
 # Stages: build (skipped when memcore/_C is newer than csrc/ and setup.py), test (the whole suite,
 # CUDA tests included), sanitize (compute-sanitizer memcheck over the CUDA kernel tests), bench
 # (scripts/bench.sh --full -k cuda: cross-entropy with liger and the D2D copy, scaling, training
-# steps; merged with the saved CPU runs in benchmarks/json), curvature.
+# steps; appended to benchmarks/results.csv beside the CPU rows), curvature.
 # Wheels carried in .whl/ (made here with scripts/gpu_wheels.sh: liger-kernel for the comparison)
 # are installed into /tmp/site first, since nothing can be fetched on the device machine.
 set -uo pipefail
@@ -74,7 +74,7 @@ bench() {
 }
 
 pack() {
-  tar czf "$out/results.tgz" benchmarks/RESULTS.md benchmarks/scaling.png benchmarks/json 2>/dev/null
+  tar czf "$out/results.tgz" benchmarks/RESULTS.md benchmarks/scaling.png benchmarks/results.csv 2>/dev/null
 }
 
 stages=("$@")
@@ -86,8 +86,8 @@ for stage in "${stages[@]}"; do
     test) run test "$py" -m pytest tests -q -p no:cacheprovider -rs ;;
     sanitize) run sanitize sanitize ;;
     bench) run bench bench; pack ;;
-    curvature) run curvature "$py" benchmarks/test_bench_curvature.py --rounds 15 --write \
-                 && "$py" benchmarks/summary.py > /dev/null; pack ;;
+    curvature) run curvature "$py" -m benchmarks.test_bench_curvature --rounds 15 --write \
+                 && "$py" -m benchmarks.render; pack ;;
     *) echo "[memcore] unknown stage '$stage' (build test sanitize bench curvature all)"; status=2 ;;
   esac
 done
