@@ -1,17 +1,13 @@
 """Memory: the peak-memory probe the scaling benchmark reports (benchmarks/memory.py) measures what
 it says, and memcore's fused loss allocates no more than the logits gradient on the CPU (no
 softmax or log-probability tensor), the overwrite route nothing of that size."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import memcore
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from memory import peak_cpu_mib  # noqa: E402
+from benchmarks.memory import peak_cpu_mib
 
 MIB = 2**20
 
