@@ -1,6 +1,9 @@
 // Operator schemas of memcore, defined once for every backend (CPU kernels in csrc/cpu, CUDA
-// kernels in csrc/cuda). The Python layer (memcore/_ops.py) adds fake tensors and autograd.
-#include <torch/extension.h>
+// kernels in csrc/cuda), each with its contract; csrc/ops.h declares their C++ types. The Python
+// layer (memcore/_ops/) adds fake tensors and the autograd not done in csrc/autograd. The one
+// translation unit that includes pybind11: the module's few Python-level functions are at the end.
+#include <torch/library.h>
+#include <torch/python.h>
 
 TORCH_LIBRARY(memcore, m) {
   // One pass over each row of logits [N, C]: per-row loss and logsumexp (opmath dtype, [N]),

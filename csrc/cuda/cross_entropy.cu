@@ -1,4 +1,6 @@
-// CUDA kernels of the fused cross-entropy + per-sample statistics ops (schemas in csrc/memcore.cpp).
+// CUDA kernels of the fused cross-entropy + per-sample statistics ops (schemas in csrc/memcore.cpp,
+// C++ types in csrc/ops.h). Registers six ops: ce_forward, ce_forward_reduce, ce_backward,
+// ce_commit, ce_forward_grad_, scale_unless_one_.
 //
 // ce_forward: a group of TPR threads owns one row (a warp for C <= 2048, a whole block above) and
 //   streams it once with 16-byte vector loads (a scalar head up to the row's first 16-byte
@@ -6,13 +8,22 @@
 //   per thread an online (max, sum exp) pair, the largest logit before and after the target column
 //   and a NaN flag; one warp-shuffle (+ shared memory across warps) reduction per row. Ignored
 //   rows are never read. Writes O(N) outputs: loss, lse, row stats [N, 3], and error bits into a 1-int status word.
-// ce_commit: one thread per row, six float64 atomicAdds into stats[index[row]] (repeated indices
-//   are correct), skipped by every thread when status != 0 so a rejected batch changes nothing.
+// ce_forward_reduce: ce_forward, then the mean or sum of the O(N) losses with ATen reductions on
+//   the device (no host sync); count and out are 0-d tensors.
+// ce_forward_grad_: ce_forward's kernel with a second pass over each row right after the first
+//   (from L2 while the rows in flight fit there) writing the gradient of the reduced loss over the
+//   logits; 1/count is read on the device. No N x C allocation, no backward pass over the logits.
 // ce_backward: same row mapping; writes (exp(z - lse) - onehot) * g with vector stores. Memory
 //   traffic of forward + backward: two reads and one write of the logits, nothing else O(N*C).
+// scale_unless_one_: grad *= scale, grid-stride, every thread returning at once when scale == 1
+//   (decided on the device: no host sync, no pass over grad for a plain loss.backward()).
+// ce_commit: one thread per row, six float64 atomicAdds into stats[index[row]] (repeated indices
+//   are correct), skipped by every thread when status != 0 so a rejected batch changes nothing;
+//   under torch.use_deterministic_algorithms the ATen form in csrc/commit_deterministic.cpp.
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -22,15 +33,12 @@
 #include "../checks.h"
 #include "../commit_deterministic.h"
 #include "../common.h"
+#include "../ops.h"
+#include "cuda_helpers.h"
 
 namespace memcore {
 namespace cuda {
 namespace {
-
-template <typename T>
-struct OpMath { using type = float; };
-template <>
-struct OpMath<double> { using type = double; };
 
 // __expf: the fast exp (a few ulp; arguments here are <= 0), like the CPU kernels' exp_approx and
 // well inside the fp32 tolerance of the parity tests. Double keeps exp / log.
@@ -41,11 +49,6 @@ __device__ __forceinline__ double dev_log(double x) { return log(x); }
 
 template <typename T>
 __device__ __forceinline__ T neg_inf() { return -std::numeric_limits<T>::infinity(); }
-
-template <typename scalar_t, int VEC>
-struct alignas(sizeof(scalar_t) * VEC) Pack {
-  scalar_t v[VEC];
-};
 
 // Elements before the first 16-byte boundary of a row starting at z (at most C). The body after
 // them is read in Packs; the row's remainder after the last whole Pack is a scalar tail.
@@ -167,12 +170,12 @@ __device__ __forceinline__ void zero_row(scalar_t* out, int64_t C, int lane) {
 template <typename scalar_t, int TPR, int VEC, bool GRAD>
 __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
     const scalar_t* logits, const int64_t* __restrict__ targets,
-    const int64_t* __restrict__ index, typename OpMath<scalar_t>::type* __restrict__ loss,
-    typename OpMath<scalar_t>::type* __restrict__ lse_out,
-    typename OpMath<scalar_t>::type* __restrict__ row_stats, int* __restrict__ status, int64_t N,
+    const int64_t* __restrict__ index, at::opmath_type<scalar_t>* __restrict__ loss,
+    at::opmath_type<scalar_t>* __restrict__ lse_out,
+    at::opmath_type<scalar_t>* __restrict__ row_stats, int* __restrict__ status, int64_t N,
     int64_t C, int64_t num_samples, int64_t ignore_index, scalar_t* grad, const int64_t* count,
     bool mean) {
-  using acc_t = typename OpMath<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   using Map = RowMap<TPR>;
   const int64_t row = Map::row();
   const int lane = Map::lane();
@@ -263,11 +266,11 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_forward_kernel(
 
 template <typename scalar_t, int TPR, int VEC>
 __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_backward_kernel(
-    const typename OpMath<scalar_t>::type* __restrict__ grad_loss,
+    const at::opmath_type<scalar_t>* __restrict__ grad_loss,
     const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
-    const typename OpMath<scalar_t>::type* __restrict__ lse, scalar_t* __restrict__ grad, int64_t N,
+    const at::opmath_type<scalar_t>* __restrict__ lse, scalar_t* __restrict__ grad, int64_t N,
     int64_t C, int64_t ignore_index) {
-  using acc_t = typename OpMath<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   using Map = RowMap<TPR>;
   const int64_t row = Map::row();
   const int lane = Map::lane();
@@ -285,8 +288,8 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_backward_kernel(
 // divisors cost one pass, the plain loss.backward() none.
 template <typename scalar_t>
 __global__ void scale_unless_one_kernel(scalar_t* __restrict__ x,
-                                        const typename OpMath<scalar_t>::type* __restrict__ s, int64_t n) {
-  using acc_t = typename OpMath<scalar_t>::type;
+                                        const at::opmath_type<scalar_t>* __restrict__ s, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
   const acc_t f = *s;
   if (f == acc_t(1)) return;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -359,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_launch(
   if (N == 0) return {loss, lse, row_stats, status};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_cuda", [&] {
-    using acc_t = typename OpMath<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     dispatch_shape<scalar_t>(C, element_aligned<scalar_t>(logits.data_ptr()), [&](auto tpr, auto vec) {
       constexpr int TPR = decltype(tpr)::value, VEC = decltype(vec)::value;
       using Map = RowMap<TPR>;
@@ -425,7 +428,7 @@ void scale_unless_one_cuda(at::Tensor& grad, const at::Tensor& scale) {
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_unless_one_cuda", [&] {
-    using acc_t = typename OpMath<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     scale_unless_one_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(grad.data_ptr<scalar_t>(), s.data_ptr<acc_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -443,7 +446,7 @@ at::Tensor ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logit
   if (N == 0 || C == 0) return grad;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_cuda", [&] {
-    using acc_t = typename OpMath<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     // packs need logits and grad rows at the same offset from a 16-byte boundary (empty_like
     // gives that unless the logits are a slice at an odd offset)
     const auto lp = reinterpret_cast<uintptr_t>(logits.data_ptr()), gp = reinterpret_cast<uintptr_t>(grad.data_ptr());
@@ -488,12 +491,12 @@ void ce_commit_cuda(at::Tensor& stats, const at::Tensor& index, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
-  m.impl("ce_forward", &ce_forward_cuda);
-  m.impl("ce_forward_reduce", &ce_forward_reduce_cuda);
-  m.impl("ce_backward", &ce_backward_cuda);
-  m.impl("ce_commit", &ce_commit_cuda);
-  m.impl("ce_forward_grad_", &ce_forward_grad_cuda);
-  m.impl("scale_unless_one_", &scale_unless_one_cuda);
+  MEMCORE_IMPL(m, ce_forward, ce_forward_cuda);
+  MEMCORE_IMPL(m, ce_forward_reduce, ce_forward_reduce_cuda);
+  MEMCORE_IMPL(m, ce_backward, ce_backward_cuda);
+  MEMCORE_IMPL(m, ce_commit, ce_commit_cuda);
+  MEMCORE_IMPL(m, ce_forward_grad_, ce_forward_grad_cuda);
+  MEMCORE_IMPL(m, scale_unless_one_, scale_unless_one_cuda);
 }
 
 }  // namespace cuda
