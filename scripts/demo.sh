@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-memcore_env .venv "torch==2.13.0"
+MEMCORE_PROFILE=demo memcore_env .venv "torch==2.13.0"
 .venv/bin/python -m memcore demo "$@"
