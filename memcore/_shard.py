@@ -110,8 +110,16 @@ class Router:
             return (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.bool, device=device),
                     torch.empty(0, 4, dtype=torch.float64, device=device))
         idx = torch.cat([r[0] for r in rows])
-        keep = torch.cat([(r[1] != r[5]) & (r[4] == 0) for r in rows])
-        vals = torch.cat([torch.cat([r[2].double()[:, None], r[3].double()], 1) for r in rows])
+        sizes = [r[0].shape[0] for r in rows]
+        status = torch.cat([r[4] for r in rows]).repeat_interleave(torch.tensor(sizes, device=idx.device),
+                                                                   output_size=idx.shape[0])
+        ignore = {r[5] for r in rows}
+        targets = torch.cat([r[1] for r in rows])
+        if len(ignore) == 1:
+            keep = (targets != ignore.pop()) & (status == 0)
+        else:
+            keep = torch.cat([r[1] != r[5] for r in rows]) & (status == 0)
+        vals = torch.cat([torch.cat([r[2] for r in rows]).double()[:, None], torch.cat([r[3] for r in rows]).double()], 1)
         return idx, keep, vals
 
     def take_grad(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

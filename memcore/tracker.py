@@ -232,7 +232,9 @@ class Tracker:
                 L.commit_grad_rows(self._st, gidx, gsq, grows)
             if router.ce:
                 idx, keep, vals = router.take_ce(dev)
-                L.commit_rows(self._st, idx, keep, vals[:, 0], vals[:, 1:])
+                if not bool(keep.all()):  # one host sync per flush on a GPU
+                    idx, vals = idx[keep], vals[keep]
+                L.commit_kept(self._st, idx, vals)
             return
         bits = self._errors.to(torch.int64)
         flags = torch.cat([(bits & b).ne(0).to(torch.int64) for b in (1, 2, 4)]
@@ -245,8 +247,7 @@ class Tracker:
             if gidx.numel():
                 L.commit_grad_rows(self._st, gidx - self._start, gvals[:, 0], torch.ones_like(gidx))
         idx, vals = got["ce"]
-        if idx.numel():
-            L.commit_rows(self._st, idx - self._start, torch.ones_like(idx, dtype=torch.bool), vals[:, 0], vals[:, 1:])
+        L.commit_kept(self._st, idx - self._start, vals)
 
     # ------------------------------------------------------------------ errors
     def _after_batch(self, status, logits, targets, index, ignore_index, loss) -> None:
