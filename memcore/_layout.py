@@ -175,6 +175,28 @@ def closed(st: Dict[str, torch.Tensor], epoch: int, correct_threshold: float,
     return out
 
 
+FOLD_ROWS = 1 << 20  # rows per block of an in-place epoch close
+
+
+@torch.no_grad()
+def close_in_place(st: Dict[str, torch.Tensor], epoch: int, correct_threshold: float,
+                   tau: Optional[float]) -> Optional[torch.Tensor]:
+    """`closed` applied to `st` itself, FOLD_ROWS rows at a time, so closing an epoch needs memory for
+    one block of temporaries, not a second copy of the state. Returns the float32 CPU running means of
+    the squared input-gradient norm after the epoch when the state has them (the tau=None history)."""
+    n = st["sums"].shape[0]
+    means = torch.empty(n, dtype=torch.float32) if "grad_sq_sum" in st else None
+    for lo in range(0, n, FOLD_ROWS):
+        view = {k: v[lo:lo + FOLD_ROWS] for k, v in st.items()}
+        new = closed(view, epoch, correct_threshold, tau)
+        for k, v in view.items():
+            if new[k] is not v:
+                v.copy_(new[k])
+        if means is not None:
+            means[lo:lo + FOLD_ROWS] = grad_mean(view).float().cpu()
+    return means
+
+
 @torch.no_grad()
 def scores_of(st: Dict[str, torch.Tensor], epochs: int) -> Dict[str, torch.Tensor]:
     """The cross-entropy scores of a state whose epochs are all closed (see Tracker.scores), float64."""

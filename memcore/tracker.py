@@ -300,10 +300,9 @@ class Tracker:
             raise ValueError(f"a Tracker counts at most {L.MAX_EPOCHS} epochs")
         self._flush()
         self._raise_deferred(self._errors)
-        folded = L.closed(self._st, self.epochs, self.correct_threshold, self._tau)
+        means = L.close_in_place(self._st, self.epochs, self.correct_threshold, self._tau)
         if self._grad_start >= 0 and self._tau is None:
-            self._grad_history.append(L.grad_mean(folded).float().cpu())
-        self._st = folded
+            self._grad_history.append(means)
         self.epochs += 1
 
     # ------------------------------------------------------------------ scores

@@ -224,3 +224,12 @@ def test_format_1_checkpoint_is_converted(tau):
     for k, want in fixture["scores"].items():
         torch.testing.assert_close(got[k], want, rtol=1e-12, atol=1e-12, equal_nan=True, msg=k)
     assert tr.state_dict()["version"] == 2 and (("formal_since" in tr._st) == (tau != "None"))
+
+
+def test_epoch_close_in_blocks_equals_one_block(monkeypatch):
+    """end_epoch folds the state in place, FOLD_ROWS rows at a time: block edges change nothing."""
+    epochs = [_batches(16, 4, 30, 3, gen=torch.Generator().manual_seed(e)) for e in range(3)]
+    whole = _run(epochs, 30, "cpu").scores()
+    monkeypatch.setattr(L, "FOLD_ROWS", 7)
+    for k, v in _run(epochs, 30, "cpu").scores().items():
+        assert torch.equal(v.nan_to_num(-1), whole[k].nan_to_num(-1)), k
