@@ -112,7 +112,8 @@ def _cnn():
 def _step_worker(rank, world, init_file, n, rounds, steps):
     _init(rank, world, init_file)
     torch.manual_seed(0)
-    model = _cnn()
+    # DDP, as in real training: both variants sync every step, so rank skew is not counted as routing
+    model = torch.nn.parallel.DistributedDataParallel(_cnn())
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     trackers = {"unsharded": memcore.Tracker(n, device="cpu", distributed=False),
                 "sharded": memcore.Tracker(n, device="cpu", shard=True)}
