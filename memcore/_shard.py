@@ -119,7 +119,8 @@ class Router:
             keep = (targets != ignore.pop()) & (status == 0)
         else:
             keep = torch.cat([r[1] != r[5] for r in rows]) & (status == 0)
-        vals = torch.cat([torch.cat([r[2] for r in rows]).double()[:, None], torch.cat([r[3] for r in rows]).double()], 1)
+        loss = torch.cat([r[2] for r in rows]).double()
+        vals = torch.cat([loss[:, None], torch.cat([r[3] for r in rows]).double()], 1)
         return idx, keep, vals
 
     def take_grad(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,5 +289,6 @@ def concat_shards(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
             raise ValueError("shards of one checkpoint hold different buffers")
     out = dict(first)
     out["buffers"] = {k: torch.cat([p["buffers"][k] for p in parts]) for k in first["buffers"]}
-    out["grad_history"] = [torch.cat([p["grad_history"][i] for p in parts]) for i in range(len(first["grad_history"]))]
+    out["grad_history"] = [torch.cat([p["grad_history"][i] for p in parts])
+                           for i in range(len(first["grad_history"]))]
     return out

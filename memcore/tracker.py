@@ -74,8 +74,8 @@ class Tracker:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not 0.0 < float(correct_threshold) <= 1.0:
             raise ValueError(f"correct_threshold must be in (0, 1], got {correct_threshold!r}")
-        if flush_every is not None and flush_every != -1 and (not isinstance(flush_every, int) or isinstance(flush_every, bool)
-                                        or flush_every < 1):
+        if flush_every is not None and flush_every != -1 and (
+                not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1):
             raise ValueError(f"flush_every must be a positive int or None, got {flush_every!r}")
         self.num_samples = num_samples
         self.strict = bool(strict)
@@ -416,7 +416,8 @@ class Tracker:
         if state["version"] == 1:
             state = _from_version1(state)
         if state["version"] != self.VERSION:
-            raise ValueError(f"tracker state has format version {state['version']}, this memcore reads {self.VERSION}")
+            raise ValueError(f"tracker state has format version {state['version']}, this memcore reads "
+                             f"{self.VERSION}")
         if state["num_samples"] != self.num_samples:
             raise ValueError(
                 f"tracker state is for num_samples={state['num_samples']}, this tracker has {self.num_samples}"
@@ -435,7 +436,8 @@ class Tracker:
         for k, v in state["buffers"].items():
             if not isinstance(v, torch.Tensor) or v.shape != want[k].shape or v.dtype != want[k].dtype:
                 got = f"{v.dtype}{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"tracker state buffer {k!r} has {got}, expected {want[k].dtype}{tuple(want[k].shape)}")
+                raise ValueError(f"tracker state buffer {k!r} has {got}, expected "
+                                 f"{want[k].dtype}{tuple(want[k].shape)}")
         hist = state["grad_history"]
         if any(h.shape != (n,) for h in hist):
             raise ValueError(f"tracker state's grad_history entries must have shape ({n},)")
