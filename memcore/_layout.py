@@ -1,6 +1,7 @@
 """Column layouts: the native kernels' per-row outputs (mirrors csrc/common.h) and the Tracker's compact
 per-sample state (`CompactState`), with the arithmetic that commits rows into it and closes epochs."""
-from typing import Dict, List, Optional
+import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -47,22 +48,35 @@ MAX_EPOCHS = 32767  # int16 epoch fields
 STATE_VERSION = 2
 
 
-def new_state(n: int, device: torch.device) -> Dict[str, torch.Tensor]:
-    """Zeroed compact state for n samples (without the input-gradient fields)."""
+def _tensor(shape: Tuple[int, ...], dtype: torch.dtype, fill: float, device: torch.device,
+            storage: Optional[str], name: str) -> torch.Tensor:
+    if storage is None:
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    # memory-mapped: the OS pages the state in and out of `storage/<name>.bin`
+    numel = 1
+    for d in shape:
+        numel *= d
+    t = torch.from_file(os.path.join(storage, f"{name}.bin"), shared=True, size=numel, dtype=dtype)
+    return t.view(shape).fill_(fill)
+
+
+def new_state(n: int, device: torch.device, storage: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Zeroed compact state for n samples (without the input-gradient fields); with `storage` (a
+    directory, CPU only) each tensor is a memory-mapped file there."""
     return {
-        "sums": torch.zeros(n, NUM_SUMS, dtype=torch.float64, device=device),
-        "counts": torch.zeros(n, NUM_COUNTS, dtype=torch.int32, device=device),
-        "forgetting": torch.zeros(n, dtype=torch.int16, device=device),
-        "learned_since": torch.full((n,), -1, dtype=torch.int16, device=device),
+        "sums": _tensor((n, NUM_SUMS), torch.float64, 0, device, storage, "sums"),
+        "counts": _tensor((n, NUM_COUNTS), torch.int32, 0, device, storage, "counts"),
+        "forgetting": _tensor((n,), torch.int16, 0, device, storage, "forgetting"),
+        "learned_since": _tensor((n,), torch.int16, -1, device, storage, "learned_since"),
     }
 
 
-def add_grad_fields(st: Dict[str, torch.Tensor], fixed_tau: bool) -> None:
+def add_grad_fields(st: Dict[str, torch.Tensor], fixed_tau: bool, storage: Optional[str] = None) -> None:
     n, dev = st["sums"].shape[0], st["sums"].device
-    st["grad_sq_sum"] = torch.zeros(n, dtype=torch.float64, device=dev)
-    st["grad_rows"] = torch.zeros(n, dtype=torch.int32, device=dev)
+    st["grad_sq_sum"] = _tensor((n,), torch.float64, 0, dev, storage, "grad_sq_sum")
+    st["grad_rows"] = _tensor((n,), torch.int32, 0, dev, storage, "grad_rows")
     if fixed_tau:
-        st["formal_since"] = torch.full((n,), -1, dtype=torch.int16, device=dev)
+        st["formal_since"] = _tensor((n,), torch.int16, -1, dev, storage, "formal_since")
 
 
 def state_bytes(st: Dict[str, torch.Tensor], history: Optional[List[torch.Tensor]] = None) -> int:

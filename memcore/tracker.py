@@ -1,4 +1,5 @@
 """Tracker: per-sample training statistics, filled by `memcore.accumulate`, read by `scores()`."""
+import os
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -45,6 +46,9 @@ class Tracker:
             to their owner at each flush. ``scores()`` returns the local shard with its ids under
             ``"index"``; ``memcore.export.gather_scores`` collects all shards on one rank;
             ``save`` / ``load`` write and read one file per shard (resharding to another world size).
+        storage: a directory: the per-sample state lives in memory-mapped files there (CPU only), for
+            states larger than RAM; the OS pages it. It is working memory, not a checkpoint: use
+            ``save`` to keep it. Sharded: one subdirectory per rank.
         flush_every: ``accumulate`` buffers each batch's per-row results (~40 bytes per row, on the
             tracker's device) and commits them every this many calls, and at every ``end_epoch()``,
             ``scores()``, ``state_dict()`` and ``save()``. Under torch.distributed a flush is a
@@ -69,6 +73,7 @@ class Tracker:
         distributed: Optional[bool] = None,
         shard: bool = False,
         flush_every: Optional[int] = -1,
+        storage: Optional[str] = None,
     ) -> None:
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -94,8 +99,16 @@ class Tracker:
         self.device: Optional[torch.device] = None if device is None else _resolve(torch.device(device))
         self._router: Optional[_shard.Router] = None
         self._start, self._end = 0, num_samples  # the ids this tracker holds
+        self._storage: Optional[str] = None
+        if storage is not None:
+            if self.device is not None and self.device.type != "cpu":
+                raise ValueError(f"storage= keeps the state in memory-mapped files on the CPU; got device={device!r}")
+            self.device = torch.device("cpu")
         if self.shard:
             self._init_shard()
+        if storage is not None:
+            self._storage = os.path.join(str(storage), self._storage_name())
+            os.makedirs(self._storage, exist_ok=True)
         self._alloc(self.device or torch.device("cpu"))
 
     @property
@@ -133,8 +146,15 @@ class Tracker:
         }, self.device or torch.device("cpu"))
 
     # ------------------------------------------------------------------ buffers
+    def _storage_name(self) -> str:
+        if not self.shard:
+            return "state"
+        import torch.distributed as dist
+
+        return f"state-{dist.get_rank():05d}-of-{dist.get_world_size():05d}"
+
     def _alloc(self, device: torch.device) -> None:
-        self._st = L.new_state(self._end - self._start, device)
+        self._st = L.new_state(self._end - self._start, device, self._storage)
         self._errors = torch.zeros(1, dtype=torch.int32, device=device)
 
     def _buffers(self) -> Dict[str, torch.Tensor]:
@@ -143,6 +163,14 @@ class Tracker:
     def _set_buffers(self, bufs: Dict[str, torch.Tensor]) -> None:
         bufs = dict(bufs)
         self._errors = bufs.pop("errors", self._errors)
+        if self._storage is not None:  # into the memory-mapped files
+            if any(k not in self._st for k in bufs):
+                L.add_grad_fields(self._st, "formal_since" in bufs, self._storage)
+            for k in [k for k in self._st if k not in bufs]:
+                del self._st[k]
+            for k, v in bufs.items():
+                self._st[k].copy_(v)
+            return
         self._st = bufs
 
     def _state(self) -> Dict[str, torch.Tensor]:
@@ -166,6 +194,8 @@ class Tracker:
     def to(self, device: DeviceLike) -> "Tracker":
         """Moves all buffers to ``device`` (in place) and returns self."""
         dev = _resolve(torch.device(device))
+        if self._storage is not None and dev.type != "cpu":
+            raise ValueError("a Tracker with storage= stays on the CPU (its state is memory-mapped files)")
         self._flush()
         self._set_buffers({k: v.to(dev) for k, v in self._buffers().items()})
         self.device = dev
@@ -215,7 +245,7 @@ class Tracker:
         if self._grad_start < 0:
             self._grad_start = self.epochs
         if "grad_sq_sum" not in self._st:
-            L.add_grad_fields(self._st, self._tau is not None)
+            L.add_grad_fields(self._st, self._tau is not None, self._storage)
 
     def _flush(self) -> None:
         """Commits the buffered rows. Under torch.distributed a collective: exchanges them first (each

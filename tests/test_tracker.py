@@ -233,3 +233,25 @@ def test_epoch_close_in_blocks_equals_one_block(monkeypatch):
     monkeypatch.setattr(L, "FOLD_ROWS", 7)
     for k, v in _run(epochs, 30, "cpu").scores().items():
         assert torch.equal(v.nan_to_num(-1), whole[k].nan_to_num(-1)), k
+
+
+def test_storage_memory_maps_the_state(tmp_path):
+    import os
+
+    epochs = [_batches(16, 4, 12, 2, gen=torch.Generator().manual_seed(e)) for e in range(3)]
+    want = _run(epochs, 12, "cpu").scores()
+    tr = _run(epochs, 12, "cpu", storage=str(tmp_path / "st"))
+    folder = tmp_path / "st" / "state"
+    assert sorted(os.listdir(folder)) == ["counts.bin", "forgetting.bin", "learned_since.bin", "sums.bin"]
+    assert os.path.getsize(folder / "sums.bin") == 12 * 5 * 8
+    on_disk = torch.from_file(str(folder / "sums.bin"), size=60, dtype=torch.float64)
+    assert torch.equal(on_disk, tr._st["sums"].flatten())  # the state is the file
+    for k, v in tr.scores().items():
+        assert torch.equal(v.nan_to_num(-1), want[k].nan_to_num(-1)), k
+    tr.save(str(tmp_path / "ck.pt"))
+    back = memcore.Tracker(12, storage=str(tmp_path / "st2"))
+    back.load(str(tmp_path / "ck.pt"))
+    assert torch.equal(torch.from_file(str(tmp_path / "st2" / "state" / "sums.bin"), size=60, dtype=torch.float64),
+                       on_disk)
+    with pytest.raises(ValueError, match="storage"):
+        memcore.Tracker(3, device="meta", storage=str(tmp_path / "x"))
