@@ -74,7 +74,6 @@ def accumulate(
     logits2d, targets1d, index1d = rows_of(logits, targets, index, ignore_index, tracker.device)
     if inputs is not None:
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
-    stats = tracker._stats_for(logits2d.device)
     if overwrite_logits:
         if reduction == "none":
             raise ValueError('overwrite_logits=True needs reduction "mean" or "sum" (the gradient it '
@@ -86,22 +85,23 @@ def accumulate(
                 and not torch.compiler.is_compiling()):
             out, loss, row_stats, status = OverwriteLogitsCE.apply(
                 logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction])
-            torch.ops.memcore.ce_commit(stats, index1d, targets1d, loss, row_stats, status, ignore_index)
+            tracker._record(index1d, targets1d, loss, row_stats, status, ignore_index)
             tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, loss)
             return out.to(logits.dtype)
-    if inputs is None:  # one operator: forward, commit and reduction (csrc/accumulate.cpp)
-        out, status = torch.ops.memcore.ce_accumulate(
-            stats, logits2d, targets1d, index1d, ignore_index, _REDUCTION_CODE[reduction]
+    if inputs is None and reduction != "none":  # forward and reduction in one operator
+        out, _count, loss, _lse, row_stats, status = torch.ops.memcore.ce_forward_reduce(
+            logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction]
         )
-        tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, None)
-        return out.reshape(targets.shape) if reduction == "none" else out
+        tracker._record(index1d, targets1d, loss.detach(), row_stats, status, ignore_index)
+        tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, loss)
+        return out.to(logits.dtype)
 
     loss, _lse, row_stats, status = torch.ops.memcore.ce_forward(
         logits2d, targets1d, index1d, tracker.num_samples, ignore_index
     )
-    torch.ops.memcore.ce_commit(stats, index1d, targets1d, loss.detach(), row_stats, status, ignore_index)
+    tracker._record(index1d, targets1d, loss.detach(), row_stats, status, ignore_index)
     tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, loss)
-    if loss.requires_grad:
+    if inputs is not None and loss.requires_grad:
         _record_input_grads(tracker, inputs, loss, targets1d, index1d, ignore_index, status)
 
     if reduction == "none":
@@ -136,8 +136,11 @@ def _record_input_grads(tracker: Tracker, inputs: torch.Tensor, loss_rows: torch
         g = g.double()
         keep = (targets != ignore_index) & (g != 0) & (status == 0)
         scale = torch.where(keep, 1.0 / torch.where(keep, g, torch.ones_like(g)), torch.zeros_like(g))
-        buf = tracker._grad_stats_for(gx.device)
-        torch.ops.memcore.sqnorm_commit(buf, gx.detach().contiguous(), scale, index)
+        # per-row (squared norm, recorded) pairs, then into the tracker by sample id
+        rows = torch.zeros(index.shape[0], 2, dtype=torch.float64, device=gx.device)
+        torch.ops.memcore.sqnorm_commit(rows, gx.detach().contiguous(), scale,
+                                        torch.arange(index.shape[0], device=gx.device))
+        tracker._record_grad(index, rows[:, 0], rows[:, 1])
 
     def drop_grad(t: torch.Tensor) -> None:
         t.grad = None  # the norms are recorded; keep no [N, ...] copy

@@ -1,9 +1,11 @@
 """Tracker: per-sample training statistics, filled by `memcore.accumulate`, read by `scores()`."""
+import os
 from typing import Any, Dict, List, Optional, Union
 
 import torch
 
 from . import _layout as L
+from . import _shard
 from ._io import atomic_save
 from ._validate import describe_bits, explain_status, same_device
 from .scores import SCORE_NAMES
@@ -13,7 +15,7 @@ DeviceLike = Union[str, torch.device, None]
 
 
 class Tracker:
-    """Per-sample statistics over a training run, all in float64.
+    """Per-sample statistics over a training run, in a compact layout (see memcore/_layout.py).
 
     Args:
         num_samples: size of the dataset; ``accumulate`` indices lie in [0, num_samples).
@@ -27,17 +29,34 @@ class Tracker:
             fraction of its rows that epoch were predicted right (1.0: all of them; it matters only
             when several rows share an index, e.g. tokens of a sequence).
         tau: threshold of ``learning_time_formal``; None (default) uses the dataset mean of
-            ``input_grad_norm``, as in the CSL paper (App. B.4).
-        distributed: merge statistics across torch.distributed ranks in ``end_epoch()`` and
-            ``scores()`` (all_reduce). None (default): whenever a process group with more than one
-            rank is initialized. Each rank records the samples it sees; every rank ends up with the
-            scores of the whole dataset, equal to a single-process run on the same data order.
+            ``input_grad_norm``, as in the CSL paper (App. B.4). A fixed tau keeps one int16 per
+            sample for it; None keeps the per-epoch running means (4 bytes per sample and epoch, CPU),
+            because that threshold is known only when the scores are read.
+        distributed: merge statistics across torch.distributed ranks (None, the default: whenever a
+            process group with more than one rank is initialized). Each rank records the samples it
+            sees; their rows reach every rank at each flush (below), so every rank holds the scores of
+            the whole dataset, equal to a single-process run on the same data order.
+        shard: each rank holds only the samples it owns, a contiguous range of about
+            num_samples / world ids (needs an initialized process group; constructing the tracker is
+            then a collective that checks that every rank passed the same settings). Rows are routed
+            to their owner at each flush. ``scores()`` returns the local shard with its ids under
+            ``"index"``; ``memcore.export.gather_scores`` collects all shards on one rank;
+            ``save`` / ``load`` write and read one file per shard (resharding to another world size).
+        storage: a directory: the per-sample state lives in memory-mapped files there (CPU only), for
+            states larger than RAM; the OS pages it. It is working memory, not a checkpoint: use
+            ``save`` to keep it. Sharded: one subdirectory per rank.
+        flush_every: ``accumulate`` buffers each batch's per-row results (~40 bytes per row, on the
+            tracker's device) and commits them every this many calls, and at every ``end_epoch()``,
+            ``scores()``, ``state_dict()`` and ``save()``. Under torch.distributed a flush is a
+            collective that routes the rows to the ranks holding their samples, so with a number
+            here every rank must call ``accumulate`` equally often (as DDP training does); None
+            flushes only at those calls. Default: 64, but None for unsharded distributed trackers.
 
-    Memory: 2 * 8 float64 + 4 scalars per sample (~160 bytes): 1.6 MB for 10k samples, 160 MB
-    for 1M; with input gradients recorded, 4 bytes more per sample and epoch (CPU history).
+    Memory (``state_bytes()``): 60 bytes per sample (5 float64 sums, 4 int32 counts, 2 int16 epoch
+    fields); with input gradients recorded 12 more, and 2 (fixed tau) or 4 per epoch (tau=None).
     """
 
-    VERSION = 1
+    VERSION = L.STATE_VERSION
 
     def __init__(
         self,
@@ -48,66 +67,213 @@ class Tracker:
         correct_threshold: float = 1.0,
         tau: Optional[float] = None,
         distributed: Optional[bool] = None,
+        shard: bool = False,
+        flush_every: Optional[int] = -1,
+        storage: Optional[str] = None,
     ) -> None:
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not 0.0 < float(correct_threshold) <= 1.0:
             raise ValueError(f"correct_threshold must be in (0, 1], got {correct_threshold!r}")
+        if flush_every is not None and flush_every != -1 and (
+                not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1):
+            raise ValueError(f"flush_every must be a positive int or None, got {flush_every!r}")
         self.num_samples = num_samples
         self.strict = bool(strict)
         self.correct_threshold = float(correct_threshold)
-        self.tau = tau
+        self._tau = None if tau is None else float(tau)
         self.distributed = distributed
+        self.shard = bool(shard)
+        self.flush_every = flush_every  # -1: the default of the mode, decided with the router
+        if self.shard and flush_every == -1:
+            self.flush_every = 64
         self.epochs = 0  # completed epochs
-        # running mean of the squared input-gradient norm after each epoch, float32 CPU [S] each,
-        # from the first epoch that recorded input gradients (epoch index _grad_start)
+        # tau=None: running mean of the squared input-gradient norm after each epoch, float32 CPU
+        # [S] each, from the first epoch that recorded input gradients (epoch index _grad_start)
         self._grad_history: List[torch.Tensor] = []
         self._grad_start = -1
         self.device: Optional[torch.device] = None if device is None else _resolve(torch.device(device))
+        self._router: Optional[_shard.Router] = None
+        self._start, self._end = 0, num_samples  # the ids this tracker holds
+        self._storage: Optional[str] = None
+        if storage is not None:
+            if self.device is not None and self.device.type != "cpu":
+                raise ValueError(f"storage= keeps the state in memory-mapped files on the CPU; got device={device!r}")
+            self.device = torch.device("cpu")
+        if self.shard:
+            self._init_shard()
+        if storage is not None:
+            self._storage = os.path.join(str(storage), self._storage_name())
+            os.makedirs(self._storage, exist_ok=True)
         self._alloc(self.device or torch.device("cpu"))
 
+    @property
+    def tau(self) -> Optional[float]:
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: Optional[float]) -> None:
+        new = None if value is None else float(value)
+        if self._grad_start >= 0 and new != self._tau:
+            raise ValueError("tau cannot change once input gradients were recorded (the tracker keeps the "
+                             "learning-time state of the tau it was recorded with)")
+        self._tau = new
+
+    def _init_shard(self) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("Tracker(shard=True) needs an initialized torch.distributed process group "
+                             "(call dist.init_process_group first)")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if self.device is None:
+            raise ValueError("Tracker(shard=True) needs an explicit device (the ranks exchange rows on it)")
+        self._check_agreement()
+        self._start, self._end = _shard.range_of(self.num_samples, world, rank)
+        self._router = _shard.Router(self.num_samples, world, rank, "shard")
+
+    def _check_agreement(self) -> None:
+        """Collective: every rank must have built its tracker with the same settings (a clear error on
+        every rank otherwise). Sharded trackers check at construction, replicated ones when they first
+        route rows, so a rank with shard=True and one without meet in the same check."""
+        _shard.check_agreement({
+            "num_samples": self.num_samples, "shard": int(self.shard), "flush_every": self.flush_every,
+            "correct_threshold": self.correct_threshold, "tau": self._tau,
+        }, self.device or torch.device("cpu"))
+
     # ------------------------------------------------------------------ buffers
+    def _storage_name(self) -> str:
+        if not self.shard:
+            return "state"
+        import torch.distributed as dist
+
+        return f"state-{dist.get_rank():05d}-of-{dist.get_world_size():05d}"
+
     def _alloc(self, device: torch.device) -> None:
-        s, f64 = self.num_samples, dict(dtype=torch.float64, device=device)
-        self._epoch = torch.zeros(s, L.NUM_STATS, **f64)  # written by the kernels
-        self._total = torch.zeros(s, L.NUM_STATS, **f64)  # completed epochs
-        self._last_loss = torch.full((s,), float("nan"), **f64)
-        self._prev_correct = torch.zeros(s, dtype=torch.bool, device=device)
-        self._forgetting = torch.zeros(s, dtype=torch.int64, device=device)
-        self._learned_since = torch.full((s,), -1, dtype=torch.int64, device=device)
+        self._st = L.new_state(self._end - self._start, device, self._storage)
         self._errors = torch.zeros(1, dtype=torch.int32, device=device)
-        self._grad_epoch = torch.zeros(s, L.NUM_GRAD_STATS, **f64)  # written by sqnorm_commit
-        self._grad_total = torch.zeros(s, L.NUM_GRAD_STATS, **f64)
 
     def _buffers(self) -> Dict[str, torch.Tensor]:
-        return {
-            "epoch": self._epoch, "total": self._total, "last_loss": self._last_loss,
-            "prev_correct": self._prev_correct, "forgetting": self._forgetting,
-            "learned_since": self._learned_since, "errors": self._errors,
-            "grad_epoch": self._grad_epoch, "grad_total": self._grad_total,
-        }
+        return {**self._st, "errors": self._errors}
 
     def _set_buffers(self, bufs: Dict[str, torch.Tensor]) -> None:
-        for k, v in bufs.items():
-            setattr(self, "_" + k, v)
+        bufs = dict(bufs)
+        self._errors = bufs.pop("errors", self._errors)
+        if self._storage is not None:  # into the memory-mapped files
+            if any(k not in self._st for k in bufs):
+                L.add_grad_fields(self._st, "formal_since" in bufs, self._storage)
+            for k in [k for k in self._st if k not in bufs]:
+                del self._st[k]
+            for k, v in bufs.items():
+                self._st[k].copy_(v)
+            return
+        self._st = bufs
+
+    def _state(self) -> Dict[str, torch.Tensor]:
+        """The compact state with every buffered row committed (local ones only: no collective)."""
+        if self._router is not None and self._router.mode == "local":
+            self._flush()
+        return self._st
+
+    def _recorded(self) -> torch.Tensor:
+        """Every accumulated value as one float64 tensor (sums, counts, input-gradient sums): zero for a
+        fresh tracker, unchanged by a rejected batch. For tests (flushes the buffered rows)."""
+        self._state()
+        keys = [k for k in ("sums", "counts", "grad_sq_sum", "grad_rows") if k in self._st]
+        return torch.cat([self._st[k].double().flatten() for k in keys])
+
+    def state_bytes(self) -> int:
+        """Bytes of per-sample state this tracker (this rank's shard, if sharded) holds: buffers and
+        learning-time history, without the rows waiting for a flush."""
+        return L.state_bytes(self._st, self._grad_history)
 
     def to(self, device: DeviceLike) -> "Tracker":
         """Moves all buffers to ``device`` (in place) and returns self."""
         dev = _resolve(torch.device(device))
+        if self._storage is not None and dev.type != "cpu":
+            raise ValueError("a Tracker with storage= stays on the CPU (its state is memory-mapped files)")
+        self._flush()
         self._set_buffers({k: v.to(dev) for k, v in self._buffers().items()})
         self.device = dev
         return self
 
-    def _stats_for(self, device: torch.device) -> torch.Tensor:
+    def _adopt(self, device: torch.device) -> None:
         if self.device is None:
             self.to(device)
-        return self._epoch
 
-    def _grad_stats_for(self, device: torch.device) -> torch.Tensor:
-        self._stats_for(device)
+    def _routing(self) -> _shard.Router:
+        """The row buffer; created at the first batch (by then a process group is up, if any)."""
+        if self._router is None:
+            if self._distributed():
+                import torch.distributed as dist
+
+                if self.flush_every == -1:
+                    self.flush_every = None
+                self._check_agreement()
+                self._router = _shard.Router(self.num_samples, dist.get_world_size(), dist.get_rank(), "replicate")
+            else:
+                if self.flush_every == -1:
+                    self.flush_every = 64
+                self._router = _shard.Router(self.num_samples, 1, 0, "local")
+        return self._router
+
+    def _record(self, index: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, row_stats: torch.Tensor,
+                status: torch.Tensor, ignore_index: int) -> None:
+        """Takes a batch's per-row results from memcore::ce_forward (no host sync). They are buffered
+        and committed at the next flush; inside torch.compile (single process) committed at once, so
+        that no Python state changes per call."""
+        self._adopt(loss.device)
+        if torch.compiler.is_compiling() and not self._distributed():
+            keep = (targets != ignore_index) & (status == 0)
+            L.commit_rows(self._st, index, keep, loss.detach(), row_stats)
+            return
+        router = self._routing()
+        router.add_ce(index, targets, loss, row_stats, status, ignore_index)
+        if self.flush_every is not None and router.calls >= self.flush_every:
+            self._flush()
+
+    def _record_grad(self, index: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor) -> None:
+        """Squared input-gradient norms of a batch's rows (rows[r] = 0: not recorded)."""
+        self._adopt(sq.device)
+        self._routing().add_grad(index, sq, rows)
+
+    def _start_grad(self) -> None:
         if self._grad_start < 0:
             self._grad_start = self.epochs
-        return self._grad_epoch
+        if "grad_sq_sum" not in self._st:
+            L.add_grad_fields(self._st, self._tau is not None, self._storage)
+
+    def _flush(self) -> None:
+        """Commits the buffered rows. Under torch.distributed a collective: exchanges them first (each
+        rank commits the rows it holds) and merges the deferred-error bits of all ranks."""
+        router = self._router
+        if router is None:
+            return
+        router.calls = 0
+        dev = self.device or torch.device("cpu")
+        if router.mode == "local":
+            if router.grad:
+                self._start_grad()
+                gidx, gsq, grows = router.take_grad(dev)
+                L.commit_grad_rows(self._st, gidx, gsq, grows)
+            if router.ce:
+                idx, keep, vals = router.take_ce(dev)
+                if not bool(keep.all()):  # one host sync per flush on a GPU
+                    idx, vals = idx[keep], vals[keep]
+                L.commit_kept(self._st, idx, vals)
+            return
+        bits = self._errors.to(torch.int64)
+        flags = torch.cat([(bits & b).ne(0).to(torch.int64) for b in (1, 2, 4)]
+                          + [torch.tensor([int(bool(router.grad) or self._grad_start >= 0)], device=dev)])
+        flags, got = router.exchange(flags.to(dev))
+        self._errors = (flags[:3] * torch.tensor([1, 2, 4], device=dev)).sum().to(torch.int32).view(1)
+        if int(flags[3]):
+            self._start_grad()
+            gidx, gvals = got["grad"]
+            if gidx.numel():
+                L.commit_grad_rows(self._st, gidx - self._start, gvals[:, 0], torch.ones_like(gidx))
+        idx, vals = got["ce"]
+        L.commit_kept(self._st, idx - self._start, vals)
 
     # ------------------------------------------------------------------ errors
     def _after_batch(self, status, logits, targets, index, ignore_index, loss) -> None:
@@ -130,64 +296,39 @@ class Tracker:
 
     # ------------------------------------------------------------------ epochs
     def _distributed(self) -> bool:
+        if self.shard:
+            return True
         if self.distributed is not None:
             return self.distributed
         import torch.distributed as dist
 
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def _merged(self) -> Dict[str, torch.Tensor]:
-        """This epoch's buffers summed over all ranks (a collective), or the local ones."""
-        local = {"epoch": self._epoch, "grad_epoch": self._grad_epoch, "errors": self._errors}
-        if not self._distributed():
+    def _open_epoch(self) -> bool:
+        """Whether any row was recorded since the last end_epoch (on any rank when sharded)."""
+        local = L.has_open_rows(self._st)
+        if not self.shard:
             return local
         import torch.distributed as dist
 
-        merged = {k: v.clone() for k, v in local.items()}
-        dist.all_reduce(merged["epoch"])
-        dist.all_reduce(merged["grad_epoch"])
-        flags = torch.stack([(merged["errors"] & b).ne(0).to(torch.int32) for b in (1, 2, 4)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        merged["errors"] = (flags.view(-1) * torch.tensor([1, 2, 4], dtype=torch.int32, device=flags.device)).sum().view(1)
-        return merged
-
-    def _fold(self, merged: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Buffers after closing the current epoch from its (merged) statistics; self is not modified."""
-        e = merged["epoch"]
-        rows = e[:, L.ROWS]
-        seen = rows > 0
-        correct = e[:, L.CORRECT] >= self.correct_threshold * rows - 1e-9
-        correct = correct & seen
-        last_loss = torch.where(seen, e[:, L.LOSS_SUM] / rows.clamp_min(1), self._last_loss)
-        forgot = seen & self._prev_correct & ~correct
-        start = torch.where(self._learned_since >= 0, self._learned_since,
-                            torch.full_like(self._learned_since, self.epochs))
-        learned = torch.where(seen, torch.where(correct, start, torch.full_like(start, -1)), self._learned_since)
-        return {
-            "epoch": torch.zeros_like(e),
-            "total": self._total + e,
-            "last_loss": last_loss,
-            "prev_correct": torch.where(seen, correct, self._prev_correct),
-            "forgetting": self._forgetting + forgot.to(torch.int64),
-            "learned_since": learned,
-            "errors": self._errors,
-            "grad_epoch": torch.zeros_like(self._grad_epoch),
-            "grad_total": self._grad_total + merged["grad_epoch"],
-        }
+        t = torch.tensor([int(local)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def end_epoch(self) -> None:
         """Closes the epoch: updates last loss, learning time and forgetting from its statistics.
 
         Call once per pass over the data, after the last ``accumulate`` of the epoch. Under
-        torch.distributed this is a collective: call it on every rank; the ranks' statistics are
-        summed, so every rank holds the scores of the whole dataset.
+        torch.distributed this is a collective: call it on every rank; the ranks' rows are
+        exchanged first, so every rank (or, sharded, every sample's owner) holds the whole epoch.
         """
-        merged = self._merged()
-        self._raise_deferred(merged["errors"])
-        folded = self._fold(merged)
-        if self._grad_start >= 0:
-            self._grad_history.append(_grad_mean(folded["grad_total"]).float().cpu())
-        self._set_buffers(folded)
+        if self.epochs >= L.MAX_EPOCHS:
+            raise ValueError(f"a Tracker counts at most {L.MAX_EPOCHS} epochs")
+        self._flush()
+        self._raise_deferred(self._errors)
+        means = L.close_in_place(self._st, self.epochs, self.correct_threshold, self._tau)
+        if self._grad_start >= 0 and self._tau is None:
+            self._grad_history.append(means)
         self.epochs += 1
 
     # ------------------------------------------------------------------ scores
@@ -199,6 +340,8 @@ class Tracker:
 
         An epoch in progress (``accumulate`` called since the last ``end_epoch``) is included as if
         it had just ended; the tracker itself is not changed. A collective under torch.distributed.
+        With ``shard=True`` each tensor covers this rank's samples only, and ``"index"`` (int64)
+        holds their ids.
 
         - ``csl``: cumulative sample loss, the sum of the sample's loss over every row ever seen.
         - ``csl_mean``: csl / rows, the mean loss per presentation (per token for sequences).
@@ -223,112 +366,157 @@ class Tracker:
           would be epoch 0 for every sample.)
         Both are NaN when input gradients were not recorded.
         """
-        merged = self._merged()
-        self._raise_deferred(merged["errors"])
-        open_epoch = bool(merged["epoch"][:, L.ROWS].any())
-        st = self._fold(merged) if open_epoch else self._buffers()
-        epochs = self.epochs + int(open_epoch)
-        tot = st["total"]
-        rows = tot[:, L.ROWS]
-        nan = torch.tensor(float("nan"), dtype=torch.float64, device=tot.device)
+        ctx = self._score_context()
+        out = self._scores_rows(ctx, 0, self._end - self._start)
+        if self.shard:
+            out["index"] = torch.arange(self._start, self._end, dtype=torch.int64)
+        return out
 
-        def mean(col: int) -> torch.Tensor:
-            return torch.where(rows > 0, tot[:, col] / rows.clamp_min(1), nan)
+    def _score_context(self) -> Dict[str, Any]:
+        """The collective part of reading scores (flush, open epoch, dataset tau), done once; the
+        scores of any block of rows then follow locally from it (``_scores_rows``)."""
+        self._flush()
+        self._raise_deferred(self._errors)
+        open_epoch = self._open_epoch()
+        ctx: Dict[str, Any] = {"open": open_epoch, "epochs": self.epochs + int(open_epoch), "tau": self._tau}
+        if self._grad_start >= 0 and self._tau is None:
+            st = L.closed(self._st, self.epochs, self.correct_threshold, None) if open_epoch else self._st
+            ctx["tau"] = self._dataset_mean(L.grad_mean(st))
+        return ctx
 
-        conf = mean(L.PROB_SUM)
-        var = (mean(L.PROB_SQ_SUM) - conf * conf).clamp_min(0)
-        learned = st["learned_since"]
-        lt = torch.where(learned >= 0, learned, torch.full_like(learned, epochs)).double()
-        out = {
-            "csl": tot[:, L.LOSS_SUM],
-            "csl_mean": mean(L.LOSS_SUM),
-            "rows": rows,
-            "last_loss": st["last_loss"],
-            "learning_time": torch.where(rows > 0, lt, nan),
-            "forgetting": st["forgetting"].double(),
-            "confidence_mean": conf,
-            "confidence_std": var.sqrt(),
-            "aum": mean(L.MARGIN_SUM),
-            "correctness": mean(L.CORRECT),
-        }
-        out.update(self._formal_learning_time(st["grad_total"], epochs, open_epoch))
+    @torch.no_grad()
+    def _scores_rows(self, ctx: Dict[str, Any], lo: int, hi: int) -> Dict[str, torch.Tensor]:
+        """Scores of this tracker's rows [lo, hi) (float64 CPU)."""
+        st = {k: v[lo:hi] for k, v in self._st.items()}
+        if ctx["open"]:
+            st = L.closed(st, self.epochs, self.correct_threshold, self._tau)
+        epochs = ctx["epochs"]
+        out = L.scores_of(st, epochs)
+        if self._grad_start < 0:
+            nan = torch.full((hi - lo,), float("nan"), dtype=torch.float64, device=st["sums"].device)
+            out.update(input_grad_norm=nan, learning_time_formal=nan)
+        else:
+            norm = L.grad_mean(st)
+            if self._tau is not None:
+                ltf = L.formal_from_since(st["formal_since"], norm, epochs)
+            else:
+                hist = [h[lo:hi] for h in self._grad_history] + ([norm.float().cpu()] if ctx["open"] else [])
+                ltf = L.formal_from_history(hist, self._grad_start, norm, ctx["tau"], epochs)
+            out.update(input_grad_norm=norm, learning_time_formal=ltf)
         return {k: v.detach().to("cpu", torch.float64).clone() for k, v in out.items()}
 
-    def _formal_learning_time(self, grad_total: torch.Tensor, epochs: int, open_epoch: bool) -> Dict[str, torch.Tensor]:
-        norm = _grad_mean(grad_total)
-        if self._grad_start < 0:
-            nan = torch.full_like(norm, float("nan"))
-            return {"input_grad_norm": nan, "learning_time_formal": nan}
-        hist = self._grad_history + ([norm.float().cpu()] if open_epoch else [])
-        tau = float(self.tau) if self.tau is not None else float(norm[~norm.isnan()].mean())
-        below = torch.stack(hist) <= tau  # [E, S]; NaN (not yet seen) compares False
-        # stays[e] = below at every epoch >= e: "learned" is for good, as in learning_time
-        stays = torch.flip(torch.cumprod(torch.flip(below.int(), [0]), 0), [0]).bool()
-        first = stays.int().argmax(0).double() + self._grad_start
-        lt = torch.where(stays.any(0), first, torch.full_like(first, float(epochs)))
-        lt = torch.where(norm.isnan().cpu(), torch.full_like(lt, float("nan")), lt)
-        return {"input_grad_norm": norm, "learning_time_formal": lt}
+    def _dataset_mean(self, norm: torch.Tensor) -> float:
+        seen = norm[~norm.isnan()]
+        if not self.shard:
+            return float(seen.mean())
+        import torch.distributed as dist
+
+        t = torch.stack([seen.sum(), torch.tensor(float(seen.numel()), dtype=torch.float64, device=seen.device)])
+        dist.all_reduce(t)
+        return float(t[0] / t[1])
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to resume: buffers (CPU copies) and counters."""
+        """Everything needed to resume: buffers (CPU copies) and counters; plain tensors, numbers,
+        lists and dicts (``torch.load(..., weights_only=True)`` reads it). Sharded: this rank's shard
+        (``"range"``: its ids [start, end)); a collective, like every flush."""
+        self._flush()
         return {
             "version": self.VERSION,
             "num_samples": self.num_samples,
+            "range": [self._start, self._end],
             "epochs": self.epochs,
             "correct_threshold": self.correct_threshold,
-            "tau": self.tau,
+            "tau": self._tau,
             "buffers": {k: v.detach().cpu().clone() for k, v in self._buffers().items()},
             "grad_start": self._grad_start,
             "grad_history": [h.clone() for h in self._grad_history],
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores a ``state_dict()``; raises ValueError if it is from another dataset size or
-        format version. Buffers land on this tracker's device."""
+        """Restores a ``state_dict()``; raises ValueError if it is from another dataset size, shard
+        range or format version. Format 1 (memcore <= 0.1.0) is converted. Buffers land on this
+        tracker's device. Buffered rows not yet flushed are dropped."""
         if not isinstance(state, dict) or "version" not in state:
             raise ValueError("state is not a memcore Tracker state_dict")
+        if state["version"] == 1:
+            state = _from_version1(state)
         if state["version"] != self.VERSION:
-            raise ValueError(f"tracker state has format version {state['version']}, this memcore reads {self.VERSION}")
+            raise ValueError(f"tracker state has format version {state['version']}, this memcore reads "
+                             f"{self.VERSION}")
         if state["num_samples"] != self.num_samples:
             raise ValueError(
                 f"tracker state is for num_samples={state['num_samples']}, this tracker has {self.num_samples}"
             )
-        mine = self._buffers()
-        if set(state["buffers"]) != set(mine):
-            raise ValueError(f"tracker state has buffers {sorted(state['buffers'])}, expected {sorted(mine)}")
-        dev = self.device or torch.device("cpu")
-        new = {}
+        if list(state.get("range", [0, self.num_samples])) != [self._start, self._end]:
+            raise ValueError(f"tracker state holds sample ids {state['range']}, this tracker holds "
+                             f"{[self._start, self._end]} (load a sharded checkpoint with tracker.load(path))")
+        n = self._end - self._start
+        want = L.new_state(n, torch.device("meta"))
+        grad = state["grad_start"] >= 0
+        if grad:
+            L.add_grad_fields(want, state["tau"] is not None)
+        want["errors"] = torch.zeros(1, dtype=torch.int32, device="meta")
+        if set(state["buffers"]) != set(want):
+            raise ValueError(f"tracker state has buffers {sorted(state['buffers'])}, expected {sorted(want)}")
         for k, v in state["buffers"].items():
-            if v.shape != mine[k].shape or v.dtype != mine[k].dtype:
-                raise ValueError(f"tracker state buffer {k!r} has {v.dtype}{tuple(v.shape)}, expected "
-                                 f"{mine[k].dtype}{tuple(mine[k].shape)}")
-            new[k] = v.to(dev).clone()
-        self._set_buffers(new)
+            if not isinstance(v, torch.Tensor) or v.shape != want[k].shape or v.dtype != want[k].dtype:
+                got = f"{v.dtype}{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"tracker state buffer {k!r} has {got}, expected "
+                                 f"{want[k].dtype}{tuple(want[k].shape)}")
+        hist = state["grad_history"]
+        if any(h.shape != (n,) for h in hist):
+            raise ValueError(f"tracker state's grad_history entries must have shape ({n},)")
+        dev = self.device or torch.device("cpu")
+        self._set_buffers({k: v.to(dev).clone() for k, v in state["buffers"].items()})
         self.epochs = int(state["epochs"])
         self.correct_threshold = float(state["correct_threshold"])
-        self.tau = state["tau"]
+        self._tau = state["tau"]
         self._grad_start = int(state["grad_start"])
-        self._grad_history = [h.clone() for h in state["grad_history"]]
+        self._grad_history = [h.clone() for h in hist]
+        if self._router is not None:
+            self._router.ce, self._router.grad, self._router.calls = [], [], 0
 
     def save(self, path: str) -> None:
         """Writes ``state_dict()`` to ``path`` through a temporary file and an atomic rename, so a
-        crash while saving never destroys the previous checkpoint at ``path``."""
+        crash while saving never destroys the previous checkpoint at ``path``.
+
+        Sharded (a collective): ``path`` is a directory; each rank writes its shard's file there
+        and rank 0 then replaces ``manifest.json`` (world size, ranges, file names), the commit point."""
+        if self.shard:
+            import torch.distributed as dist
+
+            _shard.save_shards(path, self.state_dict(), self.num_samples, dist.get_world_size(),
+                               dist.get_rank(), self.device)
+            return
         atomic_save(self.state_dict(), path)
 
     def load(self, path: str) -> None:
-        """Restores a tracker written by ``save`` (same checks as ``load_state_dict``)."""
-        self.load_state_dict(torch.load(path, weights_only=False))
+        """Restores a tracker written by ``save`` (same checks as ``load_state_dict``); never runs code
+        from the file (``weights_only=True``). Sharded: reads the shards overlapping this rank's ids,
+        whatever world size wrote them."""
+        if self.shard:
+            _, parts = _shard.load_range(path, self._start, self._end, self.num_samples)
+            if not parts:
+                raise ValueError(f"sharded checkpoint {path!r} holds none of the ids {[self._start, self._end]}")
+            state = _shard.concat_shards(parts)
+            state["range"] = [self._start, self._end]
+            state["buffers"]["errors"] = torch.zeros(1, dtype=torch.int32)  # shards' own, not concatenated
+            self.load_state_dict(state)
+            return
+        self.load_state_dict(torch.load(path, weights_only=True))
 
     def __repr__(self) -> str:
         return (f"Tracker(num_samples={self.num_samples}, device={self.device}, epochs={self.epochs}, "
-                f"strict={self.strict})")
+                f"strict={self.strict}{', shard=True' if self.shard else ''})")
 
 
-def _grad_mean(grad_stats: torch.Tensor) -> torch.Tensor:
-    rows = grad_stats[:, L.GRAD_ROWS]
-    return torch.where(rows > 0, grad_stats[:, L.GRAD_SQ_SUM] / rows.clamp_min(1),
-                       torch.full_like(rows, float("nan")))
+def _from_version1(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A format-1 state_dict (float64 [S, 6] epoch and total buffers) in format 2."""
+    bufs = L.from_version1(state["buffers"], state["grad_history"], state["grad_start"], state["tau"])
+    bufs["errors"] = state["buffers"]["errors"]
+    return {**state, "version": 2, "range": [0, state["num_samples"]], "buffers": bufs,
+            "grad_history": [] if state["tau"] is not None else list(state["grad_history"])}
 
 
 def _resolve(dev: torch.device) -> torch.device:

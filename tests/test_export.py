@@ -37,3 +37,68 @@ def test_csv_and_dataframe(tmp_path):
     df = export.to_dataframe(s)
     assert list(df["index"]) == [0, 1, 2, 3, 4] and np.allclose(df["csl"], s["csl"].numpy())
     assert isinstance(df, pd.DataFrame)
+
+
+def _tracker_with_open_epoch(n=23):
+    g = torch.Generator().manual_seed(4)
+    tr = memcore.Tracker(n)
+    for e in range(3):
+        for _ in range(3):
+            idx = torch.randint(0, n - 1, (8,), generator=g)  # id n-1 never seen
+            memcore.accumulate(torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g), idx, tr)
+        if e < 2:
+            tr.end_epoch()
+    return tr
+
+
+def test_parquet_streams_row_groups_and_round_trips(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    tr = _tracker_with_open_epoch()
+    want = tr.scores()
+    path = export.to_parquet(tr, str(tmp_path / "out"), row_group_size=5)  # 23 rows: 5 row groups
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups == 5 and meta.num_rows == 23
+    table = pq.read_table(path)
+    assert table.column_names == ["index"] + list(memcore.SCORE_NAMES)
+    assert str(table.schema.field("index").type) == "int64"
+    got = export.read_parquet(str(tmp_path / "out"))
+    assert torch.equal(got["index"], torch.arange(23))
+    for k in want:
+        assert torch.equal(got[k].nan_to_num(-7), want[k].nan_to_num(-7)), k
+    assert tr.epochs == 2  # writing did not close the open epoch
+    # a dict of scores (e.g. one shard's, with its ids) streams the same way
+    shard = {"index": torch.arange(100, 110), "csl": torch.arange(10.0)}
+    export.to_parquet(shard, str(tmp_path / "d"), row_group_size=4)
+    back = export.read_parquet(str(tmp_path / "d"))
+    assert torch.equal(back["index"], shard["index"]) and torch.equal(back["csl"], shard["csl"].double())
+    with pytest.raises(ValueError, match="rows"):
+        export.to_parquet({"a": torch.zeros(3), "b": torch.zeros(4)}, str(tmp_path / "bad"))
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_pyarrow(name, *a, **k):
+        if name.startswith("pyarrow"):
+            raise ImportError("No module named 'pyarrow'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    with pytest.raises(ImportError, match=r"memcore\[export\]"):
+        export.to_parquet({"csl": torch.zeros(2)}, str(tmp_path))
+
+
+def test_join_scores_onto_hf_dataset_by_index(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("pyarrow")
+    tr = _tracker_with_open_epoch(10)
+    s = tr.scores()
+    ds = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(10)], "sid": [9 - i for i in range(10)]})
+    by_row = export.join_scores(ds, s)
+    assert by_row["csl"] == s["csl"].tolist() and by_row["text"][3] == "t3"
+    export.to_parquet(tr, str(tmp_path / "p"))
+    by_id = export.join_scores(ds, str(tmp_path / "p"), index_column="sid", prefix="mc_")
+    assert by_id["mc_csl"] == s["csl"].flip(0).tolist()
+    assert np.isnan(by_id["mc_csl_mean"][0])  # id 9 was never seen

@@ -141,7 +141,7 @@ def test_rejected_batch_records_no_input_grads(bad, device):
     idx = torch.arange(8, device=device)
     xb = x.clone().requires_grad_()
     memcore.accumulate(model(xb), y, idx, tr, inputs=xb).backward()  # a good batch first
-    before = tr._grad_epoch.clone()
+    before = tr._recorded()
     xb = x.clone().requires_grad_()
     logits = model(xb)
     if bad == "nan":
@@ -150,7 +150,7 @@ def test_rejected_batch_records_no_input_grads(bad, device):
         idx = idx.clone()
         idx[3] = 8
     memcore.accumulate(logits, y, idx, tr, inputs=xb).backward()
-    torch.testing.assert_close(tr._grad_epoch, before, rtol=0, atol=0)
+    torch.testing.assert_close(tr._recorded(), before, rtol=0, atol=0)
     with pytest.raises(ValueError, match="rejected"):
         tr.scores()
 
@@ -176,7 +176,7 @@ def test_bad_inputs_raise():
         memcore.accumulate(model(x), y, idx, tr, inputs=x)
     with pytest.raises(TypeError, match="inputs"):
         memcore.accumulate(model(xb), y, idx, tr, inputs=torch.zeros(8, dtype=torch.long))
-    assert tr._epoch.abs().sum() == 0
+    assert tr._recorded().abs().sum() == 0
 
 
 def test_opcheck_sqnorm_commit(device):
@@ -212,4 +212,26 @@ def test_reused_input_tensor_collects_no_hooks():
     for _ in range(3):
         memcore.accumulate(model(xb), y, torch.arange(8), tr, inputs=xb).backward()
     assert not xb._backward_hooks and not getattr(xb, "_post_accumulate_grad_hooks", None)
-    assert tr.scores()["rows"].sum() == 24 and tr._grad_epoch[:, 1].sum() == 24
+    assert tr.scores()["rows"].sum() == 24 and tr._state()["grad_rows"].sum() == 24
+
+
+def test_fixed_tau_online_equals_history_including_open_epoch():
+    """tau given: one int16 per sample replaces the per-epoch history and gives the same learning
+    time as the history at that tau (here the dataset mean a tau=None run used), mid-epoch too."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 6, generator=g)
+    y = (x @ torch.randn(6, 4, generator=g)).argmax(1)
+    hist = memcore.Tracker(32)
+    _train(_mlp(), x, y, 4, hist)
+    tau = float(hist.scores()["input_grad_norm"].mean())
+    online = memcore.Tracker(32, tau=tau)
+    _train(_mlp(), x, y, 4, online)
+    assert "formal_since" in online._state() and not online._grad_history and len(hist._grad_history) == 4
+    a, b = hist.scores(), online.scores()
+    assert torch.equal(a["learning_time_formal"], b["learning_time_formal"])
+    assert len(a["learning_time_formal"].unique()) >= 2, "fixture should spread learning times"
+    n = 32
+    assert online.state_bytes() == n * (60 + 8 + 4 + 2)
+    assert hist.state_bytes() == n * (60 + 8 + 4) + n * 4 * 4  # + 4 epochs of float32 history
+    with pytest.raises(ValueError, match="tau"):
+        online.tau = 0.1

@@ -141,7 +141,7 @@ def test_bad_arguments(device):
     nan[1, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         memcore.accumulate(nan.requires_grad_(), targets, index, tr, overwrite_logits=True)
-    assert tr._epoch.abs().sum() == 0  # rejected batches change nothing
+    assert tr._recorded().abs().sum() == 0  # rejected batches change nothing
 
 
 def test_all_rows_ignored(device):

@@ -1,0 +1,166 @@
+"""Sharded tracker at dataset scale, on this machine's CPU with gloo ranks.
+
+    python benchmarks/bench_shard.py bytes                 # bytes per sample, dense and sharded
+    python benchmarks/bench_shard.py scale N [--world 2] [--no-scores]
+                                        # N-sample sharded tracker: memory per rank, end_epoch(),
+                                        # to_parquet(), scores() times
+    python benchmarks/bench_shard.py step [--world 2]      # routing overhead per training step,
+                                                           # sharded vs unsharded, interleaved
+
+Prints one JSON line per measurement.
+"""
+import argparse
+import datetime
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import memcore  # noqa: E402
+from memcore import export  # noqa: E402
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _init(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=10))
+
+
+def bytes_per_sample() -> None:
+    n = 100_000
+    tr = memcore.Tracker(n)
+    print(json.dumps({"what": "dense bytes/sample (no input grads)", "value": tr.state_bytes() / n}))
+    for tau in (0.5, None):
+        tr = memcore.Tracker(n, tau=tau)
+        x = torch.randn(8, 4, requires_grad=True)
+        memcore.accumulate(x @ torch.randn(4, 3), torch.zeros(8, dtype=torch.long), torch.arange(8), tr,
+                           inputs=x).backward()
+        tr.end_epoch()
+        print(json.dumps({"what": f"dense bytes/sample with input grads, tau={tau}, after 1 epoch",
+                          "value": tr.state_bytes() / n}))
+    sd = memcore.Tracker(n).state_dict()
+    size = sum(v.numel() * v.element_size() for v in sd["buffers"].values())
+    print(json.dumps({"what": "state_dict tensors bytes/sample", "value": size / n}))
+
+
+def _scale_worker(rank, world, init_file, n, out_dir, with_scores):
+    _init(rank, world, init_file)
+    base = _rss_mb()
+    tr = memcore.Tracker(n, device="cpu", shard=True)
+    held = tr.state_bytes()
+    g = torch.Generator().manual_seed(rank)
+    t0 = time.perf_counter()
+    steps = 64
+    for _ in range(steps):  # one flush worth of random rows (1024 per step per rank)
+        idx = torch.randint(0, n, (1024,), generator=g)
+        memcore.accumulate(torch.randn(1024, 10, generator=g), torch.randint(0, 10, (1024,), generator=g), idx, tr)
+    t_acc = time.perf_counter() - t0
+    peak = {"after_accumulate": _peak_mb()}
+    dist.barrier()
+    t0 = time.perf_counter()
+    tr.end_epoch()
+    t_end = time.perf_counter() - t0
+    peak["after_end_epoch"] = _peak_mb()
+    dist.barrier()
+    t0 = time.perf_counter()
+    export.to_parquet(tr, out_dir)
+    t_pq = time.perf_counter() - t0
+    peak["after_to_parquet"] = _peak_mb()
+    dist.barrier()
+    t_scores = None
+    if with_scores:
+        t0 = time.perf_counter()
+        tr.scores()  # the whole shard's scores as one dict (~100 bytes per sample)
+        t_scores = time.perf_counter() - t0
+        peak["after_scores"] = _peak_mb()
+    dist.barrier()
+    rec = {"what": "scale", "num_samples": n, "world": world, "rank": rank,
+           "state_mb_per_rank": held / 2**20, "base_rss_mb": base, "peak_rss_mb": peak,
+           "accumulate_64_steps_s": t_acc, "end_epoch_s": t_end, "scores_s": t_scores, "to_parquet_s": t_pq,
+           "parquet_mb": os.path.getsize(os.path.join(out_dir, f"scores-{rank:05d}-of-{world:05d}.parquet")) / 2**20}
+    print(json.dumps(rec), flush=True)
+    dist.destroy_process_group()
+
+
+def _cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 10))
+
+
+def _step_worker(rank, world, init_file, n, rounds, steps):
+    _init(rank, world, init_file)
+    torch.manual_seed(0)
+    # DDP, as in real training: both variants sync every step, so rank skew is not counted as routing
+    model = torch.nn.parallel.DistributedDataParallel(_cnn())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    trackers = {"unsharded": memcore.Tracker(n, device="cpu", distributed=False),
+                "sharded": memcore.Tracker(n, device="cpu", shard=True)}
+    g = torch.Generator().manual_seed(rank)
+    batch = 128
+    x = torch.randn(batch, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    times = {k: [] for k in trackers}
+    for r in range(rounds):
+        for name in (("unsharded", "sharded") if r % 2 == 0 else ("sharded", "unsharded")):
+            tr = trackers[name]
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(steps):  # steps is a multiple of flush_every: every flush is inside the window
+                idx = torch.randint(0, n, (batch,), generator=g)
+                loss = memcore.accumulate(model(x), y, idx, tr)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            times[name].append((time.perf_counter() - t0) / steps * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    if rank == 0:
+        print(json.dumps({"what": "step", "world": world, "batch": batch, "ms_per_step_median": med,
+                          "overhead_pct": 100 * (med["sharded"] / med["unsharded"] - 1),
+                          "rounds": rounds, "steps_per_round": steps}), flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["bytes", "scale", "step"])
+    ap.add_argument("n", nargs="?", type=int, default=10_000_000)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--no-scores", action="store_true", help="scale: skip the whole-shard scores() dict")
+    a = ap.parse_args()
+    if a.mode == "bytes":
+        bytes_per_sample()
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        init = os.path.join(tmp, "init")
+        if a.mode == "scale":
+            mp.spawn(_scale_worker, args=(a.world, init, a.n, os.path.join(tmp, "pq"), not a.no_scores), nprocs=a.world, join=True)
+        else:
+            mp.spawn(_step_worker, args=(a.world, init, a.n, a.rounds, a.steps), nprocs=a.world, join=True)
+
+
+if __name__ == "__main__":
+    main()

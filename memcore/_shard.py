@@ -1,0 +1,294 @@
+"""Per-sample state across torch.distributed ranks: which rank owns which samples, the buffer that
+routes rows to their owner, the agreement check of the ranks' settings, and per-rank checkpoints.
+
+Ownership is by contiguous ranges: rank r owns ids [r * chunk, min((r + 1) * chunk, N)) with
+chunk = ceil(N / world). Every rank holds exactly `chunk` (or fewer, for the last) samples whatever
+the id distribution; a shard's ids are its row number plus an offset, so no id array is stored, its
+scores come out in id order, and loading a checkpoint at another world size only slices and
+concatenates ranges. (``index % world`` balances rows better when ids correlate with the data
+order, but a random sampler spreads every batch evenly over the ranges anyway, and resharding a
+modulo layout would interleave every shard.)
+
+Routing: ``accumulate`` appends each batch's per-row results (int64 sample id, loss, p, margin,
+correct, validity) to a buffer on the tracker's device; a flush, every ``flush_every`` calls and at
+every ``end_epoch()`` / ``scores()`` / ``save()``, drops the rejected and ignored rows and sends each
+remaining row to its owner with ``all_to_all_single`` (counts first, then ids and values). Without
+sharding (``Tracker(distributed=True)``) the same exchange sends every row to every rank, so each
+rank commits the same rows in the same order and holds the same state.
+"""
+import json
+import os
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ._io import atomic_save
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "memcore-tracker-shards"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def chunk_of(num_samples: int, world: int) -> int:
+    return max(1, -(-num_samples // world))
+
+
+def range_of(num_samples: int, world: int, rank: int) -> Tuple[int, int]:
+    """[start, end) of the sample ids rank `rank` owns."""
+    c = chunk_of(num_samples, world)
+    start = min(rank * c, num_samples)
+    return start, min(start + c, num_samples)
+
+
+def check_agreement(fields: Dict[str, float], device: torch.device) -> None:
+    """Raises ValueError on every rank unless all ranks pass the same `fields` (None -> NaN). One small
+    all_gather."""
+    dist = _dist()
+    world = dist.get_world_size()
+    names = list(fields)
+    mine = torch.tensor([float("nan") if fields[k] is None else float(fields[k]) for k in names],
+                        dtype=torch.float64, device=device)
+    got = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(got, mine)
+    table = torch.stack(got).cpu()
+    for j, k in enumerate(names):
+        col = table[:, j]
+        same = torch.isnan(col).all() or (not torch.isnan(col).any() and bool((col == col[0]).all()))
+        if not same:
+            vals = ", ".join(f"rank {r}: {_fmt(col[r])}" for r in range(world))
+            raise ValueError(f"Tracker settings differ across ranks: {k} ({vals}); construct the tracker "
+                             f"with the same arguments on every rank")
+
+
+def _fmt(v: torch.Tensor) -> str:
+    x = float(v)
+    return "None" if x != x else (str(int(x)) if x == int(x) else repr(x))
+
+
+class Router:
+    """Rows recorded on this rank since the last flush, kept as the ops returned them (a list append and
+    three small copies per call: the caller may reuse its index / target / loss tensors).
+
+    mode "local": one process, committed in place at the flush (no collective, no host sync);
+    "replicate": every row goes to every rank; "shard": each row goes to the owner of its id.
+    """
+
+    def __init__(self, num_samples: int, world: int, rank: int, mode: str) -> None:
+        self.num_samples, self.world, self.rank, self.mode = num_samples, world, rank, mode
+        self.chunk = chunk_of(num_samples, world)
+        self.ce: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        self.grad: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.calls = 0
+
+    def pending(self) -> bool:
+        return bool(self.ce or self.grad)
+
+    def add_ce(self, index: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, row_stats: torch.Tensor,
+               status: torch.Tensor, ignore_index: int) -> None:
+        self.ce.append((index.clone(), targets.clone(), loss.detach().clone(), row_stats.detach(), status,
+                        ignore_index))
+        self.calls += 1
+
+    def add_grad(self, index: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor) -> None:
+        self.grad.append((index.clone(), sq, rows))
+
+    def bytes_pending(self) -> int:
+        return sum(t.numel() * t.element_size() for rows in (self.ce, self.grad) for r in rows for t in r
+                   if isinstance(t, torch.Tensor))
+
+    def take_ce(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The buffered ce rows as (int64 ids [n], bool keep [n], float64 [n, 4] loss, p, margin,
+        correct), emptying the buffer; no host sync."""
+        rows, self.ce = self.ce, []
+        if not rows:
+            return (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.bool, device=device),
+                    torch.empty(0, 4, dtype=torch.float64, device=device))
+        idx = torch.cat([r[0] for r in rows])
+        sizes = [r[0].shape[0] for r in rows]
+        status = torch.cat([r[4] for r in rows]).repeat_interleave(torch.tensor(sizes, device=idx.device),
+                                                                   output_size=idx.shape[0])
+        ignore = {r[5] for r in rows}
+        targets = torch.cat([r[1] for r in rows])
+        if len(ignore) == 1:
+            keep = (targets != ignore.pop()) & (status == 0)
+        else:
+            keep = torch.cat([r[1] != r[5] for r in rows]) & (status == 0)
+        loss = torch.cat([r[2] for r in rows]).double()
+        vals = torch.cat([loss[:, None], torch.cat([r[3] for r in rows]).double()], 1)
+        return idx, keep, vals
+
+    def take_grad(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The buffered input-gradient rows as (int64 ids, float64 squared norms, recorded flags)."""
+        rows, self.grad = self.grad, []
+        if not rows:
+            z = torch.empty(0, dtype=torch.float64, device=device)
+            return torch.empty(0, dtype=torch.int64, device=device), z, z
+        return (torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]).double(),
+                torch.cat([r[2] for r in rows]))
+
+    def exchange(self, flags: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+        """Collective. flags: int64 [k] per-rank flags, max-reduced over ranks and returned; the last
+        one says "this rank has input-gradient rows" (the grad channel is exchanged only when some
+        rank has). Returns also, per channel ("ce", "grad"), the (int64 ids, float64 values [n, w])
+        this rank commits: the rows it owns (shard) or every row (replicate), in rank order, then in
+        recording order. One host sync (the row counts)."""
+        dist = _dist()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        device = flags.device
+        sends = {}
+        idx, keep, vals = self.take_ce(device)
+        sends["ce"] = (idx[keep], vals[keep])
+        gidx, gsq, grows = self.take_grad(device)
+        if int(flags[-1]):
+            gkeep = grows != 0
+            sends["grad"] = (gidx[gkeep], gsq[gkeep][:, None])
+        routed = {}
+        for name, (idx, vals) in sends.items():
+            if self.mode == "shard":
+                dest = torch.div(idx, self.chunk, rounding_mode="floor")
+                order = torch.sort(dest, stable=True).indices
+                idx, vals = idx[order], vals[order]
+                counts = torch.bincount(dest, minlength=self.world)
+            else:  # every rank gets every row
+                counts = torch.full((self.world,), idx.numel(), dtype=torch.int64, device=device)
+                idx, vals = idx.repeat(self.world), vals.repeat(self.world, 1)
+            routed[name] = (idx, vals, counts)
+        names = list(routed)
+        k = len(names)
+        send_counts = torch.stack([routed[n][2] for n in names], 1).reshape(-1).to(torch.int64)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts)
+        sc, rc = send_counts.view(self.world, k).tolist(), recv_counts.view(self.world, k).tolist()
+        out = {}
+        for j, name in enumerate(names):
+            idx, vals, _ = routed[name]
+            s_split, r_split = [c[j] for c in sc], [c[j] for c in rc]
+            r_idx = torch.empty(sum(r_split), dtype=torch.int64, device=device)
+            r_vals = torch.empty(sum(r_split), vals.shape[1], dtype=torch.float64, device=device)
+            dist.all_to_all_single(r_idx, idx, r_split, s_split)
+            dist.all_to_all_single(r_vals, vals, r_split, s_split)
+            out[name] = (r_idx, r_vals)
+        return flags, out
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def shard_file(token: str, rank: int, world: int) -> str:
+    return f"shard-{token}-{rank:05d}-of-{world:05d}.pt"
+
+
+def new_token(device: torch.device) -> str:
+    """A save id chosen on rank 0 and broadcast (collective), naming this save's shard files."""
+    dist = _dist()
+    t = torch.tensor([uuid.uuid4().int & ((1 << 62) - 1)], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return f"{int(t):016x}"
+
+
+def all_ok(ok: bool, device: torch.device) -> bool:
+    dist = _dist()
+    t = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def save_shards(path: str, shard_state: Dict[str, Any], num_samples: int, world: int, rank: int,
+                device: torch.device) -> None:
+    """Collective: every rank writes its shard file under directory `path` (atomic rename), then rank 0
+    writes the manifest (atomic) naming this save's files and removes the previous save's files.
+    A crash before the manifest is replaced leaves the previous checkpoint whole."""
+    token = new_token(device)
+    os.makedirs(path, exist_ok=True)
+    err: Optional[BaseException] = None
+    try:
+        atomic_save({**shard_state, "token": token}, os.path.join(path, shard_file(token, rank, world)))
+    except BaseException as e:  # noqa: BLE001  (reported after the ranks agreed on failure)
+        err = e
+    if not all_ok(err is None, device):
+        if err is not None:
+            raise err
+        raise RuntimeError(f"saving the sharded tracker to {path!r} failed on another rank; the previous "
+                           f"checkpoint there is unchanged")
+    if rank == 0:
+        files = [shard_file(token, r, world) for r in range(world)]
+        manifest = {
+            "format": MANIFEST_FORMAT, "version": shard_state["version"], "num_samples": num_samples,
+            "world_size": world, "token": token, "epochs": shard_state["epochs"],
+            "ranges": [list(range_of(num_samples, world, r)) for r in range(world)], "files": files,
+        }
+        tmp = os.path.join(path, f"{MANIFEST}.tmp{os.getpid()}-{token}")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, os.path.join(path, MANIFEST))
+        for name in os.listdir(path):
+            if name.startswith("shard-") and name.endswith(".pt") and name not in files:
+                try:
+                    os.remove(os.path.join(path, name))
+                except OSError:
+                    pass
+    all_ok(True, device)  # nobody returns before the manifest names the new files
+
+
+def read_manifest(path: str) -> Dict[str, Any]:
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise FileNotFoundError(f"{path!r} is not a sharded tracker checkpoint: {MANIFEST} is missing")
+    with open(mpath) as f:
+        m = json.load(f)
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{mpath} is not a memcore sharded-tracker manifest")
+    return m
+
+
+def load_range(path: str, start: int, end: int, num_samples: int) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """The manifest and the shard states (weights_only loads) whose ranges overlap [start, end), each
+    checked against the manifest, with its buffers sliced to the overlap, in id order."""
+    m = read_manifest(path)
+    if m["num_samples"] != num_samples:
+        raise ValueError(f"sharded checkpoint {path!r} is for num_samples={m['num_samples']}, this tracker has "
+                         f"{num_samples}")
+    ranges, files = m["ranges"], m["files"]
+    if len(ranges) != m["world_size"] or len(files) != m["world_size"]:
+        raise ValueError(f"manifest of {path!r} lists {len(files)} files for world_size {m['world_size']}")
+    parts = []
+    for r, ((s, e), name) in enumerate(zip(ranges, files)):
+        lo, hi = max(s, start), min(e, end)
+        if lo >= hi and not (start == end == s == e):
+            continue
+        fpath = os.path.join(path, name)
+        if not os.path.isfile(fpath):
+            raise FileNotFoundError(f"shard {r} of {m['world_size']} of checkpoint {path!r} is missing: {fpath}")
+        st = torch.load(fpath, map_location="cpu", weights_only=True)
+        if not isinstance(st, dict) or st.get("token") != m["token"] or list(st.get("range", [])) != [s, e]:
+            raise ValueError(f"shard file {fpath} does not belong to this checkpoint (save id or range "
+                             f"differs from {MANIFEST}): a mixed or partly overwritten checkpoint")
+        parts.append(slice_shard(st, lo - s, hi - s))
+    return m, parts
+
+
+def slice_shard(st: Dict[str, Any], lo: int, hi: int) -> Dict[str, Any]:
+    out = dict(st)
+    out["buffers"] = {k: v[lo:hi] for k, v in st["buffers"].items()}
+    out["grad_history"] = [h[lo:hi] for h in st["grad_history"]]
+    return out
+
+
+def concat_shards(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One state from consecutive range slices; their scalar settings must agree."""
+    first = parts[0]
+    for p in parts[1:]:
+        for k in ("version", "epochs", "correct_threshold", "tau", "grad_start"):
+            if p[k] != first[k]:
+                raise ValueError(f"shards of one checkpoint disagree on {k}: {first[k]!r} vs {p[k]!r}")
+        if set(p["buffers"]) != set(first["buffers"]) or len(p["grad_history"]) != len(first["grad_history"]):
+            raise ValueError("shards of one checkpoint hold different buffers")
+    out = dict(first)
+    out["buffers"] = {k: torch.cat([p["buffers"][k] for p in parts]) for k in first["buffers"]}
+    out["grad_history"] = [torch.cat([p["grad_history"][i] for p in parts])
+                           for i in range(len(first["grad_history"]))]
+    return out
