@@ -11,7 +11,8 @@ from . import data
 from ._ops import with_cuda
 from .accumulate import accumulate
 from .curvature import CurvatureTracker, curvature
+from .linear_accumulate import linear_accumulate
 from .tracker import SCORE_NAMES, Tracker
 
 __version__ = "0.1.0"
-__all__ = ["Tracker", "accumulate", "with_cuda", "SCORE_NAMES", "__version__", "curvature", "CurvatureTracker"]
+__all__ = ["Tracker", "accumulate", "linear_accumulate", "with_cuda", "SCORE_NAMES", "__version__", "curvature", "CurvatureTracker"]
