@@ -54,9 +54,19 @@ def _setup_context(ctx, inputs, output):
     ctx.grad_mask = tuple(grad_mask)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.has_bias = bias is not None
-    ctx.handed_out = False  # mean / sum: the forward's gradient buffers went to autograd already
+    # the gradient outputs (and lse, row_stats) never receive gradients: without this autograd would
+    # allocate and zero-fill [V, H] and [N, H] cotangents for them before every backward
+    ctx.set_materialize_grads(False)
     # hidden / weight / bias are alive anyway (leaves or activations): saving them costs no memory
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, count, grad_h, grad_w, grad_b)
+    ctx.buffers = None
+    if reduction == 0 or torch.compiler.is_compiling():
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, count, grad_h, grad_w, grad_b)
+    else:
+        # eager mean / sum: the gradient buffers as detached attributes that the backward pops, so
+        # that it hands autograd the only reference (AccumulateGrad then adopts a buffer as .grad
+        # instead of copying it: one [V, H] buffer less at the backward's peak). None once handed out.
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, count)
+        ctx.buffers = [grad_h.detach(), grad_w.detach(), grad_b.detach()]
 
 
 def _recompute(ctx, grad_rows, hidden, weight, bias, targets, lse, mask):
@@ -70,7 +80,8 @@ def _recompute(ctx, grad_rows, hidden, weight, bias, targets, lse, mask):
 
 def _backward(ctx, grad_out, _g_count, grad_loss, *_unused):
     need = ctx.needs_input_grad
-    hidden, weight, bias, targets, lse, count, grad_h, grad_w, grad_b = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    hidden, weight, bias, targets, lse, count = saved[:6]
     mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
     if ctx.reduction == 0:
         if grad_loss is None:
@@ -84,19 +95,19 @@ def _backward(ctx, grad_out, _g_count, grad_loss, *_unused):
     scale = scale.reshape(1)
     mask = [m and made for m, made in zip(mask, ctx.grad_mask)]
     if torch.compiler.is_compiling():  # no mutation of saved activations in a traced graph
-        grads = [g * scale if m else None for g, m in zip((grad_h, grad_w, grad_b), mask)]
-    elif ctx.handed_out:
+        grads = [g * scale if m else None for g, m in zip(saved[6:], mask)]
+    elif ctx.buffers is None:
         # a second backward through a retained graph: the buffers now belong to .grad attributes or
         # other nodes, so this one recomputes (every row's upstream gradient is scale)
         return _recompute(ctx, scale.expand(lse.shape[0]), hidden, weight, bias, targets, lse, mask)
     else:
-        # in place: no second [V, H] buffer, and no pass at all when the factor is 1 (.data: this
-        # scaling is the op's own business, not a change for a later unpack to flag)
-        grads = [g if m else None for g, m in zip((grad_h, grad_w, grad_b), mask)]
+        # in place: no second [V, H] buffer, and no pass at all when the factor is 1
+        buffers, ctx.buffers = ctx.buffers, None
+        grads = [g if m else None for g, m in zip(buffers, mask)]
+        del buffers
         for g in grads:
             if g is not None:
-                torch.ops.memcore.scale_unless_one_(g.data, scale)
-        ctx.handed_out = True
+                torch.ops.memcore.scale_unless_one_(g, scale)
     # fp32 buffers are returned as they are (autograd adopts them as .grad); 16-bit ones rounded once
     return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)) + (None,) * 7
 

@@ -62,7 +62,7 @@ def test_fp32_parity(reduction, chunk_size, device):
     want = _reference(hidden, weight, bias, targets, reduction, up)
     for name, a, b in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_fp32_parity_large_odd_vocabulary(device):
