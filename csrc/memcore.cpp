@@ -74,6 +74,28 @@ TORCH_LIBRARY(memcore, m) {
   m.def(
       "probe_reduce(Tensor grad_perturbed, Tensor grad_clean, Tensor index, int seed,"
       " int probe_start) -> (Tensor sqnorm, Tensor vdot)");
+
+  // Fused linear + cross-entropy (csrc/linear_cross_entropy.cpp, composed of ATen GEMMs and the ops
+  // above, so one implementation serves CPU and CUDA): logits = F.linear(hidden [N, H], weight
+  // [V, H], bias [V]) are made chunk_size rows at a time and never exist whole. Per-row loss, lse,
+  // row_stats and the status word as ce_forward gives them; out is the mean (over non-ignored rows)
+  // or the sum (reduction 1 / 2; the sum for 0) in opmath, count the 0-d int64 number of
+  // non-ignored rows. For reduction 1 / 2 the gradients of the SUM of the losses w.r.t. hidden,
+  // weight and bias (those grad_mask selects, else empty) are made in the same pass: hidden's in
+  // its dtype, weight's and bias's in opmath (fp32 accumulation across chunks for fp16 / bf16); the
+  // backward only scales them. Reduction 0 makes no gradient: linear_ce_backward recomputes.
+  m.def(
+      "linear_ce_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor index,"
+      " int num_samples, int ignore_index, int reduction, int chunk_size, bool[3] grad_mask)"
+      " -> (Tensor out, Tensor count, Tensor loss, Tensor lse, Tensor row_stats, Tensor status,"
+      " Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // Gradients of sum_r grad_loss[r] * loss_r (reduction "none") w.r.t. hidden, weight and bias in
+  // their dtypes, recomputing each logits chunk and its ce_backward: exact per-row upstream
+  // gradients, no N x V tensor. lse [N] (opmath) from linear_ce_forward.
+  m.def(
+      "linear_ce_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets,"
+      " Tensor lse, int ignore_index, int chunk_size, bool[3] grad_mask)"
+      " -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 #include "commit_deterministic.h"

@@ -31,8 +31,10 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i], "sample_index": torch.tensor(i)}
 
 
-def train(epochs: int = 8, overwrite_logits: bool = False) -> memcore.Tracker:
-    """Trains the tiny GPT-2 (seeded) with MemcoreTrainer; returns the tracker."""
+def train(epochs: int = 8, overwrite_logits: bool = False, fused_linear: bool = False) -> memcore.Tracker:
+    """Trains the tiny GPT-2 (seeded) with MemcoreTrainer; returns the tracker. fused_linear=True
+    takes the loss from the last hidden state and the (tied) output embedding through
+    memcore.linear_accumulate: the way to train at LLM vocabulary sizes, no [B, T, V] logits."""
     data = Sequences()
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2))
@@ -42,7 +44,7 @@ def train(epochs: int = 8, overwrite_logits: bool = False) -> memcore.Tracker:
                                  learning_rate=3e-3, remove_unused_columns=False, report_to=[],
                                  save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
         MemcoreTrainer(model=model, args=args, train_dataset=data, tracker=tracker,
-                       overwrite_logits=overwrite_logits).train()
+                       overwrite_logits=overwrite_logits, fused_linear=fused_linear).train()
     return tracker
 
 

@@ -14,9 +14,10 @@ from . import data, export
 from ._ops import cpu_isa, with_cuda
 from .accumulate import accumulate
 from .curvature import CurvatureTracker, curvature
+from .linear_accumulate import linear_accumulate
 from .scores import SCORE_NAMES, SCORES
 from .tracker import Tracker
 
 __version__ = "0.1.0"
-__all__ = ["Tracker", "accumulate", "curvature", "CurvatureTracker", "with_cuda", "cpu_isa", "SCORES",
-           "SCORE_NAMES", "export", "data", "__version__"]
+__all__ = ["Tracker", "accumulate", "linear_accumulate", "curvature", "CurvatureTracker", "with_cuda", "cpu_isa",
+           "SCORES", "SCORE_NAMES", "export", "data", "__version__"]

@@ -156,3 +156,67 @@ def check_inputs_for_grad(inputs, num_rows: int, logits: torch.Tensor) -> None:
             "inputs must be a leaf tensor that requires grad: call x.requires_grad_() on the batch "
             "before the forward pass (x = x.detach().requires_grad_() if it came out of another op)"
         )
+
+
+def linear_rows_of(
+    hidden, weight, bias, targets, index, ignore_index, tracker_device: Optional[torch.device]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks the inputs of linear_accumulate and flattens them to hidden [N, H], targets [N], index [N].
+
+    hidden [..., H]; weight [V, H] and bias [V] (or None) of hidden's dtype and device; targets [...]
+    (hidden's leading shape); index [...] like targets or, for targets [B, T], one id per sequence [B].
+    """
+    _require_tensor(hidden, "hidden")
+    _require_tensor(weight, "weight")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape [N, H] (or [..., H]), got {tuple(hidden.shape)}")
+    h = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(f"weight must have shape [V, H={h}] (F.linear's [out_features, in_features]) for "
+                         f"hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+    if weight.shape[0] < 2:
+        raise ValueError(f"weight must have at least 2 rows (classes), got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if not same_device(weight.device, hidden.device):
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        _require_tensor(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V={weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        if not same_device(bias.device, hidden.device):
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    _require_tensor(targets, "targets")
+    _require_tensor(index, "index")
+    _require_integer(targets, "targets")
+    _require_integer(index, "index")
+    lead = tuple(hidden.shape[:-1])
+    if tuple(targets.shape) != lead:
+        raise ValueError(
+            f"targets must have shape {lead} to match hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}"
+        )
+    if tuple(index.shape) != lead and not (len(lead) >= 2 and tuple(index.shape) == lead[:1]):
+        per_seq = f" or {lead[:1]} (one sample id per sequence)" if len(lead) >= 2 else ""
+        raise ValueError(f"index must have shape {lead}{per_seq}, got {tuple(index.shape)}")
+    for t, name in ((targets, "targets"), (index, "index")):
+        if not same_device(t.device, hidden.device):
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if tracker_device is not None and not same_device(tracker_device, hidden.device):
+        raise ValueError(
+            f"tracker lives on {tracker_device} but hidden is on {hidden.device}; "
+            f"create it with memcore.Tracker(num_samples, device={str(hidden.device)!r})"
+        )
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    n = targets.numel()
+    if tuple(index.shape) != lead:  # one id per sequence -> one id per row
+        index = index.reshape(lead[:1] + (1,) * (len(lead) - 1)).expand(lead)
+    # a view whose rows cannot be flattened (e.g. h[:, :-1]) is copied here, [N, H] only
+    hidden2d = hidden.reshape(n, h)
+    if not hidden2d.is_contiguous():
+        hidden2d = hidden2d.contiguous()
+    return hidden2d, targets.reshape(n).to(torch.int64).contiguous(), index.reshape(n).to(torch.int64).contiguous()

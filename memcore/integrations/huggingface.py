@@ -7,9 +7,12 @@
 
 Each training example carries its dataset index under ``sample_index``. The loss is
 ``memcore.accumulate`` on the model's logits (labels shifted for causal LMs), labels -100 are
-padding; ``overwrite_logits=True`` writes the gradient over the logits in training steps.
+padding; ``overwrite_logits=True`` writes the gradient over the logits in training steps;
+``fused_linear=True`` computes the loss from the base model's last hidden state and the output
+embedding through ``memcore.linear_accumulate``, so the [B, T, V] logits never exist (LLM scale).
 See examples/hf_trainer_example.py.
 """
+import contextlib
 import os
 from typing import Optional
 
@@ -22,6 +25,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .._io import atomic_save
 from ..accumulate import accumulate
+from ..linear_accumulate import linear_accumulate
 from ..tracker import Tracker
 
 TRACKER_FILE = "memcore_tracker.pt"
@@ -63,10 +67,18 @@ class MemcoreTrainer(Trainer):
             less; see ``memcore.accumulate``). When the Trainer normalises by its token count
             (``num_items_in_batch``) the backward scales the gradient in one pass, so the saving
             is the memory, not a pass. Evaluation steps, which return the logits, keep them.
+        fused_linear: compute the loss with ``memcore.linear_accumulate`` from the base model's
+            last hidden state and ``model.get_output_embeddings()`` (weight and bias; tied
+            embeddings too): no [B, T, V] logits tensor, no logits gradient. Same loss, gradients
+            and statistics as the default. For decoders whose logits are exactly that linear map
+            (Llama, Qwen, Mistral, GPT-2, ...); models whose head does more (logit soft-capping,
+            logit scaling, a head that is not a plain ``nn.Linear``) are refused with a ValueError,
+            and the first batch checks the last position's logits against the model's own forward.
+            Steps that return outputs (evaluation with logits) use the default route.
     """
 
     def __init__(self, *args, tracker: Tracker, index_key: str = "sample_index", causal_lm: bool = True,
-                 overwrite_logits: bool = False, **kwargs) -> None:
+                 overwrite_logits: bool = False, fused_linear: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if getattr(self.args, "remove_unused_columns", False):
             raise ValueError("MemcoreTrainer needs TrainingArguments(remove_unused_columns=False) so the "
@@ -75,6 +87,10 @@ class MemcoreTrainer(Trainer):
         self.index_key = index_key
         self.causal_lm = causal_lm
         self.overwrite_logits = overwrite_logits
+        self.fused_linear = fused_linear
+        self._fused_checked = False
+        if fused_linear:
+            fused_head(self.model)  # refuse unsupported heads before training starts
         self.add_callback(MemcoreCallback(tracker))
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch: Optional[int] = None):
@@ -87,6 +103,8 @@ class MemcoreTrainer(Trainer):
             raise KeyError(f"batch has no {self.index_key!r}: add each example's dataset index to the dataset")
         index = inputs.pop(self.index_key)
         labels = inputs.pop("labels")
+        if self.fused_linear and not return_outputs:
+            return self._fused_loss(model, inputs, labels, index, num_items_in_batch)
         outputs = model(**inputs)
         logits = outputs.logits
         if self.causal_lm:  # the last position predicts nothing: ignored
@@ -99,3 +117,80 @@ class MemcoreTrainer(Trainer):
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_loss(self, model, inputs, labels, index, num_items_in_batch):
+        base, head = fused_head(model)
+        if not self._fused_checked:
+            check_fused_head(model, base, head, inputs, self.accelerator.autocast)
+            self._fused_checked = True
+        # accelerate runs mixed precision by wrapping the model's own forward in autocast; the base
+        # model's forward is not wrapped, so it gets the same context here
+        with self.accelerator.autocast():
+            hidden = base(**inputs)[0]  # last_hidden_state [B, T, H]
+        if self.causal_lm:
+            labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = linear_accumulate(hidden, head.weight.to(hidden.dtype), labels, index, self.tracker,
+                                 bias=None if head.bias is None else head.bias.to(hidden.dtype),
+                                 reduction=reduction)
+        if num_items_in_batch is not None:
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
+        return loss
+
+
+# config attributes of heads that are more than a linear map (Gemma 2/3 soft-capping, Cohere's
+# logit_scale, Granite's logits_scaling); a value of None (or a scale of 1) leaves the head plain
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def fused_head(model):
+    """(base model, output embedding) of a decoder whose logits are F.linear(base(...)[0], W, b);
+    ValueError naming the reason for any other model."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError("fused_linear=True calls the base model directly, bypassing the "
+                         "DistributedDataParallel wrapper; use the default route with DDP")
+    config = getattr(model, "config", None)
+    for attr in _HEAD_EXTRAS:
+        value = getattr(config, attr, None)
+        if value is not None and not (attr != "final_logit_softcapping" and value == 1):
+            raise ValueError(f"fused_linear=True supports plain linear heads only: this model's config sets "
+                             f"{attr}={value!r}, which its forward applies to the logits")
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None:
+        raise ValueError(f"fused_linear=True needs a model with a base model and an output embedding "
+                         f"(a *ForCausalLM); {type(model).__name__} has none")
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(f"fused_linear=True needs the output embedding to be a plain torch.nn.Linear, "
+                         f"got {type(head).__name__}")
+    return base, head
+
+
+@torch.no_grad()
+def check_fused_head(model, base, head, inputs, autocast=contextlib.nullcontext) -> None:
+    """Once per trainer: the model's own logits at the last position (``logits_to_keep=1``, in eval
+    mode so dropout does not differ) equal F.linear of its base model's last hidden state; catches
+    heads that scale or transform the logits in code no config attribute announces. Skipped for
+    models without ``logits_to_keep`` (that check would materialise every position's logits)."""
+    import inspect
+
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        want = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        with autocast():
+            hidden = base(**inputs)[0][:, -1]
+            got = torch.nn.functional.linear(hidden, head.weight.to(hidden.dtype),
+                                             None if head.bias is None else head.bias.to(hidden.dtype)).float()
+            mixed = torch.is_autocast_enabled(hidden.device.type)
+    finally:
+        model.train(was_training)
+    exact = hidden.dtype in (torch.float32, torch.float64) and not mixed
+    tol = 1e-4 if exact else 2e-2  # 16-bit logits (bf16 weights, or autocast as in bf16=True training)
+    if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1))):
+        raise ValueError(f"fused_linear=True: {type(model).__name__}'s logits are not F.linear of its base "
+                         f"model's last hidden state (its head transforms them: largest difference "
+                         f"{float((got - want).abs().max()):.3g} at logits up to {float(want.abs().max()):.3g}, "
+                         f"{hidden.dtype}); use fused_linear=False")

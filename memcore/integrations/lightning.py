@@ -9,6 +9,14 @@
 
     trainer = L.Trainer(callbacks=[MemcoreCallback(tracker)], ...)
 
+A language model's training_step at LLM vocabulary sizes: the loss straight from the last hidden
+state and the head's weight (memcore.linear_accumulate; no [B, T, V] logits are made):
+
+        def training_step(self, batch, _):
+            h = self.lm.base_model(batch["input_ids"]).last_hidden_state          # [B, T, H]
+            return memcore.linear_accumulate(h[:, :-1], self.lm.lm_head.weight, batch["labels"][:, 1:],
+                                             batch["sample_index"], self.tracker)
+
 See examples/lightning_example.py.
 """
 from typing import Any, Dict

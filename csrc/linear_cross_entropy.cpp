@@ -1,0 +1,217 @@
+// memcore::linear_ce_forward / linear_ce_backward: cross-entropy of F.linear(hidden, weight, bias)
+// with per-row statistics, never materialising the [N, V] logits (schemas in csrc/memcore.cpp).
+//
+// Rows go in chunks of chunk_size. Per chunk: one GEMM for the logits chunk (at::linear, so the
+// logits are in hidden's dtype exactly as F.linear would give them), then memcore's CE op on it:
+//   reduction mean / sum: ce_forward_grad_ (reduction sum) writes loss, lse, statistics and the
+//     gradient of the chunk's summed loss over the logits chunk in place; then grad_hidden_chunk =
+//     G @ W and grad_W += G^T @ h_chunk (grad_b += G.sum(0)). The backward (memcore/_linear_ops.py)
+//     only multiplies by grad_out (/ count for mean: the divisor is the whole batch's, not a chunk's).
+//   reduction none: ce_forward only; linear_ce_backward recomputes each chunk's logits and applies
+//     the per-row upstream gradient inside ce_backward, as F.cross_entropy's own backward does.
+// fp16 / bf16: grad_W and grad_b accumulate in fp32 across chunks (G and h_chunk are widened to fp32
+// for that GEMM: exact, the same sums a 16-bit GEMM with fp32 accumulation forms), and are rounded
+// once at the end, as one whole-batch GEMM would. Composed of ATen ops and dispatcher calls, the one
+// implementation is registered for CPU and CUDA. Nothing here synchronises with the device.
+#include <torch/extension.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "common.h"
+
+namespace memcore {
+namespace {
+
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardGrad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Forward call_ce_forward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                        int64_t num_samples, int64_t ignore_index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("memcore::ce_forward", "")
+                       .typed<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                      int64_t)>();
+  return op.call(logits, targets, index, num_samples, ignore_index);
+}
+
+ForwardGrad call_ce_forward_grad_(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                  int64_t num_samples, int64_t ignore_index, int64_t reduction) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("memcore::ce_forward_grad_", "")
+                       .typed<ForwardGrad(at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                          int64_t, int64_t)>();
+  return op.call(logits, targets, index, num_samples, ignore_index, reduction);
+}
+
+at::Tensor call_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
+                            const at::Tensor& lse, int64_t ignore_index) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("memcore::ce_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, int64_t)>();
+  return op.call(grad_loss, logits, targets, lse, ignore_index);
+}
+
+bool is_16bit(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// Shapes, dtypes and devices, for direct torch.ops calls (memcore.linear_accumulate checks first and
+// names the argument in a Python exception).
+void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& targets, int64_t chunk_size, const char* op) {
+  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be 2-D [N, H], got ", hidden.sizes());
+  TORCH_CHECK(hidden.is_floating_point(), op, ": hidden must be floating point, got ", hidden.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1) && weight.size(0) >= 1, op,
+              ": weight must be [V, H=", hidden.size(1), "], got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type() && weight.device() == hidden.device(), op,
+              ": weight must have hidden's dtype and device");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [V=",
+                weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type() && bias->device() == hidden.device(), op,
+                ": bias must have hidden's dtype and device");
+  }
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) && targets.scalar_type() == at::kLong &&
+                  targets.device() == hidden.device() && targets.is_contiguous(),
+              op, ": targets must be contiguous int64 [N=", hidden.size(0), "] on hidden's device");
+  TORCH_CHECK(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
+}
+
+// Accumulators of the weight and bias gradients: opmath (fp32 for fp16 / bf16), zero-filled.
+at::Tensor weight_acc(const at::Tensor& weight, const at::Tensor& hidden, bool wanted) {
+  const auto opts = weight.options().dtype(opmath_dtype(hidden));
+  return wanted ? at::zeros(weight.sizes(), opts) : at::empty({0}, opts);
+}
+
+at::Tensor bias_acc(const std::optional<at::Tensor>& bias, const at::Tensor& weight, const at::Tensor& hidden,
+                    bool wanted) {
+  const auto opts = weight.options().dtype(opmath_dtype(hidden));
+  return wanted && bias.has_value() ? at::zeros({weight.size(0)}, opts) : at::empty({0}, opts);
+}
+
+// The gradient GEMMs of one chunk, g = d(sum of the chunk's weighted losses) / d(logits chunk)
+// [c, V] in hidden's dtype: grad_hidden rows [start, start + c) = g @ W (complete: one GEMM over V),
+// grad_w += g^T @ h_chunk and grad_b += g.sum(0) in opmath.
+void chunk_grads(const at::Tensor& g, const at::Tensor& h_chunk, const at::Tensor& weight, int64_t start,
+                 const std::array<bool, 3>& mask, at::Tensor& grad_h, at::Tensor& grad_w, at::Tensor& grad_b) {
+  const int64_t c = g.size(0);
+  if (mask[0]) {
+    at::Tensor rows = grad_h.narrow(0, start, c);
+    at::mm_out(rows, g, weight);
+  }
+  if (mask[1]) {
+    if (is_16bit(g)) {
+      grad_w.addmm_(g.to(at::kFloat).t(), h_chunk.to(at::kFloat));
+    } else {
+      grad_w.addmm_(g.t(), h_chunk);
+    }
+  }
+  if (mask[2] && grad_b.numel() > 0) grad_b.add_(at::sum(g, at::IntArrayRef{0}, /*keepdim=*/false, grad_b.scalar_type()));
+}
+
+using LinearForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor, at::Tensor>;
+
+LinearForward linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+                                const at::Tensor& index, int64_t num_samples, int64_t ignore_index,
+                                int64_t reduction, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+  const char* op = "memcore::linear_ce_forward";
+  check_linear(hidden, weight, bias, targets, chunk_size, op);
+  check_reduction(reduction, /*allow_none=*/true, op);
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == hidden.size(0) && index.scalar_type() == at::kLong &&
+                  index.device() == hidden.device() && index.is_contiguous(),
+              op, ": index must be contiguous int64 [N] on hidden's device");
+  const int64_t N = hidden.size(0), H = hidden.size(1);
+  const at::ScalarType acc_t = opmath_dtype(hidden);
+  const auto acc = hidden.options().dtype(acc_t);
+  const bool grads = reduction != kNone && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+  std::array<bool, 3> mask = grad_mask;
+  if (!grads) mask = {false, false, false};
+  if (!bias.has_value()) mask[2] = false;
+
+  at::Tensor loss = at::zeros({N}, acc), lse = at::zeros({N}, acc);
+  at::Tensor row_stats = at::zeros({N, kNumRowStats}, acc);
+  at::Tensor status = at::zeros({1}, hidden.options().dtype(at::kInt));
+  at::Tensor grad_h = mask[0] ? at::empty({N, H}, hidden.options()) : at::empty({0}, hidden.options());
+  at::Tensor grad_w = weight_acc(weight, hidden, mask[1]);
+  at::Tensor grad_b = bias_acc(bias, weight, hidden, mask[2]);
+
+  for (int64_t start = 0; start < N; start += chunk_size) {
+    const int64_t c = std::min(chunk_size, N - start);
+    const at::Tensor h_chunk = hidden.narrow(0, start, c);
+    const at::Tensor t_chunk = targets.narrow(0, start, c), i_chunk = index.narrow(0, start, c);
+    at::Tensor z = at::linear(h_chunk, weight, bias).contiguous();  // [c, V], hidden's dtype
+    at::Tensor l, ls, rs, st;
+    if (grads) {
+      // the gradient of the chunk's summed loss, written over z
+      std::tie(std::ignore, std::ignore, l, ls, rs, st) =
+          call_ce_forward_grad_(z, t_chunk, i_chunk, num_samples, ignore_index, kSum);
+      chunk_grads(z, h_chunk, weight, start, mask, grad_h, grad_w, grad_b);
+    } else {
+      std::tie(l, ls, rs, st) = call_ce_forward(z, t_chunk, i_chunk, num_samples, ignore_index);
+    }
+    loss.narrow(0, start, c).copy_(l);
+    lse.narrow(0, start, c).copy_(ls);
+    row_stats.narrow(0, start, c).copy_(rs);
+    status.bitwise_or_(st);
+  }
+  // ignored and rejected rows hold loss 0; the sum in double, like ce_forward_reduce's
+  at::Tensor count = targets.ne(ignore_index).sum();
+  at::Tensor total = loss.sum(at::kDouble);
+  at::Tensor out = (reduction == kMean ? total / count : total).to(acc_t);  // 0 / 0 = NaN, like torch
+  return {out, count, loss, lse, row_stats, status, grad_h, grad_w, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
+    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
+    int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+  const char* op = "memcore::linear_ce_backward";
+  check_linear(hidden, weight, bias, targets, chunk_size, op);
+  const int64_t N = hidden.size(0), H = hidden.size(1);
+  const auto acc = opmath_dtype(hidden);
+  TORCH_CHECK(grad_loss.numel() == N, op, ": grad_loss must have N=", N, " entries, got ", grad_loss.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N && lse.scalar_type() == acc && lse.is_contiguous(), op,
+              ": lse must be contiguous ", acc, " [N=", N, "]");
+  std::array<bool, 3> mask = grad_mask;
+  if (!bias.has_value()) mask[2] = false;
+  const at::Tensor g = grad_loss.reshape({N}).to(acc).contiguous();
+  at::Tensor grad_h = mask[0] ? at::empty({N, H}, hidden.options()) : at::empty({0}, hidden.options());
+  at::Tensor grad_w = weight_acc(weight, hidden, mask[1]);
+  at::Tensor grad_b = bias_acc(bias, weight, hidden, mask[2]);
+  if (mask[0] || mask[1] || mask[2]) {
+    for (int64_t start = 0; start < N; start += chunk_size) {
+      const int64_t c = std::min(chunk_size, N - start);
+      const at::Tensor h_chunk = hidden.narrow(0, start, c);
+      at::Tensor z = at::linear(h_chunk, weight, bias).contiguous();
+      const at::Tensor gz = call_ce_backward(g.narrow(0, start, c), z, targets.narrow(0, start, c),
+                                             lse.narrow(0, start, c), ignore_index);
+      z.reset();  // the logits chunk is no longer needed: one [c, V] buffer less during the GEMMs
+      chunk_grads(gz, h_chunk, weight, start, mask, grad_h, grad_w, grad_b);
+    }
+  }
+  grad_w = grad_w.numel() > 0 ? grad_w.to(weight.scalar_type()) : at::empty({0}, weight.options());
+  grad_b = grad_b.numel() > 0 ? grad_b.to(hidden.scalar_type()) : at::empty({0}, hidden.options());
+  return {grad_h, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memcore, CPU, m) {
+  m.impl("linear_ce_forward", &linear_ce_forward);
+  m.impl("linear_ce_backward", &linear_ce_backward);
+}
+
+#ifdef MEMCORE_WITH_CUDA
+TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
+  m.impl("linear_ce_forward", &linear_ce_forward);
+  m.impl("linear_ce_backward", &linear_ce_backward);
+}
+#endif
+
+}  // namespace memcore

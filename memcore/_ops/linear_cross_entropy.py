@@ -1,0 +1,115 @@
+"""Fake kernels and autograd of memcore::linear_ce_forward / linear_ce_backward (schemas in
+csrc/memcore.cpp, implementation in csrc/linear_cross_entropy.cpp): the fused linear +
+cross-entropy behind ``memcore.linear_accumulate``.
+
+Reductions "mean" and "sum": the forward op already made the gradients of the summed loss (one
+pass, logits chunk by chunk); the backward multiplies them by grad_out (/ count for "mean", the
+whole batch's non-ignored rows). In eager mode that scaling happens in place on the saved buffers
+(no second V x H buffer, no pass at all when the factor is 1); a second backward through a retained
+graph, whose buffers the first one handed out, recomputes like "none". Reduction "none": the upstream
+gradient differs per row, so linear_ce_backward recomputes every logits chunk and applies it inside
+ce_backward, exactly as F.cross_entropy's backward does.
+"""
+import torch
+
+from .. import _C  # noqa: F401  (registers torch.ops.memcore.*)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("memcore::linear_ce_forward")
+def _linear_ce_forward_fake(hidden, weight, bias, targets, index, num_samples, ignore_index, reduction,
+                            chunk_size, grad_mask):
+    n, h = hidden.shape
+    acc = _opmath(hidden.dtype)
+    grads = reduction != 0 and any(grad_mask)
+    return (
+        hidden.new_empty((), dtype=acc),
+        targets.new_empty((), dtype=torch.int64),
+        hidden.new_empty(n, dtype=acc),
+        hidden.new_empty(n, dtype=acc),
+        hidden.new_empty(n, 3, dtype=acc),
+        hidden.new_empty(1, dtype=torch.int32),
+        hidden.new_empty((n, h) if grads and grad_mask[0] else (0,)),
+        hidden.new_empty(tuple(weight.shape) if grads and grad_mask[1] else (0,), dtype=acc),
+        hidden.new_empty((weight.shape[0],) if grads and grad_mask[2] and bias is not None else (0,), dtype=acc),
+    )
+
+
+@torch.library.register_fake("memcore::linear_ce_backward")
+def _linear_ce_backward_fake(grad_loss, hidden, weight, bias, targets, lse, ignore_index, chunk_size, grad_mask):
+    return (
+        torch.empty_like(hidden) if grad_mask[0] else hidden.new_empty(0),
+        torch.empty_like(weight) if grad_mask[1] else weight.new_empty(0),
+        torch.empty_like(bias) if grad_mask[2] and bias is not None else hidden.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, _index, _s, ignore_index, reduction, chunk_size, grad_mask = inputs
+    _out, count, _loss, lse, _rs, _status, grad_h, grad_w, grad_b = output
+    ctx.reduction, ctx.ignore_index, ctx.chunk_size = reduction, ignore_index, chunk_size
+    ctx.grad_mask = tuple(grad_mask)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.has_bias = bias is not None
+    # the gradient outputs (and lse, row_stats) never receive gradients: without this autograd would
+    # allocate and zero-fill [V, H] and [N, H] cotangents for them before every backward
+    ctx.set_materialize_grads(False)
+    # hidden / weight / bias are alive anyway (leaves or activations): saving them costs no memory
+    ctx.buffers = None
+    if reduction == 0 or torch.compiler.is_compiling():
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, count, grad_h, grad_w, grad_b)
+    else:
+        # eager mean / sum: the gradient buffers as detached attributes that the backward pops, so
+        # that it hands autograd the only reference (AccumulateGrad then adopts a buffer as .grad
+        # instead of copying it: one [V, H] buffer less at the backward's peak). None once handed out.
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, count)
+        ctx.buffers = [grad_h.detach(), grad_w.detach(), grad_b.detach()]
+
+
+def _recompute(ctx, grad_rows, hidden, weight, bias, targets, lse, mask):
+    """Gradients of sum_r grad_rows[r] * loss_r, recomputing every logits chunk."""
+    if not any(mask):
+        return (None,) * 10
+    gh, gw, gb = torch.ops.memcore.linear_ce_backward(
+        grad_rows, hidden, weight, bias, targets, lse, ctx.ignore_index, ctx.chunk_size, mask)
+    return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + (None,) * 7
+
+
+def _backward(ctx, grad_out, _g_count, grad_loss, *_unused):
+    need = ctx.needs_input_grad
+    saved = ctx.saved_tensors
+    hidden, weight, bias, targets, lse, count = saved[:6]
+    mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
+    if ctx.reduction == 0:
+        if grad_loss is None:
+            return (None,) * 10
+        return _recompute(ctx, grad_loss, hidden, weight, bias, targets, lse, mask)
+    if grad_out is None:
+        return (None,) * 10
+    scale = grad_out.to(lse.dtype)
+    if ctx.reduction == 1:  # mean over the batch's non-ignored rows (all ignored: the gradients are 0)
+        scale = scale / count.clamp_min(1).to(scale.dtype)
+    scale = scale.reshape(1)
+    mask = [m and made for m, made in zip(mask, ctx.grad_mask)]
+    if torch.compiler.is_compiling():  # no mutation of saved activations in a traced graph
+        grads = [g * scale if m else None for g, m in zip(saved[6:], mask)]
+    elif ctx.buffers is None:
+        # a second backward through a retained graph: the buffers now belong to .grad attributes or
+        # other nodes, so this one recomputes (every row's upstream gradient is scale)
+        return _recompute(ctx, scale.expand(lse.shape[0]), hidden, weight, bias, targets, lse, mask)
+    else:
+        # in place: no second [V, H] buffer, and no pass at all when the factor is 1
+        buffers, ctx.buffers = ctx.buffers, None
+        grads = [g if m else None for g, m in zip(buffers, mask)]
+        del buffers
+        for g in grads:
+            if g is not None:
+                torch.ops.memcore.scale_unless_one_(g, scale)
+    # fp32 buffers are returned as they are (autograd adopts them as .grad); 16-bit ones rounded once
+    return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)) + (None,) * 7
+
+
+torch.library.register_autograd("memcore::linear_ce_forward", _backward, setup_context=_setup_context)

@@ -1,0 +1,127 @@
+"""`memcore.linear_accumulate`: ``accumulate`` of ``F.linear(hidden, weight, bias)`` without ever
+materialising the [N, V] logits (LLM heads: 8k tokens x 128k vocabulary)."""
+from typing import Optional
+
+import torch
+
+from ._ops import linear_cross_entropy  # noqa: F401  (fake kernels and autograd of the linear_ce ops)
+from ._layout import NON_FINITE
+from ._validate import REDUCTIONS, explain_status, linear_rows_of
+from .tracker import Tracker
+
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as in csrc/common.h
+_MIB = 2**20
+# Bytes of one chunk's logits (plus, for 16-bit inputs, the fp32 copy of their gradient that the
+# weight-gradient GEMM reads) that chunk_size=None aims at. Fixed per device type rather than taken
+# from the free memory, so that the chunking, and with it the rounding of the results, does not
+# depend on what else happens to be allocated.
+CHUNK_BYTES = {"cpu": 128 * _MIB, "cuda": 512 * _MIB}
+
+
+def auto_chunk_size(num_rows: int, num_classes: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk for ``chunk_size=None``: as many as keep one chunk's [rows, V] logits (and, for
+    float16 / bfloat16, their fp32 copy) within ``CHUNK_BYTES`` of the device type (128 MiB on CPU,
+    512 MiB elsewhere), at least 1 and at most ``num_rows``. Examples: V=32,000 fp32 -> 1,048 rows on
+    CPU; V=128,256 bf16 on CUDA -> 697 rows."""
+    per_row = num_classes * (dtype.itemsize + (4 if dtype in (torch.float16, torch.bfloat16) else 0))
+    budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES["cuda"])
+    return max(1, min(int(num_rows), budget // per_row))
+
+
+def linear_accumulate(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    index: torch.Tensor,
+    tracker: Tracker,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ...)`` that also records every row's
+    statistics in ``tracker`` (as :func:`memcore.accumulate` on those logits would), computed chunk
+    by chunk so that the [N, V] logits never exist whole.
+
+    Args:
+        hidden: [N, H] or [..., H] float16 / bfloat16 / float32 / float64 (the last hidden state).
+        weight: [V, H] output embedding / LM head weight, hidden's dtype (tied embeddings too).
+        targets: [N] or [...] (hidden's leading shape) class ids in [0, V), or ``ignore_index``.
+        index: dataset index of each row, like ``targets``, or [B] (one per sequence) for targets
+            [B, T]; in [0, tracker.num_samples).
+        tracker: the :class:`memcore.Tracker` that receives the statistics.
+        bias: optional [V] bias of the head, hidden's dtype.
+        reduction: "mean" (over the non-ignored rows of the whole call), "sum" or "none".
+        ignore_index: rows with this target contribute no loss, gradient or statistics.
+        chunk_size: rows per chunk; None: :func:`auto_chunk_size` (one chunk's logits within 128 MiB
+            on CPU, 512 MiB on CUDA). Peak memory above the inputs is about one chunk's logits, the
+            fp32 weight gradient [V, H] and hidden's gradient [N, H]; time is that of the three
+            GEMMs F.linear + backward would run plus memcore's CE passes.
+
+    Math: logits in hidden's dtype as F.linear gives them; softmax, loss and statistics in fp32
+    (fp64 for fp64 input); weight and bias gradients accumulate across chunks in fp32 and are
+    rounded once. "mean" / "sum" compute the gradients during the forward pass (the backward only
+    scales them by the upstream gradient, in place); "none" recomputes
+    each logits chunk in the backward and applies each row's upstream gradient exactly. Inputs must
+    not be modified in place between the forward and the backward pass.
+
+    Returns:
+        The loss in hidden's dtype: a scalar, or per-row with the shape of ``targets`` for "none".
+
+    Raises:
+        TypeError / ValueError naming the argument on wrong dtypes, shapes or devices; IndexError
+        for targets or index out of range; ValueError for a non-finite loss (NaN / inf in hidden,
+        weight or bias). A rejected batch leaves the tracker unchanged; with
+        ``Tracker(strict=False)`` (and under torch.compile) the error is raised at the next
+        ``end_epoch()`` / ``scores()``, as for ``accumulate``.
+    """
+    if not isinstance(tracker, Tracker):
+        raise TypeError(f"tracker must be a memcore.Tracker, got {type(tracker).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    hidden2d, targets1d, index1d = linear_rows_of(hidden, weight, bias, targets, index, ignore_index,
+                                                  tracker.device)
+    n, v = hidden2d.shape[0], weight.shape[0]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(n, v, hidden.dtype, hidden.device)
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    grad = torch.is_grad_enabled()
+    mask = [grad and hidden.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad]
+    out, _count, loss, _lse, row_stats, status, *_grads = torch.ops.memcore.linear_ce_forward(
+        hidden2d, weight, bias, targets1d, index1d, tracker.num_samples, ignore_index,
+        _REDUCTION_CODE[reduction], chunk_size, mask)
+    # one record for the whole batch, skipped (on the device) when any chunk flagged an error
+    tracker._record(index1d, targets1d, loss.detach(), row_stats, status, ignore_index)
+    if tracker.strict and not torch.compiler.is_compiling():
+        bits = int(status.item())
+        if bits:
+            raise _explain(bits, hidden2d, weight, bias, targets1d, index1d, tracker.num_samples,
+                           ignore_index, loss)
+    else:
+        tracker._errors.bitwise_or_(status)
+    if reduction == "none":
+        return loss.to(hidden.dtype).reshape(targets.shape)
+    return out.to(hidden.dtype)
+
+
+def _explain(bits, hidden, weight, bias, targets, index, num_samples, ignore_index, loss) -> Exception:
+    """The exception for a non-zero status word, naming the first offending row and argument."""
+    if bits & NON_FINITE and not bits & ~NON_FINITE:
+        keep = targets != ignore_index
+        row = int((keep & ~torch.isfinite(loss.detach())).nonzero()[0, 0])
+        if not bool(torch.isfinite(hidden[row]).all()):
+            where = f"hidden row {row} holds NaN or inf"
+        elif not bool(torch.isfinite(weight).all()):
+            where = "weight holds NaN or inf"
+        elif bias is not None and not bool(torch.isfinite(bias).all()):
+            where = "bias holds NaN or inf"
+        else:
+            where = "its logits overflow or the target's logit is -inf"
+        return ValueError(f"row {row} gives a non-finite loss ({float(loss[row])}): {where}; "
+                          f"the tracker was not updated")
+    # target / index errors: explain_status needs only the logits' shape [N, V]
+    logits_shape = hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0])
+    return explain_status(bits, logits_shape, targets, index, num_samples, ignore_index, loss)

@@ -1,0 +1,133 @@
+"""MemcoreTrainer(fused_linear=True): the loss through memcore.linear_accumulate from the base model's
+last hidden state and the output embedding. Tiny randomly initialised models, nothing downloaded."""
+import copy
+import os
+import runpy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import memcore  # noqa: E402
+from memcore.integrations.huggingface import MemcoreTrainer  # noqa: E402
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+VOCAB = 61  # odd
+
+
+def _model(kind, **extra):
+    t = transformers
+    torch.manual_seed(0)
+    if kind == "gpt2":  # tied input / output embeddings
+        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                              **extra))
+    common = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, **extra)
+    cls = {"llama": (t.LlamaConfig, t.LlamaForCausalLM), "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
+           "mistral": (t.MistralConfig, t.MistralForCausalLM)}[kind]
+    return cls[1](cls[0](**common))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (4, 12), generator=g)
+    labels = ids.clone()
+    labels[1, 8:] = -100  # padding
+    return {"input_ids": ids, "labels": labels, "sample_index": torch.tensor([5, 0, 3, 1])}
+
+
+def _trainer(model, tmp_path, **kw):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), remove_unused_columns=False, report_to=[],
+                                          use_cpu=True)
+    return MemcoreTrainer(model=model, args=args, tracker=memcore.Tracker(6), **kw)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_fused_trainer_matches_unfused(kind, num_items, tmp_path):
+    model = _model(kind).eval()  # no dropout: both routes see the same hidden states
+    results = []
+    for fused in (False, True):
+        m = copy.deepcopy(model)
+        trainer = _trainer(m, tmp_path, fused_linear=fused)
+        kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+        loss = trainer.compute_loss(m, _batch(), **kwargs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, trainer.tracker.scores()))
+    (l0, g0, s0), (l1, g1, s1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+    for key in ("csl", "rows", "confidence_mean", "aum"):
+        torch.testing.assert_close(s1[key], s0[key], rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert s1["rows"].sum() == _batch()["labels"][:, 1:].ne(-100).sum()
+
+
+def test_fused_trainer_trains_like_unfused():
+    """A whole Trainer run (examples/hf_trainer_example.py, tied GPT-2 with dropout): the same scores."""
+    mod = runpy.run_path(os.path.join(EXAMPLES, "hf_trainer_example.py"))
+    a = mod["train"](epochs=2).scores()
+    b = mod["train"](epochs=2, fused_linear=True).scores()
+    assert a["rows"].sum() > 0
+    torch.testing.assert_close(b["csl"], a["csl"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b["rows"], a["rows"])
+
+
+def test_fused_trainer_refuses_transformed_heads(tmp_path):
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        _trainer(_model("llama", final_logit_softcapping=30.0), tmp_path, fused_linear=True)
+    with pytest.raises(ValueError, match="logit_scale=0.5"):
+        _trainer(_model("llama", logit_scale=0.5), tmp_path, fused_linear=True)
+
+    class ScaledHead(transformers.LlamaForCausalLM):  # scales its logits in code, no config flag
+        def forward(self, input_ids=None, logits_to_keep=0, **kw):
+            out = super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kw)
+            out.logits = out.logits * 2
+            return out
+
+    model = ScaledHead(_model("llama").config)
+    trainer = _trainer(model, tmp_path, fused_linear=True)
+    with pytest.raises(ValueError, match="logits are not F.linear"):
+        trainer.compute_loss(model, _batch())
+
+
+def test_trl_sft_trainer_two_line_pattern(tmp_path):
+    """TRL's SFTTrainer is a Trainer subclass: `class MemcoreSFTTrainer(MemcoreTrainer, SFTTrainer)`
+    gives it memcore's (fused) loss, on a pre-tokenised dataset with a sample_index column."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    class MemcoreSFTTrainer(MemcoreTrainer, trl.SFTTrainer):
+        pass
+
+    model = _model("llama")
+    g = torch.Generator().manual_seed(2)
+    rows = [{"input_ids": torch.randint(0, VOCAB, (10,), generator=g).tolist(), "sample_index": i} for i in range(8)]
+    config = trl.SFTConfig(output_dir=str(tmp_path), remove_unused_columns=False, report_to=[], use_cpu=True,
+                           max_steps=2, per_device_train_batch_size=4, save_strategy="no", logging_strategy="no",
+                           disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True})
+    tracker = memcore.Tracker(8)
+    trainer = MemcoreSFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                                processing_class=_tokenizer(), tracker=tracker, fused_linear=True,
+                                data_collator=_collate)
+    trainer.train()
+    assert tracker.scores()["rows"].sum() == 8 * 9  # every sequence once, 9 predicted tokens each
+
+
+def _collate(rows):
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": ids.clone(), "sample_index": torch.tensor([r["sample_index"] for r in rows])}
+
+
+def _tokenizer():
+    """A word-level tokenizer built in memory (SFTTrainer wants a processing class)."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(VOCAB - 1)}
+    vocab["<pad>"] = VOCAB - 1
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+                                               pad_token="<pad>", eos_token="<pad>")
+    return tok
