@@ -514,12 +514,18 @@ def headline(rows: List[Row]) -> List[Row]:
     return sorted(pick.values(), key=lambda r: (-int(r.arch), order[r.family], dorder.get(r.dtype, 9)))
 
 
-def markdown(rows: List[Row]) -> str:
+def markdown(rows: List[Row], before: Optional[List[Dict]] = None) -> str:
+    """The headline table; with before (rows of an earlier --json), its instr/elem and ceiling
+    beside each row (matched by arch, kernel family and dtype)."""
     devs = list(DEVICES)
+    names = set(Row.__dataclass_fields__)
+    old_rows = headline([Row(**{k: v for k, v in b.items() if k in names}) for b in (before or [])])
+    old = {(b.arch, b.family, b.dtype): dict(asdict(b), roofline=roofline(b)) for b in old_rows}
+    extra = " before: instr/elem, half-rate, ceiling |" if before else ""
     lines = [
         "| arch | kernel | instance | regs | spills (B) | elem/iter | instr/elem | half-rate/elem | mufu/elem "
-        "| cyc/elem | bytes/elem | " + " | ".join(f"{d}: slots/elem, ceiling" for d in devs) + " |",
-        "|" + "---|" * (11 + len(devs)),
+        "| cyc/elem | bytes/elem | " + " | ".join(f"{d}: slots/elem, ceiling" for d in devs) + " |" + extra,
+        "|" + "---|" * (11 + len(devs) + (1 if before else 0)),
     ]
     for r in headline(rows):
         rf = roofline(r)
@@ -532,8 +538,18 @@ def markdown(rows: List[Row]) -> str:
         else:
             figs = f"- | {r.per_row_instr} per row | | | | "
         inst = r.kernel.split("<", 1)[1].rstrip(">") if "<" in r.kernel else ""
-        lines.append(f"| sm_{r.arch} | {r.family} | {inst} | {r.regs} | {r.spill_stores + r.spill_loads} | {figs} | "
-                     + " | ".join(cells) + " |")
+        line = (f"| sm_{r.arch} | {r.family} | {inst} | {r.regs} | {r.spill_stores + r.spill_loads} | {figs} | "
+                + " | ".join(cells) + " |")
+        if before:
+            b = old.get((r.arch, r.family, r.dtype))
+            if b and b["cycles_per_elem"]:
+                ceil = ", ".join(f"{100 * v['ceiling']:.0f}%" for v in b.get("roofline", {}).values())
+                line += f" {b['instr_per_elem']:.1f}, {b['half_per_elem']:.1f}, {ceil} |"
+            elif b:
+                line += f" {b['per_row_instr']} per row |"
+            else:
+                line += " |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -570,6 +586,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--csv", help="write every kernel instance's row here ('-': stdout)")
     ap.add_argument("--markdown", help="write the headline table with its preamble here (default: stdout)")
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
+    ap.add_argument("--before", help="an earlier run's --json: its figures go beside the new ones")
     args = ap.parse_args(argv)
 
     work = args.work or tempfile.mkdtemp(prefix="memcore-sass-")
@@ -602,7 +619,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             with open(args.csv, "w", newline="") as f:
                 write_csv(rows, f)
-    md = markdown(rows)
+    before = None
+    if args.before:
+        with open(args.before) as f:
+            before = json.load(f)
+    md = markdown(rows, before)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("# SASS report\n\n" + preamble() + md)

@@ -79,6 +79,9 @@ namespace memcore {
 namespace cpu {
 const char* block_isa();  // csrc/cpu/ce_block.cpp
 }  // namespace cpu
+namespace kernel_logic {
+void bind(pybind11::module& m);  // csrc/kernel_logic.cpp: host replays of the CUDA kernels' logic
+}  // namespace kernel_logic
 }  // namespace memcore
 
 namespace {
@@ -100,4 +103,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // tests check it against the CPU kernels on any machine
   m.def("_ce_commit_deterministic", &memcore::ce_commit_deterministic);
   m.def("_sqnorm_commit_deterministic", &memcore::sqnorm_commit_deterministic);
+  memcore::kernel_logic::bind(m);
 }
