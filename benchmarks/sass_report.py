@@ -26,6 +26,8 @@ whole instruction count per row.
 
     /work/main/.venv-cuda/bin/python -m benchmarks.sass_report                 # table to stdout
     python benchmarks/sass_report.py --arch 90 --json out.json --csv out.csv --markdown benchmarks/SASS.md
+    python benchmarks/sass_report.py --before old.json --markdown benchmarks/SASS.md   # with an earlier
+                                                     # run's figures beside each row
 
 The model is an estimate: boost clocks (DEVICES), no memory latency, no occupancy limit. It
 answers "can this loop keep up with HBM at all", not "how fast will it run".
@@ -553,7 +555,7 @@ def markdown(rows: List[Row], before: Optional[List[Dict]] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def preamble() -> str:
+def preamble(before_label: Optional[str] = None) -> str:
     devs = "; ".join(f"{k}: {v['sms']} SMs x {v['ghz']} GHz, {v['tbs']} TB/s (sm_{v['arch']})" for k, v in DEVICES.items())
     return (
         "Per kernel, the hot loop of the large-vocabulary launch (16-byte loads, a block per row), read from the "
@@ -563,7 +565,9 @@ def preamble() -> str:
         "slots/elem: instruction issue slots per element at full HBM bandwidth (4 warp instructions per SM "
         "per cycle); ceiling: fraction of HBM bandwidth the loop can sustain by that model (bytes/elem: "
         f"HBM traffic per element, forward+grad counting one read and one write). Devices: {devs}. "
-        "Boost clocks and no latency or occupancy limits: an upper bound, not a prediction.\n\n"
+        "Boost clocks and no latency or occupancy limits: an upper bound, not a prediction."
+        + (f" before: {before_label}." if before_label else "")
+        + "\n\n"
     )
 
 
@@ -587,6 +591,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--markdown", help="write the headline table with its preamble here (default: stdout)")
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
     ap.add_argument("--before", help="an earlier run's --json: its figures go beside the new ones")
+    ap.add_argument("--before-label", help="what the --before run measured (a line in the preamble)")
     args = ap.parse_args(argv)
 
     work = args.work or tempfile.mkdtemp(prefix="memcore-sass-")
@@ -626,7 +631,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     md = markdown(rows, before)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write("# SASS report\n\n" + preamble() + md)
+            f.write("# SASS report\n\n" + preamble(args.before_label) + md)
     else:
         sys.stdout.write(md)
     bad = [r for r in rows if r.spill_stores or r.spill_loads or r.local]

@@ -2,7 +2,8 @@
 // raises ValueError/TypeError/IndexError naming the argument; these keep direct torch.ops calls
 // from ever reading out of bounds.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include "common.h"
 

@@ -3,7 +3,8 @@
 // The Python layer (memcore/curvature.py) validates first with ValueError/TypeError naming the
 // argument; these keep direct torch.ops calls from ever reading or writing out of bounds.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 

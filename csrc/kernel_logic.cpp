@@ -1,12 +1,16 @@
 // Host replays of the CUDA cross-entropy kernels' logic (csrc/cuda/ce_row.h), compiled into every
-// build so tests/test_kernel_logic.py checks it against the CPU kernels without a GPU:
+// build (bound in csrc/memcore.cpp) so tests/test_kernel_logic.py checks it against the CPU kernels
+// without a GPU:
 //   _ce_row_replay:    a row's forward, thread by thread as ce_forward_kernel splits it (walk_row
 //                      per lane, the warp butterfly and the cross-warp merge in the kernel's order)
 //   _ce_grad_replay:   the gradient pass (grad_row per lane, then the target column's owner)
 //   _seg_commit_replay: one warp of ce_commit_kernel's segmented reduction over equal indices
 // Only the memory system differs: lanes run one after another, which is what the kernels' own
 // ordering (barriers; each element read and written by one thread) makes equivalent.
-#include <torch/extension.h>
+#include "kernel_logic.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <cstring>
 #include <vector>
@@ -108,6 +112,8 @@ void check_row(const at::Tensor& row, int64_t target, bool vec, const char* op) 
               ": packs need an element-aligned row");
 }
 
+}  // namespace
+
 at::Tensor ce_row_replay(const at::Tensor& row, int64_t target, int64_t tpr, bool vec) {
   check_row(row, target, vec, "_ce_row_replay");
   std::vector<double> r;
@@ -164,15 +170,6 @@ at::Tensor seg_commit_replay(const at::Tensor& index, const at::Tensor& values) 
     if ((heads >> l & 1u) && ix[l] >= 0)
       for (int k = 0; k < 6; ++k) o[l * 6 + k] = c[l].v[k];
   return out;
-}
-
-}  // namespace
-
-void bind(pybind11::module& m) {
-  m.def("_ce_row_replay", &ce_row_replay,
-        "ce_forward_kernel's logic for one row on the host: float64 [lse, loss, prob, margin, correct]");
-  m.def("_ce_grad_replay", &ce_grad_replay, "the CUDA gradient pass's logic for one row on the host, into out");
-  m.def("_seg_commit_replay", &seg_commit_replay, "one warp of ce_commit_kernel's segmented reduction on the host");
 }
 
 }  // namespace kernel_logic

@@ -1,6 +1,9 @@
 // Operator schemas of memcore, defined once for every backend (CPU kernels in csrc/cpu, CUDA
-// kernels in csrc/cuda). The Python layer (memcore/_ops.py) adds fake tensors and autograd.
-#include <torch/extension.h>
+// kernels in csrc/cuda), each with its contract; csrc/ops.h declares their C++ types. The Python
+// layer (memcore/_ops/) adds fake tensors and the autograd not done in csrc/autograd. The one
+// translation unit that includes pybind11: the module's few Python-level functions are at the end.
+#include <torch/library.h>
+#include <torch/python.h>
 
 TORCH_LIBRARY(memcore, m) {
   // One pass over each row of logits [N, C]: per-row loss and logsumexp (opmath dtype, [N]),
@@ -74,14 +77,12 @@ TORCH_LIBRARY(memcore, m) {
 }
 
 #include "commit_deterministic.h"
+#include "kernel_logic.h"
 
 namespace memcore {
 namespace cpu {
 const char* block_isa();  // csrc/cpu/ce_block.cpp
 }  // namespace cpu
-namespace kernel_logic {
-void bind(pybind11::module& m);  // csrc/kernel_logic.cpp: host replays of the CUDA kernels' logic
-}  // namespace kernel_logic
 }  // namespace memcore
 
 namespace {
@@ -103,5 +104,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // tests check it against the CPU kernels on any machine
   m.def("_ce_commit_deterministic", &memcore::ce_commit_deterministic);
   m.def("_sqnorm_commit_deterministic", &memcore::sqnorm_commit_deterministic);
-  memcore::kernel_logic::bind(m);
+  // host replays of the CUDA kernels' logic (csrc/kernel_logic.cpp) for tests/test_kernel_logic.py
+  m.def("_ce_row_replay", &memcore::kernel_logic::ce_row_replay);
+  m.def("_ce_grad_replay", &memcore::kernel_logic::ce_grad_replay);
+  m.def("_seg_commit_replay", &memcore::kernel_logic::seg_commit_replay);
 }

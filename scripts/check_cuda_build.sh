@@ -19,7 +19,24 @@ python3 -m venv .venv-cuda 2>/dev/null || true
 memcore_pip .venv-cuda/bin/pip install -q --disable-pip-version-check "$TORCH_CUDA_SPEC" numpy
 memcore_pip .venv-cuda/bin/pip install -q --disable-pip-version-check "$TORCH_CUDA_SPEC" "${MEMCORE_DEPS[@]}"
 .venv-cuda/bin/python -c "import torch; assert torch.version.cuda, 'expected a CUDA build of torch'; print('[memcore] torch', torch.__version__)"
-MEMCORE_FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" .venv-cuda/bin/python setup.py -q build --build-base build/cuda
+# torch's headers are passed as -isystem (setup.py), which silences their host-compiler warnings;
+# what nvcc's front end still reports from torch / CUDA headers is not ours. Shown live: the
+# [memcore] lines, ninja's steps as "[k/n] file", and diagnostics naming csrc/; the whole log
+# stays in build/cuda/build.log and is printed on failure.
+log="build/cuda/build.log"
+mkdir -p build/cuda
+set +e
+MEMCORE_FORCE_CUDA=1 .venv-cuda/bin/python setup.py -q build --build-base build/cuda 2>&1 | tee "$log" |
+  { grep --line-buffered -E '^\[memcore\]|^\[[0-9]+/[0-9]+\]|csrc/[^ ]*\.(cu|cpp|h|inc)[(:]' |
+      sed -u -E 's#^(\[[0-9]+/[0-9]+\]) .* -c ([^ ]*/)?(csrc/[^ ]*) .*#\1 \3#; s#^(\[[0-9]+/[0-9]+\]) .* -o ([^ ]*/)?([^ /]*\.so)$#\1 link \3#' || true; }
+rc=${PIPESTATUS[0]}
+set -e
+if [ "$rc" != 0 ]; then
+  cat "$log"
+  echo "[memcore] CUDA build failed (log: $log)"
+  exit 1
+fi
+echo "[memcore] CUDA build log: $log ($(wc -l <"$log") lines, $(grep -c -i 'warning' "$log" || true) with 'warning')"
 lib="$(ls -d build/cuda/lib.*)"
 (cd /tmp && PYTHONPATH="$OLDPWD/$lib" "$OLDPWD/.venv-cuda/bin/python" - <<'PY'
 import torch, memcore

@@ -1,34 +1,24 @@
-// Autograd of memcore::ce_forward, in C++ like torchvision's csrc/ops/autograd: the backward runs
-// without the Python interpreter, so a training step pays no Python cost for the gradient.
+// Autograd kernels (dispatch key Autograd) of memcore::ce_forward and memcore::ce_forward_reduce,
+// the two ops registered here; in C++ like torchvision's csrc/ops/autograd, so the backward runs
+// without the Python interpreter and a training step pays no Python cost for the gradient.
 // d loss_r / d logits_r = softmax(logits_r) - onehot(target_r), scaled by the row's upstream
-// gradient, computed by memcore::ce_backward in one pass. lse, row_stats and status are outputs
-// without gradients. Fake tensors for torch.compile are registered in memcore/_ops.py.
+// gradient, computed by memcore::ce_backward in one pass. Memory: the node keeps logits, targets,
+// lse (and count) alive, copying nothing; lse, row_stats, status (and count, loss) are outputs
+// without gradients. Fake tensors for torch.compile are registered in Python (memcore/_ops/).
+#include <ATen/ATen.h>
 #include <torch/autograd.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include "../common.h"
+#include "../ops.h"
 
 namespace memcore {
 namespace {
 
 at::Tensor call_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                             const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("memcore::ce_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t)>();
+  static const auto op = MEMCORE_OP(ce_backward);
   return op.call(grad_loss, logits, targets, lse, ignore_index);
-}
-
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-Outputs call_ce_forward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
-                        int64_t num_samples, int64_t ignore_index) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("memcore::ce_forward", "")
-                       .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                      int64_t)>();
-  return op.call(logits, targets, index, num_samples, ignore_index);
 }
 
 class CEForward : public torch::autograd::Function<CEForward> {
@@ -38,7 +28,8 @@ class CEForward : public torch::autograd::Function<CEForward> {
                                                 const at::Tensor& index, int64_t num_samples,
                                                 int64_t ignore_index) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lse, row_stats, status] = call_ce_forward(logits, targets, index, num_samples, ignore_index);
+    static const auto op = MEMCORE_OP(ce_forward);
+    auto [loss, lse, row_stats, status] = op.call(logits, targets, index, num_samples, ignore_index);
     ctx->save_for_backward({logits, targets, lse});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->mark_non_differentiable({lse, row_stats, status});
@@ -54,18 +45,6 @@ class CEForward : public torch::autograd::Function<CEForward> {
   }
 };
 
-using ReduceOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-ReduceOutputs call_ce_forward_reduce(const at::Tensor& logits, const at::Tensor& targets,
-                                     const at::Tensor& index, int64_t num_samples, int64_t ignore_index,
-                                     int64_t reduction) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("memcore::ce_forward_reduce", "")
-                       .typed<ReduceOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            int64_t, int64_t, int64_t)>();
-  return op.call(logits, targets, index, num_samples, ignore_index, reduction);
-}
-
 // out = mean / sum of the per-row losses; its gradient reaches every row as grad_out / count or
 // grad_out, so loss and reduction are one node and the backward one ce_backward call.
 class CEForwardReduce : public torch::autograd::Function<CEForwardReduce> {
@@ -75,8 +54,9 @@ class CEForwardReduce : public torch::autograd::Function<CEForwardReduce> {
                                                 const at::Tensor& index, int64_t num_samples,
                                                 int64_t ignore_index, int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = MEMCORE_OP(ce_forward_reduce);
     auto [out, count, loss, lse, row_stats, status] =
-        call_ce_forward_reduce(logits, targets, index, num_samples, ignore_index, reduction);
+        op.call(logits, targets, index, num_samples, ignore_index, reduction);
     ctx->save_for_backward({logits, targets, lse, count});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = reduction;
@@ -96,14 +76,14 @@ class CEForwardReduce : public torch::autograd::Function<CEForwardReduce> {
   }
 };
 
-ReduceOutputs ce_forward_reduce_autograd(const at::Tensor& logits, const at::Tensor& targets,
-                                         const at::Tensor& index, int64_t num_samples,
-                                         int64_t ignore_index, int64_t reduction) {
+Tensor6 ce_forward_reduce_autograd(const at::Tensor& logits, const at::Tensor& targets,
+                                   const at::Tensor& index, int64_t num_samples, int64_t ignore_index,
+                                   int64_t reduction) {
   auto out = CEForwardReduce::apply(logits, targets, index, num_samples, ignore_index, reduction);
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
-Outputs ce_forward_autograd(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+Tensor4 ce_forward_autograd(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                             int64_t num_samples, int64_t ignore_index) {
   auto out = CEForward::apply(logits, targets, index, num_samples, ignore_index);
   return {out[0], out[1], out[2], out[3]};
@@ -112,8 +92,8 @@ Outputs ce_forward_autograd(const at::Tensor& logits, const at::Tensor& targets,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memcore, Autograd, m) {
-  m.impl("ce_forward", &ce_forward_autograd);
-  m.impl("ce_forward_reduce", &ce_forward_reduce_autograd);
+  MEMCORE_IMPL(m, ce_forward, ce_forward_autograd);
+  MEMCORE_IMPL(m, ce_forward_reduce, ce_forward_reduce_autograd);
 }
 
 }  // namespace memcore

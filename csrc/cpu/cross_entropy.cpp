@@ -1,4 +1,6 @@
-// CPU kernels of the fused cross-entropy + per-sample statistics ops (schemas in csrc/memcore.cpp).
+// CPU kernels of the fused cross-entropy + per-sample statistics ops (schemas in csrc/memcore.cpp,
+// C++ types in csrc/ops.h). Registers six ops: ce_forward, ce_forward_reduce, ce_backward,
+// ce_commit, ce_forward_grad_, scale_unless_one_.
 //
 // ce_forward: rows are split across threads and each row is read from memory once. Rows of up
 //   to kChunk elements (4 KiB: they stay in L1; half/bf16 rows are widened to float) go in blocks
@@ -6,12 +8,19 @@
 //   exp across the block's rows; a longer row is streamed in kChunk blocks with an online
 //   (max, sum) rescale per block. Gives logsumexp, the largest logit before/after the target
 //   (margin, argmax) and the loss. Outputs are O(N): loss, lse, [N, 3] row stats.
-// ce_backward: one streaming pass writing (exp(z - lse) - onehot) * g; no softmax tensor.
+// ce_forward_reduce: ce_forward, then the mean or sum of its O(N) losses, serial in double (the
+//   result does not depend on the thread count); 0-d out and count, nothing else allocated.
+// ce_backward: one streaming pass writing (exp(z - lse) - onehot) * g; no softmax tensor. One
+//   N x C output (the gradient), plus per-thread scratch of 8 KiB (32 KiB for half/bf16 blocks).
+// ce_forward_grad_: ce_forward_reduce, then ce_backward's kernels run in place over the logits
+//   (upstream gradient 1, / count for mean): no N x C allocation at all.
+// scale_unless_one_: grad *= scale in place, skipped when scale == 1 (read on the host here).
 // ce_commit: a serial O(N) scatter into the float64 [S, 6] stats buffer (deterministic, so
 //   repeated indices need no atomics), skipped entirely when the forward flagged an error.
 // Float math for fp32/fp16/bf16 logits; float64 logits take a plain double path (gradcheck).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
@@ -21,6 +30,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "../ops.h"
 #include "ce_block.h"
 #include "widen.h"
 #include "vec_math.h"
@@ -427,12 +437,12 @@ void ce_commit_cpu(at::Tensor& stats, const at::Tensor& index, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memcore, CPU, m) {
-  m.impl("ce_forward", &ce_forward_cpu);
-  m.impl("ce_forward_reduce", &ce_forward_reduce_cpu);
-  m.impl("ce_backward", &ce_backward_cpu);
-  m.impl("ce_commit", &ce_commit_cpu);
-  m.impl("ce_forward_grad_", &ce_forward_grad_cpu);
-  m.impl("scale_unless_one_", &scale_unless_one_cpu);
+  MEMCORE_IMPL(m, ce_forward, ce_forward_cpu);
+  MEMCORE_IMPL(m, ce_forward_reduce, ce_forward_reduce_cpu);
+  MEMCORE_IMPL(m, ce_backward, ce_backward_cpu);
+  MEMCORE_IMPL(m, ce_commit, ce_commit_cpu);
+  MEMCORE_IMPL(m, ce_forward_grad_, ce_forward_grad_cpu);
+  MEMCORE_IMPL(m, scale_unless_one_, scale_unless_one_cpu);
 }
 
 }  // namespace cpu

@@ -1,4 +1,6 @@
-// CPU kernels of the input-curvature ops (schemas in csrc/memcore.cpp, Philox in csrc/philox.h).
+// CPU kernels of the input-curvature ops (schemas in csrc/memcore.cpp, C++ types in csrc/ops.h,
+// Philox in csrc/philox.h). Registers four ops: philox4x32, rademacher, rademacher_perturb,
+// probe_reduce.
 //
 // A "row" is one (probe p, sample b) pair; rows are split across threads with at::parallel_for
 // and each row is walked in blocks of 128 elements, one Philox4x32-10 call per block giving the
@@ -11,14 +13,16 @@
 //   block, blocks summed in fp64. Outputs are float64 [P, B]. The summation order depends only on
 //   D, so a row's result is bit-identical whatever P, B, the chunking or the thread count.
 // philox4x32: the raw generator words, for known-answer tests.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include "../curvature.h"
+#include "../ops.h"
 #include "../philox.h"
 
 namespace memcore {
@@ -186,10 +190,10 @@ at::Tensor philox4x32_cpu(const at::Tensor& counter, int64_t seed) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memcore, CPU, m) {
-  m.impl("philox4x32", &philox4x32_cpu);
-  m.impl("rademacher", &rademacher_cpu);
-  m.impl("rademacher_perturb", &rademacher_perturb_cpu);
-  m.impl("probe_reduce", &probe_reduce_cpu);
+  MEMCORE_IMPL(m, philox4x32, philox4x32_cpu);
+  MEMCORE_IMPL(m, rademacher, rademacher_cpu);
+  MEMCORE_IMPL(m, rademacher_perturb, rademacher_perturb_cpu);
+  MEMCORE_IMPL(m, probe_reduce, probe_reduce_cpu);
 }
 
 }  // namespace cpu

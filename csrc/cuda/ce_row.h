@@ -19,6 +19,7 @@
 // comes out NaN as on the CPU. Partial states merge in a fixed butterfly order (merge(self,
 // other)), replayed exactly by the host.
 #pragma once
+#include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -41,10 +42,9 @@
 namespace memcore {
 namespace cerow {
 
+// accumulation type: ATen's (float for half / bfloat16 / float, double for double)
 template <typename T>
-struct OpMath { using type = float; };
-template <>
-struct OpMath<double> { using type = double; };
+struct OpMath { using type = at::opmath_type<T>; };
 
 // Elements per 16-byte pack, and packs loaded per trip of the main loops (in flight at once).
 template <typename scalar_t>

@@ -1,5 +1,7 @@
 // CUDA launchers of the fused cross-entropy + per-sample statistics ops (schemas in
-// csrc/memcore.cpp); the kernels are in ce_kernels.cuh, their per-row logic in ce_row.h.
+// csrc/memcore.cpp, C++ types in csrc/ops.h); the kernels are in ce_kernels.cuh, their per-row
+// logic in ce_row.h (host-tested by tests/test_kernel_logic.py). Registers six ops: ce_forward,
+// ce_forward_reduce, ce_backward, ce_commit, ce_forward_grad_, scale_unless_one_.
 //
 // ce_forward: a group of TPR threads owns one row (a warp for C <= 2048, a whole block above) and
 //   streams it once with 16-byte vector loads, four in flight per thread (a scalar head up to the
@@ -8,15 +10,24 @@
 //   largest logit before and after the target column, taken per group of packs (the one pack
 //   holding the target goes element by element); one warp-shuffle (+ shared memory across warps)
 //   reduction per row. Ignored rows are never read. Writes O(N) outputs: loss, lse, row stats
-//   [N, 3], and error bits into a 1-int status word.
-// ce_commit: one thread per row; rows of a warp that share a sample index are summed first
-//   (segmented warp reduction), then six float64 atomicAdds per run into stats[index]; skipped
-//   by every thread when status != 0 so a rejected batch changes nothing.
+//   [N, 3] (every row, zeros for ignored ones: no fill), and error bits into a 1-int status word.
+// ce_forward_reduce: ce_forward, then the mean or sum of the O(N) losses with ATen reductions on
+//   the device (no host sync); count and out are 0-d tensors.
+// ce_forward_grad_: ce_forward's kernel with a second pass over each row right after the first
+//   (from L2 while the rows in flight fit there) writing the gradient of the reduced loss over the
+//   logits; 1/count is read on the device. No N x C allocation, no backward pass over the logits.
 // ce_backward: same row mapping; writes (exp(z - lse) - onehot) * g with vector stores. Memory
 //   traffic of forward + backward: two reads and one write of the logits, nothing else O(N*C).
+// scale_unless_one_: grad *= scale, grid-stride, every thread returning at once when scale == 1
+//   (decided on the device: no host sync, no pass over grad for a plain loss.backward()).
+// ce_commit: one thread per row; rows of a warp that share a sample index are summed first
+//   (segmented warp reduction), then six float64 atomicAdds per run into stats[index]; skipped by
+//   every thread when status != 0 so a rejected batch changes nothing; under
+//   torch.use_deterministic_algorithms the ATen form in csrc/commit_deterministic.cpp.
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -26,13 +37,13 @@
 #include "../checks.h"
 #include "../commit_deterministic.h"
 #include "../common.h"
+#include "../ops.h"
 #include "ce_kernels.cuh"
+#include "cuda_helpers.h"
 
 namespace memcore {
 namespace cuda {
 namespace {
-
-using cerow::OpMath;
 
 template <int V>
 using Int = std::integral_constant<int, V>;
@@ -79,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_launch(
   if (N == 0) return {loss, lse, row_stats, status};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_cuda", [&] {
-    using acc_t = typename OpMath<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     dispatch_shape<scalar_t>(C, element_aligned<scalar_t>(logits.data_ptr()), [&](auto tpr, auto vec) {
       constexpr int TPR = decltype(tpr)::value, VEC = decltype(vec)::value;
       using Map = RowMap<TPR>;
@@ -145,7 +156,7 @@ void scale_unless_one_cuda(at::Tensor& grad, const at::Tensor& scale) {
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_unless_one_cuda", [&] {
-    using acc_t = typename OpMath<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     scale_unless_one_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(grad.data_ptr<scalar_t>(), s.data_ptr<acc_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -169,7 +180,7 @@ at::Tensor ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logit
   if (N == 0 || C == 0) return grad;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_cuda", [&] {
-    using acc_t = typename OpMath<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
     // packs need logits and grad rows at the same offset from a 16-byte boundary (see above)
     const auto gp = reinterpret_cast<uintptr_t>(grad.data_ptr());
     const bool vec = element_aligned<scalar_t>(logits.data_ptr()) && element_aligned<scalar_t>(grad.data_ptr()) &&
@@ -213,12 +224,12 @@ void ce_commit_cuda(at::Tensor& stats, const at::Tensor& index, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
-  m.impl("ce_forward", &ce_forward_cuda);
-  m.impl("ce_forward_reduce", &ce_forward_reduce_cuda);
-  m.impl("ce_backward", &ce_backward_cuda);
-  m.impl("ce_commit", &ce_commit_cuda);
-  m.impl("ce_forward_grad_", &ce_forward_grad_cuda);
-  m.impl("scale_unless_one_", &scale_unless_one_cuda);
+  MEMCORE_IMPL(m, ce_forward, ce_forward_cuda);
+  MEMCORE_IMPL(m, ce_forward_reduce, ce_forward_reduce_cuda);
+  MEMCORE_IMPL(m, ce_backward, ce_backward_cuda);
+  MEMCORE_IMPL(m, ce_commit, ce_commit_cuda);
+  MEMCORE_IMPL(m, ce_forward_grad_, ce_forward_grad_cuda);
+  MEMCORE_IMPL(m, scale_unless_one_, scale_unless_one_cuda);
 }
 
 }  // namespace cuda

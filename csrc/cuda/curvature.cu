@@ -1,4 +1,6 @@
-// CUDA kernels of the input-curvature ops (schemas in csrc/memcore.cpp, Philox in csrc/philox.h).
+// CUDA kernels of the input-curvature ops (schemas in csrc/memcore.cpp, C++ types in csrc/ops.h,
+// Philox in csrc/philox.h). Registers four ops: philox4x32, rademacher, rademacher_perturb,
+// probe_reduce.
 //
 // A "row" is one (probe p, sample b) pair; a block of 128 threads owns a row (grid-stride over
 // rows). The row is walked in tiles of 128 Philox blocks (16384 elements): first every thread
@@ -13,16 +15,19 @@
 //   shuffles + shared memory); float64 [P, B] outputs. Deterministic (no atomics); the summation
 //   order depends only on D, not on P, B or the chunking, but differs from the CPU kernel's.
 // philox4x32: the raw generator words, one thread per counter.
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include "../curvature.h"
+#include "../ops.h"
 #include "../philox.h"
+#include "cuda_helpers.h"
 
 namespace memcore {
 namespace cuda {
@@ -31,11 +36,6 @@ namespace {
 constexpr int kThreads = 128;  // threads per row; also Philox blocks per tile
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxGrid = 1 << 20;
-
-template <typename T>
-struct OpMath { using type = float; };
-template <>
-struct OpMath<double> { using type = double; };
 
 // Calls f(element, bit) for every element of row (probe, index) of length D; bit is its sign bit.
 // Must be reached by all threads of the block (it synchronises).
@@ -69,7 +69,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) perturb_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ out, const int64_t* __restrict__ index,
     int64_t rows, int64_t B, int64_t D, uint64_t seed, int64_t probe_start, double h) {
-  using acc_t = typename OpMath<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   __shared__ uint4 tile[kThreads];
   const acc_t hh = static_cast<acc_t>(h);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) probe_reduce_kernel(
     const scalar_t* __restrict__ gp, const scalar_t* __restrict__ gc, const int64_t* __restrict__ index,
     double* __restrict__ sq_out, double* __restrict__ vd_out, int64_t rows, int64_t B, int64_t D,
     uint64_t seed, int64_t probe_start) {
-  using acc_t = typename OpMath<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   __shared__ uint4 tile[kThreads];
   __shared__ double red_sq[kWarps], red_vd[kWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -104,11 +104,8 @@ __global__ void __launch_bounds__(kThreads) probe_reduce_kernel(
       s1 += static_cast<double>(d * d);
       s2 += static_cast<double>(bit ? d : -d);
     });
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      s1 += __shfl_xor_sync(0xffffffffu, s1, off);
-      s2 += __shfl_xor_sync(0xffffffffu, s2, off);
-    }
+    s1 = warp_sum(s1);
+    s2 = warp_sum(s2);
     if (lane == 0) {
       red_sq[warp] = s1;
       red_vd[warp] = s2;
@@ -226,10 +223,10 @@ at::Tensor philox4x32_cuda(const at::Tensor& counter, int64_t seed) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
-  m.impl("philox4x32", &philox4x32_cuda);
-  m.impl("rademacher", &rademacher_cuda);
-  m.impl("rademacher_perturb", &rademacher_perturb_cuda);
-  m.impl("probe_reduce", &probe_reduce_cuda);
+  MEMCORE_IMPL(m, philox4x32, philox4x32_cuda);
+  MEMCORE_IMPL(m, rademacher, rademacher_cuda);
+  MEMCORE_IMPL(m, rademacher_perturb, rademacher_perturb_cuda);
+  MEMCORE_IMPL(m, probe_reduce, probe_reduce_cuda);
 }
 
 }  // namespace cuda

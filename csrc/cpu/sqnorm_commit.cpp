@@ -1,17 +1,20 @@
-// CPU kernel of memcore::sqnorm_commit (schema in csrc/memcore.cpp): per-sample squared L2 norms of
-// input gradients, for the paper's learning time (CSL paper, Eq. 7).
+// CPU kernel of memcore::sqnorm_commit, the one op registered here (schema in csrc/memcore.cpp, C++
+// type in csrc/ops.h): per-sample squared L2 norms of input gradients, for the paper's learning
+// time (CSL paper, Eq. 7).
 //
 // Rows of grad [N, D] are reduced across threads, each streamed once (half/bf16 widened to float
 // in an L1-sized chunk); the O(N) scatter into the float64 [S, 2] buffer is serial, so repeated
 // indices need no atomics. Nothing of size N*D is allocated.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <type_traits>
 #include <vector>
 
 #include "../checks.h"
 #include "../common.h"
+#include "../ops.h"
 #include "vec_math.h"
 #include "widen.h"
 
@@ -71,7 +74,7 @@ void sqnorm_commit_cpu(at::Tensor& stats, const at::Tensor& grad, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(memcore, CPU, m) { m.impl("sqnorm_commit", &sqnorm_commit_cpu); }
+TORCH_LIBRARY_IMPL(memcore, CPU, m) { MEMCORE_IMPL(m, sqnorm_commit, sqnorm_commit_cpu); }
 
 }  // namespace cpu
 }  // namespace memcore

@@ -1,19 +1,24 @@
-// CUDA kernel of memcore::sqnorm_commit (schema in csrc/memcore.cpp): per-sample squared L2 norms of
-// input gradients, for the paper's learning time (CSL paper, Eq. 7).
+// CUDA kernel of memcore::sqnorm_commit, the one op registered here (schema in csrc/memcore.cpp,
+// C++ type in csrc/ops.h): per-sample squared L2 norms of input gradients, for the paper's learning
+// time (CSL paper, Eq. 7).
 //
 // One block per row of grad [N, D]: 16-byte vector loads when rows are aligned, a float (double
 // for float64 grads) sum of squares per thread, one block reduction, then thread 0 adds
 // (scale^2 * sum, 1) into stats[index[row]] with two float64 atomicAdds. Reads grad once; nothing
-// of size N*D is allocated.
+// of size N*D is allocated (except under torch.use_deterministic_algorithms, which takes the ATen
+// form in csrc/commit_deterministic.cpp: one grad-sized temporary).
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <limits>
 
 #include "../checks.h"
 #include "../commit_deterministic.h"
 #include "../common.h"
+#include "../ops.h"
+#include "cuda_helpers.h"
 
 namespace memcore {
 namespace cuda {
@@ -21,21 +26,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-struct SqAcc { using type = float; };
-template <>
-struct SqAcc<double> { using type = double; };
-
-template <typename scalar_t, int VEC>
-struct alignas(sizeof(scalar_t) * VEC) Pack {
-  scalar_t v[VEC];
-};
-
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads) sqnorm_commit_kernel(
     double* __restrict__ stats, const scalar_t* __restrict__ grad, const double* __restrict__ scale,
     const int64_t* __restrict__ index, int64_t D, int64_t num_samples) {
-  using acc_t = typename SqAcc<scalar_t>::type;
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = blockIdx.x;
   const double sc = scale[row];
   const int64_t ix = index[row];
@@ -58,8 +53,7 @@ __global__ void __launch_bounds__(kThreads) sqnorm_commit_kernel(
       s += x * x;
     }
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  s = warp_sum(s);
   __shared__ acc_t partial[kThreads / 32];
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = s;
   __syncthreads();
@@ -101,7 +95,7 @@ void sqnorm_commit_cuda(at::Tensor& stats, const at::Tensor& grad, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(memcore, CUDA, m) { m.impl("sqnorm_commit", &sqnorm_commit_cuda); }
+TORCH_LIBRARY_IMPL(memcore, CUDA, m) { MEMCORE_IMPL(m, sqnorm_commit, sqnorm_commit_cuda); }
 
 }  // namespace cuda
 }  // namespace memcore
