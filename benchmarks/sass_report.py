@@ -112,11 +112,16 @@ def tool(name: str) -> str:
 
 def nvcc_command(src: str, arch: str, out: str) -> List[str]:
     """nvcc for one device-only cubin, with setup.py's nvcc flags and torch's extension flags."""
+    # torch.utils.cpp_extension looks for the toolkit when imported: point it at the nvcc in use
+    os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(os.path.realpath(tool("nvcc")))))
     try:
         import torch
         from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
     except ImportError:
         sys.exit("sass_report: needs torch (a CUDA build for its CUDA headers, e.g. .venv-cuda)")
+    if not torch.version.cuda:
+        sys.exit(f"sass_report: torch {torch.__version__} is a CPU build without CUDA headers; run it with a CUDA "
+                 "build of torch (e.g. /work/main/.venv-cuda/bin/python)")
     incs = include_paths("cuda") if "device_type" in include_paths.__code__.co_varnames else include_paths(True)
     incs = list(incs)
     for p in sys.path:  # pip's CUDA torch: the toolkit headers ship in nvidia/*/include (as setup.py)
