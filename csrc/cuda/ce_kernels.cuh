@@ -1,10 +1,10 @@
 // Device kernels of the fused cross-entropy ops; launched by csrc/cuda/cross_entropy.cu. Apart
-// from torch's header-only c10 types they need nothing of torch, so they also compile alone
-// (benchmarks/sass_report.py reads the real build; a standalone compile is quicker to iterate).
+// from header-only c10 / ATen types (BFloat16, Half, opmath_type) they need nothing of torch, so
+// they also compile alone (benchmarks/sass_report.py reads the real build; a standalone compile
+// is quicker to iterate).
 // The per-row logic lives in ce_row.h (host-testable); these wrap it in the launch geometry.
 #pragma once
 #include <cstdint>
-#include <limits>
 
 #include "../common.h"
 #include "ce_row.h"
@@ -15,9 +15,6 @@ namespace {
 
 using cerow::OpMath;
 using cerow::Part;
-
-template <typename T>
-__device__ __forceinline__ T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
 // Butterfly over the warp: every lane ends with the merge of all 32, merged as merge(self, other)
 // in the order the host replay (csrc/kernel_logic.cpp) follows.
