@@ -99,6 +99,7 @@ TORCH_LIBRARY(memcore, m) {
 }
 
 #include "commit_deterministic.h"
+#include "kernel_logic.h"
 
 namespace memcore {
 namespace cpu {
@@ -125,4 +126,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // tests check it against the CPU kernels on any machine
   m.def("_ce_commit_deterministic", &memcore::ce_commit_deterministic);
   m.def("_sqnorm_commit_deterministic", &memcore::sqnorm_commit_deterministic);
+  // host replays of the CUDA kernels' logic (csrc/kernel_logic.cpp) for tests/test_kernel_logic.py
+  m.def("_ce_row_replay", &memcore::kernel_logic::ce_row_replay);
+  m.def("_ce_grad_replay", &memcore::kernel_logic::ce_grad_replay);
+  m.def("_seg_commit_replay", &memcore::kernel_logic::seg_commit_replay);
 }

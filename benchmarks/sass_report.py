@@ -1,0 +1,650 @@
+"""Static instruction budget of memcore's CUDA kernels, read from their compiled code (no GPU needed).
+
+Builds csrc/cuda/*.cu for sm_90 and sm_80 with nvcc (the flags of setup.py's CUDA build, torch's
+headers from the running interpreter: use a CUDA build of torch, e.g. .venv-cuda), disassembles the
+cubins with nvdisasm, finds each kernel's hot loops and reports per kernel instance:
+
+    regs, stack, spills  cuobjdump -res-usage and ptxas -v
+    elem/iter            elements one thread handles per trip of the loop (stream loads x width)
+    instr/elem           SASS instructions per element on the loop's hot path (see below)
+    half/elem            of those, instructions of a 16-lane pipe (see PIPES)
+    mufu/elem            transcendental / conversion unit (16 lanes per SM: 8 cycles a warp)
+    cyc/elem             per-SMSP cycles per element (a warp's 32 lanes in parallel) = the
+                         largest of: issue (1 instruction a cycle), ALU pipe (2 cycles per
+                         instruction), FMA pipes, XU (8 cycles), FP64
+    roofline             bytes per element (HBM) vs that issue rate, per device (DEVICES)
+
+Hot path: a loop is a backward branch; its body is the instructions between the branch target and
+the branch. The hot path is the shortest path through the body (forward branches inside it skip
+blocks: the rare rescale of the running max, the pack that holds the target), counted with
+predicated-off instructions, which still take an issue slot. A kernel whose loop the compiler
+unrolled has several loops from one pass (unrolled body + remainder, a copy per call site): loops
+are grouped by the kernel-level source line their loads inline from, and the one doing the most
+elements per trip is reported. A kernel with several passes over the same elements (forward +
+gradient) reports their sum. Kernels without a loop (the commits) report their
+whole instruction count per row.
+
+    /work/main/.venv-cuda/bin/python -m benchmarks.sass_report                 # table to stdout
+    python benchmarks/sass_report.py --arch 90 --json out.json --csv out.csv --markdown benchmarks/SASS.md
+    python benchmarks/sass_report.py --before old.json --markdown benchmarks/SASS.md   # with an earlier
+                                                     # run's figures beside each row
+
+The model is an estimate: boost clocks (DEVICES), no memory latency, no occupancy limit. It
+answers "can this loop keep up with HBM at all", not "how fast will it run".
+"""
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Devices of the roofline: SMs, boost clock (GHz), HBM bandwidth (TB/s), SASS arch. A dispatcher
+# per SM sub-partition (4 per SM) issues one warp instruction per cycle on sm_80 and sm_90.
+DEVICES = {
+    "H100 SXM": dict(sms=132, ghz=1.98, tbs=3.35, arch="90"),
+    "H200": dict(sms=132, ghz=1.98, tbs=4.8, arch="90"),
+    "A100 SXM 80GB": dict(sms=108, ghz=1.41, tbs=2.039, arch="80"),
+}
+ISSUE_PER_SM_PER_CLK = 4  # warp instructions
+
+# Pipes by opcode (the part before the first '.'), after the CUDA programming guide's throughput
+# table for compute capability 8.0 / 9.0 and Nsight Compute's pipe names. "Half-rate": the 16-lane
+# pipes, ALU (integer, logic, compare, select, min/max, moves, bf16 packs) and the heavy FMA pipe's
+# integer multiply-adds (IMAD, also used by the compiler for moves and shifts): a warp instruction
+# holds them two cycles, against one for FP32 FFMA/FADD/FMUL on sm_90 (two on sm_80's 16-lane
+# FP32 pipe, counted in the cycle model, not in "half-rate").
+PIPES = {
+    "fma": "FFMA FADD FMUL FFMA32I FADD32I FMUL32I HFMA2 HADD2 HMUL2 FSWZADD",
+    "imad": "IMAD IMUL IDP IMADSP",
+    "alu": "FSETP FSEL FMNMX FSET ISETP IADD3 IADD LOP3 LOP SEL SHF SHL SHR LEA PRMT MOV MOV32I IMNMX "
+    "VIMNMX VIMNMX3 IABS PLOP3 P2R R2P F2FP HMNMX2 HSETP2 HSET2 I2FP F2IP BMSK SGXT VABSDIFF FCHK "
+    "CS2R LEPC",
+    "xu": "MUFU F2F F2I I2F FRND POPC FLO BREV",
+    "fp64": "DADD DMUL DFMA DSETP DMNMX",
+    "mem": "LDG STG LD ST LDS STS LDL STL ATOM ATOMG ATOMS RED REDG SHFL LDC S2R BAR MEMBAR MATCH "
+    "VOTE ERRBAR CCTL LDSM",
+}
+PIPE_OF = {op: pipe for pipe, ops in PIPES.items() for op in ops.split()}
+
+
+def pipe_of(opcode: str) -> str:
+    root = opcode.split(".")[0]
+    if root.startswith("U") and root not in PIPE_OF:  # uniform datapath: an issue slot, no lanes
+        return "other"
+    if root == "F2F" and ".F64" in opcode:
+        return "fp64"
+    return PIPE_OF.get(root, "other")
+
+
+# ---------------------------------------------------------------- build
+
+
+def tool(name: str) -> str:
+    """nvcc/cuobjdump/nvdisasm: PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, then triton's copies."""
+    found = shutil.which(name)
+    if found:
+        return found
+    dirs = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin"), "/usr/local/cuda/bin"]
+    try:
+        import triton  # noqa: F401  (pip's torch ships triton with cuobjdump/nvdisasm)
+
+        dirs.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"))
+    except ImportError:
+        pass
+    for d in dirs:
+        p = os.path.join(d, name)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    sys.exit(f"sass_report: {name} not found (PATH, $CUDA_HOME/bin, triton's bundled tools)")
+
+
+def nvcc_command(src: str, arch: str, out: str) -> List[str]:
+    """nvcc for one device-only cubin, with setup.py's nvcc flags and torch's extension flags."""
+    # torch.utils.cpp_extension looks for the toolkit when imported: point it at the nvcc in use
+    os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(os.path.realpath(tool("nvcc")))))
+    try:
+        import torch
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+    except ImportError:
+        sys.exit("sass_report: needs torch (a CUDA build for its CUDA headers, e.g. .venv-cuda)")
+    if not torch.version.cuda:
+        sys.exit(f"sass_report: torch {torch.__version__} is a CPU build without CUDA headers; run it with a CUDA "
+                 "build of torch (e.g. /work/main/.venv-cuda/bin/python)")
+    incs = include_paths("cuda") if "device_type" in include_paths.__code__.co_varnames else include_paths(True)
+    incs = list(incs)
+    for p in sys.path:  # pip's CUDA torch: the toolkit headers ship in nvidia/*/include (as setup.py)
+        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include"):
+            d = os.path.join(p, sub)
+            if p and os.path.isdir(d):
+                incs.append(d)
+    incs.append(sysconfig.get_paths()["include"])
+    if not any(os.path.isfile(os.path.join(d, "c10", "cuda", "CUDAGuard.h")) for d in incs):
+        sys.exit(f"sass_report: torch {torch.__version__} has no CUDA headers; run it with a CUDA build "
+                 "of torch (e.g. /work/main/.venv-cuda/bin/python)")
+    std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
+    cmd = [tool("nvcc"), "-cubin", f"-arch=sm_{arch}", "-O3", "--expt-relaxed-constexpr", "-lineinfo", std,
+           "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DMEMCORE_WITH_CUDA",
+           "-D_GLIBCXX_USE_CXX11_ABI=1", "-diag-suppress=3189", "-Xptxas", "-v", "-o", out, src]
+    cmd[1:1] = list(dict.fromkeys(COMMON_NVCC_FLAGS))
+    for d in dict.fromkeys(incs):
+        cmd.insert(-1, f"-I{d}")
+    return cmd
+
+
+def build(src: str, arch: str, work: str) -> Tuple[str, str]:
+    """Compiles src for sm_<arch>; returns (cubin path, ptxas -v log)."""
+    out = os.path.join(work, f"{os.path.splitext(os.path.basename(src))[0]}.sm_{arch}.cubin")
+    env = dict(os.environ)
+    env.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(tool("nvcc"))))
+    r = subprocess.run(nvcc_command(src, arch, out), capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"sass_report: nvcc failed on {src} for sm_{arch}:\n{r.stderr[-4000:]}")
+    return out, r.stderr
+
+
+# ---------------------------------------------------------------- parse
+
+
+@dataclass
+class Instr:
+    addr: int
+    pred: str
+    opcode: str
+    operands: str
+    loc: Tuple[str, ...]  # the //## File lines (innermost first) of the instruction
+    target: Optional[int] = None  # branch target address
+
+    @property
+    def root(self) -> str:
+        return self.opcode.split(".")[0]
+
+
+def disassemble(cubin: str) -> Dict[str, List[Instr]]:
+    """Mangled kernel name -> its instructions in address order (nvdisasm -c -gi)."""
+    text = subprocess.run([tool("nvdisasm"), "-c", "-gi", cubin], capture_output=True, text=True, check=True).stdout
+    funcs: Dict[str, List[Instr]] = {}
+    cur: Optional[List[Instr]] = None
+    loc: List[str] = []
+    pending = False
+    all_labels: Dict[str, Dict[str, int]] = {}
+    labels: Dict[str, int] = {}
+    waiting: List[str] = []  # labels before the next instruction
+    ins_re = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
+    for line in text.splitlines():
+        if line.startswith("\t.section\t.text."):
+            name = line.split()[1].split(",")[0][len(".text."):]
+            cur = funcs.setdefault(name, [])
+            labels = all_labels.setdefault(name, {})
+            loc, pending, waiting = [], False, []
+            continue
+        if cur is None:
+            continue
+        s = line.strip()
+        if re.match(r"^\.L_x_\d+:$", s):
+            waiting.append(s[:-1])
+            continue
+        if s.startswith("//## File"):
+            if not pending:
+                loc, pending = [], True
+            m = re.match(r'//## File "([^"]+)", line (\d+)', s)
+            if m:
+                loc.append(f"{os.path.basename(m.group(1))}:{m.group(2)}")
+            continue
+        m = ins_re.search(line)
+        if m:
+            pending = False
+            ins = Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4), tuple(loc))
+            for lab in waiting:
+                labels[lab] = ins.addr
+            waiting = []
+            t = re.search(r"\(\.L_x_\d+\)", ins.operands)
+            if t:
+                ins.operands = ins.operands.replace(t.group(0), "@" + t.group(0)[1:-1])
+            cur.append(ins)
+        if cur is not None and waiting and s.startswith("//-----"):
+            waiting = []
+    for name, code in funcs.items():
+        for ins in code:
+            m = re.search(r"@(\.L_x_\d+)", ins.operands)
+            if m:
+                ins.target = all_labels[name].get(m.group(1))
+    return funcs
+
+
+def resources(cubin: str) -> Dict[str, Dict[str, int]]:
+    """Mangled name -> REG / STACK / SHARED / LOCAL from cuobjdump -res-usage."""
+    text = subprocess.run([tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    res, name = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            continue
+        if name and "REG:" in line:
+            res[name] = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+            name = None
+    return res
+
+
+def spills(ptxas_log: str) -> Dict[str, Tuple[int, int]]:
+    """Mangled name -> (spill store bytes, spill load bytes) from ptxas -v."""
+    out, name = {}, None
+    for line in ptxas_log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            out[name] = (int(m.group(1)), int(m.group(2)))
+            name = None
+    return out
+
+
+def demangle(names: Sequence[str]) -> Dict[str, str]:
+    filt = shutil.which("c++filt") or shutil.which("cu++filt")
+    if not filt:
+        return {n: n for n in names}
+    r = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True)
+    return dict(zip(names, r.stdout.splitlines()))
+
+
+# ---------------------------------------------------------------- loops
+
+
+def mem_width(ins: Instr) -> int:
+    """Bytes moved per thread by a global load/store (0 for anything else)."""
+    if ins.root not in ("LDG", "STG", "LD", "ST"):
+        return 0
+    parts = ins.opcode.split(".")
+    for p, w in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if p in parts:
+            return w
+    return 4
+
+
+def branch_target(ins: Instr) -> Optional[int]:
+    if ins.root not in ("BRA", "BRX", "JMP"):
+        return None
+    return ins.target
+
+
+@dataclass
+class Loop:
+    head: int  # index of the first instruction
+    tail: int  # index of the back-edge branch
+    body: int = 0  # instructions in [head, tail]
+    hot: int = 0  # instructions on the shortest path head -> tail
+    hot_pipes: Dict[str, int] = field(default_factory=dict)
+    stream_ops: int = 0
+    stream_bytes: int = 0  # bytes of the stream's loads (or stores) per trip
+    width: int = 0
+    source: Tuple[str, ...] = ()
+
+
+def find_loops(code: List[Instr], labels_by_addr: Dict[int, int]) -> List[Loop]:
+    loops = []
+    for i, ins in enumerate(code):
+        t = branch_target(ins)
+        if t is not None and t <= ins.addr and t in labels_by_addr:
+            loops.append(Loop(labels_by_addr[t], i))
+    return loops
+
+
+def hot_path(code: List[Instr], lp: Loop, labels_by_addr: Dict[int, int]) -> List[int]:
+    """Indices on the shortest path from the loop head to its back-edge (forward branches only)."""
+    INF = float("inf")
+    n = lp.tail - lp.head + 1
+    dist = [INF] * n
+    prev = [-1] * n
+    dist[0] = 1
+    for k in range(n):
+        if dist[k] == INF:
+            continue
+        i = lp.head + k
+        if i == lp.tail:
+            break
+        ins = code[i]
+        succ = []
+        t = branch_target(ins)
+        if t is not None and t > ins.addr and t in labels_by_addr and labels_by_addr[t] <= lp.tail:
+            succ.append(labels_by_addr[t] - lp.head)
+        unconditional_exit = (ins.root in ("EXIT", "RET") or (t is not None and ins.root == "BRA")) and not ins.pred
+        if not unconditional_exit:
+            succ.append(k + 1)
+        for s in succ:
+            if dist[k] + 1 < dist[s]:
+                dist[s], prev[s] = dist[k] + 1, k
+    if dist[n - 1] == INF:
+        return list(range(lp.head, lp.tail + 1))
+    path, k = [], n - 1
+    while k != -1:
+        path.append(lp.head + k)
+        k = prev[k]
+    return path[::-1]
+
+
+def count_pipes(code: List[Instr], idx: Sequence[int]) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for i in idx:
+        p = pipe_of(code[i].opcode)
+        out[p] = out.get(p, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------- kernels
+
+# family regex on the demangled name -> label, HBM bytes per element (in units of the element
+# size), which memory ops carry the stream ("ld"/"st"), streams per element (loads per element
+# per operand), and whether the kernel is per row (no element loop)
+FAMILIES = [
+    (r"ce_forward_kernel<.*, (true|1)>|ce_forward_grad_kernel", "forward+grad (overwrite)", 2, "ld", 1),
+    (r"ce_forward_kernel", "forward", 1, "ld", 1),
+    (r"ce_backward_kernel", "backward", 2, "ld", 1),
+    (r"scale_unless_one_kernel", "scale_unless_one", 2, "ld", 1),
+    (r"ce_commit_kernel", "commit", 0, "", 0),
+    (r"sqnorm_commit_kernel", "sqnorm_commit", 1, "ld", 1),
+    (r"probe_reduce_kernel", "curvature probe_reduce", 2, "ld", 2),
+    (r"perturb_kernel", "curvature perturb", 2, "st", 1),
+    (r"philox_kernel|philox4x32_kernel", "philox", 0, "", 0),
+    (r".*", "other", 0, "", 0),
+]
+DTYPES = {"c10::BFloat16": ("bf16", 2), "c10::Half": ("fp16", 2), "float": ("fp32", 4), "double": ("fp64", 8)}
+
+
+@dataclass
+class Row:
+    arch: str
+    source: str
+    kernel: str  # demangled, without namespaces and parameters
+    family: str
+    dtype: str
+    regs: int
+    stack: int
+    local: int
+    spill_stores: int
+    spill_loads: int
+    loops: int  # source loops summed
+    elem_per_iter: float
+    instr_per_elem: float
+    half_per_elem: float
+    mufu_per_elem: float
+    cycles_per_elem: float
+    bytes_per_elem: float
+    per_row_instr: int  # whole-kernel instructions (kernels without an element loop)
+    detail: List[Dict] = field(default_factory=list)
+
+
+def short_name(demangled: str) -> str:
+    s = re.sub(r"\(anonymous namespace\)::|memcore::|cuda::", "", demangled)
+    s = s[len("void "):] if s.startswith("void ") else s
+    depth, out = 0, []
+    for ch in s:  # drop the parameter list: the first '(' at template depth 0
+        if ch == "(" and depth == 0:
+            break
+        depth += ch == "<"
+        depth -= ch == ">"
+        out.append(ch)
+    return "".join(out)
+
+
+def cycles(pipes: Dict[str, float], arch: str) -> float:
+    """Per-SMSP cycles for the given per-lane instruction counts (see the module docstring)."""
+    n = sum(pipes.values())
+    alu, fma, imad, xu, fp64 = (pipes.get(k, 0) for k in ("alu", "fma", "imad", "xu", "fp64"))
+    if arch == "80":  # 16-lane FP32 pipe shared with IMAD; FP64 8 lanes
+        fma_cyc, fp64_cyc = 2 * (fma + imad), 4 * fp64
+    else:  # heavy + lite FMA pipes: 32 FP32 lanes, IMAD on the heavy one only
+        fma_cyc, fp64_cyc = max(fma + imad, 2 * imad), 2 * fp64
+    return max(n, 2 * alu, fma_cyc, 8 * xu, fp64_cyc)
+
+
+def analyse(arch: str, source: str, cubin: str, log: str) -> List[Row]:
+    funcs = disassemble(cubin)
+    res = resources(cubin)
+    sp = spills(log)
+    names = demangle(list(funcs))
+    rows = []
+    for mangled, code in funcs.items():
+        if not code:
+            continue
+        dem = names.get(mangled, mangled)
+        kname = short_name(dem)
+        fam = next(f for f in FAMILIES if re.search(f[0], kname))
+        _, label, bytes_units, which, streams = fam
+        targs = re.search(r"<([^<>]*)>", kname)
+        dtype_c = targs.group(1).split(",")[0].strip() if targs else ""
+        dtype, esize = DTYPES.get(dtype_c, (dtype_c or "-", 0))
+        if label in ("commit", "philox") or not esize:
+            esize = esize or 4
+        labels = {ins.addr: i for i, ins in enumerate(code)}
+        loops = find_loops(code, labels)
+        for lp in loops:
+            ops = [code[i] for i in range(lp.head, lp.tail + 1)
+                   if mem_width(code[i]) and code[i].root.startswith("LD" if which == "ld" else "ST")]
+            lp.width = max((mem_width(o) for o in ops), default=0)
+            wide = [o for o in ops if mem_width(o) == lp.width]
+            lp.stream_ops = len(wide)
+            lp.stream_bytes = sum(mem_width(o) for o in wide)
+            # the pass: the kernel-level source line the loop's loads inline from (the outermost
+            # location), shared by an unrolled loop, its remainder, and its copies per call site
+            lp.source = wide[0].loc[-1:] if wide else ()
+            path = hot_path(code, lp, labels)
+            lp.body = lp.tail - lp.head + 1
+            lp.hot = len(path)
+            lp.hot_pipes = count_pipes(code, path)
+        cand = [lp for lp in loops if lp.stream_ops]
+        # innermost: drop a loop that contains another candidate
+        cand = [a for a in cand if not any(b is not a and a.head <= b.head and b.tail <= a.tail for b in cand)]
+        width = max((lp.width for lp in cand), default=0)
+        cand = [lp for lp in cand if lp.width == width]
+        best: Dict[Tuple[str, ...], Loop] = {}
+        for lp in cand:  # one per pass: the unrolled body, not its remainder
+            elems = lp.stream_bytes / esize / streams
+            cur = best.get(lp.source)
+            if cur is None or (elems, -lp.hot / elems) > (cur.stream_bytes / esize / streams,
+                                                          -cur.hot * esize * streams / cur.stream_bytes):
+                best[lp.source] = lp
+        r = res.get(mangled, {})
+        ss, sl = sp.get(mangled, (0, 0))
+        row = Row(arch, os.path.basename(source), kname, label, dtype, r.get("reg", 0), r.get("stack", 0),
+                  r.get("local", 0), ss, sl, len(best), 0.0, 0.0, 0.0, 0.0, 0.0, bytes_units * esize,
+                  sum(1 for ins in code if ins.root != "NOP" and branch_target(ins) != ins.addr))
+        if best and which:
+            per: Dict[str, float] = {}
+            for lp in best.values():
+                elems = lp.stream_bytes / esize / streams
+                for k, v in lp.hot_pipes.items():
+                    per[k] = per.get(k, 0.0) + v / elems
+                row.detail.append(dict(source=" <- ".join(lp.source), head=hex(code[lp.head].addr),
+                                       tail=hex(code[lp.tail].addr), body=lp.body, hot=lp.hot,
+                                       elems=elems, pipes=lp.hot_pipes))
+            row.elem_per_iter = min(lp.stream_bytes / esize / streams for lp in best.values())
+            row.instr_per_elem = sum(per.values())
+            row.half_per_elem = per.get("alu", 0) + per.get("imad", 0)
+            row.mufu_per_elem = per.get("xu", 0)
+            row.cycles_per_elem = cycles(per, arch)
+        rows.append(row)
+    return rows
+
+
+def roofline(row: Row) -> Dict[str, Dict[str, float]]:
+    """Per device of row's arch: instruction slots per element at full HBM bandwidth, and the
+    fraction of that bandwidth the loop can sustain by the cycle model (capped at 1)."""
+    out = {}
+    if not row.cycles_per_elem or not row.bytes_per_elem:
+        return out
+    for dev, d in DEVICES.items():
+        if d["arch"] != row.arch:
+            continue
+        hbm_elems = d["tbs"] * 1e12 / row.bytes_per_elem
+        lane_slots = d["sms"] * d["ghz"] * 1e9 * ISSUE_PER_SM_PER_CLK * 32
+        out[dev] = dict(budget=lane_slots / hbm_elems, ceiling=min(1.0, lane_slots / row.cycles_per_elem / hbm_elems))
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+HEADLINE = ("forward", "forward+grad (overwrite)", "backward", "commit", "sqnorm_commit",
+            "curvature probe_reduce", "curvature perturb")
+
+
+def headline(rows: List[Row]) -> List[Row]:
+    """Per (arch, family, dtype): the instance of the widest loads and the most threads per row
+    (the large-vocabulary launch: 16-byte packs, a block per row)."""
+    def key(r: Row):
+        width = max((d["elems"] for d in r.detail), default=0)
+        nums = [int(x) for x in re.findall(r"\b(\d+)\b", r.kernel)]
+        return (width, nums)
+
+    pick: Dict[Tuple[str, str, str], Row] = {}
+    for r in rows:
+        if r.family not in HEADLINE or r.dtype == "fp64":
+            continue
+        k = (r.arch, r.family, r.dtype)
+        if k not in pick or key(r) > key(pick[k]):
+            pick[k] = r
+    order = {f: i for i, f in enumerate(HEADLINE)}
+    dorder = {"bf16": 0, "fp16": 1, "fp32": 2}
+    return sorted(pick.values(), key=lambda r: (-int(r.arch), order[r.family], dorder.get(r.dtype, 9)))
+
+
+def markdown(rows: List[Row], before: Optional[List[Dict]] = None) -> str:
+    """The headline table; with before (rows of an earlier --json), its instr/elem and ceiling
+    beside each row (matched by arch, kernel family and dtype)."""
+    devs = list(DEVICES)
+    names = set(Row.__dataclass_fields__)
+    old_rows = headline([Row(**{k: v for k, v in b.items() if k in names}) for b in (before or [])])
+    old = {(b.arch, b.family, b.dtype): dict(asdict(b), roofline=roofline(b)) for b in old_rows}
+    extra = " before: instr/elem, half-rate, ceiling |" if before else ""
+    lines = [
+        "| arch | kernel | instance | regs | spills (B) | elem/iter | instr/elem | half-rate/elem | mufu/elem "
+        "| cyc/elem | bytes/elem | " + " | ".join(f"{d}: slots/elem, ceiling" for d in devs) + " |" + extra,
+        "|" + "---|" * (11 + len(devs) + (1 if before else 0)),
+    ]
+    for r in headline(rows):
+        rf = roofline(r)
+        cells = []
+        for d in devs:
+            cells.append(f"{rf[d]['budget']:.1f}, {100 * rf[d]['ceiling']:.0f}%" if d in rf else "")
+        if r.cycles_per_elem:
+            figs = f"{r.elem_per_iter:g} | {r.instr_per_elem:.1f} | {r.half_per_elem:.1f} | {r.mufu_per_elem:.2f} | " \
+                   f"{r.cycles_per_elem:.1f} | {r.bytes_per_elem:g}"
+        else:
+            figs = f"- | {r.per_row_instr} per row | | | | "
+        inst = r.kernel.split("<", 1)[1].rstrip(">") if "<" in r.kernel else ""
+        line = (f"| sm_{r.arch} | {r.family} | {inst} | {r.regs} | {r.spill_stores + r.spill_loads} | {figs} | "
+                + " | ".join(cells) + " |")
+        if before:
+            b = old.get((r.arch, r.family, r.dtype))
+            if b and b["cycles_per_elem"]:
+                ceil = ", ".join(f"{100 * v['ceiling']:.0f}%" for v in b.get("roofline", {}).values())
+                line += f" {b['instr_per_elem']:.1f}, {b['half_per_elem']:.1f}, {ceil} |"
+            elif b:
+                line += f" {b['per_row_instr']} per row |"
+            else:
+                line += " |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def preamble(before_label: Optional[str] = None) -> str:
+    devs = "; ".join(f"{k}: {v['sms']} SMs x {v['ghz']} GHz, {v['tbs']} TB/s (sm_{v['arch']})" for k, v in DEVICES.items())
+    return (
+        "Per kernel, the hot loop of the large-vocabulary launch (16-byte loads, a block per row), read from the "
+        "SASS by `benchmarks/sass_report.py`. instr/elem: instructions per element on the loop's hot path "
+        "(forward+grad: both passes); half-rate: ALU + IMAD-pipe instructions (16 lanes a cycle); mufu: "
+        "transcendental/conversion unit; cyc/elem: per-SMSP cycles per element by the pipe model; "
+        "slots/elem: instruction issue slots per element at full HBM bandwidth (4 warp instructions per SM "
+        "per cycle); ceiling: fraction of HBM bandwidth the loop can sustain by that model (bytes/elem: "
+        f"HBM traffic per element, forward+grad counting one read and one write). Devices: {devs}. "
+        "Boost clocks and no latency or occupancy limits: an upper bound, not a prediction."
+        + (f" before: {before_label}." if before_label else "")
+        + "\n\n"
+    )
+
+
+def write_csv(rows: List[Row], f) -> None:
+    w = csv.writer(f)
+    cols = [k for k in asdict(rows[0]) if k != "detail"] if rows else []
+    w.writerow(cols + [f"{d} ceiling" for d in DEVICES])
+    for r in rows:
+        rf = roofline(r)
+        w.writerow([getattr(r, c) for c in cols] + [f"{rf[d]['ceiling']:.3f}" if d in rf else "" for d in DEVICES])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", nargs="+", default=["90", "80"], help="SASS architectures (default 90 80)")
+    ap.add_argument("--src", nargs="+", default=None, help="CUDA sources (default csrc/cuda/*.cu)")
+    ap.add_argument("--work", default=None, help="keep cubins and SASS here (default: a temporary folder)")
+    ap.add_argument("--cubin", nargs="+", default=None, help="analyse these cubins (name.sm_XX.cubin) instead of building")
+    ap.add_argument("--json", help="write every kernel instance's row (with loop details) here")
+    ap.add_argument("--csv", help="write every kernel instance's row here ('-': stdout)")
+    ap.add_argument("--markdown", help="write the headline table with its preamble here (default: stdout)")
+    ap.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
+    ap.add_argument("--before", help="an earlier run's --json: its figures go beside the new ones")
+    ap.add_argument("--before-label", help="what the --before run measured (a line in the preamble)")
+    args = ap.parse_args(argv)
+
+    work = args.work or tempfile.mkdtemp(prefix="memcore-sass-")
+    os.makedirs(work, exist_ok=True)
+    jobs: List[Tuple[str, str, str, str]] = []  # (arch, source, cubin, log)
+    if args.cubin:
+        for c in args.cubin:
+            m = re.search(r"sm_(\d+)", c)
+            logf = c + ".ptxas.log"
+            log = open(logf).read() if os.path.exists(logf) else ""
+            jobs.append((m.group(1) if m else "90", c, c, log))
+    else:
+        srcs = args.src or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        todo = [(a, s) for a in args.arch for s in srcs]
+        with ThreadPoolExecutor(max(1, args.jobs)) as ex:
+            built = list(ex.map(lambda t: build(t[1], t[0], work), todo))
+        for (a, s), (cubin, log) in zip(todo, built):
+            with open(cubin + ".ptxas.log", "w") as f:
+                f.write(log)
+            jobs.append((a, s, cubin, log))
+    rows: List[Row] = []
+    for arch, src, cubin, log in jobs:
+        rows += analyse(arch, src, cubin, log)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(asdict(r), roofline=roofline(r)) for r in rows], f, indent=1)
+    if args.csv:
+        if args.csv == "-":
+            write_csv(rows, sys.stdout)
+        else:
+            with open(args.csv, "w", newline="") as f:
+                write_csv(rows, f)
+    before = None
+    if args.before:
+        with open(args.before) as f:
+            before = json.load(f)
+    md = markdown(rows, before)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("# SASS report\n\n" + preamble(args.before_label) + md)
+    else:
+        sys.stdout.write(md)
+    bad = [r for r in rows if r.spill_stores or r.spill_loads or r.local]
+    if bad:
+        print(f"sass_report: {len(bad)} kernel instances spill: " + ", ".join(sorted({r.kernel for r in bad})[:8]),
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+// The per-row logic of the CUDA cross-entropy kernels (csrc/cuda/cross_entropy.cu), as
+// __host__ __device__ functions: the same code runs in the kernels and, compiled by the host
+// compiler into the CPU build, in csrc/kernel_logic.cpp, which replays a row's thread
+// decomposition and a warp's segmented commit so tests/test_kernel_logic.py can check them against
+// the CPU kernels without a GPU.
+//
+// A row of C logits is owned by TPR threads. Thread `lane` walks
+//   head:   the scalar elements before the row's first 16-byte boundary (lane < head),
+//   packs:  16-byte packs of VEC elements, pack v for v = lane, lane + TPR, ..., kUnroll packs
+//           loaded per trip so several loads are in flight; split at the pack holding the
+//           target column (tp): packs before it feed `before` (largest logit left of the
+//           target), packs after it `after`, with one max per group of packs and no per-element
+//           column test; the target pack is handled element by element,
+//   tail:   the scalar elements after the last whole pack,
+// keeping an online (max m, sum s of exp(z - m)) pair. exp is computed as exp2 of one fma per
+// element, z * log2(e) + shift with shift = -m * log2(e) (0 while m = -inf), and ex2.approx.ftz on
+// the device (exp2 on the host; double logits keep exp). NaN needs no flag: a NaN logit makes s
+// NaN, and every rescale and merge keeps it NaN (a factor of 0 or 1, never a dropped term), so lse
+// comes out NaN as on the CPU. Partial states merge in a fixed butterfly order (merge(self,
+// other)), replayed exactly by the host.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define MEMCORE_HD __host__ __device__ __forceinline__
+#define MEMCORE_UNROLL _Pragma("unroll")
+#else
+#define MEMCORE_HD inline
+#define MEMCORE_UNROLL
+#endif
+
+namespace memcore {
+namespace cerow {
+
+// accumulation type: ATen's (float for half / bfloat16 / float, double for double)
+template <typename T>
+struct OpMath { using type = at::opmath_type<T>; };
+
+// Elements per 16-byte pack, and packs loaded per trip of the main loops (in flight at once).
+template <typename scalar_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+template <typename scalar_t>
+constexpr int kUnroll = sizeof(scalar_t) == 8 ? 2 : 4;
+
+template <typename T>
+MEMCORE_HD T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+MEMCORE_HD float fmax_(float a, float b) { return fmaxf(a, b); }
+MEMCORE_HD double fmax_(double a, double b) { return fmax(a, b); }
+
+// exp in the kernels' units: expo(x * kScale) == exp(x). float: base 2, double: base e.
+MEMCORE_HD float expo(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::exp2(x);
+#endif
+}
+MEMCORE_HD double expo(double x) { return exp(x); }
+template <typename acc_t>
+constexpr acc_t kScale = acc_t(1.4426950408889634);  // log2(e)
+template <>
+constexpr double kScale<double> = 1.0;
+
+MEMCORE_HD float log_(float x) { return logf(x); }
+MEMCORE_HD double log_(double x) { return log(x); }
+
+MEMCORE_HD float fma_(float a, float b, float c) { return fmaf(a, b, c); }
+MEMCORE_HD double fma_(double a, double b, double c) { return fma(a, b, c); }
+
+// a product the compiler may not fuse into a following add (merge() must stay commutative)
+MEMCORE_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+MEMCORE_HD double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// ---- 16-byte packs as four 32-bit words, widened to / narrowed from the accumulation type
+
+struct alignas(16) Words {
+  uint32_t w[4];
+};
+
+MEMCORE_HD Words load16(const void* p) {
+#ifdef __CUDA_ARCH__
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  return Words{{u.x, u.y, u.z, u.w}};
+#else
+  Words r;
+  std::memcpy(&r, p, 16);
+  return r;
+#endif
+}
+
+MEMCORE_HD void store16(void* p, const Words& r) {
+#ifdef __CUDA_ARCH__
+  *reinterpret_cast<uint4*>(p) = make_uint4(r.w[0], r.w[1], r.w[2], r.w[3]);
+#else
+  std::memcpy(p, &r, 16);
+#endif
+}
+
+MEMCORE_HD float as_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+MEMCORE_HD uint32_t as_uint(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+MEMCORE_HD float half_bits_to_float(uint32_t h) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(static_cast<uint16_t>(h));
+#endif
+}
+
+// x[k] = element k of the pack, as acc_t (bf16: a shift or a mask per element)
+template <typename scalar_t>
+MEMCORE_HD void widen(const Words& r, typename OpMath<scalar_t>::type* x) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+MEMCORE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = as_float(r.w[i] << 16);
+      x[2 * i + 1] = as_float(r.w[i] & 0xFFFF0000u);
+    }
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+MEMCORE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = half_bits_to_float(r.w[i] & 0xFFFFu);
+      x[2 * i + 1] = half_bits_to_float(r.w[i] >> 16);
+    }
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+MEMCORE_UNROLL
+    for (int i = 0; i < 4; ++i) x[i] = as_float(r.w[i]);
+  } else {
+    static_assert(std::is_same_v<scalar_t, double>, "unsupported logits dtype");
+MEMCORE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      uint64_t u = (static_cast<uint64_t>(r.w[2 * i + 1]) << 32) | r.w[2 * i];
+      double d;
+      std::memcpy(&d, &u, 8);
+      x[i] = d;
+    }
+  }
+}
+
+// the pack of y[0..kVec) rounded to scalar_t (round to nearest even, as the CPU's narrowing)
+template <typename scalar_t>
+MEMCORE_HD Words narrow(const typename OpMath<scalar_t>::type* y) {
+  Words r;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+MEMCORE_UNROLL
+    for (int i = 0; i < 4; ++i) r.w[i] = as_uint(y[i]);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    std::memcpy(&r, y, 16);
+  } else {
+MEMCORE_UNROLL
+    for (int i = 0; i < 4; ++i) {
+#ifdef __CUDA_ARCH__
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(y[2 * i], y[2 * i + 1]);
+        std::memcpy(&r.w[i], &h, 4);
+      } else {
+        const __half2 h = __floats2half2_rn(y[2 * i], y[2 * i + 1]);
+        std::memcpy(&r.w[i], &h, 4);
+      }
+#else
+      const scalar_t lo(y[2 * i]), hi(y[2 * i + 1]);
+      r.w[i] = static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+#endif
+    }
+  }
+  return r;
+}
+
+// ---- per-thread state of one row
+
+template <typename acc_t>
+struct Part {
+  acc_t m;       // running max over the thread's columns (never NaN: maxima skip NaN)
+  acc_t shift;   // -m * kScale, or 0 while m = -inf
+  acc_t s;       // sum of exp(z - m); NaN once a NaN logit was seen
+  acc_t before;  // max over the thread's columns left of the target
+  acc_t after;   // max over the thread's columns right of the target
+};
+
+template <typename acc_t>
+MEMCORE_HD Part<acc_t> part_init() {
+  return Part<acc_t>{neg_inf<acc_t>(), acc_t(0), acc_t(0), neg_inf<acc_t>(), neg_inf<acc_t>()};
+}
+
+// Raises the running max to bmax (the max of the values about to be added) when it is larger.
+// The factor exp(m - bmax) is 0 when m = -inf, so s (0, or NaN) keeps its NaN.
+template <typename acc_t>
+MEMCORE_HD void raise_max(Part<acc_t>& p, acc_t bmax) {
+  if (bmax > p.m) {
+    p.s *= expo((p.m - bmax) * kScale<acc_t>);
+    p.m = bmax;
+    p.shift = -bmax * kScale<acc_t>;
+  }
+}
+
+// One value of known column col (head, tail, target pack).
+template <typename acc_t>
+MEMCORE_HD void add_one(Part<acc_t>& p, acc_t x, int64_t col, int64_t t) {
+  raise_max(p, x);
+  p.s += expo(fma_(x, kScale<acc_t>, p.shift));
+  if (col < t) p.before = fmax_(p.before, x);
+  if (col > t) p.after = fmax_(p.after, x);
+}
+
+// n packs' values x, all left (side = before) or right (after) of the target: one max test.
+template <typename acc_t, int N>
+MEMCORE_HD void add_group(Part<acc_t>& p, const acc_t (&x)[N], acc_t& side) {
+  acc_t bmax = x[0];
+MEMCORE_UNROLL
+  for (int k = 1; k < N; ++k) bmax = fmax_(bmax, x[k]);
+  raise_max(p, bmax);
+  side = fmax_(side, bmax);
+  acc_t sum = acc_t(0);
+MEMCORE_UNROLL
+  for (int k = 0; k < N; ++k) sum += expo(fma_(x[k], kScale<acc_t>, p.shift));
+  p.s += sum;
+}
+
+// Merge of two partial states: merge(self, other) in the kernels' butterfly. A factor of exactly 1
+// for the side holding the max (also both -inf), so 0 * NaN never drops a NaN.
+template <typename acc_t>
+MEMCORE_HD Part<acc_t> merge(const Part<acc_t>& a, const Part<acc_t>& b) {
+  const acc_t M = a.m > b.m ? a.m : b.m;
+  const acc_t fa = a.m == M ? acc_t(1) : expo((a.m - M) * kScale<acc_t>);
+  const acc_t fb = b.m == M ? acc_t(1) : expo((b.m - M) * kScale<acc_t>);
+  Part<acc_t> r;
+  r.m = M;
+  r.shift = M == neg_inf<acc_t>() ? acc_t(0) : -M * kScale<acc_t>;
+  r.s = mul_rn(a.s, fa) + mul_rn(b.s, fb);  // merge(a, b) == merge(b, a) bit for bit
+  r.before = fmax_(a.before, b.before);
+  r.after = fmax_(a.after, b.after);
+  return r;
+}
+
+// ---- the row's layout: scalar head, packs, scalar tail; where the target lies
+
+struct Layout {
+  int64_t head;  // scalar elements before the first 16-byte boundary (<= C)
+  int64_t nv;    // whole packs after the head
+  int64_t tail0; // first column of the scalar tail: head + nv * VEC
+  int64_t tp;    // pack holding the target, or -1 (target in the head) / nv (in the tail)
+};
+
+template <int VEC>
+MEMCORE_HD Layout layout(uintptr_t addr, int elem_size, int64_t C, int64_t t) {
+  Layout L;
+  if (VEC == 1) {
+    L.head = 0;
+    L.nv = 0;
+  } else {
+    const int64_t mis = static_cast<int64_t>((addr / elem_size) % VEC);
+    const int64_t head = mis == 0 ? 0 : VEC - mis;
+    L.head = head < C ? head : C;
+    L.nv = (C - L.head) / VEC;
+  }
+  L.tail0 = L.head + L.nv * VEC;
+  L.tp = t < L.head ? -1 : (t >= L.tail0 ? L.nv : (t - L.head) / VEC);
+  return L;
+}
+
+// The lane of TPR that owns column col in the walk (head, packs and tail alike).
+template <int TPR, int VEC>
+MEMCORE_HD int owner(const Layout& L, int64_t col) {
+  if (col < L.head) return static_cast<int>(col);
+  if (col < L.tail0) return static_cast<int>(((col - L.head) / VEC) % TPR);
+  return static_cast<int>((col - L.tail0) % TPR);
+}
+
+// Packs v = first, first + TPR, ... below end, kUnroll at a time, into p (side: before / after).
+// Returns the lane's first pack index >= end.
+template <typename scalar_t, int TPR>
+MEMCORE_HD int64_t walk_packs(Part<typename OpMath<scalar_t>::type>& p, const scalar_t* body, int64_t first,
+                              int64_t end, typename OpMath<scalar_t>::type& side) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr int V = kVec<scalar_t>, U = kUnroll<scalar_t>;
+  int64_t v = first;
+  for (; v + (U - 1) * TPR < end; v += U * TPR) {
+    Words r[U];
+MEMCORE_UNROLL
+    for (int u = 0; u < U; ++u) r[u] = load16(body + (v + u * TPR) * V);
+    acc_t x[U * V];
+MEMCORE_UNROLL
+    for (int u = 0; u < U; ++u) widen<scalar_t>(r[u], x + u * V);
+    add_group(p, x, side);
+  }
+  for (; v < end; v += TPR) {
+    acc_t x[V];
+    widen<scalar_t>(load16(body + v * V), x);
+    add_group(p, x, side);
+  }
+  return v;
+}
+
+// One thread's partial state of the row z[0, C) with target t (0 <= t < C).
+template <typename scalar_t, int TPR, int VEC>
+MEMCORE_HD Part<typename OpMath<scalar_t>::type> walk_row(const scalar_t* z, int64_t C, int64_t t, int lane) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  Part<acc_t> p = part_init<acc_t>();
+  const Layout L = layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
+  if constexpr (VEC > 1) {
+    static_assert(VEC == kVec<scalar_t>, "packs are 16 bytes");
+    if (lane < L.head) add_one<acc_t>(p, static_cast<acc_t>(z[lane]), lane, t);
+    const scalar_t* body = z + L.head;
+    int64_t v = walk_packs<scalar_t, TPR>(p, body, lane, L.tp < 0 ? 0 : L.tp, p.before);
+    if (v == L.tp && L.tp < L.nv) {  // the target's pack: element by element
+      acc_t x[VEC];
+      widen<scalar_t>(load16(body + v * VEC), x);
+MEMCORE_UNROLL
+      for (int k = 0; k < VEC; ++k) add_one<acc_t>(p, x[k], L.head + v * VEC + k, t);
+      v += TPR;
+    }
+    walk_packs<scalar_t, TPR>(p, body, v, L.nv, p.after);
+  }
+  for (int64_t j = L.tail0 + lane; j < C; j += TPR) add_one<acc_t>(p, static_cast<acc_t>(z[j]), j, t);
+  return p;
+}
+
+// Per-row results from the merged state and the target logit.
+template <typename acc_t>
+struct RowOut {
+  acc_t lse, loss, prob, margin, correct;
+};
+
+template <typename acc_t>
+MEMCORE_HD RowOut<acc_t> finish(const Part<acc_t>& p, acc_t zt) {
+  RowOut<acc_t> o;
+  // a row with no finite max (all -inf): NaN, as on the CPU; NaN logits made s NaN already
+  o.lse = p.m == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::quiet_NaN() : p.m + log_(p.s);
+  o.loss = o.lse - zt;
+  o.prob = expo(-o.loss * kScale<acc_t>);
+  o.margin = zt - fmax_(p.before, p.after);
+  // argmax is the first maximal index: the target wins ties only against later columns
+  o.correct = (zt > p.before && zt >= p.after) ? acc_t(1) : acc_t(0);
+  return o;
+}
+
+// ---- the gradient pass: out[j] = (exp(z[j] - lse) - onehot(j == t)) * g
+
+// Without the onehot: the owner of column t (owner()) rewrites out[t] afterwards with
+// target_grad(), from the target logit read before the pass (out may be z).
+template <typename scalar_t, int TPR, int VEC>
+MEMCORE_HD void grad_row(const scalar_t* z, scalar_t* out, int64_t C, const Layout& L,
+                         typename OpMath<scalar_t>::type lse, typename OpMath<scalar_t>::type g, int lane) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const acc_t shift = -lse * kScale<acc_t>;
+  auto one = [&](int64_t j) {
+    out[j] = static_cast<scalar_t>(expo(fma_(static_cast<acc_t>(z[j]), kScale<acc_t>, shift)) * g);
+  };
+  if constexpr (VEC > 1) {  // z and out rows share their offset from a 16-byte boundary
+    constexpr int U = kUnroll<scalar_t>;
+    if (lane < L.head) one(lane);
+    const scalar_t* zb = z + L.head;
+    scalar_t* ob = out + L.head;
+    auto pack = [&](const Words& r, int64_t v) {
+      acc_t x[VEC];
+      widen<scalar_t>(r, x);
+MEMCORE_UNROLL
+      for (int k = 0; k < VEC; ++k) x[k] = expo(fma_(x[k], kScale<acc_t>, shift)) * g;
+      store16(ob + v * VEC, narrow<scalar_t>(x));
+    };
+    int64_t v = lane;
+    for (; v + (U - 1) * TPR < L.nv; v += U * TPR) {
+      Words r[U];
+MEMCORE_UNROLL
+      for (int u = 0; u < U; ++u) r[u] = load16(zb + (v + u * TPR) * VEC);
+MEMCORE_UNROLL
+      for (int u = 0; u < U; ++u) pack(r[u], v + u * TPR);
+    }
+    for (; v < L.nv; v += TPR) pack(load16(zb + v * VEC), v);
+  }
+  for (int64_t j = L.tail0 + lane; j < C; j += TPR) one(j);
+}
+
+template <typename acc_t>
+MEMCORE_HD acc_t target_grad(acc_t zt, acc_t lse, acc_t g) {
+  return (expo(fma_(zt, kScale<acc_t>, -lse * kScale<acc_t>)) - acc_t(1)) * g;
+}
+
+// ---- segmented warp reduction of the commits (rows sharing a sample index)
+
+// A row's six statistics as they are added into stats[index] (csrc/common.h's Stat order).
+struct Commit {
+  double v[6];
+};
+
+// Lanes [lane, seg_end) hold the same index as lane's run; heads: bit l set when lane l starts a
+// run (lane 0, or an index different from lane l - 1's). Returns the first lane after lane's run.
+MEMCORE_HD int seg_end(uint32_t heads, int lane) {
+  const uint32_t later = lane >= 31 ? 0u : heads & (0xFFFFFFFFu << (lane + 1));
+  if (later == 0) return 32;
+#ifdef __CUDA_ARCH__
+  return __ffs(later) - 1;
+#else
+  return __builtin_ctz(later);
+#endif
+}
+
+// One step of the suffix reduction: lane adds the partial of lane + off (other) when it lies in its
+// run. After offsets 1, 2, 4, 8, 16 the head of every run holds the run's sum.
+MEMCORE_HD void seg_step(Commit& mine, const Commit& other, int lane, int off, int end) {
+  if (lane + off < end) {
+MEMCORE_UNROLL
+    for (int k = 0; k < 6; ++k) mine.v[k] += other.v[k];
+  }
+}
+
+}  // namespace cerow
+}  // namespace memcore
