@@ -131,7 +131,7 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001  (no inductor toolchain on the machine: note it, go on)
                 out.write(json.dumps(dict(case="fwd+bwd torch.compile", error=repr(e)[:300])) + "\n")
                 out.flush()
-        del master, box
+        master = box = None  # free the logits before the next shape (the closures are done with them)
         if device == "cuda":
             torch.cuda.empty_cache()
     return 0

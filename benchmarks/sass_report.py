@@ -35,7 +35,6 @@ answers "can this loop keep up with HBM at all", not "how fast will it run".
 import argparse
 import csv
 import glob
-import io
 import json
 import os
 import re
