@@ -294,6 +294,23 @@ def shard(df: pd.DataFrame) -> List[str]:
     return out
 
 
+def sass(df: pd.DataFrame) -> List[str]:
+    """Static figures of the compiled CUDA kernels (suite "sass", device = the arch), one row per instance."""
+    rows = df[df.suite == "sass"]
+    if rows.empty:
+        return []
+    t = rows.pivot_table(index=["device", "case", "variant", "dtype"], columns="metric", values="value",
+                         aggfunc="first")
+    table = pd.DataFrame([{"arch": k[0], "kernel": k[1], "instance": k[2], "dtype": k[3],
+                           **{m: fmt(r.get(m)) for m in t.columns}} for k, r in t.iterrows()])
+    return ["## CUDA kernels, static: SASS instructions per element (`python -m benchmarks.sass_report`)", "",
+            f"- Built by: {'; '.join(sorted(set(rows.machine)))}; {meta(rows)['date']} ({meta(rows)['commit']})",
+            *[f"- Note: {n}" for n in dict.fromkeys(rows.note) if n], "", markdown(table), "",
+            "Read from the compiled code, no GPU: instr_per_elem on the main loop's hot path, half_per_elem of "
+            "them on a half-rate pipe, spill_bytes spill stores + loads (`benchmarks/sass_report.py` explains the "
+            "count).", ""]
+
+
 def plot(df: pd.DataFrame, path: Path) -> None:
     """scaling.png: time vs C and vs N, log-log, one line per variant and device."""
     import matplotlib
@@ -553,7 +570,7 @@ def render(df: pd.DataFrame, exps: Sequence[dict], left_out: int = 0, allow_dirt
         head += [f"{left_out} stored figures from modified or unrecorded working trees are left out "
                  "(`--allow-dirty` publishes them, marked).", ""]
     body = (goals_table(figures(df, exps)) + cross_entropy(df) + training_step(df) + scaling(df) + linear_ce(df)
-            + shard(df) + curvature(df))
+            + shard(df) + sass(df) + curvature(df))
     return "\n".join(head + body + (stability(exps) if exps else [])).rstrip("\n") + "\n"
 
 

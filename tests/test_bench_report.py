@@ -192,7 +192,9 @@ def test_sass_goals_read_static_rows_per_arch(tmp_path):
     assert "| 0 B worst (0 B–0 B) |" in goal_line(text, "no register spills") and text.count("SASS, static") == 2
     rows.append(sass(90, "commit", "float32", "spill_bytes", 16))
     (tmp_path / "results.csv").unlink()
-    assert goal_line(published(tmp_path, rows), "no register spills").endswith("| ✗ |")
+    text = published(tmp_path, rows)
+    assert goal_line(text, "no register spills").endswith("| ✗ |")
+    assert "| sm_90 | commit | float32, 512, 8 | float32 | — | 16.0 |" in text  # the section: a row per instance
 
 
 def test_linear_benchmark_document_to_rows():
