@@ -253,7 +253,8 @@ def shard(df: pd.DataFrame) -> List[str]:
     out = ["## Dataset scale: compact and sharded tracker state", "", *header(rows), ""]
     st = rows[(rows.case == "state") & (rows.metric == "bytes_per_sample")]
     if not st.empty:
-        table = pd.DataFrame([{"layout": r.variant, "measured on (samples)": fmt(float(r["shape"]), "int"),
+        table = pd.DataFrame([{"layout": r.variant,
+                               "measured on (samples)": fmt(float(r["shape"]), "int") if r["shape"] else "—",
                                "bytes / sample": f"{r.value:.1f}", "date": r.date[:10],
                                "commit": provenance(st[st.variant == r.variant])} for _, r in st.iterrows()])
         out += ["### Tracker state per sample (`Tracker.state_bytes()`, what `state_dict()` holds)", "",
@@ -487,8 +488,8 @@ def figures(df: pd.DataFrame, exps: Sequence[dict]) -> pd.DataFrame:
         add("state bytes per sample", sh[sh.case == "state"], r.variant, r.value, where=f"{int(r['shape']):,} samples")
     for (case, shape), g in sh[sh.case.str.startswith("step") & (sh.metric == "interleaved_ratio")].groupby(
             ["case", "shape"]):
-        add("routing overhead", g, f"{case}, {shape}", 100 * (g.value.iloc[0] - 1),
-            where=f"{shape}, {case}, no confidence interval")
+        add("routing overhead", g, f"{shape}, {case}", 100 * (g.value.iloc[0] - 1),
+            where="no confidence interval: see the section")
     sass = df[df.suite == "sass"]  # static: rows per arch (device sm_XX), judged as CUDA goals
     for (case, arch), g in sass[(sass.metric == "instr_per_elem") & (sass.dtype == "bfloat16")].groupby(
             ["case", "device"]):

@@ -154,7 +154,7 @@ def test_linear_section_and_goals_per_issue_shape(tmp_path):
 def shard_rows(ratio):
     base = dict(CLEAN, suite="shard")
     return [store.row(**base, case="state", variant="dense", shape=100000, metric="bytes_per_sample", value=60.0),
-            store.row(**base, case="state", variant="format 1 (memcore 0.1.0)", shape=100000,
+            store.row(**base, case="state", variant="format 1 (memcore 0.1.0)", shape="",
                       metric="bytes_per_sample", value=153.0),
             store.row(**base, case="scale", variant="2 gloo ranks", shape=100_000_000, metric="end_epoch_s", value=30),
             store.row(**base, case="scale", variant="2 gloo ranks", shape=100_000_000, metric="end_epoch_s_min",
@@ -169,11 +169,11 @@ def test_shard_goals_state_bytes_and_routing_judged_as_printed(tmp_path):
         "| 60.0 B | 100,000 samples, 2026-01-02 | ✓ |")
     line = goal_line(text, "sharded routing ≤ 1 % of a training step")
     assert "| +4.8 % |" in line and "no confidence interval" in line and line.endswith("| ✗ |")
-    assert "| format 1 (memcore 0.1.0) | 100,000 | 153.0 |" in text and "| 29.0–30.0 |" in text
+    assert "| format 1 (memcore 0.1.0) | — | 153.0 |" in text and "| 29.0–30.0 |" in text
     (tmp_path / "results.csv").unlink()
     line = goal_line(published(tmp_path, shard_rows(1.004)), "sharded routing ≤ 1 %")
-    assert line.endswith("| +0.4 % | small_cnn 128x1x28x28, step, 2 gloo ranks, no confidence interval, "
-                         "2026-01-02 | ✓ |")
+    assert line.endswith("(small_cnn 128x1x28x28, step, 2 gloo ranks) | #17 | cpu (Test CPU, 8 cores) | +0.4 % | "
+                         "no confidence interval: see the section, 2026-01-02 | ✓ |")
 
 
 def test_sass_goals_read_static_rows_per_arch(tmp_path):
