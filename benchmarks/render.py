@@ -211,8 +211,8 @@ def linear_ce(df: pd.DataFrame) -> List[str]:
         return []
     idx = ["shape", "dtype", "device", "threads"]
     med, peak = wide(rows, idx, "median_ms"), wide(rows, idx, "peak_mib")
-    med = med.reindex(sorted(med.index, key=lambda k: (k[2], math.prod(map(int, k[0].split("x"))))))
-    variants = [v for v in LINEAR_VARIANTS if v in med]
+    keys = sorted(set(med.index) | set(peak.index), key=lambda k: (k[2], math.prod(map(int, k[0].split("x")))))
+    variants = [v for v in LINEAR_VARIANTS if v in med or v in peak]
     others = [v for v in variants if v != "plain"]
 
     def w_grad(k):  # the weight gradient [V, H] in the weight's dtype: every variant returns it
@@ -220,13 +220,14 @@ def linear_ce(df: pd.DataFrame) -> List[str]:
         return div(v * h * ELEMENT_BYTES.get(k[1], 4) / 2**20, at(peak, k, "plain"))
 
     table = pd.DataFrame([dict(zip(["N x H x V", "dtype", "device", "threads"], k)) | {
-        **{f"{v} (ms)": fmt(r.get(v)) for v in variants},
+        **{f"{v} (ms)": fmt(at(med, k, v)) for v in variants},
         **{f"{v} peak (MiB)": fmt(at(peak, k, v)) for v in variants},
-        f"time / plain ({', '.join(others)})": " / ".join(fmt(div(r.get(v), r.get("plain")), "x") for v in others),
+        f"time / plain ({', '.join(others)})": " / ".join(fmt(div(at(med, k, v), at(med, k, "plain")), "x")
+                                                          for v in others),
         f"peak / plain ({', '.join(others)})": " / ".join(fmt(div(at(peak, k, v), at(peak, k, "plain")), "x")
                                                           for v in others),
         "grad_weight / plain peak": fmt(w_grad(k), "x"),
-        **meta(rows[(rows["shape"] == k[0]) & (rows.device == k[2])])} for k, r in med.iterrows()])
+        **meta(rows[(rows["shape"] == k[0]) & (rows.device == k[2])])} for k in keys])
     return ["## Fused linear + cross-entropy: memcore.linear_accumulate vs F.linear + F.cross_entropy", "",
             *header(rows), "", markdown(table), "",
             *(["GPU: not measured yet (N=8192, H=4096, V=128256 bf16 against Liger's fused linear cross-entropy): "
