@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import memcore
-from memcore.linear_accumulate import auto_chunk_size
 from benchmarks.memory import peak_mib
+from memcore.linear_accumulate import auto_chunk_size
 
 SHAPES = [(256, 64, 1001), (4096, 1024, 32000), (2048, 2048, 128256)]  # (N, H, V)
 HEAVY = {(4096, 1024, 32000), (2048, 2048, 128256)}
