@@ -7,7 +7,11 @@
     python benchmarks/bench_shard.py step [--world 2]      # routing overhead per training step,
                                                            # sharded vs unsharded, interleaved
 
-Prints one JSON line per measurement.
+Prints one JSON line per measurement; with --store (benchmarks/results.csv) also appends the figures
+to the benchmark store as suite "shard" rows (case "state": bytes_per_sample per layout; "scale":
+per-rank state, peak RSS, end_epoch / to_parquet times, worst rank and fastest; "step, W gloo
+ranks": interleaved step medians and the sharded / unsharded ratio), which benchmarks/render.py
+turns into RESULTS.md. MEMCORE_BENCH_NOTE or --note is stored as each row's note.
 """
 import argparse
 import datetime
@@ -25,6 +29,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import memcore  # noqa: E402
+from benchmarks import store  # noqa: E402
 from memcore import export  # noqa: E402
 
 
@@ -46,9 +51,17 @@ def _init(rank, world, init_file):
                             timeout=datetime.timedelta(minutes=10))
 
 
-def bytes_per_sample() -> None:
+def _rows(case, variant, shape, figures, units, **kw):
+    """Store rows of one measurement: ``figures`` metric -> value."""
+    common = dict(suite="shard", case=case, variant=variant, shape=shape, device="cpu", machine=store.machine("cpu"),
+                  date=store.now(), torch=torch.__version__, **kw)
+    return [store.row(**common, metric=m, value=v, unit=units.get(m, "")) for m, v in figures.items()]
+
+
+def bytes_per_sample() -> list:
     n = 100_000
     tr = memcore.Tracker(n)
+    out = _rows("state", "dense", n, {"bytes_per_sample": tr.state_bytes() / n}, {"bytes_per_sample": "B"})
     print(json.dumps({"what": "dense bytes/sample (no input grads)", "value": tr.state_bytes() / n}))
     for tau in (0.5, None):
         tr = memcore.Tracker(n, tau=tau)
@@ -58,12 +71,15 @@ def bytes_per_sample() -> None:
         tr.end_epoch()
         print(json.dumps({"what": f"dense bytes/sample with input grads, tau={tau}, after 1 epoch",
                           "value": tr.state_bytes() / n}))
+        out += _rows("state", f"dense, input grads, tau={tau}, 1 epoch", n, {"bytes_per_sample": tr.state_bytes() / n},
+                     {"bytes_per_sample": "B"})
     sd = memcore.Tracker(n).state_dict()
     size = sum(v.numel() * v.element_size() for v in sd["buffers"].values())
     print(json.dumps({"what": "state_dict tensors bytes/sample", "value": size / n}))
+    return out
 
 
-def _scale_worker(rank, world, init_file, n, out_dir, with_scores):
+def _scale_worker(rank, world, init_file, n, out_dir, with_scores, rec_dir):
     _init(rank, world, init_file)
     base = _rss_mb()
     tr = memcore.Tracker(n, device="cpu", shard=True)
@@ -99,7 +115,22 @@ def _scale_worker(rank, world, init_file, n, out_dir, with_scores):
            "accumulate_64_steps_s": t_acc, "end_epoch_s": t_end, "scores_s": t_scores, "to_parquet_s": t_pq,
            "parquet_mb": os.path.getsize(os.path.join(out_dir, f"scores-{rank:05d}-of-{world:05d}.parquet")) / 2**20}
     print(json.dumps(rec), flush=True)
+    with open(os.path.join(rec_dir, f"scale-{rank}.json"), "w") as f:
+        json.dump(rec, f)
     dist.destroy_process_group()
+
+
+def _scale_rows(recs) -> list:
+    """The ranks' records as store rows: the worst rank (which the others wait for) and the fastest."""
+    worst = lambda k: max(r[k] for r in recs)  # noqa: E731
+    figs = {"state_mib_per_rank": worst("state_mb_per_rank"),
+            "peak_rss_mib": max(r["peak_rss_mb"]["after_end_epoch"] for r in recs),
+            "peak_rss_parquet_mib": max(r["peak_rss_mb"]["after_to_parquet"] for r in recs),
+            "end_epoch_s": worst("end_epoch_s"), "end_epoch_s_min": min(r["end_epoch_s"] for r in recs),
+            "to_parquet_s": worst("to_parquet_s"), "to_parquet_s_min": min(r["to_parquet_s"] for r in recs),
+            "parquet_mib": worst("parquet_mb")}
+    units = {m: "MiB" if m.endswith("mib") or "mib_" in m else "s" for m in figs}
+    return _rows("scale", f"{recs[0]['world']} gloo ranks", recs[0]["num_samples"], figs, units, threads=1)
 
 
 def _cnn():
@@ -109,7 +140,7 @@ def _cnn():
         torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 10))
 
 
-def _step_worker(rank, world, init_file, n, rounds, steps):
+def _step_worker(rank, world, init_file, n, rounds, steps, rec_dir):
     _init(rank, world, init_file)
     torch.manual_seed(0)
     # DDP, as in real training: both variants sync every step, so rank skew is not counted as routing
@@ -136,10 +167,24 @@ def _step_worker(rank, world, init_file, n, rounds, steps):
             times[name].append((time.perf_counter() - t0) / steps * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     if rank == 0:
-        print(json.dumps({"what": "step", "world": world, "batch": batch, "ms_per_step_median": med,
-                          "overhead_pct": 100 * (med["sharded"] / med["unsharded"] - 1),
-                          "rounds": rounds, "steps_per_round": steps}), flush=True)
+        rec = {"what": "step", "world": world, "batch": batch, "ms_per_step_median": med,
+               "overhead_pct": 100 * (med["sharded"] / med["unsharded"] - 1),
+               "rounds": rounds, "steps_per_round": steps}
+        print(json.dumps(rec), flush=True)
+        with open(os.path.join(rec_dir, "step-0.json"), "w") as f:
+            json.dump(rec, f)
     dist.destroy_process_group()
+
+
+def _step_rows(rec) -> list:
+    """Interleaved medians (ms per step, rank 0) and the sharded / unsharded ratio, as store rows."""
+    case, shape = f"step, {rec['world']} gloo ranks", f"small_cnn {rec['batch']}x1x28x28"
+    out = []
+    for v, ms in rec["ms_per_step_median"].items():
+        out += _rows(case, v, shape, {"interleaved_median_ms": ms, "interleaved_rounds": rec["rounds"]},
+                     {"interleaved_median_ms": "ms", "interleaved_rounds": "count"}, dtype="float32", threads=1)
+    return out + _rows(case, "sharded", shape, {"interleaved_ratio": 1 + rec["overhead_pct"] / 100},
+                       {"interleaved_ratio": "ratio"}, dtype="float32", threads=1)
 
 
 def main() -> None:
@@ -150,16 +195,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--no-scores", action="store_true", help="scale: skip the whole-shard scores() dict")
+    ap.add_argument("--store", default=None, help="append the figures to this CSV (benchmarks/results.csv)")
+    ap.add_argument("--note", default=os.environ.get("MEMCORE_BENCH_NOTE", ""), help="the rows' note")
     a = ap.parse_args()
     if a.mode == "bytes":
-        bytes_per_sample()
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        init = os.path.join(tmp, "init")
-        if a.mode == "scale":
-            mp.spawn(_scale_worker, args=(a.world, init, a.n, os.path.join(tmp, "pq"), not a.no_scores), nprocs=a.world, join=True)
-        else:
-            mp.spawn(_step_worker, args=(a.world, init, a.n, a.rounds, a.steps), nprocs=a.world, join=True)
+        rows = bytes_per_sample()
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            init = os.path.join(tmp, "init")
+            if a.mode == "scale":
+                mp.spawn(_scale_worker, args=(a.world, init, a.n, os.path.join(tmp, "pq"), not a.no_scores, tmp),
+                         nprocs=a.world, join=True)
+                rows = _scale_rows([json.load(open(os.path.join(tmp, f"scale-{r}.json"))) for r in range(a.world)])
+            else:
+                mp.spawn(_step_worker, args=(a.world, init, a.n, a.rounds, a.steps, tmp), nprocs=a.world, join=True)
+                rows = _step_rows(json.load(open(os.path.join(tmp, "step-0.json"))))
+    if a.store:
+        commit, dirty = store.git_state()
+        for r in rows:
+            r.update(commit=commit, dirty=dirty, note=a.note)
+        n = store.append(rows, a.store)
+        tree = ", dirty tree" if dirty != "0" else ""
+        print(f"[memcore] stored {n} rows in {a.store} (commit {commit[:9] or '?'}{tree})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,12 @@ def rows_from_benchmark(bench: dict, common: dict) -> List[Dict[str, str]]:
         out += [row(**base, metric=m, value=info[k], unit="MiB")
                 for m, k in (("state_mib", "state_mb"), ("peak_mib", "peak_mem_mb")) if info.get(k) is not None]
         return out
+    if kernel == "linear_cross_entropy":  # benchmarks/test_bench_linear_ce.py
+        base.update(suite="linear_cross_entropy", case="fwd+bwd")
+        out = _timing(base, stats)
+        if info.get("peak_mib") is not None:
+            out.append(row(**base, metric="peak_mib", value=info["peak_mib"], unit="MiB"))
+        return out
     if kernel == "training_step":
         base.update(suite="training_step", case=info["model"])
         if info.get("variant") != "interleaved":

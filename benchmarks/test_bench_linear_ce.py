@@ -13,7 +13,9 @@ Time: forward + backward. Memory: the peak the allocator handed out during one f
 above what was allocated before it (the inputs), benchmarks/memory.py's probe; it includes the
 gradients of hidden and weight, which every variant must produce. Goals (issue "LLM scale"): linear's
 peak at most 25% of plain's, time at most 1.15x plain's. Figures go into benchmark.extra_info
-(shape, dtype, variant, peak_mib, and the ratios against plain for linear).
+(kernel "linear_cross_entropy", shape, dtype, variant, peak_mib, and the ratios against plain for
+linear); with --bench-store (scripts/bench.sh) they become the store's suite "linear_cross_entropy"
+rows, which RESULTS.md tables and judges against those goals.
 
 Full mode (--bench-full or MEMCORE_BENCH_FULL=1) runs the issue's CPU shapes, N=4,096 H=1,024
 V=32,000 and N=2,048 H=2,048 V=128,256 fp32 (minutes per variant on a small CPU); quick mode a tiny
@@ -32,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import memcore
+from benchmarks.memory import peak_mib
 from memcore.linear_accumulate import auto_chunk_size
-from memory import peak_mib
 
 SHAPES = [(256, 64, 1001), (4096, 1024, 32000), (2048, 2048, 128256)]  # (N, H, V)
 HEAVY = {(4096, 1024, 32000), (2048, 2048, 128256)}

@@ -125,3 +125,85 @@ def test_pytest_benchmark_document_to_rows_and_git_state(tmp_path):
     (tmp_path / "f.txt").write_text("2")
     commit, dirty = store.git_state(tmp_path)
     assert len(commit) == 40 and dirty == "1"
+
+
+def lin(shape, variant, ms, mib, **kw):
+    base = dict(CLEAN, **kw, suite="linear_cross_entropy", case="fwd+bwd", variant=variant, shape=shape)
+    return [store.row(**base, metric="median_ms", value=ms, unit="ms"),
+            store.row(**base, metric="peak_mib", value=mib, unit="MiB")]
+
+
+def test_linear_section_and_goals_per_issue_shape(tmp_path):
+    rows = (lin("4096x1024x32000", "plain", 100.0, 1000.0) + lin("4096x1024x32000", "linear", 80.0, 200.0)
+            + lin("2048x2048x128256", "plain", 100.0, 3000.0) + lin("2048x2048x128256", "linear", 120.0, 1200.0)
+            + lin("256x64x1001", "plain", 1.0, 1.0) + lin("256x64x1001", "linear", 9.0, 9.0))  # smoke shape: no verdict
+    text = published(tmp_path, rows)
+    assert goal_line(text, "linear_accumulate peak ≤ 25 % of plain F.linear + F.cross_entropy's, above the inputs "
+                           "(4096x1024x32000").endswith("| 20.0 % | 4096x1024x32000 float32, 2026-01-02 | ✓ |")
+    assert "| 40.0 % | 2048x2048x128256 float32, 2026-01-02 | ✗ |" in text
+    assert goal_line(text, "linear_accumulate fwd+bwd ≤ 1.15x plain F.linear + F.cross_entropy (4096").endswith(
+        "| 0.80x | 4096x1024x32000 float32, 2026-01-02 | ✓ |")
+    assert "| 1.20x | 2048x2048x128256 float32, 2026-01-02 | ✗ |" in text
+    assert "256x64x1001 float32, 2026" not in text  # the smoke shape is tabled, never judged
+    # the section: one row per shape, time and peak ratios vs plain, the weight gradient's share of plain's peak
+    assert "| 2048x2048x128256 | float32 | cpu | 2 | 100 | 120 | 3000 | 1200 | 1.20 | 0.40 | 0.33 | 2026-01-02 |" \
+        in text
+    assert "not measured: `not written yet: a CUDA case" in goal_line(text, "linear_accumulate peak ≤ 2 GiB")
+    (tmp_path / "results.csv").unlink()  # peaks alone (e.g. a run's figures left out as dirty): still tabled
+    text = published(tmp_path, [r for r in lin("4096x1024x32000", "linear", 80.0, 200.0) if r["metric"] == "peak_mib"])
+    assert "| 4096x1024x32000 | float32 | cpu | 2 | — | 200 | — | — | — | 2026-01-02 | aaaaaaa |" in text
+
+
+def shard_rows(ratio):
+    base = dict(CLEAN, suite="shard")
+    return [store.row(**base, case="state", variant="dense", shape=100000, metric="bytes_per_sample", value=60.0),
+            store.row(**base, case="state", variant="format 1 (memcore 0.1.0)", shape="",
+                      metric="bytes_per_sample", value=153.0),
+            store.row(**base, case="scale", variant="2 gloo ranks", shape=100_000_000, metric="end_epoch_s", value=30),
+            store.row(**base, case="scale", variant="2 gloo ranks", shape=100_000_000, metric="end_epoch_s_min",
+                      value=29),
+            store.row(**base, case="step, 2 gloo ranks", variant="sharded", shape="small_cnn 128x1x28x28",
+                      metric="interleaved_ratio", value=ratio)]
+
+
+def test_shard_goals_state_bytes_and_routing_judged_as_printed(tmp_path):
+    text = published(tmp_path, shard_rows(1.048))
+    assert goal_line(text, "tracker state ≤ 64 bytes per sample").endswith(
+        "| 60.0 B | 100,000 samples, 2026-01-02 | ✓ |")
+    line = goal_line(text, "sharded routing ≤ 1 % of a training step")
+    assert "| +4.8 % |" in line and "no confidence interval" in line and line.endswith("| ✗ |")
+    assert "| format 1 (memcore 0.1.0) | — | 153.0 |" in text and "| 29.0–30.0 |" in text
+    (tmp_path / "results.csv").unlink()
+    line = goal_line(published(tmp_path, shard_rows(1.004)), "sharded routing ≤ 1 %")
+    assert line.endswith("(small_cnn 128x1x28x28, step, 2 gloo ranks) | #17 | cpu (Test CPU, 8 cores) | +0.4 % | "
+                         "no confidence interval: see the section, 2026-01-02 | ✓ |")
+
+
+def test_sass_goals_read_static_rows_per_arch(tmp_path):
+    def sass(arch, case, dtype, metric, value):
+        return store.row(**dict(CLEAN, device=f"sm_{arch}", dtype=dtype), suite="sass", case=case,
+                         variant=f"{dtype}, 512, 8", metric=metric, value=value)
+
+    rows = [sass(90, "forward", "bfloat16", "instr_per_elem", 5.8),
+            sass(80, "forward", "bfloat16", "instr_per_elem", 12.0),
+            sass(90, "forward", "float32", "instr_per_elem", 30.0),  # not a bf16 element: not judged
+            sass(90, "forward", "bfloat16", "spill_bytes", 0), sass(80, "backward", "float32", "spill_bytes", 0)]
+    text = published(tmp_path, rows)
+    assert goal_line(text, "forward main loop ≤ 10 SASS").endswith("| 12.0 worst (5.8–12.0) | sm_80, 2026-01-02; "
+                                                                   "sm_90, 2026-01-02 | ✗ |")
+    assert "not measured: `python -m benchmarks.sass_report`" in goal_line(text, "backward main loop ≤ 10 SASS")
+    assert "| 0 B worst (0 B–0 B) |" in goal_line(text, "no register spills") and text.count("SASS, static") == 2
+    rows.append(sass(90, "commit", "float32", "spill_bytes", 16))
+    (tmp_path / "results.csv").unlink()
+    text = published(tmp_path, rows)
+    assert goal_line(text, "no register spills").endswith("| ✗ |")
+    assert "| sm_90 | commit | float32, 512, 8 | float32 | — | 16.0 |" in text  # the section: a row per instance
+
+
+def test_linear_benchmark_document_to_rows():
+    doc = {"datetime": "2026-01-02T03:04:05+00:00", "benchmarks": [{"name": "t", "stats": {"median": 2.0, "rounds": 1},
+           "extra_info": {"kernel": "linear_cross_entropy", "variant": "linear", "shape": "8x4x16", "dtype": "float32",
+                          "device": "cpu", "threads": 1, "peak_mib": 1.5}}]}
+    rows = store.rows_from_pytest(doc, "c" * 40, "0")
+    assert {(r["suite"], r["case"], r["metric"], float(r["value"])) for r in rows} >= {
+        ("linear_cross_entropy", "fwd+bwd", "median_ms", 2000.0), ("linear_cross_entropy", "fwd+bwd", "peak_mib", 1.5)}
