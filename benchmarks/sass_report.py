@@ -47,6 +47,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+try:
+    from . import store
+except ImportError:  # run as a script: this folder is sys.path[0]
+    import store
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Devices of the roofline: SMs, boost clock (GHz), HBM bandwidth (TB/s), SASS arch. A dispatcher
@@ -584,6 +589,29 @@ def write_csv(rows: List[Row], f) -> None:
         w.writerow([getattr(r, c) for c in cols] + [f"{rf[d]['ceiling']:.3f}" if d in rf else "" for d in DEVICES])
 
 
+_STORE_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "c10::BFloat16": "bfloat16", "fp16": "float16",
+                 "float16": "float16", "c10::Half": "float16", "fp32": "float32", "float32": "float32",
+                 "float": "float32", "fp64": "float64", "float64": "float64", "double": "float64"}
+
+
+def store_rows(rows: List[Row]) -> int:
+    """One store row per kernel instance and metric (suite sass, device sm_XX): what goals.py judges."""
+    commit, dirty = store.git_state()
+    nvcc = subprocess.run([tool("nvcc"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    common = dict(suite="sass", shape="", threads="", date=store.now(), commit=commit, dirty=dirty,
+                  machine=f"static SASS, {nvcc[-1] if nvcc else 'nvcc'}", torch="")
+    out = []
+    for r in rows:
+        base = dict(common, case=r.family, variant=r.kernel, dtype=_STORE_DTYPES.get(r.dtype, r.dtype),
+                    device=f"sm_{r.arch}")
+        metrics = [("spill_bytes", r.spill_stores + r.spill_loads, "B"), ("regs", r.regs, "")]
+        if r.instr_per_elem:
+            metrics += [("instr_per_elem", round(r.instr_per_elem, 2), "instr/elem"),
+                        ("half_per_elem", round(r.half_per_elem, 2), "instr/elem")]
+        out += [store.row(**base, metric=m, value=v, unit=u) for m, v, u in metrics]
+    return store.append(out)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", nargs="+", default=["90", "80"], help="SASS architectures (default 90 80)")
@@ -596,6 +624,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
     ap.add_argument("--before", help="an earlier run's --json: its figures go beside the new ones")
     ap.add_argument("--before-label", help="what the --before run measured (a line in the preamble)")
+    ap.add_argument("--store", action="store_true",
+                    help="append the figures to benchmarks/results.csv (suite sass), read by the goals table")
     args = ap.parse_args(argv)
 
     work = args.work or tempfile.mkdtemp(prefix="memcore-sass-")
@@ -638,6 +668,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f.write("# SASS report\n\n" + preamble(args.before_label) + md)
     else:
         sys.stdout.write(md)
+    if args.store:
+        print(f"sass_report: {store_rows(rows)} rows appended to {store.STORE}", file=sys.stderr)
     bad = [r for r in rows if r.spill_stores or r.spill_loads or r.local]
     if bad:
         print(f"sass_report: {len(bad)} kernel instances spill: " + ", ".join(sorted({r.kernel for r in bad})[:8]),
