@@ -595,17 +595,20 @@ _STORE_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "c10::BFloat16": "b
 
 
 def store_rows(rows: List[Row]) -> int:
-    """One store row per kernel instance and metric (suite sass, device sm_XX): what goals.py judges."""
+    """Store rows (suite sass, device sm_XX), read by goals.py: registers and spill bytes of every kernel
+    instance; instructions per element of the headline instances only (widest loads, most threads per
+    row: the launch of large vocabularies). The other instances are fallbacks (VEC = 1: a pointer not
+    aligned to its element size) or small-row launches; their figures are in --json / --csv."""
     commit, dirty = store.git_state()
     nvcc = subprocess.run([tool("nvcc"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     common = dict(suite="sass", shape="", threads="", date=store.now(), commit=commit, dirty=dirty,
                   machine=f"static SASS, {nvcc[-1] if nvcc else 'nvcc'}", torch="")
-    out = []
+    out, heads = [], {id(r) for r in headline(rows)}
     for r in rows:
         base = dict(common, case=r.family, variant=r.kernel, dtype=_STORE_DTYPES.get(r.dtype, r.dtype),
                     device=f"sm_{r.arch}")
         metrics = [("spill_bytes", r.spill_stores + r.spill_loads, "B"), ("regs", r.regs, "")]
-        if r.instr_per_elem:
+        if r.instr_per_elem and id(r) in heads:
             metrics += [("instr_per_elem", round(r.instr_per_elem, 2), "instr/elem"),
                         ("half_per_elem", round(r.half_per_elem, 2), "instr/elem")]
         out += [store.row(**base, metric=m, value=v, unit=u) for m, v, u in metrics]
