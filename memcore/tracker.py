@@ -1,10 +1,12 @@
 """Tracker: per-sample training statistics, filled by `memcore.accumulate`, read by `scores()`."""
+import math
+import threading
 from typing import Any, Dict, List, Optional, Union
 
 import torch
 
 from . import _layout as L
-from ._io import atomic_save
+from ._io import atomic_save, load_plain
 from ._validate import describe_bits, explain_status, same_device
 
 DeviceLike = Union[str, torch.device, None]
@@ -68,6 +70,9 @@ class Tracker:
         self._grad_history: List[torch.Tensor] = []
         self._grad_start = -1
         self.device: Optional[torch.device] = None if device is None else _resolve(torch.device(device))
+        # serialises the commits of concurrent accumulate calls (threads sharing one tracker): the
+        # CPU commit kernels add without atomics, so two commits at once could lose updates
+        self._lock = threading.Lock()
         self._alloc(self.device or torch.device("cpu"))
 
     # ------------------------------------------------------------------ buffers
@@ -104,8 +109,20 @@ class Tracker:
 
     def _stats_for(self, device: torch.device) -> torch.Tensor:
         if self.device is None:
+            if device.type == "meta":  # adopting it would leave the tracker without values for good
+                raise ValueError("logits are on the meta device (no values): memcore.accumulate needs real "
+                                 "tensors; the tracker was not updated and keeps device=None")
             self.to(device)
         return self._epoch
+
+    def __getstate__(self) -> Dict[str, Any]:  # copy / deepcopy / pickle: a lock cannot be copied
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _grad_stats_for(self, device: torch.device) -> torch.Tensor:
         self._stats_for(device)
@@ -115,7 +132,7 @@ class Tracker:
 
     # ------------------------------------------------------------------ errors
     def _after_batch(self, status, logits, targets, index, ignore_index, loss) -> None:
-        if self.strict and not torch.compiler.is_compiling():
+        if self.strict and not torch.compiler.is_compiling() and not _capturing(status):
             bits = int(status.item())
             if bits:
                 raise explain_status(bits, logits, targets, index, self.num_samples, ignore_index, loss)
@@ -147,6 +164,7 @@ class Tracker:
             return local
         import torch.distributed as dist
 
+        self._check_ranks_agree(dist)
         merged = {k: v.clone() for k, v in local.items()}
         dist.all_reduce(merged["epoch"])
         dist.all_reduce(merged["grad_epoch"])
@@ -154,6 +172,26 @@ class Tracker:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         merged["errors"] = (flags.view(-1) * torch.tensor([1, 2, 4], dtype=torch.int32, device=flags.device)).sum().view(1)
         return merged
+
+    def _check_ranks_agree(self, dist) -> None:
+        """Raises ValueError on every rank when the ranks' trackers differ in num_samples, completed
+        epochs or correct_threshold: all_reduce over buffers of different sizes would abort the
+        process inside the backend (gloo: SIGABRT) or merge unrelated epochs. One all_gather of
+        three int64 per call (end_epoch / scores only)."""
+        thr_bits = torch.tensor([self.correct_threshold], dtype=torch.float64).view(torch.int64)
+        mine = torch.cat([torch.tensor([self.num_samples, self.epochs], dtype=torch.int64), thr_bits])
+        mine = mine.to(self._epoch.device)
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine)
+        rows = [tuple(int(x) for x in t.cpu()) for t in everyone]
+        if any(r != rows[0] for r in rows):
+            desc = "; ".join(
+                f"rank {i}: num_samples={r[0]}, epochs={r[1]}, correct_threshold="
+                f"{torch.tensor([r[2]], dtype=torch.int64).view(torch.float64).item()}"
+                for i, r in enumerate(rows))
+            raise ValueError(f"memcore Trackers differ across ranks ({desc}); every rank must create its "
+                             f"Tracker with the same num_samples and correct_threshold and call "
+                             f"end_epoch() the same number of times")
 
     def _fold(self, merged: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Buffers after closing the current epoch from its (merged) statistics; self is not modified."""
@@ -281,39 +319,109 @@ class Tracker:
             "num_samples": self.num_samples,
             "epochs": self.epochs,
             "correct_threshold": self.correct_threshold,
-            "tau": self.tau,
+            "tau": None if self.tau is None else float(self.tau),  # plain float: loads with weights_only
             "buffers": {k: v.detach().cpu().clone() for k, v in self._buffers().items()},
             "grad_start": self._grad_start,
             "grad_history": [h.clone() for h in self._grad_history],
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores a ``state_dict()``; raises ValueError if it is from another dataset size or
-        format version. Buffers land on this tracker's device."""
+        """Restores a ``state_dict()``; buffers land on this tracker's device.
+
+        Everything is checked before anything is changed (keys, types, buffer shapes and dtypes,
+        ranges: epochs >= 0, -1 <= grad_start <= epochs, one grad_history entry per epoch since
+        grad_start, counters in range): a rejected state raises ValueError and leaves the
+        tracker exactly as it was.
+        """
+        new = self._checked_state(state)
+        # the swap: plain assignments, none of which can fail
+        self._set_buffers(new["buffers"])
+        self.epochs = new["epochs"]
+        self.correct_threshold = new["correct_threshold"]
+        self.tau = new["tau"]
+        self._grad_start = new["grad_start"]
+        self._grad_history = new["grad_history"]
+
+    def _checked_state(self, state: Any) -> Dict[str, Any]:
+        """Validates a state_dict and returns the values load_state_dict assigns (buffers copied
+        onto this tracker's device); raises ValueError without touching self."""
         if not isinstance(state, dict) or "version" not in state:
             raise ValueError("state is not a memcore Tracker state_dict")
         if state["version"] != self.VERSION:
             raise ValueError(f"tracker state has format version {state['version']}, this memcore reads {self.VERSION}")
-        if state["num_samples"] != self.num_samples:
+        keys = {"version", "num_samples", "epochs", "correct_threshold", "tau", "buffers", "grad_start",
+                "grad_history"}
+        if set(state) != keys:
+            missing, extra = sorted(keys - set(state)), sorted(set(state) - keys)
+            raise ValueError(f"tracker state has missing keys {missing} / unexpected keys {extra}")
+
+        def integer(name: str) -> int:
+            v = state[name]
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"tracker state {name!r} must be an int, got {v!r}")
+            return v
+
+        if integer("num_samples") != self.num_samples:
             raise ValueError(
                 f"tracker state is for num_samples={state['num_samples']}, this tracker has {self.num_samples}"
             )
+        epochs = integer("epochs")
+        if epochs < 0:
+            raise ValueError(f"tracker state 'epochs' must be >= 0, got {epochs}")
+        thr = state["correct_threshold"]
+        if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 < float(thr) <= 1.0:
+            raise ValueError(f"tracker state 'correct_threshold' must be in (0, 1], got {thr!r}")
+        tau = state["tau"]
+        if tau is not None and (not isinstance(tau, (int, float)) or isinstance(tau, bool)
+                                or not math.isfinite(float(tau))):
+            raise ValueError(f"tracker state 'tau' must be None or a finite number, got {tau!r}")
+        grad_start = integer("grad_start")
+        if not -1 <= grad_start <= epochs:
+            raise ValueError(f"tracker state 'grad_start' must be in [-1, epochs={epochs}], got {grad_start}")
+        hist = state["grad_history"]
+        want_len = 0 if grad_start < 0 else epochs - grad_start
+        if not isinstance(hist, (list, tuple)) or len(hist) != want_len:
+            raise ValueError(f"tracker state 'grad_history' must be a list of {want_len} tensors (one per "
+                             f"epoch since grad_start={grad_start}), got {type(hist).__name__} of "
+                             f"{len(hist) if isinstance(hist, (list, tuple)) else '?'}")
+        for i, h in enumerate(hist):
+            if not isinstance(h, torch.Tensor) or h.dtype != torch.float32 or tuple(h.shape) != (self.num_samples,):
+                raise ValueError(f"tracker state grad_history[{i}] must be a float32 tensor [{self.num_samples}], "
+                                 f"got {getattr(h, 'dtype', type(h).__name__)}{tuple(getattr(h, 'shape', ()))}")
+
+        bufs = state["buffers"]
         mine = self._buffers()
-        if set(state["buffers"]) != set(mine):
-            raise ValueError(f"tracker state has buffers {sorted(state['buffers'])}, expected {sorted(mine)}")
-        dev = self.device or torch.device("cpu")
-        new = {}
-        for k, v in state["buffers"].items():
-            if v.shape != mine[k].shape or v.dtype != mine[k].dtype:
-                raise ValueError(f"tracker state buffer {k!r} has {v.dtype}{tuple(v.shape)}, expected "
+        if not isinstance(bufs, dict) or set(bufs) != set(mine):
+            got = sorted(bufs) if isinstance(bufs, dict) else type(bufs).__name__
+            raise ValueError(f"tracker state has buffers {got}, expected {sorted(mine)}")
+        for k, v in bufs.items():
+            if (not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.shape != mine[k].shape
+                    or v.dtype != mine[k].dtype):
+                desc = f"{v.dtype}{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"tracker state buffer {k!r} has {desc}, expected "
                                  f"{mine[k].dtype}{tuple(mine[k].shape)}")
-            new[k] = v.to(dev).clone()
-        self._set_buffers(new)
-        self.epochs = int(state["epochs"])
-        self.correct_threshold = float(state["correct_threshold"])
-        self.tau = state["tau"]
-        self._grad_start = int(state["grad_start"])
-        self._grad_history = [h.clone() for h in state["grad_history"]]
+        ranges = (  # (buffer, ok(values), what is required)
+            ("learned_since", lambda t: ((t >= -1) & (t <= epochs)).all(), f"in [-1, epochs={epochs}]"),
+            ("forgetting", lambda t: ((t >= 0) & (t <= epochs)).all(), f"in [0, epochs={epochs}]"),
+            ("errors", lambda t: ((t >= 0) & (t <= 7)).all(), "a status word in [0, 7]"),
+            ("epoch", lambda t: (t[:, L.ROWS] >= 0).all(), "row counts >= 0"),
+            ("total", lambda t: (t[:, L.ROWS] >= 0).all(), "row counts >= 0"),
+            ("grad_epoch", lambda t: (t[:, L.GRAD_ROWS] >= 0).all(), "row counts >= 0"),
+            ("grad_total", lambda t: (t[:, L.GRAD_ROWS] >= 0).all(), "row counts >= 0"),
+        )
+        for k, ok, what in ranges:
+            if not bool(ok(bufs[k])):
+                raise ValueError(f"tracker state buffer {k!r} holds values out of range (must be {what})")
+
+        dev = self.device or torch.device("cpu")
+        return {
+            "buffers": {k: v.detach().to(dev).clone() for k, v in bufs.items()},
+            "epochs": epochs,
+            "correct_threshold": float(thr),
+            "tau": None if tau is None else float(tau),
+            "grad_start": grad_start,
+            "grad_history": [h.detach().cpu().clone() for h in hist],
+        }
 
     def save(self, path: str) -> None:
         """Writes ``state_dict()`` to ``path`` through a temporary file and an atomic rename, so a
@@ -321,8 +429,10 @@ class Tracker:
         atomic_save(self.state_dict(), path)
 
     def load(self, path: str) -> None:
-        """Restores a tracker written by ``save`` (same checks as ``load_state_dict``)."""
-        self.load_state_dict(torch.load(path, weights_only=False))
+        """Restores a tracker written by ``save`` (same checks as ``load_state_dict``). The file is read
+        with ``torch.load(weights_only=True)``: it can hold only tensors, numbers, lists and dicts,
+        so loading never runs code; anything else raises ValueError and changes nothing."""
+        self.load_state_dict(load_plain(path, "memcore Tracker checkpoint"))
 
     def __repr__(self) -> str:
         return (f"Tracker(num_samples={self.num_samples}, device={self.device}, epochs={self.epochs}, "
@@ -333,6 +443,12 @@ def _grad_mean(grad_stats: torch.Tensor) -> torch.Tensor:
     rows = grad_stats[:, L.GRAD_ROWS]
     return torch.where(rows > 0, grad_stats[:, L.GRAD_SQ_SUM] / rows.clamp_min(1),
                        torch.full_like(rows, float("nan")))
+
+
+def _capturing(status: torch.Tensor) -> bool:
+    """True inside CUDA-graph capture, where reading the status word (a sync) is illegal: the error
+    is deferred to end_epoch() / scores(), as under torch.compile."""
+    return status.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _resolve(dev: torch.device) -> torch.device:
