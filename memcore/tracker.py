@@ -302,6 +302,8 @@ class Tracker:
             nan = torch.full_like(norm, float("nan"))
             return {"input_grad_norm": nan, "learning_time_formal": nan}
         hist = self._grad_history + ([norm.float().cpu()] if open_epoch else [])
+        if not hist:  # recording started, but no epoch with rows since (e.g. empty batches only)
+            return {"input_grad_norm": norm, "learning_time_formal": torch.full_like(norm, float("nan"))}
         tau = float(self.tau) if self.tau is not None else float(norm[~norm.isnan()].mean())
         below = torch.stack(hist) <= tau  # [E, S]; NaN (not yet seen) compares False
         # stays[e] = below at every epoch >= e: "learned" is for good, as in learning_time

@@ -586,3 +586,14 @@ def test_input_gradient_statistics_are_merged_across_ranks(tmp_path):
     for got in _spawn(tmp_path, "grads"):
         for k in ("input_grad_norm", "learning_time_formal", "csl", "rows"):
             torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_scores_after_only_empty_batches_with_inputs():
+    """Found by tests/test_properties.py: input-gradient recording started by an empty batch, no
+    epoch with rows since: scores() gives NaN learning_time_formal instead of failing."""
+    tr = memcore.Tracker(3)
+    x = torch.zeros(0, 1, requires_grad=True)
+    memcore.accumulate(torch.zeros(0, 4) + x, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                       tr, inputs=x, reduction="sum").backward()
+    s = tr.scores()
+    assert torch.isnan(s["learning_time_formal"]).all() and torch.isnan(s["input_grad_norm"]).all()
