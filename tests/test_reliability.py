@@ -199,8 +199,8 @@ def _corruptions(st):
     b = st["buffers"]
     n = st["num_samples"]
     yield "missing key", {k: v for k, v in st.items() if k != "grad_start"}, "missing keys"
-    yield "negative epochs", s(epochs=-1), "epochs"
-    yield "epochs not int", s(epochs=2.0), "epochs"
+    yield "negative epochs", s(epochs=-1, grad_start=-1, grad_history=[]), "'epochs' must be >= 0"
+    yield "epochs not int", s(epochs=2.0), "'epochs' must be an int"
     yield "threshold", s(correct_threshold=1.5), "correct_threshold"
     yield "tau", s(tau=float("nan")), "tau"
     yield "grad_start", s(grad_start=st["epochs"] + 1), "grad_start"
