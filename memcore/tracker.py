@@ -65,6 +65,9 @@ class Tracker:
             here every rank must call ``accumulate`` equally often (as DDP training does); None
             flushes only at those calls. Default: 64, but None for unsharded distributed trackers.
 
+    Threads: one tracker may be shared by threads; recording, flushes, ``end_epoch``, ``scores`` and
+    checkpoints are serialised by a per-tracker lock.
+
     Memory (``state_bytes()``): 60 bytes per sample (5 float64 sums, 4 int32 counts, 2 int16 epoch
     fields); with input gradients recorded 12 more, and 2 (fixed tau) or 4 per epoch (tau=None).
     """
