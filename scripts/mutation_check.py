@@ -119,16 +119,20 @@ MUTANTS = [
 
 
 def _copy(dst: str) -> None:
-    shutil.copytree(os.path.join(ROOT, "memcore"), os.path.join(dst, "memcore"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for pkg in ("memcore", "benchmarks"):  # benchmarks: tests import it from the root (pytest pythonpath)
+        if os.path.isdir(os.path.join(ROOT, pkg)):
+            shutil.copytree(os.path.join(ROOT, pkg), os.path.join(dst, pkg),
+                            ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def _run_tests(workdir: str, tests, timeout: float) -> "tuple[bool, str]":
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the copy is found first: python -m puts the cwd on sys.path
     env["HYPOTHESIS_PROFILE"] = env.get("HYPOTHESIS_PROFILE", "ci")
+    # pyproject.toml's pythonpath = ["."] would put the repository (and its unmutated memcore) first
+    # on sys.path: point it at the copy instead
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           *[os.path.join(TESTS, t) for t in tests]]
+           "-o", f"pythonpath={workdir}", *[os.path.join(TESTS, t) for t in tests]]
     try:
         r = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -156,6 +160,15 @@ def main() -> int:
                                                                     if k != "PYTHONPATH"})
         if not probe.stdout.strip().startswith(tmp):
             print(f"the copy is not the memcore the tests import: {probe.stdout}{probe.stderr}")
+            return 2
+        # the tests must import the copy: a probe test run exactly as the mutants' tests are
+        probe_test = os.path.join(tmp, "test_probe_copy.py")
+        with open(probe_test, "w") as f:
+            f.write(f"import memcore\n\ndef test_copy():\n    assert memcore.__file__.startswith({tmp!r}), "
+                    f"memcore.__file__\n")
+        ok, tail = _run_tests(tmp, [probe_test], args.timeout)
+        if not ok:
+            print(f"the tests do not import the copy of memcore: {tail}")
             return 2
         tests = sorted({t for m in chosen for t in m[4]})
         ok, tail = _run_tests(tmp, tests, args.timeout * 3)

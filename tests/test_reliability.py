@@ -362,14 +362,17 @@ def test_concurrent_saves_to_one_path(tmp_path):
     _same_state(back.state_dict(), tr.state_dict())
 
 
+# flush_every=1: every call commits (large batches, so that two commits overlap: without the lock they
+# lose rows or fail); None: the calls only fill the row buffer
+@pytest.mark.parametrize("flush_every, n, calls", [(1, 65536, 20), (None, 4096, 50)])
 @pytest.mark.parametrize("with_inputs", [False, True])
-def test_concurrent_accumulate_loses_no_rows(with_inputs):
-    n, calls, s = 4096, 50, 64
-    tr = memcore.Tracker(s)
+def test_concurrent_accumulate_loses_no_rows(with_inputs, flush_every, n, calls):
+    s = 64
+    tr = memcore.Tracker(s, flush_every=flush_every)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(n, 8, generator=g)
     y = torch.randint(0, 8, (n,), generator=g)
-    idx = torch.randint(0, s, (n,), generator=g)  # heavy repetition: 64 rows per sample
+    idx = torch.randint(0, s, (n,), generator=g)  # heavy repetition: n / 64 rows per sample
     start = threading.Barrier(2)
     errors = []
 
