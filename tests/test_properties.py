@@ -19,10 +19,9 @@ import torch.nn.functional as F
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from reference import scores as reference_scores  # noqa: E402
 
 import memcore  # noqa: E402
-
-from reference import scores as reference_scores  # noqa: E402
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                print_blob=True)

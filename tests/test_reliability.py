@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import scores as reference_scores
 
 import memcore
 from memcore import export
-
-from reference import scores as reference_scores
 
 
 def _same_state(a, b):
@@ -258,7 +257,7 @@ def _corruptions(st):
 def test_load_state_dict_is_atomic():
     good = _trained(inputs=True).state_dict()
     assert good["grad_start"] >= 0 and len(good["grad_history"]) == 2
-    for name, bad, match in _corruptions(good):
+    for _name, bad, match in _corruptions(good):
         tr = _trained(seed=5)
         before = tr.state_dict()
         with pytest.raises(ValueError, match=match):
