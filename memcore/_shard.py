@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ._io import atomic_save
+from ._io import atomic_save, load_plain
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "memcore-tracker-shards"
@@ -263,7 +263,7 @@ def load_range(path: str, start: int, end: int, num_samples: int) -> Tuple[Dict[
         fpath = os.path.join(path, name)
         if not os.path.isfile(fpath):
             raise FileNotFoundError(f"shard {r} of {m['world_size']} of checkpoint {path!r} is missing: {fpath}")
-        st = torch.load(fpath, map_location="cpu", weights_only=True)
+        st = load_plain(fpath, "memcore Tracker shard")
         if not isinstance(st, dict) or st.get("token") != m["token"] or list(st.get("range", [])) != [s, e]:
             raise ValueError(f"shard file {fpath} does not belong to this checkpoint (save id or range "
                              f"differs from {MANIFEST}): a mixed or partly overwritten checkpoint")

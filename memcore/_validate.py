@@ -5,6 +5,7 @@ errors (targets or index out of range, non-finite logits) are detected inside th
 same pass that computes the loss and reported through its status word; `explain_status` turns that
 word into the exception, pointing at the first offending row.
 """
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -14,6 +15,18 @@ from ._layout import BAD_INDEX, BAD_TARGET, NON_FINITE
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def as_ignore_index(ignore_index) -> int:
+    """ignore_index as a Python int: any integer (numpy integers, 0-d integer tensors) as
+    F.cross_entropy accepts; bool and floats are refused."""
+    if isinstance(ignore_index, bool) or (isinstance(ignore_index, torch.Tensor)
+                                          and (ignore_index.dtype.is_floating_point or ignore_index.dtype == torch.bool)):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}") from None
 
 
 def _require_tensor(x, name: str) -> None:
@@ -120,15 +133,30 @@ def explain_status(
             f"the tracker was not updated"
         )
     if bits & NON_FINITE:
-        if loss is None:  # the fused path keeps no per-row losses: recompute them (error path only)
-            with torch.no_grad():
-                safe = torch.where(keep, targets, torch.zeros_like(targets))
-                loss = torch.where(keep, F.cross_entropy(logits.detach().double(), safe, reduction="none"),
-                                   torch.zeros((), dtype=torch.float64, device=logits.device))
-        bad = keep & ~torch.isfinite(loss.detach())
-        row = int(bad.nonzero()[0, 0])
+        # the kernel's loss is in opmath (float32 unless the logits are float64): a row of finite
+        # logits more than ~3.4e38 apart overflows there (F.cross_entropy returns inf for it too)
+        opmath = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            safe = torch.where(keep, targets, torch.zeros_like(targets))
+            exact = F.cross_entropy(logits.detach().double(), safe, reduction="none")
+            if loss is None:  # the fused path keeps no per-row losses: recompute them (error path only)
+                loss = F.cross_entropy(logits.detach().to(opmath), safe, reduction="none")
+            loss = loss.detach()
+            big = torch.finfo(opmath).max
+            bad = keep & (~torch.isfinite(loss) | ~torch.isfinite(exact) | (exact.abs() > big))
+            rows = bad.nonzero()
+        if rows.numel() == 0:  # the kernel's rounding disagreed with this recomputation at the edge
+            return ValueError(
+                f"a logits row gives a loss outside the {opmath} range (NaN / +inf logits, a -inf target "
+                f"logit, or finite logits about {big:.3g} apart); the tracker was not updated")
+        row = int(rows[0, 0])
+        if torch.isfinite(exact[row]):
+            return ValueError(
+                f"logits row {row} gives a loss of {float(exact[row]):.6g} (in float64), which overflows "
+                f"{opmath} (F.cross_entropy returns inf for it): its finite logits are more than "
+                f"{big:.3g} apart; the tracker was not updated")
         return ValueError(
-            f"logits row {row} gives a non-finite loss ({float(loss[row])}): the row holds NaN or +inf, "
+            f"logits row {row} gives a non-finite loss ({float(exact[row])}): the row holds NaN or +inf, "
             f"or the target's logit is -inf; the tracker was not updated"
         )
     return RuntimeError(f"memcore kernel reported unknown status bits {bits}")

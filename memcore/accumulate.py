@@ -3,8 +3,8 @@ from typing import Optional
 
 import torch
 
-from ._ops.cross_entropy import OverwriteLogitsCE  # also registers the ops
-from ._validate import REDUCTIONS, check_inputs_for_grad, rows_of
+from ._ops.cross_entropy import OverwriteLogitsCE, no_double_backward  # also registers the ops
+from ._validate import REDUCTIONS, as_ignore_index, check_inputs_for_grad, rows_of
 from .tracker import Tracker
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as in csrc/common.h
@@ -55,11 +55,21 @@ def accumulate(
             stored in the logits' dtype before that factor is applied, so with float16 logits and
             a ``GradScaler`` small entries can underflow: use it with bfloat16 / float32 logits
             (or the default route for float16 + GradScaler). Ignored, with the default route, where
-            no gradient is needed and under ``torch.compile``.
+            no gradient is needed and under ``torch.compile``. Double backward (``create_graph=True``)
+            raises with it (the gradient is a stored tensor, not a function of the logits). On a
+            leaf tensor (logits optimized directly) the gradient is written over the leaf's own
+            values and becomes its ``.grad`` in the same memory: use the default route there.
 
     Returns:
-        The loss, in ``logits.dtype``: a scalar, or per-row with the shape of ``targets`` for
-        reduction="none". Gradients flow to ``logits`` only.
+        The loss, in ``logits.dtype`` (float32 for float16 / bfloat16 logits under
+        ``torch.autocast``, as F.cross_entropy): a scalar, or per-row with the shape of ``targets``
+        for reduction="none". Gradients flow to ``logits`` only; double backward (a gradient
+        penalty through ``create_graph=True``) is exact on the default route.
+
+    Threads: concurrent calls on one tracker are safe (their recording is serialised). With
+    ``inputs=``, ``x`` must feed no other loss term in the same backward; two ``accumulate`` calls
+    on one ``x`` raise in the backward (the hook sees only the summed gradient), other terms on
+    ``x`` cannot be detected and make ``input_grad_norm`` that of the whole objective.
 
     Raises:
         TypeError / ValueError on wrong dtypes, shapes or devices; IndexError for targets or index
@@ -71,6 +81,8 @@ def accumulate(
         raise TypeError(f"tracker must be a memcore.Tracker, got {type(tracker).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if type(ignore_index) is not int:
+        ignore_index = as_ignore_index(ignore_index)
     logits2d, targets1d, index1d = rows_of(logits, targets, index, ignore_index, tracker.device)
     if inputs is not None:
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
@@ -85,22 +97,19 @@ def accumulate(
                 and not torch.compiler.is_compiling()):
             out, loss, row_stats, status = OverwriteLogitsCE.apply(
                 logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction])
-            tracker._record(index1d, targets1d, loss, row_stats, status, ignore_index)
-            tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, loss)
-            return out.to(logits.dtype)
+            tracker._record(index1d, targets1d, loss, row_stats, status, ignore_index, logits2d)
+            return no_double_backward(out.to(_result_dtype(logits)))
     if inputs is None and reduction != "none":  # forward and reduction in one operator
         out, _count, loss, _lse, row_stats, status = torch.ops.memcore.ce_forward_reduce(
             logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction]
         )
-        tracker._record(index1d, targets1d, loss.detach(), row_stats, status, ignore_index)
-        tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, loss)
-        return out.to(logits.dtype)
+        tracker._record(index1d, targets1d, loss.detach(), row_stats, status, ignore_index, logits2d)
+        return out.to(_result_dtype(logits))
 
     loss, _lse, row_stats, status = torch.ops.memcore.ce_forward(
         logits2d, targets1d, index1d, tracker.num_samples, ignore_index
     )
-    tracker._record(index1d, targets1d, loss.detach(), row_stats, status, ignore_index)
-    tracker._after_batch(status, logits2d, targets1d, index1d, ignore_index, loss)
+    tracker._record(index1d, targets1d, loss.detach(), row_stats, status, ignore_index, logits2d)
     if inputs is not None and loss.requires_grad:
         _record_input_grads(tracker, inputs, loss, targets1d, index1d, ignore_index, status)
 
@@ -110,7 +119,16 @@ def accumulate(
         out = loss.sum()
     else:
         out = loss.sum() / (targets1d != ignore_index).sum()
-    return out.to(logits.dtype)
+    return out.to(_result_dtype(logits))
+
+
+def _result_dtype(logits: torch.Tensor) -> torch.dtype:
+    """F.cross_entropy's result dtype: the logits' own, except float32 for float16 / bfloat16 logits
+    under torch.autocast on their device (cross_entropy is on autocast's float32 list). Every route's
+    op returns its loss in float32 (opmath) for 16-bit logits, so this only skips the final cast."""
+    if logits.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(logits.device.type):
+        return torch.float32
+    return logits.dtype
 
 
 def _record_input_grads(tracker: Tracker, inputs: torch.Tensor, loss_rows: torch.Tensor,
@@ -125,14 +143,27 @@ def _record_input_grads(tracker: Tracker, inputs: torch.Tensor, loss_rows: torch
     records nothing here either: every row's scale is 0, decided on the device without a sync.
     """
     upstream = {}
+    # the upstreams of every accumulate(..., inputs=x) call on this x whose backward is pending:
+    # x's hook sees the gradient summed over all of them, so two in one backward cannot be split
+    peers = inputs.__dict__.setdefault("_memcore_upstreams", [])
+    peers.append(upstream)
 
-    def on_loss_grad(g: torch.Tensor) -> None:
-        upstream["g"] = g.detach()
+    def on_loss_grad(g: Optional[torch.Tensor]) -> None:
+        if g is not None:  # None: an undefined upstream gradient (no contribution)
+            upstream["g"] = g.detach()
 
-    def on_input_grad(gx: torch.Tensor) -> None:
+    def on_input_grad(gx: Optional[torch.Tensor]) -> None:
         g = upstream.pop("g", None)
-        if g is None:
+        if g is None or gx is None:
             return
+        if any("g" in u for u in peers if u is not upstream):
+            for u in peers:
+                u.pop("g", None)
+            raise RuntimeError(
+                "memcore.accumulate(..., inputs=x): x feeds two memcore.accumulate losses in this backward; "
+                "x's gradient is their sum, so neither loss's per-sample input-gradient norm can be "
+                "recorded exactly. Pass inputs= to one of them only, or give each loss its own leaf "
+                "input. Nothing was recorded for this backward.")
         g = g.double()
         keep = (targets != ignore_index) & (g != 0) & (status == 0)
         scale = torch.where(keep, 1.0 / torch.where(keep, g, torch.ones_like(g)), torch.zeros_like(g))
@@ -146,6 +177,7 @@ def _record_input_grads(tracker: Tracker, inputs: torch.Tensor, loss_rows: torch
         t.grad = None  # the norms are recorded; keep no [N, ...] copy
         for h in handles:  # one-shot: an input tensor reused across steps collects no hooks
             h.remove()
+        peers[:] = [u for u in peers if u is not upstream]  # identity: dicts of tensors do not compare
 
     handles = [
         loss_rows.register_hook(on_loss_grad),

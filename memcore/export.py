@@ -20,6 +20,22 @@ def _suspicion(scores: Dict[str, torch.Tensor], by: str) -> np.ndarray:
     return s
 
 
+def _columns(scores: Dict[str, torch.Tensor], labels) -> Tuple[int, Optional[torch.Tensor]]:
+    """Checks that every score and the labels have one entry per sample; returns (n, labels)."""
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError("scores must be a non-empty dict of per-sample tensors (Tracker.scores())")
+    lengths = {k: len(v) for k, v in scores.items()}
+    n = next(iter(lengths.values()))
+    if any(m != n for m in lengths.values()):
+        raise ValueError(f"scores have different lengths: {lengths}")
+    if labels is None:
+        return n, None
+    lab = torch.as_tensor(labels).cpu()
+    if lab.dim() != 1 or len(lab) != n:
+        raise ValueError(f"labels must have one entry per sample: shape [{n}], got {tuple(lab.shape)}")
+    return n, lab
+
+
 def to_dataframe(scores: Dict[str, torch.Tensor], labels: Optional[torch.Tensor] = None):
     """A pandas DataFrame with one row per sample: `index`, optionally `label`, one column per score."""
     try:
@@ -28,20 +44,21 @@ def to_dataframe(scores: Dict[str, torch.Tensor], labels: Optional[torch.Tensor]
         raise ImportError("memcore.export.to_dataframe needs pandas: pip install 'memcore[export]' "
                           "(to_csv needs nothing)") from e
 
-    n = len(next(iter(scores.values())))
+    n, lab = _columns(scores, labels)
     cols = {"index": np.arange(n)}
-    if labels is not None:
-        cols["label"] = torch.as_tensor(labels).cpu().numpy()
+    if lab is not None:
+        cols["label"] = lab.numpy()
     cols.update({k: v.detach().cpu().numpy() for k, v in scores.items()})
     return pd.DataFrame(cols)
 
 
 def to_csv(scores: Dict[str, torch.Tensor], path: str, labels: Optional[torch.Tensor] = None) -> None:
-    """Writes the scores as CSV (same columns as `to_dataframe`); needs no pandas."""
-    n = len(next(iter(scores.values())))
+    """Writes the scores as CSV (same columns as `to_dataframe`); needs no pandas. Lengths are
+    checked before the file is opened: a mismatch raises ValueError and writes nothing."""
+    n, lab_t = _columns(scores, labels)
     names = list(scores)
     cols = [scores[k].detach().cpu().tolist() for k in names]
-    lab = torch.as_tensor(labels).cpu().tolist() if labels is not None else None
+    lab = lab_t.tolist() if lab_t is not None else None
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index"] + (["label"] if lab is not None else []) + names)
@@ -54,6 +71,8 @@ def ranked_issues(scores: Dict[str, torch.Tensor], by: str = "csl", top: Optiona
     """Sample indices ordered from most to least suspicious by score `by` — the form of
     cleanlab's ``find_label_issues(..., return_indices_ranked_by=...)``. Keep the first `top`,
     or the first `fraction` of the dataset (e.g. your estimated noise rate)."""
+    if top is not None and (not isinstance(top, (int, np.integer)) or isinstance(top, bool) or top < 0):
+        raise ValueError(f"top must be a non-negative int (how many indices to keep), got {top!r}")
     s = _suspicion(scores, by)
     order = np.argsort(-s, kind="stable")
     if fraction is not None:

@@ -1,17 +1,30 @@
 """Tracker: per-sample training statistics, filled by `memcore.accumulate`, read by `scores()`."""
+import contextlib
+import functools
+import math
 import os
+import threading
 from typing import Any, Dict, List, Optional, Union
 
 import torch
 
 from . import _layout as L
 from . import _shard
-from ._io import atomic_save
+from ._io import atomic_save, load_plain
 from ._validate import describe_bits, explain_status, same_device
 from .scores import SCORE_NAMES
 
 DeviceLike = Union[str, torch.device, None]
 
+
+
+def _with_lock(method):
+    """Runs a Tracker method under the tracker's lock (see Tracker._locked)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._locked():
+            return method(self, *args, **kwargs)
+    return locked
 
 
 class Tracker:
@@ -51,6 +64,9 @@ class Tracker:
             collective that routes the rows to the ranks holding their samples, so with a number
             here every rank must call ``accumulate`` equally often (as DDP training does); None
             flushes only at those calls. Default: 64, but None for unsharded distributed trackers.
+
+    Threads: one tracker may be shared by threads; recording, flushes, ``end_epoch``, ``scores`` and
+    checkpoints are serialised by a per-tracker lock.
 
     Memory (``state_bytes()``): 60 bytes per sample (5 float64 sums, 4 int32 counts, 2 int16 epoch
     fields); with input gradients recorded 12 more, and 2 (fixed tau) or 4 per epoch (tau=None).
@@ -96,6 +112,10 @@ class Tracker:
         self._router: Optional[_shard.Router] = None
         self._start, self._end = 0, num_samples  # the ids this tracker holds
         self._storage: Optional[str] = None
+        # serialises the recording of concurrent accumulate calls (threads sharing one tracker) with
+        # flushes and reads: the row buffer and the commits are not thread-safe (re-entrant: a record
+        # may flush, a flush may move the tracker to the first batch's device)
+        self._lock = threading.RLock()
         if storage is not None:
             if self.device is not None and self.device.type != "cpu":
                 raise ValueError(f"storage= keeps the state in memory-mapped files on the CPU; got device={device!r}")
@@ -199,7 +219,24 @@ class Tracker:
 
     def _adopt(self, device: torch.device) -> None:
         if self.device is None:
+            if device.type == "meta":  # adopting it would leave the tracker without values for good
+                raise ValueError("logits are on the meta device (no values): memcore.accumulate needs real "
+                                 "tensors; the tracker was not updated and keeps device=None")
             self.to(device)
+
+    def __getstate__(self) -> Dict[str, Any]:  # copy / deepcopy / pickle: a lock cannot be copied
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def _locked(self):
+        """The tracker's lock in eager mode; nothing under torch.compile, which cannot trace a lock
+        (a compiled step runs its graph as one unit)."""
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
 
     def _routing(self) -> _shard.Router:
         """The row buffer; created at the first batch (by then a process group is up, if any)."""
@@ -218,24 +255,28 @@ class Tracker:
         return self._router
 
     def _record(self, index: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, row_stats: torch.Tensor,
-                status: torch.Tensor, ignore_index: int) -> None:
-        """Takes a batch's per-row results from memcore::ce_forward (no host sync). They are buffered
-        and committed at the next flush; inside torch.compile (single process) committed at once, so
-        that no Python state changes per call."""
-        self._adopt(loss.device)
-        if torch.compiler.is_compiling() and not self._distributed():
-            keep = (targets != ignore_index) & (status == 0)
-            L.commit_rows(self._st, index, keep, loss.detach(), row_stats)
-            return
-        router = self._routing()
-        router.add_ce(index, targets, loss, row_stats, status, ignore_index)
-        if self.flush_every is not None and router.calls >= self.flush_every:
-            self._flush()
+                status: torch.Tensor, ignore_index: int, logits: torch.Tensor) -> None:
+        """Takes a batch's per-row results from memcore::ce_forward (no host sync), then checks its
+        status word (``_after_batch``), under the tracker's lock. The rows are buffered and committed
+        at the next flush (rows of a rejected batch are dropped there); inside torch.compile (single
+        process) committed at once, so that no Python state changes per call."""
+        with self._locked():
+            self._adopt(loss.device)
+            if torch.compiler.is_compiling() and not self._distributed():
+                keep = (targets != ignore_index) & (status == 0)
+                L.commit_rows(self._st, index, keep, loss.detach(), row_stats)
+            else:
+                router = self._routing()
+                router.add_ce(index, targets, loss, row_stats, status, ignore_index)
+                if self.flush_every is not None and router.calls >= self.flush_every:
+                    self._flush()
+            self._after_batch(status, logits, targets, index, ignore_index, loss)
 
     def _record_grad(self, index: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor) -> None:
         """Squared input-gradient norms of a batch's rows (rows[r] = 0: not recorded)."""
-        self._adopt(sq.device)
-        self._routing().add_grad(index, sq, rows)
+        with self._locked():
+            self._adopt(sq.device)
+            self._routing().add_grad(index, sq, rows)
 
     def _start_grad(self) -> None:
         if self._grad_start < 0:
@@ -246,6 +287,10 @@ class Tracker:
     def _flush(self) -> None:
         """Commits the buffered rows. Under torch.distributed a collective: exchanges them first (each
         rank commits the rows it holds) and merges the deferred-error bits of all ranks."""
+        with self._locked():
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         router = self._router
         if router is None:
             return
@@ -263,11 +308,19 @@ class Tracker:
                 L.commit_kept(self._st, idx, vals)
             return
         bits = self._errors.to(torch.int64)
+        # max-reduced with the rows: error bits, max and -min of the ranks' completed epochs (ranks that
+        # called end_epoch() unequally often would merge unrelated epochs), "some rank has grad rows"
         flags = torch.cat([(bits & b).ne(0).to(torch.int64) for b in (1, 2, 4)]
-                          + [torch.tensor([int(bool(router.grad) or self._grad_start >= 0)], device=dev)])
+                          + [torch.tensor([self.epochs, -self.epochs,
+                                           int(bool(router.grad) or self._grad_start >= 0)], device=dev)])
         flags, got = router.exchange(flags.to(dev))
+        hi, lo = int(flags[3]), -int(flags[4])
+        if hi != lo:  # on every rank alike: they all see the same reduced flags
+            raise ValueError(f"memcore Trackers differ across ranks: their completed epochs range from {lo} to "
+                             f"{hi}; every rank must call end_epoch() the same number of times (this rank's "
+                             f"buffered rows were dropped)")
         self._errors = (flags[:3] * torch.tensor([1, 2, 4], device=dev)).sum().to(torch.int32).view(1)
-        if int(flags[3]):
+        if int(flags[5]):
             self._start_grad()
             gidx, gvals = got["grad"]
             if gidx.numel():
@@ -277,7 +330,7 @@ class Tracker:
 
     # ------------------------------------------------------------------ errors
     def _after_batch(self, status, logits, targets, index, ignore_index, loss) -> None:
-        if self.strict and not torch.compiler.is_compiling():
+        if self.strict and not torch.compiler.is_compiling() and not _capturing(status):
             bits = int(status.item())
             if bits:
                 raise explain_status(bits, logits, targets, index, self.num_samples, ignore_index, loss)
@@ -315,6 +368,7 @@ class Tracker:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    @_with_lock
     def end_epoch(self) -> None:
         """Closes the epoch: updates last loss, learning time and forgetting from its statistics.
 
@@ -333,6 +387,7 @@ class Tracker:
 
     # ------------------------------------------------------------------ scores
     @torch.no_grad()
+    @_with_lock
     def scores(self) -> Dict[str, torch.Tensor]:
         """Per-sample scores, each a float64 CPU tensor [num_samples]; higher = more memorized-like
         for csl, csl_mean, last_loss, learning_time, forgetting; lower for confidence_mean, aum,
@@ -401,7 +456,10 @@ class Tracker:
                 ltf = L.formal_from_since(st["formal_since"], norm, epochs)
             else:
                 hist = [h[lo:hi] for h in self._grad_history] + ([norm.float().cpu()] if ctx["open"] else [])
-                ltf = L.formal_from_history(hist, self._grad_start, norm, ctx["tau"], epochs)
+                if hist:
+                    ltf = L.formal_from_history(hist, self._grad_start, norm, ctx["tau"], epochs)
+                else:  # recording started, but no epoch with rows since (e.g. empty batches only)
+                    ltf = torch.full_like(norm, float("nan"))
             out.update(input_grad_norm=norm, learning_time_formal=ltf)
         return {k: v.detach().to("cpu", torch.float64).clone() for k, v in out.items()}
 
@@ -416,6 +474,7 @@ class Tracker:
         return float(t[0] / t[1])
 
     # ------------------------------------------------------------------ checkpoints
+    @_with_lock
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume: buffers (CPU copies) and counters; plain tensors, numbers,
         lists and dicts (``torch.load(..., weights_only=True)`` reads it). Sharded: this rank's shard
@@ -434,48 +493,51 @@ class Tracker:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores a ``state_dict()``; raises ValueError if it is from another dataset size, shard
-        range or format version. Format 1 (memcore <= 0.1.0) is converted. Buffers land on this
-        tracker's device. Buffered rows not yet flushed are dropped."""
+        """Restores a ``state_dict()``; format 1 (memcore <= 0.1.0) is converted. Buffers land on this
+        tracker's device; buffered rows not yet flushed are dropped.
+
+        Everything is checked before anything is changed (keys, types, buffer shapes and dtypes,
+        ranges: 0 <= epochs <= 32767, -1 <= grad_start <= epochs, one grad_history entry per epoch
+        since grad_start where the state keeps them, counts and epoch fields in range, the shard's
+        id range): a rejected state raises ValueError and leaves the tracker exactly as it was.
+        """
+        with self._locked():
+            new = self._checked_state(state)
+            # the swap: assignments (copies into the files, with storage=) of values already checked
+            self._set_buffers(new["buffers"])
+            self.epochs = new["epochs"]
+            self.correct_threshold = new["correct_threshold"]
+            self._tau = new["tau"]
+            self._grad_start = new["grad_start"]
+            self._grad_history = new["grad_history"]
+            if self._router is not None:
+                self._router.ce, self._router.grad, self._router.calls = [], [], 0
+
+    def _checked_state(self, state: Any) -> Dict[str, Any]:
+        """Validates a state_dict (format 1 first converted) and returns the values load_state_dict
+        assigns (buffers copied onto this tracker's device); raises ValueError without touching self."""
         if not isinstance(state, dict) or "version" not in state:
             raise ValueError("state is not a memcore Tracker state_dict")
-        if state["version"] == 1:
+        version = state["version"]
+        if isinstance(version, int) and not isinstance(version, bool) and version == 1:
+            _check_state(state, 1, self.num_samples, 0, self.num_samples)
+            if self._start != 0 or self._end != self.num_samples:
+                raise ValueError(f"a format-1 tracker state holds every sample id; this tracker holds "
+                                 f"{[self._start, self._end]}")
             state = _from_version1(state)
-        if state["version"] != self.VERSION:
-            raise ValueError(f"tracker state has format version {state['version']}, this memcore reads "
-                             f"{self.VERSION}")
-        if state["num_samples"] != self.num_samples:
-            raise ValueError(
-                f"tracker state is for num_samples={state['num_samples']}, this tracker has {self.num_samples}"
-            )
-        if list(state.get("range", [0, self.num_samples])) != [self._start, self._end]:
-            raise ValueError(f"tracker state holds sample ids {state['range']}, this tracker holds "
-                             f"{[self._start, self._end]} (load a sharded checkpoint with tracker.load(path))")
-        n = self._end - self._start
-        want = L.new_state(n, torch.device("meta"))
-        grad = state["grad_start"] >= 0
-        if grad:
-            L.add_grad_fields(want, state["tau"] is not None)
-        want["errors"] = torch.zeros(1, dtype=torch.int32, device="meta")
-        if set(state["buffers"]) != set(want):
-            raise ValueError(f"tracker state has buffers {sorted(state['buffers'])}, expected {sorted(want)}")
-        for k, v in state["buffers"].items():
-            if not isinstance(v, torch.Tensor) or v.shape != want[k].shape or v.dtype != want[k].dtype:
-                got = f"{v.dtype}{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"tracker state buffer {k!r} has {got}, expected "
-                                 f"{want[k].dtype}{tuple(want[k].shape)}")
-        hist = state["grad_history"]
-        if any(h.shape != (n,) for h in hist):
-            raise ValueError(f"tracker state's grad_history entries must have shape ({n},)")
+        elif version != self.VERSION:
+            raise ValueError(f"tracker state has format version {version!r}, this memcore reads {self.VERSION}")
+        _check_state(state, self.VERSION, self.num_samples, self._start, self._end)
         dev = self.device or torch.device("cpu")
-        self._set_buffers({k: v.to(dev).clone() for k, v in state["buffers"].items()})
-        self.epochs = int(state["epochs"])
-        self.correct_threshold = float(state["correct_threshold"])
-        self._tau = state["tau"]
-        self._grad_start = int(state["grad_start"])
-        self._grad_history = [h.clone() for h in hist]
-        if self._router is not None:
-            self._router.ce, self._router.grad, self._router.calls = [], [], 0
+        tau = state["tau"]
+        return {
+            "buffers": {k: v.detach().to(dev).clone() for k, v in state["buffers"].items()},
+            "epochs": state["epochs"],
+            "correct_threshold": float(state["correct_threshold"]),
+            "tau": None if tau is None else float(tau),
+            "grad_start": state["grad_start"],
+            "grad_history": [h.detach().cpu().clone() for h in state["grad_history"]],
+        }
 
     def save(self, path: str) -> None:
         """Writes ``state_dict()`` to ``path`` through a temporary file and an atomic rename, so a
@@ -504,11 +566,131 @@ class Tracker:
             state["buffers"]["errors"] = torch.zeros(1, dtype=torch.int32)  # shards' own, not concatenated
             self.load_state_dict(state)
             return
-        self.load_state_dict(torch.load(path, weights_only=True))
+        self.load_state_dict(load_plain(path, "memcore Tracker checkpoint"))
 
     def __repr__(self) -> str:
         return (f"Tracker(num_samples={self.num_samples}, device={self.device}, epochs={self.epochs}, "
                 f"strict={self.strict}{', shard=True' if self.shard else ''})")
+
+
+_STATE_KEYS = {"version", "num_samples", "epochs", "correct_threshold", "tau", "buffers", "grad_start",
+               "grad_history"}
+
+
+def _v1_buffers(n: int) -> Dict[str, torch.Tensor]:
+    """The buffers of format 1 (memcore <= 0.1.0), as meta tensors (shape and dtype only)."""
+    f64, meta = torch.float64, torch.device("meta")
+    return {
+        "epoch": torch.empty(n, L.NUM_STATS, dtype=f64, device=meta),
+        "total": torch.empty(n, L.NUM_STATS, dtype=f64, device=meta),
+        "last_loss": torch.empty(n, dtype=f64, device=meta),
+        "prev_correct": torch.empty(n, dtype=torch.bool, device=meta),
+        "forgetting": torch.empty(n, dtype=torch.int64, device=meta),
+        "learned_since": torch.empty(n, dtype=torch.int64, device=meta),
+        "errors": torch.empty(1, dtype=torch.int32, device=meta),
+        "grad_epoch": torch.empty(n, L.NUM_GRAD_STATS, dtype=f64, device=meta),
+        "grad_total": torch.empty(n, L.NUM_GRAD_STATS, dtype=f64, device=meta),
+    }
+
+
+def _check_state(state: Dict[str, Any], version: int, num_samples: int, start: int, end: int) -> None:
+    """Raises ValueError unless `state` is a well-formed tracker state of format `version` for sample
+    ids [start, end) of num_samples: keys, types, buffer shapes and dtypes, value ranges. Reads only."""
+    optional = {"range", "token"} if version == 2 else set()
+    if not _STATE_KEYS <= set(state) <= _STATE_KEYS | optional:
+        missing, extra = sorted(_STATE_KEYS - set(state)), sorted(set(state) - _STATE_KEYS - optional)
+        raise ValueError(f"tracker state has missing keys {missing} / unexpected keys {extra}")
+
+    def integer(name: str) -> int:
+        v = state[name]
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"tracker state {name!r} must be an int, got {v!r}")
+        return v
+
+    if integer("num_samples") != num_samples:
+        raise ValueError(f"tracker state is for num_samples={state['num_samples']}, this tracker has {num_samples}")
+    rng = state.get("range", [0, num_samples])
+    if (not isinstance(rng, (list, tuple)) or len(rng) != 2
+            or any(not isinstance(x, int) or isinstance(x, bool) for x in rng)):
+        raise ValueError(f"tracker state 'range' must be two ints [start, end), got {rng!r}")
+    if list(rng) != [start, end]:
+        raise ValueError(f"tracker state holds sample ids {list(rng)}, this tracker holds {[start, end]} "
+                         f"(load a sharded checkpoint with tracker.load(path))")
+    epochs = integer("epochs")
+    if epochs < 0:
+        raise ValueError(f"tracker state 'epochs' must be >= 0, got {epochs}")
+    if epochs > L.MAX_EPOCHS:
+        raise ValueError(f"tracker state 'epochs' must be <= {L.MAX_EPOCHS}, got {epochs}")
+    thr = state["correct_threshold"]
+    if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 < float(thr) <= 1.0:
+        raise ValueError(f"tracker state 'correct_threshold' must be in (0, 1], got {thr!r}")
+    tau = state["tau"]
+    if tau is not None and (not isinstance(tau, (int, float)) or isinstance(tau, bool)
+                            or not math.isfinite(float(tau))):
+        raise ValueError(f"tracker state 'tau' must be None or a finite number, got {tau!r}")
+    grad_start = integer("grad_start")
+    if not -1 <= grad_start <= epochs:
+        raise ValueError(f"tracker state 'grad_start' must be in [-1, epochs={epochs}], got {grad_start}")
+    n = end - start
+    hist = state["grad_history"]
+    # one running-mean entry per epoch since grad_start; format 2 keeps them only for tau=None
+    keeps = grad_start >= 0 and (version == 1 or tau is None)
+    want_len = epochs - grad_start if keeps else 0
+    if not isinstance(hist, (list, tuple)) or len(hist) != want_len:
+        raise ValueError(f"tracker state 'grad_history' must be a list of {want_len} tensors (one per "
+                         f"epoch since grad_start={grad_start}), got {type(hist).__name__} of "
+                         f"{len(hist) if isinstance(hist, (list, tuple)) else '?'}")
+    for i, h in enumerate(hist):
+        if not isinstance(h, torch.Tensor) or h.dtype != torch.float32 or tuple(h.shape) != (n,):
+            raise ValueError(f"tracker state grad_history[{i}] must be a float32 tensor [{n}], got "
+                             f"{getattr(h, 'dtype', type(h).__name__)}{tuple(getattr(h, 'shape', ()))}")
+
+    if version == 1:
+        want = _v1_buffers(n)
+    else:
+        want = L.new_state(n, torch.device("meta"))
+        if grad_start >= 0:
+            L.add_grad_fields(want, tau is not None)
+        want["errors"] = torch.empty(1, dtype=torch.int32, device="meta")
+    bufs = state["buffers"]
+    if not isinstance(bufs, dict) or set(bufs) != set(want):
+        got = sorted(bufs) if isinstance(bufs, dict) else type(bufs).__name__
+        raise ValueError(f"tracker state has buffers {got}, expected {sorted(want)}")
+    for k, v in bufs.items():
+        if (not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.shape != want[k].shape
+                or v.dtype != want[k].dtype):
+            desc = f"{v.dtype}{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"tracker state buffer {k!r} has {desc}, expected {want[k].dtype}{tuple(want[k].shape)}")
+
+    def between(lo: int, hi: int):
+        return lambda t: ((t >= lo) & (t <= hi)).all()
+
+    if version == 1:
+        ranges = [
+            ("learned_since", between(-1, epochs), f"in [-1, epochs={epochs}]"),
+            ("forgetting", between(0, epochs), f"in [0, epochs={epochs}]"),
+            ("epoch", lambda t: (t[:, L.ROWS] >= 0).all(), "row counts >= 0"),
+            ("total", lambda t: (t[:, L.ROWS] >= 0).all(), "row counts >= 0"),
+            ("grad_epoch", lambda t: (t[:, L.GRAD_ROWS] >= 0).all(), "row counts >= 0"),
+            ("grad_total", lambda t: (t[:, L.GRAD_ROWS] >= 0).all(), "row counts >= 0"),
+        ]
+    else:
+        C = L
+        ranges = [
+            ("learned_since", between(-1, epochs), f"in [-1, epochs={epochs}]"),
+            ("forgetting", between(0, epochs), f"in [0, epochs={epochs}]"),
+            ("counts", lambda t: ((t >= 0).all() & (t[:, C.C_CORRECT] <= t[:, C.C_ROWS]).all()
+                                  & (t[:, C.C_CORRECT_E] <= t[:, C.C_ROWS_E]).all()),
+             "row counts >= 0, correct rows <= rows"),
+        ]
+        if grad_start >= 0:
+            ranges.append(("grad_rows", lambda t: (t >= 0).all(), "row counts >= 0"))
+            if tau is not None:
+                ranges.append(("formal_since", between(-1, epochs), f"in [-1, epochs={epochs}]"))
+    ranges.append(("errors", between(0, 7), "a status word in [0, 7]"))
+    for k, ok, what in ranges:
+        if not bool(ok(bufs[k])):
+            raise ValueError(f"tracker state buffer {k!r} holds values out of range (must be {what})")
 
 
 def _from_version1(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -517,6 +699,12 @@ def _from_version1(state: Dict[str, Any]) -> Dict[str, Any]:
     bufs["errors"] = state["buffers"]["errors"]
     return {**state, "version": 2, "range": [0, state["num_samples"]], "buffers": bufs,
             "grad_history": [] if state["tau"] is not None else list(state["grad_history"])}
+
+
+def _capturing(status: torch.Tensor) -> bool:
+    """True inside CUDA-graph capture, where reading the status word (a sync) is illegal: the error
+    is deferred to end_epoch() / scores(), as under torch.compile."""
+    return status.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _resolve(dev: torch.device) -> torch.device:

@@ -1,9 +1,11 @@
 """Python side of the cross-entropy op family (ce_forward, ce_forward_reduce, ce_forward_grad_,
 ce_backward, ce_commit, ce_accumulate, scale_unless_one_) and of sqnorm_commit: fake-tensor
-kernels for torch.compile, and the autograd of ce_forward_grad_ (``OverwriteLogitsCE``).
+kernels for torch.compile, the autograd of ce_forward_grad_ (``OverwriteLogitsCE``) and the guard
+that refuses its double backward (``no_double_backward``).
 
-The schemas live in csrc/memcore.cpp, the kernels in csrc/cpu and csrc/cuda, and the autograd of
-ce_forward in C++ (csrc/autograd/cross_entropy_autograd.cpp); with the fake kernels below the ops
+The schemas live in csrc/memcore.cpp, the kernels in csrc/cpu and csrc/cuda, the autograd of
+ce_forward / ce_forward_reduce (csrc/autograd/cross_entropy_autograd.cpp) and of ce_backward (its
+double backward, csrc/autograd/ce_backward_autograd.cpp) in C++; with the fake kernels below the ops
 trace without graph breaks. The wrapper is ``memcore.accumulate``.
 """
 import torch
@@ -102,3 +104,34 @@ class OverwriteLogitsCE(torch.autograd.Function):
                 "cannot recompute it. Use overwrite_logits=False for that.")
         torch.ops.memcore.scale_unless_one_(grad, grad_out)
         return grad, None, None, None, None, None
+
+
+# ---------------------------------------------------------------- double backward of the overwrite route
+# The default route's double backward is exact: memcore::ce_backward has its own autograd
+# (csrc/autograd/ce_backward_autograd.cpp). The overwrite_logits route cannot have one: its backward
+# hands back a gradient the forward already wrote over the logits, a stored tensor rather than a
+# function of them, so a second backward through it would silently miss the curvature term.
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a 0-d loss whose backward raises when a graph of the backward is being built
+    (``create_graph=True``: grad mode is on inside the backward exactly then)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "memcore.accumulate(..., overwrite_logits=True) does not support double backward "
+                "(create_graph=True, e.g. a gradient penalty): its gradient was written in the forward pass "
+                "and is not a function of the logits. Use overwrite_logits=False, whose double backward "
+                "is exact.")
+        return grad
+
+
+def no_double_backward(out: torch.Tensor) -> torch.Tensor:
+    """``out`` unchanged, with a backward that refuses create_graph=True (see _NoDoubleBackward)."""
+    return _NoDoubleBackward.apply(out)

@@ -23,7 +23,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("memcore.integrations.huggingface needs `pip install transformers`") from e
 
-from .._io import atomic_save
+from .._io import atomic_save, load_plain
 from ..accumulate import accumulate
 from ..linear_accumulate import linear_accumulate
 from ..tracker import Tracker
@@ -51,7 +51,7 @@ class MemcoreCallback(TrainerCallback):
 
 def load_tracker(tracker: Tracker, checkpoint_dir: str) -> None:
     """Restores the tracker saved by MemcoreCallback in a Trainer checkpoint folder."""
-    tracker.load_state_dict(torch.load(os.path.join(checkpoint_dir, TRACKER_FILE)))
+    tracker.load_state_dict(load_plain(os.path.join(checkpoint_dir, TRACKER_FILE), "memcore Tracker checkpoint"))
 
 
 class MemcoreTrainer(Trainer):
