@@ -7,6 +7,7 @@ Install with `pip install --no-build-isolation .` so the build sees the torch al
   TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0;10.0" (torch's own variable)
   MAX_JOBS                parallel compile jobs (default: the number of usable cores)
 """
+
 import glob
 import os
 import sys
@@ -16,8 +17,13 @@ from setuptools import find_packages, setup
 
 try:
     import torch
-    from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension, CUDAExtension,
-                                           include_paths)
+    from torch.utils.cpp_extension import (
+        CUDA_HOME,
+        BuildExtension,
+        CppExtension,
+        CUDAExtension,
+        include_paths,
+    )
 except ImportError:  # pragma: no cover - build-time message
     sys.exit(
         "memcore needs PyTorch installed before it is built: "
@@ -95,8 +101,9 @@ def _extension():
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=link,
         )
-    return CppExtension("memcore._C", sources, depends=depends, extra_compile_args={"cxx": cxx},
-                        extra_link_args=link)
+    return CppExtension(
+        "memcore._C", sources, depends=depends, extra_compile_args={"cxx": cxx}, extra_link_args=link
+    )
 
 
 class _BuildExtension(BuildExtension):
@@ -109,8 +116,11 @@ class _BuildExtension(BuildExtension):
         jobs, cores = int(os.environ["MAX_JOBS"]), _cores()
         minutes = (n_cpp * CPP_SECONDS + n_cu * CU_SECONDS) / max(1, min(jobs, cores)) / 60
         cuda = f" (+{n_cu} CUDA)" if n_cu else ""
-        print(f"[memcore] compiling {n_cpp} C++ files{cuda} with {jobs} jobs: about {max(1, round(minutes))} "
-              f"min on {cores} cores, less for files unchanged since the last build", flush=True)
+        print(
+            f"[memcore] compiling {n_cpp} C++ files{cuda} with {jobs} jobs: about {max(1, round(minutes))} "
+            f"min on {cores} cores, less for files unchanged since the last build",
+            flush=True,
+        )
         start = time.monotonic()
         super().build_extensions()
         print(f"[memcore] built memcore._C in {time.monotonic() - start:.0f} s", flush=True)

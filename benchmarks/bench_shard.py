@@ -13,6 +13,7 @@ per-rank state, peak RSS, end_epoch / to_parquet times, worst rank and fastest; 
 ranks": interleaved step medians and the sharded / unsharded ratio), which benchmarks/render.py
 turns into RESULTS.md. MEMCORE_BENCH_NOTE or --note is stored as each row's note.
 """
+
 import argparse
 import datetime
 import json
@@ -47,14 +48,28 @@ def _peak_mb() -> float:
 
 def _init(rank, world, init_file):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=10),
+    )
 
 
 def _rows(case, variant, shape, figures, units, **kw):
     """Store rows of one measurement: ``figures`` metric -> value."""
-    common = dict(suite="shard", case=case, variant=variant, shape=shape, device="cpu", machine=store.machine("cpu"),
-                  date=store.now(), torch=torch.__version__, **kw)
+    common = dict(
+        suite="shard",
+        case=case,
+        variant=variant,
+        shape=shape,
+        device="cpu",
+        machine=store.machine("cpu"),
+        date=store.now(),
+        torch=torch.__version__,
+        **kw,
+    )
     return [store.row(**common, metric=m, value=v, unit=units.get(m, "")) for m, v in figures.items()]
 
 
@@ -66,13 +81,25 @@ def bytes_per_sample() -> list:
     for tau in (0.5, None):
         tr = memcore.Tracker(n, tau=tau)
         x = torch.randn(8, 4, requires_grad=True)
-        memcore.accumulate(x @ torch.randn(4, 3), torch.zeros(8, dtype=torch.long), torch.arange(8), tr,
-                           inputs=x).backward()
+        memcore.accumulate(
+            x @ torch.randn(4, 3), torch.zeros(8, dtype=torch.long), torch.arange(8), tr, inputs=x
+        ).backward()
         tr.end_epoch()
-        print(json.dumps({"what": f"dense bytes/sample with input grads, tau={tau}, after 1 epoch",
-                          "value": tr.state_bytes() / n}))
-        out += _rows("state", f"dense, input grads, tau={tau}, 1 epoch", n, {"bytes_per_sample": tr.state_bytes() / n},
-                     {"bytes_per_sample": "B"})
+        print(
+            json.dumps(
+                {
+                    "what": f"dense bytes/sample with input grads, tau={tau}, after 1 epoch",
+                    "value": tr.state_bytes() / n,
+                }
+            )
+        )
+        out += _rows(
+            "state",
+            f"dense, input grads, tau={tau}, 1 epoch",
+            n,
+            {"bytes_per_sample": tr.state_bytes() / n},
+            {"bytes_per_sample": "B"},
+        )
     sd = memcore.Tracker(n).state_dict()
     size = sum(v.numel() * v.element_size() for v in sd["buffers"].values())
     print(json.dumps({"what": "state_dict tensors bytes/sample", "value": size / n}))
@@ -89,7 +116,9 @@ def _scale_worker(rank, world, init_file, n, out_dir, with_scores, rec_dir):
     steps = 64
     for _ in range(steps):  # one flush worth of random rows (1024 per step per rank)
         idx = torch.randint(0, n, (1024,), generator=g)
-        memcore.accumulate(torch.randn(1024, 10, generator=g), torch.randint(0, 10, (1024,), generator=g), idx, tr)
+        memcore.accumulate(
+            torch.randn(1024, 10, generator=g), torch.randint(0, 10, (1024,), generator=g), idx, tr
+        )
     t_acc = time.perf_counter() - t0
     peak = {"after_accumulate": _peak_mb()}
     dist.barrier()
@@ -110,10 +139,21 @@ def _scale_worker(rank, world, init_file, n, out_dir, with_scores, rec_dir):
         t_scores = time.perf_counter() - t0
         peak["after_scores"] = _peak_mb()
     dist.barrier()
-    rec = {"what": "scale", "num_samples": n, "world": world, "rank": rank,
-           "state_mb_per_rank": held / 2**20, "base_rss_mb": base, "peak_rss_mb": peak,
-           "accumulate_64_steps_s": t_acc, "end_epoch_s": t_end, "scores_s": t_scores, "to_parquet_s": t_pq,
-           "parquet_mb": os.path.getsize(os.path.join(out_dir, f"scores-{rank:05d}-of-{world:05d}.parquet")) / 2**20}
+    rec = {
+        "what": "scale",
+        "num_samples": n,
+        "world": world,
+        "rank": rank,
+        "state_mb_per_rank": held / 2**20,
+        "base_rss_mb": base,
+        "peak_rss_mb": peak,
+        "accumulate_64_steps_s": t_acc,
+        "end_epoch_s": t_end,
+        "scores_s": t_scores,
+        "to_parquet_s": t_pq,
+        "parquet_mb": os.path.getsize(os.path.join(out_dir, f"scores-{rank:05d}-of-{world:05d}.parquet"))
+        / 2**20,
+    }
     print(json.dumps(rec), flush=True)
     with open(os.path.join(rec_dir, f"scale-{rank}.json"), "w") as f:
         json.dump(rec, f)
@@ -123,21 +163,31 @@ def _scale_worker(rank, world, init_file, n, out_dir, with_scores, rec_dir):
 def _scale_rows(recs) -> list:
     """The ranks' records as store rows: the worst rank (which the others wait for) and the fastest."""
     worst = lambda k: max(r[k] for r in recs)  # noqa: E731
-    figs = {"state_mib_per_rank": worst("state_mb_per_rank"),
-            "peak_rss_mib": max(r["peak_rss_mb"]["after_end_epoch"] for r in recs),
-            "peak_rss_parquet_mib": max(r["peak_rss_mb"]["after_to_parquet"] for r in recs),
-            "end_epoch_s": worst("end_epoch_s"), "end_epoch_s_min": min(r["end_epoch_s"] for r in recs),
-            "to_parquet_s": worst("to_parquet_s"), "to_parquet_s_min": min(r["to_parquet_s"] for r in recs),
-            "parquet_mib": worst("parquet_mb")}
+    figs = {
+        "state_mib_per_rank": worst("state_mb_per_rank"),
+        "peak_rss_mib": max(r["peak_rss_mb"]["after_end_epoch"] for r in recs),
+        "peak_rss_parquet_mib": max(r["peak_rss_mb"]["after_to_parquet"] for r in recs),
+        "end_epoch_s": worst("end_epoch_s"),
+        "end_epoch_s_min": min(r["end_epoch_s"] for r in recs),
+        "to_parquet_s": worst("to_parquet_s"),
+        "to_parquet_s_min": min(r["to_parquet_s"] for r in recs),
+        "parquet_mib": worst("parquet_mb"),
+    }
     units = {m: "MiB" if m.endswith("mib") or "mib_" in m else "s" for m in figs}
     return _rows("scale", f"{recs[0]['world']} gloo ranks", recs[0]["num_samples"], figs, units, threads=1)
 
 
 def _cnn():
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 10))
+        torch.nn.Conv2d(1, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * 7 * 7, 10),
+    )
 
 
 def _step_worker(rank, world, init_file, n, rounds, steps, rec_dir):
@@ -146,15 +196,17 @@ def _step_worker(rank, world, init_file, n, rounds, steps, rec_dir):
     # DDP, as in real training: both variants sync every step, so rank skew is not counted as routing
     model = torch.nn.parallel.DistributedDataParallel(_cnn())
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    trackers = {"unsharded": memcore.Tracker(n, device="cpu", distributed=False),
-                "sharded": memcore.Tracker(n, device="cpu", shard=True)}
+    trackers = {
+        "unsharded": memcore.Tracker(n, device="cpu", distributed=False),
+        "sharded": memcore.Tracker(n, device="cpu", shard=True),
+    }
     g = torch.Generator().manual_seed(rank)
     batch = 128
     x = torch.randn(batch, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     times = {k: [] for k in trackers}
     for r in range(rounds):
-        for name in (("unsharded", "sharded") if r % 2 == 0 else ("sharded", "unsharded")):
+        for name in ("unsharded", "sharded") if r % 2 == 0 else ("sharded", "unsharded"):
             tr = trackers[name]
             dist.barrier()
             t0 = time.perf_counter()
@@ -167,9 +219,15 @@ def _step_worker(rank, world, init_file, n, rounds, steps, rec_dir):
             times[name].append((time.perf_counter() - t0) / steps * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     if rank == 0:
-        rec = {"what": "step", "world": world, "batch": batch, "ms_per_step_median": med,
-               "overhead_pct": 100 * (med["sharded"] / med["unsharded"] - 1),
-               "rounds": rounds, "steps_per_round": steps}
+        rec = {
+            "what": "step",
+            "world": world,
+            "batch": batch,
+            "ms_per_step_median": med,
+            "overhead_pct": 100 * (med["sharded"] / med["unsharded"] - 1),
+            "rounds": rounds,
+            "steps_per_round": steps,
+        }
         print(json.dumps(rec), flush=True)
         with open(os.path.join(rec_dir, "step-0.json"), "w") as f:
             json.dump(rec, f)
@@ -181,10 +239,24 @@ def _step_rows(rec) -> list:
     case, shape = f"step, {rec['world']} gloo ranks", f"small_cnn {rec['batch']}x1x28x28"
     out = []
     for v, ms in rec["ms_per_step_median"].items():
-        out += _rows(case, v, shape, {"interleaved_median_ms": ms, "interleaved_rounds": rec["rounds"]},
-                     {"interleaved_median_ms": "ms", "interleaved_rounds": "count"}, dtype="float32", threads=1)
-    return out + _rows(case, "sharded", shape, {"interleaved_ratio": 1 + rec["overhead_pct"] / 100},
-                       {"interleaved_ratio": "ratio"}, dtype="float32", threads=1)
+        out += _rows(
+            case,
+            v,
+            shape,
+            {"interleaved_median_ms": ms, "interleaved_rounds": rec["rounds"]},
+            {"interleaved_median_ms": "ms", "interleaved_rounds": "count"},
+            dtype="float32",
+            threads=1,
+        )
+    return out + _rows(
+        case,
+        "sharded",
+        shape,
+        {"interleaved_ratio": 1 + rec["overhead_pct"] / 100},
+        {"interleaved_ratio": "ratio"},
+        dtype="float32",
+        threads=1,
+    )
 
 
 def main() -> None:
@@ -204,11 +276,19 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             init = os.path.join(tmp, "init")
             if a.mode == "scale":
-                mp.spawn(_scale_worker, args=(a.world, init, a.n, os.path.join(tmp, "pq"), not a.no_scores, tmp),
-                         nprocs=a.world, join=True)
-                rows = _scale_rows([json.load(open(os.path.join(tmp, f"scale-{r}.json"))) for r in range(a.world)])
+                mp.spawn(
+                    _scale_worker,
+                    args=(a.world, init, a.n, os.path.join(tmp, "pq"), not a.no_scores, tmp),
+                    nprocs=a.world,
+                    join=True,
+                )
+                rows = _scale_rows(
+                    [json.load(open(os.path.join(tmp, f"scale-{r}.json"))) for r in range(a.world)]
+                )
             else:
-                mp.spawn(_step_worker, args=(a.world, init, a.n, a.rounds, a.steps, tmp), nprocs=a.world, join=True)
+                mp.spawn(
+                    _step_worker, args=(a.world, init, a.n, a.rounds, a.steps, tmp), nprocs=a.world, join=True
+                )
                 rows = _step_rows(json.load(open(os.path.join(tmp, "step-0.json"))))
     if a.store:
         commit, dirty = store.git_state()

@@ -12,6 +12,7 @@ On a shared machine, torch's default intra-op thread pool can stall at its barri
 other processes hold the cores; --bench-threads=1 gives steadier CPU figures there. The thread
 count is recorded with every result.
 """
+
 import os
 import platform
 
@@ -25,13 +26,24 @@ NOTE_ENV = "MEMCORE_BENCH_NOTE"
 
 
 def pytest_addoption(parser):
-    parser.addoption("--bench-full", action="store_true", default=False,
-                     help=f"also run the heavy benchmark cases (marked bench_full); same as {FULL_ENV}=1")
-    parser.addoption("--bench-threads", type=int, default=None,
-                     help=f"torch.set_num_threads for the CPU benchmarks (default: torch's; or {THREADS_ENV})")
-    parser.addoption("--bench-store", default=None,
-                     help="append the measured figures to this CSV (benchmarks/results.csv); needs "
-                          f"--benchmark-json. {NOTE_ENV} is stored as each row's note")
+    parser.addoption(
+        "--bench-full",
+        action="store_true",
+        default=False,
+        help=f"also run the heavy benchmark cases (marked bench_full); same as {FULL_ENV}=1",
+    )
+    parser.addoption(
+        "--bench-threads",
+        type=int,
+        default=None,
+        help=f"torch.set_num_threads for the CPU benchmarks (default: torch's; or {THREADS_ENV})",
+    )
+    parser.addoption(
+        "--bench-store",
+        default=None,
+        help="append the measured figures to this CSV (benchmarks/results.csv); needs "
+        f"--benchmark-json. {NOTE_ENV} is stored as each row's note",
+    )
 
 
 def pytest_configure(config):
@@ -41,8 +53,12 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(int(threads))
-    if config.getoption("--bench-store", default=None) and not config.getoption("benchmark_json", default=None):
-        raise pytest.UsageError("--bench-store needs --benchmark-json=FILE (the rows are made from that document)")
+    if config.getoption("--bench-store", default=None) and not config.getoption(
+        "benchmark_json", default=None
+    ):
+        raise pytest.UsageError(
+            "--bench-store needs --benchmark-json=FILE (the rows are made from that document)"
+        )
 
 
 def full_mode(config) -> bool:
@@ -66,9 +82,13 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     import memcore
 
     machine_info["memcore"] = {
-        "platform": platform.platform(), "cpu_model": store.cpu_model(),
-        "cpu_count": os.cpu_count(), "torch_version": torch.__version__, "cpu_isa": memcore.cpu_isa(),
-        "torch_num_threads": torch.get_num_threads(), "full_mode": full_mode(config),
+        "platform": platform.platform(),
+        "cpu_model": store.cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "cpu_isa": memcore.cpu_isa(),
+        "torch_num_threads": torch.get_num_threads(),
+        "full_mode": full_mode(config),
     }
 
 
@@ -80,4 +100,6 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     commit, dirty = store.git_state()
     rows = store.rows_from_pytest(output_json, commit, dirty, os.environ.get(NOTE_ENV, ""))
     n = store.append(rows, path)
-    print(f"\n[memcore] stored {n} rows in {path} (commit {commit[:9] or '?'}{', dirty tree' if dirty != '0' else ''})")
+    print(
+        f"\n[memcore] stored {n} rows in {path} (commit {commit[:9] or '?'}{', dirty tree' if dirty != '0' else ''})"
+    )

@@ -12,6 +12,7 @@ implementation of Garg et al. computes it, for benchmarks/test_bench_curvature.p
 Results are rescaled to memcore's units (per-sample loss, trace divided by h) so the two can be
 compared directly; the probes differ, so only the estimates' distributions agree.
 """
+
 from typing import Dict
 
 import torch
@@ -21,15 +22,22 @@ import torch.nn.functional as F
 def small_cnn(num_classes: int = 10) -> torch.nn.Module:
     """The benchmark model: a small CNN for 1x28x28 (MNIST-sized) inputs, ~220k parameters."""
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 128), torch.nn.ReLU(),
+        torch.nn.Conv2d(1, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * 7 * 7, 128),
+        torch.nn.ReLU(),
         torch.nn.Linear(128, num_classes),
     )
 
 
-def reference_curvature(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, n_probes: int = 10,
-                        h: float = 1e-3) -> Dict[str, torch.Tensor]:
+def reference_curvature(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, n_probes: int = 10, h: float = 1e-3
+) -> Dict[str, torch.Tensor]:
     """{"curvature": [B], "trace": [B]} float CPU tensors, the public implementation's way."""
     model.eval()
     b = x.shape[0]

@@ -15,6 +15,7 @@ GB/s counts the HBM traffic the case needs at the least (forward 1 pass, fwd+bwd
 so it compares directly with the copy's (read + write). Each line is flushed as soon as it is
 measured: whatever finished survives a timeout. Runs on the CPU with --small (a smoke test).
 """
+
 import argparse
 import json
 import sys
@@ -66,8 +67,16 @@ def main(argv=None) -> int:
     def emit(case: str, shape, seconds: float, passes: int, **extra) -> None:
         n, c = shape
         nbytes = n * c * torch.finfo(dtype).bits // 8
-        rec = dict(case=case, shape=f"{n}x{c}", dtype=str(dtype).replace("torch.", ""), device=gpu,
-                   ms=round(seconds * 1e3, 4), gbs=round(passes * nbytes / seconds / 1e9, 1), passes=passes, **extra)
+        rec = dict(
+            case=case,
+            shape=f"{n}x{c}",
+            dtype=str(dtype).replace("torch.", ""),
+            device=gpu,
+            ms=round(seconds * 1e3, 4),
+            gbs=round(passes * nbytes / seconds / 1e9, 1),
+            passes=passes,
+            **extra,
+        )
         out.write(json.dumps(rec) + "\n")
         out.flush()
 
@@ -94,15 +103,27 @@ def main(argv=None) -> int:
         x = box["x"]
         loss = memcore.accumulate(x, targets, index, tracker, overwrite_logits=True)
         loss.backward()
-        err = dict(loss_err=abs(float(loss.detach()) - float(F.cross_entropy(master.float(), targets))),
-                   grad_err=float((x.grad.float() - ref.grad).abs().max()))
+        err = dict(
+            loss_err=abs(float(loss.detach()) - float(F.cross_entropy(master.float(), targets))),
+            grad_err=float((x.grad.float() - ref.grad).abs().max()),
+        )
         del ref
         if n * c == shapes[0][0] * shapes[0][1]:
             dst = torch.empty_like(master)
             emit("copy", (n, c), _time(lambda: dst.copy_(master), None, args.iters, device), 2)
             del dst
-            emit("forward", (n, c), _time(lambda: torch.ops.memcore.ce_forward(master, targets, index, n, -100),
-                                          None, args.iters, device), 1, **err)
+            emit(
+                "forward",
+                (n, c),
+                _time(
+                    lambda: torch.ops.memcore.ce_forward(master, targets, index, n, -100),
+                    None,
+                    args.iters,
+                    device,
+                ),
+                1,
+                **err,
+            )
 
             def fwd_bwd():
                 memcore.accumulate(box["x"], targets, index, tracker).backward()
@@ -113,12 +134,28 @@ def main(argv=None) -> int:
                 F.cross_entropy(box["x"], targets).backward()
 
             emit("fwd+bwd F.cross_entropy", (n, c), _time(plain, fresh, args.iters, device), 3)
-        emit("overwrite memcore", (n, c), _time(
-            lambda: memcore.accumulate(box["x"], targets, index, tracker, overwrite_logits=True).backward(),
-            fresh, args.iters, device), 2, **err)
+        emit(
+            "overwrite memcore",
+            (n, c),
+            _time(
+                lambda: memcore.accumulate(
+                    box["x"], targets, index, tracker, overwrite_logits=True
+                ).backward(),
+                fresh,
+                args.iters,
+                device,
+            ),
+            2,
+            **err,
+        )
         if LigerCrossEntropyLoss is not None and device == "cuda":
             lig = LigerCrossEntropyLoss()
-            emit("fwd+bwd liger", (n, c), _time(lambda: lig(box["x"], targets).backward(), fresh, args.iters, device), 2)
+            emit(
+                "fwd+bwd liger",
+                (n, c),
+                _time(lambda: lig(box["x"], targets).backward(), fresh, args.iters, device),
+                2,
+            )
         if not args.no_compile and n * c == shapes[0][0] * shapes[0][1]:
             try:
                 comp = torch.compile(F.cross_entropy)
@@ -126,8 +163,13 @@ def main(argv=None) -> int:
                 fresh()
                 comp(box["x"], targets).backward()
                 warm = time.perf_counter() - t0
-                emit("fwd+bwd torch.compile", (n, c), _time(lambda: comp(box["x"], targets).backward(), fresh,
-                                                              args.iters, device), 3, compile_s=round(warm, 1))
+                emit(
+                    "fwd+bwd torch.compile",
+                    (n, c),
+                    _time(lambda: comp(box["x"], targets).backward(), fresh, args.iters, device),
+                    3,
+                    compile_s=round(warm, 1),
+                )
             except Exception as e:  # noqa: BLE001  (no inductor toolchain on the machine: note it, go on)
                 out.write(json.dumps(dict(case="fwd+bwd torch.compile", error=repr(e)[:300])) + "\n")
                 out.flush()

@@ -8,6 +8,7 @@ figure. That reads torch's own event tree (``kineto_results.experimental_event_t
 ``torch.profiler``'s memory timeline is built on); where a torch release lacks it the figure is
 None, shown as not measured, never guessed.
 """
+
 import gc
 from typing import Callable, Optional
 
@@ -32,8 +33,11 @@ def peak_cpu_mib(fn: Callable[[], object]) -> Optional[float]:
         fn()
     try:
         tree = prof.profiler.kineto_results.experimental_event_tree()
-        sizes = sorted((e.start_time_ns, e.extra_fields.alloc_size) for e in _walk(tree)
-                       if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu")
+        sizes = sorted(
+            (e.start_time_ns, e.extra_fields.alloc_size)
+            for e in _walk(tree)
+            if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"
+        )
     except (AttributeError, RuntimeError):
         return None
     cur = peak = 0

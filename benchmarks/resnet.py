@@ -9,6 +9,7 @@ BatchNorm in train mode couples the rows of a batch, so the per-sample input-gra
 ``memcore.accumulate(..., inputs=x)`` records are not exactly each sample's own there; the
 benchmark measures their cost, which does not depend on that.
 """
+
 from typing import Sequence
 
 import torch
@@ -24,7 +25,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -33,13 +36,18 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3, width: int = 64) -> None:
+    def __init__(
+        self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3, width: int = 64
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
         layers, cin = [], width
         for stage, n in enumerate(blocks):
-            cout = width * 2 ** stage
+            cout = width * 2**stage
             for i in range(n):
                 layers.append(BasicBlock(cin, cout, stride=2 if (stage > 0 and i == 0) else 1))
                 cin = cout

@@ -32,6 +32,7 @@ whole instruction count per row.
 The model is an estimate: boost clocks (DEVICES), no memory latency, no occupancy limit. It
 answers "can this loop keep up with HBM at all", not "how fast will it run".
 """
+
 import argparse
 import csv
 import glob
@@ -124,9 +125,13 @@ def nvcc_command(src: str, arch: str, out: str) -> List[str]:
     except ImportError:
         sys.exit("sass_report: needs torch (a CUDA build for its CUDA headers, e.g. .venv-cuda)")
     if not torch.version.cuda:
-        sys.exit(f"sass_report: torch {torch.__version__} is a CPU build without CUDA headers; run it with a CUDA "
-                 "build of torch (e.g. /work/main/.venv-cuda/bin/python)")
-    incs = include_paths("cuda") if "device_type" in include_paths.__code__.co_varnames else include_paths(True)
+        sys.exit(
+            f"sass_report: torch {torch.__version__} is a CPU build without CUDA headers; run it with a CUDA "
+            "build of torch (e.g. /work/main/.venv-cuda/bin/python)"
+        )
+    incs = (
+        include_paths("cuda") if "device_type" in include_paths.__code__.co_varnames else include_paths(True)
+    )
     incs = list(incs)
     for p in sys.path:  # pip's CUDA torch: the toolkit headers ship in nvidia/*/include (as setup.py)
         for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include"):
@@ -135,12 +140,30 @@ def nvcc_command(src: str, arch: str, out: str) -> List[str]:
                 incs.append(d)
     incs.append(sysconfig.get_paths()["include"])
     if not any(os.path.isfile(os.path.join(d, "c10", "cuda", "CUDAGuard.h")) for d in incs):
-        sys.exit(f"sass_report: torch {torch.__version__} has no CUDA headers; run it with a CUDA build "
-                 "of torch (e.g. /work/main/.venv-cuda/bin/python)")
+        sys.exit(
+            f"sass_report: torch {torch.__version__} has no CUDA headers; run it with a CUDA build "
+            "of torch (e.g. /work/main/.venv-cuda/bin/python)"
+        )
     std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
-    cmd = [tool("nvcc"), "-cubin", f"-arch=sm_{arch}", "-O3", "--expt-relaxed-constexpr", "-lineinfo", std,
-           "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DMEMCORE_WITH_CUDA",
-           "-D_GLIBCXX_USE_CXX11_ABI=1", "-diag-suppress=3189", "-Xptxas", "-v", "-o", out, src]
+    cmd = [
+        tool("nvcc"),
+        "-cubin",
+        f"-arch=sm_{arch}",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        std,
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DMEMCORE_WITH_CUDA",
+        "-D_GLIBCXX_USE_CXX11_ABI=1",
+        "-diag-suppress=3189",
+        "-Xptxas",
+        "-v",
+        "-o",
+        out,
+        src,
+    ]
     cmd[1:1] = list(dict.fromkeys(COMMON_NVCC_FLAGS))
     for d in dict.fromkeys(incs):
         cmd.insert(-1, f"-I{d}")
@@ -177,7 +200,9 @@ class Instr:
 
 def disassemble(cubin: str) -> Dict[str, List[Instr]]:
     """Mangled kernel name -> its instructions in address order (nvdisasm -c -gi)."""
-    text = subprocess.run([tool("nvdisasm"), "-c", "-gi", cubin], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [tool("nvdisasm"), "-c", "-gi", cubin], capture_output=True, text=True, check=True
+    ).stdout
     funcs: Dict[str, List[Instr]] = {}
     cur: Optional[List[Instr]] = None
     loc: List[str] = []
@@ -188,7 +213,7 @@ def disassemble(cubin: str) -> Dict[str, List[Instr]]:
     ins_re = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
     for line in text.splitlines():
         if line.startswith("\t.section\t.text."):
-            name = line.split()[1].split(",")[0][len(".text."):]
+            name = line.split()[1].split(",")[0][len(".text.") :]
             cur = funcs.setdefault(name, [])
             labels = all_labels.setdefault(name, {})
             loc, pending, waiting = [], False, []
@@ -229,7 +254,9 @@ def disassemble(cubin: str) -> Dict[str, List[Instr]]:
 
 def resources(cubin: str) -> Dict[str, Dict[str, int]]:
     """Mangled name -> REG / STACK / SHARED / LOCAL from cuobjdump -res-usage."""
-    text = subprocess.run([tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True
+    ).stdout
     res, name = {}, None
     for line in text.splitlines():
         m = re.match(r"\s*Function (\S+):", line)
@@ -325,7 +352,9 @@ def hot_path(code: List[Instr], lp: Loop, labels_by_addr: Dict[int, int]) -> Lis
         t = branch_target(ins)
         if t is not None and t > ins.addr and t in labels_by_addr and labels_by_addr[t] <= lp.tail:
             succ.append(labels_by_addr[t] - lp.head)
-        unconditional_exit = (ins.root in ("EXIT", "RET") or (t is not None and ins.root == "BRA")) and not ins.pred
+        unconditional_exit = (
+            ins.root in ("EXIT", "RET") or (t is not None and ins.root == "BRA")
+        ) and not ins.pred
         if not unconditional_exit:
             succ.append(k + 1)
         for s in succ:
@@ -393,7 +422,7 @@ class Row:
 
 def short_name(demangled: str) -> str:
     s = re.sub(r"\(anonymous namespace\)::|memcore::|cuda::", "", demangled)
-    s = s[len("void "):] if s.startswith("void ") else s
+    s = s[len("void ") :] if s.startswith("void ") else s
     depth, out = 0, []
     for ch in s:  # drop the parameter list: the first '(' at template depth 0
         if ch == "(" and depth == 0:
@@ -436,8 +465,11 @@ def analyse(arch: str, source: str, cubin: str, log: str) -> List[Row]:
         labels = {ins.addr: i for i, ins in enumerate(code)}
         loops = find_loops(code, labels)
         for lp in loops:
-            ops = [code[i] for i in range(lp.head, lp.tail + 1)
-                   if mem_width(code[i]) and code[i].root.startswith("LD" if which == "ld" else "ST")]
+            ops = [
+                code[i]
+                for i in range(lp.head, lp.tail + 1)
+                if mem_width(code[i]) and code[i].root.startswith("LD" if which == "ld" else "ST")
+            ]
             lp.width = max((mem_width(o) for o in ops), default=0)
             wide = [o for o in ops if mem_width(o) == lp.width]
             lp.stream_ops = len(wide)
@@ -451,30 +483,59 @@ def analyse(arch: str, source: str, cubin: str, log: str) -> List[Row]:
             lp.hot_pipes = count_pipes(code, path)
         cand = [lp for lp in loops if lp.stream_ops]
         # innermost: drop a loop that contains another candidate
-        cand = [a for a in cand if not any(b is not a and a.head <= b.head and b.tail <= a.tail for b in cand)]
+        cand = [
+            a for a in cand if not any(b is not a and a.head <= b.head and b.tail <= a.tail for b in cand)
+        ]
         width = max((lp.width for lp in cand), default=0)
         cand = [lp for lp in cand if lp.width == width]
         best: Dict[Tuple[str, ...], Loop] = {}
         for lp in cand:  # one per pass: the unrolled body, not its remainder
             elems = lp.stream_bytes / esize / streams
             cur = best.get(lp.source)
-            if cur is None or (elems, -lp.hot / elems) > (cur.stream_bytes / esize / streams,
-                                                          -cur.hot * esize * streams / cur.stream_bytes):
+            if cur is None or (elems, -lp.hot / elems) > (
+                cur.stream_bytes / esize / streams,
+                -cur.hot * esize * streams / cur.stream_bytes,
+            ):
                 best[lp.source] = lp
         r = res.get(mangled, {})
         ss, sl = sp.get(mangled, (0, 0))
-        row = Row(arch, os.path.basename(source), kname, label, dtype, r.get("reg", 0), r.get("stack", 0),
-                  r.get("local", 0), ss, sl, len(best), 0.0, 0.0, 0.0, 0.0, 0.0, bytes_units * esize,
-                  sum(1 for ins in code if ins.root != "NOP" and branch_target(ins) != ins.addr))
+        row = Row(
+            arch,
+            os.path.basename(source),
+            kname,
+            label,
+            dtype,
+            r.get("reg", 0),
+            r.get("stack", 0),
+            r.get("local", 0),
+            ss,
+            sl,
+            len(best),
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            bytes_units * esize,
+            sum(1 for ins in code if ins.root != "NOP" and branch_target(ins) != ins.addr),
+        )
         if best and which:
             per: Dict[str, float] = {}
             for lp in best.values():
                 elems = lp.stream_bytes / esize / streams
                 for k, v in lp.hot_pipes.items():
                     per[k] = per.get(k, 0.0) + v / elems
-                row.detail.append(dict(source=" <- ".join(lp.source), head=hex(code[lp.head].addr),
-                                       tail=hex(code[lp.tail].addr), body=lp.body, hot=lp.hot,
-                                       elems=elems, pipes=lp.hot_pipes))
+                row.detail.append(
+                    dict(
+                        source=" <- ".join(lp.source),
+                        head=hex(code[lp.head].addr),
+                        tail=hex(code[lp.tail].addr),
+                        body=lp.body,
+                        hot=lp.hot,
+                        elems=elems,
+                        pipes=lp.hot_pipes,
+                    )
+                )
             row.elem_per_iter = min(lp.stream_bytes / esize / streams for lp in best.values())
             row.instr_per_elem = sum(per.values())
             row.half_per_elem = per.get("alu", 0) + per.get("imad", 0)
@@ -495,19 +556,29 @@ def roofline(row: Row) -> Dict[str, Dict[str, float]]:
             continue
         hbm_elems = d["tbs"] * 1e12 / row.bytes_per_elem
         lane_slots = d["sms"] * d["ghz"] * 1e9 * ISSUE_PER_SM_PER_CLK * 32
-        out[dev] = dict(budget=lane_slots / hbm_elems, ceiling=min(1.0, lane_slots / row.cycles_per_elem / hbm_elems))
+        out[dev] = dict(
+            budget=lane_slots / hbm_elems, ceiling=min(1.0, lane_slots / row.cycles_per_elem / hbm_elems)
+        )
     return out
 
 
 # ---------------------------------------------------------------- report
 
-HEADLINE = ("forward", "forward+grad (overwrite)", "backward", "commit", "sqnorm_commit",
-            "curvature probe_reduce", "curvature perturb")
+HEADLINE = (
+    "forward",
+    "forward+grad (overwrite)",
+    "backward",
+    "commit",
+    "sqnorm_commit",
+    "curvature probe_reduce",
+    "curvature perturb",
+)
 
 
 def headline(rows: List[Row]) -> List[Row]:
     """Per (arch, family, dtype): the instance of the widest loads and the most threads per row
     (the large-vocabulary launch: 16-byte packs, a block per row)."""
+
     def key(r: Row):
         width = max((d["elems"] for d in r.detail), default=0)
         nums = [int(x) for x in re.findall(r"\b(\d+)\b", r.kernel)]
@@ -544,13 +615,18 @@ def markdown(rows: List[Row], before: Optional[List[Dict]] = None) -> str:
         for d in devs:
             cells.append(f"{rf[d]['budget']:.1f}, {100 * rf[d]['ceiling']:.0f}%" if d in rf else "")
         if r.cycles_per_elem:
-            figs = f"{r.elem_per_iter:g} | {r.instr_per_elem:.1f} | {r.half_per_elem:.1f} | {r.mufu_per_elem:.2f} | " \
-                   f"{r.cycles_per_elem:.1f} | {r.bytes_per_elem:g}"
+            figs = (
+                f"{r.elem_per_iter:g} | {r.instr_per_elem:.1f} | {r.half_per_elem:.1f} | {r.mufu_per_elem:.2f} | "
+                f"{r.cycles_per_elem:.1f} | {r.bytes_per_elem:g}"
+            )
         else:
             figs = f"- | {r.per_row_instr} per row | | | | "
         inst = r.kernel.split("<", 1)[1].rstrip(">") if "<" in r.kernel else ""
-        line = (f"| sm_{r.arch} | {r.family} | {inst} | {r.regs} | {r.spill_stores + r.spill_loads} | {figs} | "
-                + " | ".join(cells) + " |")
+        line = (
+            f"| sm_{r.arch} | {r.family} | {inst} | {r.regs} | {r.spill_stores + r.spill_loads} | {figs} | "
+            + " | ".join(cells)
+            + " |"
+        )
         if before:
             b = old.get((r.arch, r.family, r.dtype))
             if b and b["cycles_per_elem"]:
@@ -565,7 +641,9 @@ def markdown(rows: List[Row], before: Optional[List[Dict]] = None) -> str:
 
 
 def preamble(before_label: Optional[str] = None) -> str:
-    devs = "; ".join(f"{k}: {v['sms']} SMs x {v['ghz']} GHz, {v['tbs']} TB/s (sm_{v['arch']})" for k, v in DEVICES.items())
+    devs = "; ".join(
+        f"{k}: {v['sms']} SMs x {v['ghz']} GHz, {v['tbs']} TB/s (sm_{v['arch']})" for k, v in DEVICES.items()
+    )
     return (
         "Per kernel, the hot loop of the large-vocabulary launch (16-byte loads, a block per row), read from the "
         "SASS by `benchmarks/sass_report.py`. instr/elem: instructions per element on the loop's hot path "
@@ -586,12 +664,25 @@ def write_csv(rows: List[Row], f) -> None:
     w.writerow(cols + [f"{d} ceiling" for d in DEVICES])
     for r in rows:
         rf = roofline(r)
-        w.writerow([getattr(r, c) for c in cols] + [f"{rf[d]['ceiling']:.3f}" if d in rf else "" for d in DEVICES])
+        w.writerow(
+            [getattr(r, c) for c in cols] + [f"{rf[d]['ceiling']:.3f}" if d in rf else "" for d in DEVICES]
+        )
 
 
-_STORE_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "c10::BFloat16": "bfloat16", "fp16": "float16",
-                 "float16": "float16", "c10::Half": "float16", "fp32": "float32", "float32": "float32",
-                 "float": "float32", "fp64": "float64", "float64": "float64", "double": "float64"}
+_STORE_DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "c10::BFloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "c10::Half": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+    "float64": "float64",
+    "double": "float64",
+}
 
 
 def store_rows(rows: List[Row]) -> int:
@@ -600,17 +691,36 @@ def store_rows(rows: List[Row]) -> int:
     row: the launch of large vocabularies). The other instances are fallbacks (VEC = 1: a pointer not
     aligned to its element size) or small-row launches; their figures are in --json / --csv."""
     commit, dirty = store.git_state()
-    nvcc = subprocess.run([tool("nvcc"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-    common = dict(suite="sass", shape="", threads="", date=store.now(), commit=commit, dirty=dirty,
-                  machine=f"static SASS, {nvcc[-1] if nvcc else 'nvcc'}", torch="")
+    nvcc = (
+        subprocess.run([tool("nvcc"), "--version"], capture_output=True, text=True)
+        .stdout.strip()
+        .splitlines()
+    )
+    common = dict(
+        suite="sass",
+        shape="",
+        threads="",
+        date=store.now(),
+        commit=commit,
+        dirty=dirty,
+        machine=f"static SASS, {nvcc[-1] if nvcc else 'nvcc'}",
+        torch="",
+    )
     out, heads = [], {id(r) for r in headline(rows)}
     for r in rows:
-        base = dict(common, case=r.family, variant=r.kernel, dtype=_STORE_DTYPES.get(r.dtype, r.dtype),
-                    device=f"sm_{r.arch}")
+        base = dict(
+            common,
+            case=r.family,
+            variant=r.kernel,
+            dtype=_STORE_DTYPES.get(r.dtype, r.dtype),
+            device=f"sm_{r.arch}",
+        )
         metrics = [("spill_bytes", r.spill_stores + r.spill_loads, "B"), ("regs", r.regs, "")]
         if r.instr_per_elem and id(r) in heads:
-            metrics += [("instr_per_elem", round(r.instr_per_elem, 2), "instr/elem"),
-                        ("half_per_elem", round(r.half_per_elem, 2), "instr/elem")]
+            metrics += [
+                ("instr_per_elem", round(r.instr_per_elem, 2), "instr/elem"),
+                ("half_per_elem", round(r.half_per_elem, 2), "instr/elem"),
+            ]
         out += [store.row(**base, metric=m, value=v, unit=u) for m, v, u in metrics]
     return store.append(out)
 
@@ -620,15 +730,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--arch", nargs="+", default=["90", "80"], help="SASS architectures (default 90 80)")
     ap.add_argument("--src", nargs="+", default=None, help="CUDA sources (default csrc/cuda/*.cu)")
     ap.add_argument("--work", default=None, help="keep cubins and SASS here (default: a temporary folder)")
-    ap.add_argument("--cubin", nargs="+", default=None, help="analyse these cubins (name.sm_XX.cubin) instead of building")
+    ap.add_argument(
+        "--cubin", nargs="+", default=None, help="analyse these cubins (name.sm_XX.cubin) instead of building"
+    )
     ap.add_argument("--json", help="write every kernel instance's row (with loop details) here")
     ap.add_argument("--csv", help="write every kernel instance's row here ('-': stdout)")
     ap.add_argument("--markdown", help="write the headline table with its preamble here (default: stdout)")
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
     ap.add_argument("--before", help="an earlier run's --json: its figures go beside the new ones")
     ap.add_argument("--before-label", help="what the --before run measured (a line in the preamble)")
-    ap.add_argument("--store", action="store_true",
-                    help="append the figures to benchmarks/results.csv (suite sass), read by the goals table")
+    ap.add_argument(
+        "--store",
+        action="store_true",
+        help="append the figures to benchmarks/results.csv (suite sass), read by the goals table",
+    )
     args = ap.parse_args(argv)
 
     work = args.work or tempfile.mkdtemp(prefix="memcore-sass-")
@@ -675,8 +790,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"sass_report: {store_rows(rows)} rows appended to {store.STORE}", file=sys.stderr)
     bad = [r for r in rows if r.spill_stores or r.spill_loads or r.local]
     if bad:
-        print(f"sass_report: {len(bad)} kernel instances spill: " + ", ".join(sorted({r.kernel for r in bad})[:8]),
-              file=sys.stderr)
+        print(
+            f"sass_report: {len(bad)} kernel instances spill: "
+            + ", ".join(sorted({r.kernel for r in bad})[:8]),
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -5,6 +5,7 @@ script through ``append``); ``python -m benchmarks.render`` turns the store into
 carries the git commit and whether the working tree had changes, so a run of modified code can be
 told apart (and is not published by default).
 """
+
 import csv
 import datetime as _dt
 import os
@@ -15,8 +16,24 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 STORE = Path(__file__).resolve().parent / "results.csv"
-COLUMNS = ("suite", "case", "variant", "shape", "dtype", "device", "machine", "threads", "metric", "value",
-           "unit", "date", "torch", "commit", "dirty", "note")
+COLUMNS = (
+    "suite",
+    "case",
+    "variant",
+    "shape",
+    "dtype",
+    "device",
+    "machine",
+    "threads",
+    "metric",
+    "value",
+    "unit",
+    "date",
+    "torch",
+    "commit",
+    "dirty",
+    "note",
+)
 OUTPUTS = ("benchmarks/results.csv", "benchmarks/RESULTS.md", "benchmarks/scaling.png")  # not "changes"
 
 
@@ -24,10 +41,16 @@ def git_state(root: Path = ROOT) -> Tuple[str, str]:
     """(commit, dirty) of ``root``: dirty "1" when a tracked file differs from that commit (the
     store and its rendered outputs excepted), "0" when clean; ("", "") outside a git checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.splitlines()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "", ""
     changed = [line[3:] for line in status if line[3:] not in OUTPUTS]
@@ -39,7 +62,9 @@ def cpu_model() -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith("model name")), model)
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith("model name")), model
+            )
     except OSError:
         pass
     return model
@@ -76,9 +101,11 @@ def append(rows: Iterable[Dict[str, str]], path: os.PathLike = STORE) -> int:
 
 
 def _timing(base: dict, stats: dict) -> List[Dict[str, str]]:
-    return [row(**base, metric="median_ms", value=1e3 * float(stats["median"]), unit="ms"),
-            row(**base, metric="iqr_ms", value=1e3 * float(stats.get("iqr", 0.0)), unit="ms"),
-            row(**base, metric="rounds", value=int(stats.get("rounds", 0)), unit="count")]
+    return [
+        row(**base, metric="median_ms", value=1e3 * float(stats["median"]), unit="ms"),
+        row(**base, metric="iqr_ms", value=1e3 * float(stats.get("iqr", 0.0)), unit="ms"),
+        row(**base, metric="rounds", value=int(stats.get("rounds", 0)), unit="count"),
+    ]
 
 
 def rows_from_benchmark(bench: dict, common: dict) -> List[Dict[str, str]]:
@@ -88,8 +115,14 @@ def rows_from_benchmark(bench: dict, common: dict) -> List[Dict[str, str]]:
     kernel, device = info.get("kernel"), str(info.get("device", ""))
     if not kernel or not stats:
         return []
-    base = dict(common, variant=info.get("variant"), dtype=info.get("dtype"), device=device,
-                threads=info.get("threads"), shape=info.get("shape"))
+    base = dict(
+        common,
+        variant=info.get("variant"),
+        dtype=info.get("dtype"),
+        device=device,
+        threads=info.get("threads"),
+        shape=info.get("shape"),
+    )
     base["machine"] = info.get("gpu") or common.get("machine") or machine(device)
     if kernel in ("cross_entropy", "d2d_copy"):
         base.update(suite="cross_entropy", case="loss" if kernel == "cross_entropy" else "d2d_copy")
@@ -108,8 +141,11 @@ def rows_from_benchmark(bench: dict, common: dict) -> List[Dict[str, str]]:
     if kernel == "tracker_scaling":
         base.update(suite="scaling", case="tracker", shape=info["num_samples"])
         out = _timing(base, stats)
-        out += [row(**base, metric=m, value=info[k], unit="MiB")
-                for m, k in (("state_mib", "state_mb"), ("peak_mib", "peak_mem_mb")) if info.get(k) is not None]
+        out += [
+            row(**base, metric=m, value=info[k], unit="MiB")
+            for m, k in (("state_mib", "state_mb"), ("peak_mib", "peak_mem_mb"))
+            if info.get(k) is not None
+        ]
         return out
     if kernel == "linear_cross_entropy":  # benchmarks/test_bench_linear_ce.py
         base.update(suite="linear_cross_entropy", case="fwd+bwd")
@@ -123,11 +159,16 @@ def rows_from_benchmark(bench: dict, common: dict) -> List[Dict[str, str]]:
             return _timing(base, stats)
         out = []
         for v, e in (info.get("interleaved") or {}).items():
-            out += [row(**dict(base, variant=v), metric="interleaved_median_ms", value=e["median_ms"], unit="ms"),
-                    row(**dict(base, variant=v), metric="interleaved_rounds", value=e["n"], unit="count")]
+            out += [
+                row(**dict(base, variant=v), metric="interleaved_median_ms", value=e["median_ms"], unit="ms"),
+                row(**dict(base, variant=v), metric="interleaved_rounds", value=e["n"], unit="count"),
+            ]
         for v, e in (info.get("overhead") or {}).items():  # median per-round ratio to plain, 95 % CI
-            out += [row(**dict(base, variant=v), metric=f"interleaved_ratio{s}", value=e[k], unit="ratio")
-                    for s, k in (("", "ratio"), ("_lo", "lo"), ("_hi", "hi")) if e.get(k) is not None]
+            out += [
+                row(**dict(base, variant=v), metric=f"interleaved_ratio{s}", value=e[k], unit="ratio")
+                for s, k in (("", "ratio"), ("_lo", "lo"), ("_hi", "hi"))
+                if e.get(k) is not None
+            ]
         return out
     raise ValueError(f"benchmark {bench.get('name')!r}: unknown kernel {kernel!r} (add it to store.py)")
 
@@ -139,6 +180,12 @@ def rows_from_pytest(doc: dict, commit: str, dirty: str, note: str = "") -> List
     cpu = f"{mc['cpu_model']}, {mc['cpu_count']} cores" if mc.get("cpu_model") else None
     if cpu and mc.get("cpu_isa"):
         cpu += f", memcore kernels {mc['cpu_isa']}"
-    common = dict(date=when.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), machine=cpu,
-                  torch=mc.get("torch_version"), commit=commit, dirty=dirty, note=note)
+    common = dict(
+        date=when.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        machine=cpu,
+        torch=mc.get("torch_version"),
+        commit=commit,
+        dirty=dirty,
+        note=note,
+    )
     return [r for b in doc.get("benchmarks", []) for r in rows_from_benchmark(b, common)]

@@ -25,6 +25,7 @@ F.cross_entropy (and, per variant, the eager statistics / memcore gradient), so 
 
     bash scripts/bench.sh -k cross_entropy      # measure, store in benchmarks/results.csv, render
 """
+
 import gc
 import math
 import time
@@ -67,12 +68,17 @@ def _cases():
                 marks.append(pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available"))
             if device == "cpu" and (n, c) in HEAVY_CPU:
                 marks.append(pytest.mark.bench_full)
-            for variant in (CUDA_VARIANTS if device == "cuda" else VARIANTS):
+            for variant in CUDA_VARIANTS if device == "cuda" else VARIANTS:
                 vmarks = list(marks)
                 if variant == "liger":
                     vmarks.append(pytest.mark.skipif(not HAS_LIGER, reason="liger_kernel not importable"))
-                yield pytest.param(device, (n, c), variant, marks=vmarks,
-                                   id=f"{device}-{n}x{c}-{_dtype_name(DTYPES[device])}-{variant}")
+                yield pytest.param(
+                    device,
+                    (n, c),
+                    variant,
+                    marks=vmarks,
+                    id=f"{device}-{n}x{c}-{_dtype_name(DTYPES[device])}-{variant}",
+                )
 
 
 # ---------------------------------------------------------------------------------------- problem
@@ -82,9 +88,9 @@ class Problem:
     n: int
     c: int
     dtype: torch.dtype
-    logits: torch.Tensor   # [n, c] leaf, requires_grad
+    logits: torch.Tensor  # [n, c] leaf, requires_grad
     targets: torch.Tensor  # [n] int64
-    index: torch.Tensor    # [n] shuffled arange(n): dataset ids
+    index: torch.Tensor  # [n] shuffled arange(n): dataset ids
     tracker: memcore.Tracker
     eager_buf: torch.Tensor  # float64 [n, 6]
 
@@ -103,7 +109,13 @@ def _problem(device: str, n: int, c: int) -> Problem:
         targets = torch.randint(0, c, (n,), generator=g).to(device)
         index = torch.randperm(n, generator=g).to(device)
         _CACHE[key] = Problem(
-            device, n, c, dtype, logits, targets, index,
+            device,
+            n,
+            c,
+            dtype,
+            logits,
+            targets,
+            index,
             tracker=memcore.Tracker(n, device=device),
             eager_buf=torch.zeros(n, 6, dtype=torch.float64, device=device),
         )
@@ -151,7 +163,7 @@ def run_memcore(p: Problem, tracker: Optional[memcore.Tracker] = None) -> torch.
 
 
 _LIGER: dict = {}  # the LigerCrossEntropyLoss module, made on first use
-_LAST: dict = {}   # the logits copy an in-place variant last wrote its gradient into
+_LAST: dict = {}  # the logits copy an in-place variant last wrote its gradient into
 
 
 def run_liger(p: Problem, logits: torch.Tensor) -> torch.Tensor:
@@ -295,14 +307,21 @@ def test_cross_entropy(benchmark, request, device, shape, variant):
 
     benchmark.group = f"cross_entropy {n}x{c} {dtype} {device}"
     benchmark.extra_info.update(
-        kernel="cross_entropy", variant=variant, shape=f"{n}x{c}", n=n, c=c, dtype=dtype,
-        device=device, threads=torch.get_num_threads(),
+        kernel="cross_entropy",
+        variant=variant,
+        shape=f"{n}x{c}",
+        n=n,
+        c=c,
+        dtype=dtype,
+        device=device,
+        threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name(0) if device == "cuda" else None,
     )
 
     rounds = _rounds(request, benchmark, target, setup)
-    loss = benchmark.pedantic(target, setup=setup, rounds=rounds,
-                              warmup_rounds=min(rounds // 10, 50), iterations=1)
+    loss = benchmark.pedantic(
+        target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 50), iterations=1
+    )
     p.logits.grad = None
     assert torch.isfinite(loss.float()).all()
 
@@ -328,8 +347,16 @@ def test_cuda_copy_bandwidth(benchmark, request):
     target()
     assert torch.equal(dst, src)
     benchmark.group = "d2d copy"
-    benchmark.extra_info.update(kernel="d2d_copy", variant="copy", shape=f"{n}x{c}", n=n, c=c,
-                                dtype=_dtype_name(src.dtype), device="cuda", bytes_moved=2 * nbytes,
-                                gpu=torch.cuda.get_device_name(0))
+    benchmark.extra_info.update(
+        kernel="d2d_copy",
+        variant="copy",
+        shape=f"{n}x{c}",
+        n=n,
+        c=c,
+        dtype=_dtype_name(src.dtype),
+        device="cuda",
+        bytes_moved=2 * nbytes,
+        gpu=torch.cuda.get_device_name(0),
+    )
     rounds = _rounds(request, benchmark, target, setup)
     benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 20), iterations=1)

@@ -8,6 +8,7 @@ small CNN with 1x28x28 (MNIST-sized) random inputs, batch 128, 10 probes.
 
 Runs on CUDA when available, else on the CPU.
 """
+
 import argparse
 import os
 import re
@@ -52,7 +53,11 @@ def run_reference(model, x, y, n_probes: int = N_PROBES) -> Dict[str, torch.Tens
     return reference_curvature(model, x, y, n_probes=n_probes, h=H)
 
 
-METHODS = {"memcore": run_memcore, f"memcore_max_rows_{MAX_ROWS_BIG}": run_memcore_big, "reference": run_reference}
+METHODS = {
+    "memcore": run_memcore,
+    f"memcore_max_rows_{MAX_ROWS_BIG}": run_memcore_big,
+    "reference": run_reference,
+}
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,12 +97,18 @@ else:
     print("PEAK", (status("VmHWM") - base) / 1024)
 """
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(memcore.__file__)))  # the memcore in use
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root, str(store.ROOT), os.environ.get("PYTHONPATH", "")]),
-               # fixed glibc thresholds: large blocks are mmapped and returned on free, so memory kept
-               # from the warm-up call does not hide the second call's peak
-               MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([pkg_root, str(store.ROOT), os.environ.get("PYTHONPATH", "")]),
+        # fixed glibc thresholds: large blocks are mmapped and returned on free, so memory kept
+        # from the warm-up call does not hide the second call's peak
+        MALLOC_MMAP_THRESHOLD_="131072",
+        MALLOC_TRIM_THRESHOLD_="131072",
+    )
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"PEAK (\S+)", out.stdout)
@@ -178,47 +189,93 @@ def measure(rounds: int, extra_probes: int = 0, extra_rounds: int = 5) -> Dict[s
     torch.manual_seed(1)
     ref = run_reference(model, x, y, RANK_PROBES)
     rho = spearman(run_memcore(model, x, y, RANK_PROBES)["curvature"], ref["curvature"])
-    return dict(wall=wall, cpu=cpu, rho=rho, peaks={m: peak_memory_mib(m) for m in METHODS},
-                date=start, load=(load0, load1), rounds=rounds, extra=extra, extra_probes=extra_probes)
+    return dict(
+        wall=wall,
+        cpu=cpu,
+        rho=rho,
+        peaks={m: peak_memory_mib(m) for m in METHODS},
+        date=start,
+        load=(load0, load1),
+        rounds=rounds,
+        extra=extra,
+        extra_probes=extra_probes,
+    )
 
 
 def rows(r: Dict[str, object], note: str = "") -> List[Dict[str, str]]:
     """The store rows of one measurement (benchmarks/store.py): per method its best, median and best
     CPU seconds and peak memory at N_PROBES probes, the best at the extra probe count, the Spearman."""
     commit, dirty = store.git_state()
-    base = dict(suite="curvature", shape=f"{BATCH}x1x28x28", dtype="float32", device=DEVICE,
-                machine=store.machine(DEVICE, torch.cuda.get_device_name(0) if DEVICE == "cuda" else None),
-                threads=torch.get_num_threads(), date=r["date"], torch=torch.__version__, commit=commit, dirty=dirty,
-                note="; ".join(filter(None, [note, "load average (1 min) before / after the timed rounds: "
-                                            "{:.2f} / {:.2f}".format(*r["load"]) if r["load"][0] is not None else ""])))
+    base = dict(
+        suite="curvature",
+        shape=f"{BATCH}x1x28x28",
+        dtype="float32",
+        device=DEVICE,
+        machine=store.machine(DEVICE, torch.cuda.get_device_name(0) if DEVICE == "cuda" else None),
+        threads=torch.get_num_threads(),
+        date=r["date"],
+        torch=torch.__version__,
+        commit=commit,
+        dirty=dirty,
+        note="; ".join(
+            filter(
+                None,
+                [
+                    note,
+                    "load average (1 min) before / after the timed rounds: {:.2f} / {:.2f}".format(*r["load"])
+                    if r["load"][0] is not None
+                    else "",
+                ],
+            )
+        ),
+    )
     out = []
     for m, wall in r["wall"].items():
         b = dict(base, case=f"{N_PROBES} probes", variant=m)
-        out += [store.row(**b, metric="best_s", value=min(wall), unit="s"),
-                store.row(**b, metric="median_s", value=sorted(wall)[len(wall) // 2], unit="s"),
-                store.row(**b, metric="best_cpu_s", value=min(r["cpu"][m]), unit="s"),
-                store.row(**b, metric="rounds", value=r["rounds"], unit="count")]
+        out += [
+            store.row(**b, metric="best_s", value=min(wall), unit="s"),
+            store.row(**b, metric="median_s", value=sorted(wall)[len(wall) // 2], unit="s"),
+            store.row(**b, metric="best_cpu_s", value=min(r["cpu"][m]), unit="s"),
+            store.row(**b, metric="rounds", value=r["rounds"], unit="count"),
+        ]
         if r["peaks"][m] is not None:
             out.append(store.row(**b, metric="peak_mib", value=r["peaks"][m], unit="MiB"))
     for m, wall in r["extra"].items():
         if wall:
             b = dict(base, case=f"{r['extra_probes']} probes", variant=m)
-            out += [store.row(**b, metric="best_s", value=min(wall), unit="s"),
-                    store.row(**b, metric="rounds", value=len(wall), unit="count")]
-    out.append(store.row(**dict(base, case=f"{RANK_PROBES} probes", variant="memcore"),
-                         metric="spearman_vs_reference", value=r["rho"], unit="rho"))
+            out += [
+                store.row(**b, metric="best_s", value=min(wall), unit="s"),
+                store.row(**b, metric="rounds", value=len(wall), unit="count"),
+            ]
+    out.append(
+        store.row(
+            **dict(base, case=f"{RANK_PROBES} probes", variant="memcore"),
+            metric="spearman_vs_reference",
+            value=r["rho"],
+            unit="rho",
+        )
+    )
     return out
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Measures the curvature benchmark over interleaved rounds and "
-                                            "appends its figures to the benchmark store")
+    p = argparse.ArgumentParser(
+        description="Measures the curvature benchmark over interleaved rounds and "
+        "appends its figures to the benchmark store"
+    )
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--note", default="", help="context stored with the figures (e.g. machine load)")
-    p.add_argument("--extra-probes", type=int, default=50, help="also time both methods at this many probes (0: skip)")
-    p.add_argument("--write", nargs="?", const=str(store.STORE), default=None,
-                   help="append the figures to this store (default: benchmarks/results.csv); then run "
-                        "`python -m benchmarks.render`")
+    p.add_argument(
+        "--extra-probes", type=int, default=50, help="also time both methods at this many probes (0: skip)"
+    )
+    p.add_argument(
+        "--write",
+        nargs="?",
+        const=str(store.STORE),
+        default=None,
+        help="append the figures to this store (default: benchmarks/results.csv); then run "
+        "`python -m benchmarks.render`",
+    )
     args = p.parse_args(argv)
     out = rows(measure(args.rounds, args.extra_probes), args.note)
     for row in out:

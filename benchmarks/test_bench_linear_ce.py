@@ -25,6 +25,7 @@ shape, that linear's gradients do), so --benchmark-disable runs also catch wrong
     pytest benchmarks/test_bench_linear_ce.py --bench-full --benchmark-min-rounds=1 \\
         --benchmark-json=/tmp/bench_linear.json
 """
+
 import gc
 import math
 import time
@@ -41,7 +42,7 @@ SHAPES = [(256, 64, 1001), (4096, 1024, 32000), (2048, 2048, 128256)]  # (N, H, 
 HEAVY = {(4096, 1024, 32000), (2048, 2048, 128256)}
 VARIANTS = ("plain", "plain_eager", "accumulate", "linear")
 DTYPE = torch.float32
-_CACHE: dict = {}   # the problem of the current shape, shared by its variants
+_CACHE: dict = {}  # the problem of the current shape, shared by its variants
 _RESULTS: dict = {}  # (shape, variant) -> (seconds, peak_mib), for the ratios of the linear rows
 
 
@@ -55,8 +56,14 @@ def _problem(n, h, v):
         weight = (torch.randn(v, h, generator=g, dtype=DTYPE) / h**0.5).requires_grad_()
         targets = torch.randint(0, v, (n,), generator=g)
         index = torch.randperm(n, generator=g)
-        _CACHE[key] = dict(hidden=hidden, weight=weight, targets=targets, index=index,
-                           tracker=memcore.Tracker(n), eager=torch.zeros(n, 6, dtype=torch.float64))
+        _CACHE[key] = dict(
+            hidden=hidden,
+            weight=weight,
+            targets=targets,
+            index=index,
+            tracker=memcore.Tracker(n),
+            eager=torch.zeros(n, 6, dtype=torch.float64),
+        )
     return _CACHE[key]
 
 
@@ -114,7 +121,9 @@ def _cases():
     for shape in SHAPES:
         marks = [pytest.mark.bench_full] if shape in HEAVY else []
         for variant in VARIANTS:
-            yield pytest.param(shape, variant, marks=marks, id=f"cpu-{'x'.join(map(str, shape))}-float32-{variant}")
+            yield pytest.param(
+                shape, variant, marks=marks, id=f"cpu-{'x'.join(map(str, shape))}-float32-{variant}"
+            )
 
 
 @pytest.mark.parametrize("shape,variant", list(_cases()))
@@ -142,8 +151,16 @@ def test_linear_cross_entropy(benchmark, request, shape, variant):
         rounds = int(request.config.getoption("benchmark_min_rounds"))
     benchmark.group = f"linear_cross_entropy {n}x{h}x{v} float32 cpu"
     benchmark.extra_info.update(
-        kernel="linear_cross_entropy", variant=variant, shape=f"{n}x{h}x{v}", n=n, h=h, v=v, dtype="float32",
-        device="cpu", threads=torch.get_num_threads(), peak_mib=peak,
+        kernel="linear_cross_entropy",
+        variant=variant,
+        shape=f"{n}x{h}x{v}",
+        n=n,
+        h=h,
+        v=v,
+        dtype="float32",
+        device="cpu",
+        threads=torch.get_num_threads(),
+        peak_mib=peak,
         chunk_size=auto_chunk_size(n, v, DTYPE, torch.device("cpu")),
     )
     loss = benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1)
@@ -155,5 +172,8 @@ def test_linear_cross_entropy(benchmark, request, shape, variant):
             t_plain, m_plain = _RESULTS[(shape, "plain")]
             t_lin, m_lin = _RESULTS[(shape, variant)]
             benchmark.extra_info.update(
-                time_vs_plain=t_lin / t_plain, time_goal=1.15,
-                peak_vs_plain=None if not (m_plain and m_lin) else m_lin / m_plain, peak_goal=0.25)
+                time_vs_plain=t_lin / t_plain,
+                time_goal=1.15,
+                peak_vs_plain=None if not (m_plain and m_lin) else m_lin / m_plain,
+                peak_goal=0.25,
+            )

@@ -25,13 +25,13 @@ num_samples 1e4, 1e5); --bench-full runs them all. CUDA runs every size.
 
     bash scripts/bench.sh -k scaling --bench-threads=1     # measure, store, render (RESULTS.md + scaling.png)
 """
+
 import gc
 
 import pytest
 import torch
 
 import memcore
-
 from benchmarks import test_bench_cross_entropy as ce  # problem, variants and timing helper
 from benchmarks.memory import peak_mib
 
@@ -58,15 +58,19 @@ def points(device: str):
         pts.setdefault((n, C_FIXED), set()).add("N")
     out = []
     for (n, c), sweeps in sorted(pts.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0])):
-        quick = device == "cuda" or (("C" in sweeps and c in QUICK_CPU_C and n == N_FIXED["cpu"])
-                                     or ("N" in sweeps and n in QUICK_CPU_N and c == C_FIXED))
+        quick = device == "cuda" or (
+            ("C" in sweeps and c in QUICK_CPU_C and n == N_FIXED["cpu"])
+            or ("N" in sweeps and n in QUICK_CPU_N and c == C_FIXED)
+        )
         out.append((n, c, sorted(sweeps), quick))
     return out
 
 
 def _cases():
     for device in ("cpu", "cuda"):
-        variants = ["plain", "eager", "memcore", "memcore_overwrite"] + (["liger"] if device == "cuda" else [])
+        variants = ["plain", "eager", "memcore", "memcore_overwrite"] + (
+            ["liger"] if device == "cuda" else []
+        )
         for n, c, sweeps, quick in points(device):
             for variant in variants:
                 marks = []
@@ -76,8 +80,15 @@ def _cases():
                     marks.append(pytest.mark.skipif(not HAS_LIGER, reason="liger_kernel not importable"))
                 if not quick:
                     marks.append(pytest.mark.bench_full)
-                yield pytest.param(device, n, c, tuple(sweeps), variant, marks=marks,
-                                   id=f"{device}-{n}x{c}-{ce._dtype_name(ce.DTYPES[device])}-{variant}")
+                yield pytest.param(
+                    device,
+                    n,
+                    c,
+                    tuple(sweeps),
+                    variant,
+                    marks=marks,
+                    id=f"{device}-{n}x{c}-{ce._dtype_name(ce.DTYPES[device])}-{variant}",
+                )
 
 
 @pytest.mark.parametrize("device,n,c,sweeps,variant", list(_cases()))
@@ -101,12 +112,22 @@ def test_loss_scaling(benchmark, request, device, n, c, sweeps, variant):
 
     benchmark.group = f"scaling {device} {dtype}"
     benchmark.extra_info.update(
-        kernel="scaling", variant=variant, shape=f"{n}x{c}", n=n, c=c, dtype=dtype, device=device,
-        sweeps=list(sweeps), threads=torch.get_num_threads(), peak_mem_mb=peak,
+        kernel="scaling",
+        variant=variant,
+        shape=f"{n}x{c}",
+        n=n,
+        c=c,
+        dtype=dtype,
+        device=device,
+        sweeps=list(sweeps),
+        threads=torch.get_num_threads(),
+        peak_mem_mb=peak,
         gpu=torch.cuda.get_device_name(0) if device == "cuda" else None,
     )
     rounds = ce._rounds(request, benchmark, target, setup)
-    loss = benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 50), iterations=1)
+    loss = benchmark.pedantic(
+        target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 50), iterations=1
+    )
     p.logits.grad = None
     assert torch.isfinite(loss.float()).all()
 
@@ -158,9 +179,17 @@ def test_tracker_scaling(benchmark, request, num_samples):
 
     benchmark.group = "scaling tracker cpu"
     benchmark.extra_info.update(
-        kernel="tracker_scaling", variant="memcore", num_samples=num_samples, device="cpu", dtype="float64",
-        threads=torch.get_num_threads(), state_mb=state_mb, peak_mem_mb=peak,
+        kernel="tracker_scaling",
+        variant="memcore",
+        num_samples=num_samples,
+        device="cpu",
+        dtype="float64",
+        threads=torch.get_num_threads(),
+        state_mb=state_mb,
+        peak_mem_mb=peak,
     )
     rounds = ce._rounds(request, benchmark, target, setup)
-    out = benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 5), iterations=1)
+    out = benchmark.pedantic(
+        target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 5), iterations=1
+    )
     assert len(out["csl"]) == num_samples

@@ -33,6 +33,7 @@ same batch and weights (and that memcore+inputs recorded input-gradient norms), 
 
     bash scripts/bench.sh -k training_step --bench-threads=1    # measure, store, render
 """
+
 import contextlib
 import math
 import time
@@ -56,8 +57,8 @@ OVERWRITE = "memcore+overwrite"  # interleaved only, LM cases: accumulate(..., o
 LM_VARIANTS = ("plain", "memcore")
 NUM_CLASSES = 10
 IMAGE = (3, 32, 32)
-DATASET_SIZE = 50_000          # vision tracker size (CIFAR-10 train set); batch ids are a random subset
-LM_DATASET_SIZE = 10_000       # sequences
+DATASET_SIZE = 50_000  # vision tracker size (CIFAR-10 train set); batch ids are a random subset
+LM_DATASET_SIZE = 10_000  # sequences
 LM_DIM = 256
 
 
@@ -65,10 +66,10 @@ LM_DIM = 256
 class Case:
     model: str
     device: str
-    dtype: torch.dtype   # dtype of the logits (bf16 via autocast on CUDA)
+    dtype: torch.dtype  # dtype of the logits (bf16 via autocast on CUDA)
     batch: int
-    seq: int = 0         # LM: tokens per sequence
-    vocab: int = 0       # LM: vocabulary size (classes)
+    seq: int = 0  # LM: tokens per sequence
+    vocab: int = 0  # LM: vocabulary size (classes)
     full_only: bool = False
 
     @property
@@ -135,9 +136,9 @@ class Step:
     case: Case
     model: nn.Module
     opt: torch.optim.Optimizer
-    x: torch.Tensor        # images [B, 3, 32, 32] or tokens [B, T]
-    y: torch.Tensor        # [B] or [B, T] with -100 padding
-    index: torch.Tensor    # [B] dataset ids
+    x: torch.Tensor  # images [B, 3, 32, 32] or tokens [B, T]
+    y: torch.Tensor  # [B] or [B, T] with -100 padding
+    index: torch.Tensor  # [B] dataset ids
     tracker: memcore.Tracker
 
     def autocast(self):
@@ -168,7 +169,9 @@ def make_step(case: Case, seed: int = 0) -> Step:
     dev = case.device
     model = model.to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    return Step(case, model, opt, x.to(dev), y.to(dev), index.to(dev), memcore.Tracker(num_samples, device=dev))
+    return Step(
+        case, model, opt, x.to(dev), y.to(dev), index.to(dev), memcore.Tracker(num_samples, device=dev)
+    )
 
 
 def _sync(device: str) -> None:
@@ -180,8 +183,15 @@ def loss_of(s: Step, variant: str, logits: torch.Tensor, x: torch.Tensor) -> tor
     if variant in ("plain", XGRAD):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), s.y.reshape(-1), ignore_index=-100)
     inputs = x if variant == "memcore+inputs" else None
-    return memcore.accumulate(logits, s.y, s.index, s.tracker, ignore_index=-100, inputs=inputs,
-                              overwrite_logits=variant == OVERWRITE)
+    return memcore.accumulate(
+        logits,
+        s.y,
+        s.index,
+        s.tracker,
+        ignore_index=-100,
+        inputs=inputs,
+        overwrite_logits=variant == OVERWRITE,
+    )
 
 
 def train_step(s: Step, variant: str) -> torch.Tensor:
@@ -207,8 +217,13 @@ def _check(s: Step, variant: str) -> None:
     with torch.no_grad(), s.autocast():
         logits = s.model(s.x)
         expected = loss_of(s, "plain", logits, s.x).float()
-        got = memcore.accumulate(logits, s.y, s.index, memcore.Tracker(s.tracker.num_samples, device=s.case.device),
-                                 ignore_index=-100).float()
+        got = memcore.accumulate(
+            logits,
+            s.y,
+            s.index,
+            memcore.Tracker(s.tracker.num_samples, device=s.case.device),
+            ignore_index=-100,
+        ).float()
     torch.testing.assert_close(got, expected, **TOL[s.case.dtype])
     if variant == "memcore+inputs":
         tracker = memcore.Tracker(s.tracker.num_samples, device=s.case.device)
@@ -219,7 +234,9 @@ def _check(s: Step, variant: str) -> None:
         loss.backward()
         s.opt.zero_grad(set_to_none=True)
         norms = tracker.scores()["input_grad_norm"][s.index.cpu()]
-        assert torch.isfinite(norms).all() and (norms > 0).all(), "memcore+inputs recorded no input-gradient norms"
+        assert torch.isfinite(norms).all() and (norms > 0).all(), (
+            "memcore+inputs recorded no input-gradient norms"
+        )
         assert x.grad is None
 
 
@@ -237,9 +254,17 @@ def test_training_step(benchmark, request, case_id: str, variant: str):
     dtype = ce._dtype_name(case.dtype)
     benchmark.group = f"training_step {case.model} {case.shape} {dtype} {case.device}"
     benchmark.extra_info.update(
-        kernel="training_step", model=case.model, variant=variant, shape=case.shape, batch=case.batch,
-        seq=case.seq or None, vocab=case.vocab or None, dtype=dtype, device=case.device,
-        amp="bf16 autocast" if case.amp else None, threads=torch.get_num_threads(),
+        kernel="training_step",
+        model=case.model,
+        variant=variant,
+        shape=case.shape,
+        batch=case.batch,
+        seq=case.seq or None,
+        vocab=case.vocab or None,
+        dtype=dtype,
+        device=case.device,
+        amp="bf16 autocast" if case.amp else None,
+        threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name(0) if case.device == "cuda" else None,
         params=sum(p.numel() for p in s.model.parameters()),
     )
@@ -281,8 +306,11 @@ def test_training_step_interleaved(benchmark, request, case_id: str):
     case = CASE_BY_ID[case_id]
     _STEPS.clear()
     s = _STEPS[case] = make_step(case)
-    variants = (tuple(case.variants) + ((XGRAD,) if "memcore+inputs" in case.variants else ())
-                + ((OVERWRITE,) if case.model == "lm" else ()))
+    variants = (
+        tuple(case.variants)
+        + ((XGRAD,) if "memcore+inputs" in case.variants else ())
+        + ((OVERWRITE,) if case.model == "lm" else ())
+    )
     times: Dict[str, List[float]] = {v: [] for v in variants}
     cycle = [0]
 
@@ -309,11 +337,20 @@ def test_training_step_interleaved(benchmark, request, case_id: str):
             overhead[v] = {"ratio": ratio, "lo": lo, "hi": hi, "n": len(times[v])}
     benchmark.group = f"training_step {case.model} {case.shape} {dtype} {case.device}"
     benchmark.extra_info.update(
-        kernel="training_step", model=case.model, variant="interleaved", shape=case.shape, batch=case.batch,
-        seq=case.seq or None, vocab=case.vocab or None, dtype=dtype, device=case.device,
-        amp="bf16 autocast" if case.amp else None, threads=torch.get_num_threads(),
+        kernel="training_step",
+        model=case.model,
+        variant="interleaved",
+        shape=case.shape,
+        batch=case.batch,
+        seq=case.seq or None,
+        vocab=case.vocab or None,
+        dtype=dtype,
+        device=case.device,
+        amp="bf16 autocast" if case.amp else None,
+        threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name(0) if case.device == "cuda" else None,
-        interleaved=per_variant, overhead=overhead,
+        interleaved=per_variant,
+        overhead=overhead,
     )
     assert all(len(t) == rounds for t in times.values())
     _STEPS.clear()

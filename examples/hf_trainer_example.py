@@ -3,6 +3,7 @@ initialised, so nothing is downloaded) GPT-2 on sequences where a few have scram
 
     pip install transformers && python examples/hf_trainer_example.py
 """
+
 import tempfile
 
 import torch
@@ -40,11 +41,26 @@ def train(epochs: int = 8, overwrite_logits: bool = False, fused_linear: bool = 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2))
     tracker = memcore.Tracker(len(data))
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=8,
-                                 learning_rate=3e-3, remove_unused_columns=False, report_to=[],
-                                 save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
-        MemcoreTrainer(model=model, args=args, train_dataset=data, tracker=tracker,
-                       overwrite_logits=overwrite_logits, fused_linear=fused_linear).train()
+        args = TrainingArguments(
+            output_dir=out,
+            num_train_epochs=epochs,
+            per_device_train_batch_size=8,
+            learning_rate=3e-3,
+            remove_unused_columns=False,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        MemcoreTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            tracker=tracker,
+            overwrite_logits=overwrite_logits,
+            fused_linear=fused_linear,
+        ).train()
     return tracker
 
 

@@ -1,7 +1,8 @@
 """memcore with PyTorch Lightning: CSL on scikit-learn's digits with 10% flipped labels.
 
-    pip install lightning && python examples/lightning_example.py
+pip install lightning && python examples/lightning_example.py
 """
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -17,8 +18,9 @@ class Classifier(L.LightningModule):
     def __init__(self, tracker: memcore.Tracker):
         super().__init__()
         self.tracker = tracker
-        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.ReLU(),
-                                       torch.nn.Linear(256, 10))
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+        )
 
     def training_step(self, batch, _):
         x, y, idx = batch
@@ -31,8 +33,15 @@ class Classifier(L.LightningModule):
 def main(epochs: int = 30) -> float:
     data, flipped = inject_label_noise(load_digits(), 0.1, seed=0)
     tracker = memcore.Tracker(len(data))
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[MemcoreCallback(tracker)])
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[MemcoreCallback(tracker)],
+    )
     trainer.fit(Classifier(tracker), DataLoader(data, batch_size=64, shuffle=True))
     score = auroc(tracker.scores()["csl"], flipped)
     print(f"{tracker.epochs} epochs; CSL AUROC for the flipped labels: {score:.4f}")

@@ -10,6 +10,7 @@
 The core (this package without ``memcore.eval``) needs only torch and numpy; the research harness
 ``memcore.eval`` needs ``pip install 'memcore[eval]'``.
 """
+
 from . import data, export
 from ._ops import cpu_isa, with_cuda
 from .accumulate import accumulate
@@ -19,5 +20,17 @@ from .scores import SCORE_NAMES, SCORES
 from .tracker import Tracker
 
 __version__ = "0.1.0"
-__all__ = ["Tracker", "accumulate", "linear_accumulate", "curvature", "CurvatureTracker", "with_cuda", "cpu_isa",
-           "SCORES", "SCORE_NAMES", "export", "data", "__version__"]
+__all__ = [
+    "Tracker",
+    "accumulate",
+    "linear_accumulate",
+    "curvature",
+    "CurvatureTracker",
+    "with_cuda",
+    "cpu_isa",
+    "SCORES",
+    "SCORE_NAMES",
+    "export",
+    "data",
+    "__version__",
+]

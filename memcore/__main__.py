@@ -10,6 +10,7 @@
 
 `python -m memcore COMMAND --help` lists a command's flags with their defaults.
 """
+
 import argparse
 import sys
 from typing import List, Optional
@@ -20,16 +21,26 @@ def _parser() -> argparse.ArgumentParser:
     # help works on a core-only install
     from .eval import _args, demo, experiment
 
-    p = argparse.ArgumentParser(prog="python -m memcore", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m memcore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,experiment}")
-    demo.add_arguments(sub.add_parser(
-        "demo", formatter_class=_args.Formatter, help="find injected label noise in scikit-learn's digits",
-        description=demo.__doc__))
-    experiment.add_arguments(sub.add_parser(
-        "experiment", formatter_class=_args.Formatter,
-        help="the papers' experiments: mislabels, duplicates, stability agreement",
-        description=experiment.__doc__))
+    demo.add_arguments(
+        sub.add_parser(
+            "demo",
+            formatter_class=_args.Formatter,
+            help="find injected label noise in scikit-learn's digits",
+            description=demo.__doc__,
+        )
+    )
+    experiment.add_arguments(
+        sub.add_parser(
+            "experiment",
+            formatter_class=_args.Formatter,
+            help="the papers' experiments: mislabels, duplicates, stability agreement",
+            description=experiment.__doc__,
+        )
+    )
     return p
 
 

@@ -1,4 +1,5 @@
 """Checkpoint writing shared by the tracker, the stability estimator and the integrations."""
+
 import os
 import tempfile
 

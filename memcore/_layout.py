@@ -1,5 +1,6 @@
 """Column layouts: the native kernels' per-row outputs (mirrors csrc/common.h) and the Tracker's compact
 per-sample state (`CompactState`), with the arithmetic that commits rows into it and closes epochs."""
+
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -48,8 +49,14 @@ MAX_EPOCHS = 32767  # int16 epoch fields
 STATE_VERSION = 2
 
 
-def _tensor(shape: Tuple[int, ...], dtype: torch.dtype, fill: float, device: torch.device,
-            storage: Optional[str], name: str) -> torch.Tensor:
+def _tensor(
+    shape: Tuple[int, ...],
+    dtype: torch.dtype,
+    fill: float,
+    device: torch.device,
+    storage: Optional[str],
+    name: str,
+) -> torch.Tensor:
     if storage is None:
         return torch.full(shape, fill, dtype=dtype, device=device)
     # memory-mapped: the OS pages the state in and out of `storage/<name>.bin`
@@ -86,8 +93,13 @@ def state_bytes(st: Dict[str, torch.Tensor], history: Optional[List[torch.Tensor
 
 
 @torch.no_grad()
-def commit_rows(st: Dict[str, torch.Tensor], index: torch.Tensor, keep: torch.Tensor, loss: torch.Tensor,
-                row_stats: torch.Tensor) -> None:
+def commit_rows(
+    st: Dict[str, torch.Tensor],
+    index: torch.Tensor,
+    keep: torch.Tensor,
+    loss: torch.Tensor,
+    row_stats: torch.Tensor,
+) -> None:
     """Adds rows into the state. index int64 [n] (state-local ids; any value where ~keep), keep bool [n],
     loss [n] and row_stats [n, 3] as memcore::ce_forward returns them (any float dtype). No host sync.
 
@@ -133,13 +145,16 @@ def commit_kept(st: Dict[str, torch.Tensor], index: torch.Tensor, vals: torch.Te
 
 
 @torch.no_grad()
-def commit_grad_rows(st: Dict[str, torch.Tensor], index: torch.Tensor, sq: torch.Tensor,
-                     rows: torch.Tensor) -> None:
+def commit_grad_rows(
+    st: Dict[str, torch.Tensor], index: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor
+) -> None:
     """Adds squared input-gradient norms: sq float64 [n], rows [n] (1 for a recorded row, 0 for a row
     to skip, whose sq is 0 and whose index may be anything)."""
     keep = rows != 0
     idx = torch.where(keep, index, torch.zeros_like(index))
-    st["grad_sq_sum"].index_add_(0, idx, torch.where(keep, sq.double(), torch.zeros_like(sq, dtype=torch.float64)))
+    st["grad_sq_sum"].index_add_(
+        0, idx, torch.where(keep, sq.double(), torch.zeros_like(sq, dtype=torch.float64))
+    )
     st["grad_rows"].index_add_(0, idx, keep.to(torch.int32))
 
 
@@ -154,8 +169,9 @@ def has_open_rows(st: Dict[str, torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
-def closed(st: Dict[str, torch.Tensor], epoch: int, correct_threshold: float,
-           tau: Optional[float]) -> Dict[str, torch.Tensor]:
+def closed(
+    st: Dict[str, torch.Tensor], epoch: int, correct_threshold: float, tau: Optional[float]
+) -> Dict[str, torch.Tensor]:
     """The state after closing epoch `epoch` (0-based) from its open rows; `st` is not modified.
 
     Same rules as format 1: a sample seen this epoch is correct when at least correct_threshold of its
@@ -168,15 +184,23 @@ def closed(st: Dict[str, torch.Tensor], epoch: int, correct_threshold: float,
     new_sums = sums.clone()
     new_sums[:, S_LOSS] = sums[:, S_LOSS] + torch.where(seen, sums[:, S_LAST], torch.zeros_like(rows_e))
     new_sums[:, S_LAST] = torch.where(seen, sums[:, S_LAST] / rows_e.clamp_min(1), sums[:, S_LAST])
-    new_counts = torch.stack([counts[:, C_ROWS] + counts[:, C_ROWS_E], counts[:, C_CORRECT] + counts[:, C_CORRECT_E],
-                              torch.zeros_like(counts[:, 0]), torch.zeros_like(counts[:, 0])], 1)
+    new_counts = torch.stack(
+        [
+            counts[:, C_ROWS] + counts[:, C_ROWS_E],
+            counts[:, C_CORRECT] + counts[:, C_CORRECT_E],
+            torch.zeros_like(counts[:, 0]),
+            torch.zeros_like(counts[:, 0]),
+        ],
+        1,
+    )
     learned = st["learned_since"]
     prev_correct = learned >= 0  # a sample's last seen epoch was correct iff it is learned since some epoch
     forgot = seen & prev_correct & ~correct
     start = torch.where(prev_correct, learned, torch.full_like(learned, epoch))
     out = dict(st)
     out.update(
-        sums=new_sums, counts=new_counts,
+        sums=new_sums,
+        counts=new_counts,
         forgetting=st["forgetting"] + forgot.to(torch.int16),
         learned_since=torch.where(seen, torch.where(correct, start, torch.full_like(start, -1)), learned),
     )
@@ -184,8 +208,9 @@ def closed(st: Dict[str, torch.Tensor], epoch: int, correct_threshold: float,
         # float32 comparison, as format 1 compared its float32 history with tau
         below = grad_mean(st).float() <= tau  # NaN (never recorded) compares False
         fs = st["formal_since"]
-        out["formal_since"] = torch.where(below, torch.where(fs >= 0, fs, torch.full_like(fs, epoch)),
-                                          torch.full_like(fs, -1))
+        out["formal_since"] = torch.where(
+            below, torch.where(fs >= 0, fs, torch.full_like(fs, epoch)), torch.full_like(fs, -1)
+        )
     return out
 
 
@@ -193,21 +218,22 @@ FOLD_ROWS = 1 << 20  # rows per block of an in-place epoch close
 
 
 @torch.no_grad()
-def close_in_place(st: Dict[str, torch.Tensor], epoch: int, correct_threshold: float,
-                   tau: Optional[float]) -> Optional[torch.Tensor]:
+def close_in_place(
+    st: Dict[str, torch.Tensor], epoch: int, correct_threshold: float, tau: Optional[float]
+) -> Optional[torch.Tensor]:
     """`closed` applied to `st` itself, FOLD_ROWS rows at a time, so closing an epoch needs memory for
     one block of temporaries, not a second copy of the state. Returns the float32 CPU running means of
     the squared input-gradient norm after the epoch when the state has them (the tau=None history)."""
     n = st["sums"].shape[0]
     means = torch.empty(n, dtype=torch.float32) if "grad_sq_sum" in st else None
     for lo in range(0, n, FOLD_ROWS):
-        view = {k: v[lo:lo + FOLD_ROWS] for k, v in st.items()}
+        view = {k: v[lo : lo + FOLD_ROWS] for k, v in st.items()}
         new = closed(view, epoch, correct_threshold, tau)
         for k, v in view.items():
             if new[k] is not v:
                 v.copy_(new[k])
         if means is not None:
-            means[lo:lo + FOLD_ROWS] = grad_mean(view).float().cpu()
+            means[lo : lo + FOLD_ROWS] = grad_mean(view).float().cpu()
     return means
 
 
@@ -245,8 +271,9 @@ def formal_from_since(since: torch.Tensor, norm: torch.Tensor, epochs: int) -> t
     return torch.where(norm.isnan(), torch.full_like(lt, float("nan")), lt)
 
 
-def formal_from_history(history: List[torch.Tensor], grad_start: int, norm: torch.Tensor, tau: float,
-                        epochs: int) -> torch.Tensor:
+def formal_from_history(
+    history: List[torch.Tensor], grad_start: int, norm: torch.Tensor, tau: float, epochs: int
+) -> torch.Tensor:
     """learning_time_formal from the per-epoch running means (float32 [S] each, CPU), as format 1."""
     below = torch.stack(history) <= tau  # [E, S]; NaN (not yet seen) compares False
     # stays[e] = below at every epoch >= e: "learned" is for good, as in learning_time
@@ -256,8 +283,9 @@ def formal_from_history(history: List[torch.Tensor], grad_start: int, norm: torc
     return torch.where(norm.isnan().cpu(), torch.full_like(lt, float("nan")), lt)
 
 
-def from_version1(buffers: Dict[str, torch.Tensor], history: List[torch.Tensor], grad_start: int,
-                  tau: Optional[float]) -> Dict[str, torch.Tensor]:
+def from_version1(
+    buffers: Dict[str, torch.Tensor], history: List[torch.Tensor], grad_start: int, tau: Optional[float]
+) -> Dict[str, torch.Tensor]:
     """Converts the float64 buffers of format 1 (epoch / total [S, 6], last_loss, prev_correct,
     forgetting, learned_since, grad_epoch / grad_total [S, 2]) into format 2."""
     e, t = buffers["epoch"], buffers["total"]
@@ -268,7 +296,12 @@ def from_version1(buffers: Dict[str, torch.Tensor], history: List[torch.Tensor],
     st["sums"][:, S_LAST] = torch.where(seen_e, e[:, LOSS_SUM], buffers["last_loss"].nan_to_num(0.0))
     for dst, src in ((S_PROB, PROB_SUM), (S_PROB_SQ, PROB_SQ_SUM), (S_MARGIN, MARGIN_SUM)):
         st["sums"][:, dst] = t[:, src] + e[:, src]
-    for dst, src, b in ((C_ROWS, ROWS, t), (C_CORRECT, CORRECT, t), (C_ROWS_E, ROWS, e), (C_CORRECT_E, CORRECT, e)):
+    for dst, src, b in (
+        (C_ROWS, ROWS, t),
+        (C_CORRECT, CORRECT, t),
+        (C_ROWS_E, ROWS, e),
+        (C_CORRECT_E, CORRECT, e),
+    ):
         st["counts"][:, dst] = b[:, src].round().to(torch.int32)
     st["forgetting"] = buffers["forgetting"].to(torch.int16)
     st["learned_since"] = buffers["learned_since"].to(torch.int16)
@@ -281,7 +314,10 @@ def from_version1(buffers: Dict[str, torch.Tensor], history: List[torch.Tensor],
             since = torch.full((n,), -1, dtype=torch.int16)
             for k, h in enumerate(history):
                 below = h <= tau
-                since = torch.where(below, torch.where(since >= 0, since, torch.full_like(since, grad_start + k)),
-                                    torch.full_like(since, -1))
+                since = torch.where(
+                    below,
+                    torch.where(since >= 0, since, torch.full_like(since, grad_start + k)),
+                    torch.full_like(since, -1),
+                )
             st["formal_since"] = since
     return st

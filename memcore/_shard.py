@@ -16,6 +16,7 @@ remaining row to its owner with ``all_to_all_single`` (counts first, then ids an
 sharding (``Tracker(distributed=True)``) the same exchange sends every row to every rank, so each
 rank commits the same rows in the same order and holds the same state.
 """
+
 import json
 import os
 import uuid
@@ -52,8 +53,11 @@ def check_agreement(fields: Dict[str, float], device: torch.device) -> None:
     dist = _dist()
     world = dist.get_world_size()
     names = list(fields)
-    mine = torch.tensor([float("nan") if fields[k] is None else float(fields[k]) for k in names],
-                        dtype=torch.float64, device=device)
+    mine = torch.tensor(
+        [float("nan") if fields[k] is None else float(fields[k]) for k in names],
+        dtype=torch.float64,
+        device=device,
+    )
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine)
     table = torch.stack(got).cpu()
@@ -62,8 +66,10 @@ def check_agreement(fields: Dict[str, float], device: torch.device) -> None:
         same = torch.isnan(col).all() or (not torch.isnan(col).any() and bool((col == col[0]).all()))
         if not same:
             vals = ", ".join(f"rank {r}: {_fmt(col[r])}" for r in range(world))
-            raise ValueError(f"Tracker settings differ across ranks: {k} ({vals}); construct the tracker "
-                             f"with the same arguments on every rank")
+            raise ValueError(
+                f"Tracker settings differ across ranks: {k} ({vals}); construct the tracker "
+                f"with the same arguments on every rank"
+            )
 
 
 def _fmt(v: torch.Tensor) -> str:
@@ -89,30 +95,47 @@ class Router:
     def pending(self) -> bool:
         return bool(self.ce or self.grad)
 
-    def add_ce(self, index: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, row_stats: torch.Tensor,
-               status: torch.Tensor, ignore_index: int) -> None:
-        self.ce.append((index.clone(), targets.clone(), loss.detach().clone(), row_stats.detach(), status,
-                        ignore_index))
+    def add_ce(
+        self,
+        index: torch.Tensor,
+        targets: torch.Tensor,
+        loss: torch.Tensor,
+        row_stats: torch.Tensor,
+        status: torch.Tensor,
+        ignore_index: int,
+    ) -> None:
+        self.ce.append(
+            (index.clone(), targets.clone(), loss.detach().clone(), row_stats.detach(), status, ignore_index)
+        )
         self.calls += 1
 
     def add_grad(self, index: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor) -> None:
         self.grad.append((index.clone(), sq, rows))
 
     def bytes_pending(self) -> int:
-        return sum(t.numel() * t.element_size() for rows in (self.ce, self.grad) for r in rows for t in r
-                   if isinstance(t, torch.Tensor))
+        return sum(
+            t.numel() * t.element_size()
+            for rows in (self.ce, self.grad)
+            for r in rows
+            for t in r
+            if isinstance(t, torch.Tensor)
+        )
 
     def take_ce(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The buffered ce rows as (int64 ids [n], bool keep [n], float64 [n, 4] loss, p, margin,
         correct), emptying the buffer; no host sync."""
         rows, self.ce = self.ce, []
         if not rows:
-            return (torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.bool, device=device),
-                    torch.empty(0, 4, dtype=torch.float64, device=device))
+            return (
+                torch.empty(0, dtype=torch.int64, device=device),
+                torch.empty(0, dtype=torch.bool, device=device),
+                torch.empty(0, 4, dtype=torch.float64, device=device),
+            )
         idx = torch.cat([r[0] for r in rows])
         sizes = [r[0].shape[0] for r in rows]
-        status = torch.cat([r[4] for r in rows]).repeat_interleave(torch.tensor(sizes, device=idx.device),
-                                                                   output_size=idx.shape[0])
+        status = torch.cat([r[4] for r in rows]).repeat_interleave(
+            torch.tensor(sizes, device=idx.device), output_size=idx.shape[0]
+        )
         ignore = {r[5] for r in rows}
         targets = torch.cat([r[1] for r in rows])
         if len(ignore) == 1:
@@ -129,10 +152,15 @@ class Router:
         if not rows:
             z = torch.empty(0, dtype=torch.float64, device=device)
             return torch.empty(0, dtype=torch.int64, device=device), z, z
-        return (torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]).double(),
-                torch.cat([r[2] for r in rows]))
+        return (
+            torch.cat([r[0] for r in rows]),
+            torch.cat([r[1] for r in rows]).double(),
+            torch.cat([r[2] for r in rows]),
+        )
 
-    def exchange(self, flags: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+    def exchange(
+        self, flags: torch.Tensor
+    ) -> Tuple[torch.Tensor, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
         """Collective. flags: int64 [k] per-rank flags, max-reduced over ranks and returned; the last
         one says "this rank has input-gradient rows" (the grad channel is exchanged only when some
         rank has). Returns also, per channel ("ce", "grad"), the (int64 ids, float64 values [n, w])
@@ -197,8 +225,9 @@ def all_ok(ok: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def save_shards(path: str, shard_state: Dict[str, Any], num_samples: int, world: int, rank: int,
-                device: torch.device) -> None:
+def save_shards(
+    path: str, shard_state: Dict[str, Any], num_samples: int, world: int, rank: int, device: torch.device
+) -> None:
     """Collective: every rank writes its shard file under directory `path` (atomic rename), then rank 0
     writes the manifest (atomic) naming this save's files and removes the previous save's files.
     A crash before the manifest is replaced leaves the previous checkpoint whole."""
@@ -212,14 +241,21 @@ def save_shards(path: str, shard_state: Dict[str, Any], num_samples: int, world:
     if not all_ok(err is None, device):
         if err is not None:
             raise err
-        raise RuntimeError(f"saving the sharded tracker to {path!r} failed on another rank; the previous "
-                           f"checkpoint there is unchanged")
+        raise RuntimeError(
+            f"saving the sharded tracker to {path!r} failed on another rank; the previous "
+            f"checkpoint there is unchanged"
+        )
     if rank == 0:
         files = [shard_file(token, r, world) for r in range(world)]
         manifest = {
-            "format": MANIFEST_FORMAT, "version": shard_state["version"], "num_samples": num_samples,
-            "world_size": world, "token": token, "epochs": shard_state["epochs"],
-            "ranges": [list(range_of(num_samples, world, r)) for r in range(world)], "files": files,
+            "format": MANIFEST_FORMAT,
+            "version": shard_state["version"],
+            "num_samples": num_samples,
+            "world_size": world,
+            "token": token,
+            "epochs": shard_state["epochs"],
+            "ranges": [list(range_of(num_samples, world, r)) for r in range(world)],
+            "files": files,
         }
         tmp = os.path.join(path, f"{MANIFEST}.tmp{os.getpid()}-{token}")
         with open(tmp, "w") as f:
@@ -245,13 +281,17 @@ def read_manifest(path: str) -> Dict[str, Any]:
     return m
 
 
-def load_range(path: str, start: int, end: int, num_samples: int) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+def load_range(
+    path: str, start: int, end: int, num_samples: int
+) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """The manifest and the shard states (weights_only loads) whose ranges overlap [start, end), each
     checked against the manifest, with its buffers sliced to the overlap, in id order."""
     m = read_manifest(path)
     if m["num_samples"] != num_samples:
-        raise ValueError(f"sharded checkpoint {path!r} is for num_samples={m['num_samples']}, this tracker has "
-                         f"{num_samples}")
+        raise ValueError(
+            f"sharded checkpoint {path!r} is for num_samples={m['num_samples']}, this tracker has "
+            f"{num_samples}"
+        )
     ranges, files = m["ranges"], m["files"]
     if len(ranges) != m["world_size"] or len(files) != m["world_size"]:
         raise ValueError(f"manifest of {path!r} lists {len(files)} files for world_size {m['world_size']}")
@@ -262,11 +302,15 @@ def load_range(path: str, start: int, end: int, num_samples: int) -> Tuple[Dict[
             continue
         fpath = os.path.join(path, name)
         if not os.path.isfile(fpath):
-            raise FileNotFoundError(f"shard {r} of {m['world_size']} of checkpoint {path!r} is missing: {fpath}")
+            raise FileNotFoundError(
+                f"shard {r} of {m['world_size']} of checkpoint {path!r} is missing: {fpath}"
+            )
         st = load_plain(fpath, "memcore Tracker shard")
         if not isinstance(st, dict) or st.get("token") != m["token"] or list(st.get("range", [])) != [s, e]:
-            raise ValueError(f"shard file {fpath} does not belong to this checkpoint (save id or range "
-                             f"differs from {MANIFEST}): a mixed or partly overwritten checkpoint")
+            raise ValueError(
+                f"shard file {fpath} does not belong to this checkpoint (save id or range "
+                f"differs from {MANIFEST}): a mixed or partly overwritten checkpoint"
+            )
         parts.append(slice_shard(st, lo - s, hi - s))
     return m, parts
 
@@ -289,6 +333,7 @@ def concat_shards(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
             raise ValueError("shards of one checkpoint hold different buffers")
     out = dict(first)
     out["buffers"] = {k: torch.cat([p["buffers"][k] for p in parts]) for k in first["buffers"]}
-    out["grad_history"] = [torch.cat([p["grad_history"][i] for p in parts])
-                           for i in range(len(first["grad_history"]))]
+    out["grad_history"] = [
+        torch.cat([p["grad_history"][i] for p in parts]) for i in range(len(first["grad_history"]))
+    ]
     return out

@@ -5,6 +5,7 @@ errors (targets or index out of range, non-finite logits) are detected inside th
 same pass that computes the loss and reported through its status word; `explain_status` turns that
 word into the exception, pointing at the first offending row.
 """
+
 import operator
 from typing import Optional, Tuple
 
@@ -20,8 +21,10 @@ REDUCTIONS = ("mean", "sum", "none")
 def as_ignore_index(ignore_index) -> int:
     """ignore_index as a Python int: any integer (numpy integers, 0-d integer tensors) as
     F.cross_entropy accepts; bool and floats are refused."""
-    if isinstance(ignore_index, bool) or (isinstance(ignore_index, torch.Tensor)
-                                          and (ignore_index.dtype.is_floating_point or ignore_index.dtype == torch.bool)):
+    if isinstance(ignore_index, bool) or (
+        isinstance(ignore_index, torch.Tensor)
+        and (ignore_index.dtype.is_floating_point or ignore_index.dtype == torch.bool)
+    ):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     try:
         return operator.index(ignore_index)
@@ -49,6 +52,39 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     return True
 
 
+def _rows(
+    x: torch.Tensor, x_name: str, targets, index, ignore_index, tracker_device: Optional[torch.device]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Checks targets and index against x [..., D] (logits or hidden) and flattens them to int64 [N]:
+    targets [...] (x's leading shape); index like targets or, for targets [B, T], one id per sequence."""
+    _require_tensor(targets, "targets")
+    _require_tensor(index, "index")
+    _require_integer(targets, "targets")
+    _require_integer(index, "index")
+    lead = tuple(x.shape[:-1])
+    if tuple(targets.shape) != lead:
+        raise ValueError(
+            f"targets must have shape {lead} to match {x_name} {tuple(x.shape)}, got {tuple(targets.shape)}"
+        )
+    if tuple(index.shape) != lead and not (len(lead) >= 2 and tuple(index.shape) == lead[:1]):
+        per_seq = f" or {lead[:1]} (one sample id per sequence)" if len(lead) >= 2 else ""
+        raise ValueError(f"index must have shape {lead}{per_seq}, got {tuple(index.shape)}")
+    for t, name in ((targets, "targets"), (index, "index")):
+        if not same_device(t.device, x.device):
+            raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
+    if tracker_device is not None and not same_device(tracker_device, x.device):
+        raise ValueError(
+            f"tracker lives on {tracker_device} but {x_name} is on {x.device}; "
+            f"create it with memcore.Tracker(num_samples, device={str(x.device)!r})"
+        )
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    n = targets.numel()
+    if tuple(index.shape) != lead:  # one id per sequence -> one id per row
+        index = index.reshape(lead[:1] + (1,) * (len(lead) - 1)).expand(lead)
+    return targets.reshape(n).to(torch.int64).contiguous(), index.reshape(n).to(torch.int64).contiguous()
+
+
 def rows_of(
     logits, targets, index, ignore_index, tracker_device: Optional[torch.device]
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,17 +94,27 @@ def rows_of(
     for sequence data with targets [B, T], one sample id per sequence [B].
     """
     if (  # the common case, checked with as few tensor calls as possible (they dominate small batches)
-        type(logits) is torch.Tensor and type(targets) is torch.Tensor and type(index) is torch.Tensor
-        and logits.dim() == 2 and targets.dtype == torch.int64 and index.dtype == torch.int64
-        and logits.dtype in FLOAT_DTYPES and type(ignore_index) is int
+        type(logits) is torch.Tensor
+        and type(targets) is torch.Tensor
+        and type(index) is torch.Tensor
+        and logits.dim() == 2
+        and targets.dtype == torch.int64
+        and index.dtype == torch.int64
+        and logits.dtype in FLOAT_DTYPES
+        and type(ignore_index) is int
     ):
         n, c = logits.shape
         dev = logits.device
         if (
-            c >= 2 and targets.shape == (n,) and index.shape == (n,)
-            and targets.device == dev and index.device == dev
+            c >= 2
+            and targets.shape == (n,)
+            and index.shape == (n,)
+            and targets.device == dev
+            and index.device == dev
             and (tracker_device is None or tracker_device == dev)
-            and logits.is_contiguous() and targets.is_contiguous() and index.is_contiguous()
+            and logits.is_contiguous()
+            and targets.is_contiguous()
+            and index.is_contiguous()
         ):
             return logits, targets, index
     _require_tensor(logits, "logits")
@@ -80,40 +126,25 @@ def rows_of(
         raise ValueError(f"logits must have shape [N, C] (or [..., C]), got {tuple(logits.shape)}")
     num_classes = logits.shape[-1]
     if num_classes < 2:
-        raise ValueError(f"logits must have at least 2 classes in the last dim, got shape {tuple(logits.shape)}")
-    _require_integer(targets, "targets")
-    _require_integer(index, "index")
-    lead = tuple(logits.shape[:-1])
-    if tuple(targets.shape) != lead:
         raise ValueError(
-            f"targets must have shape {lead} to match logits {tuple(logits.shape)}, got {tuple(targets.shape)}"
+            f"logits must have at least 2 classes in the last dim, got shape {tuple(logits.shape)}"
         )
-    if tuple(index.shape) != lead and not (len(lead) >= 2 and tuple(index.shape) == lead[:1]):
-        per_seq = f" or {lead[:1]} (one sample id per sequence)" if len(lead) >= 2 else ""
-        raise ValueError(f"index must have shape {lead}{per_seq}, got {tuple(index.shape)}")
-    for t, name in ((targets, "targets"), (index, "index")):
-        if not same_device(t.device, logits.device):
-            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
-    if tracker_device is not None and not same_device(tracker_device, logits.device):
-        raise ValueError(
-            f"tracker lives on {tracker_device} but logits are on {logits.device}; "
-            f"create it with memcore.Tracker(num_samples, device={str(logits.device)!r})"
-        )
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-
-    n = targets.numel()
-    if tuple(index.shape) != lead:  # one id per sequence -> one id per row
-        index = index.reshape(lead[:1] + (1,) * (len(lead) - 1)).expand(lead)
+    targets1d, index1d = _rows(logits, "logits", targets, index, ignore_index, tracker_device)
+    n = targets1d.shape[0]
     logits2d = logits.reshape(n, num_classes)
     if not logits2d.is_contiguous():
         logits2d = logits2d.contiguous()
-    return logits2d, targets.reshape(n).to(torch.int64).contiguous(), index.reshape(n).to(torch.int64).contiguous()
+    return logits2d, targets1d, index1d
 
 
 def explain_status(
-    bits: int, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, num_samples: int,
-    ignore_index: int, loss: Optional[torch.Tensor],
+    bits: int,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    index: torch.Tensor,
+    num_samples: int,
+    ignore_index: int,
+    loss: Optional[torch.Tensor],
 ) -> Exception:
     """Builds the exception for a non-zero status word; names the first offending row."""
     keep = targets != ignore_index
@@ -148,13 +179,15 @@ def explain_status(
         if rows.numel() == 0:  # the kernel's rounding disagreed with this recomputation at the edge
             return ValueError(
                 f"a logits row gives a loss outside the {opmath} range (NaN / +inf logits, a -inf target "
-                f"logit, or finite logits about {big:.3g} apart); the tracker was not updated")
+                f"logit, or finite logits about {big:.3g} apart); the tracker was not updated"
+            )
         row = int(rows[0, 0])
         if torch.isfinite(exact[row]):
             return ValueError(
                 f"logits row {row} gives a loss of {float(exact[row]):.6g} (in float64), which overflows "
                 f"{opmath} (F.cross_entropy returns inf for it): its finite logits are more than "
-                f"{big:.3g} apart; the tracker was not updated")
+                f"{big:.3g} apart; the tracker was not updated"
+            )
         return ValueError(
             f"logits row {row} gives a non-finite loss ({float(exact[row])}): the row holds NaN or +inf, "
             f"or the target's logit is -inf; the tracker was not updated"
@@ -163,8 +196,15 @@ def explain_status(
 
 
 def describe_bits(bits: int) -> str:
-    names = [n for b, n in ((BAD_TARGET, "target out of range"), (BAD_INDEX, "index out of range"),
-                            (NON_FINITE, "non-finite loss")) if bits & b]
+    names = [
+        n
+        for b, n in (
+            (BAD_TARGET, "target out of range"),
+            (BAD_INDEX, "index out of range"),
+            (NON_FINITE, "non-finite loss"),
+        )
+        if bits & b
+    ]
     return ", ".join(names) or f"status {bits}"
 
 
@@ -202,8 +242,10 @@ def linear_rows_of(
         raise ValueError(f"hidden must have shape [N, H] (or [..., H]), got {tuple(hidden.shape)}")
     h = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != h:
-        raise ValueError(f"weight must have shape [V, H={h}] (F.linear's [out_features, in_features]) for "
-                         f"hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [V, H={h}] (F.linear's [out_features, in_features]) for "
+            f"hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}"
+        )
     if weight.shape[0] < 2:
         raise ValueError(f"weight must have at least 2 rows (classes), got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
@@ -218,33 +260,10 @@ def linear_rows_of(
             raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
         if not same_device(bias.device, hidden.device):
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
-    _require_tensor(targets, "targets")
-    _require_tensor(index, "index")
-    _require_integer(targets, "targets")
-    _require_integer(index, "index")
-    lead = tuple(hidden.shape[:-1])
-    if tuple(targets.shape) != lead:
-        raise ValueError(
-            f"targets must have shape {lead} to match hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}"
-        )
-    if tuple(index.shape) != lead and not (len(lead) >= 2 and tuple(index.shape) == lead[:1]):
-        per_seq = f" or {lead[:1]} (one sample id per sequence)" if len(lead) >= 2 else ""
-        raise ValueError(f"index must have shape {lead}{per_seq}, got {tuple(index.shape)}")
-    for t, name in ((targets, "targets"), (index, "index")):
-        if not same_device(t.device, hidden.device):
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if tracker_device is not None and not same_device(tracker_device, hidden.device):
-        raise ValueError(
-            f"tracker lives on {tracker_device} but hidden is on {hidden.device}; "
-            f"create it with memcore.Tracker(num_samples, device={str(hidden.device)!r})"
-        )
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    n = targets.numel()
-    if tuple(index.shape) != lead:  # one id per sequence -> one id per row
-        index = index.reshape(lead[:1] + (1,) * (len(lead) - 1)).expand(lead)
+    targets1d, index1d = _rows(hidden, "hidden", targets, index, ignore_index, tracker_device)
+    n = targets1d.shape[0]
     # a view whose rows cannot be flattened (e.g. h[:, :-1]) is copied here, [N, H] only
     hidden2d = hidden.reshape(n, h)
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
-    return hidden2d, targets.reshape(n).to(torch.int64).contiguous(), index.reshape(n).to(torch.int64).contiguous()
+    return hidden2d, targets1d, index1d

@@ -1,10 +1,11 @@
 """`memcore.accumulate`: cross-entropy that also records per-sample statistics in a Tracker."""
+
 from typing import Optional
 
 import torch
 
 from ._ops.cross_entropy import OverwriteLogitsCE, no_double_backward  # also registers the ops
-from ._validate import REDUCTIONS, as_ignore_index, check_inputs_for_grad, rows_of
+from ._validate import REDUCTIONS, as_ignore_index, check_inputs_for_grad, explain_status, rows_of
 from .tracker import Tracker
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as in csrc/common.h
@@ -88,28 +89,56 @@ def accumulate(
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
     if overwrite_logits:
         if reduction == "none":
-            raise ValueError('overwrite_logits=True needs reduction "mean" or "sum" (the gradient it '
-                             'writes in the forward pass is that of the reduced loss)')
+            raise ValueError(
+                'overwrite_logits=True needs reduction "mean" or "sum" (the gradient it '
+                "writes in the forward pass is that of the reduced loss)"
+            )
         if inputs is not None:
-            raise ValueError("overwrite_logits=True cannot be combined with inputs= (the input-gradient "
-                             "hooks need the per-row losses in the autograd graph)")
-        if (logits.requires_grad and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+            raise ValueError(
+                "overwrite_logits=True cannot be combined with inputs= (the input-gradient "
+                "hooks need the per-row losses in the autograd graph)"
+            )
+        if logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             out, loss, row_stats, status = OverwriteLogitsCE.apply(
-                logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction])
-            tracker._record(index1d, targets1d, loss, row_stats, status, ignore_index, logits2d)
+                logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction]
+            )
+            tracker._record(
+                index1d,
+                targets1d,
+                loss,
+                row_stats,
+                status,
+                ignore_index,
+                _explainer(logits2d, targets1d, index1d, tracker.num_samples, ignore_index, loss),
+            )
             return no_double_backward(out.to(_result_dtype(logits)))
     if inputs is None and reduction != "none":  # forward and reduction in one operator
         out, _count, loss, _lse, row_stats, status = torch.ops.memcore.ce_forward_reduce(
             logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction]
         )
-        tracker._record(index1d, targets1d, loss.detach(), row_stats, status, ignore_index, logits2d)
+        tracker._record(
+            index1d,
+            targets1d,
+            loss.detach(),
+            row_stats,
+            status,
+            ignore_index,
+            _explainer(logits2d, targets1d, index1d, tracker.num_samples, ignore_index, loss.detach()),
+        )
         return out.to(_result_dtype(logits))
 
     loss, _lse, row_stats, status = torch.ops.memcore.ce_forward(
         logits2d, targets1d, index1d, tracker.num_samples, ignore_index
     )
-    tracker._record(index1d, targets1d, loss.detach(), row_stats, status, ignore_index, logits2d)
+    tracker._record(
+        index1d,
+        targets1d,
+        loss.detach(),
+        row_stats,
+        status,
+        ignore_index,
+        _explainer(logits2d, targets1d, index1d, tracker.num_samples, ignore_index, loss.detach()),
+    )
     if inputs is not None and loss.requires_grad:
         _record_input_grads(tracker, inputs, loss, targets1d, index1d, ignore_index, status)
 
@@ -131,9 +160,20 @@ def _result_dtype(logits: torch.Tensor) -> torch.dtype:
     return logits.dtype
 
 
-def _record_input_grads(tracker: Tracker, inputs: torch.Tensor, loss_rows: torch.Tensor,
-                        targets: torch.Tensor, index: torch.Tensor, ignore_index: int,
-                        status: torch.Tensor) -> None:
+def _explainer(logits, targets, index, num_samples, ignore_index, loss):
+    """The exception for a batch's non-zero status word, built only when one is raised."""
+    return lambda bits: explain_status(bits, logits, targets, index, num_samples, ignore_index, loss)
+
+
+def _record_input_grads(
+    tracker: Tracker,
+    inputs: torch.Tensor,
+    loss_rows: torch.Tensor,
+    targets: torch.Tensor,
+    index: torch.Tensor,
+    ignore_index: int,
+    status: torch.Tensor,
+) -> None:
     """Hooks that reduce d(loss_r)/d(inputs_r) into the tracker during backward.
 
     The backward pass delivers d(total)/d(inputs_r) = d(total)/d(loss_r) * d(loss_r)/d(inputs_r);
@@ -163,14 +203,16 @@ def _record_input_grads(tracker: Tracker, inputs: torch.Tensor, loss_rows: torch
                 "memcore.accumulate(..., inputs=x): x feeds two memcore.accumulate losses in this backward; "
                 "x's gradient is their sum, so neither loss's per-sample input-gradient norm can be "
                 "recorded exactly. Pass inputs= to one of them only, or give each loss its own leaf "
-                "input. Nothing was recorded for this backward.")
+                "input. Nothing was recorded for this backward."
+            )
         g = g.double()
         keep = (targets != ignore_index) & (g != 0) & (status == 0)
         scale = torch.where(keep, 1.0 / torch.where(keep, g, torch.ones_like(g)), torch.zeros_like(g))
         # per-row (squared norm, recorded) pairs, then into the tracker by sample id
         rows = torch.zeros(index.shape[0], 2, dtype=torch.float64, device=gx.device)
-        torch.ops.memcore.sqnorm_commit(rows, gx.detach().contiguous(), scale,
-                                        torch.arange(index.shape[0], device=gx.device))
+        torch.ops.memcore.sqnorm_commit(
+            rows, gx.detach().contiguous(), scale, torch.arange(index.shape[0], device=gx.device)
+        )
         tracker._record_grad(index, rows[:, 0], rows[:, 1])
 
     def drop_grad(t: torch.Tensor) -> None:

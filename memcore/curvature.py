@@ -12,6 +12,7 @@ The probes v are Rademacher vectors regenerated from Philox4x32-10 inside the ke
 (memcore::rademacher_perturb, memcore::probe_reduce), a pure function of (seed, index, probe), so a
 sample's score does not depend on the batch it came in, its position, the chunking or the device.
 """
+
 import math
 import numbers
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -70,8 +71,10 @@ def _check_batch(model, inputs, targets, index) -> Tuple[torch.Tensor, torch.Ten
     b = inputs.shape[0]
     _require_integer(targets, "targets")
     if tuple(targets.shape) != (b,):
-        raise ValueError(f"targets must have shape ({b},) to match inputs {tuple(inputs.shape)}, "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have shape ({b},) to match inputs {tuple(inputs.shape)}, "
+            f"got {tuple(targets.shape)}"
+        )
     if not same_device(targets.device, inputs.device):
         raise ValueError(f"targets are on {targets.device} but inputs are on {inputs.device}")
     if index is None:
@@ -80,8 +83,10 @@ def _check_batch(model, inputs, targets, index) -> Tuple[torch.Tensor, torch.Ten
         _require_tensor(index, "index")
         _require_integer(index, "index")
         if tuple(index.shape) != (b,):
-            raise ValueError(f"index must have shape ({b},) (one dataset index per sample of inputs "
-                             f"{tuple(inputs.shape)}), got {tuple(index.shape)}")
+            raise ValueError(
+                f"index must have shape ({b},) (one dataset index per sample of inputs "
+                f"{tuple(inputs.shape)}), got {tuple(index.shape)}"
+            )
         index = index.to(inputs.device, torch.int64)
         if b and int(index.min()) < 0:
             row = int((index < 0).nonzero()[0, 0])
@@ -96,7 +101,9 @@ def _check_batch(model, inputs, targets, index) -> Tuple[torch.Tensor, torch.Ten
 
 
 # ---------------------------------------------------------------------------------- gradients
-def _loss(model: Callable, x: torch.Tensor, y: torch.Tensor, check_targets: Optional[int] = None) -> torch.Tensor:
+def _loss(
+    model: Callable, x: torch.Tensor, y: torch.Tensor, check_targets: Optional[int] = None
+) -> torch.Tensor:
     """Sum over rows of each row's own cross-entropy (no 1/B scaling), checking the logits and, when
     check_targets is the row offset of y in the batch, the targets' range."""
     logits = model(x)
@@ -106,12 +113,15 @@ def _loss(model: Callable, x: torch.Tensor, y: torch.Tensor, check_targets: Opti
     c = logits.shape[1]
     if check_targets is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
         row = int(((y < 0) | (y >= c)).nonzero()[0, 0])
-        raise IndexError(f"targets[{row + check_targets}] = {int(y[row])} is outside [0, {c}) for a model "
-                         f"with {c} classes")
+        raise IndexError(
+            f"targets[{row + check_targets}] = {int(y[row])} is outside [0, {c}) for a model with {c} classes"
+        )
     return F.cross_entropy(logits, y, reduction="sum")
 
 
-def _input_grad(model: Callable, x: torch.Tensor, y: torch.Tensor, check_targets: Optional[int] = None) -> torch.Tensor:
+def _input_grad(
+    model: Callable, x: torch.Tensor, y: torch.Tensor, check_targets: Optional[int] = None
+) -> torch.Tensor:
     """grad_x of the summed per-sample losses, w.r.t. x only (parameters' .grad untouched)."""
     xg = x.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(_loss(model, xg, y, check_targets), xg, allow_unused=True)
@@ -124,7 +134,7 @@ def _fd_rows(model, x, y, index, n_probes, h, seed, max_rows, sq, vd) -> None:
     rest = x.shape[1:]
     bs = min(b, max_rows)  # samples per clean pass
     for s0 in range(0, b, bs):
-        xs, ys, ix = x[s0:s0 + bs], y[s0:s0 + bs], index[s0:s0 + bs]
+        xs, ys, ix = x[s0 : s0 + bs], y[s0 : s0 + bs], index[s0 : s0 + bs]
         n = xs.shape[0]
         g_clean = _input_grad(model, xs, ys, check_targets=s0)  # once per batch, shared by every probe
         pc = max(1, max_rows // n)  # probes per perturbed pass: pc * n <= max_rows rows
@@ -133,8 +143,8 @@ def _fd_rows(model, x, y, index, n_probes, h, seed, max_rows, sq, vd) -> None:
             xp = torch.ops.memcore.rademacher_perturb(xs, ix, seed, p0, np_, h)  # [np_, n, ...]
             gp = _input_grad(model, xp.reshape(np_ * n, *rest), ys.repeat(np_)).reshape(np_, n, *rest)
             s, v = torch.ops.memcore.probe_reduce(gp, g_clean, ix, seed, p0)
-            sq[p0:p0 + np_, s0:s0 + n] = s
-            vd[p0:p0 + np_, s0:s0 + n] = v
+            sq[p0 : p0 + np_, s0 : s0 + n] = s
+            vd[p0 : p0 + np_, s0 : s0 + n] = v
 
 
 def _hvp_rows(model, x, y, index, n_probes, h, seed, max_rows, sq, vd) -> None:
@@ -144,11 +154,12 @@ def _hvp_rows(model, x, y, index, n_probes, h, seed, max_rows, sq, vd) -> None:
     rest = list(x.shape[1:])
     bs = min(b, max_rows)
     for s0 in range(0, b, bs):
-        xs, ys, ix = x[s0:s0 + bs], y[s0:s0 + bs], index[s0:s0 + bs]
+        xs, ys, ix = x[s0 : s0 + bs], y[s0 : s0 + bs], index[s0 : s0 + bs]
         n = xs.shape[0]
         xg = xs.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(_loss(model, xg, ys, check_targets=s0), xg, create_graph=True,
-                                   allow_unused=True)
+        (g,) = torch.autograd.grad(
+            _loss(model, xg, ys, check_targets=s0), xg, create_graph=True, allow_unused=True
+        )
         for p in range(n_probes):
             v = torch.ops.memcore.rademacher(ix, seed, p, 1, rest, x.dtype)[0]
             hv = None
@@ -157,8 +168,8 @@ def _hvp_rows(model, x, y, index, n_probes, h, seed, max_rows, sq, vd) -> None:
             if hv is None:  # the gradient does not depend on x: H = 0
                 hv = torch.zeros_like(v)
             hv = hv.double().reshape(n, -1) * h
-            sq[p, s0:s0 + n] = hv.pow(2).sum(1)
-            vd[p, s0:s0 + n] = (v.double().reshape(n, -1) * hv).sum(1)
+            sq[p, s0 : s0 + n] = hv.pow(2).sum(1)
+            vd[p, s0 : s0 + n] = (v.double().reshape(n, -1) * hv).sum(1)
 
 
 def _mean_over_probes(vals: torch.Tensor) -> torch.Tensor:
@@ -292,7 +303,10 @@ class CurvatureTracker:
         return _seed64((self.seed + (update << 32 if self.fresh_probes else 0)) & ((1 << 64) - 1))
 
     def update(
-        self, model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, *,
+        self,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        loader: Iterable,
+        *,
         device: Optional[torch.device] = None,
     ) -> Dict[str, torch.Tensor]:
         """Scores every sample the loader yields with the current model and adds it to the average.
@@ -327,20 +341,33 @@ class CurvatureTracker:
                 batches = tqdm(loader, total=total, desc=f"curvature (update {self.updates})")
         for i, batch in enumerate(batches):
             if not isinstance(batch, (tuple, list)) or len(batch) != 3:
-                raise ValueError(f"loader must yield (inputs, targets, index) batches; batch {i} is "
-                                 f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+                raise ValueError(
+                    f"loader must yield (inputs, targets, index) batches; batch {i} is "
+                    f"{type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                )
             x, y, ix = batch
             _require_tensor(ix, "index")
             _require_integer(ix, "index")
             ix = ix.reshape(-1).to(torch.int64).cpu()
             if ix.numel() and (int(ix.min()) < 0 or int(ix.max()) >= self.num_samples):
                 row = int(((ix < 0) | (ix >= self.num_samples)).nonzero()[0, 0])
-                raise IndexError(f"index[{row}] = {int(ix[row])} in batch {i} is outside [0, {self.num_samples}) "
-                                 f"(the tracker's num_samples)")
+                raise IndexError(
+                    f"index[{row}] = {int(ix[row])} in batch {i} is outside [0, {self.num_samples}) "
+                    f"(the tracker's num_samples)"
+                )
             _require_tensor(x, "inputs")
-            out = curvature(model, x.to(device), y.to(device) if isinstance(y, torch.Tensor) else y,
-                            index=ix.to(device), n_probes=self.n_probes, h=self.h, seed=seed,
-                            mode=self.mode, max_rows=self.max_rows)
+            out = curvature(
+                model,
+                x.to(device),
+                y.to(device) if isinstance(y, torch.Tensor) else y,
+                index=ix.to(device),
+                n_probes=self.n_probes,
+                h=self.h,
+                seed=seed,
+                mode=self.mode,
+                max_rows=self.max_rows,
+            )
             cs.index_add_(0, ix, out["curvature"].cpu())
             ts.index_add_(0, ix, out["trace"].cpu())
             cnt.index_add_(0, ix, torch.ones(ix.numel(), dtype=torch.float64))
@@ -354,8 +381,10 @@ class CurvatureTracker:
     def _means(cs: torch.Tensor, ts: torch.Tensor, cnt: torch.Tensor) -> Dict[str, torch.Tensor]:
         nan = torch.tensor(float("nan"), dtype=torch.float64)
         seen = cnt > 0
-        return {"curvature": torch.where(seen, cs / cnt.clamp_min(1), nan),
-                "curvature_trace": torch.where(seen, ts / cnt.clamp_min(1), nan)}
+        return {
+            "curvature": torch.where(seen, cs / cnt.clamp_min(1), nan),
+            "curvature_trace": torch.where(seen, ts / cnt.clamp_min(1), nan),
+        }
 
     def scores(self) -> Dict[str, torch.Tensor]:
         """Per-sample averages over every update, float64 CPU [num_samples], NaN where never scored:
@@ -371,8 +400,13 @@ class CurvatureTracker:
     def state_dict(self) -> Dict[str, Any]:
         """Settings, update count and sums (CPU copies), enough to resume."""
         return {
-            "version": self.VERSION, "num_samples": self.num_samples, "n_probes": self.n_probes,
-            "h": self.h, "seed": self.seed, "mode": self.mode, "fresh_probes": self.fresh_probes,
+            "version": self.VERSION,
+            "num_samples": self.num_samples,
+            "n_probes": self.n_probes,
+            "h": self.h,
+            "seed": self.seed,
+            "mode": self.mode,
+            "fresh_probes": self.fresh_probes,
             "updates": self.updates,
             "buffers": {k: getattr(self, k).clone() for k in self._BUFFERS},
         }
@@ -383,10 +417,14 @@ class CurvatureTracker:
         if not isinstance(state, dict) or state.get("version") is None or "buffers" not in state:
             raise ValueError("state is not a memcore CurvatureTracker state_dict")
         if state["version"] != self.VERSION:
-            raise ValueError(f"curvature state has format version {state['version']}, this memcore reads {self.VERSION}")
+            raise ValueError(
+                f"curvature state has format version {state['version']}, this memcore reads {self.VERSION}"
+            )
         if state["num_samples"] != self.num_samples:
-            raise ValueError(f"curvature state is for num_samples={state['num_samples']}, this tracker has "
-                             f"{self.num_samples}")
+            raise ValueError(
+                f"curvature state is for num_samples={state['num_samples']}, this tracker has "
+                f"{self.num_samples}"
+            )
         bufs = state["buffers"]
         if set(bufs) != set(self._BUFFERS):
             raise ValueError(f"curvature state has buffers {sorted(bufs)}, expected {sorted(self._BUFFERS)}")
@@ -401,5 +439,7 @@ class CurvatureTracker:
         self.updates = int(state["updates"])
 
     def __repr__(self) -> str:
-        return (f"CurvatureTracker(num_samples={self.num_samples}, n_probes={self.n_probes}, h={self.h}, "
-                f"seed={self.seed}, updates={self.updates})")
+        return (
+            f"CurvatureTracker(num_samples={self.num_samples}, n_probes={self.n_probes}, h={self.h}, "
+            f"seed={self.seed}, updates={self.updates})"
+        )

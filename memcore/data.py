@@ -2,6 +2,7 @@
 expects. The readers of published datasets (digits, MNIST, CIFAR) and the controlled corruptions
 (label noise, duplicates) are in the harness: ``memcore.eval.datasets``, ``memcore.eval.corruptions``.
 """
+
 import operator
 from typing import Any, Dict, Optional, Tuple
 
@@ -33,17 +34,14 @@ class IndexedDataset(Dataset):
         meta: Optional[Dict[str, Any]] = None,
     ) -> None:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError(
-                f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}"
-            )
+            raise TypeError(f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
         if not x.dtype.is_floating_point:
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
             raise TypeError(f"y must be an integer tensor of class ids, got {y.dtype}")
         if x.dim() < 1 or y.dim() != 1 or x.shape[0] != y.shape[0]:
             raise ValueError(
-                f"x must be [N, ...] and y [N] with the same N, got x {tuple(x.shape)} and "
-                f"y {tuple(y.shape)}"
+                f"x must be [N, ...] and y [N] with the same N, got x {tuple(x.shape)} and y {tuple(y.shape)}"
             )
         y = y.long()
         if num_classes is None:
@@ -51,8 +49,7 @@ class IndexedDataset(Dataset):
         num_classes = int(num_classes)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(
-                f"labels must lie in [0, {num_classes}), got range "
-                f"[{int(y.min())}, {int(y.max())}]"
+                f"labels must lie in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]"
             )
         self.x = x
         self.y = y

@@ -1,6 +1,7 @@
 """Scores out of memcore: a pandas DataFrame / CSV, Parquet (streamed, per shard), a join onto a
 Hugging Face dataset, and cleanlab's conventions (ranked issue indices, label quality scores in
 [0, 1]) to feed existing data-cleaning workflows."""
+
 import csv
 import os
 from typing import Dict, Iterator, Optional, Tuple
@@ -41,8 +42,9 @@ def to_dataframe(scores: Dict[str, torch.Tensor], labels: Optional[torch.Tensor]
     try:
         import pandas as pd
     except ImportError as e:
-        raise ImportError("memcore.export.to_dataframe needs pandas: pip install 'memcore[export]' "
-                          "(to_csv needs nothing)") from e
+        raise ImportError(
+            "memcore.export.to_dataframe needs pandas: pip install 'memcore[export]' (to_csv needs nothing)"
+        ) from e
 
     n, lab = _columns(scores, labels)
     cols = {"index": np.arange(n)}
@@ -66,8 +68,12 @@ def to_csv(scores: Dict[str, torch.Tensor], path: str, labels: Optional[torch.Te
             w.writerow([i] + ([lab[i]] if lab is not None else []) + [repr(c[i]) for c in cols])
 
 
-def ranked_issues(scores: Dict[str, torch.Tensor], by: str = "csl", top: Optional[int] = None,
-                  fraction: Optional[float] = None) -> np.ndarray:
+def ranked_issues(
+    scores: Dict[str, torch.Tensor],
+    by: str = "csl",
+    top: Optional[int] = None,
+    fraction: Optional[float] = None,
+) -> np.ndarray:
     """Sample indices ordered from most to least suspicious by score `by` — the form of
     cleanlab's ``find_label_issues(..., return_indices_ranked_by=...)``. Keep the first `top`,
     or the first `fraction` of the dataset (e.g. your estimated noise rate)."""
@@ -104,8 +110,9 @@ def _pyarrow():
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("memcore.export.to_parquet needs pyarrow: pip install 'memcore[export]' "
-                          "(or pip install pyarrow)") from e
+        raise ImportError(
+            "memcore.export.to_parquet needs pyarrow: pip install 'memcore[export]' (or pip install pyarrow)"
+        ) from e
     return pa, pq
 
 
@@ -130,10 +137,13 @@ def _blocks(tracker_or_scores, rows: int) -> Tuple[Iterator[Dict[str, np.ndarray
                 out = {"index": np.arange(tr._start + lo, tr._start + hi, dtype=np.int64)}
                 out.update({k: v.numpy() for k, v in block.items()})
                 yield out
+
         return gen(), stem
     if not isinstance(tracker_or_scores, dict) or not tracker_or_scores:
-        raise TypeError(f"to_parquet takes a memcore.Tracker or a dict of score tensors, got "
-                        f"{type(tracker_or_scores).__name__}")
+        raise TypeError(
+            f"to_parquet takes a memcore.Tracker or a dict of score tensors, got "
+            f"{type(tracker_or_scores).__name__}"
+        )
     scores = tracker_or_scores
     n = len(next(iter(scores.values())))
     for k, v in scores.items():
@@ -144,11 +154,22 @@ def _blocks(tracker_or_scores, rows: int) -> Tuple[Iterator[Dict[str, np.ndarray
         index = scores.get("index")
         for lo in range(0, max(n, 1), rows):
             hi = min(lo + rows, n)
-            out = {"index": (np.arange(lo, hi, dtype=np.int64) if index is None
-                             else torch.as_tensor(index[lo:hi]).cpu().numpy().astype(np.int64))}
-            out.update({k: torch.as_tensor(v[lo:hi]).detach().cpu().numpy() for k, v in scores.items()
-                        if k != "index"})
+            out = {
+                "index": (
+                    np.arange(lo, hi, dtype=np.int64)
+                    if index is None
+                    else torch.as_tensor(index[lo:hi]).cpu().numpy().astype(np.int64)
+                )
+            }
+            out.update(
+                {
+                    k: torch.as_tensor(v[lo:hi]).detach().cpu().numpy()
+                    for k, v in scores.items()
+                    if k != "index"
+                }
+            )
             yield out
+
     return gen_dict(), "scores"
 
 
@@ -222,8 +243,12 @@ def gather_scores(tracker, dst: int = 0) -> Optional[Dict[str, torch.Tensor]]:
     dist.gather(block, got, dst=dst)
     if rank != dst:
         return None
-    full = torch.cat([g.cpu()[: e - b] for g, (b, e) in
-                      zip(got, (_shard.range_of(tracker.num_samples, world, r) for r in range(world)))])
+    full = torch.cat(
+        [
+            g.cpu()[: e - b]
+            for g, (b, e) in zip(got, (_shard.range_of(tracker.num_samples, world, r) for r in range(world)))
+        ]
+    )
     out = {k: full[:, j].clone() for j, k in enumerate(names)}
     out["index"] = torch.arange(tracker.num_samples, dtype=torch.int64)
     return out
@@ -237,14 +262,22 @@ def join_scores(dataset, scores, *, index_column: Optional[str] = None, prefix: 
     try:
         import datasets  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("memcore.export.join_scores needs the `datasets` package (pip install datasets)") from e
+        raise ImportError(
+            "memcore.export.join_scores needs the `datasets` package (pip install datasets)"
+        ) from e
     if isinstance(scores, (str, os.PathLike)):
         scores = read_parquet(str(scores))
     n_scores = len(next(iter(scores.values())))
-    ids = (np.asarray(scores["index"], dtype=np.int64) if "index" in scores
-           else np.arange(n_scores, dtype=np.int64))
-    rows = (np.asarray(dataset[index_column], dtype=np.int64) if index_column is not None
-            else np.arange(len(dataset), dtype=np.int64))
+    ids = (
+        np.asarray(scores["index"], dtype=np.int64)
+        if "index" in scores
+        else np.arange(n_scores, dtype=np.int64)
+    )
+    rows = (
+        np.asarray(dataset[index_column], dtype=np.int64)
+        if index_column is not None
+        else np.arange(len(dataset), dtype=np.int64)
+    )
     size = int(max(ids.max(initial=-1), rows.max(initial=-1))) + 1
     if (rows < 0).any():
         raise ValueError(f"dataset column {index_column!r} holds negative sample ids")

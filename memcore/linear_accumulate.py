@@ -1,12 +1,13 @@
 """`memcore.linear_accumulate`: ``accumulate`` of ``F.linear(hidden, weight, bias)`` without ever
 materialising the [N, V] logits (LLM heads: 8k tokens x 128k vocabulary)."""
+
 from typing import Optional
 
 import torch
 
-from ._ops import linear_cross_entropy  # noqa: F401  (fake kernels and autograd of the linear_ce ops)
 from ._layout import NON_FINITE
-from ._validate import REDUCTIONS, explain_status, linear_rows_of
+from ._ops import linear_cross_entropy  # noqa: F401  (fake kernels and autograd of the linear_ce ops)
+from ._validate import REDUCTIONS, as_ignore_index, explain_status, linear_rows_of
 from .tracker import Tracker
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as in csrc/common.h
@@ -80,28 +81,46 @@ def linear_accumulate(
         raise TypeError(f"tracker must be a memcore.Tracker, got {type(tracker).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    hidden2d, targets1d, index1d = linear_rows_of(hidden, weight, bias, targets, index, ignore_index,
-                                                  tracker.device)
+    if type(ignore_index) is not int:  # numpy integers, 0-d integer tensors, as F.cross_entropy
+        ignore_index = as_ignore_index(ignore_index)
+    hidden2d, targets1d, index1d = linear_rows_of(
+        hidden, weight, bias, targets, index, ignore_index, tracker.device
+    )
     n, v = hidden2d.shape[0], weight.shape[0]
     if chunk_size is None:
         chunk_size = auto_chunk_size(n, v, hidden.dtype, hidden.device)
     elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     grad = torch.is_grad_enabled()
-    mask = [grad and hidden.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad]
+    mask = [
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+    ]
     out, _count, loss, _lse, row_stats, status, *_grads = torch.ops.memcore.linear_ce_forward(
-        hidden2d, weight, bias, targets1d, index1d, tracker.num_samples, ignore_index,
-        _REDUCTION_CODE[reduction], chunk_size, mask)
+        hidden2d,
+        weight,
+        bias,
+        targets1d,
+        index1d,
+        tracker.num_samples,
+        ignore_index,
+        _REDUCTION_CODE[reduction],
+        chunk_size,
+        mask,
+    )
     # one record for the whole batch, skipped (on the device) when any chunk flagged an error
-    tracker._record(index1d, targets1d, loss.detach(), row_stats, status, ignore_index)
-    if tracker.strict and not torch.compiler.is_compiling():
-        bits = int(status.item())
-        if bits:
-            raise _explain(bits, hidden2d, weight, bias, targets1d, index1d, tracker.num_samples,
-                           ignore_index, loss)
-    else:
-        tracker._errors.bitwise_or_(status)
+    tracker._record(
+        index1d,
+        targets1d,
+        loss.detach(),
+        row_stats,
+        status,
+        ignore_index,
+        lambda bits: _explain(
+            bits, hidden2d, weight, bias, targets1d, index1d, tracker.num_samples, ignore_index, loss
+        ),
+    )
     if reduction == "none":
         return loss.to(hidden.dtype).reshape(targets.shape)
     return out.to(hidden.dtype)
@@ -120,8 +139,9 @@ def _explain(bits, hidden, weight, bias, targets, index, num_samples, ignore_ind
             where = "bias holds NaN or inf"
         else:
             where = "its logits overflow or the target's logit is -inf"
-        return ValueError(f"row {row} gives a non-finite loss ({float(loss[row])}): {where}; "
-                          f"the tracker was not updated")
+        return ValueError(
+            f"row {row} gives a non-finite loss ({float(loss[row])}): {where}; the tracker was not updated"
+        )
     # target / index errors: explain_status needs only the logits' shape [N, V]
     logits_shape = hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0])
     return explain_status(bits, logits_shape, targets, index, num_samples, ignore_index, loss)

@@ -7,6 +7,7 @@ checks README's scores table against it.
     SCORES["aum"].suspicious        # "low"
     suspicion("aum", s)             # -s: higher = more suspicious for every score
 """
+
 from typing import Dict, NamedTuple, Tuple
 
 import torch
@@ -24,17 +25,28 @@ _TABLE: Tuple[Tuple[str, str, str], ...] = (
     ("csl_mean", "csl / rows: the mean loss per presentation (per token for sequences)", "high"),
     ("rows", "number of rows (presentations, or tokens) recorded; a count, not a suspicion signal", "high"),
     ("last_loss", "mean loss over the sample's rows in the last epoch it was seen", "high"),
-    ("learning_time", "first epoch from which the sample is classified correctly in every epoch it is seen",
-     "high"),
+    (
+        "learning_time",
+        "first epoch from which the sample is classified correctly in every epoch it is seen",
+        "high",
+    ),
     ("forgetting", "number of correct -> incorrect transitions between consecutive epochs", "high"),
     ("confidence_mean", "mean p(given label) over presentations", "low"),
     ("confidence_std", "std of p(given label) over presentations", "high"),
     ("aum", "area under the margin: mean of given-label logit minus the largest other logit", "low"),
     ("correctness", "fraction of presentations predicted correctly", "low"),
-    ("input_grad_norm", "mean squared L2 norm of the gradient of the sample's loss w.r.t. its input "
-     "(needs accumulate(..., inputs=x))", "high"),
-    ("learning_time_formal", "first epoch from which the running mean of input_grad_norm stays <= tau "
-     "(needs accumulate(..., inputs=x))", "high"),
+    (
+        "input_grad_norm",
+        "mean squared L2 norm of the gradient of the sample's loss w.r.t. its input "
+        "(needs accumulate(..., inputs=x))",
+        "high",
+    ),
+    (
+        "learning_time_formal",
+        "first epoch from which the running mean of input_grad_norm stays <= tau "
+        "(needs accumulate(..., inputs=x))",
+        "high",
+    ),
 )
 
 #: name -> Score, in the order ``Tracker.scores()`` returns them

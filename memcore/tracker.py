@@ -1,29 +1,31 @@
 """Tracker: per-sample training statistics, filled by `memcore.accumulate`, read by `scores()`."""
+
 import contextlib
 import functools
 import math
 import os
 import threading
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
 from . import _layout as L
 from . import _shard
 from ._io import atomic_save, load_plain
-from ._validate import describe_bits, explain_status, same_device
+from ._validate import describe_bits, same_device
 from .scores import SCORE_NAMES
 
 DeviceLike = Union[str, torch.device, None]
 
 
-
 def _with_lock(method):
     """Runs a Tracker method under the tracker's lock (see Tracker._locked)."""
+
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
         with self._locked():
             return method(self, *args, **kwargs)
+
     return locked
 
 
@@ -91,8 +93,11 @@ class Tracker:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not 0.0 < float(correct_threshold) <= 1.0:
             raise ValueError(f"correct_threshold must be in (0, 1], got {correct_threshold!r}")
-        if flush_every is not None and flush_every != -1 and (
-                not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1):
+        if (
+            flush_every is not None
+            and flush_every != -1
+            and (not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1)
+        ):
             raise ValueError(f"flush_every must be a positive int or None, got {flush_every!r}")
         self.num_samples = num_samples
         self.strict = bool(strict)
@@ -118,7 +123,9 @@ class Tracker:
         self._lock = threading.RLock()
         if storage is not None:
             if self.device is not None and self.device.type != "cpu":
-                raise ValueError(f"storage= keeps the state in memory-mapped files on the CPU; got device={device!r}")
+                raise ValueError(
+                    f"storage= keeps the state in memory-mapped files on the CPU; got device={device!r}"
+                )
             self.device = torch.device("cpu")
         if self.shard:
             self._init_shard()
@@ -135,16 +142,20 @@ class Tracker:
     def tau(self, value: Optional[float]) -> None:
         new = None if value is None else float(value)
         if self._grad_start >= 0 and new != self._tau:
-            raise ValueError("tau cannot change once input gradients were recorded (the tracker keeps the "
-                             "learning-time state of the tau it was recorded with)")
+            raise ValueError(
+                "tau cannot change once input gradients were recorded (the tracker keeps the "
+                "learning-time state of the tau it was recorded with)"
+            )
         self._tau = new
 
     def _init_shard(self) -> None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("Tracker(shard=True) needs an initialized torch.distributed process group "
-                             "(call dist.init_process_group first)")
+            raise ValueError(
+                "Tracker(shard=True) needs an initialized torch.distributed process group "
+                "(call dist.init_process_group first)"
+            )
         world, rank = dist.get_world_size(), dist.get_rank()
         if self.device is None:
             raise ValueError("Tracker(shard=True) needs an explicit device (the ranks exchange rows on it)")
@@ -156,10 +167,16 @@ class Tracker:
         """Collective: every rank must have built its tracker with the same settings (a clear error on
         every rank otherwise). Sharded trackers check at construction, replicated ones when they first
         route rows, so a rank with shard=True and one without meet in the same check."""
-        _shard.check_agreement({
-            "num_samples": self.num_samples, "shard": int(self.shard), "flush_every": self.flush_every,
-            "correct_threshold": self.correct_threshold, "tau": self._tau,
-        }, self.device or torch.device("cpu"))
+        _shard.check_agreement(
+            {
+                "num_samples": self.num_samples,
+                "shard": int(self.shard),
+                "flush_every": self.flush_every,
+                "correct_threshold": self.correct_threshold,
+                "tau": self._tau,
+            },
+            self.device or torch.device("cpu"),
+        )
 
     # ------------------------------------------------------------------ buffers
     def _storage_name(self) -> str:
@@ -220,8 +237,10 @@ class Tracker:
     def _adopt(self, device: torch.device) -> None:
         if self.device is None:
             if device.type == "meta":  # adopting it would leave the tracker without values for good
-                raise ValueError("logits are on the meta device (no values): memcore.accumulate needs real "
-                                 "tensors; the tracker was not updated and keeps device=None")
+                raise ValueError(
+                    "logits are on the meta device (no values): memcore.accumulate needs real "
+                    "tensors; the tracker was not updated and keeps device=None"
+                )
             self.to(device)
 
     def __getstate__(self) -> Dict[str, Any]:  # copy / deepcopy / pickle: a lock cannot be copied
@@ -247,17 +266,28 @@ class Tracker:
                 if self.flush_every == -1:
                     self.flush_every = None
                 self._check_agreement()
-                self._router = _shard.Router(self.num_samples, dist.get_world_size(), dist.get_rank(), "replicate")
+                self._router = _shard.Router(
+                    self.num_samples, dist.get_world_size(), dist.get_rank(), "replicate"
+                )
             else:
                 if self.flush_every == -1:
                     self.flush_every = 64
                 self._router = _shard.Router(self.num_samples, 1, 0, "local")
         return self._router
 
-    def _record(self, index: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, row_stats: torch.Tensor,
-                status: torch.Tensor, ignore_index: int, logits: torch.Tensor) -> None:
+    def _record(
+        self,
+        index: torch.Tensor,
+        targets: torch.Tensor,
+        loss: torch.Tensor,
+        row_stats: torch.Tensor,
+        status: torch.Tensor,
+        ignore_index: int,
+        explain: Callable[[int], Exception],
+    ) -> None:
         """Takes a batch's per-row results from memcore::ce_forward (no host sync), then checks its
-        status word (``_after_batch``), under the tracker's lock. The rows are buffered and committed
+        status word (``_after_batch``; ``explain(bits)`` builds the exception naming the offending
+        row), under the tracker's lock. The rows are buffered and committed
         at the next flush (rows of a rejected batch are dropped there); inside torch.compile (single
         process) committed at once, so that no Python state changes per call."""
         with self._locked():
@@ -270,7 +300,7 @@ class Tracker:
                 router.add_ce(index, targets, loss, row_stats, status, ignore_index)
                 if self.flush_every is not None and router.calls >= self.flush_every:
                     self._flush()
-            self._after_batch(status, logits, targets, index, ignore_index, loss)
+            self._after_batch(status, explain)
 
     def _record_grad(self, index: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor) -> None:
         """Squared input-gradient norms of a batch's rows (rows[r] = 0: not recorded)."""
@@ -310,15 +340,22 @@ class Tracker:
         bits = self._errors.to(torch.int64)
         # max-reduced with the rows: error bits, max and -min of the ranks' completed epochs (ranks that
         # called end_epoch() unequally often would merge unrelated epochs), "some rank has grad rows"
-        flags = torch.cat([(bits & b).ne(0).to(torch.int64) for b in (1, 2, 4)]
-                          + [torch.tensor([self.epochs, -self.epochs,
-                                           int(bool(router.grad) or self._grad_start >= 0)], device=dev)])
+        flags = torch.cat(
+            [(bits & b).ne(0).to(torch.int64) for b in (1, 2, 4)]
+            + [
+                torch.tensor(
+                    [self.epochs, -self.epochs, int(bool(router.grad) or self._grad_start >= 0)], device=dev
+                )
+            ]
+        )
         flags, got = router.exchange(flags.to(dev))
         hi, lo = int(flags[3]), -int(flags[4])
         if hi != lo:  # on every rank alike: they all see the same reduced flags
-            raise ValueError(f"memcore Trackers differ across ranks: their completed epochs range from {lo} to "
-                             f"{hi}; every rank must call end_epoch() the same number of times (this rank's "
-                             f"buffered rows were dropped)")
+            raise ValueError(
+                f"memcore Trackers differ across ranks: their completed epochs range from {lo} to "
+                f"{hi}; every rank must call end_epoch() the same number of times (this rank's "
+                f"buffered rows were dropped)"
+            )
         self._errors = (flags[:3] * torch.tensor([1, 2, 4], device=dev)).sum().to(torch.int32).view(1)
         if int(flags[5]):
             self._start_grad()
@@ -329,11 +366,11 @@ class Tracker:
         L.commit_kept(self._st, idx - self._start, vals)
 
     # ------------------------------------------------------------------ errors
-    def _after_batch(self, status, logits, targets, index, ignore_index, loss) -> None:
+    def _after_batch(self, status: torch.Tensor, explain: Callable[[int], Exception]) -> None:
         if self.strict and not torch.compiler.is_compiling() and not _capturing(status):
             bits = int(status.item())
             if bits:
-                raise explain_status(bits, logits, targets, index, self.num_samples, ignore_index, loss)
+                raise explain(bits)
         else:
             self._errors.bitwise_or_(status)
 
@@ -469,7 +506,9 @@ class Tracker:
             return float(seen.mean())
         import torch.distributed as dist
 
-        t = torch.stack([seen.sum(), torch.tensor(float(seen.numel()), dtype=torch.float64, device=seen.device)])
+        t = torch.stack(
+            [seen.sum(), torch.tensor(float(seen.numel()), dtype=torch.float64, device=seen.device)]
+        )
         dist.all_reduce(t)
         return float(t[0] / t[1])
 
@@ -522,11 +561,15 @@ class Tracker:
         if isinstance(version, int) and not isinstance(version, bool) and version == 1:
             _check_state(state, 1, self.num_samples, 0, self.num_samples)
             if self._start != 0 or self._end != self.num_samples:
-                raise ValueError(f"a format-1 tracker state holds every sample id; this tracker holds "
-                                 f"{[self._start, self._end]}")
+                raise ValueError(
+                    f"a format-1 tracker state holds every sample id; this tracker holds "
+                    f"{[self._start, self._end]}"
+                )
             state = _from_version1(state)
         elif version != self.VERSION:
-            raise ValueError(f"tracker state has format version {version!r}, this memcore reads {self.VERSION}")
+            raise ValueError(
+                f"tracker state has format version {version!r}, this memcore reads {self.VERSION}"
+            )
         _check_state(state, self.VERSION, self.num_samples, self._start, self._end)
         dev = self.device or torch.device("cpu")
         tau = state["tau"]
@@ -548,8 +591,9 @@ class Tracker:
         if self.shard:
             import torch.distributed as dist
 
-            _shard.save_shards(path, self.state_dict(), self.num_samples, dist.get_world_size(),
-                               dist.get_rank(), self.device)
+            _shard.save_shards(
+                path, self.state_dict(), self.num_samples, dist.get_world_size(), dist.get_rank(), self.device
+            )
             return
         atomic_save(self.state_dict(), path)
 
@@ -560,7 +604,9 @@ class Tracker:
         if self.shard:
             _, parts = _shard.load_range(path, self._start, self._end, self.num_samples)
             if not parts:
-                raise ValueError(f"sharded checkpoint {path!r} holds none of the ids {[self._start, self._end]}")
+                raise ValueError(
+                    f"sharded checkpoint {path!r} holds none of the ids {[self._start, self._end]}"
+                )
             state = _shard.concat_shards(parts)
             state["range"] = [self._start, self._end]
             state["buffers"]["errors"] = torch.zeros(1, dtype=torch.int32)  # shards' own, not concatenated
@@ -569,12 +615,22 @@ class Tracker:
         self.load_state_dict(load_plain(path, "memcore Tracker checkpoint"))
 
     def __repr__(self) -> str:
-        return (f"Tracker(num_samples={self.num_samples}, device={self.device}, epochs={self.epochs}, "
-                f"strict={self.strict}{', shard=True' if self.shard else ''})")
+        return (
+            f"Tracker(num_samples={self.num_samples}, device={self.device}, epochs={self.epochs}, "
+            f"strict={self.strict}{', shard=True' if self.shard else ''})"
+        )
 
 
-_STATE_KEYS = {"version", "num_samples", "epochs", "correct_threshold", "tau", "buffers", "grad_start",
-               "grad_history"}
+_STATE_KEYS = {
+    "version",
+    "num_samples",
+    "epochs",
+    "correct_threshold",
+    "tau",
+    "buffers",
+    "grad_start",
+    "grad_history",
+}
 
 
 def _v1_buffers(n: int) -> Dict[str, torch.Tensor]:
@@ -608,14 +664,21 @@ def _check_state(state: Dict[str, Any], version: int, num_samples: int, start: i
         return v
 
     if integer("num_samples") != num_samples:
-        raise ValueError(f"tracker state is for num_samples={state['num_samples']}, this tracker has {num_samples}")
+        raise ValueError(
+            f"tracker state is for num_samples={state['num_samples']}, this tracker has {num_samples}"
+        )
     rng = state.get("range", [0, num_samples])
-    if (not isinstance(rng, (list, tuple)) or len(rng) != 2
-            or any(not isinstance(x, int) or isinstance(x, bool) for x in rng)):
+    if (
+        not isinstance(rng, (list, tuple))
+        or len(rng) != 2
+        or any(not isinstance(x, int) or isinstance(x, bool) for x in rng)
+    ):
         raise ValueError(f"tracker state 'range' must be two ints [start, end), got {rng!r}")
     if list(rng) != [start, end]:
-        raise ValueError(f"tracker state holds sample ids {list(rng)}, this tracker holds {[start, end]} "
-                         f"(load a sharded checkpoint with tracker.load(path))")
+        raise ValueError(
+            f"tracker state holds sample ids {list(rng)}, this tracker holds {[start, end]} "
+            f"(load a sharded checkpoint with tracker.load(path))"
+        )
     epochs = integer("epochs")
     if epochs < 0:
         raise ValueError(f"tracker state 'epochs' must be >= 0, got {epochs}")
@@ -625,8 +688,9 @@ def _check_state(state: Dict[str, Any], version: int, num_samples: int, start: i
     if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 < float(thr) <= 1.0:
         raise ValueError(f"tracker state 'correct_threshold' must be in (0, 1], got {thr!r}")
     tau = state["tau"]
-    if tau is not None and (not isinstance(tau, (int, float)) or isinstance(tau, bool)
-                            or not math.isfinite(float(tau))):
+    if tau is not None and (
+        not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(float(tau))
+    ):
         raise ValueError(f"tracker state 'tau' must be None or a finite number, got {tau!r}")
     grad_start = integer("grad_start")
     if not -1 <= grad_start <= epochs:
@@ -637,13 +701,17 @@ def _check_state(state: Dict[str, Any], version: int, num_samples: int, start: i
     keeps = grad_start >= 0 and (version == 1 or tau is None)
     want_len = epochs - grad_start if keeps else 0
     if not isinstance(hist, (list, tuple)) or len(hist) != want_len:
-        raise ValueError(f"tracker state 'grad_history' must be a list of {want_len} tensors (one per "
-                         f"epoch since grad_start={grad_start}), got {type(hist).__name__} of "
-                         f"{len(hist) if isinstance(hist, (list, tuple)) else '?'}")
+        raise ValueError(
+            f"tracker state 'grad_history' must be a list of {want_len} tensors (one per "
+            f"epoch since grad_start={grad_start}), got {type(hist).__name__} of "
+            f"{len(hist) if isinstance(hist, (list, tuple)) else '?'}"
+        )
     for i, h in enumerate(hist):
         if not isinstance(h, torch.Tensor) or h.dtype != torch.float32 or tuple(h.shape) != (n,):
-            raise ValueError(f"tracker state grad_history[{i}] must be a float32 tensor [{n}], got "
-                             f"{getattr(h, 'dtype', type(h).__name__)}{tuple(getattr(h, 'shape', ()))}")
+            raise ValueError(
+                f"tracker state grad_history[{i}] must be a float32 tensor [{n}], got "
+                f"{getattr(h, 'dtype', type(h).__name__)}{tuple(getattr(h, 'shape', ()))}"
+            )
 
     if version == 1:
         want = _v1_buffers(n)
@@ -657,10 +725,16 @@ def _check_state(state: Dict[str, Any], version: int, num_samples: int, start: i
         got = sorted(bufs) if isinstance(bufs, dict) else type(bufs).__name__
         raise ValueError(f"tracker state has buffers {got}, expected {sorted(want)}")
     for k, v in bufs.items():
-        if (not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.shape != want[k].shape
-                or v.dtype != want[k].dtype):
+        if (
+            not isinstance(v, torch.Tensor)
+            or v.layout != torch.strided
+            or v.shape != want[k].shape
+            or v.dtype != want[k].dtype
+        ):
             desc = f"{v.dtype}{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"tracker state buffer {k!r} has {desc}, expected {want[k].dtype}{tuple(want[k].shape)}")
+            raise ValueError(
+                f"tracker state buffer {k!r} has {desc}, expected {want[k].dtype}{tuple(want[k].shape)}"
+            )
 
     def between(lo: int, hi: int):
         return lambda t: ((t >= lo) & (t <= hi)).all()
@@ -679,9 +753,15 @@ def _check_state(state: Dict[str, Any], version: int, num_samples: int, start: i
         ranges = [
             ("learned_since", between(-1, epochs), f"in [-1, epochs={epochs}]"),
             ("forgetting", between(0, epochs), f"in [0, epochs={epochs}]"),
-            ("counts", lambda t: ((t >= 0).all() & (t[:, C.C_CORRECT] <= t[:, C.C_ROWS]).all()
-                                  & (t[:, C.C_CORRECT_E] <= t[:, C.C_ROWS_E]).all()),
-             "row counts >= 0, correct rows <= rows"),
+            (
+                "counts",
+                lambda t: (
+                    (t >= 0).all()
+                    & (t[:, C.C_CORRECT] <= t[:, C.C_ROWS]).all()
+                    & (t[:, C.C_CORRECT_E] <= t[:, C.C_ROWS_E]).all()
+                ),
+                "row counts >= 0, correct rows <= rows",
+            ),
         ]
         if grad_start >= 0:
             ranges.append(("grad_rows", lambda t: (t >= 0).all(), "row counts >= 0"))
@@ -697,8 +777,13 @@ def _from_version1(state: Dict[str, Any]) -> Dict[str, Any]:
     """A format-1 state_dict (float64 [S, 6] epoch and total buffers) in format 2."""
     bufs = L.from_version1(state["buffers"], state["grad_history"], state["grad_start"], state["tau"])
     bufs["errors"] = state["buffers"]["errors"]
-    return {**state, "version": 2, "range": [0, state["num_samples"]], "buffers": bufs,
-            "grad_history": [] if state["tau"] is not None else list(state["grad_history"])}
+    return {
+        **state,
+        "version": 2,
+        "range": [0, state["num_samples"]],
+        "buffers": bufs,
+        "grad_history": [] if state["tau"] is not None else list(state["grad_history"]),
+    }
 
 
 def _capturing(status: torch.Tensor) -> bool:

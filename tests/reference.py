@@ -1,4 +1,5 @@
 """Plain-PyTorch reference of what memcore's kernels compute, for the tests."""
+
 import torch
 import torch.nn.functional as F
 

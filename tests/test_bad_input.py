@@ -1,4 +1,5 @@
 """Bad input raises a clear exception naming the argument and leaves the tracker unchanged."""
+
 import pytest
 import torch
 
@@ -7,28 +8,35 @@ from memcore import _layout as L
 
 
 def _ok(device, n=6, c=4, s=10):
-    return (torch.randn(n, c, device=device), torch.randint(0, c, (n,), device=device),
-            torch.arange(n, device=device), memcore.Tracker(s, device=device))
+    return (
+        torch.randn(n, c, device=device),
+        torch.randint(0, c, (n,), device=device),
+        torch.arange(n, device=device),
+        memcore.Tracker(s, device=device),
+    )
 
 
 def _unchanged(tr, before):
     assert torch.equal(tr._recorded(), before)
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("logits_1d", ValueError, "logits"),
-    ("logits_int", TypeError, "logits"),
-    ("one_class", ValueError, "at least 2 classes"),
-    ("targets_float", TypeError, "targets"),
-    ("targets_bool", TypeError, "targets"),
-    ("targets_shape", ValueError, "targets"),
-    ("index_float", TypeError, "index"),
-    ("index_shape", ValueError, "index"),
-    ("not_tensor", TypeError, "targets"),
-    ("tracker_type", TypeError, "tracker"),
-    ("reduction", ValueError, "reduction"),
-    ("ignore_index", TypeError, "ignore_index"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("logits_1d", ValueError, "logits"),
+        ("logits_int", TypeError, "logits"),
+        ("one_class", ValueError, "at least 2 classes"),
+        ("targets_float", TypeError, "targets"),
+        ("targets_bool", TypeError, "targets"),
+        ("targets_shape", ValueError, "targets"),
+        ("index_float", TypeError, "index"),
+        ("index_shape", ValueError, "index"),
+        ("not_tensor", TypeError, "targets"),
+        ("tracker_type", TypeError, "tracker"),
+        ("reduction", ValueError, "reduction"),
+        ("ignore_index", TypeError, "ignore_index"),
+    ],
+)
 def test_metadata_errors(case, exc, match, device):
     logits, targets, index, tr = _ok(device)
     kw = {}
@@ -63,15 +71,18 @@ def test_metadata_errors(case, exc, match, device):
         _unchanged(tr, before)
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("target_high", IndexError, r"targets\[2\] = 4 is outside \[0, 4\)"),
-    ("target_negative", IndexError, r"targets\[0\] = -1"),
-    ("index_high", IndexError, r"index\[5\] = 10 is outside \[0, 10\)"),
-    ("index_negative", IndexError, r"index\[1\] = -3"),
-    ("nan", ValueError, "row 3 .*non-finite"),
-    ("inf", ValueError, "row 4 .*non-finite"),
-    ("target_minus_inf", ValueError, "row 0 .*non-finite"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("target_high", IndexError, r"targets\[2\] = 4 is outside \[0, 4\)"),
+        ("target_negative", IndexError, r"targets\[0\] = -1"),
+        ("index_high", IndexError, r"index\[5\] = 10 is outside \[0, 10\)"),
+        ("index_negative", IndexError, r"index\[1\] = -3"),
+        ("nan", ValueError, "row 3 .*non-finite"),
+        ("inf", ValueError, "row 4 .*non-finite"),
+        ("target_minus_inf", ValueError, "row 0 .*non-finite"),
+    ],
+)
 def test_value_errors_leave_tracker_unchanged(case, exc, match, device):
     logits, targets, index, tr = _ok(device)
     memcore.accumulate(logits, targets, index, tr)  # some state to preserve
@@ -100,7 +111,7 @@ def test_nan_anywhere_in_long_row_is_caught(device):
     for c in (3000, 70000):
         logits, targets, index, tr = _ok(device, n=3, c=c)
         logits[1, c - 5] = float("nan")
-        logits[2, :c // 2] = float("-inf")  # -inf prefix, then a NaN after it
+        logits[2, : c // 2] = float("-inf")  # -inf prefix, then a NaN after it
         logits[2, c // 2 + 1] = float("nan")
         targets[2] = c - 1
         with pytest.raises(ValueError, match="row 1"):
@@ -152,7 +163,9 @@ def test_tracker_device_mismatch_cpu_meta():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("c", [7, 1000, 5000, 40000])  # a warp, a warp with vector loads, a block, a wide block
+@pytest.mark.parametrize(
+    "c", [7, 1000, 5000, 40000]
+)  # a warp, a warp with vector loads, a block, a wide block
 def test_all_minus_inf_row_has_nan_lse_on_every_device(device, dtype, c):
     """A row with no finite logit has no log-sum-exp: the op's lse is NaN (as for NaN rows), the
     row's loss is not finite, and accumulate rejects the batch naming that row."""

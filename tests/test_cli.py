@@ -1,5 +1,6 @@
 """`python -m memcore`: help text, flag ranges checked by argparse (errors name the flag), the
 demo's CSV, and the experiment's output directory."""
+
 import os
 import subprocess
 import sys
@@ -13,8 +14,14 @@ from memcore.__main__ import main
 def _cli(*args, cwd=None):
     root = os.path.dirname(os.path.dirname(os.path.abspath(memcore.__file__)))
     path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return subprocess.run([sys.executable, "-m", "memcore", *args], env=dict(os.environ, PYTHONPATH=path),
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "memcore", *args],
+        env=dict(os.environ, PYTHONPATH=path),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_top_level_help_describes_both_commands(capsys):
@@ -37,22 +44,25 @@ def test_experiment_help_shows_every_default(capsys):
     assert "(default: runs/demo)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["experiment", "--subset", "-5"], "--subset"),
-    (["experiment", "--subset", "0"], "--subset"),
-    (["experiment", "--curvature-every", "0"], "--curvature-every"),
-    (["experiment", "--epochs", "-1"], "--epochs"),
-    (["experiment", "--epochs", "2.5"], "--epochs"),
-    (["experiment", "--noise", "0.1,1.5"], "--noise"),
-    (["experiment", "--stability-noise", "-0.1"], "--stability-noise"),
-    (["experiment", "--lr", "0"], "--lr"),
-    (["experiment", "--model", "resnet"], "--model"),
-    (["experiment", "--dataset", "imagenet"], "--dataset"),
-    (["experiment", "--device", "gpu7"], "--device"),
-    (["demo", "--noise", "1.0"], "--noise"),
-    (["demo", "--top", "0"], "--top"),
-    (["demo", "--epochs", "-3"], "--epochs"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["experiment", "--subset", "-5"], "--subset"),
+        (["experiment", "--subset", "0"], "--subset"),
+        (["experiment", "--curvature-every", "0"], "--curvature-every"),
+        (["experiment", "--epochs", "-1"], "--epochs"),
+        (["experiment", "--epochs", "2.5"], "--epochs"),
+        (["experiment", "--noise", "0.1,1.5"], "--noise"),
+        (["experiment", "--stability-noise", "-0.1"], "--stability-noise"),
+        (["experiment", "--lr", "0"], "--lr"),
+        (["experiment", "--model", "resnet"], "--model"),
+        (["experiment", "--dataset", "imagenet"], "--dataset"),
+        (["experiment", "--device", "gpu7"], "--device"),
+        (["demo", "--noise", "1.0"], "--noise"),
+        (["demo", "--top", "0"], "--top"),
+        (["demo", "--epochs", "-3"], "--epochs"),
+    ],
+)
 def test_bad_flags_are_refused_by_name(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -64,8 +74,10 @@ def test_bad_flags_are_refused_by_name(argv, flag, capsys):
 def test_bad_flag_from_the_command_line_is_one_error_line(tmp_path):
     r = _cli("experiment", "--subset", "-5", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == \
-        "python -m memcore experiment: error: argument --subset: must be an integer >= 1, got '-5'"
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == "python -m memcore experiment: error: argument --subset: must be an integer >= 1, got '-5'"
+    )
 
 
 def test_missing_data_dir_is_an_error_line(tmp_path, capsys):
@@ -84,7 +96,9 @@ def test_experiment_writes_to_a_fresh_runs_directory_by_default(tmp_path, monkey
     cfg = ExperimentConfig(subset=100, noise=[0.1], train=TrainConfig(epochs=1, progress=False, device="cpu"))
     res = run(cfg)
     written = res["config"]["out"]
-    assert written.startswith(os.path.join("runs", "digits-")) and os.path.isfile(os.path.join(written, "results.json"))
+    assert written.startswith(os.path.join("runs", "digits-")) and os.path.isfile(
+        os.path.join(written, "results.json")
+    )
     with pytest.raises(ValueError, match="curvature_every"):
         run(ExperimentConfig(curvature_every=0, out=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()

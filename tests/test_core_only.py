@@ -1,5 +1,6 @@
 """The core (accumulate, Tracker, scores, export) works where none of the eval extra's packages can
 be imported, and the harness then fails with an ImportError that names the extra."""
+
 import os
 import subprocess
 import sys
@@ -12,12 +13,12 @@ import memcore
 # optional packages with find_spec, so a sys.meta_path finder that raises would break torch itself,
 # and one that returns None cannot stop the path finders after it). A None entry in sys.modules
 # gives exactly that behaviour, for the package and all its submodules.
-BLOCKER = textwrap.dedent('''
+BLOCKER = textwrap.dedent("""
     import sys
 
     for name in {BLOCKED}:
         sys.modules[name] = None
-''')
+""")
 EXTRA = ("sklearn", "matplotlib", "tqdm", "pandas")
 
 
@@ -25,12 +26,19 @@ def _run(code: str, blocked=EXTRA, cwd=None):
     root = os.path.dirname(os.path.dirname(os.path.abspath(memcore.__file__)))
     path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     src = BLOCKER.format(BLOCKED=repr(set(blocked))) + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", src], env=dict(os.environ, PYTHONPATH=path), cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", src],
+        env=dict(os.environ, PYTHONPATH=path),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_core_works_without_the_eval_extra(tmp_path):
-    r = _run('''
+    r = _run(
+        """
         import torch
         import memcore
         from memcore import export
@@ -68,48 +76,60 @@ def test_core_works_without_the_eval_extra(tmp_path):
         for m in ("sklearn", "matplotlib", "tqdm", "pandas"):
             assert sys.modules[m] is None, m  # still blocked: nothing got around the blocker
         print("core ok", memcore.cpu_isa())
-    ''', cwd=tmp_path)
+    """,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and "core ok" in r.stdout, r.stdout + r.stderr[-3000:]
     assert (tmp_path / "scores.csv").read_text().startswith("index,label,csl,")
 
 
 def test_plots_without_matplotlib_names_the_extra():
-    r = _run('''
+    r = _run(
+        """
         try:
             import memcore.eval.plots
         except ImportError as e:
             print("ImportError:", e)
-    ''', blocked=("matplotlib",))
+    """,
+        blocked=("matplotlib",),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "memcore.eval needs the 'eval' extra: pip install 'memcore[eval]' (missing: matplotlib)" in r.stdout
+    assert (
+        "memcore.eval needs the 'eval' extra: pip install 'memcore[eval]' (missing: matplotlib)" in r.stdout
+    )
 
 
 def test_experiment_without_the_extra_fails_before_training(tmp_path):
     """The CLI reports the missing extra as an error line (no traceback) and trains nothing."""
     out = tmp_path / "run"
-    r = _run(f'''
+    r = _run(
+        f"""
         import sys
         from memcore.__main__ import main
         sys.exit(main(["experiment", "--epochs", "1", "--noise", "0.1", "--out", {str(out)!r}]))
-    ''', blocked=("matplotlib", "tqdm"))
+    """,
+        blocked=("matplotlib", "tqdm"),
+    )
     assert r.returncode == 2, r.stdout + r.stderr[-3000:]
-    assert "error: memcore.eval needs the 'eval' extra" in r.stderr and "missing: tqdm, matplotlib" in r.stderr
+    assert (
+        "error: memcore.eval needs the 'eval' extra" in r.stderr and "missing: tqdm, matplotlib" in r.stderr
+    )
     assert "Traceback" not in r.stderr and not out.exists()
 
 
 def test_help_works_without_the_extra():
-    r = _run('''
+    r = _run("""
         from memcore.__main__ import main
         main(["experiment", "--help"])
-    ''')
+    """)
     assert r.returncode == 0 and "--curvature-every" in r.stdout, r.stderr[-3000:]
 
 
 def test_harness_modules_import_without_the_extra():
     """Only plots needs its packages at import; the others check where they use them."""
-    r = _run('''
+    r = _run("""
         import memcore.eval.experiment, memcore.eval.demo, memcore.eval.stability, memcore.eval.baselines
         import memcore.eval.datasets, memcore.eval.corruptions, memcore.eval.metrics, memcore.eval.models
         print("ok")
-    ''')
+    """)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

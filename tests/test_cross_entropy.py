@@ -1,16 +1,21 @@
 """memcore.accumulate as a loss: parity with F.cross_entropy, gradients, dtypes, reductions."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import memcore
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12),
-       torch.bfloat16: dict(rtol=1e-2, atol=1e-2), torch.float16: dict(rtol=1e-3, atol=1e-3)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+}
 # a 16-bit result of float32 math, against the float32 reference: one rounding, at most half an ulp
 # (relative 2^-8 for bfloat16, 2^-11 for float16), plus float32 noise on entries near 0 (p - 1 at the
 # target cancels). A 2% (or 0.5%) systematic error fails these.
-HALF = {torch.bfloat16: dict(rtol=2 ** -8, atol=1e-7), torch.float16: dict(rtol=2 ** -11, atol=1e-7)}
+HALF = {torch.bfloat16: dict(rtol=2**-8, atol=1e-7), torch.float16: dict(rtol=2**-11, atol=1e-7)}
 
 
 def _pair(n, c, dtype, device, scale=3.0):
@@ -110,7 +115,9 @@ def test_sequence_shapes(device):
     torch.testing.assert_close(loss, ref)
     s = tr.scores()
     assert s["rows"][7] == 3 + 5 and s["rows"][2] == 5
-    torch.testing.assert_close(s["csl"][7], (ref[0].sum() + ref[2].sum()).double().cpu(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        s["csl"][7], (ref[0].sum() + ref[2].sum()).double().cpu(), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_gradcheck_fp64():
@@ -144,8 +151,8 @@ def test_unaligned_rows(c, offset, dtype, device):
     logits = base[offset:].view(n, c)
     assert logits.storage_offset() == offset
     targets = torch.randint(0, c, (n,), device=device)
-    targets[1] = 0        # the target in the head
-    targets[2] = c - 1    # the target in the tail
+    targets[1] = 0  # the target in the head
+    targets[2] = c - 1  # the target in the tail
     ref = logits.detach().float().requires_grad_()
     lr = F.cross_entropy(ref, targets, reduction="sum")
     lr.backward()
@@ -162,7 +169,9 @@ def test_unaligned_rows(c, offset, dtype, device):
     other = z.scatter(1, t[:, None], float("-inf")).amax(1)
     s = tr.scores()
     torch.testing.assert_close(s["aum"], (z.gather(1, t[:, None]).squeeze(1) - other).double(), **tol)
-    torch.testing.assert_close(s["confidence_mean"], z.softmax(1).gather(1, t[:, None]).squeeze(1).double(), **tol)
+    torch.testing.assert_close(
+        s["confidence_mean"], z.softmax(1).gather(1, t[:, None]).squeeze(1).double(), **tol
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -245,16 +254,37 @@ def test_row_paths_narrower_isa(isa, tmp_path):
     order = ["baseline", "avx2", "avx512"]
     here_isa = memcore.cpu_isa()
     if order.index(isa) >= order.index(here_isa):
-        pytest.skip(f"this process runs the {here_isa} copy; the {isa} copy needs a wider CPU to be a separate test")
+        pytest.skip(
+            f"this process runs the {here_isa} copy; the {isa} copy needs a wider CPU to be a separate test"
+        )
     # the children import this very build (an in-place or an out-of-tree one), from a neutral cwd
     build = os.path.dirname(os.path.dirname(os.path.abspath(memcore.__file__)))
     path = os.pathsep.join([build] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     env = dict(os.environ, MEMCORE_CPU_ISA=isa, PYTHONPATH=path)
     here = os.path.dirname(os.path.abspath(__file__))
-    probe = subprocess.run([sys.executable, "-c", "import memcore; print(memcore.cpu_isa())"],
-                           env=env, cwd=tmp_path, capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import memcore; print(memcore.cpu_isa())"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert probe.returncode == 0 and probe.stdout.strip() == isa, probe.stdout + probe.stderr[-2000:]
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_cross_entropy.py"),
-         "-k", "row_paths_statistics and cpu"], env=env, cwd=tmp_path, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(here, "test_cross_entropy.py"),
+            "-k",
+            "row_paths_statistics and cpu",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

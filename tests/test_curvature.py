@@ -1,5 +1,6 @@
 """Input-loss curvature: Philox generator, the three kernels, memcore.curvature against closed-form
 and double-backward Hessians, batch invariance, model hygiene, bad input, CurvatureTracker."""
+
 import math
 
 import pytest
@@ -19,7 +20,7 @@ class RowLinear(torch.nn.Module):
 
     def __init__(self, d, c, dtype=torch.float64):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(c, d, dtype=dtype) / d ** 0.5)
+        self.weight = torch.nn.Parameter(torch.randn(c, d, dtype=dtype) / d**0.5)
         self.bias = torch.nn.Parameter(0.1 * torch.randn(c, dtype=dtype))
 
     def forward(self, x):
@@ -45,8 +46,11 @@ def _data(b, d, c, dtype=torch.float64, gen=None):
 KAT = [  # Random123 known-answer vectors for philox4x32-10: counter, key (lo, hi), output
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -144,7 +148,9 @@ def test_empty_shapes(device):
     idx = torch.zeros(0, dtype=torch.int64, device=device)
     assert ops.rademacher(idx, 0, 0, 3, [4], torch.float32).shape == (3, 0, 4)
     assert ops.rademacher_perturb(torch.zeros(0, 4, device=device), idx, 0, 0, 3, 0.1).shape == (3, 0, 4)
-    sq, vd = ops.probe_reduce(torch.zeros(2, 0, 4, device=device), torch.zeros(0, 4, device=device), idx, 0, 0)
+    sq, vd = ops.probe_reduce(
+        torch.zeros(2, 0, 4, device=device), torch.zeros(0, 4, device=device), idx, 0, 0
+    )
     assert sq.shape == (2, 0)
     one = torch.tensor([3], device=device)
     sq, _ = ops.probe_reduce(torch.ones(2, 1, device=device), torch.zeros(1, device=device), one, 0, 0)
@@ -161,18 +167,30 @@ def test_opcheck_curvature_ops(device):
     torch.library.opcheck(ops.probe_reduce.default, (torch.randn(4, 3, 2, 5, device=device), x, idx, 1, 0))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: ops.rademacher_perturb(torch.randn(3, 4), torch.arange(2), 0, 0, 1, 0.1), "index must be 1-D"),
-    (lambda: ops.rademacher_perturb(torch.randn(3, 4), torch.arange(3).int(), 0, 0, 1, 0.1), "int64"),
-    (lambda: ops.rademacher_perturb(torch.randn(3, 4).t(), torch.arange(4), 0, 0, 1, 0.1), "contiguous"),
-    (lambda: ops.rademacher_perturb(torch.arange(3), torch.arange(3), 0, 0, 1, 0.1), "float"),
-    (lambda: ops.rademacher_perturb(torch.randn(3, 4), torch.arange(3), 0, 0, -1, 0.1), "n_probes"),
-    (lambda: ops.rademacher(torch.arange(3), 0, (1 << 32) - 1, 2, [4], torch.float32), "2\\^32"),
-    (lambda: ops.rademacher(torch.arange(3), 0, 0, 2, [4], torch.int32), "dtype"),
-    (lambda: ops.probe_reduce(torch.randn(2, 3, 5), torch.randn(3, 4), torch.arange(3), 0, 0), "grad_perturbed"),
-    (lambda: ops.probe_reduce(torch.randn(2, 3, 4).double(), torch.randn(3, 4), torch.arange(3), 0, 0), "dtype"),
-    (lambda: ops.philox4x32(torch.zeros(3, 3, dtype=torch.int64), 0), "counter"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda: ops.rademacher_perturb(torch.randn(3, 4), torch.arange(2), 0, 0, 1, 0.1),
+            "index must be 1-D",
+        ),
+        (lambda: ops.rademacher_perturb(torch.randn(3, 4), torch.arange(3).int(), 0, 0, 1, 0.1), "int64"),
+        (lambda: ops.rademacher_perturb(torch.randn(3, 4).t(), torch.arange(4), 0, 0, 1, 0.1), "contiguous"),
+        (lambda: ops.rademacher_perturb(torch.arange(3), torch.arange(3), 0, 0, 1, 0.1), "float"),
+        (lambda: ops.rademacher_perturb(torch.randn(3, 4), torch.arange(3), 0, 0, -1, 0.1), "n_probes"),
+        (lambda: ops.rademacher(torch.arange(3), 0, (1 << 32) - 1, 2, [4], torch.float32), "2\\^32"),
+        (lambda: ops.rademacher(torch.arange(3), 0, 0, 2, [4], torch.int32), "dtype"),
+        (
+            lambda: ops.probe_reduce(torch.randn(2, 3, 5), torch.randn(3, 4), torch.arange(3), 0, 0),
+            "grad_perturbed",
+        ),
+        (
+            lambda: ops.probe_reduce(torch.randn(2, 3, 4).double(), torch.randn(3, 4), torch.arange(3), 0, 0),
+            "dtype",
+        ),
+        (lambda: ops.philox4x32(torch.zeros(3, 3, dtype=torch.int64), 0), "counter"),
+    ],
+)
 def test_direct_op_calls_check_their_arguments(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()
@@ -219,12 +237,17 @@ def test_fd_matches_hvp_on_mlp_and_cnn(shape):
         model = _mlp(20, 3)
     else:
         model = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Softplus(), torch.nn.Flatten(), torch.nn.Linear(60, 3)
+            torch.nn.Conv2d(1, 3, 3, padding=1),
+            torch.nn.Softplus(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(60, 3),
         ).double()
     fd = memcore.curvature(model, x, y, n_probes=6, h=1e-4, max_rows=10)
     hvp = memcore.curvature(model, x, y, n_probes=6, h=1e-4, mode="hvp", max_rows=4)
     torch.testing.assert_close(fd["curvature"], hvp["curvature"], rtol=2e-3, atol=0)
-    torch.testing.assert_close(fd["trace"], hvp["trace"], rtol=5e-3, atol=1e-3 * hvp["trace"].abs().max().item())
+    torch.testing.assert_close(
+        fd["trace"], hvp["trace"], rtol=5e-3, atol=1e-3 * hvp["trace"].abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("model_kind", ["row_linear", "row_mlp"])
@@ -233,8 +256,11 @@ def test_scores_do_not_depend_on_batching(model_kind):
     itself row-invariant, so any difference would come from memcore)."""
     gen = torch.Generator().manual_seed(6)
     torch.manual_seed(6)
-    model = RowLinear(40, 5) if model_kind == "row_linear" else torch.nn.Sequential(
-        RowLinear(40, 12), torch.nn.Tanh(), RowLinear(12, 5))
+    model = (
+        RowLinear(40, 5)
+        if model_kind == "row_linear"
+        else torch.nn.Sequential(RowLinear(40, 12), torch.nn.Tanh(), RowLinear(12, 5))
+    )
     x, y = _data(10, 40, 5, gen=gen)
     index = torch.randperm(1000, generator=gen)[:10]
     kw = dict(n_probes=7, h=1e-3, seed=123)
@@ -243,7 +269,9 @@ def test_scores_do_not_depend_on_batching(model_kind):
     got = memcore.curvature(model, x[perm], y[perm], index=index[perm], **kw)
     for k in ref:
         assert torch.equal(got[k], ref[k][perm]), k
-    parts = [memcore.curvature(model, x[a:b], y[a:b], index=index[a:b], **kw) for a, b in ((0, 3), (3, 4), (4, 10))]
+    parts = [
+        memcore.curvature(model, x[a:b], y[a:b], index=index[a:b], **kw) for a, b in ((0, 3), (3, 4), (4, 10))
+    ]
     for k in ref:
         assert torch.equal(torch.cat([p[k] for p in parts]), ref[k]), k
     for max_rows in (1, 3, 10, 25, 71):
@@ -258,7 +286,10 @@ def test_scores_with_ordinary_layers_agree_across_batchings():
     model = _mlp(30, 4)
     x, y = _data(9, 30, 4, gen=gen)
     ref = memcore.curvature(model, x, y, n_probes=5)
-    split = [memcore.curvature(model, x[a:b], y[a:b], index=torch.arange(a, b), n_probes=5) for a, b in ((0, 4), (4, 9))]
+    split = [
+        memcore.curvature(model, x[a:b], y[a:b], index=torch.arange(a, b), n_probes=5)
+        for a, b in ((0, 4), (4, 9))
+    ]
     chunked = memcore.curvature(model, x, y, n_probes=5, max_rows=7)
     for k in ref:
         torch.testing.assert_close(torch.cat([s[k] for s in split]), ref[k], rtol=1e-9, atol=0)
@@ -269,10 +300,13 @@ def test_index_and_seed_select_the_probes():
     model = RowLinear(12, 3)
     x, y = _data(4, 12, 3)
     a = memcore.curvature(model, x, y, n_probes=3)
-    assert torch.equal(memcore.curvature(model, x, y, n_probes=3, index=torch.arange(4))["curvature"], a["curvature"])
+    assert torch.equal(
+        memcore.curvature(model, x, y, n_probes=3, index=torch.arange(4))["curvature"], a["curvature"]
+    )
     assert not torch.equal(memcore.curvature(model, x, y, n_probes=3, seed=1)["curvature"], a["curvature"])
-    assert not torch.equal(memcore.curvature(model, x, y, n_probes=3, index=torch.arange(4) + 1)["curvature"],
-                           a["curvature"])
+    assert not torch.equal(
+        memcore.curvature(model, x, y, n_probes=3, index=torch.arange(4) + 1)["curvature"], a["curvature"]
+    )
     # the first probes of a longer run are the same probes
     one = memcore.curvature(model, x, y, n_probes=1, mode="hvp")
     two = memcore.curvature(model, x, y, n_probes=2, mode="hvp")
@@ -281,8 +315,13 @@ def test_index_and_seed_select_the_probes():
 
 
 def test_model_parameters_grads_and_mode_untouched():
-    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
-                                torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 16),
+        torch.nn.BatchNorm1d(16),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(16, 3),
+    )
     x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
     model(x).sum().backward()  # some existing gradients, and BN running stats
     model[4].weight.grad = None  # and one parameter without .grad
@@ -334,15 +373,21 @@ def test_cuda_matches_cpu():
         v = ops.rademacher(idx, -3, 2, 5, [3, 130], dtype)
         assert torch.equal(ops.rademacher(idx.cuda(), -3, 2, 5, [3, 130], dtype).cpu(), v)
         x = torch.randn(4, 3, 130).to(dtype)
-        assert torch.equal(ops.rademacher_perturb(x.cuda(), idx.cuda(), 9, 0, 3, 1e-2).cpu(),
-                           ops.rademacher_perturb(x, idx, 9, 0, 3, 1e-2))
+        assert torch.equal(
+            ops.rademacher_perturb(x.cuda(), idx.cuda(), 9, 0, 3, 1e-2).cpu(),
+            ops.rademacher_perturb(x, idx, 9, 0, 3, 1e-2),
+        )
         gp = torch.randn(3, 4, 3, 130).to(dtype)
-        for a, b in zip(ops.probe_reduce(gp.cuda(), x.cuda(), idx.cuda(), 9, 0), ops.probe_reduce(gp, x, idx, 9, 0)):
+        for a, b in zip(
+            ops.probe_reduce(gp.cuda(), x.cuda(), idx.cuda(), 9, 0), ops.probe_reduce(gp, x, idx, 9, 0)
+        ):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=1e-6)
     model = _mlp(20, 4)
     x, y = _data(6, 20, 4)
     cpu = memcore.curvature(model, x, y, index=idx[:1].repeat(6) + torch.arange(6), n_probes=4)
-    gpu = memcore.curvature(model.cuda(), x.cuda(), y.cuda(), index=(idx[:1].repeat(6) + torch.arange(6)).cuda(), n_probes=4)
+    gpu = memcore.curvature(
+        model.cuda(), x.cuda(), y.cuda(), index=(idx[:1].repeat(6) + torch.arange(6)).cuda(), n_probes=4
+    )
     for k in cpu:
         assert gpu[k].device.type == "cuda"
         torch.testing.assert_close(gpu[k].cpu(), cpu[k], rtol=1e-7, atol=0)
@@ -394,27 +439,30 @@ def _bad_case(case):
     return model, x, y, kw
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("targets_shape", ValueError, "targets"),
-    ("targets_float", TypeError, "targets"),
-    ("index_shape", ValueError, "index"),
-    ("index_float", TypeError, "index"),
-    ("index_negative", IndexError, "index\\[2\\]"),
-    ("inputs_int", TypeError, "inputs"),
-    ("inputs_list", TypeError, "inputs"),
-    ("n_probes_0", ValueError, "n_probes"),
-    ("n_probes_float", TypeError, "n_probes"),
-    ("h_0", ValueError, "h must"),
-    ("h_negative", ValueError, "h must"),
-    ("h_nan", ValueError, "h must"),
-    ("h_str", TypeError, "h must"),
-    ("seed", TypeError, "seed"),
-    ("mode", ValueError, "mode"),
-    ("max_rows", ValueError, "max_rows"),
-    ("target_range", IndexError, "targets\\[2\\]"),
-    ("model_output", ValueError, "logits"),
-    ("model_type", TypeError, "model"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("targets_shape", ValueError, "targets"),
+        ("targets_float", TypeError, "targets"),
+        ("index_shape", ValueError, "index"),
+        ("index_float", TypeError, "index"),
+        ("index_negative", IndexError, "index\\[2\\]"),
+        ("inputs_int", TypeError, "inputs"),
+        ("inputs_list", TypeError, "inputs"),
+        ("n_probes_0", ValueError, "n_probes"),
+        ("n_probes_float", TypeError, "n_probes"),
+        ("h_0", ValueError, "h must"),
+        ("h_negative", ValueError, "h must"),
+        ("h_nan", ValueError, "h must"),
+        ("h_str", TypeError, "h must"),
+        ("seed", TypeError, "seed"),
+        ("mode", ValueError, "mode"),
+        ("max_rows", ValueError, "max_rows"),
+        ("target_range", IndexError, "targets\\[2\\]"),
+        ("model_output", ValueError, "logits"),
+        ("model_type", TypeError, "model"),
+    ],
+)
 def test_bad_input_raises_clearly(case, exc, match):
     model, x, y, kw = _bad_case(case)
     if isinstance(model, torch.nn.Module):
@@ -428,7 +476,10 @@ def test_bad_input_raises_clearly(case, exc, match):
 # ------------------------------------------------------------------------------ tracker
 def _loader(x, y, batch, order=None):
     order = torch.arange(len(x)) if order is None else order
-    return [(x[order[i:i + batch]], y[order[i:i + batch]], order[i:i + batch]) for i in range(0, len(order), batch)]
+    return [
+        (x[order[i : i + batch]], y[order[i : i + batch]], order[i : i + batch])
+        for i in range(0, len(order), batch)
+    ]
 
 
 def test_tracker_averages_updates_and_round_trips_state_dict():
@@ -447,10 +498,12 @@ def test_tracker_averages_updates_and_round_trips_state_dict():
     expected1 = memcore.curvature(model, x, y, n_probes=3, seed=5 + (1 << 32))  # fresh probes
     s = tr.scores()
     assert set(s) == {"curvature", "curvature_trace", "curvature_count"}
-    torch.testing.assert_close(s["curvature"][:12], (expected0["curvature"] + expected1["curvature"]) / 2,
-                               rtol=1e-9, atol=0)
-    torch.testing.assert_close(s["curvature_trace"][:12], (expected0["trace"] + expected1["trace"]) / 2,
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        s["curvature"][:12], (expected0["curvature"] + expected1["curvature"]) / 2, rtol=1e-9, atol=0
+    )
+    torch.testing.assert_close(
+        s["curvature_trace"][:12], (expected0["trace"] + expected1["trace"]) / 2, rtol=1e-9, atol=1e-12
+    )
     assert s["curvature"][12:].isnan().all() and s["curvature_count"].tolist() == [2.0] * 12 + [0.0] * 2
 
     resumed = memcore.CurvatureTracker(14, n_probes=9, progress=False)  # settings come from the state

@@ -1,5 +1,6 @@
 """memcore.data (IndexedDataset), memcore.eval.datasets (digits, MNIST idx, CIFAR pickles) and
 memcore.eval.corruptions."""
+
 import gzip
 import pickle
 
@@ -64,8 +65,7 @@ def _fake_cifar100(d, rng=None):
         x = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         fine = rng.integers(0, 100, size=n).tolist()
         fine[0] = 99
-        _write_pickle(d / split, {b"data": x, b"fine_labels": fine,
-                                  b"coarse_labels": [f // 5 for f in fine]})
+        _write_pickle(d / split, {b"data": x, b"fine_labels": fine, b"coarse_labels": [f // 5 for f in fine]})
         out[split] = (x, np.array(fine))
     _write_pickle(d / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)]})
     return out
@@ -73,8 +73,9 @@ def _fake_cifar100(d, rng=None):
 
 def _small_ds(n=200, c=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return IndexedDataset(torch.rand(n, 1, 4, 4, generator=g),
-                          torch.randint(0, c, (n,), generator=g), num_classes=c, name="toy")
+    return IndexedDataset(
+        torch.rand(n, 1, 4, 4, generator=g), torch.randint(0, c, (n,), generator=g), num_classes=c, name="toy"
+    )
 
 
 # ----------------------------------------------------------------------------- IndexedDataset / digits
@@ -116,8 +117,7 @@ def test_indexed_dataset_with_dataloader_and_validation():
 @pytest.mark.parametrize("compress", [True, False])
 def test_mnist_idx_roundtrip(tmp_path, compress):
     images, labels = _fake_mnist(tmp_path, "train", n=7, compress=compress)
-    t_images, t_labels = _fake_mnist(tmp_path, "test", n=3, compress=compress,
-                                     rng=np.random.default_rng(5))
+    t_images, t_labels = _fake_mnist(tmp_path, "test", n=3, compress=compress, rng=np.random.default_rng(5))
     ds = load_mnist(tmp_path)
     assert ds.x.shape == (7, 1, 28, 28) and ds.x.dtype == torch.float32
     assert ds.y.dtype == torch.int64 and ds.num_classes == 10

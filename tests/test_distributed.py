@@ -1,4 +1,5 @@
 """Two gloo processes on CPU: every rank ends with the scores of a single-process run."""
+
 import os
 import sys
 
@@ -57,5 +58,7 @@ def test_two_ranks_match_single_process(tmp_path):
     for rank in range(2):
         got = torch.load(f"{out}.{rank}")
         for k in want:
-            torch.testing.assert_close(got["scores"][k], want[k], rtol=1e-12, atol=1e-12, equal_nan=True, msg=k)
+            torch.testing.assert_close(
+                got["scores"][k], want[k], rtol=1e-12, atol=1e-12, equal_nan=True, msg=k
+            )
             torch.testing.assert_close(got["open"][k], want[k], rtol=1e-12, atol=1e-12, equal_nan=True, msg=k)

@@ -1,4 +1,5 @@
 """Evaluation pieces on scikit-learn's digits: stability estimator, baselines, experiment command."""
+
 import json
 import math
 import os
@@ -48,8 +49,14 @@ def test_stability_flags_flipped_labels_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="checkpoint"):
         stability(ds, _model, k=6, subset=0.5, cfg=MEMORIZE, checkpoint=ck, progress=False)
     with pytest.raises(ValueError, match="checkpoint"):  # another recipe: its models are not mixed in
-        stability(ds, _model, k=6, cfg=TrainConfig(**{**MEMORIZE.__dict__, "epochs": 41}), checkpoint=ck,
-                  progress=False)
+        stability(
+            ds,
+            _model,
+            k=6,
+            cfg=TrainConfig(**{**MEMORIZE.__dict__, "epochs": 41}),
+            checkpoint=ck,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="checkpoint"):
         stability(ds, lambda: mlp((1, 8, 8), 10, width=64), k=6, cfg=MEMORIZE, checkpoint=ck, progress=False)
     # halves: models 0, 2 and models 1, 3; their counts add up to the whole estimate's
@@ -71,8 +78,12 @@ def _mem_of_models(ds, models):
         inside = torch.zeros(n, dtype=torch.bool)
         inside[chosen] = True
         torch.manual_seed(m)
-        model = train(_model(), ds, TrainConfig(**{**MEMORIZE.__dict__, "seed": m, "progress": False}),
-                      indices=chosen.tolist())
+        model = train(
+            _model(),
+            ds,
+            TrainConfig(**{**MEMORIZE.__dict__, "seed": m, "progress": False}),
+            indices=chosen.tolist(),
+        )
         correct = (predict(model, ds).argmax(1) == ds.y).double()
         c["ic"] += correct * inside
         c["it"] += inside.double()
@@ -105,8 +116,16 @@ def test_every_baseline_gives_one_finite_score_per_sample():
     cl = baselines.confident_learning(ds, _model, TrainConfig(**{**CFG.__dict__, "epochs": 3}))
     if cl is not None:
         scores["cl"] = cl
-    expected = {"final_loss", "in_confidence", "forgetting", "learning_time", "aum", "loss_sensitivity",
-                "learning_time_formal", "ssft"}
+    expected = {
+        "final_loss",
+        "in_confidence",
+        "forgetting",
+        "learning_time",
+        "aum",
+        "loss_sensitivity",
+        "learning_time_formal",
+        "ssft",
+    }
     assert expected <= set(scores)
     for k, s in scores.items():
         assert s.shape == (len(ds),) and s.dtype == torch.float64, k
@@ -119,11 +138,13 @@ def test_metrics():
     assert cosine(a, a) == pytest.approx(1.0)
     assert pearson(a, -a) == pytest.approx(-1.0)
     # top 2 by the second vector: samples 2 and 1, (5, 0) against (5, 1)
-    assert cosine(torch.tensor([1.0, 0.0, 5.0]), torch.tensor([0.0, 1.0, 5.0]), top=2) == pytest.approx(25 / 26 ** 0.5 / 5)
+    assert cosine(torch.tensor([1.0, 0.0, 5.0]), torch.tensor([0.0, 1.0, 5.0]), top=2) == pytest.approx(
+        25 / 26**0.5 / 5
+    )
     assert auroc(torch.tensor([0.1, 0.9, float("nan")]), torch.tensor([False, True, False])) == 1.0
     x = torch.tensor([0.5, 3.0, 1.0, 9.0, 2.0])
     assert spearman(x, x.exp()) == pytest.approx(1.0)  # ranks only: any increasing map
-    assert spearman(x, -x ** 3) == pytest.approx(-1.0)
+    assert spearman(x, -(x**3)) == pytest.approx(-1.0)
     assert spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.8660254)
 
 
@@ -172,13 +193,38 @@ def test_experiment_command_end_to_end(tmp_path):
     out = str(tmp_path / "exp")
     from memcore.__main__ import main
 
-    code = main([
-        "experiment", "--dataset", "digits", "--subset", "300", "--noise", "0.1", "--duplicates", "10",
-        "--stability-k", "4", "--epochs", "3", "--batch-size", "64", "--out", out, "--no-progress",
-    ])
+    code = main(
+        [
+            "experiment",
+            "--dataset",
+            "digits",
+            "--subset",
+            "300",
+            "--noise",
+            "0.1",
+            "--duplicates",
+            "10",
+            "--stability-k",
+            "4",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "64",
+            "--out",
+            out,
+            "--no-progress",
+        ]
+    )
     assert code == 0
-    for f in ("results.md", "results.json", "mislabel_auroc.csv", "duplicate_auroc.csv",
-              "stability_agreement.csv", "roc_mislabel.png", "top_csl.png"):
+    for f in (
+        "results.md",
+        "results.json",
+        "mislabel_auroc.csv",
+        "duplicate_auroc.csv",
+        "stability_agreement.csv",
+        "roc_mislabel.png",
+        "top_csl.png",
+    ):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     md = open(os.path.join(out, "results.md")).read()
     with open(os.path.join(out, "results.json")) as f:
@@ -187,8 +233,15 @@ def test_experiment_command_end_to_end(tmp_path):
         assert st[key] > 0, key
     assert 0.0 <= st["train_accuracy"] <= 1.0 and 0.0 <= st["stability_p_in"] <= 1.0
     assert 0.0 <= st["reliability"] <= 1.0  # 2 models a half: small, but a number
-    assert set(st["agreement"]["csl"]) == {"CS top 30", "PC top 30", "SC top 30", "overlap top 30",
-                                           "CS all", "PC all", "SC all"}
+    assert set(st["agreement"]["csl"]) == {
+        "CS top 30",
+        "PC top 30",
+        "SC top 30",
+        "overlap top 30",
+        "CS all",
+        "PC all",
+        "SC all",
+    }
     assert st["top_k"] == 30 and 0.0 < st["top_k_overlap_chance"] <= 1.0
     assert isinstance(st["top_k_estimate_constant"], bool)
     assert "Split-half reliability" in md

@@ -45,7 +45,9 @@ def _tracker_with_open_epoch(n=23):
     for e in range(3):
         for _ in range(3):
             idx = torch.randint(0, n - 1, (8,), generator=g)  # id n-1 never seen
-            memcore.accumulate(torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g), idx, tr)
+            memcore.accumulate(
+                torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g), idx, tr
+            )
         if e < 2:
             tr.end_epoch()
     return tr

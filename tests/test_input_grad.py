@@ -1,4 +1,5 @@
 """accumulate(..., inputs=x): per-sample input-gradient norms and the paper's learning time."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,8 @@ def _per_sample_sqnorms(model, x, y):
     """Reference: gradient of each sample's own loss w.r.t. its input, one sample at a time."""
     out = []
     for i in range(len(x)):
-        xi = x[i:i + 1].detach().clone().requires_grad_()
-        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i:i + 1]), xi)
+        xi = x[i : i + 1].detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i : i + 1]), xi)
         out.append(g.double().pow(2).sum())
     return torch.stack(out)
 
@@ -61,7 +62,7 @@ def test_parameter_gradients_unchanged_by_recording():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         tr = memcore.Tracker(32)
         for step in range(4):
-            xb = x[step * 8:(step + 1) * 8].clone()
+            xb = x[step * 8 : (step + 1) * 8].clone()
             if record:
                 xb.requires_grad_()
             idx = torch.arange(step * 8, (step + 1) * 8)
@@ -198,8 +199,9 @@ def test_opcheck_sqnorm_commit(device):
 def test_sqnorm_dtypes(dtype, device):
     stats = torch.zeros(2, 2, dtype=torch.float64, device=device)
     grad = torch.randn(3, 3000, device=device).to(dtype)
-    torch.ops.memcore.sqnorm_commit(stats, grad, torch.ones(3, dtype=torch.float64, device=device),
-                                    torch.tensor([0, 1, 1], device=device))
+    torch.ops.memcore.sqnorm_commit(
+        stats, grad, torch.ones(3, dtype=torch.float64, device=device), torch.tensor([0, 1, 1], device=device)
+    )
     sq = grad.double().pow(2).sum(1).cpu()
     torch.testing.assert_close(stats[:, 0].cpu(), torch.stack([sq[0], sq[1] + sq[2]]), rtol=1e-5, atol=1e-6)
 

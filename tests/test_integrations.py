@@ -1,4 +1,5 @@
 """Framework integrations; each test runs only where its framework is installed."""
+
 import os
 import runpy
 
@@ -23,13 +24,23 @@ def test_lightning_callback_and_checkpoint(tmp_path):
     # the callback's state travels with Lightning checkpoints
     tracker = memcore.Tracker(1797)
     cb = MemcoreCallback(tracker)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[cb], default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+        default_root_dir=str(tmp_path),
+    )
     from memcore.eval.datasets import load_digits
 
     trainer.fit(mod["Classifier"](tracker), torch.utils.data.DataLoader(load_digits(), batch_size=256))
-    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt")) if (tmp_path / "checkpoints").exists() else \
-        next(tmp_path.rglob("*.ckpt"))
+    ckpt = (
+        next((tmp_path / "checkpoints").glob("*.ckpt"))
+        if (tmp_path / "checkpoints").exists()
+        else next(tmp_path.rglob("*.ckpt"))
+    )
     saved = torch.load(ckpt, weights_only=False)["callbacks"]
     state = next(v for k, v in saved.items() if "MemcoreCallback" in k)
     fresh = memcore.Tracker(1797)
@@ -72,8 +83,13 @@ def test_hf_compute_loss_follows_num_items_in_batch(tmp_path):
     data = mod["Sequences"]()
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
-    args = TrainingArguments(output_dir=str(tmp_path), remove_unused_columns=False, report_to=[], use_cpu=True,
-                             gradient_accumulation_steps=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        gradient_accumulation_steps=2,
+    )
     trainer = MemcoreTrainer(model=model, args=args, train_dataset=data, tracker=memcore.Tracker(len(data)))
     batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "labels", "sample_index")}
     batch["labels"][0, -5:] = -100

@@ -8,6 +8,7 @@ reduction. Every thread count (32, 256, 512) and alignment the launcher can meet
 references are the CPU ops. Only exp differs on purpose: the host replay uses exp2, the device
 ex2.approx.ftz (2 ulp), the CPU kernels a polynomial.
 """
+
 import math
 
 import pytest
@@ -19,8 +20,33 @@ from memcore import _C
 ops = torch.ops.memcore
 TPRS = (32, 256, 512)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-SIZES = (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 100, 255, 257, 1000, 2047, 2048, 2049, 4099, 16384,
-         16385, 50257, 131072)
+SIZES = (
+    1,
+    2,
+    3,
+    5,
+    7,
+    8,
+    9,
+    15,
+    16,
+    17,
+    31,
+    33,
+    63,
+    100,
+    255,
+    257,
+    1000,
+    2047,
+    2048,
+    2049,
+    4099,
+    16384,
+    16385,
+    50257,
+    131072,
+)
 
 
 def _vec(dtype):
@@ -31,7 +57,7 @@ def _row_at(values, offset):
     """values (1-D) copied into a fresh buffer starting `offset` elements past a 16-byte boundary."""
     buf = torch.empty(values.numel() + 16, dtype=values.dtype)
     base = ((-buf.data_ptr()) % 16) // values.element_size()
-    row = buf[base + offset: base + offset + values.numel()]
+    row = buf[base + offset : base + offset + values.numel()]
     row.copy_(values)
     assert (row.data_ptr() % 16) // values.element_size() == offset % _vec(values.dtype)
     return row
@@ -52,9 +78,9 @@ def _cpu_forward(row, t):
 def _check_forward(values, dtype, offsets=None, targets=None):
     vec = _vec(dtype)
     c = values.numel()
-    for off in (range(vec) if offsets is None else offsets):
+    for off in range(vec) if offsets is None else offsets:
         row = _row_at(values.to(dtype), off)
-        for t in (_targets(c, off, vec) if targets is None else targets):
+        for t in _targets(c, off, vec) if targets is None else targets:
             want = _cpu_forward(row, t)
             for tpr in TPRS:
                 for use_vec in (False, True):
@@ -63,7 +89,9 @@ def _check_forward(values, dtype, offsets=None, targets=None):
                     if math.isnan(want[1]):  # NaN logits or an all -inf row: lse and loss NaN
                         assert got[:2].isnan().all(), msg
                         continue
-                    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+                    tol = (
+                        dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+                    )
                     torch.testing.assert_close(got[:3], want[:3], **tol, msg=msg)
                     # maxima and the argmax test are exact
                     torch.testing.assert_close(got[3:], want[3:], rtol=0, atol=0, msg=msg)
@@ -108,7 +136,7 @@ def test_gradient_every_split(dtype, inplace):
     for c in (1, 3, 8, 17, 255, 2049, 16385, 50257):
         values = (torch.randn(c, dtype=torch.float64) * 3).to(dtype)
         vec = _vec(dtype)
-        for off in ((0, 1, vec - 1) if c > 255 else range(vec)):
+        for off in (0, 1, vec - 1) if c > 255 else range(vec):
             row = _row_at(values, off)
             for t in _targets(c, off, vec):
                 _, lse, _, _ = ops.ce_forward(row.view(1, -1), torch.tensor([t]), torch.tensor([0]), 1, -100)
@@ -117,11 +145,21 @@ def test_gradient_every_split(dtype, inplace):
                 for tpr in TPRS:
                     for use_vec in (False, True):
                         out = _row_at(values, off) if inplace else _row_at(torch.zeros_like(values), off)
-                        _C._ce_grad_replay(out if inplace else row, out, t, float(lse[0]), float(g[0]), tpr, use_vec)
-                        tol = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-7),
-                               torch.bfloat16: dict(rtol=1e-2, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-6)}
-                        torch.testing.assert_close(out, want, **tol[dtype],
-                                                   msg=f"C={c} offset={off} target={t} threads={tpr} packs={use_vec}")
+                        _C._ce_grad_replay(
+                            out if inplace else row, out, t, float(lse[0]), float(g[0]), tpr, use_vec
+                        )
+                        tol = {
+                            torch.float64: dict(rtol=1e-10, atol=1e-12),
+                            torch.float32: dict(rtol=1e-5, atol=1e-7),
+                            torch.bfloat16: dict(rtol=1e-2, atol=1e-5),
+                            torch.float16: dict(rtol=1e-3, atol=1e-6),
+                        }
+                        torch.testing.assert_close(
+                            out,
+                            want,
+                            **tol[dtype],
+                            msg=f"C={c} offset={off} target={t} threads={tpr} packs={use_vec}",
+                        )
 
 
 def _runs(index, values):

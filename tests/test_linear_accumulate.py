@@ -2,6 +2,7 @@
 
 Parity with the unfused PyTorch computation for the loss and the gradients w.r.t. hidden, weight
 and bias; statistics identical to memcore.accumulate on the materialised logits; bad inputs."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,9 @@ def _fused(hidden, weight, bias, targets, index, reduction, upstream=None, sampl
 
 def _reference(hidden, weight, bias, targets, reduction, upstream=None, dtype=None):
     """F.linear + F.cross_entropy, optionally computed in another dtype (float64: ground truth)."""
-    h, w, b = _leaves(*[None if t is None else (t if dtype is None else t.to(dtype)) for t in (hidden, weight, bias)])
+    h, w, b = _leaves(
+        *[None if t is None else (t if dtype is None else t.to(dtype)) for t in (hidden, weight, bias)]
+    )
     loss = F.cross_entropy(F.linear(h, w, b), targets, reduction=reduction)
     (loss * upstream.to(loss.dtype)).sum().backward() if upstream is not None else loss.backward()
     return loss.detach(), h.grad, w.grad, None if b is None else b.grad
@@ -90,7 +93,7 @@ def test_16bit_parity(dtype, reduction, device):
     got = _fused(hidden, weight, bias, targets, index, reduction, up, chunk_size=40)[:4]
     torch_16 = _reference(hidden, weight, bias, targets, reduction, up)
     truth = _reference(hidden, weight, bias, targets, reduction, up, dtype=torch.float64)
-    ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     for name, a, t16, t in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, torch_16, truth):
         assert a.dtype == dtype, name
         err = (a.double() - t).abs().max().item()
@@ -120,13 +123,22 @@ def test_statistics_match_accumulate(reduction, device):
     tr_ref = memcore.Tracker(samples, device=device)
     with torch.no_grad():
         memcore.accumulate(F.linear(hidden, weight, bias), targets, index, tr_ref, reduction=reduction)
-    *_, tr = _fused(hidden, weight, bias, targets, index, reduction, _upstream(reduction, 61, device=device),
-                    samples=samples, chunk_size=16)
+    *_, tr = _fused(
+        hidden,
+        weight,
+        bias,
+        targets,
+        index,
+        reduction,
+        _upstream(reduction, 61, device=device),
+        samples=samples,
+        chunk_size=16,
+    )
     s, r = tr.scores(), tr_ref.scores()
     for key in SCORES:
         torch.testing.assert_close(s[key], r[key], rtol=1e-6, atol=1e-6, equal_nan=True, msg=key)
     # the raw per-sample sums too (loss, rows, correct, p, p^2, margin)
-    torch.testing.assert_close(tr._epoch, tr_ref._epoch, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tr._recorded(), tr_ref._recorded(), rtol=1e-6, atol=1e-6)
 
 
 def test_no_grad_records_statistics_only():
@@ -179,11 +191,12 @@ def test_tied_weight_used_elsewhere(device):
         w = emb.clone().requires_grad_()
         hidden = torch.tanh(F.embedding(ids, w) * 2)  # the tied weight before the head too
         if fused:
-            loss = memcore.linear_accumulate(hidden, w, targets, index, memcore.Tracker(n, device=device),
-                                             chunk_size=16)
+            loss = memcore.linear_accumulate(
+                hidden, w, targets, index, memcore.Tracker(n, device=device), chunk_size=16
+            )
         else:
             loss = F.cross_entropy(F.linear(hidden, w), targets)
-        (loss + (w ** 2).sum() * 1e-3).backward()
+        (loss + (w**2).sum() * 1e-3).backward()
         grads.append(w.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
@@ -215,9 +228,17 @@ def test_sequences_non_contiguous_view_and_per_sequence_index(device):
     tr_ref = memcore.Tracker(4, device=device)
     memcore.accumulate(logits.detach(), labels[:, 1:], seq_index, tr_ref)
     for key in SCORES:
-        torch.testing.assert_close(tr.scores()[key], tr_ref.scores()[key], rtol=1e-6, atol=1e-6, equal_nan=True)
-    none = memcore.linear_accumulate(view.detach(), weight.detach(), labels[:, 1:], seq_index,
-                                     memcore.Tracker(4, device=device), reduction="none")
+        torch.testing.assert_close(
+            tr.scores()[key], tr_ref.scores()[key], rtol=1e-6, atol=1e-6, equal_nan=True
+        )
+    none = memcore.linear_accumulate(
+        view.detach(),
+        weight.detach(),
+        labels[:, 1:],
+        seq_index,
+        memcore.Tracker(4, device=device),
+        reduction="none",
+    )
     assert none.shape == (bsz, t - 1)
 
 
@@ -243,13 +264,18 @@ def test_only_some_inputs_need_grad():
     want = _reference(hidden, weight, bias, targets, "sum")
     for reduction in ("sum", "none"):
         h = hidden.clone().requires_grad_()
-        loss = memcore.linear_accumulate(h, weight, targets, index, memcore.Tracker(20), bias=bias,
-                                         reduction=reduction)
+        loss = memcore.linear_accumulate(
+            h, weight, targets, index, memcore.Tracker(20), bias=bias, reduction=reduction
+        )
         loss.sum().backward()
         torch.testing.assert_close(h.grad, want[1], rtol=1e-5, atol=1e-7)
         w = weight.clone().requires_grad_()
-        memcore.linear_accumulate(hidden, w, targets, index, memcore.Tracker(20), reduction=reduction).sum().backward()
-        torch.testing.assert_close(w.grad, _reference(hidden, weight, None, targets, "sum")[2], rtol=1e-5, atol=1e-7)
+        memcore.linear_accumulate(
+            hidden, w, targets, index, memcore.Tracker(20), reduction=reduction
+        ).sum().backward()
+        torch.testing.assert_close(
+            w.grad, _reference(hidden, weight, None, targets, "sum")[2], rtol=1e-5, atol=1e-7
+        )
 
 
 def test_torch_compile_fullgraph():
@@ -271,9 +297,11 @@ def test_torch_compile_fullgraph():
         memcore.accumulate(F.linear(hidden, weight, bias), targets, index, tr_ref)
     torch.testing.assert_close(tr.scores()["csl"], tr_ref.scores()["csl"], rtol=1e-6, atol=1e-6)
 
+    tr_none = memcore.Tracker(24)  # made outside: a tracker is state, not something to trace
+
     @torch.compile(fullgraph=True, backend="aot_eager", dynamic=True)
     def step_none(h, w):
-        return memcore.linear_accumulate(h, w, targets, index, memcore.Tracker(24), reduction="none", chunk_size=10)
+        return memcore.linear_accumulate(h, w, targets, index, tr_none, reduction="none", chunk_size=10)
 
     h, w = _leaves(hidden, weight)
     up = _upstream("none", 24)
@@ -333,8 +361,9 @@ def test_bad_input_names_argument_and_leaves_tracker_unchanged(case):
     memcore.linear_accumulate(ok["hidden"], ok["weight"], ok["targets"], ok["index"], tr, bias=ok["bias"])
     before = tr.state_dict()
     with pytest.raises(exc, match=pattern):
-        memcore.linear_accumulate(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("index"),
-                                  tr, **args)
+        memcore.linear_accumulate(
+            args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("index"), tr, **args
+        )
     after = tr.state_dict()
     assert before.keys() == after.keys() and before["buffers"].keys() == after["buffers"].keys()
     for key, t in before["buffers"].items():  # bit for bit (last_loss starts as NaN)
@@ -349,7 +378,7 @@ def test_deferred_error_not_strict():
     targets[2] = 40
     tr = memcore.Tracker(10, strict=False)
     memcore.linear_accumulate(hidden, weight, targets, index, tr, bias=bias)
-    assert tr._epoch.abs().sum() == 0
+    assert tr._recorded().abs().sum() == 0
     with pytest.raises(ValueError, match="target out of range"):
         tr.end_epoch()
 
@@ -369,13 +398,30 @@ def test_opcheck(reduction, device):
     # is covered by the torch.compile tests (static and dynamic shapes)
     utils = None if reduction == 0 else ("test_schema", "test_autograd_registration", "test_faketensor")
     kw = {} if utils is None else {"test_utils": utils}
-    torch.library.opcheck(torch.ops.memcore.linear_ce_forward.default,
-                          (*leaves, targets, index, 13, -100, reduction, 5, [True, True, True]), **kw)
-    torch.library.opcheck(torch.ops.memcore.linear_ce_forward.default,
-                          (hidden, weight, None, targets, index, 13, -100, reduction, 5, [False, True, False]))
+    torch.library.opcheck(
+        torch.ops.memcore.linear_ce_forward.default,
+        (*leaves, targets, index, 13, -100, reduction, 5, [True, True, True]),
+        **kw,
+    )
+    torch.library.opcheck(
+        torch.ops.memcore.linear_ce_forward.default,
+        (hidden, weight, None, targets, index, 13, -100, reduction, 5, [False, True, False]),
+    )
     if reduction == 0:
-        lse = torch.ops.memcore.linear_ce_forward(hidden, weight, bias, targets, index, 13, -100, 0, 5,
-                                                  [False, False, False])[3]
-        torch.library.opcheck(torch.ops.memcore.linear_ce_backward.default,
-                              (torch.randn(13, device=device), hidden, weight, bias, targets, lse, -100, 5,
-                               [True, False, True]))
+        lse = torch.ops.memcore.linear_ce_forward(
+            hidden, weight, bias, targets, index, 13, -100, 0, 5, [False, False, False]
+        )[3]
+        torch.library.opcheck(
+            torch.ops.memcore.linear_ce_backward.default,
+            (
+                torch.randn(13, device=device),
+                hidden,
+                weight,
+                bias,
+                targets,
+                lse,
+                -100,
+                5,
+                [True, False, True],
+            ),
+        )

@@ -1,5 +1,6 @@
 """MemcoreTrainer(fused_linear=True): the loss through memcore.linear_accumulate from the base model's
 last hidden state and the output embedding. Tiny randomly initialised models, nothing downloaded."""
+
 import copy
 import os
 import runpy
@@ -20,12 +21,24 @@ def _model(kind, **extra):
     t = transformers
     torch.manual_seed(0)
     if kind == "gpt2":  # tied input / output embeddings
-        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2,
-                                              **extra))
-    common = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, **extra)
-    cls = {"llama": (t.LlamaConfig, t.LlamaForCausalLM), "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
-           "mistral": (t.MistralConfig, t.MistralForCausalLM)}[kind]
+        return t.GPT2LMHeadModel(
+            t.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2, **extra)
+        )
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        **extra,
+    )
+    cls = {
+        "llama": (t.LlamaConfig, t.LlamaForCausalLM),
+        "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
+        "mistral": (t.MistralConfig, t.MistralForCausalLM),
+    }[kind]
     return cls[1](cls[0](**common))
 
 
@@ -38,8 +51,9 @@ def _batch():
 
 
 def _trainer(model, tmp_path, **kw):
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), remove_unused_columns=False, report_to=[],
-                                          use_cpu=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), remove_unused_columns=False, report_to=[], use_cpu=True
+    )
     return MemcoreTrainer(model=model, args=args, tracker=memcore.Tracker(6), **kw)
 
 
@@ -105,21 +119,43 @@ def test_trl_sft_trainer_two_line_pattern(tmp_path):
 
     model = _model("llama")
     g = torch.Generator().manual_seed(2)
-    rows = [{"input_ids": torch.randint(0, VOCAB, (10,), generator=g).tolist(), "sample_index": i} for i in range(8)]
-    config = trl.SFTConfig(output_dir=str(tmp_path), remove_unused_columns=False, report_to=[], use_cpu=True,
-                           max_steps=2, per_device_train_batch_size=4, save_strategy="no", logging_strategy="no",
-                           disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True})
+    rows = [
+        {"input_ids": torch.randint(0, VOCAB, (10,), generator=g).tolist(), "sample_index": i}
+        for i in range(8)
+    ]
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
     tracker = memcore.Tracker(8)
-    trainer = MemcoreSFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                                processing_class=_tokenizer(), tracker=tracker, fused_linear=True,
-                                data_collator=_collate)
+    trainer = MemcoreSFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=_tokenizer(),
+        tracker=tracker,
+        fused_linear=True,
+        data_collator=_collate,
+    )
     trainer.train()
     assert tracker.scores()["rows"].sum() == 8 * 9  # every sequence once, 9 predicted tokens each
 
 
 def _collate(rows):
     ids = torch.tensor([r["input_ids"] for r in rows])
-    return {"input_ids": ids, "labels": ids.clone(), "sample_index": torch.tensor([r["sample_index"] for r in rows])}
+    return {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "sample_index": torch.tensor([r["sample_index"] for r in rows]),
+    }
 
 
 def _tokenizer():
@@ -128,6 +164,9 @@ def _tokenizer():
 
     vocab = {f"t{i}": i for i in range(VOCAB - 1)}
     vocab["<pad>"] = VOCAB - 1
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
-                                               pad_token="<pad>", eos_token="<pad>")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+        pad_token="<pad>",
+        eos_token="<pad>",
+    )
     return tok

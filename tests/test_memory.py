@@ -1,12 +1,12 @@
 """Memory: the peak-memory probe the scaling benchmark reports (benchmarks/memory.py) measures what
 it says, and memcore's fused loss allocates no more than the logits gradient on the CPU (no
 softmax or log-probability tensor), the overwrite route nothing of that size."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import memcore
-
 from benchmarks.memory import peak_cpu_mib
 
 MIB = 2**20
@@ -58,6 +58,7 @@ def test_fused_loss_allocates_about_the_gradient_only(dtype):
 
     fresh = logits.detach().clone().requires_grad_()
     logits.grad = None
-    overwrite_peak = _probe(lambda: memcore.accumulate(fresh, targets, index, tracker,
-                                                       overwrite_logits=True).backward())
+    overwrite_peak = _probe(
+        lambda: memcore.accumulate(fresh, targets, index, tracker, overwrite_logits=True).backward()
+    )
     assert overwrite_peak < 0.1 * grad_mib, overwrite_peak  # the gradient is the logits' own storage

@@ -1,4 +1,5 @@
 """Operator registration: opcheck on every op, torch.compile(fullgraph=True) of a training step."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,20 +55,26 @@ def test_ce_forward_reduce_matches_cross_entropy(device):
 def test_opcheck_ce_accumulate(reduction, device):
     logits, targets, index = _inputs(device)
     stats = torch.zeros(4, 6, dtype=torch.float64, device=device)
-    torch.library.opcheck(torch.ops.memcore.ce_accumulate.default, (stats, logits, targets, index, -100, reduction))
+    torch.library.opcheck(
+        torch.ops.memcore.ce_accumulate.default, (stats, logits, targets, index, -100, reduction)
+    )
 
 
 def test_opcheck_ce_backward(device):
     logits, targets, index = _inputs(device)
     loss, lse, _, _ = torch.ops.memcore.ce_forward(logits, targets, index, 4, -100)
-    torch.library.opcheck(torch.ops.memcore.ce_backward.default, (torch.randn_like(loss), logits, targets, lse, -100))
+    torch.library.opcheck(
+        torch.ops.memcore.ce_backward.default, (torch.randn_like(loss), logits, targets, lse, -100)
+    )
 
 
 def test_opcheck_ce_commit(device):
     logits, targets, index = _inputs(device)
     loss, _, row_stats, status = torch.ops.memcore.ce_forward(logits, targets, index, 4, -100)
     stats = torch.zeros(4, 6, dtype=torch.float64, device=device)
-    torch.library.opcheck(torch.ops.memcore.ce_commit.default, (stats, index, targets, loss, row_stats, status, -100))
+    torch.library.opcheck(
+        torch.ops.memcore.ce_commit.default, (stats, index, targets, loss, row_stats, status, -100)
+    )
 
 
 def test_direct_op_call_never_writes_out_of_bounds():
@@ -122,6 +129,7 @@ def test_deterministic_commits_match_kernels():
     """The ATen commits the CUDA ops switch to under torch.use_deterministic_algorithms give the
     kernels' sums (checked here against the CPU kernels, so on any machine)."""
     from memcore import _C
+
     logits, targets, index, samples = _commit_case("cpu")
     loss, _, row_stats, status = torch.ops.memcore.ce_forward(logits, targets, index, samples, -100)
     want = torch.rand(samples, 6, dtype=torch.float64)
@@ -130,8 +138,15 @@ def test_deterministic_commits_match_kernels():
     _C._ce_commit_deterministic(got, index, targets, loss, row_stats, status, -100)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     before = got.clone()  # a rejected batch (status != 0) adds nothing, NaN losses included
-    _C._ce_commit_deterministic(got, index, targets, loss.clone().fill_(float("nan")), row_stats,
-                                torch.tensor([4], dtype=torch.int32), -100)
+    _C._ce_commit_deterministic(
+        got,
+        index,
+        targets,
+        loss.clone().fill_(float("nan")),
+        row_stats,
+        torch.tensor([4], dtype=torch.int32),
+        -100,
+    )
     assert torch.equal(got, before)
 
     grad = torch.randn(10, 3, 4)
@@ -145,7 +160,9 @@ def test_deterministic_commits_match_kernels():
 
     # a stats buffer without rows (direct op calls only; a Tracker has >= 1 sample): nothing to add
     empty = torch.zeros(0, 6, dtype=torch.float64)
-    _C._ce_commit_deterministic(empty, index, targets, loss, row_stats, torch.tensor([1], dtype=torch.int32), -100)
+    _C._ce_commit_deterministic(
+        empty, index, targets, loss, row_stats, torch.tensor([1], dtype=torch.int32), -100
+    )
     _C._sqnorm_commit_deterministic(torch.zeros(0, 2, dtype=torch.float64), grad, scale, idx)
     assert empty.shape == (0, 6)
 
@@ -187,9 +204,9 @@ def test_torch_compile_fullgraph_training_step(reduction):
     idx = torch.arange(32)
     for _ in range(2):  # second call reuses the graph
         for b in range(0, 32, 16):
-            loss = compiled(x[b:b + 16], y[b:b + 16], idx[b:b + 16])
+            loss = compiled(x[b : b + 16], y[b : b + 16], idx[b : b + 16])
             loss.sum().backward()
-            ref = F.cross_entropy(ref_model(x[b:b + 16]), y[b:b + 16], reduction=reduction)
+            ref = F.cross_entropy(ref_model(x[b : b + 16]), y[b : b + 16], reduction=reduction)
             ref.sum().backward()
             torch.testing.assert_close(loss, ref)
         for p, q in zip(model.parameters(), ref_model.parameters()):

@@ -1,5 +1,6 @@
 """accumulate(..., overwrite_logits=True): the gradient is written over the logits in the forward
 pass (memcore::ce_forward_grad_) and handed back by the backward (memcore::scale_unless_one_)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,10 +10,18 @@ import memcore
 # two routes that each round float32 math once to a 16-bit dtype: at most one ulp apart (relative
 # 2^-7 bfloat16, 2^-10 float16); against the float64 reference, half an ulp. Plus float32 noise on
 # entries near 0 (p - 1 at a confident target): ~eps32 * |logits|.
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-7), torch.float64: dict(rtol=1e-10, atol=1e-12),
-       torch.bfloat16: dict(rtol=2 ** -7, atol=1e-6), torch.float16: dict(rtol=2 ** -10, atol=1e-6)}
-REF_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12),
-           torch.bfloat16: dict(rtol=2 ** -8, atol=1e-6), torch.float16: dict(rtol=2 ** -11, atol=1e-6)}
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-7),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-6),
+    torch.float16: dict(rtol=2**-10, atol=1e-6),
+}
+REF_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.bfloat16: dict(rtol=2**-8, atol=1e-6),
+    torch.float16: dict(rtol=2**-11, atol=1e-6),
+}
 
 
 def _batch(n, c, dtype, device, ignore=True, seed=0):
@@ -62,7 +71,9 @@ def test_layer_gradients_and_upstream_scaling(factor, device):
     grads = []
     for overwrite in (False, True):
         lin.zero_grad()
-        loss = memcore.accumulate(lin(x), y, idx, memcore.Tracker(24, device=device), overwrite_logits=overwrite)
+        loss = memcore.accumulate(
+            lin(x), y, idx, memcore.Tracker(24, device=device), overwrite_logits=overwrite
+        )
         (loss * factor).backward()
         grads.append((lin.weight.grad.clone(), lin.bias.grad.clone()))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-7)
@@ -113,9 +124,14 @@ def test_logits_saved_elsewhere_is_caught(device):
     instead of computing a wrong gradient."""
     lin = torch.nn.Linear(4, 6).to(device)
     z = lin(torch.randn(5, 4, device=device))
-    penalty = (z ** 2).mean()  # pow saves z
-    loss = memcore.accumulate(z, torch.randint(0, 6, (5,), device=device), torch.arange(5, device=device),
-                              memcore.Tracker(5, device=device), overwrite_logits=True)
+    penalty = (z**2).mean()  # pow saves z
+    loss = memcore.accumulate(
+        z,
+        torch.randint(0, 6, (5,), device=device),
+        torch.arange(5, device=device),
+        memcore.Tracker(5, device=device),
+        overwrite_logits=True,
+    )
     with pytest.raises(RuntimeError, match="inplace"):
         (loss + penalty).backward()
 
@@ -124,7 +140,9 @@ def test_no_gradient_needed_leaves_logits_alone(device):
     logits, targets, index = _batch(10, 7, torch.float32, device)
     a = logits.clone().requires_grad_()
     with torch.no_grad():
-        loss = memcore.accumulate(a, targets, index, memcore.Tracker(10, device=device), overwrite_logits=True)
+        loss = memcore.accumulate(
+            a, targets, index, memcore.Tracker(10, device=device), overwrite_logits=True
+        )
     assert torch.equal(a.detach(), logits)
     torch.testing.assert_close(loss, F.cross_entropy(logits, targets))
 
@@ -155,8 +173,9 @@ def test_all_rows_ignored(device):
     for reduction in ("mean", "sum"):
         a = logits.clone().requires_grad_()
         b = logits.clone().requires_grad_()
-        la = memcore.accumulate(a, targets, index, memcore.Tracker(5, device=device), reduction=reduction,
-                                overwrite_logits=True)
+        la = memcore.accumulate(
+            a, targets, index, memcore.Tracker(5, device=device), reduction=reduction, overwrite_logits=True
+        )
         lb = F.cross_entropy(b, targets, reduction=reduction)
         la.backward()
         lb.backward()
@@ -168,10 +187,12 @@ def test_all_rows_ignored(device):
 def test_opcheck(dtype, device):
     logits, targets, index = _batch(9, 6, dtype, device)
     for code in (1, 2):
-        torch.library.opcheck(torch.ops.memcore.ce_forward_grad_.default,
-                              (logits.clone(), targets, index, 9, -100, code))
-    torch.library.opcheck(torch.ops.memcore.scale_unless_one_.default,
-                          (logits.clone(), torch.tensor(2.0, device=device)))
+        torch.library.opcheck(
+            torch.ops.memcore.ce_forward_grad_.default, (logits.clone(), targets, index, 9, -100, code)
+        )
+    torch.library.opcheck(
+        torch.ops.memcore.scale_unless_one_.default, (logits.clone(), torch.tensor(2.0, device=device))
+    )
     g = logits.clone()
     torch.ops.memcore.scale_unless_one_(g, torch.tensor(1.0, device=device))
     assert torch.equal(g, logits)

@@ -9,6 +9,7 @@ Profiles (HYPOTHESIS_PROFILE): "ci" (default) is derandomized with a fixed examp
 runs the same examples every time within its time budget; "dev" draws many more, randomly:
     HYPOTHESIS_PROFILE=dev python -m pytest tests/test_properties.py
 """
+
 import os
 import tempfile
 
@@ -23,16 +24,21 @@ from reference import scores as reference_scores  # noqa: E402
 
 import memcore  # noqa: E402
 
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-               print_blob=True)
+_COMMON = dict(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=True
+)
 settings.register_profile("ci", derandomize=True, max_examples=30, **_COMMON)
 settings.register_profile("dev", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # 16-bit results of float32 math against float32 math: one rounding (half an ulp) plus float32 noise
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=1e-6),
-       torch.bfloat16: dict(rtol=2 ** -8, atol=1e-6), torch.float16: dict(rtol=2 ** -11, atol=1e-6)}
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-12),
+    torch.float32: dict(rtol=2e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=2**-8, atol=1e-6),
+    torch.float16: dict(rtol=2**-11, atol=1e-6),
+}
 MAX_ELEMENTS = 150_000  # N x C per batch: keeps an example in milliseconds
 
 
@@ -43,7 +49,7 @@ def batches(draw, max_rows=40):
     n = draw(st.integers(0, max(0, min(max_rows, MAX_ELEMENTS // c))))
     dtype = draw(st.sampled_from(DTYPES))
     layout = draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded"]))
-    seed = draw(st.integers(0, 2 ** 31 - 1))
+    seed = draw(st.integers(0, 2**31 - 1))
     scale = draw(st.sampled_from([0.1, 3.0, 30.0]))
     g = torch.Generator().manual_seed(seed)
     if layout == "contiguous":
@@ -75,8 +81,12 @@ def _ref_dtype(dtype):
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-@given(batch=batches(), reduction=st.sampled_from(["mean", "sum", "none"]),
-       route=st.sampled_from(["default", "inputs", "overwrite"]), upstream_seed=st.integers(0, 1000))
+@given(
+    batch=batches(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    route=st.sampled_from(["default", "inputs", "overwrite"]),
+    upstream_seed=st.integers(0, 1000),
+)
 def test_loss_and_gradients_equal_f_cross_entropy(batch, reduction, route, upstream_seed):
     z, targets, index, s, ii = batch
     if route == "overwrite" and reduction == "none":
@@ -90,20 +100,36 @@ def test_loss_and_gradients_equal_f_cross_entropy(batch, reduction, route, upstr
     if route == "overwrite":
         za = a.clone()  # model output, not a leaf (overwrite writes the gradient over its memory)
     tr = memcore.Tracker(s)
-    got = memcore.accumulate(za, targets, index, tr, reduction=reduction, ignore_index=ii, inputs=x,
-                             overwrite_logits=route == "overwrite")
+    got = memcore.accumulate(
+        za,
+        targets,
+        index,
+        tr,
+        reduction=reduction,
+        ignore_index=ii,
+        inputs=x,
+        overwrite_logits=route == "overwrite",
+    )
     want = F.cross_entropy(b, targets, reduction=reduction, ignore_index=ii)
     assert got.dtype == z.dtype and got.shape == want.shape
-    torch.testing.assert_close(got.float(), want.float(), equal_nan=True, **_grad_tol(z.dtype, torch.ones(()), z))
+    torch.testing.assert_close(
+        got.float(), want.float(), equal_nan=True, **_grad_tol(z.dtype, torch.ones(()), z)
+    )
     if n == 0 or (reduction == "mean" and bool((targets == ii).all())):
         return  # no gradient to compare (an empty or all-ignored mean is NaN, in both)
-    up = torch.randn(want.shape, generator=g) if reduction == "none" else torch.tensor(1.0 + upstream_seed / 100)
+    up = (
+        torch.randn(want.shape, generator=g)
+        if reduction == "none"
+        else torch.tensor(1.0 + upstream_seed / 100)
+    )
     got.backward(up.to(got.dtype))
     want.backward(up.to(got.dtype).to(want.dtype))  # the same upstream values on both
     assert a.grad.dtype == z.dtype
     tol = _grad_tol(z.dtype, up, z)
     if route == "overwrite" and z.dtype in (torch.bfloat16, torch.float16):
-        tol["rtol"] *= 2  # documented: stored in the logits' dtype, then scaled by the upstream (two roundings)
+        tol["rtol"] *= (
+            2  # documented: stored in the logits' dtype, then scaled by the upstream (two roundings)
+        )
     torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
 
 
@@ -117,8 +143,10 @@ def _grad_tol(dtype, up, z):
     return tol
 
 
-@given(epochs=st.lists(st.lists(batches(max_rows=24), min_size=1, max_size=3), min_size=1, max_size=3),
-       num_samples=st.integers(1, 30))
+@given(
+    epochs=st.lists(st.lists(batches(max_rows=24), min_size=1, max_size=3), min_size=1, max_size=3),
+    num_samples=st.integers(1, 30),
+)
 def test_tracker_statistics_equal_the_reference(epochs, num_samples):
     """Several epochs of random batches (each with its own dtype, layout, ignore_index and index
     pattern, indices folded into one dataset): scores equal the plain-PyTorch reference."""
@@ -153,16 +181,22 @@ def _state_equal(a, b):
                 else:
                     assert torch.equal(t.view(torch.uint8), u.view(torch.uint8)), name
         elif k == "grad_history":
-            assert len(a[k]) == len(b[k]) and all(torch.equal(x.view(torch.uint8), y.view(torch.uint8))
-                                                  for x, y in zip(a[k], b[k]))
+            assert len(a[k]) == len(b[k]) and all(
+                torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a[k], b[k])
+            )
         else:
             assert a[k] == b[k], k
 
 
-@given(batch=batches(max_rows=16), fault=st.sampled_from(["target high", "target negative", "index high",
-                                                          "index negative", "nan", "+inf", "target -inf"]),
-       route=st.sampled_from(["default", "inputs", "overwrite"]), row_seed=st.integers(0, 10 ** 6),
-       reduction=st.sampled_from(["mean", "sum", "none"]))
+@given(
+    batch=batches(max_rows=16),
+    fault=st.sampled_from(
+        ["target high", "target negative", "index high", "index negative", "nan", "+inf", "target -inf"]
+    ),
+    route=st.sampled_from(["default", "inputs", "overwrite"]),
+    row_seed=st.integers(0, 10**6),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+)
 def test_rejected_batch_leaves_state_bitwise_unchanged(batch, fault, route, row_seed, reduction):
     z, targets, index, s, ii = batch
     n, c = z.shape
@@ -199,21 +233,40 @@ def test_rejected_batch_leaves_state_bitwise_unchanged(batch, fault, route, row_
     if route == "overwrite":
         logits = logits.clone()
     with pytest.raises((IndexError, ValueError), match=rf"\[{r}\]|row {r}\b"):
-        memcore.accumulate(logits, targets, index, tr, reduction=reduction, ignore_index=ii, inputs=x,
-                           overwrite_logits=route == "overwrite")
+        memcore.accumulate(
+            logits,
+            targets,
+            index,
+            tr,
+            reduction=reduction,
+            ignore_index=ii,
+            inputs=x,
+            overwrite_logits=route == "overwrite",
+        )
     _state_equal(tr.state_dict(), before)
 
 
-@given(epochs=st.lists(st.lists(batches(max_rows=12), min_size=1, max_size=2), min_size=1, max_size=3),
-       num_samples=st.integers(1, 20), record_inputs=st.booleans(), open_epoch=st.booleans())
+@given(
+    epochs=st.lists(st.lists(batches(max_rows=12), min_size=1, max_size=2), min_size=1, max_size=3),
+    num_samples=st.integers(1, 20),
+    record_inputs=st.booleans(),
+    open_epoch=st.booleans(),
+)
 def test_save_load_gives_identical_scores(epochs, num_samples, record_inputs, open_epoch):
     tr = memcore.Tracker(num_samples)
     for e, batches_ in enumerate(epochs):
         for z, targets, index, _s, ii in batches_:
             x = torch.zeros(len(targets), 1, requires_grad=True) if record_inputs else None
             logits = z.detach().requires_grad_()
-            loss = memcore.accumulate(logits if x is None else logits + x.to(z.dtype), targets,
-                                      index % num_samples, tr, ignore_index=ii, inputs=x, reduction="sum")
+            loss = memcore.accumulate(
+                logits if x is None else logits + x.to(z.dtype),
+                targets,
+                index % num_samples,
+                tr,
+                ignore_index=ii,
+                inputs=x,
+                reduction="sum",
+            )
             loss.backward()
         if e < len(epochs) - 1 or not open_epoch:
             tr.end_epoch()

@@ -6,6 +6,7 @@ and `loader` and are shown for shape only). The README's scores table must list 
 scores `Tracker.scores()` returns, each with the direction `export.ranked_issues` treats as
 suspicious, and relative links in the docs must point at files that exist.
 """
+
 import re
 from pathlib import Path
 from typing import List, Tuple
@@ -61,7 +62,7 @@ def _scores_table() -> List[List[str]]:
     start = lines.index(header)
     assert re.fullmatch(r"\|(\s*-+\s*\|){3}", lines[start + 1]), "scores table: missing separator row"
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -1,4 +1,5 @@
 """Drop-in promises under double backward, autocast, overflow, misuse, threads and untrusted files."""
+
 import os
 import threading
 
@@ -21,8 +22,10 @@ def _same_state(a, b):
             for name in a[k]:
                 x, y = a[k][name], b[k][name]
                 assert x.dtype == y.dtype and x.shape == y.shape, name
-                assert torch.equal(x.view(torch.uint8) if x.dtype != torch.bool else x,
-                                   y.view(torch.uint8) if y.dtype != torch.bool else y), name
+                assert torch.equal(
+                    x.view(torch.uint8) if x.dtype != torch.bool else x,
+                    y.view(torch.uint8) if y.dtype != torch.bool else y,
+                ), name
         elif k == "grad_history":
             assert len(a[k]) == len(b[k]) and all(torch.equal(x, y) for x, y in zip(a[k], b[k]))
         else:
@@ -41,7 +44,9 @@ def _trained(n=12, epochs=2, seed=0, inputs=False, tau=None):
             loss.backward()
         tr.end_epoch()
     # an open epoch too
-    memcore.accumulate(torch.randn(n, 4, generator=g), torch.randint(0, 4, (n,), generator=g), torch.arange(n), tr)
+    memcore.accumulate(
+        torch.randn(n, 4, generator=g), torch.randint(0, 4, (n,), generator=g), torch.arange(n), tr
+    )
     return tr
 
 
@@ -77,8 +82,11 @@ def test_gradient_penalty_matches_f_cross_entropy():
     for use_memcore in (False, True):
         lin.zero_grad()
         z = lin(x)
-        loss = (memcore.accumulate(z, y, torch.arange(10), memcore.Tracker(10)) if use_memcore
-                else F.cross_entropy(z, y))
+        loss = (
+            memcore.accumulate(z, y, torch.arange(10), memcore.Tracker(10))
+            if use_memcore
+            else F.cross_entropy(z, y)
+        )
         (gw,) = torch.autograd.grad(loss, lin.weight, create_graph=True)
         (loss + gw.pow(2).sum()).backward()
         grads.append(lin.weight.grad.clone())
@@ -94,15 +102,20 @@ def test_double_backward_low_precision(dtype):
     v = torch.randn(7, 9, generator=g).to(dtype).float()  # exact in dtype: both routes see the same v
     out = []
     for use_memcore in (False, True):
-        z = (base.clone() if use_memcore else base.float().clone()).requires_grad_()  # reference: float32 math
-        loss = (memcore.accumulate(z, y, torch.arange(7), memcore.Tracker(7)) if use_memcore
-                else F.cross_entropy(z, y))
+        z = (
+            base.clone() if use_memcore else base.float().clone()
+        ).requires_grad_()  # reference: float32 math
+        loss = (
+            memcore.accumulate(z, y, torch.arange(7), memcore.Tracker(7))
+            if use_memcore
+            else F.cross_entropy(z, y)
+        )
         (gz,) = torch.autograd.grad(loss, z, create_graph=True)
         (gz.float() * v).sum().backward()
         out.append(z.grad)
     assert out[1].dtype == dtype
     # float32 math rounded once to dtype: within half an ulp of the float32 reference
-    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=2**-8, atol=1e-6)
     torch.testing.assert_close(out[1].float(), out[0], **tol)
 
 
@@ -110,7 +123,9 @@ def test_overwrite_logits_refuses_double_backward():
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 5)
     z = lin(torch.randn(3, 4))
-    loss = memcore.accumulate(z, torch.tensor([0, 1, 2]), torch.arange(3), memcore.Tracker(3), overwrite_logits=True)
+    loss = memcore.accumulate(
+        z, torch.tensor([0, 1, 2]), torch.arange(3), memcore.Tracker(3), overwrite_logits=True
+    )
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, lin.weight, create_graph=True)
 
@@ -138,8 +153,14 @@ def test_autocast_value_and_dtype_match_f_cross_entropy(dtype, reduction, with_i
             assert z.dtype == dtype
             z.retain_grad()
             if use_memcore:
-                loss = memcore.accumulate(z, y, idx, memcore.Tracker(n, device=device), reduction=reduction,
-                                          inputs=xb if with_inputs else None)
+                loss = memcore.accumulate(
+                    z,
+                    y,
+                    idx,
+                    memcore.Tracker(n, device=device),
+                    reduction=reduction,
+                    inputs=xb if with_inputs else None,
+                )
             else:
                 loss = F.cross_entropy(z, y, reduction=reduction)
         loss.sum().backward()
@@ -150,7 +171,7 @@ def test_autocast_value_and_dtype_match_f_cross_entropy(dtype, reduction, with_i
     # both: float32 math rounded once to dtype, so at most one ulp apart; plus float32 noise on
     # entries near 0 (p - 1 at a confident target), of the order of eps32 * |logits| (~40 here)
     assert g1.dtype == g0.dtype == dtype
-    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
     torch.testing.assert_close(g1.float(), g0.float(), rtol=ulp, atol=1e-5)
 
 
@@ -171,8 +192,9 @@ def test_autocast_overwrite_route_matches_f_cross_entropy(dtype, reduction):
             z = x @ wb
             assert z.dtype == dtype
             if use_memcore:
-                loss = memcore.accumulate(z, y, torch.arange(n), memcore.Tracker(n), reduction=reduction,
-                                          overwrite_logits=True)
+                loss = memcore.accumulate(
+                    z, y, torch.arange(n), memcore.Tracker(n), reduction=reduction, overwrite_logits=True
+                )
             else:
                 loss = F.cross_entropy(z, y, reduction=reduction)
         loss.backward()
@@ -180,7 +202,7 @@ def test_autocast_overwrite_route_matches_f_cross_entropy(dtype, reduction):
     (l0, g0), (l1, g1) = res[False], res[True]
     assert l1.dtype == l0.dtype == torch.float32
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
-    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
     # the weight gradient sums 16-bit logits gradients over rows: measured within 2e-4 of its max
     torch.testing.assert_close(g1, g0, rtol=ulp, atol=ulp / 2 * float(g0.abs().max()))
 
@@ -200,7 +222,9 @@ def test_autocast_direct_op_returns_float32():
     z = torch.randn(4, 6).bfloat16()
     stats = torch.zeros(4, 6, dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, status = torch.ops.memcore.ce_accumulate(stats, z, torch.tensor([0, 1, 2, 3]), torch.arange(4), -100, 1)
+        out, status = torch.ops.memcore.ce_accumulate(
+            stats, z, torch.tensor([0, 1, 2, 3]), torch.arange(4), -100, 1
+        )
     assert out.dtype == torch.float32 and int(status) == 0
     torch.testing.assert_close(out, F.cross_entropy(z.float(), torch.tensor([0, 1, 2, 3])))
     out, _ = torch.ops.memcore.ce_accumulate(stats, z, torch.tensor([0, 1, 2, 3]), torch.arange(4), -100, 1)
@@ -286,7 +310,9 @@ def _v1_corruptions(st):
 @pytest.mark.parametrize("tau", ["None", "0.3"])
 def test_load_of_a_bad_format_1_state_is_atomic(tau):
     """The format-1 conversion path checks the old layout first: a bad one changes nothing."""
-    good = torch.load(os.path.join(os.path.dirname(__file__), "data", "tracker_v1.pt"), weights_only=True)[tau]["state"]
+    good = torch.load(os.path.join(os.path.dirname(__file__), "data", "tracker_v1.pt"), weights_only=True)[
+        tau
+    ]["state"]
     assert good["version"] == 1 and good["grad_start"] >= 0 and len(good["grad_history"]) > 0
     for bad, match in _v1_corruptions(good):
         tr = _trained(seed=5)
@@ -395,7 +421,9 @@ def test_concurrent_accumulate_loses_no_rows(with_inputs, flush_every, n, calls)
     assert errors == []
     sc = tr.scores()
     assert int(sc["rows"].sum()) == 2 * calls * n
-    want = torch.zeros(s, dtype=torch.float64).index_add_(0, idx, F.cross_entropy(z.double(), y, reduction="none"))
+    want = torch.zeros(s, dtype=torch.float64).index_add_(
+        0, idx, F.cross_entropy(z.double(), y, reduction="none")
+    )
     torch.testing.assert_close(sc["csl"], want * 2 * calls, rtol=1e-6, atol=0)  # float32 losses
     if with_inputs:
         assert int(tr._state()["grad_rows"].sum()) == 2 * calls * n
@@ -409,8 +437,9 @@ def test_inputs_shared_by_two_accumulate_calls_raises():
     y = torch.randint(0, 4, (5,))
     tr1, tr2 = memcore.Tracker(5), memcore.Tracker(5)
     h = lin(x)
-    loss = (memcore.accumulate(h, y, torch.arange(5), tr1, inputs=x)
-            + memcore.accumulate(h * 2, y, torch.arange(5), tr2, inputs=x))
+    loss = memcore.accumulate(h, y, torch.arange(5), tr1, inputs=x) + memcore.accumulate(
+        h * 2, y, torch.arange(5), tr2, inputs=x
+    )
     with pytest.raises(RuntimeError, match="feeds two memcore.accumulate losses"):
         loss.backward()
     for tr in (tr1, tr2):
@@ -436,8 +465,12 @@ def test_numpy_integer_ignore_index():
 def test_meta_first_batch_leaves_tracker_usable():
     tr = memcore.Tracker(4)
     with pytest.raises(ValueError, match="meta"):
-        memcore.accumulate(torch.randn(2, 3, device="meta"), torch.tensor([0, 1], device="meta"),
-                           torch.tensor([0, 1], device="meta"), tr)
+        memcore.accumulate(
+            torch.randn(2, 3, device="meta"),
+            torch.tensor([0, 1], device="meta"),
+            torch.tensor([0, 1], device="meta"),
+            tr,
+        )
     assert tr.device is None
     memcore.accumulate(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([0, 1]), tr)
     assert tr.device == torch.device("cpu") and int(tr.scores()["rows"].sum()) == 2
@@ -448,9 +481,13 @@ def test_infinite_margin_gives_infinite_aum():
     aum (the mean margin) is +inf from then on; its loss (0) and other scores stay finite."""
     inf = float("inf")
     tr = memcore.Tracker(2)
-    memcore.accumulate(torch.tensor([[2.0, -inf, -inf], [1.0, 2.0, 0.0]]), torch.tensor([0, 1]), torch.arange(2), tr)
+    memcore.accumulate(
+        torch.tensor([[2.0, -inf, -inf], [1.0, 2.0, 0.0]]), torch.tensor([0, 1]), torch.arange(2), tr
+    )
     tr.end_epoch()
-    memcore.accumulate(torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0]]), torch.tensor([0, 1]), torch.arange(2), tr)
+    memcore.accumulate(
+        torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0]]), torch.tensor([0, 1]), torch.arange(2), tr
+    )
     s = tr.scores()
     assert s["aum"][0] == inf and s["aum"][1] == 1.0
     assert torch.isfinite(s["csl"]).all() and torch.isfinite(s["confidence_mean"]).all()
@@ -560,8 +597,9 @@ def test_samples_missing_from_an_epoch_keep_their_history():
     assert want["forgetting"].sum() > 0 and (want["learning_time"] < 5).any()
     for k in want:
         exact = k in ("rows", "correctness", "forgetting", "learning_time")
-        torch.testing.assert_close(got[k], want[k], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6,
-                                   equal_nan=True, msg=k)
+        torch.testing.assert_close(
+            got[k], want[k], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6, equal_nan=True, msg=k
+        )
 
 
 def test_constructed_prev_correct_and_learned_since_across_a_gap():
@@ -596,8 +634,13 @@ def _dist_worker(rank, world, init_file, out_file, mode):
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         if mode == "mismatch":
             tr = memcore.Tracker(24 + rank)  # the misuse: ranks disagree on num_samples
@@ -683,7 +726,13 @@ def test_scores_after_only_empty_batches_with_inputs():
     epoch with rows since: scores() gives NaN learning_time_formal instead of failing."""
     tr = memcore.Tracker(3)
     x = torch.zeros(0, 1, requires_grad=True)
-    memcore.accumulate(torch.zeros(0, 4) + x, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
-                       tr, inputs=x, reduction="sum").backward()
+    memcore.accumulate(
+        torch.zeros(0, 4) + x,
+        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, dtype=torch.int64),
+        tr,
+        inputs=x,
+        reduction="sum",
+    ).backward()
     s = tr.scores()
     assert torch.isnan(s["learning_time_formal"]).all() and torch.isnan(s["input_grad_norm"]).all()

@@ -1,5 +1,6 @@
 """The score registry (memcore.scores) is the one place a score's suspicious direction is kept:
 the tracker, export, the harness's baselines and demo, and README's scores table all agree with it."""
+
 import re
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def _readme_score_table():
             continue
         name_col, dir_col = head.index("score"), head.index("suspicious when")
         table = {}
-        for row in lines[i + 1:]:
+        for row in lines[i + 1 :]:
             if not row.lstrip().startswith("|"):
                 break
             c = cells(row)

@@ -1,5 +1,6 @@
 """Tracker(shard=True) on 4 and 2 gloo processes (CPU): each rank holds ~N/world samples, rows are
 routed to their owner, and the scores equal a single-process dense run; checkpoints reshard."""
+
 import datetime
 import glob
 import os
@@ -72,8 +73,9 @@ def _dense():
 
 def _init(rank, world, init_file):
     sys.path.insert(0, os.path.dirname(__file__))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=TIMEOUT)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT
+    )
 
 
 def _four(rank, world, init_file, tmp):
@@ -102,8 +104,15 @@ def _four(rank, world, init_file, tmp):
         out["rows_held"] = tr._st["sums"].shape[0]
         out["bytes_before_grads"] = tr.state_bytes()
         mid = {}
-        _run(tr, epochs, rank, world, w, mid=mid,
-             after=lambda e: tr.save(os.path.join(tmp, "ckpt")) if e == 1 else None)
+        _run(
+            tr,
+            epochs,
+            rank,
+            world,
+            w,
+            mid=mid,
+            after=lambda e: tr.save(os.path.join(tmp, "ckpt")) if e == 1 else None,
+        )
         out["mid"], out["final"] = mid, tr.scores()
         out["parquet"] = export.to_parquet(tr, os.path.join(tmp, "parquet"), row_group_size=4)
         out["gathered"] = export.gather_scores(tr, dst=0)
@@ -190,7 +199,9 @@ def test_sharded_matches_dense_and_reshards(tmp_path):
     for k in want:
         _close(gathered[k], want[k], f"gathered {k}")
     pq = export.read_parquet(os.path.join(tmp, "parquet"))
-    assert sorted(os.listdir(os.path.join(tmp, "parquet"))) == [f"scores-{r:05d}-of-00004.parquet" for r in range(4)]
+    assert sorted(os.listdir(os.path.join(tmp, "parquet"))) == [
+        f"scores-{r:05d}-of-00004.parquet" for r in range(4)
+    ]
     assert pq["index"].dtype == torch.int64 and torch.equal(pq["index"], torch.arange(S))
     for k in want:
         _close(pq[k], want[k], f"parquet {k}")
@@ -210,6 +221,10 @@ def test_sharded_matches_dense_and_reshards(tmp_path):
     two = [torch.load(os.path.join(tmp, f"two.{r}")) for r in range(2)]
     for r, got in enumerate(two):
         _check_shard(got["resumed"], want, r, 2, "resumed, 2 ranks from 4 shards")
-    assert two[0]["missing"] is None and "FileNotFoundError" in two[1]["missing"] and "shard 3 of 4" in two[1]["missing"]
+    assert (
+        two[0]["missing"] is None
+        and "FileNotFoundError" in two[1]["missing"]
+        and "shard 3 of 4" in two[1]["missing"]
+    )
     # 2 ranks own [0, 19) and [19, 37): both read the foreign shard 1 ([10, 20))
     assert all("does not belong" in got["mixed"] for got in two)

@@ -1,11 +1,12 @@
 """Tracker statistics against a plain-PyTorch reference, repeated indices, epochs, checkpoints."""
+
 import pytest
 import torch
+from reference import epoch_sums
+from reference import scores as ref_scores
 
 import memcore
 from memcore import _layout as L
-
-from reference import epoch_sums, scores as ref_scores
 
 
 def _run(epochs, num_samples, device, **kw):
@@ -34,8 +35,17 @@ def test_epoch_buffer_matches_reference_with_repeated_indices(device):
         memcore.accumulate(lg.to(device), tg.to(device), ix.to(device), tr)
     want = epoch_sums(batches, 10)
     sums, counts = tr._state()["sums"].cpu(), tr._state()["counts"].cpu()
-    got = torch.stack([sums[:, L.S_LAST], counts[:, L.C_ROWS_E].double(), counts[:, L.C_CORRECT_E].double(),
-                       sums[:, L.S_PROB], sums[:, L.S_PROB_SQ], sums[:, L.S_MARGIN]], 1)
+    got = torch.stack(
+        [
+            sums[:, L.S_LAST],
+            counts[:, L.C_ROWS_E].double(),
+            counts[:, L.C_CORRECT_E].double(),
+            sums[:, L.S_PROB],
+            sums[:, L.S_PROB_SQ],
+            sums[:, L.S_MARGIN],
+        ],
+        1,
+    )
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -135,8 +145,12 @@ def test_load_state_dict_rejects_other_sizes_and_versions():
 def test_device_none_adopts_first_batch_device(device):
     tr = memcore.Tracker(4)
     assert tr.device is None
-    memcore.accumulate(torch.randn(2, 3, device=device), torch.tensor([0, 1], device=device),
-                       torch.tensor([0, 1], device=device), tr)
+    memcore.accumulate(
+        torch.randn(2, 3, device=device),
+        torch.tensor([0, 1], device=device),
+        torch.tensor([0, 1], device=device),
+        tr,
+    )
     assert tr.device.type == device and tr._state()["sums"].device.type == device
 
 
@@ -216,7 +230,9 @@ def test_format_1_checkpoint_is_converted(tau):
     the compact layout and gives the scores 0.1.0 computed from it, open epoch included."""
     import os
 
-    fixture = torch.load(os.path.join(os.path.dirname(__file__), "data", "tracker_v1.pt"), weights_only=True)[tau]
+    fixture = torch.load(os.path.join(os.path.dirname(__file__), "data", "tracker_v1.pt"), weights_only=True)[
+        tau
+    ]
     assert fixture["state"]["version"] == 1
     tr = memcore.Tracker(12)
     tr.load_state_dict(fixture["state"])
@@ -251,7 +267,8 @@ def test_storage_memory_maps_the_state(tmp_path):
     tr.save(str(tmp_path / "ck.pt"))
     back = memcore.Tracker(12, storage=str(tmp_path / "st2"))
     back.load(str(tmp_path / "ck.pt"))
-    assert torch.equal(torch.from_file(str(tmp_path / "st2" / "state" / "sums.bin"), size=60, dtype=torch.float64),
-                       on_disk)
+    assert torch.equal(
+        torch.from_file(str(tmp_path / "st2" / "state" / "sums.bin"), size=60, dtype=torch.float64), on_disk
+    )
     with pytest.raises(ValueError, match="storage"):
         memcore.Tracker(3, device="meta", storage=str(tmp_path / "x"))

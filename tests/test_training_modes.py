@@ -1,4 +1,5 @@
 """memcore inside real training setups: autocast, gradient accumulation, causal-LM sequences."""
+
 import torch
 import torch.nn.functional as F
 
@@ -68,5 +69,7 @@ def test_causal_lm_per_sequence_index_with_padding():
     per_tok = F.cross_entropy(logits.reshape(-1, vocab), shifted.reshape(-1), reduction="none").view(b, t - 1)
     assert s["rows"][11] == 3 and s["rows"][10] == t - 1
     torch.testing.assert_close(s["csl"][seq_ids], per_tok.sum(1).double().detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s["csl_mean"][11], per_tok[1, :3].mean().double().detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        s["csl_mean"][11], per_tok[1, :3].mean().double().detach(), rtol=1e-5, atol=1e-5
+    )
     assert torch.isnan(s["csl_mean"][0])

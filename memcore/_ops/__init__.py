@@ -1,6 +1,7 @@
 """Loads the compiled extension memcore._C (which registers torch.ops.memcore.*) and the Python
 side of each op family: fake kernels and autograd (``cross_entropy``, ``linear_cross_entropy``,
 ``curvature``)."""
+
 from .. import _C
 from . import cross_entropy, curvature, linear_cross_entropy  # noqa: F401  (fake kernels / autograd registration)
 

@@ -8,6 +8,7 @@ ce_forward / ce_forward_reduce (csrc/autograd/cross_entropy_autograd.cpp) and of
 double backward, csrc/autograd/ce_backward_autograd.cpp) in C++; with the fake kernels below the ops
 trace without graph breaks. The wrapper is ``memcore.accumulate``.
 """
+
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.memcore.*)
@@ -86,7 +87,8 @@ class OverwriteLogitsCE(torch.autograd.Function):
     def forward(ctx, logits, targets, index, num_samples, ignore_index, reduction):
         z = logits.detach()  # same memory and version counter as logits
         out, _count, loss, _lse, row_stats, status = torch.ops.memcore.ce_forward_grad_(
-            z, targets, index, num_samples, ignore_index, reduction)
+            z, targets, index, num_samples, ignore_index, reduction
+        )
         # a C++ op does not bump the version counter itself: without this a node that saved the
         # logits would silently use the gradient in their place
         torch.autograd.graph.increment_version(z)
@@ -101,7 +103,8 @@ class OverwriteLogitsCE(torch.autograd.Function):
             raise RuntimeError(
                 "memcore.accumulate(..., overwrite_logits=True) keeps the logits gradient once, in the "
                 "logits' own memory; a second backward through the same loss (retain_graph=True) "
-                "cannot recompute it. Use overwrite_logits=False for that.")
+                "cannot recompute it. Use overwrite_logits=False for that."
+            )
         torch.ops.memcore.scale_unless_one_(grad, grad_out)
         return grad, None, None, None, None, None
 
@@ -128,7 +131,8 @@ class _NoDoubleBackward(torch.autograd.Function):
                 "memcore.accumulate(..., overwrite_logits=True) does not support double backward "
                 "(create_graph=True, e.g. a gradient penalty): its gradient was written in the forward pass "
                 "and is not a function of the logits. Use overwrite_logits=False, whose double backward "
-                "is exact.")
+                "is exact."
+            )
         return grad
 
 

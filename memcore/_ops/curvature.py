@@ -1,5 +1,6 @@
 """Fake-tensor kernels and autograd for the curvature ops (schemas in csrc/memcore.cpp, kernels in
 csrc/cpu/curvature.cpp and csrc/cuda/curvature.cu). Imported by memcore._ops."""
+
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.memcore.*)
@@ -23,8 +24,10 @@ def _rademacher_perturb_fake(x, index, seed, probe_start, n_probes, h):
 @torch.library.register_fake("memcore::probe_reduce")
 def _probe_reduce_fake(grad_perturbed, grad_clean, index, seed, probe_start):
     shape = (grad_perturbed.shape[0], grad_clean.shape[0])
-    return (grad_clean.new_empty(shape, dtype=torch.float64),
-            grad_clean.new_empty(shape, dtype=torch.float64))
+    return (
+        grad_clean.new_empty(shape, dtype=torch.float64),
+        grad_clean.new_empty(shape, dtype=torch.float64),
+    )
 
 
 # x + h v is the identity in x for every probe: the gradient sums over the probe dimension.

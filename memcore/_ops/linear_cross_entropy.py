@@ -10,6 +10,7 @@ graph, whose buffers the first one handed out, recomputes like "none". Reduction
 gradient differs per row, so linear_ce_backward recomputes every logits chunk and applies it inside
 ce_backward, exactly as F.cross_entropy's backward does.
 """
+
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.memcore.*)
@@ -20,8 +21,9 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("memcore::linear_ce_forward")
-def _linear_ce_forward_fake(hidden, weight, bias, targets, index, num_samples, ignore_index, reduction,
-                            chunk_size, grad_mask):
+def _linear_ce_forward_fake(
+    hidden, weight, bias, targets, index, num_samples, ignore_index, reduction, chunk_size, grad_mask
+):
     n, h = hidden.shape
     acc = _opmath(hidden.dtype)
     grads = reduction != 0 and any(grad_mask)
@@ -34,12 +36,16 @@ def _linear_ce_forward_fake(hidden, weight, bias, targets, index, num_samples, i
         hidden.new_empty(1, dtype=torch.int32),
         hidden.new_empty((n, h) if grads and grad_mask[0] else (0,)),
         hidden.new_empty(tuple(weight.shape) if grads and grad_mask[1] else (0,), dtype=acc),
-        hidden.new_empty((weight.shape[0],) if grads and grad_mask[2] and bias is not None else (0,), dtype=acc),
+        hidden.new_empty(
+            (weight.shape[0],) if grads and grad_mask[2] and bias is not None else (0,), dtype=acc
+        ),
     )
 
 
 @torch.library.register_fake("memcore::linear_ce_backward")
-def _linear_ce_backward_fake(grad_loss, hidden, weight, bias, targets, lse, ignore_index, chunk_size, grad_mask):
+def _linear_ce_backward_fake(
+    grad_loss, hidden, weight, bias, targets, lse, ignore_index, chunk_size, grad_mask
+):
     return (
         torch.empty_like(hidden) if grad_mask[0] else hidden.new_empty(0),
         torch.empty_like(weight) if grad_mask[1] else weight.new_empty(0),
@@ -74,7 +80,8 @@ def _recompute(ctx, grad_rows, hidden, weight, bias, targets, lse, mask):
     if not any(mask):
         return (None,) * 10
     gh, gw, gb = torch.ops.memcore.linear_ce_backward(
-        grad_rows, hidden, weight, bias, targets, lse, ctx.ignore_index, ctx.chunk_size, mask)
+        grad_rows, hidden, weight, bias, targets, lse, ctx.ignore_index, ctx.chunk_size, mask
+    )
     return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + (None,) * 7
 
 

@@ -9,6 +9,7 @@ Its modules import without the extra; each checks the packages it uses where it 
 plots module at import, the experiment and the demo before they start) and raises an ImportError
 naming the extra.
 """
+
 import importlib
 from types import ModuleType
 from typing import Tuple
@@ -31,8 +32,10 @@ def require(*modules: str) -> ModuleType:
         except ImportError:
             missing.append(EXTRA.get(name.split(".")[0], name.split(".")[0]))
     if missing:
-        raise MissingExtraError(f"memcore.eval needs the 'eval' extra: pip install 'memcore[eval]' "
-                          f"(missing: {', '.join(dict.fromkeys(missing))})")
+        raise MissingExtraError(
+            f"memcore.eval needs the 'eval' extra: pip install 'memcore[eval]' "
+            f"(missing: {', '.join(dict.fromkeys(missing))})"
+        )
     return last
 
 

@@ -1,5 +1,6 @@
 """argparse types that check a flag's range, so a bad value is reported as
 ``error: argument --subset: must be an integer >= 1, got '-5'`` instead of failing later."""
+
 import argparse
 from typing import Callable, List
 
@@ -20,7 +21,9 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def float_in(low: float, high: float, *, high_open: bool = True, low_open: bool = False) -> Callable[[str], float]:
+def float_in(
+    low: float, high: float, *, high_open: bool = True, low_open: bool = False
+) -> Callable[[str], float]:
     span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
     def parse(text: str) -> float:

@@ -4,6 +4,7 @@ Scores that come free from one tracked training run are read from `Tracker.score
 (see `from_tracker`); the others need their own training (SSFT, confident learning) or a pass of
 the final model (final loss). Every function returns float64 [N] scores, higher = more suspicious.
 """
+
 from typing import Callable, Dict, Optional
 
 import torch
@@ -38,8 +39,9 @@ def final_loss(model: torch.nn.Module, dataset: Dataset) -> torch.Tensor:
     return F.cross_entropy(logits, labels_of(dataset), reduction="none").double()
 
 
-def ssft(dataset: Dataset, model_fn: Callable[[], torch.nn.Module], cfg: TrainConfig, *,
-         seed: int = 0) -> torch.Tensor:
+def ssft(
+    dataset: Dataset, model_fn: Callable[[], torch.nn.Module], cfg: TrainConfig, *, seed: int = 0
+) -> torch.Tensor:
     """Second-split forgetting time (Maini et al. 2022), as a suspicion score (minus the time).
 
     Splits the data in halves A and B; trains on A, then on B only, and records for each sample
@@ -50,7 +52,7 @@ def ssft(dataset: Dataset, model_fn: Callable[[], torch.nn.Module], cfg: TrainCo
     n = len(dataset)
     labels = labels_of(dataset)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    halves = (perm[: n // 2], perm[n // 2:])
+    halves = (perm[: n // 2], perm[n // 2 :])
     time_ = torch.full((n,), float(cfg.epochs), dtype=torch.float64)
     for first, second in (halves, halves[::-1]):
         torch.manual_seed(seed)
@@ -72,8 +74,14 @@ def ssft(dataset: Dataset, model_fn: Callable[[], torch.nn.Module], cfg: TrainCo
     return -time_
 
 
-def confident_learning(dataset: Dataset, model_fn: Callable[[], torch.nn.Module], cfg: TrainConfig, *,
-                       folds: int = 2, seed: int = 0) -> Optional[torch.Tensor]:
+def confident_learning(
+    dataset: Dataset,
+    model_fn: Callable[[], torch.nn.Module],
+    cfg: TrainConfig,
+    *,
+    folds: int = 2,
+    seed: int = 0,
+) -> Optional[torch.Tensor]:
     """Confident learning (Northcutt et al. 2021) via cleanlab on out-of-fold predicted
     probabilities: 1 - cleanlab's label quality score. None when cleanlab is not installed."""
     try:
@@ -89,8 +97,9 @@ def confident_learning(dataset: Dataset, model_fn: Callable[[], torch.nn.Module]
         mask = torch.ones(n, dtype=torch.bool)
         mask[held] = False
         torch.manual_seed(seed + f)
-        model = train(model_fn(), dataset, cfg, indices=mask.nonzero().squeeze(1).tolist(), desc=f"CL fold {f}")
+        model = train(
+            model_fn(), dataset, cfg, indices=mask.nonzero().squeeze(1).tolist(), desc=f"CL fold {f}"
+        )
         probs[held] = predict(model, torch.utils.data.Subset(dataset, held.tolist())).softmax(1)
     q = get_label_quality_scores(labels.numpy(), probs.numpy())
     return 1.0 - torch.as_tensor(q, dtype=torch.float64)
-

@@ -4,6 +4,7 @@ duplicates with a conflicting label.
     noisy, flipped = inject_label_noise(ds, 0.1)
     dup, is_dup = inject_duplicates(ds, 50)
 """
+
 import copy
 from typing import Tuple
 
@@ -27,14 +28,10 @@ def _check_corruptible(ds: IndexedDataset, key: str, what: str) -> None:
     if ds.num_classes < 2:
         raise ValueError(f"{what} needs at least 2 classes, {ds.name} has {ds.num_classes}")
     if key in ds.meta:
-        raise ValueError(
-            f"{ds.name} already has meta[{key!r}]; apply {what} once, to the clean dataset"
-        )
+        raise ValueError(f"{ds.name} already has meta[{key!r}]; apply {what} once, to the clean dataset")
 
 
-def inject_label_noise(
-    ds: IndexedDataset, rate: float, seed: int = 0
-) -> Tuple[IndexedDataset, torch.Tensor]:
+def inject_label_noise(ds: IndexedDataset, rate: float, seed: int = 0) -> Tuple[IndexedDataset, torch.Tensor]:
     """Symmetric label noise: exactly ``round(rate * N)`` samples, chosen at random, get a label
     drawn uniformly from the other ``num_classes - 1`` classes.
 
@@ -58,16 +55,14 @@ def inject_label_noise(
     flipped = torch.zeros(n, dtype=torch.bool)
     flipped[idx] = True
     meta = copy.deepcopy(ds.meta)
-    meta["noise"] = {"rate": rate, "seed": int(seed), "flipped_indices": idx,
-                     "original_labels": original}
-    noisy = IndexedDataset(ds.x, y_new.to(ds.y.device), num_classes=ds.num_classes,
-                           name=f"{ds.name}+noise{rate:g}", meta=meta)
+    meta["noise"] = {"rate": rate, "seed": int(seed), "flipped_indices": idx, "original_labels": original}
+    noisy = IndexedDataset(
+        ds.x, y_new.to(ds.y.device), num_classes=ds.num_classes, name=f"{ds.name}+noise{rate:g}", meta=meta
+    )
     return noisy, flipped
 
 
-def inject_duplicates(
-    ds: IndexedDataset, k: int, seed: int = 0
-) -> Tuple[IndexedDataset, torch.Tensor]:
+def inject_duplicates(ds: IndexedDataset, k: int, seed: int = 0) -> Tuple[IndexedDataset, torch.Tensor]:
     """Appends copies of ``k`` distinct random samples, each relabelled uniformly among the other
     classes (a conflicting duplicate can only be fit by memorizing it).
 

@@ -6,6 +6,7 @@ formats from a directory you point them at.
     ds = load_mnist(default_mnist_dir(), limit=10_000)   # MNIST idx files
     ds = load_cifar("/data/cifar-10-batches-py")         # CIFAR-10 / CIFAR-100 python pickles
 """
+
 import gzip
 import os
 import pickle
@@ -52,8 +53,9 @@ def load_digits(normalize: bool = True) -> IndexedDataset:
     if normalize:
         x = x / 16.0
     y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
-    return IndexedDataset(x.contiguous(), y, num_classes=10, name="digits",
-                          meta={"source": "sklearn.datasets.load_digits"})
+    return IndexedDataset(
+        x.contiguous(), y, num_classes=10, name="digits", meta={"source": "sklearn.datasets.load_digits"}
+    )
 
 
 # ----------------------------------------------------------------------------- MNIST
@@ -127,15 +129,12 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     expected = int(np.prod(dims))
     if len(raw) - header != expected:
         raise ValueError(
-            f"{path}: header says {dims} = {expected} bytes of data, file has "
-            f"{len(raw) - header}"
+            f"{path}: header says {dims} = {expected} bytes of data, file has {len(raw) - header}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def load_mnist(
-    root: Optional[PathLike], split: str = "train", limit: Optional[int] = None
-) -> IndexedDataset:
+def load_mnist(root: Optional[PathLike], split: str = "train", limit: Optional[int] = None) -> IndexedDataset:
     """MNIST (or any dataset in the MNIST idx layout) from ``root``.
 
     Reads ``train-images-idx3-ubyte.gz`` / ``train-labels-idx1-ubyte.gz`` (split ``"train"``) or
@@ -173,8 +172,7 @@ def load_mnist(
     labels = _read_idx(lab_path, _IDX_LABELS_MAGIC)
     if images.shape[0] != labels.shape[0]:
         raise ValueError(
-            f"{img_path} holds {images.shape[0]} images but {lab_path} holds "
-            f"{labels.shape[0]} labels"
+            f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} labels"
         )
     total = images.shape[0]
     if limit is not None:
@@ -183,9 +181,16 @@ def load_mnist(
     y = torch.from_numpy(labels.astype(np.int64))
     num_classes = max(10, int(y.max()) + 1) if y.numel() else 10
     return IndexedDataset(
-        x, y, num_classes=num_classes, name=f"mnist-{split}",
-        meta={"source": str(root), "files": [str(img_path), str(lab_path)],
-              "split": split, "header_count": total},
+        x,
+        y,
+        num_classes=num_classes,
+        name=f"mnist-{split}",
+        meta={
+            "source": str(root),
+            "files": [str(img_path), str(lab_path)],
+            "split": split,
+            "header_count": total,
+        },
     )
 
 
@@ -214,15 +219,15 @@ def _resolve_cifar(root: Path) -> Tuple[Path, str]:
         return root, "cifar10"
     if _is_c100(root):
         return root, "cifar100"
-    found = [(root / sub, kind) for sub, kind, test in
-             ((_C10_DIR, "cifar10", _is_c10), (_C100_DIR, "cifar100", _is_c100))
-             if (root / sub).is_dir() and test(root / sub)]
+    found = [
+        (root / sub, kind)
+        for sub, kind, test in ((_C10_DIR, "cifar10", _is_c10), (_C100_DIR, "cifar100", _is_c100))
+        if (root / sub).is_dir() and test(root / sub)
+    ]
     if len(found) == 1:
         return found[0]
     if len(found) == 2:
-        raise ValueError(
-            f"{root} holds both {_C10_DIR} and {_C100_DIR}; pass the one you want as root"
-        )
+        raise ValueError(f"{root} holds both {_C10_DIR} and {_C100_DIR}; pass the one you want as root")
     raise FileNotFoundError(
         f"no CIFAR data in {root}: expected CIFAR-10 files (data_batch_1..5, test_batch, "
         f"batches.meta), CIFAR-100 files (train, test, meta), or a {_C10_DIR} / {_C100_DIR} "
@@ -252,7 +257,8 @@ class _CifarUnpickler(pickle.Unpickler):
         if (module, name) not in allowed:
             raise pickle.UnpicklingError(
                 f"refusing to load the global {module}.{name}: a CIFAR batch holds only dicts, lists, "
-                f"strings, bytes, numbers and numpy arrays (is this file from the official release?)")
+                f"strings, bytes, numbers and numpy arrays (is this file from the official release?)"
+            )
         return allowed[(module, name)]
 
 
@@ -281,13 +287,9 @@ def _read_cifar_batch(path: Path, label_key: str) -> Tuple[np.ndarray, np.ndarra
     data = np.asarray(_get(d, "data", path))
     labels = np.asarray(_get(d, label_key, path))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(
-            f"{path}: 'data' must be uint8 [n, 3072], got {data.dtype} {tuple(data.shape)}"
-        )
+        raise ValueError(f"{path}: 'data' must be uint8 [n, 3072], got {data.dtype} {tuple(data.shape)}")
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
-        raise ValueError(
-            f"{path}: {data.shape[0]} images but {label_key!r} has shape {tuple(labels.shape)}"
-        )
+        raise ValueError(f"{path}: {data.shape[0]} images but {label_key!r} has shape {tuple(labels.shape)}")
     return data, labels.astype(np.int64)
 
 
@@ -335,8 +337,7 @@ def load_cifar(root: PathLike, split: str = "train", limit: Optional[int] = None
         data, labels = data[:limit], labels[:limit]
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
-            f"{kind} labels in {d} must lie in [0, {num_classes}), got "
-            f"[{labels.min()}, {labels.max()}]"
+            f"{kind} labels in {d} must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
         )
     x = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32)).div_(255.0)
     y = torch.from_numpy(labels)

@@ -5,6 +5,7 @@ per-sample statistics with memcore, and show how well each score finds the flipp
 
 Writes every sample's scores as CSV (``memcore.export.to_csv``) to ``<out>/scores.csv``.
 """
+
 import argparse
 import os
 import time
@@ -34,15 +35,23 @@ SUSPICION = {
 
 def _model(in_dim: int, num_classes: int) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(in_dim, 256), torch.nn.ReLU(),
-        torch.nn.Linear(256, 256), torch.nn.ReLU(),
+        torch.nn.Linear(in_dim, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
         torch.nn.Linear(256, num_classes),
     )
 
 
-def run_demo(noise: float = 0.1, epochs: int = 40, seed: int = 0, top: int = 10,
-             device: Optional[str] = None, progress: bool = True,
-             out: Optional[str] = "runs/demo") -> Dict[str, float]:
+def run_demo(
+    noise: float = 0.1,
+    epochs: int = 40,
+    seed: int = 0,
+    top: int = 10,
+    device: Optional[str] = None,
+    progress: bool = True,
+    out: Optional[str] = "runs/demo",
+) -> Dict[str, float]:
     """Runs the demo, prints its report, writes the scores to ``<out>/scores.csv`` (``out=None``:
     no file) and returns {score name: mislabel AUROC}."""
     roc_auc_score = require("sklearn.metrics").roc_auc_score
@@ -58,8 +67,10 @@ def run_demo(noise: float = 0.1, epochs: int = 40, seed: int = 0, top: int = 10,
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     tracker = Tracker(n, device=dev)
 
-    print(f"memcore demo: scikit-learn digits, {n} images, {data.num_classes} classes, "
-          f"{int(flipped.sum())} labels flipped ({noise:.0%}), MLP, {epochs} epochs on {dev}")
+    print(
+        f"memcore demo: scikit-learn digits, {n} images, {data.num_classes} classes, "
+        f"{int(flipped.sum())} labels flipped ({noise:.0%}), MLP, {epochs} epochs on {dev}"
+    )
     t0 = time.perf_counter()
     bar = tqdm(range(epochs), desc="training", disable=not progress, leave=False)
     for _ in bar:
@@ -93,18 +104,22 @@ def run_demo(noise: float = 0.1, epochs: int = 40, seed: int = 0, top: int = 10,
     print(f"  {'index':>5s}  {'CSL':>8s}  {'given':>5s}  {'original':>8s}  {'predicted':>9s}  flipped")
     orig = clean.y
     for i in order.tolist():
-        print(f"  {i:5d}  {scores['csl'][i]:8.2f}  {int(data.y[i]):5d}  {int(orig[i]):8d}  "
-              f"{int(pred[i]):9d}  {'yes' if flipped[i] else 'no'}")
+        print(
+            f"  {i:5d}  {scores['csl'][i]:8.2f}  {int(data.y[i]):5d}  {int(orig[i]):8d}  "
+            f"{int(pred[i]):9d}  {'yes' if flipped[i] else 'no'}"
+        )
     hits = int(flipped[order].sum())
     print(f"\n{hits}/{top} of the top-{top} CSL samples are flipped labels.")
     if out is not None:
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "scores.csv")
         export.to_csv(scores, path, labels=data.y)
-        print(f"\nwrote every sample's scores to {path} (columns: index, label, "
-              f"{', '.join(scores)}).\nNext: rank your own data the same way, "
-              f"memcore.export.ranked_issues(tracker.scores(), by='csl'); or run the papers' "
-              f"experiments: python -m memcore experiment --help")
+        print(
+            f"\nwrote every sample's scores to {path} (columns: index, label, "
+            f"{', '.join(scores)}).\nNext: rank your own data the same way, "
+            f"memcore.export.ranked_issues(tracker.scores(), by='csl'); or run the papers' "
+            f"experiments: python -m memcore experiment --help"
+        )
     return aurocs
 
 
@@ -114,11 +129,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_args.positive_int, default=40, help="training epochs")
     p.add_argument("--seed", type=_args.nonnegative_int, default=0, help="seed of noise, model and order")
     p.add_argument("--top", type=_args.positive_int, default=10, help="how many suspicious samples to list")
-    p.add_argument("--device", type=_args.device, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--device", type=_args.device, default=None, help="cpu or cuda (default: cuda when available)"
+    )
     p.add_argument("--out", default="runs/demo", help="directory for scores.csv")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def from_args(args: argparse.Namespace) -> Dict[str, object]:
-    return dict(noise=args.noise, epochs=args.epochs, seed=args.seed, top=args.top, device=args.device,
-                progress=not args.no_progress, out=args.out)
+    return dict(
+        noise=args.noise,
+        epochs=args.epochs,
+        seed=args.seed,
+        top=args.top,
+        device=args.device,
+        progress=not args.no_progress,
+        out=args.out,
+    )

@@ -16,6 +16,7 @@
 Tables are printed and saved as CSV, Markdown and results.json before the PNGs (ROC curves and the
 highest-CSL images) are drawn.
 """
+
 import argparse
 import json
 import os
@@ -42,10 +43,17 @@ DATASETS = ("digits", "mnist", "cifar10", "cifar100")
 
 # display name, key; "higher = more suspicious" orientation is applied in `all_scores`
 METHODS = [
-    ("CSL", "csl"), ("Curvature", "curvature"), ("Loss sensitivity", "loss_sensitivity"),
-    ("Final loss", "final_loss"), ("Forgetting freq.", "forgetting"), ("In-confidence", "in_confidence"),
-    ("AUM", "aum"), ("Learning time (epoch)", "learning_time"),
-    ("Learning time (formal)", "learning_time_formal"), ("SSFT", "ssft"), ("Confident learning", "cl"),
+    ("CSL", "csl"),
+    ("Curvature", "curvature"),
+    ("Loss sensitivity", "loss_sensitivity"),
+    ("Final loss", "final_loss"),
+    ("Forgetting freq.", "forgetting"),
+    ("In-confidence", "in_confidence"),
+    ("AUM", "aum"),
+    ("Learning time (epoch)", "learning_time"),
+    ("Learning time (formal)", "learning_time_formal"),
+    ("SSFT", "ssft"),
+    ("Confident learning", "cl"),
 ]
 
 
@@ -77,10 +85,16 @@ def default_out(dataset: str) -> str:
 
 def _check(cfg: ExperimentConfig) -> None:
     """The config's ranges, checked before any training (the CLI checks them per flag already)."""
-    for name, value, low in (("subset", cfg.subset, 1), ("top_k", cfg.top_k, 1), ("duplicates", cfg.duplicates, 0),
-                             ("stability_k", cfg.stability_k, 0), ("curvature_every", cfg.curvature_every, 1),
-                             ("curvature_probes", cfg.curvature_probes, 1), ("train.epochs", cfg.train.epochs, 1),
-                             ("train.batch_size", cfg.train.batch_size, 1)):
+    for name, value, low in (
+        ("subset", cfg.subset, 1),
+        ("top_k", cfg.top_k, 1),
+        ("duplicates", cfg.duplicates, 0),
+        ("stability_k", cfg.stability_k, 0),
+        ("curvature_every", cfg.curvature_every, 1),
+        ("curvature_probes", cfg.curvature_probes, 1),
+        ("train.epochs", cfg.train.epochs, 1),
+        ("train.batch_size", cfg.train.batch_size, 1),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     for name, value in [("stability_noise", cfg.stability_noise)] + [("noise", r) for r in cfg.noise]:
@@ -96,8 +110,9 @@ def load(cfg: ExperimentConfig) -> IndexedDataset:
     elif cfg.dataset == "mnist":
         root = cfg.data_dir or mdata.default_mnist_dir()
         if root is None:
-            raise FileNotFoundError("MNIST not found: pass --data-dir DIR with the idx .gz files "
-                                    "(or set MEMCORE_MNIST_DIR)")
+            raise FileNotFoundError(
+                "MNIST not found: pass --data-dir DIR with the idx .gz files (or set MEMCORE_MNIST_DIR)"
+            )
         ds = mdata.load_mnist(root, "train")
     elif cfg.dataset in ("cifar", "cifar10", "cifar100"):
         if not cfg.data_dir:
@@ -106,8 +121,14 @@ def load(cfg: ExperimentConfig) -> IndexedDataset:
     else:
         raise ValueError(f"unknown dataset {cfg.dataset!r}: digits, mnist, cifar10, cifar100")
     if cfg.subset is not None and cfg.subset < len(ds):
-        keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.subset].sort().values
-        ds = IndexedDataset(ds.x[keep], ds.y[keep], num_classes=ds.num_classes, name=f"{ds.name}[{cfg.subset}]")
+        keep = (
+            torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.subset]
+            .sort()
+            .values
+        )
+        ds = IndexedDataset(
+            ds.x[keep], ds.y[keep], num_classes=ds.num_classes, name=f"{ds.name}[{cfg.subset}]"
+        )
     return ds
 
 
@@ -174,6 +195,7 @@ def all_scores(model, ds, scores: Dict[str, torch.Tensor], cfg: ExperimentConfig
 
 def _table(rows: Dict[str, Dict[str, float]], cols: List[str], fmt: str = "{:.4f}") -> List[List[str]]:
     """Rows in METHODS order; a missing or NaN value is shown as n/a."""
+
     def cell(v: Optional[float]) -> str:
         return "n/a" if v is None or v != v else fmt.format(v)
 
@@ -208,10 +230,14 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
     out = cfg.out or default_out(cfg.dataset)
     os.makedirs(out, exist_ok=True)
     data_name = base.name
-    print(f"memcore experiment: {base.name}, {len(base)} samples, {base.num_classes} classes, model {cfg.model}, "
-          f"{cfg.train.epochs} epochs, device {cfg.train.torch_device()}, output in {out}")
-    results: Dict[str, object] = {"config": {**_jsonable(cfg), "out": out},
-                                  "command": "python -m memcore " + shlex.join(argv or ["experiment"])}
+    print(
+        f"memcore experiment: {base.name}, {len(base)} samples, {base.num_classes} classes, model {cfg.model}, "
+        f"{cfg.train.epochs} epochs, device {cfg.train.torch_device()}, output in {out}"
+    )
+    results: Dict[str, object] = {
+        "config": {**_jsonable(cfg), "out": out},
+        "command": "python -m memcore " + shlex.join(argv or ["experiment"]),
+    }
     sections = []
     figures = []  # (function, args): drawn after the tables and results.json are on disk
 
@@ -229,13 +255,19 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
             curves[col] = (methods, flipped)
             if rate == max(cfg.noise):
                 pred = predict(model, noisy).argmax(1)
-                figures.append(("top_images", (noisy, scores["csl"], pred, flipped, os.path.join(out, "top_csl.png"))))
+                figures.append(
+                    ("top_images", (noisy, scores["csl"], pred, flipped, os.path.join(out, "top_csl.png")))
+                )
         cols = [f"{r:.0%} noise" for r in cfg.noise]
         t = _table(aurocs, cols)
         _csv(t, os.path.join(out, "mislabel_auroc.csv"))
         sections.append("## Mislabel detection (AUROC)\n\n" + _markdown(t))
-        figures.append(("roc_curves", (curves, [n for n, _ in METHODS], dict(METHODS),
-                                       os.path.join(out, "roc_mislabel.png"))))
+        figures.append(
+            (
+                "roc_curves",
+                (curves, [n for n, _ in METHODS], dict(METHODS), os.path.join(out, "roc_mislabel.png")),
+            )
+        )
         results["mislabel_auroc"] = aurocs
         print("\n" + sections[-1])
 
@@ -247,7 +279,9 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
         rows = {k: {"AUROC": auroc(s, is_dup)} for k, s in methods.items()}
         t = _table(rows, ["AUROC"])
         _csv(t, os.path.join(out, "duplicate_auroc.csv"))
-        sections.append(f"## Duplicate detection ({cfg.duplicates} copies with another label)\n\n" + _markdown(t))
+        sections.append(
+            f"## Duplicate detection ({cfg.duplicates} copies with another label)\n\n" + _markdown(t)
+        )
         results["duplicate_auroc"] = {k: v["AUROC"] for k, v in rows.items()}
         print("\n" + sections[-1])
 
@@ -260,8 +294,15 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
         fit = float((predict(model, base).argmax(1) == base.y).double().mean())
         methods = all_scores(model, base, scores, cfg)
         model_fn = lambda: make_model(cfg.model, base.x.shape[1:], base.num_classes)  # noqa: E731
-        stab = stability(base, model_fn, k=cfg.stability_k, cfg=TrainConfig(**{**cfg.train.__dict__, "progress": False}),
-                         seed=cfg.seed, checkpoint=os.path.join(out, "stability.pt"), progress=cfg.train.progress)
+        stab = stability(
+            base,
+            model_fn,
+            k=cfg.stability_k,
+            cfg=TrainConfig(**{**cfg.train.__dict__, "progress": False}),
+            seed=cfg.seed,
+            checkpoint=os.path.join(out, "stability.pt"),
+            progress=cfg.train.progress,
+        )
         mem = stab["memorization"]
         halves = stab.get("memorization_halves")
         rel = split_half_reliability(halves[0], halves[1]) if halves is not None else float("nan")
@@ -273,39 +314,66 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
         per_model = stab_s / cfg.stability_k
         p_in = float(stab["p_in"].nanmean())
         lo, hi = top_set["estimate_min"], top_set["estimate_max"]
-        top_note = (f"Top {top}: the {top} samples with the highest stability estimate, which ranges from "
-                    f"{lo:.3f} to {hi:.3f} on them. "
-                    + ("The estimate is constant there, so cosine, Pearson and Spearman on the top "
-                       f"{top} cannot measure agreement and are n/a; judge by the overlap and the "
-                       "all-sample figures. " if top_set["estimate_constant"] else "")
-                    + f"Overlap: the fraction of a score's top {top} among the estimate's top {top} (ties "
-                    f"broken at random); chance {top_set['overlap_chance']:.3f}.")
-        cost = (f"Compute: one training run with plain F.cross_entropy {plain_s:.1f} s; with memcore.accumulate "
-                f"(CSL and the loss statistics) {csl_s:.1f} s; with every tracker score (input gradients "
-                f"too) {full_s:.1f} s. Stability estimator, K={cfg.stability_k} models: {stab_s:.1f} s "
-                f"({per_model:.2f} s a model, {stab_s / csl_s:.1f}x the CSL run); at the published K=2000-4000, "
-                f"about {2000 * per_model / csl_s:,.0f}x-{4000 * per_model / csl_s:,.0f}x.\n\n"
-                f"Fit: the tracked model classifies {fit:.1%} of its training samples as labelled; the "
-                f"stability models {p_in:.1%} of the samples they trained on (mean P(correct | in)). "
-                f"Split-half reliability of the stability estimate (even vs odd models, Spearman-Brown): "
-                f"{rel:.3f}; no score can reach a Pearson correlation above its square root, {rel ** 0.5:.3f}.")
+        top_note = (
+            f"Top {top}: the {top} samples with the highest stability estimate, which ranges from "
+            f"{lo:.3f} to {hi:.3f} on them. "
+            + (
+                "The estimate is constant there, so cosine, Pearson and Spearman on the top "
+                f"{top} cannot measure agreement and are n/a; judge by the overlap and the "
+                "all-sample figures. "
+                if top_set["estimate_constant"]
+                else ""
+            )
+            + f"Overlap: the fraction of a score's top {top} among the estimate's top {top} (ties "
+            f"broken at random); chance {top_set['overlap_chance']:.3f}."
+        )
+        cost = (
+            f"Compute: one training run with plain F.cross_entropy {plain_s:.1f} s; with memcore.accumulate "
+            f"(CSL and the loss statistics) {csl_s:.1f} s; with every tracker score (input gradients "
+            f"too) {full_s:.1f} s. Stability estimator, K={cfg.stability_k} models: {stab_s:.1f} s "
+            f"({per_model:.2f} s a model, {stab_s / csl_s:.1f}x the CSL run); at the published K=2000-4000, "
+            f"about {2000 * per_model / csl_s:,.0f}x-{4000 * per_model / csl_s:,.0f}x.\n\n"
+            f"Fit: the tracked model classifies {fit:.1%} of its training samples as labelled; the "
+            f"stability models {p_in:.1%} of the samples they trained on (mean P(correct | in)). "
+            f"Split-half reliability of the stability estimate (even vs odd models, Spearman-Brown): "
+            f"{rel:.3f}; no score can reach a Pearson correlation above its square root, {rel**0.5:.3f}."
+        )
         on = f"{cfg.stability_noise:.0%} label noise" if cfg.stability_noise > 0 else "the clean labels"
-        sections.append(f"## Agreement with stability memorization (K={cfg.stability_k}, subsets of 70%, on {on})\n\n"
-                        + _markdown(t) + "\n\n" + top_note + "\n\n" + cost)
-        torch.save({"memorization": mem, "memorization_halves": halves, "scores": methods},
-                   os.path.join(out, "stability_scores.pt"))
-        results["stability"] = {"agreement": agreement, "top_k": top, **{f"top_k_{k}": v for k, v in top_set.items()},
-                                "k": cfg.stability_k, "stability_seconds": stab_s,
-                                "plain_seconds": plain_s, "csl_seconds": csl_s, "tracked_seconds": full_s,
-                                "train_accuracy": fit, "stability_p_in": p_in, "reliability": rel}
+        sections.append(
+            f"## Agreement with stability memorization (K={cfg.stability_k}, subsets of 70%, on {on})\n\n"
+            + _markdown(t)
+            + "\n\n"
+            + top_note
+            + "\n\n"
+            + cost
+        )
+        torch.save(
+            {"memorization": mem, "memorization_halves": halves, "scores": methods},
+            os.path.join(out, "stability_scores.pt"),
+        )
+        results["stability"] = {
+            "agreement": agreement,
+            "top_k": top,
+            **{f"top_k_{k}": v for k, v in top_set.items()},
+            "k": cfg.stability_k,
+            "stability_seconds": stab_s,
+            "plain_seconds": plain_s,
+            "csl_seconds": csl_s,
+            "tracked_seconds": full_s,
+            "train_accuracy": fit,
+            "stability_p_in": p_in,
+            "reliability": rel,
+        }
         print("\n" + sections[-1])
 
-    header = (f"# memcore experiment results\n\nCommand: `{results['command']}`\n\n"
-              f"Data: {data_name}, {len(base)} samples; model {cfg.model}; {cfg.train.epochs} epochs, "
-              f"batch {cfg.train.batch_size}, lr {cfg.train.lr}, weight decay {cfg.train.weight_decay}; "
-              f"seed {cfg.seed}.\n"
-              f"Machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"device {cfg.train.torch_device()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n")
+    header = (
+        f"# memcore experiment results\n\nCommand: `{results['command']}`\n\n"
+        f"Data: {data_name}, {len(base)} samples; model {cfg.model}; {cfg.train.epochs} epochs, "
+        f"batch {cfg.train.batch_size}, lr {cfg.train.lr}, weight decay {cfg.train.weight_decay}; "
+        f"seed {cfg.seed}.\n"
+        f"Machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"device {cfg.train.torch_device()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
+    )
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(header + "\n" + "\n\n".join(sections) + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -320,8 +388,9 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
     return results
 
 
-def agreement_rows(methods: Dict[str, torch.Tensor], mem: torch.Tensor,
-                   top: int) -> Tuple[Dict[str, Dict[str, float]], Dict[str, object]]:
+def agreement_rows(
+    methods: Dict[str, torch.Tensor], mem: torch.Tensor, top: int
+) -> Tuple[Dict[str, Dict[str, float]], Dict[str, object]]:
     """Agreement of every method's score with the stability estimate ``mem`` [N].
 
     Per method: cosine ("CS"), Pearson ("PC"), Spearman ("SC") on the ``top`` samples with the
@@ -337,13 +406,21 @@ def agreement_rows(methods: Dict[str, torch.Tensor], mem: torch.Tensor,
     constant = not k or lo == hi
     rows = {}
     for name, s in methods.items():
-        rows[name] = {f"CS top {top}": float("nan") if constant else cosine(s, mem, top=top),
-                      f"PC top {top}": float("nan") if constant else pearson(s, mem, top=top),
-                      f"SC top {top}": float("nan") if constant else spearman(s, mem, top=top),
-                      f"overlap top {top}": top_k_overlap(s, mem, top),
-                      "CS all": cosine(s, mem), "PC all": pearson(s, mem), "SC all": spearman(s, mem)}
-    facts = {"estimate_min": lo, "estimate_max": hi, "estimate_constant": constant,
-             "overlap_chance": k / max(int(finite.sum()), 1)}
+        rows[name] = {
+            f"CS top {top}": float("nan") if constant else cosine(s, mem, top=top),
+            f"PC top {top}": float("nan") if constant else pearson(s, mem, top=top),
+            f"SC top {top}": float("nan") if constant else spearman(s, mem, top=top),
+            f"overlap top {top}": top_k_overlap(s, mem, top),
+            "CS all": cosine(s, mem),
+            "PC all": pearson(s, mem),
+            "SC all": spearman(s, mem),
+        }
+    facts = {
+        "estimate_min": lo,
+        "estimate_max": hi,
+        "estimate_constant": constant,
+        "overlap_chance": k / max(int(finite.sum()), 1),
+    }
     return rows, facts
 
 
@@ -356,52 +433,118 @@ def _jsonable(cfg: ExperimentConfig) -> Dict[str, object]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``python -m memcore experiment``; each one's range is checked by argparse."""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", choices=DATASETS,
-                   help="digits is bundled with scikit-learn; the others are read from --data-dir")
-    g.add_argument("--data-dir", default=None,
-                   help="MNIST idx files / CIFAR python-pickle batches (default: $MEMCORE_MNIST_DIR for MNIST)")
-    g.add_argument("--subset", type=_args.positive_int, default=None,
-                   help="train on a random subset of this many samples (default: all)")
-    g.add_argument("--noise", type=_args.rates, default="0.01,0.02,0.05,0.1",
-                   help="comma-separated label-noise rates in [0, 1), one mislabel run each ('' for none)")
-    g.add_argument("--duplicates", type=_args.nonnegative_int, default=0,
-                   help="duplicates with another label to insert for the duplicate run (0: skip)")
+    g.add_argument(
+        "--dataset",
+        default="digits",
+        choices=DATASETS,
+        help="digits is bundled with scikit-learn; the others are read from --data-dir",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="MNIST idx files / CIFAR python-pickle batches (default: $MEMCORE_MNIST_DIR for MNIST)",
+    )
+    g.add_argument(
+        "--subset",
+        type=_args.positive_int,
+        default=None,
+        help="train on a random subset of this many samples (default: all)",
+    )
+    g.add_argument(
+        "--noise",
+        type=_args.rates,
+        default="0.01,0.02,0.05,0.1",
+        help="comma-separated label-noise rates in [0, 1), one mislabel run each ('' for none)",
+    )
+    g.add_argument(
+        "--duplicates",
+        type=_args.nonnegative_int,
+        default=0,
+        help="duplicates with another label to insert for the duplicate run (0: skip)",
+    )
     g = p.add_argument_group("stability agreement")
-    g.add_argument("--stability-k", type=_args.nonnegative_int, default=0,
-                   help="models of the Feldman-Zhang stability estimator (0: skip the experiment)")
-    g.add_argument("--stability-noise", type=_args.rate, default=0.0,
-                   help="label noise of the data the agreement experiment runs on")
-    g.add_argument("--top-k", type=_args.positive_int, default=None,
-                   help="size of the top-k set of the agreement tables (default: 10%% of the data, at least 10)")
+    g.add_argument(
+        "--stability-k",
+        type=_args.nonnegative_int,
+        default=0,
+        help="models of the Feldman-Zhang stability estimator (0: skip the experiment)",
+    )
+    g.add_argument(
+        "--stability-noise",
+        type=_args.rate,
+        default=0.0,
+        help="label noise of the data the agreement experiment runs on",
+    )
+    g.add_argument(
+        "--top-k",
+        type=_args.positive_int,
+        default=None,
+        help="size of the top-k set of the agreement tables (default: 10%% of the data, at least 10)",
+    )
     g = p.add_argument_group("training")
-    g.add_argument("--model", default="mlp", choices=sorted(MODELS), help="reference model (memcore.eval.models)")
+    g.add_argument(
+        "--model", default="mlp", choices=sorted(MODELS), help="reference model (memcore.eval.models)"
+    )
     g.add_argument("--epochs", type=_args.positive_int, default=20, help="epochs of every training run")
     g.add_argument("--batch-size", type=_args.positive_int, default=128, help="SGD batch size")
     g.add_argument("--lr", type=_args.positive_float, default=0.05, help="peak learning rate (cosine decay)")
     g.add_argument("--weight-decay", type=_args.nonnegative_float, default=5e-4, help="SGD weight decay")
-    g.add_argument("--device", type=_args.device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--seed", type=_args.nonnegative_int, default=0, help="seed of data, noise, models and order")
+    g.add_argument(
+        "--device",
+        type=_args.device,
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: cuda when available)",
+    )
+    g.add_argument(
+        "--seed", type=_args.nonnegative_int, default=0, help="seed of data, noise, models and order"
+    )
     g = p.add_argument_group("extra methods")
     g.add_argument("--curvature", action="store_true", help="also score input-loss curvature at epoch ends")
-    g.add_argument("--curvature-every", type=_args.positive_int, default=1,
-                   help="score curvature every this many epochs (and after the last)")
-    g.add_argument("--curvature-probes", type=_args.positive_int, default=10, help="Rademacher probes per score")
+    g.add_argument(
+        "--curvature-every",
+        type=_args.positive_int,
+        default=1,
+        help="score curvature every this many epochs (and after the last)",
+    )
+    g.add_argument(
+        "--curvature-probes", type=_args.positive_int, default=10, help="Rademacher probes per score"
+    )
     g.add_argument("--ssft", action="store_true", help="second-split forgetting time (4 extra trainings)")
     g.add_argument("--cl", action="store_true", help="confident learning via cleanlab (2 extra trainings)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None,
-                   help="output directory (default: a fresh runs/<dataset>-<UTC time>, so no run overwrites the committed results/)")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: a fresh runs/<dataset>-<UTC time>, so no run overwrites the committed results/)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def from_args(args: argparse.Namespace) -> ExperimentConfig:
     return ExperimentConfig(
-        dataset=args.dataset, data_dir=args.data_dir, subset=args.subset, model=args.model, noise=list(args.noise),
-        duplicates=args.duplicates, stability_k=args.stability_k, stability_noise=args.stability_noise,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        subset=args.subset,
+        model=args.model,
+        noise=list(args.noise),
+        duplicates=args.duplicates,
+        stability_k=args.stability_k,
+        stability_noise=args.stability_noise,
         top_k=args.top_k,
-        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          weight_decay=args.weight_decay, seed=args.seed,
-                          device=args.device, progress=not args.no_progress),
-        curvature=args.curvature, curvature_every=args.curvature_every, curvature_probes=args.curvature_probes,
-        ssft=args.ssft, cl=args.cl, out=args.out, seed=args.seed,
+        train=TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.no_progress,
+        ),
+        curvature=args.curvature,
+        curvature_every=args.curvature_every,
+        curvature_probes=args.curvature_probes,
+        ssft=args.ssft,
+        cl=args.cl,
+        out=args.out,
+        seed=args.seed,
     )

@@ -1,4 +1,5 @@
 """Evaluation metrics: how well a score finds corrupted samples, and how it agrees with another."""
+
 from typing import Optional
 
 import numpy as np
@@ -8,7 +9,9 @@ from . import require
 
 
 def _np(x) -> np.ndarray:
-    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    return (
+        x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    )
 
 
 def auroc(score, is_positive) -> float:

@@ -1,4 +1,5 @@
 """Small reference models for the demo, the experiments and the benchmarks."""
+
 from typing import Sequence
 
 import torch
@@ -10,16 +11,26 @@ def mlp(in_shape: Sequence[int], num_classes: int, width: int = 256) -> nn.Modul
     d = 1
     for s in in_shape:
         d *= int(s)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, num_classes))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(d, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, num_classes),
+    )
 
 
 def small_cnn(in_shape: Sequence[int], num_classes: int, width: int = 32) -> nn.Module:
     """conv(3x3)-ReLU-maxpool x2, then a 128-unit hidden layer: for 8x8 to 32x32 images [C, H, W]."""
     c, h, w = (int(s) for s in in_shape)
     feats = nn.Sequential(
-        nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c, width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Flatten(),
     )
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """PNG figures of the experiments (matplotlib, headless)."""
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -17,8 +18,12 @@ def _plt():
     return plt
 
 
-def roc_curves(curves: Dict[str, Tuple[Dict[str, torch.Tensor], torch.Tensor]], order: List[str],
-               keys: Dict[str, str], path: str) -> None:
+def roc_curves(
+    curves: Dict[str, Tuple[Dict[str, torch.Tensor], torch.Tensor]],
+    order: List[str],
+    keys: Dict[str, str],
+    path: str,
+) -> None:
     """One panel per noise level: ROC curve of every method for finding the flipped labels."""
     from sklearn.metrics import roc_curve
 
@@ -42,7 +47,9 @@ def roc_curves(curves: Dict[str, Tuple[Dict[str, torch.Tensor], torch.Tensor]], 
     plt.close(fig)
 
 
-def top_images(ds, score: torch.Tensor, pred: torch.Tensor, flagged: torch.Tensor, path: str, n: int = 32) -> None:
+def top_images(
+    ds, score: torch.Tensor, pred: torch.Tensor, flagged: torch.Tensor, path: str, n: int = 32
+) -> None:
     """Grid of the `n` highest-scoring training images with given / predicted labels (red: flagged)."""
     plt = _plt()
     order = torch.argsort(torch.nan_to_num(score, nan=-1e300), descending=True)[:n]
@@ -55,8 +62,11 @@ def top_images(ds, score: torch.Tensor, pred: torch.Tensor, flagged: torch.Tenso
         img = ds.x[i]
         img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
         ax.imshow(img.numpy(), cmap="gray" if img.dim() == 2 else None)
-        ax.set_title(f"#{i} y={int(ds.y[i])} p={int(pred[i])}", fontsize=7,
-                     color="red" if bool(flagged[i]) else "black")
+        ax.set_title(
+            f"#{i} y={int(ds.y[i])} p={int(pred[i])}",
+            fontsize=7,
+            color="red" if bool(flagged[i]) else "black",
+        )
     fig.suptitle("highest CSL (given label y, prediction p; red = injected corruption)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -8,6 +8,7 @@ The counts of the odd-numbered models are also kept apart, so the estimate can b
 two independent halves (even / odd models): their correlation is the split-half reliability of
 the estimate, the ceiling on how well any score can agree with it.
 """
+
 import os
 import time
 import zlib
@@ -57,20 +58,33 @@ def stability(
     labels = labels_of(dataset)
     # labels in the key: a checkpoint of other (e.g. differently corrupted) labels is never resumed
     # and the training recipe: models of another recipe (epochs, lr, architecture) are never mixed in
-    meta = {"n": n, "subset": subset, "seed": seed,
-            "labels_crc32": zlib.crc32(torch.as_tensor(labels, dtype=torch.int64).numpy().tobytes()),
-            "train": {f: getattr(cfg, f) for f in ("epochs", "batch_size", "lr", "momentum", "weight_decay")},
-            "model_crc32": zlib.crc32(repr(model_fn()).encode())}
-    state = {"done": 0, "seconds": 0.0, **{key: torch.zeros(n) for key in _COUNTS},
-             **{f"odd_{key}": torch.zeros(n) for key in _COUNTS}}
+    meta = {
+        "n": n,
+        "subset": subset,
+        "seed": seed,
+        "labels_crc32": zlib.crc32(torch.as_tensor(labels, dtype=torch.int64).numpy().tobytes()),
+        "train": {f: getattr(cfg, f) for f in ("epochs", "batch_size", "lr", "momentum", "weight_decay")},
+        "model_crc32": zlib.crc32(repr(model_fn()).encode()),
+    }
+    state = {
+        "done": 0,
+        "seconds": 0.0,
+        **{key: torch.zeros(n) for key in _COUNTS},
+        **{f"odd_{key}": torch.zeros(n) for key in _COUNTS},
+    }
     if checkpoint and os.path.exists(checkpoint):
         saved = torch.load(checkpoint)
         if saved.get("meta") != meta:
             raise ValueError(f"checkpoint {checkpoint} is for {saved.get('meta')}, this run is {meta}")
         state = saved["state"]
 
-    bar = tqdm(range(state["done"], k), desc="stability models", initial=min(state["done"], k), total=k,
-               disable=not progress)
+    bar = tqdm(
+        range(state["done"], k),
+        desc="stability models",
+        initial=min(state["done"], k),
+        total=k,
+        disable=not progress,
+    )
     for m in bar:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(seed * 100003 + m)
@@ -82,8 +96,12 @@ def stability(
         mcfg = TrainConfig(**{**cfg.__dict__, "seed": seed * 100003 + m, "progress": False})
         train(model, dataset, mcfg, indices=chosen.tolist())
         correct = (predict(model, dataset).argmax(1) == labels).double()
-        step = {"in_total": inside.double(), "in_correct": correct * inside,
-                "out_total": (~inside).double(), "out_correct": correct * (~inside)}
+        step = {
+            "in_total": inside.double(),
+            "in_correct": correct * inside,
+            "out_total": (~inside).double(),
+            "out_correct": correct * (~inside),
+        }
         for key, inc in step.items():
             state[key] += inc
             if m % 2 == 1 and f"odd_{key}" in state:
@@ -97,8 +115,10 @@ def stability(
     p_out = state["out_correct"] / state["out_total"]
     out = {
         "memorization": (p_in - p_out).double(),
-        "p_in": p_in.double(), "p_out": p_out.double(),
-        "n_in": state["in_total"].double(), "n_out": state["out_total"].double(),
+        "p_in": p_in.double(),
+        "p_out": p_out.double(),
+        "n_in": state["in_total"].double(),
+        "n_out": state["out_total"].double(),
         "seconds": torch.tensor(state["seconds"], dtype=torch.float64),
         "models": torch.tensor(state["done"]),
     }

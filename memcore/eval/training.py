@@ -1,5 +1,6 @@
 """A plain supervised training loop with memcore tracking, shared by the demo, the experiments,
 the stability estimator and the benchmarks. Datasets yield (x, y, index)."""
+
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -82,8 +83,9 @@ def train(
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 512,
-            device: Optional[torch.device] = None) -> torch.Tensor:
+def predict(
+    model: torch.nn.Module, dataset: Dataset, *, batch_size: int = 512, device: Optional[torch.device] = None
+) -> torch.Tensor:
     """Logits [len(dataset), C] (float32, CPU) of the model in eval mode."""
     dev = device or next(model.parameters()).device
     was_training = model.training

@@ -12,6 +12,7 @@ padding; ``overwrite_logits=True`` writes the gradient over the logits in traini
 embedding through ``memcore.linear_accumulate``, so the [B, T, V] logits never exist (LLM scale).
 See examples/hf_trainer_example.py.
 """
+
 import contextlib
 import os
 from typing import Optional
@@ -51,7 +52,9 @@ class MemcoreCallback(TrainerCallback):
 
 def load_tracker(tracker: Tracker, checkpoint_dir: str) -> None:
     """Restores the tracker saved by MemcoreCallback in a Trainer checkpoint folder."""
-    tracker.load_state_dict(load_plain(os.path.join(checkpoint_dir, TRACKER_FILE), "memcore Tracker checkpoint"))
+    tracker.load_state_dict(
+        load_plain(os.path.join(checkpoint_dir, TRACKER_FILE), "memcore Tracker checkpoint")
+    )
 
 
 class MemcoreTrainer(Trainer):
@@ -77,12 +80,22 @@ class MemcoreTrainer(Trainer):
             Steps that return outputs (evaluation with logits) use the default route.
     """
 
-    def __init__(self, *args, tracker: Tracker, index_key: str = "sample_index", causal_lm: bool = True,
-                 overwrite_logits: bool = False, fused_linear: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        tracker: Tracker,
+        index_key: str = "sample_index",
+        causal_lm: bool = True,
+        overwrite_logits: bool = False,
+        fused_linear: bool = False,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if getattr(self.args, "remove_unused_columns", False):
-            raise ValueError("MemcoreTrainer needs TrainingArguments(remove_unused_columns=False) so the "
-                             f"{index_key!r} column reaches the loss")
+            raise ValueError(
+                "MemcoreTrainer needs TrainingArguments(remove_unused_columns=False) so the "
+                f"{index_key!r} column reaches the loss"
+            )
         self.tracker = tracker
         self.index_key = index_key
         self.causal_lm = causal_lm
@@ -93,14 +106,18 @@ class MemcoreTrainer(Trainer):
             fused_head(self.model)  # refuse unsupported heads before training starts
         self.add_callback(MemcoreCallback(tracker))
 
-    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch: Optional[int] = None):
+    def compute_loss(
+        self, model, inputs, return_outputs: bool = False, num_items_in_batch: Optional[int] = None
+    ):
         """The model's forward, then ``memcore.accumulate``. With ``num_items_in_batch`` (the Trainer
         passes it for models that take loss kwargs, counting the labels of every micro-batch of a
         gradient-accumulation step) the loss is the token sum over that count, as the Trainer
         expects: it then does not divide by the accumulation steps itself."""
         inputs = dict(inputs)
         if self.index_key not in inputs:
-            raise KeyError(f"batch has no {self.index_key!r}: add each example's dataset index to the dataset")
+            raise KeyError(
+                f"batch has no {self.index_key!r}: add each example's dataset index to the dataset"
+            )
         index = inputs.pop(self.index_key)
         labels = inputs.pop("labels")
         if self.fused_linear and not return_outputs:
@@ -113,7 +130,9 @@ class MemcoreTrainer(Trainer):
         # with num_items_in_batch, Trainer's contract: the token sum over the tokens of every
         # accumulated micro-batch
         reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = accumulate(logits, labels, index, self.tracker, reduction=reduction, overwrite_logits=overwrite)
+        loss = accumulate(
+            logits, labels, index, self.tracker, reduction=reduction, overwrite_logits=overwrite
+        )
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
@@ -130,9 +149,15 @@ class MemcoreTrainer(Trainer):
         if self.causal_lm:
             labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
         reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = linear_accumulate(hidden, head.weight.to(hidden.dtype), labels, index, self.tracker,
-                                 bias=None if head.bias is None else head.bias.to(hidden.dtype),
-                                 reduction=reduction)
+        loss = linear_accumulate(
+            hidden,
+            head.weight.to(hidden.dtype),
+            labels,
+            index,
+            self.tracker,
+            bias=None if head.bias is None else head.bias.to(hidden.dtype),
+            reduction=reduction,
+        )
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
         return loss
@@ -147,22 +172,30 @@ def fused_head(model):
     """(base model, output embedding) of a decoder whose logits are F.linear(base(...)[0], W, b);
     ValueError naming the reason for any other model."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        raise ValueError("fused_linear=True calls the base model directly, bypassing the "
-                         "DistributedDataParallel wrapper; use the default route with DDP")
+        raise ValueError(
+            "fused_linear=True calls the base model directly, bypassing the "
+            "DistributedDataParallel wrapper; use the default route with DDP"
+        )
     config = getattr(model, "config", None)
     for attr in _HEAD_EXTRAS:
         value = getattr(config, attr, None)
         if value is not None and not (attr != "final_logit_softcapping" and value == 1):
-            raise ValueError(f"fused_linear=True supports plain linear heads only: this model's config sets "
-                             f"{attr}={value!r}, which its forward applies to the logits")
+            raise ValueError(
+                f"fused_linear=True supports plain linear heads only: this model's config sets "
+                f"{attr}={value!r}, which its forward applies to the logits"
+            )
     base = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if base is None or base is model or head is None:
-        raise ValueError(f"fused_linear=True needs a model with a base model and an output embedding "
-                         f"(a *ForCausalLM); {type(model).__name__} has none")
+        raise ValueError(
+            f"fused_linear=True needs a model with a base model and an output embedding "
+            f"(a *ForCausalLM); {type(model).__name__} has none"
+        )
     if type(head) is not torch.nn.Linear:
-        raise ValueError(f"fused_linear=True needs the output embedding to be a plain torch.nn.Linear, "
-                         f"got {type(head).__name__}")
+        raise ValueError(
+            f"fused_linear=True needs the output embedding to be a plain torch.nn.Linear, "
+            f"got {type(head).__name__}"
+        )
     return base, head
 
 
@@ -182,15 +215,20 @@ def check_fused_head(model, base, head, inputs, autocast=contextlib.nullcontext)
         want = model(**inputs, logits_to_keep=1).logits[:, -1].float()
         with autocast():
             hidden = base(**inputs)[0][:, -1]
-            got = torch.nn.functional.linear(hidden, head.weight.to(hidden.dtype),
-                                             None if head.bias is None else head.bias.to(hidden.dtype)).float()
+            got = torch.nn.functional.linear(
+                hidden,
+                head.weight.to(hidden.dtype),
+                None if head.bias is None else head.bias.to(hidden.dtype),
+            ).float()
             mixed = torch.is_autocast_enabled(hidden.device.type)
     finally:
         model.train(was_training)
     exact = hidden.dtype in (torch.float32, torch.float64) and not mixed
     tol = 1e-4 if exact else 2e-2  # 16-bit logits (bf16 weights, or autocast as in bf16=True training)
     if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1))):
-        raise ValueError(f"fused_linear=True: {type(model).__name__}'s logits are not F.linear of its base "
-                         f"model's last hidden state (its head transforms them: largest difference "
-                         f"{float((got - want).abs().max()):.3g} at logits up to {float(want.abs().max()):.3g}, "
-                         f"{hidden.dtype}); use fused_linear=False")
+        raise ValueError(
+            f"fused_linear=True: {type(model).__name__}'s logits are not F.linear of its base "
+            f"model's last hidden state (its head transforms them: largest difference "
+            f"{float((got - want).abs().max()):.3g} at logits up to {float(want.abs().max()):.3g}, "
+            f"{hidden.dtype}); use fused_linear=False"
+        )

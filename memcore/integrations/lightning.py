@@ -19,6 +19,7 @@ state and the head's weight (memcore.linear_accumulate; no [B, T, V] logits are 
 
 See examples/lightning_example.py.
 """
+
 from typing import Any, Dict
 
 try:

@@ -1,6 +1,7 @@
 """Writes tracker_v1.pt: a format-1 Tracker state (memcore 0.1.0, float64 [S, 6] buffers) with an open
 epoch and input gradients, and the scores that version computed from it, for the conversion test.
 Run with the 0.1.0 package on the path:  PYTHONPATH=<memcore 0.1.0 checkout> python make_tracker_v1.py"""
+
 import os
 
 import torch
