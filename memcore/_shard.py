@@ -166,6 +166,18 @@ class Router:
         rank has). Returns also, per channel ("ce", "grad"), the (int64 ids, float64 values [n, w])
         this rank commits: the rows it owns (shard) or every row (replicate), in rank order, then in
         recording order. One host sync (the row counts)."""
+        try:
+            return self._exchange(flags)
+        except RuntimeError as e:  # gloo / NCCL say "timed out" or "connection closed", not why
+            raise RuntimeError(
+                "memcore.Tracker: exchanging the buffered rows between ranks failed. end_epoch(), "
+                "scores(), save() and every flush_every-th accumulate call are collectives: every rank "
+                f"must reach each of them, in the same order (did a rank skip one?). Backend error: {e}"
+            ) from e
+
+    def _exchange(
+        self, flags: torch.Tensor
+    ) -> Tuple[torch.Tensor, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
         dist = _dist()
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         device = flags.device

@@ -228,3 +228,41 @@ def test_sharded_matches_dense_and_reshards(tmp_path):
     )
     # 2 ranks own [0, 19) and [19, 37): both read the foreign shard 1 ([10, 20))
     assert all("does not belong" in got["mixed"] for got in two)
+
+
+def _skipper(rank, world, init_file, tmp):
+    """Rank 1 skips end_epoch(); rank 0's end_epoch() must fail with memcore's explanation once the
+    process group's timeout passes, never hang."""
+    # long enough for both processes to start and meet on a loaded machine, short for the test
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    w, epochs = _weights(), _epochs()
+    tr = memcore.Tracker(S, device="cpu", shard=True)  # a collective: both ranks are here
+    _step(tr, *epochs[0][rank], w)
+    done = os.path.join(tmp, "skip.0")
+    if rank == 0:
+        err = None
+        try:
+            tr.end_epoch()
+        except RuntimeError as e:
+            err = str(e)
+        torch.save({"err": err}, done + ".tmp")
+        os.replace(done + ".tmp", done)
+    else:  # leave without the collective, once rank 0 has its answer (or after a bound)
+        import time
+
+        deadline = time.monotonic() + 120
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_rank_that_skips_a_collective_gets_a_clear_error(tmp_path):
+    mp.spawn(_skipper, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    err = torch.load(os.path.join(str(tmp_path), "skip.0"))["err"]
+    assert err is not None and "every rank must reach each of them" in err and "did a rank skip one" in err
