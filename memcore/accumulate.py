@@ -102,43 +102,19 @@ def accumulate(
             out, loss, row_stats, status = OverwriteLogitsCE.apply(
                 logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction]
             )
-            tracker._record(
-                index1d,
-                targets1d,
-                loss,
-                row_stats,
-                status,
-                ignore_index,
-                _explainer(logits2d, targets1d, index1d, tracker.num_samples, ignore_index, loss),
-            )
+            _record(tracker, logits2d, targets1d, index1d, ignore_index, loss, row_stats, status)
             return no_double_backward(out.to(_result_dtype(logits)))
     if inputs is None and reduction != "none":  # forward and reduction in one operator
         out, _count, loss, _lse, row_stats, status = torch.ops.memcore.ce_forward_reduce(
             logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction]
         )
-        tracker._record(
-            index1d,
-            targets1d,
-            loss.detach(),
-            row_stats,
-            status,
-            ignore_index,
-            _explainer(logits2d, targets1d, index1d, tracker.num_samples, ignore_index, loss.detach()),
-        )
+        _record(tracker, logits2d, targets1d, index1d, ignore_index, loss.detach(), row_stats, status)
         return out.to(_result_dtype(logits))
 
     loss, _lse, row_stats, status = torch.ops.memcore.ce_forward(
         logits2d, targets1d, index1d, tracker.num_samples, ignore_index
     )
-    tracker._record(
-        index1d,
-        targets1d,
-        loss.detach(),
-        row_stats,
-        status,
-        ignore_index,
-        _explainer(logits2d, targets1d, index1d, tracker.num_samples, ignore_index, loss.detach()),
-    )
+    _record(tracker, logits2d, targets1d, index1d, ignore_index, loss.detach(), row_stats, status)
     if inputs is not None and loss.requires_grad:
         _record_input_grads(tracker, inputs, loss, targets1d, index1d, ignore_index, status)
 
@@ -160,9 +136,18 @@ def _result_dtype(logits: torch.Tensor) -> torch.dtype:
     return logits.dtype
 
 
-def _explainer(logits, targets, index, num_samples, ignore_index, loss):
-    """The exception for a batch's non-zero status word, built only when one is raised."""
-    return lambda bits: explain_status(bits, logits, targets, index, num_samples, ignore_index, loss)
+def _record(tracker: Tracker, logits, targets, index, ignore_index: int, loss, row_stats, status) -> None:
+    """Hands a batch's per-row results to the tracker with the builder of the exception for a non-zero
+    status word (called only when one is raised)."""
+    tracker._record(
+        index,
+        targets,
+        loss,
+        row_stats,
+        status,
+        ignore_index,
+        lambda bits: explain_status(bits, logits, targets, index, tracker.num_samples, ignore_index, loss),
+    )
 
 
 def _record_input_grads(
