@@ -50,4 +50,6 @@ assert not missing, f"operators without a CUDA kernel: {missing}"
 print("[memcore] CUDA kernels compiled and registered for", ", ".join(ops))
 PY
 )
-PYTHONPATH="$lib" .venv-cuda/bin/pytest tests -q -p no:cacheprovider -x
+# the CUDA build first on sys.path: pyproject's pythonpath ["."] would otherwise put the source tree's
+# memcore (its _C built by the CPU venv) ahead of it
+PYTHONPATH="$lib" .venv-cuda/bin/pytest tests -q -p no:cacheprovider -x -o pythonpath="$PWD/$lib ."
