@@ -29,7 +29,7 @@ def _run(code: str, blocked=EXTRA, cwd=None):
     return subprocess.run(
         [sys.executable, "-c", src],
         env=dict(os.environ, PYTHONPATH=path),
-        cwd=cwd,
+        cwd=cwd or root,  # `python -c` puts its cwd first on sys.path: the memcore under test is there
         capture_output=True,
         text=True,
         timeout=300,
