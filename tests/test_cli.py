@@ -17,7 +17,7 @@ def _cli(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "memcore", *args],
         env=dict(os.environ, PYTHONPATH=path),
-        cwd=cwd,
+        cwd=cwd or root,  # `python -m` puts its cwd first on sys.path: the memcore under test is there
         capture_output=True,
         text=True,
         timeout=600,
