@@ -278,6 +278,8 @@ def test_row_paths_narrower_isa(isa, tmp_path):
             "-q",
             "-p",
             "no:cacheprovider",
+            "-o",  # this build first, not pyproject's pythonpath (the source tree, maybe another build)
+            f"pythonpath={build}",
             os.path.join(here, "test_cross_entropy.py"),
             "-k",
             "row_paths_statistics and cpu",
