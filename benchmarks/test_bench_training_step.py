@@ -244,14 +244,8 @@ def _check(s: Step, variant: str) -> None:
 _STEPS: dict = {}  # one Step at a time; rebuilt per test so every variant starts from the same weights
 
 
-@pytest.mark.parametrize("case_id,variant", list(_params()))
-def test_training_step(benchmark, request, case_id: str, variant: str):
-    case = CASE_BY_ID[case_id]
-    _STEPS.clear()
-    s = _STEPS[case] = make_step(case)
-    _check(s, variant)
-
-    dtype = ce._dtype_name(case.dtype)
+def _describe(benchmark, case, variant: str, dtype: str, **extra) -> None:
+    """The benchmark's group and the case's fields in extra_info (what benchmarks/store.py turns into rows)."""
     benchmark.group = f"training_step {case.model} {case.shape} {dtype} {case.device}"
     benchmark.extra_info.update(
         kernel="training_step",
@@ -266,8 +260,19 @@ def test_training_step(benchmark, request, case_id: str, variant: str):
         amp="bf16 autocast" if case.amp else None,
         threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name(0) if case.device == "cuda" else None,
-        params=sum(p.numel() for p in s.model.parameters()),
+        **extra,
     )
+
+
+@pytest.mark.parametrize("case_id,variant", list(_params()))
+def test_training_step(benchmark, request, case_id: str, variant: str):
+    case = CASE_BY_ID[case_id]
+    _STEPS.clear()
+    s = _STEPS[case] = make_step(case)
+    _check(s, variant)
+
+    dtype = ce._dtype_name(case.dtype)
+    _describe(benchmark, case, variant, dtype, params=sum(p.numel() for p in s.model.parameters()))
 
     def target():
         return train_step(s, variant)
@@ -335,22 +340,6 @@ def test_training_step_interleaved(benchmark, request, case_id: str):
         if v != "plain":
             ratio, lo, hi = median_ci([a / b for a, b in zip(times[v], times["plain"])])
             overhead[v] = {"ratio": ratio, "lo": lo, "hi": hi, "n": len(times[v])}
-    benchmark.group = f"training_step {case.model} {case.shape} {dtype} {case.device}"
-    benchmark.extra_info.update(
-        kernel="training_step",
-        model=case.model,
-        variant="interleaved",
-        shape=case.shape,
-        batch=case.batch,
-        seq=case.seq or None,
-        vocab=case.vocab or None,
-        dtype=dtype,
-        device=case.device,
-        amp="bf16 autocast" if case.amp else None,
-        threads=torch.get_num_threads(),
-        gpu=torch.cuda.get_device_name(0) if case.device == "cuda" else None,
-        interleaved=per_variant,
-        overhead=overhead,
-    )
+    _describe(benchmark, case, "interleaved", dtype, interleaved=per_variant, overhead=overhead)
     assert all(len(t) == rounds for t in times.values())
     _STEPS.clear()
