@@ -5,6 +5,10 @@
 //                      per lane, the warp butterfly and the cross-warp merge in the kernel's order)
 //   _ce_grad_replay:   the gradient pass (grad_row per lane, then the target column's owner)
 //   _seg_commit_replay: one warp of ce_commit_kernel's segmented reduction over equal indices
+//   _ce_split_forward_replay / _ce_split_backward_replay: the split launch of few wide rows (each
+//                      row over S blocks: slices walked and merged per block, the parts merged by
+//                      the finish kernel's warp, the gradient slice by slice), and _ce_split_slices,
+//                      the launcher's choice of S
 // Only the memory system differs: lanes run one after another, which is what the kernels' own
 // ordering (barriers; each element read and written by one thread) makes equivalent.
 #include "kernel_logic.h"
@@ -13,7 +17,10 @@
 #include <ATen/Dispatch.h>
 
 #include <cstring>
+#include <tuple>
 #include <vector>
+
+#include "common.h"
 
 #include "cuda/ce_row.h"
 
@@ -37,13 +44,12 @@ void butterfly(std::vector<Part<acc_t>>& p) {
   }
 }
 
-template <typename scalar_t, int TPR, int VEC>
-std::vector<double> forward_row(const scalar_t* z, int64_t C, int64_t t) {
-  using acc_t = typename OpMath<scalar_t>::type;
-  std::vector<Part<acc_t>> p(TPR);
-  for (int lane = 0; lane < TPR; ++lane) p[lane] = cerow::walk_row<scalar_t, TPR, VEC>(z, C, t, lane);
+// the kernels' row_merge over the TPR states of one row (a block, or a warp for TPR = 32): the
+// butterfly, then for TPR > 32 lane 0 of each warp to shared memory, every warp merging them
+template <typename acc_t, int TPR>
+void row_merge(std::vector<Part<acc_t>>& p) {
   butterfly(p);
-  if (TPR > 32) {  // row_merge: lane 0 of each warp to shared memory, then every warp merges them
+  if (TPR > 32) {
     constexpr int kWarps = TPR / 32;
     std::vector<Part<acc_t>> sm(kWarps);
     for (int w = 0; w < kWarps; ++w) sm[w] = p[w * 32];
@@ -56,13 +62,26 @@ std::vector<double> forward_row(const scalar_t* z, int64_t C, int64_t t) {
     }
     butterfly(p);
   }
-  // the gradient pass takes lse from every thread of the row: they must agree bit for bit
-  for (int lane = 1; lane < TPR; ++lane) {
+}
+
+// every thread must end with the same state bit for bit (the gradient pass takes lse from each)
+template <typename acc_t>
+void check_agree(const std::vector<Part<acc_t>>& p, const char* op) {
+  for (size_t lane = 1; lane < p.size(); ++lane) {
     const bool same = (p[lane].m == p[0].m || (p[lane].m != p[lane].m && p[0].m != p[0].m)) &&
                       (p[lane].s == p[0].s || (p[lane].s != p[lane].s && p[0].s != p[0].s)) &&
                       p[lane].before == p[0].before && p[lane].after == p[0].after;
-    TORCH_CHECK(same, "_ce_row_replay: lane ", lane, " ends with another row state than lane 0");
+    TORCH_CHECK(same, op, ": lane ", lane, " ends with another row state than lane 0");
   }
+}
+
+template <typename scalar_t, int TPR, int VEC>
+std::vector<double> forward_row(const scalar_t* z, int64_t C, int64_t t) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  std::vector<Part<acc_t>> p(TPR);
+  for (int lane = 0; lane < TPR; ++lane) p[lane] = cerow::walk_row<scalar_t, TPR, VEC>(z, C, t, lane);
+  row_merge<acc_t, TPR>(p);
+  check_agree(p, "_ce_row_replay");
   const cerow::RowOut<acc_t> o = cerow::finish(p[0], static_cast<acc_t>(z[t]));
   return {double(o.lse), double(o.loss), double(o.prob), double(o.margin), double(o.correct)};
 }
@@ -89,6 +108,133 @@ void grad_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double lse
     }
     if (lane == own) out[t] = static_cast<scalar_t>(cerow::target_grad(zt, acc_t(lse), acc_t(g)));
   }
+}
+
+// ---- the split path (ce_split_forward_kernel, ce_split_finish_kernel, ce_split_grad_kernel)
+
+// Launch arguments of the split forward, as the CUDA launcher passes them.
+struct SplitArgs {
+  int64_t N, C, S, num_samples, ignore_index;
+};
+
+// ce_split_forward_kernel then ce_split_finish_kernel over logits [N, C] (rows at any alignment):
+// outputs as ce_forward's; zt (when not null) gets each read row's target logit, as the finish
+// kernel saves it for the gradient kernel.
+template <typename scalar_t, int TPR>
+void split_forward(const scalar_t* logits, const int64_t* targets, const int64_t* index, const SplitArgs& a,
+                   typename OpMath<scalar_t>::type* loss, typename OpMath<scalar_t>::type* lse,
+                   typename OpMath<scalar_t>::type* rs, int* status, typename OpMath<scalar_t>::type* zt_saved) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr int V = cerow::kVec<scalar_t>;
+  const int S = static_cast<int>(a.S);
+  std::vector<acc_t> ws(a.N * S * cerow::kPartWords, acc_t(-12345));  // unread unless written
+  // the forward kernel: block (row, k) walks slice k of its row, merges it, lane 0 stores the part
+  for (int64_t row = 0; row < a.N; ++row) {
+    const int64_t t = targets[row];
+    if (cerow::row_skipped(t, a.C, a.ignore_index)) continue;
+    const scalar_t* z = logits + row * a.C;
+    const cerow::Layout L = cerow::layout<V>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), a.C, t);
+    for (int k = 0; k < S; ++k) {
+      const cerow::Slice sl = cerow::slice_of(L, S, k);
+      std::vector<Part<acc_t>> p(TPR);
+      for (int lane = 0; lane < TPR; ++lane) p[lane] = cerow::walk_slice<scalar_t, TPR>(z, a.C, t, L, sl, lane);
+      row_merge<acc_t, TPR>(p);
+      check_agree(p, "_ce_split_forward_replay");
+      cerow::store_part(ws.data() + (row * S + k) * cerow::kPartWords, p[0]);
+    }
+  }
+  // the finish kernel: a warp per row, lane k loads part k, butterfly, lane 0 writes
+  for (int64_t row = 0; row < a.N; ++row) {
+    const int64_t t = targets[row];
+    acc_t* r = rs + row * kNumRowStats;
+    if (cerow::row_skipped(t, a.C, a.ignore_index)) {
+      *status |= cerow::skipped_flags(t, a.ignore_index);
+      loss[row] = lse[row] = acc_t(0);
+      r[kRowProb] = r[kRowMargin] = r[kRowCorrect] = acc_t(0);
+      continue;
+    }
+    std::vector<Part<acc_t>> q(32);
+    for (int lane = 0; lane < 32; ++lane) q[lane] = cerow::load_part(ws.data() + row * S * cerow::kPartWords, S, lane);
+    butterfly(q);
+    check_agree(q, "_ce_split_forward_replay");
+    const acc_t zt = static_cast<acc_t>(logits[row * a.C + t]);
+    if (zt_saved) zt_saved[row] = zt;
+    const cerow::RowOut<acc_t> o = cerow::finish(q[0], zt);
+    *status |= cerow::row_flags(index[row], a.num_samples, o.loss);
+    loss[row] = o.loss;
+    lse[row] = o.lse;
+    r[kRowProb] = o.prob;
+    r[kRowMargin] = o.margin;
+    r[kRowCorrect] = o.correct;
+  }
+}
+
+// ce_split_grad_kernel: block (row, k) writes slice k of the row's gradient into out (may be
+// logits: the overwrite mode, whose target logits come from zt_saved); g: the row's weight.
+template <typename scalar_t, int TPR>
+void split_grad(const scalar_t* logits, scalar_t* out, const int64_t* targets, const typename OpMath<scalar_t>::type* lse,
+                const typename OpMath<scalar_t>::type* g, const typename OpMath<scalar_t>::type* zt_saved,
+                const SplitArgs& a) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr int V = cerow::kVec<scalar_t>;
+  const int S = static_cast<int>(a.S);
+  for (int64_t row = 0; row < a.N; ++row) {
+    const int64_t t = targets[row];
+    const scalar_t* z = logits + row * a.C;
+    scalar_t* o = out + row * a.C;
+    const cerow::Layout L = cerow::layout<V>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), a.C, t);
+    int owners = 0;
+    for (int k = 0; k < S; ++k) {
+      const cerow::Slice sl = cerow::slice_of(L, S, k);
+      if (cerow::row_skipped(t, a.C, a.ignore_index)) {  // zeros, the logits never read
+        for (int lane = 0; lane < TPR; ++lane)
+          for (int64_t j = cerow::slice_begin<V>(L, sl) + lane; j < cerow::slice_end<V>(L, sl, a.C); j += TPR)
+            o[j] = scalar_t(0);
+        continue;
+      }
+      const int own = cerow::slice_owner<TPR, V>(L, sl, t);
+      owners += own >= 0;
+      // read before the block's pass, by the owner (out may be z)
+      const acc_t zt = own < 0 ? acc_t(0) : zt_saved ? zt_saved[row] : static_cast<acc_t>(z[t]);
+      // as _ce_grad_replay: out[t] starts as a marker and must first change in the owner's pass
+      const bool mark = own >= 0 && o != z;
+      unsigned char marker[sizeof(scalar_t)];
+      std::memset(marker, 0xA5, sizeof(marker));
+      if (mark) std::memcpy(&o[t], marker, sizeof(scalar_t));
+      for (int lane = 0; lane < TPR; ++lane) {
+        cerow::grad_slice<scalar_t, TPR>(z, o, a.C, L, sl, lse[row], g[row], lane);
+        if (mark) {
+          const bool written = std::memcmp(&o[t], marker, sizeof(scalar_t)) != 0;
+          TORCH_CHECK(written == (lane >= own), "_ce_split_grad_replay: column ", t, " of slice ", k,
+                      " is written by lane ", written ? lane : -1, ", the fix-up is done by lane ", own);
+        }
+        if (lane == own) o[t] = static_cast<scalar_t>(cerow::target_grad(zt, lse[row], g[row]));
+      }
+    }
+    TORCH_CHECK(cerow::row_skipped(t, a.C, a.ignore_index) || owners == 1, "_ce_split_grad_replay: column ", t,
+                " is owned by ", owners, " slices");
+  }
+}
+
+// f(Int<TPR>) for the thread counts of a block
+template <typename F>
+void by_tpr(int64_t tpr, F&& f) {
+  if (tpr == 32) f(std::integral_constant<int, 32>{});
+  else if (tpr == 256) f(std::integral_constant<int, 256>{});
+  else if (tpr == 512) f(std::integral_constant<int, 512>{});
+  else TORCH_CHECK(false, "threads per row must be 32, 256 or 512, got ", tpr);
+}
+
+void check_split(const at::Tensor& logits, const at::Tensor& targets, int64_t slices, const char* op) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(), op,
+              ": logits must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(logits.data_ptr()) % logits.element_size() == 0, op,
+              ": packs need element-aligned logits");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0) && targets.scalar_type() == at::kLong &&
+                  targets.device().is_cpu(),
+              op, ": targets must be int64 [N] on the CPU");
+  TORCH_CHECK(slices >= 1 && slices <= cerow::kSplitMaxSlices, op, ": slices must lie in [1, ",
+              cerow::kSplitMaxSlices, "], got ", slices);
 }
 
 // f(Int<TPR>, Int<VEC>) for the launch shapes the CUDA launcher can pick
@@ -138,6 +284,71 @@ void ce_grad_replay(const at::Tensor& row, at::Tensor& out, int64_t target, doub
                                                                  row.size(0), target, lse, g);
     });
   });
+}
+
+int64_t ce_split_slices(int64_t n, int64_t c, int64_t elem_size, int64_t sms) {
+  return cerow::split_slices(n, c, elem_size, sms);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_split_forward_replay(
+    at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+    int64_t ignore_index, int64_t slices, int64_t tpr, bool grad, bool mean) {
+  const char* op = "_ce_split_forward_replay";
+  check_split(logits, targets, slices, op);
+  TORCH_CHECK(index.sizes() == targets.sizes() && index.scalar_type() == at::kLong && index.device().is_cpu(), op,
+              ": index must be int64 [N] on the CPU");
+  const at::Tensor tg = targets.contiguous(), ix = index.contiguous();
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const SplitArgs a{N, C, slices, num_samples, ignore_index};
+  const auto acc = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
+  at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc), rs = at::empty({N, kNumRowStats}, acc);
+  at::Tensor status = at::zeros({1}, at::kInt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "_ce_split_replay", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    by_tpr(tpr, [&](auto T) {
+      constexpr int TPR = decltype(T)::value;
+      std::vector<acc_t> zt(N, acc_t(0));
+      split_forward<scalar_t, TPR>(logits.data_ptr<scalar_t>(), tg.data_ptr<int64_t>(), ix.data_ptr<int64_t>(), a,
+                                   loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), rs.data_ptr<acc_t>(),
+                                   status.data_ptr<int>(), grad ? zt.data() : nullptr);
+      if (!grad) return;
+      // ce_forward_grad_: the weight 1 / count (mean) or 1 of every row, the gradient over logits
+      int64_t count = 0;
+      for (int64_t r = 0; r < N; ++r) count += tg.data_ptr<int64_t>()[r] != ignore_index;
+      const std::vector<acc_t> w(N, mean ? acc_t(1) / static_cast<acc_t>(count) : acc_t(1));
+      split_grad<scalar_t, TPR>(logits.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), tg.data_ptr<int64_t>(),
+                                lse.data_ptr<acc_t>(), w.data(), zt.data(), a);
+    });
+  });
+  return {loss, lse, rs, status};
+}
+
+at::Tensor ce_split_backward_replay(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
+                                    const at::Tensor& lse, int64_t ignore_index, int64_t slices, int64_t tpr) {
+  const char* op = "_ce_split_backward_replay";
+  check_split(logits, targets, slices, op);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto acc = at::toOpMathType(logits.scalar_type());
+  TORCH_CHECK(grad_loss.sizes() == targets.sizes() && grad_loss.scalar_type() == acc && lse.sizes() == targets.sizes() &&
+                  lse.scalar_type() == acc,
+              op, ": grad_loss and lse must be [N] in the logits' opmath dtype");
+  const at::Tensor tg = targets.contiguous(), gl = grad_loss.contiguous(), l = lse.contiguous();
+  // the gradient at the logits' offset from a 16-byte boundary, as ce_backward_cuda allocates it
+  const int64_t esize = logits.element_size();
+  const int64_t shift = static_cast<int64_t>(reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16) / esize;
+  at::Tensor buf = at::empty({N * C + 32 / esize}, logits.options());
+  const int64_t base = static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16) % 16) / esize;
+  at::Tensor out = buf.narrow(0, base + shift, N * C).view({N, C});
+  const SplitArgs a{N, C, slices, 0, ignore_index};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "_ce_split_replay", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    by_tpr(tpr, [&](auto T) {
+      split_grad<scalar_t, decltype(T)::value>(logits.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                               tg.data_ptr<int64_t>(), l.data_ptr<acc_t>(), gl.data_ptr<acc_t>(),
+                                               nullptr, a);
+    });
+  });
+  return out;
 }
 
 // index int64 [32] (-1: a lane with nothing to add), values float64 [32, 6] -> what each lane adds

@@ -1,9 +1,12 @@
 // Host replays of the CUDA cross-entropy kernels' logic (csrc/kernel_logic.cpp), bound as
-// memcore._C._ce_row_replay / _ce_grad_replay / _seg_commit_replay for tests/test_kernel_logic.py.
+// memcore._C._ce_row_replay / _ce_grad_replay / _seg_commit_replay and the split path's
+// _ce_split_slices / _ce_split_forward_replay / _ce_split_backward_replay for
+// tests/test_kernel_logic.py.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <tuple>
 
 namespace memcore {
 namespace kernel_logic {
@@ -17,6 +20,18 @@ void ce_grad_replay(const at::Tensor& row, at::Tensor& out, int64_t target, doub
 // one warp of ce_commit_kernel's segmented reduction: index int64 [32] (-1: nothing to add),
 // values float64 [32, 6] -> float64 [32, 6], what each lane adds into stats[index]
 at::Tensor seg_commit_replay(const at::Tensor& index, const at::Tensor& values);
+
+// the CUDA launcher's slices per row (1: no split) for n rows of c logits of elem_size bytes, sms SMs
+int64_t ce_split_slices(int64_t n, int64_t c, int64_t elem_size, int64_t sms);
+// ce_forward's split launch over logits [N, C] (a CPU tensor, rows at any alignment), slices per row
+// and tpr threads per block: ce_forward's (loss, lse, row_stats, status); with grad, the overwrite
+// mode of ce_forward_grad_: the gradient of the mean (sum) of the losses written over logits
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_split_forward_replay(
+    at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+    int64_t ignore_index, int64_t slices, int64_t tpr, bool grad, bool mean);
+// ce_backward's split launch: the gradient, allocated at the logits' offset from a 16-byte boundary
+at::Tensor ce_split_backward_replay(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
+                                    const at::Tensor& lse, int64_t ignore_index, int64_t slices, int64_t tpr);
 
 }  // namespace kernel_logic
 }  // namespace memcore

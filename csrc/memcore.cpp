@@ -130,4 +130,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_ce_row_replay", &memcore::kernel_logic::ce_row_replay);
   m.def("_ce_grad_replay", &memcore::kernel_logic::ce_grad_replay);
   m.def("_seg_commit_replay", &memcore::kernel_logic::seg_commit_replay);
+  m.def("_ce_split_slices", &memcore::kernel_logic::ce_split_slices);
+  m.def("_ce_split_forward_replay", &memcore::kernel_logic::ce_split_forward_replay);
+  m.def("_ce_split_backward_replay", &memcore::kernel_logic::ce_split_backward_replay);
 }

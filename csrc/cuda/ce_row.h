@@ -29,6 +29,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "../common.h"
+
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -416,6 +418,160 @@ MEMCORE_UNROLL
 template <typename acc_t>
 MEMCORE_HD acc_t target_grad(acc_t zt, acc_t lse, acc_t g) {
   return (expo(fma_(zt, kScale<acc_t>, -lse * kScale<acc_t>)) - acc_t(1)) * g;
+}
+
+// ---- the split path: few rows of many classes, one row over S blocks
+//
+// One block per row leaves SMs idle when rows are fewer than SMs (16-64 rows of 128k-256k classes
+// use at most 64 of an H100's 132). The split launch cuts each row of the aligned (VEC > 1) launch
+// into S slices of whole 16-byte packs: slice k holds the packs [split_pack(nv, S, k),
+// split_pack(nv, S, k + 1)) of the row's aligned body, slice 0 also the scalar head and slice S - 1
+// the scalar tail, so every pack stays 16-byte aligned. A block of kSplitThreads walks a slice
+// (walk_slice), merges it (row_merge) and stores the Part in the workspace (store_part); the finish
+// kernel's warp loads part k into lane k (load_part, part_init beyond S) and merges them with its
+// butterfly, so the cross-slice merge order is the warp butterfly's, replayed by the host. The
+// gradient goes slice by slice as well (grad_slice, slice_owner for the onehot).
+
+// Slices of a row: at most one per lane of the finish kernel's warp.
+constexpr int kSplitMaxSlices = 32;
+// Threads of a split block: the 256-thread launch of the middle classes, one whole unrolled trip of
+// which (256 x 4 packs x 16 B) is the smallest slice below.
+constexpr int kSplitThreads = 256;
+// Smallest slice: 16 KiB (8192 bf16, 4096 fp32 logits), four 16-byte loads in flight per thread,
+// so the extra blocks still stream; narrower slices would be mostly merge and launch.
+constexpr int64_t kSplitMinSliceBytes = 16384;
+// Blocks aimed at per SM: all resident in one wave (four 256-thread blocks fit an SM).
+constexpr int kSplitBlocksPerSm = 2;
+// acc_t words of one part in the workspace: m, s, before, after (shift follows from m)
+constexpr int kPartWords = 4;
+
+// Slices per row for N rows of C logits of elem_size bytes on a device of sms SMs; 1: keep the
+// block-per-row launch. Split only while the N row-blocks leave SMs idle (N < sms), into about
+// kSplitBlocksPerSm * sms blocks in all, no slice under kSplitMinSliceBytes, at most
+// kSplitMaxSlices. Examples for 132 SMs: 16 x 256000 bf16 -> 17 slices of 30 KB (272 blocks),
+// 4 x 131072 fp32 -> 32 slices of 16 KiB, 64 x 131072 bf16 -> 5, 132 rows -> 1.
+MEMCORE_HD int split_slices(int64_t N, int64_t C, int64_t elem_size, int64_t sms) {
+  if (N <= 0 || N >= sms) return 1;
+  int64_t s = (kSplitBlocksPerSm * sms + N - 1) / N;
+  const int64_t by_size = C * elem_size / kSplitMinSliceBytes;
+  if (s > by_size) s = by_size;
+  if (s > kSplitMaxSlices) s = kSplitMaxSlices;
+  return s < 2 ? 1 : static_cast<int>(s);
+}
+
+// First pack of slice k of a body of nv packs in S slices (k = S: nv). Balanced: sizes differ by
+// at most one pack.
+MEMCORE_HD int64_t split_pack(int64_t nv, int S, int k) { return nv * k / S; }
+
+struct Slice {
+  int64_t p0, p1;  // packs [p0, p1) of the row's aligned body
+  bool first;      // slice 0: also the scalar head
+  bool last;       // slice S - 1: also the scalar tail
+};
+
+MEMCORE_HD Slice slice_of(const Layout& L, int S, int k) {
+  return Slice{split_pack(L.nv, S, k), split_pack(L.nv, S, k + 1), k == 0, k == S - 1};
+}
+
+// Columns [begin, end) of the slice in the row.
+template <int VEC>
+MEMCORE_HD int64_t slice_begin(const Layout& L, const Slice& sl) { return sl.first ? 0 : L.head + sl.p0 * VEC; }
+template <int VEC>
+MEMCORE_HD int64_t slice_end(const Layout& L, const Slice& sl, int64_t C) {
+  return sl.last ? C : L.head + sl.p1 * VEC;
+}
+
+// One thread's partial state of slice sl of the row z[0, C) with target t (0 <= t < C); L: the
+// row's layout<kVec>. The packs go through walk_row as a row of their own, starting 16-byte aligned
+// (no head, no tail), with the target column taken relative to it: a target left of the slice
+// (t - c0 < 0) gives layout's tp = -1, every pack feeding `after`; right of it (>= the slice's
+// width) tp = nv, every pack feeding `before`.
+template <typename scalar_t, int TPR>
+MEMCORE_HD Part<typename OpMath<scalar_t>::type> walk_slice(const scalar_t* z, int64_t C, int64_t t,
+                                                           const Layout& L, const Slice& sl, int lane) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr int V = kVec<scalar_t>;
+  Part<acc_t> p = part_init<acc_t>();
+  if (sl.first && lane < L.head) add_one<acc_t>(p, static_cast<acc_t>(z[lane]), lane, t);
+  if (sl.last)
+    for (int64_t j = L.tail0 + lane; j < C; j += TPR) add_one<acc_t>(p, static_cast<acc_t>(z[j]), j, t);
+  const int64_t c0 = L.head + sl.p0 * V;
+  // merge with p exact when p is empty (factor 1 on the packs' side, 0 * 0 on p's)
+  return merge(p, walk_row<scalar_t, TPR, V>(z + c0, (sl.p1 - sl.p0) * V, t - c0, lane));
+}
+
+// The gradient pass (grad_row's out[j] = exp(z[j] - lse) * g) over slice sl only.
+template <typename scalar_t, int TPR>
+MEMCORE_HD void grad_slice(const scalar_t* z, scalar_t* out, int64_t C, const Layout& L, const Slice& sl,
+                           typename OpMath<scalar_t>::type lse, typename OpMath<scalar_t>::type g, int lane) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr int V = kVec<scalar_t>;
+  const acc_t shift = -lse * kScale<acc_t>;
+  auto one = [&](int64_t j) {
+    out[j] = static_cast<scalar_t>(expo(fma_(static_cast<acc_t>(z[j]), kScale<acc_t>, shift)) * g);
+  };
+  if (sl.first && lane < L.head) one(lane);
+  if (sl.last)
+    for (int64_t j = L.tail0 + lane; j < C; j += TPR) one(j);
+  const int64_t c0 = L.head + sl.p0 * V, nv = sl.p1 - sl.p0;
+  const Layout Ls{0, nv, nv * V, 0};  // the slice's packs: aligned, no head, no tail
+  grad_row<scalar_t, TPR, V>(z + c0, out + c0, nv * V, Ls, lse, g, lane);
+}
+
+// The lane of slice sl's block that writes column t in grad_slice, or -1 when t is not in sl.
+template <int TPR, int VEC>
+MEMCORE_HD int slice_owner(const Layout& L, const Slice& sl, int64_t t) {
+  if (t < L.head) return sl.first ? static_cast<int>(t) : -1;
+  if (t >= L.tail0) return sl.last ? static_cast<int>((t - L.tail0) % TPR) : -1;
+  const int64_t v = (t - L.head) / VEC;
+  if (v < sl.p0 || v >= sl.p1) return -1;
+  return static_cast<int>((v - sl.p0) % TPR);
+}
+
+// A row's parts in the workspace: S x kPartWords acc_t.
+template <typename acc_t>
+MEMCORE_HD void store_part(acc_t* w, const Part<acc_t>& p) {
+  w[0] = p.m;
+  w[1] = p.s;
+  w[2] = p.before;
+  w[3] = p.after;
+}
+
+// The finish kernel's lane `lane`: part `lane` of the row's S, or the empty part beyond S.
+template <typename acc_t>
+MEMCORE_HD Part<acc_t> load_part(const acc_t* row_parts, int S, int lane) {
+  Part<acc_t> p = part_init<acc_t>();
+  if (lane < S) {
+    const acc_t* w = row_parts + lane * kPartWords;
+    p.m = w[0];
+    p.s = w[1];
+    p.before = w[2];
+    p.after = w[3];
+  }
+  return p;  // shift unused: merge() recomputes it
+}
+
+// ---- a row's outputs and status bits (ce_forward's contract)
+
+// Rows that are not read: ignored, or a target outside [0, C).
+MEMCORE_HD bool row_skipped(int64_t t, int64_t C, int64_t ignore_index) {
+  return t == ignore_index || t < 0 || t >= C;
+}
+
+// Status bits of a skipped row: a bad target unless the row is ignored.
+MEMCORE_HD int skipped_flags(int64_t t, int64_t ignore_index) { return t != ignore_index ? kBadTarget : 0; }
+
+// Status bits of a read row: its sample index and its loss.
+template <typename acc_t>
+MEMCORE_HD int row_flags(int64_t ix, int64_t num_samples, acc_t loss) {
+  int flags = 0;
+  if (ix < 0 || ix >= num_samples) flags |= kBadIndex;
+#ifdef __CUDA_ARCH__
+  if (!isfinite(loss)) flags |= kNonFinite;
+#else
+  if (!std::isfinite(loss)) flags |= kNonFinite;
+#endif
+  return flags;
 }
 
 // ---- segmented warp reduction of the commits (rows sharing a sample index)
