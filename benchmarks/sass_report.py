@@ -387,6 +387,9 @@ FAMILIES = [
     (r"ce_forward_kernel", "forward", 1, "ld", 1),
     (r"ce_backward_kernel", "backward", 2, "ld", 1),
     (r"scale_unless_one_kernel", "scale_unless_one", 2, "ld", 1),
+    (r"ce_split_forward_kernel", "forward (split)", 1, "ld", 1),
+    (r"ce_split_grad_kernel", "gradient (split)", 2, "ld", 1),
+    (r"ce_split_finish_kernel", "split finish", 0, "", 0),
     (r"ce_commit_kernel", "commit", 0, "", 0),
     (r"sqnorm_commit_kernel", "sqnorm_commit", 1, "ld", 1),
     (r"probe_reduce_kernel", "curvature probe_reduce", 2, "ld", 2),
@@ -481,7 +484,8 @@ def analyse(arch: str, source: str, cubin: str, log: str) -> List[Row]:
             lp.body = lp.tail - lp.head + 1
             lp.hot = len(path)
             lp.hot_pipes = count_pipes(code, path)
-        cand = [lp for lp in loops if lp.stream_ops]
+        # families without an element stream (commit, split finish) report per row, whatever loops they have
+        cand = [lp for lp in loops if lp.stream_ops and streams]
         # innermost: drop a loop that contains another candidate
         cand = [
             a for a in cand if not any(b is not a and a.head <= b.head and b.tail <= a.tail for b in cand)
@@ -568,6 +572,9 @@ HEADLINE = (
     "forward",
     "forward+grad (overwrite)",
     "backward",
+    "forward (split)",
+    "gradient (split)",
+    "split finish",
     "commit",
     "sqnorm_commit",
     "curvature probe_reduce",

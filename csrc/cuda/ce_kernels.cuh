@@ -158,6 +158,107 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads) ce_backward_kernel(
     g[t] = static_cast<scalar_t>(cerow::target_grad(static_cast<acc_t>(z[t]), l, gl));
 }
 
+// ---- the split launch: few rows of many classes, each row over S blocks (cerow::split_slices)
+//
+// ce_split_forward_kernel: block b walks slice b % S of row b / S (cerow::walk_slice: packs of the
+//   slice, plus the scalar head in slice 0 and the tail in slice S - 1), merges it over the block
+//   and stores the part (m, s, before, after) in the workspace [N, S, 4] of acc_t. Skipped rows
+//   store nothing: the finish kernel does not read their parts.
+// ce_split_finish_kernel: a warp per row, lane k loading part k; the warp butterfly merges them and
+//   lane 0 writes what ce_forward_kernel writes (loss, lse, row stats, status bits; zeros for
+//   skipped rows). zt_saved (the overwrite mode) gets the target logit before the gradient kernel
+//   overwrites it.
+// ce_split_grad_kernel: block b writes slice b % S of row b / S's gradient (cerow::grad_slice),
+//   the slice's owner of the target column the onehot after it; zeros for skipped rows.
+//   ce_backward: g = grad_loss[row], the target logit read from the logits (out != logits);
+//   ce_forward_grad_: g = 1 / count (mean, read on the device) or 1, out == logits, the target
+//   logit from zt_saved.
+template <typename scalar_t, int TPR>
+__global__ void __launch_bounds__(TPR) ce_split_forward_kernel(
+    const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+    typename OpMath<scalar_t>::type* __restrict__ parts, int64_t C, int S, int64_t ignore_index) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr int V = cerow::kVec<scalar_t>;
+  const int64_t row = blockIdx.x / S;
+  const int k = blockIdx.x % S;
+  const int lane = threadIdx.x;
+  const int64_t t = targets[row];
+  if (cerow::row_skipped(t, C, ignore_index)) return;  // uniform over the block
+  const scalar_t* z = logits + row * C;
+  const cerow::Layout L = cerow::layout<V>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
+  Part<acc_t> p = cerow::walk_slice<scalar_t, TPR>(z, C, t, L, cerow::slice_of(L, S, k), lane);
+  p = row_merge<acc_t, TPR>(p, lane);
+  if (lane == 0) cerow::store_part(parts + (row * S + k) * cerow::kPartWords, p);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(256) ce_split_finish_kernel(
+    const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+    const int64_t* __restrict__ index, const typename OpMath<scalar_t>::type* __restrict__ parts,
+    typename OpMath<scalar_t>::type* __restrict__ zt_saved, typename OpMath<scalar_t>::type* __restrict__ loss,
+    typename OpMath<scalar_t>::type* __restrict__ lse_out,
+    typename OpMath<scalar_t>::type* __restrict__ row_stats, int* __restrict__ status, int64_t N, int64_t C,
+    int S, int64_t num_samples, int64_t ignore_index) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= N) return;  // uniform over the warp
+  const int64_t t = targets[row];
+  acc_t* rs = row_stats + row * kNumRowStats;
+  if (cerow::row_skipped(t, C, ignore_index)) {
+    if (lane == 0) {
+      if (const int flags = cerow::skipped_flags(t, ignore_index)) atomicOr(status, flags);
+      loss[row] = acc_t(0);
+      lse_out[row] = acc_t(0);
+      rs[kRowProb] = rs[kRowMargin] = rs[kRowCorrect] = acc_t(0);
+    }
+    return;
+  }
+  const Part<acc_t> p = warp_merge(cerow::load_part(parts + row * S * cerow::kPartWords, S, lane));
+  if (lane != 0) return;
+  const acc_t zt = static_cast<acc_t>(logits[row * C + t]);
+  if (zt_saved) zt_saved[row] = zt;
+  const cerow::RowOut<acc_t> o = cerow::finish(p, zt);
+  if (const int flags = cerow::row_flags(index[row], num_samples, o.loss)) atomicOr(status, flags);
+  loss[row] = o.loss;
+  lse_out[row] = o.lse;
+  rs[kRowProb] = o.prob;
+  rs[kRowMargin] = o.margin;
+  rs[kRowCorrect] = o.correct;
+}
+
+// logits and grad alias in the overwrite mode: no __restrict__ on them. Each element is read and
+// then written by one thread; the target column, written twice, by one thread (its owner).
+template <typename scalar_t, int TPR>
+__global__ void __launch_bounds__(TPR) ce_split_grad_kernel(
+    const scalar_t* logits, scalar_t* grad, const int64_t* __restrict__ targets,
+    const typename OpMath<scalar_t>::type* __restrict__ lse, const typename OpMath<scalar_t>::type* __restrict__ grad_loss,
+    const int64_t* __restrict__ count, bool mean, const typename OpMath<scalar_t>::type* __restrict__ zt_saved,
+    int64_t C, int S, int64_t ignore_index) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr int V = cerow::kVec<scalar_t>;
+  const int64_t row = blockIdx.x / S;
+  const int k = blockIdx.x % S;
+  const int lane = threadIdx.x;
+  const int64_t t = targets[row];
+  const scalar_t* z = logits + row * C;
+  scalar_t* g = grad + row * C;
+  const cerow::Layout L = cerow::layout<V>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
+  const cerow::Slice sl = cerow::slice_of(L, S, k);
+  if (cerow::row_skipped(t, C, ignore_index)) {  // zeros, the logits never read
+    const int64_t end = cerow::slice_end<V>(L, sl, C);
+    for (int64_t j = cerow::slice_begin<V>(L, sl) + lane; j < end; j += TPR) g[j] = scalar_t(0);
+    return;
+  }
+  const acc_t l = lse[row];
+  const acc_t w = grad_loss ? grad_loss[row] : mean ? acc_t(1) / static_cast<acc_t>(*count) : acc_t(1);
+  const int own = cerow::slice_owner<TPR, V>(L, sl, t);
+  // the owner reads the target logit before its pass writes column t
+  const acc_t zt = lane != own ? acc_t(0) : zt_saved ? zt_saved[row] : static_cast<acc_t>(z[t]);
+  cerow::grad_slice<scalar_t, TPR>(z, g, C, L, sl, l, w, lane);
+  if (lane == own) g[t] = static_cast<scalar_t>(cerow::target_grad(zt, l, w));
+}
+
 // x *= s unless s == 1, the test made on the device (no host sync): the backward of
 // ce_forward_grad_, whose gradient already holds the factor 1; loss scaling and accumulation
 // divisors cost one pass, the plain loss.backward() none.

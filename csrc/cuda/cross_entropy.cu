@@ -72,6 +72,11 @@ int64_t grid_size(int64_t blocks, const char* op) {
   return blocks;
 }
 
+// Slices per row of the split launch on the current device (1: a block or warp per row).
+int split_slices(int64_t N, int64_t C, int64_t elem_size) {
+  return cerow::split_slices(N, C, elem_size, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+}
+
 // ce_forward's launch; with grad (GRAD kernels) also the gradient over grad (== logits' data).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_launch(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
@@ -89,9 +94,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_launch(
   // C == 0 still launches: every non-ignored row is a bad target, as on the CPU
   if (N == 0) return {loss, lse, row_stats, status};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool aligned = reinterpret_cast<uintptr_t>(logits.data_ptr()) % logits.element_size() == 0;
+  const int S = aligned ? split_slices(N, C, logits.element_size()) : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_shape<scalar_t>(C, element_aligned<scalar_t>(logits.data_ptr()), [&](auto tpr, auto vec) {
+    if (S > 1) {  // few wide rows: each over S blocks
+      constexpr int TPR = cerow::kSplitThreads;
+      // the parts [N, S, 4], then (overwrite mode) the target logits [N], saved before the overwrite
+      at::Tensor ws = at::empty({N * S * cerow::kPartWords + (grad ? N : 0)}, acc);
+      acc_t* parts = ws.data_ptr<acc_t>();
+      acc_t* zt = grad ? parts + N * S * cerow::kPartWords : nullptr;
+      ce_split_forward_kernel<scalar_t, TPR><<<N * S, TPR, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), parts, C, S, ignore_index);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      ce_split_finish_kernel<scalar_t><<<(N + 7) / 8, 256, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), index.data_ptr<int64_t>(), parts, zt,
+          loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), row_stats.data_ptr<acc_t>(), status.data_ptr<int>(), N, C,
+          S, num_samples, ignore_index);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (grad) {
+        ce_split_grad_kernel<scalar_t, TPR><<<N * S, TPR, 0, stream>>>(
+            logits.data_ptr<scalar_t>(), grad->data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
+            lse.data_ptr<acc_t>(), nullptr, count->data_ptr<int64_t>(), mean, zt, C, S, ignore_index);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      return;
+    }
+    dispatch_shape<scalar_t>(C, aligned, [&](auto tpr, auto vec) {
       constexpr int TPR = decltype(tpr)::value, VEC = decltype(vec)::value;
       using Map = RowMap<TPR>;
       const int64_t blocks = grid_size((N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock, op);
@@ -185,6 +214,14 @@ at::Tensor ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logit
     const auto gp = reinterpret_cast<uintptr_t>(grad.data_ptr());
     const bool vec = element_aligned<scalar_t>(logits.data_ptr()) && element_aligned<scalar_t>(grad.data_ptr()) &&
                      (lp - gp) % 16 == 0;
+    if (const int S = vec ? split_slices(N, C, esize) : 1; S > 1) {  // few wide rows: each over S blocks
+      constexpr int TPR = cerow::kSplitThreads;
+      ce_split_grad_kernel<scalar_t, TPR><<<N * S, TPR, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), lse.data_ptr<acc_t>(),
+          g.data_ptr<acc_t>(), nullptr, false, nullptr, C, S, ignore_index);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     dispatch_shape<scalar_t>(C, vec, [&](auto tpr, auto vec) {
       constexpr int TPR = decltype(tpr)::value, VEC = decltype(vec)::value;
       using Map = RowMap<TPR>;
