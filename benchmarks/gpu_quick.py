@@ -11,6 +11,9 @@ the logits before each run, outside the timing):
                             torch.compile(F.cross_entropy), F.cross_entropy
     overwrite 8192x32000 and 8192x128256: accumulate(..., overwrite_logits=True).backward() (one
                             read + one write when the row stays in L2), liger at the same shape
+    split 16x256000         few wide rows (the split launch: each row over several blocks): copy,
+                            forward, fwd+bwd and overwrite as above; slices: what the launcher
+                            picks on this GPU (1: one block per row)
 GB/s counts the HBM traffic the case needs at the least (forward 1 pass, fwd+bwd 3, overwrite 2),
 so it compares directly with the copy's (read + write). Each line is flushed as soon as it is
 measured: whatever finished survives a timeout. Runs on the CPU with --small (a smoke test).
@@ -176,7 +179,51 @@ def main(argv=None) -> int:
         master = box = None  # free the logits before the next shape (the closures are done with them)
         if device == "cuda":
             torch.cuda.empty_cache()
+    _split_rows(args, device, dtype, emit)
     return 0
+
+
+def _split_rows(args, device: str, dtype: torch.dtype, emit) -> None:
+    """Few wide rows (issue #18, "few rows, huge vocabulary"): 16 x 256000, where one block per row
+    would leave most SMs idle and the CUDA launcher splits each row over several blocks."""
+    n, c = (4, 50000) if args.small else (16, 256000)
+    torch.manual_seed(0)
+    master = torch.randn(n, c, device=device, dtype=dtype)
+    targets = torch.randint(0, c, (n,), device=device)
+    index = torch.arange(n, device=device)
+    tracker = memcore.Tracker(n, device)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 0
+    slices = memcore._C._ce_split_slices(n, c, master.element_size(), sms) if device == "cuda" else 1
+    box = {}
+
+    def fresh():
+        box["x"] = master.detach().clone().requires_grad_()
+
+    fresh()
+    ref = master.float().detach().requires_grad_()
+    F.cross_entropy(ref, targets).backward()
+    x = box["x"]
+    loss = memcore.accumulate(x, targets, index, tracker, overwrite_logits=True)
+    loss.backward()
+    err = dict(
+        loss_err=abs(float(loss.detach()) - float(F.cross_entropy(master.float(), targets))),
+        grad_err=float((x.grad.float() - ref.grad).abs().max()),
+        slices=slices,
+    )
+    dst = torch.empty_like(master)
+    emit("copy", (n, c), _time(lambda: dst.copy_(master), None, args.iters, device), 2)
+    fwd = lambda: torch.ops.memcore.ce_forward(master, targets, index, n, -100)  # noqa: E731
+    emit("forward", (n, c), _time(fwd, None, args.iters, device), 1, **err)
+
+    def fwd_bwd():
+        memcore.accumulate(box["x"], targets, index, tracker).backward()
+
+    emit("fwd+bwd memcore", (n, c), _time(fwd_bwd, fresh, args.iters, device), 3, slices=slices)
+
+    def overwrite():
+        memcore.accumulate(box["x"], targets, index, tracker, overwrite_logits=True).backward()
+
+    emit("overwrite memcore", (n, c), _time(overwrite, fresh, args.iters, device), 2, **err)
 
 
 if __name__ == "__main__":

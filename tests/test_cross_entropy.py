@@ -290,3 +290,105 @@ def test_row_paths_narrower_isa(isa, tmp_path):
         text=True,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+# Few rows of many classes: on CUDA each row goes over several blocks (the split launch:
+# ce_split_forward_kernel + ce_split_finish_kernel, ce_split_grad_kernel), chosen by the device's SM
+# count. These shapes split on any GPU of more than 16 SMs; on the CPU they check the same contract.
+SPLIT_CASES = [
+    (4, 131072, torch.float32),
+    (16, 50257, torch.bfloat16),
+    (16, 256000, torch.bfloat16),
+    (3, 70001, torch.float16),
+    (8, 131072, torch.float64),
+]
+OPS = torch.ops.memcore
+
+
+def _split_logits(n, c, dtype, device, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = (2.0 * torch.randn(n * c + offset, generator=g)).to(device=device, dtype=dtype)
+    logits = base[offset:].view(n, c)
+    targets = torch.randint(0, c, (n,), generator=g).to(device)
+    targets[0], targets[1], targets[2] = 0, c - 1, c // 2  # head, tail, a middle slice
+    targets[-1] = -100  # an ignored row: zero loss and gradient, never read
+    return logits, targets
+
+
+def _takes_split(n, c, dtype, device):
+    if device != "cuda":
+        return True
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return memcore._C._ce_split_slices(n, c, torch.finfo(dtype).bits // 8, sms) > 1
+
+
+@pytest.mark.parametrize(
+    "n,c,dtype", SPLIT_CASES, ids=lambda x: str(x)[6:] if isinstance(x, torch.dtype) else x
+)
+@pytest.mark.parametrize("offset", [0, 3])
+def test_split_rows(n, c, dtype, offset, device):
+    """ce_forward, ce_backward and ce_forward_grad_ (overwrite) on few wide rows against
+    F.cross_entropy in float32 (float64 for float64 logits) on the same values."""
+    assert _takes_split(n, c, dtype, device), "the shape must take the split launch"
+    logits, targets = _split_logits(n, c, dtype, device, offset, seed=n + c)
+    idx = torch.arange(n, device=device)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    ref = logits.detach().to(wide).requires_grad_()
+    lr = F.cross_entropy(ref, targets, reduction="none")
+    keep = targets != -100
+    loss, lse, rs, status = OPS.ce_forward(logits, targets, idx, n, -100)
+    assert int(status) == 0
+    tol = TOL[torch.float64] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, lr.detach(), **tol)
+    torch.testing.assert_close(lse[keep], ref.detach()[keep].logsumexp(1), **tol)
+    z = ref.detach()[keep]
+    t = targets[keep]
+    zt = z.gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(rs[keep, 0], (-lr.detach()[keep]).exp(), **tol)
+    torch.testing.assert_close(
+        rs[keep, 1], zt - z.scatter(1, t[:, None], float("-inf")).amax(1), rtol=0, atol=0
+    )
+    torch.testing.assert_close(rs[keep, 2], (z.argmax(1) == t).to(rs.dtype), rtol=0, atol=0)
+    assert (loss[~keep] == 0).all() and (rs[~keep] == 0).all()
+    # ce_backward with a per-row upstream gradient
+    g = torch.randn(n, dtype=wide, generator=torch.Generator().manual_seed(1)).to(device)
+    (lr * g).sum().backward()
+    grad = OPS.ce_backward(g.to(loss.dtype), logits, targets, lse, -100)
+    gtol = tol if dtype in (torch.float32, torch.float64) else HALF[dtype]
+    torch.testing.assert_close(grad.to(wide), ref.grad, **gtol)
+    # ce_forward_grad_: the mean's gradient written over (a copy of) the logits
+    over = logits.clone() if offset == 0 else torch.cat([logits.new_zeros(offset), logits.flatten()])[offset:]
+    over = over.view(n, c)
+    out, count, loss2, _, _, status2 = OPS.ce_forward_grad_(over, targets, idx, n, -100, 1)
+    assert int(status2) == 0 and int(count) == int(keep.sum())
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    ref.grad = None
+    F.cross_entropy(ref, targets).backward()
+    torch.testing.assert_close(over.to(wide), ref.grad, **gtol)
+    torch.testing.assert_close(out.to(wide), lr.detach().sum() / keep.sum(), **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rows_status(dtype):
+    """Bad targets, a bad index and NaN / all -inf rows on a split shape: the status bits and
+    outputs of the CPU kernels."""
+    n, c, device = 8, 65536, "cuda"
+    assert _takes_split(n, c, dtype, device)
+    logits, targets = _split_logits(n, c, dtype, "cpu", 0, seed=7)
+    logits[3, 100] = float("nan")
+    logits[4] = float("-inf")
+    logits[5, torch.arange(0, c, 3)] = float("-inf")  # a masked vocabulary, finite row
+    cases = [
+        (targets, torch.arange(n)),
+        (torch.where(torch.arange(n) == 2, c, targets), torch.arange(n)),  # a target past C
+        (torch.where(torch.arange(n) == 2, -5, targets), torch.arange(n)),  # a negative target
+        (targets, torch.where(torch.arange(n) == 1, n, torch.arange(n))),  # an index past num_samples
+    ]
+    for t, ix in cases:
+        want = OPS.ce_forward(logits, t, ix, n, -100)
+        got = OPS.ce_forward(logits.to(device), t.to(device), ix.to(device), n, -100)
+        assert int(got[3]) == int(want[3]) != 0
+        for a, b in zip(got[:3], want[:3]):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5, equal_nan=True)

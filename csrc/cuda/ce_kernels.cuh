@@ -2,7 +2,9 @@
 // from header-only c10 / ATen types (BFloat16, Half, opmath_type) they need nothing of torch, so
 // they also compile alone (benchmarks/sass_report.py reads the real build; a standalone compile
 // is quicker to iterate).
-// The per-row logic lives in ce_row.h (host-testable); these wrap it in the launch geometry.
+// The per-row logic lives in ce_row.h (host-testable); these wrap it in the launch geometry: a
+// group of TPR threads per row (ce_forward_kernel, ce_backward_kernel), or for few wide rows a
+// block per column slice of a row (ce_split_*_kernel, below).
 #pragma once
 #include <cstdint>
 

@@ -17,7 +17,8 @@
 // the device (exp2 on the host; double logits keep exp). NaN needs no flag: a NaN logit makes s
 // NaN, and every rescale and merge keeps it NaN (a factor of 0 or 1, never a dropped term), so lse
 // comes out NaN as on the CPU. Partial states merge in a fixed butterfly order (merge(self,
-// other)), replayed exactly by the host.
+// other)), replayed exactly by the host. Few wide rows are split over blocks by column slices
+// (split_slices, walk_slice, grad_slice: "the split path" below).
 #pragma once
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>

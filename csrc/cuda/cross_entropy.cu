@@ -20,6 +20,14 @@
 //   traffic of forward + backward: two reads and one write of the logits, nothing else O(N*C).
 // scale_unless_one_: grad *= scale, grid-stride, every thread returning at once when scale == 1
 //   (decided on the device: no host sync, no pass over grad for a plain loss.backward()).
+// Few wide rows (cerow::split_slices: N < SMs, rows of 32 KiB or more, element-aligned logits):
+//   ce_forward / ce_forward_grad_ / ce_backward split each row into S column slices of whole
+//   16-byte packs (N * S ~ 2 x SMs, slices >= 16 KiB, S <= 32), one 256-thread block each:
+//   ce_split_forward_kernel stores each slice's (max, sum, before, after) in a workspace of
+//   N * S * 4 opmath values (+ N saved target logits for ce_forward_grad_: 4.4 KB for
+//   16 x 256000), ce_split_finish_kernel (a warp per row) merges them and writes what
+//   ce_forward_kernel writes; the gradient (ce_backward, or ce_forward_grad_ over the logits after
+//   the finish) is ce_split_grad_kernel over the same N * S blocks. Other shapes: unchanged.
 // ce_commit: one thread per row; rows of a warp that share a sample index are summed first
 //   (segmented warp reduction), then six float64 atomicAdds per run into stats[index]; skipped by
 //   every thread when status != 0 so a rejected batch changes nothing; under
