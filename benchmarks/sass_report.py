@@ -381,7 +381,9 @@ def count_pipes(code: List[Instr], idx: Sequence[int]) -> Dict[str, int]:
 
 # family regex on the demangled name -> label, HBM bytes per element (in units of the element
 # size), which memory ops carry the stream ("ld"/"st"), streams per element (loads per element
-# per operand), and whether the kernel is per row (no element loop)
+# per operand), and whether the kernel is per row (no element loop). The split launch of few wide
+# rows: "forward (split)" (a slice per block; its merge is "split finish", per row) and "gradient
+# (split)" (ce_backward's, and ce_forward_grad_'s second kernel).
 FAMILIES = [
     (r"ce_forward_kernel<.*, (true|1)>|ce_forward_grad_kernel", "forward+grad (overwrite)", 2, "ld", 1),
     (r"ce_forward_kernel", "forward", 1, "ld", 1),
