@@ -95,7 +95,9 @@ run() {  # run STAGE CAP COMMAND...: at most min(CAP * scale, time left) s, logg
   return "$rc"
 }
 
-has_gpu() { "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
+# the GPU's compute capability ("9.0"), or empty where torch sees none: read once at the start
+# (each python that imports torch costs seconds of the lease)
+has_gpu() { [ -n "$gpu_arch" ]; }
 
 built() {  # memcore/_C*.so newer than every source, and importable with its CUDA kernels
   local so; so="$(ls memcore/_C*.so 2>/dev/null | head -1)"
@@ -105,8 +107,6 @@ built() {  # memcore/_C*.so newer than every source, and importable with its CUD
 }
 
 build() {
-  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu',
-torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" || return 1
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   if built; then
     echo "[memcore] memcore/_C is up to date"
@@ -119,7 +119,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" || return
         echo "[memcore] build: no GPU visible to $py and MEMCORE_CUDA_ARCH unset: set it (e.g. 9.0) to build anyway"
         return 3
       fi
-      arch="$("$py" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")" || return 1
+      arch="$gpu_arch"
     fi
     local ignored=""
     [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] || ignored=" (in place of the environment's $TORCH_CUDA_ARCH_LIST)"
@@ -127,15 +127,16 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" || return
     MEMCORE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
       "$py" setup.py -q build_ext --inplace || return 1
   fi
-  "$py" -c "import memcore; assert memcore.with_cuda(), 'memcore built without its CUDA kernels'; print('[memcore] built', memcore.__file__)" || return 1
   if has_gpu; then  # one kernel launch: a build for the wrong architecture fails here, not in every test
     "$py" -c "
 import torch, memcore
+assert memcore.with_cuda(), 'memcore built without its CUDA kernels'; print('[memcore] built', memcore.__file__)
 x = torch.randn(4, 7, device='cuda', requires_grad=True); t = torch.tensor([0, 1, 6, 2], device='cuda')
 memcore.accumulate(x, t, torch.arange(4, device='cuda'), memcore.Tracker(4, device='cuda')).backward()
 torch.cuda.synchronize(); print('[memcore] CUDA kernels run on', torch.cuda.get_device_name(0))" || return 1
   else
-    echo "[memcore] no GPU visible: built, not run"
+    "$py" -c "import memcore; assert memcore.with_cuda(), 'memcore built without its CUDA kernels'
+print('[memcore] built', memcore.__file__, '(no GPU visible: not run)')" || return 1
   fi
 }
 
@@ -191,7 +192,14 @@ pack() {
   tar czf "$out/results.tgz" benchmarks/RESULTS.md benchmarks/scaling.png benchmarks/results.csv 2>/dev/null
 }
 
-export py out log
+probe="$("$py" -c "
+import torch
+gpu = torch.cuda.is_available()
+print('%d.%d' % torch.cuda.get_device_capability() if gpu else '')
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if gpu else None)
+" 2>&1)"
+gpu_arch="$(echo "$probe" | head -1)"
+export py out log gpu_arch
 export -f stage_note has_gpu built build test_cuda sanitize bench curvature quick
 
 all=(build test quick sanitize bench curvature)
@@ -199,6 +207,7 @@ stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=("${all[@]}")
 [ "${stages[0]}" = all ] && stages=("${all[@]}")
 note "session: ${stages[*]} within $budget s (stage caps x$scale), $py"
+note "$(echo "$probe" | tail -n +2)${gpu_arch:+, compute capability $gpu_arch}"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   t0=$SECONDS
