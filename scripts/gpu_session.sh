@@ -60,6 +60,8 @@ site="${MEMCORE_SITE:-/tmp/site}"  # where the carried wheels are installed
 t_start=$SECONDS
 status=0
 log="$out/stages.log"
+# a fresh record each session where $OUT persists (out/gpu); gpu_quick.py appends to quick.jsonl
+rm -f "$out/session.log" "$out/quick.jsonl" "$out/bench.json" "$out/results.tgz"
 : >"$log"
 
 note() { echo "[memcore] $*" | tee -a "$out/session.log" "$log"; }
@@ -198,7 +200,7 @@ gpu = torch.cuda.is_available()
 print('%d.%d' % torch.cuda.get_device_capability() if gpu else '')
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if gpu else None)
 " 2>&1)"
-gpu_arch="$(echo "$probe" | head -1)"
+gpu_arch="$(echo "$probe" | head -1 | grep -E '^[0-9]+\.[0-9]+$')"  # empty too if torch failed to import
 export py out log gpu_arch
 export -f stage_note has_gpu built build test_cuda sanitize bench curvature quick
 
