@@ -13,10 +13,7 @@ GPU_BENCH = "bash scripts/gpu_session.sh build bench"
 GPU_CURV = "bash scripts/gpu_session.sh build curvature"
 CPU_CURV = "python -m benchmarks.test_bench_curvature --rounds 15 --write"
 LINEAR_CPU = "bash scripts/bench.sh --full -k linear_cross_entropy"
-LINEAR_GPU = (
-    "not written yet: a CUDA case (and Liger's LigerFusedLinearCrossEntropyLoss) in "
-    "benchmarks/test_bench_linear_ce.py, then " + GPU_BENCH
-)
+LINEAR_GPU = GPU_BENCH  # benchmarks/test_bench_linear_ce.py's CUDA cases, liger's fused loss among them
 SHARD_STEP = (
     "python benchmarks/bench_shard.py step --world 2 --store benchmarks/results.csv (on a quiet machine)"
 )

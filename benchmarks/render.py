@@ -332,8 +332,8 @@ def linear_ce(df: pd.DataFrame) -> List[str]:
         "",
         *(
             [
-                "GPU: not measured yet (N=8192, H=4096, V=128256 bf16 against Liger's fused linear cross-entropy): "
-                "no CUDA case in `benchmarks/test_bench_linear_ce.py` yet.",
+                "GPU: not measured yet (N=8192, H=4096, V=128256 bf16 against Liger's fused linear cross-entropy; "
+                "the CUDA cases of `benchmarks/test_bench_linear_ce.py`, run by `bash scripts/gpu_session.sh`).",
                 "",
             ]
             if not (rows.device == "cuda").any()

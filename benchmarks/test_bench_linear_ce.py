@@ -19,8 +19,13 @@ rows, which RESULTS.md tables and judges against those goals.
 
 Full mode (--bench-full or MEMCORE_BENCH_FULL=1) runs the issue's CPU shapes, N=4,096 H=1,024
 V=32,000 and N=2,048 H=2,048 V=128,256 fp32 (minutes per variant on a small CPU); quick mode a tiny
-shape. Every case first checks, outside the timing, that its loss equals plain's (and, at the tiny
-shape, that linear's gradients do), so --benchmark-disable runs also catch wrong results.
+shape. On CUDA (either mode) the issue's GPU shape, N=8,192 H=4,096 V=128,256 bf16, with one more
+variant where liger_kernel imports:
+
+    liger        liger_kernel's LigerFusedLinearCrossEntropyLoss()(W, h, targets).backward()
+
+Every case first checks, outside the timing, that its loss equals plain's (and, at the tiny shape,
+that linear's gradients do), so --benchmark-disable runs also catch wrong results.
 
     pytest benchmarks/test_bench_linear_ce.py --bench-full --benchmark-min-rounds=1 \\
         --benchmark-json=/tmp/bench_linear.json
@@ -36,34 +41,48 @@ import torch.nn.functional as F
 
 import memcore
 from benchmarks.memory import peak_mib
+from benchmarks.test_bench_cross_entropy import HAS_CUDA, TOL, _sync
 from memcore.linear_accumulate import auto_chunk_size
 
-SHAPES = [(256, 64, 1001), (4096, 1024, 32000), (2048, 2048, 128256)]  # (N, H, V)
+SHAPES = [(256, 64, 1001), (4096, 1024, 32000), (2048, 2048, 128256)]  # (N, H, V), CPU
 HEAVY = {(4096, 1024, 32000), (2048, 2048, 128256)}
+CUDA_SHAPES = [(8192, 4096, 128256)]  # the issue's GPU shape (an LLM head), either mode
 VARIANTS = ("plain", "plain_eager", "accumulate", "linear")
-DTYPE = torch.float32
+CUDA_VARIANTS = VARIANTS + ("liger",)
+DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 _CACHE: dict = {}  # the problem of the current shape, shared by its variants
-_RESULTS: dict = {}  # (shape, variant) -> (seconds, peak_mib), for the ratios of the linear rows
+_RESULTS: dict = {}  # (device, shape, variant) -> (seconds, peak_mib), for the ratios of the linear rows
+
+try:  # optional baseline: liger's fused linear cross-entropy (Triton, CUDA only)
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+except Exception:  # noqa: BLE001 - not installed, or its triton import failed
+    LigerFusedLinearCrossEntropyLoss = None
+HAS_LIGER = LigerFusedLinearCrossEntropyLoss is not None
 
 
-def _problem(n, h, v):
-    key = (n, h, v)
+def _problem(device, n, h, v):
+    key = (device, n, h, v)
     if key not in _CACHE:
         _CACHE.clear()
         gc.collect()
+        dtype = DTYPES[device]
         g = torch.Generator().manual_seed(n + h + v)
-        hidden = torch.randn(n, h, generator=g, dtype=DTYPE).requires_grad_()
-        weight = (torch.randn(v, h, generator=g, dtype=DTYPE) / h**0.5).requires_grad_()
-        targets = torch.randint(0, v, (n,), generator=g)
-        index = torch.randperm(n, generator=g)
+        hidden = torch.randn(n, h, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        weight = (torch.randn(v, h, generator=g) / h**0.5).to(device=device, dtype=dtype).requires_grad_()
+        targets = torch.randint(0, v, (n,), generator=g).to(device)
+        index = torch.randperm(n, generator=g).to(device)
         _CACHE[key] = dict(
+            device=device,
+            dtype=dtype,
             hidden=hidden,
             weight=weight,
             targets=targets,
             index=index,
-            tracker=memcore.Tracker(n),
-            eager=torch.zeros(n, 6, dtype=torch.float64),
+            tracker=memcore.Tracker(n, device=device),
+            eager=torch.zeros(n, 6, dtype=torch.float64, device=device),
         )
+        if device == "cuda" and HAS_LIGER:
+            _CACHE[key]["liger"] = LigerFusedLinearCrossEntropyLoss()
     return _CACHE[key]
 
 
@@ -88,9 +107,12 @@ def _run(variant, p):
         loss = rows.mean()
     elif variant == "accumulate":
         loss = memcore.accumulate(F.linear(h, w), t, i, p["tracker"])
+    elif variant == "liger":
+        loss = p["liger"](w, h, t)
     else:
         loss = memcore.linear_accumulate(h, w, t, i, p["tracker"])
     loss.backward()
+    _sync(p["device"])
     return loss.detach()
 
 
@@ -101,7 +123,8 @@ def _clear(p):
 
 def _check(variant, p, shape):
     """Outside the timing: the loss equals plain's (kept from plain's run at the heavy shapes, where a
-    second plain run would cost minutes); at the tiny shape, linear's gradients equal plain's too."""
+    second plain run would cost minutes; bf16 on CUDA: within bf16 rounding); at the tiny shape,
+    linear's gradients equal plain's too."""
     _clear(p)
     if "plain_loss" not in p or shape not in HEAVY:
         p["plain_loss"] = _run("plain", p)
@@ -110,8 +133,11 @@ def _check(variant, p, shape):
     if variant == "plain":
         return
     got = _run(variant, p)
-    torch.testing.assert_close(got, p["plain_loss"], rtol=1e-5, atol=1e-6)
-    if shape not in HEAVY:
+    if p["dtype"] == torch.float32:
+        torch.testing.assert_close(got, p["plain_loss"], rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(got.float(), p["plain_loss"].float(), **TOL[p["dtype"]])
+    if shape not in HEAVY and p["device"] == "cpu":
         torch.testing.assert_close(p["hidden"].grad, ref_grads[0], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(p["weight"].grad, ref_grads[1], rtol=1e-5, atol=1e-7)
     _clear(p)
@@ -122,16 +148,25 @@ def _cases():
         marks = [pytest.mark.bench_full] if shape in HEAVY else []
         for variant in VARIANTS:
             yield pytest.param(
-                shape, variant, marks=marks, id=f"cpu-{'x'.join(map(str, shape))}-float32-{variant}"
+                "cpu", shape, variant, marks=marks, id=f"cpu-{'x'.join(map(str, shape))}-float32-{variant}"
+            )
+    for shape in CUDA_SHAPES:
+        for variant in CUDA_VARIANTS:
+            marks = [pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available")]
+            if variant == "liger":
+                marks.append(pytest.mark.skipif(not HAS_LIGER, reason="liger_kernel not importable"))
+            yield pytest.param(
+                "cuda", shape, variant, marks=marks, id=f"cuda-{'x'.join(map(str, shape))}-bfloat16-{variant}"
             )
 
 
-@pytest.mark.parametrize("shape,variant", list(_cases()))
-def test_linear_cross_entropy(benchmark, request, shape, variant):
+@pytest.mark.parametrize("device,shape,variant", list(_cases()))
+def test_linear_cross_entropy(benchmark, request, device, shape, variant):
     n, h, v = shape
-    p = _problem(n, h, v)
+    p = _problem(device, n, h, v)
+    dtype = str(p["dtype"]).replace("torch.", "")
     _check(variant, p, shape)
-    peak = peak_mib("cpu", lambda: _run(variant, p))  # also the warm-up
+    peak = peak_mib(device, lambda: _run(variant, p))  # also the warm-up
     _clear(p)
 
     def setup():
@@ -141,7 +176,7 @@ def test_linear_cross_entropy(benchmark, request, shape, variant):
         return _run(variant, p)
 
     rounds = 1
-    if not benchmark.disabled and shape not in HEAVY:  # heavy shapes: --benchmark-min-rounds rounds
+    if not benchmark.disabled and (shape not in HEAVY or device == "cuda"):  # heavy CPU: min-rounds
         t0 = time.perf_counter()
         target()
         once = time.perf_counter() - t0
@@ -149,7 +184,7 @@ def test_linear_cross_entropy(benchmark, request, shape, variant):
         rounds = max(int(request.config.getoption("benchmark_min_rounds")), math.ceil(max_time / once))
     elif not benchmark.disabled:
         rounds = int(request.config.getoption("benchmark_min_rounds"))
-    benchmark.group = f"linear_cross_entropy {n}x{h}x{v} float32 cpu"
+    benchmark.group = f"linear_cross_entropy {n}x{h}x{v} {dtype} {device}"
     benchmark.extra_info.update(
         kernel="linear_cross_entropy",
         variant=variant,
@@ -157,20 +192,21 @@ def test_linear_cross_entropy(benchmark, request, shape, variant):
         n=n,
         h=h,
         v=v,
-        dtype="float32",
-        device="cpu",
+        dtype=dtype,
+        device=device,
         threads=torch.get_num_threads(),
+        gpu=torch.cuda.get_device_name(0) if device == "cuda" else None,
         peak_mib=peak,
-        chunk_size=auto_chunk_size(n, v, DTYPE, torch.device("cpu")),
+        chunk_size=auto_chunk_size(n, v, p["dtype"], torch.device(device)),
     )
     loss = benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1)
     _clear(p)
-    assert torch.isfinite(loss)
+    assert torch.isfinite(loss.float())
     if not benchmark.disabled and benchmark.stats is not None:
-        _RESULTS[(shape, variant)] = (benchmark.stats.stats.min, peak)
-        if variant == "linear" and (shape, "plain") in _RESULTS:
-            t_plain, m_plain = _RESULTS[(shape, "plain")]
-            t_lin, m_lin = _RESULTS[(shape, variant)]
+        _RESULTS[(device, shape, variant)] = (benchmark.stats.stats.min, peak)
+        if variant == "linear" and (device, shape, "plain") in _RESULTS:
+            t_plain, m_plain = _RESULTS[(device, shape, "plain")]
+            t_lin, m_lin = _RESULTS[(device, shape, variant)]
             benchmark.extra_info.update(
                 time_vs_plain=t_lin / t_plain,
                 time_goal=1.15,

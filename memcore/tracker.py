@@ -38,8 +38,8 @@ class Tracker:
             the first batch passed to ``accumulate``.
         strict: True (default) raises on a bad batch inside ``accumulate`` (one host sync per
             call on GPU). False defers the error to the next ``end_epoch()`` / ``scores()``: the bad
-            batch is still skipped, but no sync is needed per step. Inside ``torch.compile`` errors
-            are always deferred.
+            batch is still skipped, but no sync is needed per step. Inside ``torch.compile`` and
+            inside CUDA-graph capture (``torch.cuda.graph``) errors are always deferred.
         correct_threshold: a sample counts as correctly classified in an epoch when at least this
             fraction of its rows that epoch were predicted right (1.0: all of them; it matters only
             when several rows share an index, e.g. tokens of a sequence).
@@ -66,6 +66,15 @@ class Tracker:
             collective that routes the rows to the ranks holding their samples, so with a number
             here every rank must call ``accumulate`` equally often (as DDP training does); None
             flushes only at those calls. Default: 64, but None for unsharded distributed trackers.
+
+    CUDA graphs: ``accumulate`` (every route: ``inputs=``, ``overwrite_logits=True``) may be
+    captured by ``torch.cuda.graph`` and replayed, on a single process, after a warm-up step outside
+    the capture (as CUDA graphs need anyway; with ``inputs=`` the warm-up must use ``inputs=`` too).
+    Inside the capture nothing syncs the host: each batch's rows are committed on the device in the
+    graph itself (every replay records its rows; nothing is buffered), and errors are deferred to
+    the next ``end_epoch()`` / ``scores()``. Those, ``state_dict()``, ``save()`` and ``load()`` read
+    or write host memory and sync: call them outside the capture. A distributed tracker cannot be
+    captured (its flushes are collectives with host syncs): RuntimeError.
 
     Threads: one tracker may be shared by threads; recording, flushes, ``end_epoch``, ``scores`` and
     checkpoints are serialised by a per-tracker lock.
@@ -289,10 +298,14 @@ class Tracker:
         status word (``_after_batch``; ``explain(bits)`` builds the exception naming the offending
         row), under the tracker's lock. The rows are buffered and committed
         at the next flush (rows of a rejected batch are dropped there); inside torch.compile (single
-        process) committed at once, so that no Python state changes per call."""
+        process) committed at once, so that no Python state changes per call; likewise inside CUDA-graph
+        capture, where a buffered row would be read once at the next flush, not once per replay."""
         with self._locked():
+            capturing = not torch.compiler.is_compiling() and _capturing()  # compile: no torch.cuda to trace
+            if capturing:
+                self._check_capture(loss.device, grad=False)
             self._adopt(loss.device)
-            if torch.compiler.is_compiling() and not self._distributed():
+            if (torch.compiler.is_compiling() or capturing) and not self._distributed():
                 keep = (targets != ignore_index) & (status == 0)
                 L.commit_rows(self._st, index, keep, loss.detach(), row_stats)
             else:
@@ -300,13 +313,40 @@ class Tracker:
                 router.add_ce(index, targets, loss, row_stats, status, ignore_index)
                 if self.flush_every is not None and router.calls >= self.flush_every:
                     self._flush()
-            self._after_batch(status, explain)
+            self._after_batch(status, explain, deferred=capturing)
 
     def _record_grad(self, index: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor) -> None:
-        """Squared input-gradient norms of a batch's rows (rows[r] = 0: not recorded)."""
+        """Squared input-gradient norms of a batch's rows (rows[r] = 0: not recorded); committed at
+        once inside CUDA-graph capture (see ``_record``)."""
         with self._locked():
+            if not torch.compiler.is_compiling() and _capturing():
+                self._check_capture(sq.device, grad=True)
+                L.commit_grad_rows(self._st, index, sq, rows)
+                return
             self._adopt(sq.device)
-            self._routing().add_grad(index, sq, rows)
+            router = self._routing()
+            if router.mode == "local":  # the fields exist from the first such batch on: a capture
+                self._start_grad()  # after this warm-up finds them (it cannot allocate them)
+            router.add_grad(index, sq, rows)
+
+    def _check_capture(self, device: torch.device, grad: bool) -> None:
+        """Refuses what cannot go into a CUDA graph: anything captured is re-run by every replay, so
+        the state must exist on the batch's device before the capture (a move or an allocation of
+        the input-gradient fields inside it would be redone, zeroing the state, on each replay), and
+        a distributed tracker's flushes are collectives that sync the host."""
+        if self._distributed():
+            raise RuntimeError(
+                "memcore.accumulate inside CUDA-graph capture: a distributed Tracker cannot be captured "
+                "(its flushes exchange rows between ranks with host syncs); capture the model only and "
+                "call accumulate outside the graph"
+            )
+        if self.device != device or (grad and "grad_sq_sum" not in self._st):
+            what = "accumulate(..., inputs=x)" if grad else "accumulate"
+            raise RuntimeError(
+                f"memcore.accumulate inside CUDA-graph capture: the Tracker's state is not ready on {device} "
+                f"(device={self.device}); run one warm-up step with {what} outside the capture first, "
+                "as CUDA graphs need anyway"
+            )
 
     def _start_grad(self) -> None:
         if self._grad_start < 0:
@@ -366,8 +406,10 @@ class Tracker:
         L.commit_kept(self._st, idx - self._start, vals)
 
     # ------------------------------------------------------------------ errors
-    def _after_batch(self, status: torch.Tensor, explain: Callable[[int], Exception]) -> None:
-        if self.strict and not torch.compiler.is_compiling() and not _capturing(status):
+    def _after_batch(self, status: torch.Tensor, explain: Callable[[int], Exception], deferred: bool) -> None:
+        """Strict: reads the status word (a host sync) and raises at once; otherwise, and where a sync
+        is impossible (torch.compile, CUDA-graph capture), ORs it into the errors end_epoch() checks."""
+        if self.strict and not deferred and not torch.compiler.is_compiling():
             bits = int(status.item())
             if bits:
                 raise explain(bits)
@@ -380,8 +422,8 @@ class Tracker:
             self._errors.zero_()
             raise ValueError(
                 f"memcore.accumulate rejected at least one batch since the last check ({describe_bits(bits)}); "
-                f"those batches were not recorded. Use Tracker(strict=True) outside torch.compile to "
-                f"raise at the offending call."
+                f"those batches were not recorded. Use Tracker(strict=True) outside torch.compile and "
+                f"CUDA-graph capture to raise at the offending call."
             )
 
     # ------------------------------------------------------------------ epochs
@@ -786,10 +828,11 @@ def _from_version1(state: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def _capturing(status: torch.Tensor) -> bool:
-    """True inside CUDA-graph capture, where reading the status word (a sync) is illegal: the error
-    is deferred to end_epoch() / scores(), as under torch.compile."""
-    return status.is_cuda and torch.cuda.is_current_stream_capturing()
+def _capturing() -> bool:
+    """True while the current CUDA stream captures a graph, where a host sync (reading the status
+    word, a flush's boolean mask) is illegal. A capture needs CUDA initialized; asking only then keeps
+    a CPU-only run from initializing CUDA here (is_current_stream_capturing would)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _resolve(dev: torch.device) -> torch.device:

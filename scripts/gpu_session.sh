@@ -5,28 +5,49 @@
 #   bash scripts/gpu_session.sh            # every stage, in this order, within MEMCORE_GPU_BUDGET s
 #   bash scripts/gpu_session.sh build test # only the named stages (same order rules)
 #
-#   build     memcore for this GPU's architecture only (skipped when memcore/_C is up to date)
+#   build     memcore against the machine's own torch, for this GPU's architecture only (skipped
+#             when memcore/_C is up to date); then one CUDA op, so a missing kernel image shows here
 #   test      the CUDA tests (pytest -k cuda: every test parametrized over devices, on the GPU)
-#   quick     benchmarks/gpu_quick.py: 8192x32000 bf16 forward-only and fwd+bwd against the D2D
-#             copy, liger and torch.compile, overwrite at 8192x32000 and 8192x128256 (issue #18's
-#             first figures), one JSON line each in $OUT/quick.jsonl as soon as measured
-#   sanitize  compute-sanitizer memcheck over the CUDA kernel tests
-#   bench     scripts/bench.sh --full -k cuda (cross-entropy with liger and the D2D copy, scaling,
-#             training steps; appended to benchmarks/results.csv beside the CPU rows); results.tgz
+#   quick     benchmarks/gpu_quick.py: 8192x32000 bf16 forward-only, fwd+bwd and overwrite against
+#             the D2D copy and liger; fused linear-CE at 8192x4096x128256 (memcore / plain / liger:
+#             time, peak memory); overwrite at 8192x128256; torch.compile last; one JSON line each
+#             in $OUT/quick.jsonl as soon as measured
+#   sanitize  compute-sanitizer memcheck over the CUDA kernel tests (skipped, and said so, where
+#             compute-sanitizer is missing or refuses the device, as on gVisor machines)
+#   bench     scripts/bench.sh --full -k cuda (cross-entropy with liger and the D2D copy, fused
+#             linear-CE with liger, scaling, training steps; appended to benchmarks/results.csv
+#             beside the CPU rows); results.tgz, and the raw pytest-benchmark JSON as bench.json
 #   curvature the curvature figures into the store, RESULTS.md regenerated; results.tgz
 #
 # Each stage runs under `timeout` with the smaller of its own cap and the time left of the budget
-# (MEMCORE_GPU_BUDGET, default 560 s: the 10-minute call less start-up and the copy back), and a
-# stage that cannot start with 20 s left is skipped and says so. Every stage's log is written to
-# $OUT (the device tool's return folder; out/gpu elsewhere) while it runs, so whatever finished,
-# and the part of a stage cut short, comes back. session.log lists each stage's exit status and
-# seconds; the exit status is that of the first failure. Back here, `tar xzf <returned
-# folder>/results.tgz` in the repository root brings the new benchmarks/results.csv (GPU rows
-# appended), RESULTS.md and scaling.png; commit them.
-# Estimated, not yet timed on a GPU machine: build ~3 min on 16 cores (one arch), test ~1 min,
-# quick ~1 min (+~40 s for torch.compile), sanitize <= 90 s; bench takes what is left.
-# Wheels carried in .whl/ (made here with scripts/gpu_wheels.sh: liger-kernel for the comparison)
-# are installed into /tmp/site first, since nothing can be fetched on the device machine.
+# (MEMCORE_GPU_BUDGET, default 560 s: the 10-minute call less the kill grace and the copy back),
+# and a stage that cannot start with 20 s left is skipped and says so. The pytest stages get a
+# deadline (benchmarks/deadline.py) shortly before their timeout: tests not started by then are
+# skipped, so the run ends by itself, prints its summary and, for bench, stores its figures (which
+# pytest-benchmark writes only at the end of a session; a killed run stores none).
+#
+# What comes back in $OUT (the device tool's return folder; out/gpu elsewhere; the tool returns at
+# most 8 files): session.log (each stage's exit status, wall and CPU seconds), stages.log (every
+# stage's output, written while it runs, so the part of a stage cut short comes back too),
+# quick.jsonl, bench.json and results.tgz. The exit status is that of the first failure. Back here,
+# `tar xzf <returned folder>/results.tgz` in the repository root brings the new
+# benchmarks/results.csv (GPU rows appended), RESULTS.md and scaling.png; commit them.
+#
+# Timed without a GPU (scripts/gpu_dryrun.sh: a copy of the tree as the device tool sends it,
+# /work/main/.venv-cuda's torch 2.14.1+cu130, MEMCORE_CUDA_ARCH=9.0, 2 cores busy with other
+# builds, load 5-10): build 699 s wall, 410 CPU-s (12 C++ + 3 .cu files, sm_90 only; the longest,
+# csrc/cuda/cross_entropy.cu, ~90 CPU-s); build when up to date 14 s; test 22 s (collection; the
+# CUDA tests skip); bench 15 s (collection, render). Estimated for the 16-core H200 machine (all
+# 15 compile jobs at once: the longest file, the link, two torch imports): build ~100-120 s,
+# test ~45-75 s, quick ~60-80 s (~40 s of it torch.compile), sanitize <= 90 s (cap); bench and
+# curvature then have ~200 s.
+#
+# Environment: MEMCORE_PY (default python3: the image's own CUDA torch; nothing installs torch),
+# MEMCORE_CUDA_ARCH (e.g. 9.0: overrides the architecture read off the GPU, and is needed where no
+# GPU is visible, as in a dry run), MEMCORE_GPU_CAP_SCALE (multiplies every stage's cap: dry runs on
+# slow machines), MAX_JOBS (default: all cores). Wheels carried in .whl/ (made here with
+# scripts/gpu_wheels.sh: liger-kernel for the comparisons) are installed into /tmp/site
+# (MEMCORE_SITE) first, since nothing can be fetched on the device machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/out/gpu}"
@@ -34,35 +55,51 @@ mkdir -p "$out"
 py="${MEMCORE_PY:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 budget="${MEMCORE_GPU_BUDGET:-560}"
+scale="${MEMCORE_GPU_CAP_SCALE:-1}"
+site="${MEMCORE_SITE:-/tmp/site}"  # where the carried wheels are installed
 t_start=$SECONDS
 status=0
+log="$out/stages.log"
+# a fresh record each session where $OUT persists (out/gpu); gpu_quick.py appends to quick.jsonl
+rm -f "$out/session.log" "$out/quick.jsonl" "$out/bench.json" "$out/results.tgz"
+: >"$log"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+note() { echo "[memcore] $*" | tee -a "$out/session.log" "$log"; }
+# inside a stage: its output already goes to stages.log through run's tee
+stage_note() { echo "[memcore] $*" | tee -a "$out/session.log"; }
 
 left() { echo $((budget - (SECONDS - t_start))); }
 
-run() {  # run STAGE CAP COMMAND...: at most min(CAP, time left) s, logged live to $out/STAGE.log
-  local stage="$1" cap="$2"; shift 2
+cpu_s() {  # CPU seconds (user + system) of this shell's finished children: cutime + cstime of
+  # /proc/$$/stat (bash's `times` in a $(...) subshell would read the subshell's, which are zero)
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%d", ($14 + $15) / hz }' /proc/$$/stat
+}
+
+run() {  # run STAGE CAP COMMAND...: at most min(CAP * scale, time left) s, logged live to $log
+  local stage="$1" cap=$(($2 * scale)); shift 2
   local t; t=$(left)
   [ "$cap" -lt "$t" ] && t=$cap
   if [ "$t" -lt 20 ]; then
-    echo "[memcore] === $stage: skipped, $(left) s of the budget left" | tee -a "$out/session.log"
+    note "=== $stage: skipped, $(left) s of the budget left"
     return 0
   fi
-  echo "[memcore] === $stage (<= $t s): $*"
-  local t0=$SECONDS
-  # bash -c: the stage may be one of the functions below (exported), which timeout cannot call
-  timeout -k 10 "$t" bash -c '"$@"' _ "$@" 2>&1 | tee "$out/$stage.log"
+  echo "[memcore] === $stage (<= $t s): $*" | tee -a "$log"
+  local t0=$SECONDS c0; c0=$(cpu_s)
+  # the pytest stages skip what they have not started 25 s before the timeout (benchmarks/deadline.py)
+  # bash -c: the stage may be one of the functions below (exported), which timeout cannot call.
+  # SIGINT first: pytest then ends its session (summary, benchmark JSON); KILL 15 s later.
+  MEMCORE_DEADLINE=$(($(date +%s) + t - 25)) timeout -s INT -k 15 "$t" bash -c '"$@"' _ "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
-  local note=""
-  [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=" (timed out)"
-  echo "[memcore] === $stage: exit $rc$note after $((SECONDS - t0)) s" | tee -a "$out/$stage.log" "$out/session.log"
+  local why=""
+  { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && why=" (timed out)"
+  note "=== $stage: exit $rc$why after $((SECONDS - t0)) s, $(($(cpu_s) - c0)) CPU-s"
   [ "$rc" = 0 ] || [ "$status" != 0 ] || status=$rc
   return "$rc"
 }
+
+# the GPU's compute capability ("9.0"), or empty where torch sees none: read once at the start
+# (each python that imports torch costs seconds of the lease)
+has_gpu() { [ -n "$gpu_arch" ]; }
 
 built() {  # memcore/_C*.so newer than every source, and importable with its CUDA kernels
   local so; so="$(ls memcore/_C*.so 2>/dev/null | head -1)"
@@ -72,52 +109,129 @@ built() {  # memcore/_C*.so newer than every source, and importable with its CUD
 }
 
 build() {
-  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu',
-torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  if built; then echo "[memcore] memcore/_C is up to date"; return 0; fi
-  local arch; arch="$("$py" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')" 2>/dev/null)"
-  # this GPU's architecture only: half the device compile of the default list
-  MEMCORE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-    "$py" setup.py -q build_ext --inplace || return 1
-  "$py" -c "import torch, memcore; assert memcore.with_cuda(); assert torch.cuda.is_available(); print('[memcore] built', memcore.__file__)"
+  if built; then
+    echo "[memcore] memcore/_C is up to date"
+  else
+    # This GPU's architecture only (a fraction of the device compile of a list). MEMCORE_CUDA_ARCH
+    # overrides it; a TORCH_CUDA_ARCH_LIST the image may set for its own builds is not used.
+    local arch="${MEMCORE_CUDA_ARCH:-}"
+    if [ -z "$arch" ]; then
+      if ! has_gpu; then
+        echo "[memcore] build: no GPU visible to $py and MEMCORE_CUDA_ARCH unset: set it (e.g. 9.0) to build anyway"
+        return 3
+      fi
+      arch="$gpu_arch"
+    fi
+    local ignored=""
+    [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] || ignored=" (in place of the environment's $TORCH_CUDA_ARCH_LIST)"
+    echo "[memcore] building for TORCH_CUDA_ARCH_LIST=$arch$ignored"
+    MEMCORE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      "$py" setup.py -q build_ext --inplace || return 1
+  fi
+  if has_gpu; then  # one kernel launch: a build for the wrong architecture fails here, not in every test
+    "$py" -c "
+import torch, memcore
+assert memcore.with_cuda(), 'memcore built without its CUDA kernels'; print('[memcore] built', memcore.__file__)
+x = torch.randn(4, 7, device='cuda', requires_grad=True); t = torch.tensor([0, 1, 6, 2], device='cuda')
+memcore.accumulate(x, t, torch.arange(4, device='cuda'), memcore.Tracker(4, device='cuda')).backward()
+torch.cuda.synchronize(); print('[memcore] CUDA kernels run on', torch.cuda.get_device_name(0))" || return 1
+  else
+    "$py" -c "import memcore; assert memcore.with_cuda(), 'memcore built without its CUDA kernels'
+print('[memcore] built', memcore.__file__, '(no GPU visible: not run)')" || return 1
+  fi
+}
+
+test_cuda() {
+  if ! has_gpu; then echo "[memcore] test: no GPU visible, the CUDA tests will skip (collection checked only)"; fi
+  "$py" -m pytest tests -q -p no:cacheprovider -p benchmarks.deadline -rs -k cuda
 }
 
 sanitize() {
+  local cs; cs="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+  if [ ! -x "$cs" ]; then stage_note "sanitize: no compute-sanitizer (not on PATH, nor at $cs): skipped"; return 0; fi
+  if ! has_gpu; then stage_note "sanitize: no GPU visible: skipped"; return 0; fi
   # memcheck over the kernels' own tests; the caching allocator off so out-of-bounds accesses
   # land outside live allocations and are seen
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-    "$py" -m pytest tests/test_cross_entropy.py tests/test_bad_input.py tests/test_ops.py tests/test_overwrite.py \
-    tests/test_curvature.py tests/test_input_grad.py tests/test_linear_accumulate.py -q -p no:cacheprovider -x -k cuda
+  local rc
+  # kernel tests first; left out: opcheck's tests (many launches of the same kernels) and the
+  # linear-CE parity at N=4096 x V=50257 (GEMMs of ~0.3 TFLOP), both slow under memcheck
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 9 --print-limit 20 \
+    "$py" -m pytest tests/test_cross_entropy.py tests/test_overwrite.py tests/test_linear_accumulate.py \
+    tests/test_input_grad.py tests/test_curvature.py tests/test_bad_input.py tests/test_ops.py -q \
+    -p no:cacheprovider -p benchmarks.deadline -x -k "cuda and not opcheck and not auto_chunks" 2>&1 | tee /tmp/memcore-sanitize.log
+  rc=${PIPESTATUS[0]}
+  # gVisor machines: "Device not supported", then error 999 at the first allocation; not memcore's fault
+  if grep -q "Device not supported" /tmp/memcore-sanitize.log; then
+    stage_note "sanitize: compute-sanitizer refused this device (seen on gVisor machines): no memcheck here"
+    return 0
+  fi
+  return "$rc"
 }
 
 bench() {
-  # the device copy of the tree may carry no .git: its rows are "unrecorded", published anyway
-  MEMCORE_ALLOW_DIRTY=1 MEMCORE_PY="$py" bash scripts/bench.sh --full -k cuda || return 1
+  # the device copy of the tree carries no .git: its rows are "unrecorded", published anyway
+  local rc=0
+  MEMCORE_ALLOW_DIRTY=1 MEMCORE_PY="$py" bash scripts/bench.sh --full -k cuda -p benchmarks.deadline || rc=$?
+  local json; json="$(ls -t benchmarks/out/bench-*.json 2>/dev/null | head -1)"
+  [ -z "$json" ] || cp "$json" "$out/bench.json"
+  return "$rc"
+}
+
+curvature() {
+  # without a GPU the benchmark would measure the CPU, whose figures come from their own command
+  if ! has_gpu; then stage_note "curvature: no GPU visible: skipped"; return 0; fi
+  "$py" -m benchmarks.test_bench_curvature --rounds 15 --write || return 1
+  "$py" -m benchmarks.render --allow-dirty >/dev/null
+}
+
+quick() {
+  if ! has_gpu; then stage_note "quick: no GPU visible: skipped"; return 0; fi
+  "$py" benchmarks/gpu_quick.py --out "$out/quick.jsonl"
 }
 
 pack() {
   tar czf "$out/results.tgz" benchmarks/RESULTS.md benchmarks/scaling.png benchmarks/results.csv 2>/dev/null
 }
 
-export py out
-export -f built build sanitize bench
+probe="$("$py" -c "
+import torch
+gpu = torch.cuda.is_available()
+print('%d.%d' % torch.cuda.get_device_capability() if gpu else '')
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if gpu else None)
+" 2>&1)"
+gpu_arch="$(echo "$probe" | head -1 | grep -E '^[0-9]+\.[0-9]+$')"  # empty too if torch failed to import
+export py out log gpu_arch
+export -f stage_note has_gpu built build test_cuda sanitize bench curvature quick
 
+all=(build test quick sanitize bench curvature)
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(build test quick sanitize bench curvature)
-[ "${stages[0]}" = all ] && stages=(build test quick sanitize bench curvature)
-echo "[memcore] session: ${stages[*]} within $budget s" | tee "$out/session.log"
+[ ${#stages[@]} -gt 0 ] || stages=("${all[@]}")
+[ "${stages[0]}" = all ] && stages=("${all[@]}")
+note "session: ${stages[*]} within $budget s (stage caps x$scale), $py"
+note "$(echo "$probe" | tail -n +2)${gpu_arch:+, compute capability $gpu_arch}"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  t0=$SECONDS
+  if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    .whl/*.whl 2>&1 | tee -a "$log"; then
+    export PYTHONPATH="$PYTHONPATH:$site"
+    note "wheels: $(cd .whl && ls *.whl | tr '\n' ' ')into $site in $((SECONDS - t0)) s"
+  else
+    note "wheels: install into $site failed (see stages.log); liger comparisons will be missing"
+  fi
+fi
+
 for stage in "${stages[@]}"; do
   case "$stage" in
     build) run build 330 build || break ;;   # nothing else can run without the extension
-    test) run test 150 "$py" -m pytest tests -q -p no:cacheprovider -rs -k cuda ;;
-    quick) run quick 150 "$py" benchmarks/gpu_quick.py --out "$out/quick.jsonl" ;;
+    test) run test 120 test_cuda ;;
+    quick) run quick 120 quick ;;
     sanitize) run sanitize 90 sanitize ;;
     bench) run bench 600 bench; pack ;;
-    curvature) run curvature 600 "$py" -m benchmarks.test_bench_curvature --rounds 15 --write \
-                 && "$py" -m benchmarks.render --allow-dirty > /dev/null; pack ;;
-    *) echo "[memcore] unknown stage '$stage' (build test quick sanitize bench curvature all)"; status=2 ;;
+    curvature) run curvature 600 curvature; pack ;;
+    *) note "unknown stage '$stage' (${all[*]} all)"; status=2 ;;
   esac
 done
-echo "[memcore] results in $out after $((SECONDS - t_start)) s: $(ls "$out" | tr '\n' ' ')" | tee -a "$out/session.log"
+note "results in $out after $((SECONDS - t_start)) s: $(ls "$out" | tr '\n' ' ')"
 exit "$status"

@@ -249,7 +249,9 @@ def test_linear_section_and_goals_per_issue_shape(tmp_path):
         "| 2048x2048x128256 | float32 | cpu | 2 | 100 | 120 | 3000 | 1200 | 1.20 | 0.40 | 0.33 | 2026-01-02 |"
         in text
     )
-    assert "not measured: `not written yet: a CUDA case" in goal_line(text, "linear_accumulate peak ≤ 2 GiB")
+    assert "not measured: `bash scripts/gpu_session.sh build bench`" in goal_line(
+        text, "linear_accumulate peak ≤ 2 GiB"
+    )
     (tmp_path / "results.csv").unlink()  # peaks alone (e.g. a run's figures left out as dirty): still tabled
     text = published(
         tmp_path, [r for r in lin("4096x1024x32000", "linear", 80.0, 200.0) if r["metric"] == "peak_mib"]

@@ -97,13 +97,34 @@ def test_stability_resumes_a_checkpoint_without_halves(tmp_path):
     ds, _ = _small(n=120)
     ck = str(tmp_path / "old.pt")
     stability(ds, _model, k=1, cfg=MEMORIZE, checkpoint=ck, progress=False)
-    saved = torch.load(ck)
+    saved = torch.load(ck, weights_only=True)
     saved["state"] = {k: v for k, v in saved["state"].items() if not k.startswith("odd_")}
     torch.save(saved, ck)
     res = stability(ds, _model, k=2, cfg=MEMORIZE, checkpoint=ck, progress=False)
     fresh = stability(ds, _model, k=2, cfg=MEMORIZE, progress=False)
     assert int(res["models"]) == 2 and "memorization_halves" not in res
     torch.testing.assert_close(res["memorization"], fresh["memorization"], equal_nan=True)
+
+
+class _Marker:
+    """A pickled callable that would leave a file behind if it ever ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_stability_refuses_a_checkpoint_holding_a_callable(tmp_path):
+    """The checkpoint is read with weights_only=True: a pickled callable in it is refused, not run."""
+    ds, _ = _small(n=60)
+    ck = str(tmp_path / "evil.pt")
+    marker = tmp_path / "ran"
+    torch.save({"meta": _Marker(str(marker)), "state": {}}, ck)
+    with pytest.raises(ValueError, match="refused"):
+        stability(ds, _model, k=1, cfg=MEMORIZE, checkpoint=ck, progress=False)
+    assert not marker.exists()
 
 
 def test_every_baseline_gives_one_finite_score_per_sample():

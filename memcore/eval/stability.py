@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.utils.data import Dataset
 
-from .._io import atomic_save
+from .._io import atomic_save, load_plain
 from . import require
 from .training import TrainConfig, labels_of, predict, train
 
@@ -73,7 +73,8 @@ def stability(
         **{f"odd_{key}": torch.zeros(n) for key in _COUNTS},
     }
     if checkpoint and os.path.exists(checkpoint):
-        saved = torch.load(checkpoint)
+        # weights_only: a checkpoint is data; one holding a pickled callable is refused, never run
+        saved = load_plain(checkpoint, "stability checkpoint")
         if saved.get("meta") != meta:
             raise ValueError(f"checkpoint {checkpoint} is for {saved.get('meta')}, this run is {meta}")
         state = saved["state"]
