@@ -734,6 +734,30 @@ def store_rows(rows: List[Row]) -> int:
     return store.append(out)
 
 
+# The static goals --check enforces: the bf16 main loops of these families (headline instances)
+CHECKED = ("forward", "backward", "forward (split)", "gradient (split)")
+MAX_INSTR_PER_ELEM = 10.0
+
+
+def check(rows: List[Row]) -> List[str]:
+    """What breaks the static goals: spilling instances (any kernel, any dtype) and bf16 headline
+    main loops over MAX_INSTR_PER_ELEM instructions per element."""
+    out = []
+    bad = [r for r in rows if r.spill_stores or r.spill_loads or r.local]
+    if bad:
+        out.append(f"{len(bad)} kernel instances spill: " + ", ".join(sorted({r.kernel for r in bad})[:8]))
+    for r in headline(rows):
+        if r.family in CHECKED and r.dtype == "bf16" and r.instr_per_elem > MAX_INSTR_PER_ELEM:
+            out.append(
+                f"sm_{r.arch} {r.family} bf16: {r.instr_per_elem:.1f} instructions per element "
+                f"(goal <= {MAX_INSTR_PER_ELEM:g}): {r.kernel}"
+            )
+    missing = [f for f in CHECKED if not any(r.family == f and r.dtype == "bf16" for r in rows)]
+    if missing:  # a renamed kernel must not pass the check by disappearing from it
+        out.append("no bf16 instance found for " + ", ".join(missing))
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", nargs="+", default=["90", "80"], help="SASS architectures (default 90 80)")
@@ -752,6 +776,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--store",
         action="store_true",
         help="append the figures to benchmarks/results.csv (suite sass), read by the goals table",
+    )
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help=f"exit 1 when a kernel instance spills or a bf16 {'/'.join(CHECKED)} main loop takes more than "
+        f"{MAX_INSTR_PER_ELEM:g} instructions per element (issue #18's static goals; run by the CUDA build check)",
     )
     args = ap.parse_args(argv)
 
@@ -797,14 +827,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write(md)
     if args.store:
         print(f"sass_report: {store_rows(rows)} rows appended to {store.STORE}", file=sys.stderr)
-    bad = [r for r in rows if r.spill_stores or r.spill_loads or r.local]
-    if bad:
-        print(
-            f"sass_report: {len(bad)} kernel instances spill: "
-            + ", ".join(sorted({r.kernel for r in bad})[:8]),
-            file=sys.stderr,
-        )
-    return 0
+    problems = check(rows)
+    for p in problems:
+        print(f"sass_report: {p}", file=sys.stderr)
+    return 1 if problems and args.check else 0
 
 
 if __name__ == "__main__":

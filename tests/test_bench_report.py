@@ -370,3 +370,44 @@ def test_linear_benchmark_document_to_rows():
         ("linear_cross_entropy", "fwd+bwd", "median_ms", 2000.0),
         ("linear_cross_entropy", "fwd+bwd", "peak_mib", 1.5),
     }
+
+
+def _sass_row(family, dtype="bf16", instr=6.0, spill=0, arch="90", kernel=None):
+    from benchmarks import sass_report
+
+    return sass_report.Row(
+        arch=arch,
+        source="cross_entropy.cu",
+        kernel=kernel or f"{family.split()[0]}_kernel<{dtype}, 512, 8>",
+        family=family,
+        dtype=dtype,
+        regs=40,
+        stack=0,
+        local=0,
+        spill_stores=spill,
+        spill_loads=spill,
+        loops=1,
+        elem_per_iter=32.0,
+        instr_per_elem=instr,
+        half_per_elem=1.0,
+        mufu_per_elem=1.0,
+        cycles_per_elem=2.0,
+        bytes_per_elem=2.0,
+        per_row_instr=0,
+        detail=[{"elems": 32}],
+    )
+
+
+def test_sass_check_flags_spills_slow_loops_and_missing_kernels():
+    """sass_report --check (run by the CUDA build check): clean rows pass; a spill in any dtype, a bf16
+    main loop over 10 instructions per element, or a checked family absent from the build fails."""
+    from benchmarks import sass_report
+
+    clean = [_sass_row(f) for f in sass_report.CHECKED] + [_sass_row("forward", dtype="fp64", instr=44.0)]
+    assert sass_report.check(clean) == []
+    spill = clean + [_sass_row("commit", dtype="fp64", spill=16)]
+    assert any("spill" in p for p in sass_report.check(spill))
+    slow = [r if r.family != "backward" else _sass_row("backward", instr=10.5) for r in clean]
+    assert any("backward bf16: 10.5" in p for p in sass_report.check(slow))
+    gone = [r for r in clean if r.family != "forward (split)"]
+    assert any("forward (split)" in p for p in sass_report.check(gone))
