@@ -5,6 +5,8 @@
 //                      per lane, the warp butterfly and the cross-warp merge in the kernel's order)
 //   _ce_grad_replay:   the gradient pass (grad_row per lane, then the target column's owner)
 //   _seg_commit_replay: one warp of ce_commit_kernel's segmented reduction over equal indices
+//   _ce_reduce_replay: ce_forward_reduce's out and count as ce_reduce_kernel (threads = 1024) or
+//                      the split finish kernel's last warp (threads = 32) computes them
 //   _ce_split_forward_replay / _ce_split_backward_replay: the split launch of few wide rows (each
 //                      row over S blocks: slices walked and merged per block, the parts merged by
 //                      the finish kernel's warp, the gradient slice by slice), and _ce_split_slices,
@@ -381,6 +383,31 @@ at::Tensor seg_commit_replay(const at::Tensor& index, const at::Tensor& values) 
     if ((heads >> l & 1u) && ix[l] >= 0)
       for (int k = 0; k < 6; ++k) o[l * 6 + k] = c[l].v[k];
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_reduce_replay(const at::Tensor& loss, const at::Tensor& targets,
+                                                    int64_t ignore_index, bool mean, int64_t threads) {
+  TORCH_CHECK(threads >= 32 && threads <= cerow::kReduceThreads && (threads & (threads - 1)) == 0,
+              "_ce_reduce_replay: threads must be a power of two in [32, ", cerow::kReduceThreads, "]");
+  TORCH_CHECK(loss.dim() == 1 && targets.dim() == 1 && loss.size(0) == targets.size(0) &&
+                  targets.scalar_type() == at::kLong && loss.device().is_cpu() && targets.device().is_cpu(),
+              "_ce_reduce_replay: loss and targets must be 1-D CPU tensors of one length, targets int64");
+  const at::Tensor l = loss.contiguous(), tg = targets.contiguous();
+  const int64_t n = l.size(0);
+  double value = 0.0;
+  int64_t count = 0;
+  AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "_ce_reduce_replay", [&] {
+    // each thread's share (cerow::reduce_thread), then the tree: shared memory, then shfl_down
+    std::vector<cerow::Total> s(threads);
+    for (int tid = 0; tid < threads; ++tid)
+      s[tid] = cerow::reduce_thread(l.data_ptr<scalar_t>(), tg.data_ptr<int64_t>(), n, ignore_index, tid,
+                                    static_cast<int>(threads));
+    for (int64_t stride = threads / 2; stride > 0; stride >>= 1)
+      for (int64_t i = 0; i < stride; ++i) s[i] = cerow::reduce_add(s[i], s[i + stride]);
+    value = static_cast<double>(static_cast<scalar_t>(cerow::reduce_value(s[0], mean)));
+    count = s[0].count;
+  });
+  return {at::scalar_tensor(value, l.options()), at::scalar_tensor(count, tg.options())};
 }
 
 }  // namespace kernel_logic

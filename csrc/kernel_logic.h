@@ -1,5 +1,5 @@
 // Host replays of the CUDA cross-entropy kernels' logic (csrc/kernel_logic.cpp), bound as
-// memcore._C._ce_row_replay / _ce_grad_replay / _seg_commit_replay and the split path's
+// memcore._C._ce_row_replay / _ce_grad_replay / _seg_commit_replay / _ce_reduce_replay and the split path's
 // _ce_split_slices / _ce_split_forward_replay / _ce_split_backward_replay for
 // tests/test_kernel_logic.py.
 #pragma once
@@ -32,6 +32,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_split_forward_repl
 // ce_backward's split launch: the gradient, allocated at the logits' offset from a 16-byte boundary
 at::Tensor ce_split_backward_replay(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
                                     const at::Tensor& lse, int64_t ignore_index, int64_t slices, int64_t tpr);
+// ce_forward_reduce's reduction over per-row losses (1-D CPU float / double) and targets as
+// threads (32: the split finish kernel's fold, 1024: ce_reduce_kernel) compute it in the kernels'
+// fixed order: (out 0-d in loss's dtype, mean or sum; count 0-d int64)
+std::tuple<at::Tensor, at::Tensor> ce_reduce_replay(const at::Tensor& loss, const at::Tensor& targets,
+                                                    int64_t ignore_index, bool mean, int64_t threads);
 
 }  // namespace kernel_logic
 }  // namespace memcore

@@ -133,4 +133,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_ce_split_slices", &memcore::kernel_logic::ce_split_slices);
   m.def("_ce_split_forward_replay", &memcore::kernel_logic::ce_split_forward_replay);
   m.def("_ce_split_backward_replay", &memcore::kernel_logic::ce_split_backward_replay);
+  m.def("_ce_reduce_replay", &memcore::kernel_logic::ce_reduce_replay);
 }

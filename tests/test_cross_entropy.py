@@ -392,3 +392,88 @@ def test_split_rows_status(dtype):
         assert int(got[3]) == int(want[3]) != 0
         for a, b in zip(got[:3], want[:3]):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+# (n, c, dtype, split): one block per row (warp rows, past 1024 rows, 512-thread rows, float64) and
+# the split launch (few wide rows), each path's out and count written on the device
+REDUCE_CASES = [
+    (300, 1000, torch.bfloat16, False),
+    (3000, 1000, torch.float32, False),
+    (1500, 20000, torch.bfloat16, False),
+    (64, 2000, torch.float64, False),
+    (16, 50257, torch.bfloat16, True),
+    (8, 131072, torch.float32, True),
+]
+
+
+def _bits(x):
+    x = x.detach().cpu().reshape(1)
+    return x.view(torch.int64 if x.element_size() == 8 else torch.int32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "n,c,dtype,split", REDUCE_CASES, ids=lambda x: str(x)[6:] if isinstance(x, torch.dtype) else x
+)
+def test_reduce_out_count_cuda(n, c, dtype, split):
+    """out and count of ce_forward_reduce and ce_forward_grad_ as the kernels write them
+    (ce_reduce_kernel after the forward, or the split finish kernel's last row): against the CPU op
+    on the same values, with ignored rows and with every row ignored (count 0, mean NaN, sum 0);
+    bit for bit the host replay of the kernels' order over the device's own losses, and the same
+    bits on a second call and under torch.use_deterministic_algorithms."""
+    assert _takes_split(n, c, dtype, "cuda") == split
+    threads = 32 if split else 1024  # the split fold's warp, or ce_reduce_kernel's block
+    logits, targets = _split_logits(n, c, dtype, "cpu", 0, seed=n + 1)
+    idx = torch.arange(n)
+    wide = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for case in ["some ignored", "all ignored"]:
+        t = targets.clone()
+        if case == "all ignored":
+            t[:] = -100
+        else:
+            t[::5] = -100
+        args = (logits.cuda(), t.cuda(), idx.cuda(), n, -100)
+        for reduction in (1, 2):
+            mean = reduction == 1
+            want_out, want_count, *_ = OPS.ce_forward_reduce(logits, t, idx, n, -100, reduction)
+            out, count, loss, _, _, status = OPS.ce_forward_reduce(*args, reduction)
+            assert out.dim() == 0 and out.dtype == want_out.dtype and out.device.type == "cuda"
+            assert count.dim() == 0 and count.dtype == torch.int64 and int(status) == 0
+            assert int(count) == int(want_count) == int((t != -100).sum())
+            torch.testing.assert_close(out.cpu(), want_out, **wide, equal_nan=True)
+            if case == "all ignored":
+                assert out.isnan() if mean else out == 0
+            replay, rcount = memcore._C._ce_reduce_replay(loss.cpu(), t, -100, mean, threads)
+            assert torch.equal(_bits(out), _bits(replay)) and int(rcount) == int(count)
+            again = OPS.ce_forward_reduce(*args, reduction)
+            assert torch.equal(_bits(again[0]), _bits(out)) and int(again[1]) == int(count)
+            torch.use_deterministic_algorithms(True)
+            try:
+                det = OPS.ce_forward_reduce(*args, reduction)
+            finally:
+                torch.use_deterministic_algorithms(False)
+            assert torch.equal(_bits(det[0]), _bits(out))
+            # ce_forward_grad_: count from its own kernel before the forward, out after it
+            gout, gcount, gloss, *_ = OPS.ce_forward_grad_(logits.cuda(), *args[1:], reduction)
+            assert int(gcount) == int(count)
+            greplay, _ = memcore._C._ce_reduce_replay(gloss.cpu(), t, -100, mean, threads)
+            assert torch.equal(_bits(gout), _bits(greplay))
+            torch.testing.assert_close(gout.cpu(), want_out, **wide, equal_nan=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reduce_no_rows_cuda():
+    """No rows: nothing launches but the fills; the CPU op's values (mean NaN, sum 0, count 0)."""
+    logits, targets, idx = (
+        torch.zeros(0, 10),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+    )
+    for reduction in (1, 2):
+        want = OPS.ce_forward_reduce(logits, targets, idx, 1, -100, reduction)
+        for op in (OPS.ce_forward_reduce, OPS.ce_forward_grad_):
+            got = op(logits.cuda(), targets.cuda(), idx.cuda(), 1, -100, reduction)
+            torch.testing.assert_close(got[0].cpu(), want[0], equal_nan=True)
+            assert got[0].dim() == 0 and int(got[1]) == 0 == int(want[1])

@@ -457,3 +457,69 @@ def test_split_replay_rejects_bad_arguments():
         _C._ce_split_backward_replay(
             torch.ones(2, dtype=torch.float64), logits, t, torch.ones(2), -100, 2, 256
         )
+
+
+def _ordered_reduce(loss, targets, ignore_index, mean, threads):
+    """The kernels' order written out in Python floats (IEEE double adds, as the kernels'): thread
+    tid sums rows tid, tid + threads, ... in row order, then the tree s[i] += s[i + stride]."""
+    lv, tv = loss.double().tolist(), targets.tolist()
+    s, c = [0.0] * threads, [0] * threads
+    for tid in range(threads):
+        for i in range(tid, len(lv), threads):
+            s[tid] += lv[i]
+            c[tid] += tv[i] != ignore_index
+    stride = threads // 2
+    while stride:
+        for i in range(stride):
+            s[i] += s[i + stride]
+            c[i] += c[i + stride]
+        stride //= 2
+    if not mean:
+        return s[0], c[0]
+    return (s[0] / c[0] if c[0] else math.nan), c[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("threads", [32, 1024])
+def test_reduce_order(dtype, threads):
+    """ce_forward_reduce's out and count as the kernels compute them (ce_reduce_kernel: 1024
+    threads; the split finish kernel's fold: 32), against the CPU op and the order written out:
+    every row once (n below, at and past the threads), ignored rows and bad targets counted as the
+    CPU op counts them, the mean of no rows NaN."""
+    g = torch.Generator().manual_seed(threads)
+    c = 7
+    for n in [0, 1, 31, 33, 1000, 1024, 2500]:
+        logits = (3 * torch.randn(n, c, generator=g)).to(dtype)
+        targets = torch.randint(0, c, (n,), generator=g)
+        for case in ["some ignored", "all ignored", "bad target"]:
+            t = targets.clone()
+            if case == "some ignored":
+                t[torch.rand(n, generator=g) < 0.3] = -100
+            elif case == "all ignored":
+                t[:] = -100
+            elif n:
+                t[n // 2] = c  # past C: loss 0, counted (its target is not ignore_index)
+            for reduction, mean in [(1, True), (2, False)]:
+                want_out, want_count, loss, *_ = ops.ce_forward_reduce(
+                    logits, t, torch.arange(n), n, -100, reduction
+                )
+                out, count = _C._ce_reduce_replay(loss, t, -100, mean, threads)
+                assert out.dtype == loss.dtype and out.dim() == 0 and count.dtype == torch.int64
+                assert int(count) == int(want_count)
+                torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12, equal_nan=True)
+                value, cnt = _ordered_reduce(loss, t, -100, mean, threads)
+                assert cnt == int(count)
+                assert torch.equal(out, torch.tensor(value, dtype=loss.dtype)) or (
+                    math.isnan(value) and out.isnan()
+                )
+                if case == "all ignored":
+                    assert int(count) == 0 and (out.isnan() if mean else out == 0)
+
+
+def test_reduce_replay_rejects_bad_arguments():
+    loss, t = torch.zeros(4), torch.zeros(4, dtype=torch.long)
+    for threads in [16, 48, 2048]:
+        with pytest.raises(RuntimeError, match="threads"):
+            _C._ce_reduce_replay(loss, t, -100, True, threads)
+    with pytest.raises(RuntimeError, match="1-D CPU"):
+        _C._ce_reduce_replay(loss, t[:3], -100, True, 32)

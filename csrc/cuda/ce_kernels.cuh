@@ -58,6 +58,86 @@ __device__ __forceinline__ Part<acc_t> row_merge(Part<acc_t> p, int lane) {
   return p;
 }
 
+// ---- ce_forward_reduce's fixed-order reduction (cerow::reduce_thread / reduce_add)
+
+// The tree's last five steps over one warp: lane i adds lane i + off (off = 16..1), as the host
+// replay's s[i] += s[i + stride]; lane 0 ends with the warp's total. Lanes >= off get their own
+// value back from shfl_down past the warp and end with values nobody reads.
+__device__ __forceinline__ cerow::Total warp_total(cerow::Total r) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    cerow::Total o;
+    o.sum = __shfl_down_sync(0xffffffffu, r.sum, off);
+    o.count = __shfl_down_sync(0xffffffffu, r.count, off);
+    r = cerow::reduce_add(r, o);
+  }
+  return r;
+}
+
+// ce_reduce_kernel (one block of cerow::kReduceThreads, launched after the forward kernel): out =
+// the mean (sum) of the N losses and count = the rows whose target is not ignore_index, both
+// written on the device. loss null: the count only (ce_forward_grad_'s, needed before its
+// kernel for 1/count); out or count null: not written.
+template <typename acc_t>
+__global__ void __launch_bounds__(cerow::kReduceThreads) ce_reduce_kernel(
+    const acc_t* __restrict__ loss, const int64_t* __restrict__ targets, int64_t N, int64_t ignore_index,
+    acc_t* __restrict__ out, int64_t* __restrict__ count, bool mean) {
+  constexpr int T = cerow::kReduceThreads;
+  __shared__ double ssum[T];
+  __shared__ int64_t scnt[T];
+  const int tid = threadIdx.x;
+  cerow::Total r = cerow::reduce_thread(loss, targets, N, ignore_index, tid, T);
+#pragma unroll
+  for (int stride = T / 2; stride >= 32; stride >>= 1) {  // the tree's steps above a warp
+    if (tid < 2 * stride) {
+      ssum[tid] = r.sum;
+      scnt[tid] = r.count;
+    }
+    __syncthreads();
+    if (tid < stride) r = cerow::reduce_add(r, cerow::Total{ssum[tid + stride], scnt[tid + stride]});
+    __syncthreads();
+  }
+  if (tid >= 32) return;
+  r = warp_total(r);
+  if (tid != 0) return;
+  if (out) *out = static_cast<acc_t>(cerow::reduce_value(r, mean));
+  if (count) *count = r.count;
+}
+
+// The split finish kernel's fold of the same reduction. ticket: 64-bit, zero-filled with the status
+// word (one memset); null: no reduction (ce_forward). out / count as ce_reduce_kernel's.
+template <typename acc_t>
+struct Fold {
+  unsigned long long* ticket;
+  acc_t* out;
+  int64_t* count;
+  bool mean;
+};
+
+// Called by the whole warp of a row after its lane 0 wrote loss[row]: lane 0 publishes the row
+// (__threadfence, then a ticket); the warp drawing ticket N - 1 finishes last, when every loss is
+// in L2, and reduces them (cerow::reduce_thread over 32 threads: volatile loads of the rows, then
+// warp_total). N < SMs rows here (cerow::split_slices): a few loads per lane.
+template <typename acc_t>
+__device__ __forceinline__ void fold_last_row(const Fold<acc_t>& f, const acc_t* loss, const int64_t* targets,
+                                              int64_t N, int64_t ignore_index, int lane) {
+  if (f.ticket == nullptr) return;  // uniform over the grid
+  unsigned long long ticket = 0;
+  if (lane == 0) {
+    __threadfence();  // this row's loss (this thread's store) visible device-wide before its ticket
+    ticket = atomicAdd(f.ticket, 1ull);
+  }
+  ticket = __shfl_sync(0xffffffffu, ticket, 0);
+  if (ticket + 1 != static_cast<unsigned long long>(N)) return;  // uniform over the warp
+  __threadfence();  // every other row fenced its loss before its ticket: read them after ours
+  cerow::Total r =
+      cerow::reduce_thread(static_cast<const volatile acc_t*>(loss), targets, N, ignore_index, lane, 32);
+  r = warp_total(r);
+  if (lane != 0) return;
+  *f.out = static_cast<acc_t>(cerow::reduce_value(r, f.mean));
+  if (f.count) *f.count = r.count;
+}
+
 // Threads of a row: TPR. Block: max(TPR, 256) threads, so warp-sized rows pack 8 per block.
 template <int TPR>
 struct RowMap {
@@ -184,7 +264,8 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) c
 // ce_split_finish_kernel: a warp per row, lane k loading part k; the warp butterfly merges them and
 //   lane 0 writes what ce_forward_kernel writes (loss, lse, row stats, status bits; zeros for
 //   skipped rows). zt_saved (the overwrite mode) gets the target logit before the gradient kernel
-//   overwrites it.
+//   overwrites it. ce_forward_reduce / ce_forward_grad_: then fold_last_row, the warp of the last
+//   row to finish writing out (and count) in cerow::reduce_thread's order.
 // ce_split_grad_kernel: block b writes slice b % S of row b / S's gradient (cerow::grad_slice),
 //   the slice's owner of the target column the onehot after it; zeros for skipped rows.
 //   ce_backward: g = grad_loss[row], the target logit read from the logits (out != logits);
@@ -215,7 +296,7 @@ __global__ void __launch_bounds__(256) ce_split_finish_kernel(
     typename OpMath<scalar_t>::type* __restrict__ zt_saved, typename OpMath<scalar_t>::type* __restrict__ loss,
     typename OpMath<scalar_t>::type* __restrict__ lse_out,
     typename OpMath<scalar_t>::type* __restrict__ row_stats, int* __restrict__ status, int64_t N, int64_t C,
-    int S, int64_t num_samples, int64_t ignore_index) {
+    int S, int64_t num_samples, int64_t ignore_index, Fold<typename OpMath<scalar_t>::type> fold) {
   using acc_t = typename OpMath<scalar_t>::type;
   const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -229,19 +310,22 @@ __global__ void __launch_bounds__(256) ce_split_finish_kernel(
       lse_out[row] = acc_t(0);
       rs[kRowProb] = rs[kRowMargin] = rs[kRowCorrect] = acc_t(0);
     }
-    return;
+  } else {
+    const Part<acc_t> p = warp_merge(cerow::load_part(parts + row * S * cerow::kPartWords, S, lane));
+    if (lane == 0) {
+      const acc_t zt = static_cast<acc_t>(logits[row * C + t]);
+      if (zt_saved) zt_saved[row] = zt;
+      const cerow::RowOut<acc_t> o = cerow::finish(p, zt);
+      if (const int flags = cerow::row_flags(index[row], num_samples, o.loss)) atomicOr(status, flags);
+      loss[row] = o.loss;
+      lse_out[row] = o.lse;
+      rs[kRowProb] = o.prob;
+      rs[kRowMargin] = o.margin;
+      rs[kRowCorrect] = o.correct;
+    }
   }
-  const Part<acc_t> p = warp_merge(cerow::load_part(parts + row * S * cerow::kPartWords, S, lane));
-  if (lane != 0) return;
-  const acc_t zt = static_cast<acc_t>(logits[row * C + t]);
-  if (zt_saved) zt_saved[row] = zt;
-  const cerow::RowOut<acc_t> o = cerow::finish(p, zt);
-  if (const int flags = cerow::row_flags(index[row], num_samples, o.loss)) atomicOr(status, flags);
-  loss[row] = o.loss;
-  lse_out[row] = o.lse;
-  rs[kRowProb] = o.prob;
-  rs[kRowMargin] = o.margin;
-  rs[kRowCorrect] = o.correct;
+  // the whole warp (rows return above only whole), after lane 0 wrote loss[row]
+  fold_last_row(fold, loss, targets, N, ignore_index, lane);
 }
 
 // logits and grad alias in the overwrite mode: no __restrict__ on them. Each element is read and

@@ -575,6 +575,65 @@ MEMCORE_HD int row_flags(int64_t ix, int64_t num_samples, acc_t loss) {
   return flags;
 }
 
+// ---- ce_forward_reduce's reduction: the total of the N per-row losses and the count of rows
+// whose target is not ignore_index, in one fixed order (bit-identical run to run; no atomics on
+// the values). `threads` threads (ce_reduce_kernel's block, or the split finish kernel's last warp)
+// each take the rows tid, tid + threads, ... in increasing order (consecutive threads read
+// consecutive rows: coalesced), summing the float losses in double (reduce_thread); then a fixed
+// tree, s[i] = reduce_add(s[i], s[i + stride]) for i < stride, stride = threads / 2, ..., 1
+// (shared memory, then shfl_down over the last warp: the same pairs), leaves the total in thread 0.
+// The order differs from ATen's loss.sum(kDouble) (the value may differ in the last bits of the
+// double), not from run to run. Replayed by csrc/kernel_logic.cpp's _ce_reduce_replay.
+
+// Threads of ce_reduce_kernel (one block): N = 8192 rows is 8 coalesced loads per thread.
+constexpr int kReduceThreads = 1024;
+
+struct Total {
+  double sum;
+  int64_t count;
+};
+
+// Rows loaded per trip of reduce_thread before they are added (in row order): loads in flight.
+constexpr int kReduceBatch = 8;
+
+// Thread tid's share: rows tid, tid + threads, ... of loss (null: the count only) and targets, the
+// losses added in row order. LossPtr: const acc_t*, or const volatile acc_t* where other blocks of
+// the same grid wrote them (the split finish kernel's fold: L1 is not coherent across SMs, and a
+// volatile load also stays after the __threadfence in program order).
+template <typename LossPtr>
+MEMCORE_HD Total reduce_thread(LossPtr loss, const int64_t* targets, int64_t n, int64_t ignore_index, int tid,
+                               int threads) {
+  Total r = {0.0, 0};
+  for (int64_t i0 = tid; i0 < n; i0 += int64_t(threads) * kReduceBatch) {
+    double v[kReduceBatch];
+    MEMCORE_UNROLL
+    for (int k = 0; k < kReduceBatch; ++k) {  // the loads first, all in flight
+      const int64_t i = i0 + int64_t(k) * threads;
+      v[k] = 0.0;
+      if (i < n) {
+        if (loss) v[k] = static_cast<double>(loss[i]);
+        r.count += targets[i] != ignore_index;
+      }
+    }
+    MEMCORE_UNROLL
+    for (int k = 0; k < kReduceBatch; ++k)
+      if (i0 + int64_t(k) * threads < n) r.sum += v[k];
+  }
+  return r;
+}
+
+MEMCORE_HD Total reduce_add(Total a, const Total& b) {
+  a.sum += b.sum;
+  a.count += b.count;
+  return a;
+}
+
+// out of ce_forward_reduce before the cast to the loss dtype: mean of no rows is 0 / 0 = NaN, as
+// the CPU op and F.cross_entropy give
+MEMCORE_HD double reduce_value(const Total& t, bool mean) {
+  return mean ? t.sum / static_cast<double>(t.count) : t.sum;
+}
+
 // ---- segmented warp reduction of the commits (rows sharing a sample index)
 
 // A row's six statistics as they are added into stats[index] (csrc/common.h's Stat order).

@@ -11,11 +11,20 @@
 //   holding the target goes element by element); one warp-shuffle (+ shared memory across warps)
 //   reduction per row. Ignored rows are never read. Writes O(N) outputs: loss, lse, row stats
 //   [N, 3] (every row, zeros for ignored ones: no fill), and error bits into a 1-int status word.
-// ce_forward_reduce: ce_forward, then the mean or sum of the O(N) losses with ATen reductions on
-//   the device (no host sync); count and out are 0-d tensors.
+// ce_forward_reduce: ce_forward, then out (the mean or sum of the O(N) losses) and count (rows not
+//   ignored), 0-d tensors written on the device (no host sync) in one fixed order (cerow::
+//   reduce_thread: the same bits every run, deterministic algorithms or not). Launches: a memset
+//   of 16 bytes (the status word, then on the split path the 64-bit ticket of the fold), the
+//   forward kernel, ce_reduce_kernel (one block of 1024 threads reading loss and targets once);
+//   on the split path the split forward and the finish kernel, whose last row to finish (its
+//   ticket N - 1, after every row's __threadfence) writes out and count: no third kernel. Was: a
+//   memset, the forward kernel(s), then ne + sum for count and sum(double) + div + cast for out.
 // ce_forward_grad_: ce_forward's kernel with a second pass over each row right after the first
 //   (from L2 while the rows in flight fit there) writing the gradient of the reduced loss over the
 //   logits; 1/count is read on the device. No N x C allocation, no backward pass over the logits.
+//   Launches: ce_reduce_kernel for count alone (needed before the gradient), the memset, the GRAD
+//   forward kernel and ce_reduce_kernel for out (split: split forward, finish with the fold writing
+//   out, split gradient).
 // ce_backward: same row mapping; writes (exp(z - lse) - onehot) * g with vector stores. Memory
 //   traffic of forward + backward: two reads and one write of the logits, nothing else O(N*C).
 // scale_unless_one_: grad *= scale, grid-stride, every thread returning at once when scale == 1
@@ -86,10 +95,14 @@ int split_slices(int64_t N, int64_t C, int64_t elem_size) {
 }
 
 // ce_forward's launch; with grad (GRAD kernels) also the gradient over grad (== logits' data).
+// With out (ce_forward_reduce, ce_forward_grad_): also the reduction, out = the mean (mean) or sum
+// of the losses and, unless count_out is null, count_out = the rows not ignored, both 0-d tensors
+// written on the device: by ce_reduce_kernel after the forward kernel, or on the split path by the
+// finish kernel's last row (fold_last_row; its ticket follows the status word in the one zero fill).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_launch(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
     int64_t ignore_index, const char* op, at::Tensor* grad = nullptr, const at::Tensor* count = nullptr,
-    bool mean = false) {
+    bool mean = false, at::Tensor* out = nullptr, at::Tensor* count_out = nullptr) {
   check_rows(logits, targets, op);
   check_vector(index, logits, at::kLong, "index", op);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -98,9 +111,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_launch(
   // the kernel writes every row (zeros for ignored rows): no fill but the status word's
   at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc);
   at::Tensor row_stats = at::empty({N, kNumRowStats}, acc);
-  at::Tensor status = at::zeros({1}, logits.options().dtype(at::kInt));
+  // int32 words: [status] for ce_forward; [status, pad, ticket (uint64, 8-byte aligned)] with out
+  at::Tensor words = at::zeros({out ? 4 : 1}, logits.options().dtype(at::kInt));
+  at::Tensor status = words.narrow(0, 0, 1);
+  if (out) *out = at::empty({}, acc);
   // C == 0 still launches: every non-ignored row is a bad target, as on the CPU
-  if (N == 0) return {loss, lse, row_stats, status};
+  if (N == 0) {
+    if (out) {  // the sum of no rows is 0, their mean 0 / 0 = NaN (the CPU op's values)
+      out->fill_(mean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+      if (count_out) count_out->zero_();
+    }
+    return {loss, lse, row_stats, status};
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool aligned = reinterpret_cast<uintptr_t>(logits.data_ptr()) % logits.element_size() == 0;
   const int S = aligned ? split_slices(N, C, logits.element_size()) : 1;
@@ -115,10 +137,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_launch(
       ce_split_forward_kernel<scalar_t, TPR><<<N * S, TPR, 0, stream>>>(
           logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), parts, C, S, ignore_index);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      Fold<acc_t> fold = {nullptr, nullptr, nullptr, mean};
+      if (out) {
+        fold.ticket = reinterpret_cast<unsigned long long*>(words.data_ptr<int>() + 2);
+        fold.out = out->data_ptr<acc_t>();
+        fold.count = count_out ? count_out->data_ptr<int64_t>() : nullptr;
+      }
       ce_split_finish_kernel<scalar_t><<<(N + 7) / 8, 256, 0, stream>>>(
           logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), index.data_ptr<int64_t>(), parts, zt,
           loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), row_stats.data_ptr<acc_t>(), status.data_ptr<int>(), N, C,
-          S, num_samples, ignore_index);
+          S, num_samples, ignore_index, fold);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (grad) {
         ce_split_grad_kernel<scalar_t, TPR><<<N * S, TPR, 0, stream>>>(
@@ -142,6 +170,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_launch(
       if (grad) launch(ce_forward_kernel<scalar_t, TPR, VEC, true>, grad->data_ptr<scalar_t>(), count->data_ptr<int64_t>());
       else launch(ce_forward_kernel<scalar_t, TPR, VEC, false>, nullptr, nullptr);
     });
+    if (out) {
+      ce_reduce_kernel<acc_t><<<1, cerow::kReduceThreads, 0, stream>>>(
+          loss.data_ptr<acc_t>(), targets.data_ptr<int64_t>(), N, ignore_index, out->data_ptr<acc_t>(),
+          count_out ? count_out->data_ptr<int64_t>() : nullptr, mean);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {loss, lse, row_stats, status};
 }
@@ -152,35 +186,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
   return forward_launch(logits, targets, index, num_samples, ignore_index, "memcore::ce_forward");
 }
 
-// The reduction with ATen ops on the device (ignored and rejected rows hold 0).
-at::Tensor reduce_loss(const at::Tensor& loss, const at::Tensor& count, int64_t reduction) {
-  const at::Tensor total = loss.sum(at::kDouble);
-  return (reduction == kSum ? total : total / count).to(loss.scalar_type());
-}
-
+// Launches: the status memset, the forward kernel, ce_reduce_kernel (out and count, fixed order:
+// the same bits every run); on the split path the finish kernel writes them (no third kernel).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_reduce_cuda(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
     int64_t ignore_index, int64_t reduction) {
-  check_reduction(reduction, /*allow_none=*/false, "memcore::ce_forward_reduce");
-  auto [loss, lse, row_stats, status] = ce_forward_cuda(logits, targets, index, num_samples, ignore_index);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor count = targets.ne(ignore_index).sum();
-  return {reduce_loss(loss, count, reduction), count, loss, lse, row_stats, status};
+  const char* op = "memcore::ce_forward_reduce";
+  check_reduction(reduction, /*allow_none=*/false, op);
+  at::Tensor out, count = at::empty({}, targets.options());
+  auto [loss, lse, row_stats, status] = forward_launch(logits, targets, index, num_samples, ignore_index, op,
+                                                       nullptr, nullptr, reduction == kMean, &out, &count);
+  return {out, count, loss, lse, row_stats, status};
 }
 
 // ce_forward_reduce whose forward kernel also writes d(out)/d(logits) over the logits (no N x C
 // buffer, no backward pass over them). count is computed first, on the device, for the mean's
-// 1/count.
+// 1/count: one ce_reduce_kernel launch (count only), then the status memset, the GRAD forward
+// kernel and ce_reduce_kernel for out (split path: the split forward, the finish kernel writing
+// out, the split gradient kernel).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_grad_cuda(
     at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
     int64_t ignore_index, int64_t reduction) {
   const char* op = "memcore::ce_forward_grad_";
   check_forward_grad(logits, reduction);
+  check_rows(logits, targets, op);  // before the count kernel reads targets
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor count = targets.ne(ignore_index).sum();  // forward_launch checks targets
-  auto [loss, lse, row_stats, status] =
-      forward_launch(logits, targets, index, num_samples, ignore_index, op, &logits, &count, reduction == kMean);
-  return {reduce_loss(loss, count, reduction), count, loss, lse, row_stats, status};
+  at::Tensor count = at::empty({}, targets.options());
+  ce_reduce_kernel<float><<<1, cerow::kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      nullptr, targets.data_ptr<int64_t>(), targets.size(0), ignore_index, nullptr, count.data_ptr<int64_t>(), false);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor out;
+  auto [loss, lse, row_stats, status] = forward_launch(logits, targets, index, num_samples, ignore_index, op,
+                                                       &logits, &count, reduction == kMean, &out, nullptr);
+  return {out, count, loss, lse, row_stats, status};
 }
 
 void scale_unless_one_cuda(at::Tensor& grad, const at::Tensor& scale) {
