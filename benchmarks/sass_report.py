@@ -393,6 +393,7 @@ FAMILIES = [
     (r"ce_split_grad_kernel", "gradient (split)", 2, "ld", 1),
     (r"ce_split_finish_kernel", "split finish", 0, "", 0),
     (r"ce_commit_kernel", "commit", 0, "", 0),
+    (r"ce_reduce_kernel", "loss reduce", 0, "", 0),
     (r"sqnorm_commit_kernel", "sqnorm_commit", 1, "ld", 1),
     (r"probe_reduce_kernel", "curvature probe_reduce", 2, "ld", 2),
     (r"perturb_kernel", "curvature perturb", 2, "st", 1),
