@@ -110,6 +110,20 @@ class Run:
             torch.cuda.empty_cache()
 
 
+def _parity(master, targets, index, tracker) -> dict:
+    """The loss and gradient memcore computes (overwrite mode, on a copy of master) against
+    F.cross_entropy in fp32: the errors stored beside a shape's timings."""
+    ref = master.float().detach().requires_grad_()
+    F.cross_entropy(ref, targets).backward()
+    x = master.detach().clone().requires_grad_()
+    loss = memcore.accumulate(x, targets, index, tracker, overwrite_logits=True)
+    loss.backward()
+    return dict(
+        loss_err=abs(float(loss.detach()) - float(F.cross_entropy(master.float(), targets))),
+        grad_err=float((x.grad.float() - ref.grad).abs().max()),
+    )
+
+
 def cross_entropy(run: Run, n: int, c: int, first: bool) -> None:
     """memcore.accumulate at [n, c]: parity with F.cross_entropy, then the timings (the copy,
     forward-only and the non-overwriting variants at the first shape only)."""
@@ -124,19 +138,7 @@ def cross_entropy(run: Run, n: int, c: int, first: bool) -> None:
     def fresh():
         box["x"] = master.detach().clone().requires_grad_()
 
-    # parity first (not timed): the loss and gradient memcore computes at this shape
-    fresh()
-    ref = master.float().detach().requires_grad_()
-    F.cross_entropy(ref, targets).backward()
-    x = box["x"]
-    loss = memcore.accumulate(x, targets, index, tracker, overwrite_logits=True)
-    loss.backward()
-    err = dict(
-        loss_err=abs(float(loss.detach()) - float(F.cross_entropy(master.float(), targets))),
-        grad_err=float((x.grad.float() - ref.grad).abs().max()),
-    )
-    del ref, x
-    box.clear()
+    err = _parity(master, targets, index, tracker)  # first, not timed
     if first:
         dst = torch.empty_like(master)
         run.emit("copy", (n, c), _time(lambda: dst.copy_(master), None, iters, device), 2)
@@ -189,19 +191,7 @@ def split_rows(run: Run, n: int, c: int) -> None:
     def fresh():
         box["x"] = master.detach().clone().requires_grad_()
 
-    fresh()
-    ref = master.float().detach().requires_grad_()
-    F.cross_entropy(ref, targets).backward()
-    x = box["x"]
-    loss = memcore.accumulate(x, targets, index, tracker, overwrite_logits=True)
-    loss.backward()
-    err = dict(
-        loss_err=abs(float(loss.detach()) - float(F.cross_entropy(master.float(), targets))),
-        grad_err=float((x.grad.float() - ref.grad).abs().max()),
-        slices=slices,
-    )
-    del ref, x
-    box.clear()
+    err = dict(_parity(master, targets, index, tracker), slices=slices)
     dst = torch.empty_like(master)
     run.emit("copy", (n, c), _time(lambda: dst.copy_(master), None, iters, device), 2)
     fwd = _time(lambda: torch.ops.memcore.ce_forward(master, targets, index, n, -100), None, iters, device)
