@@ -112,10 +112,10 @@ void addmm_fp32_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
 // per dtype, on the first CUDA call, with a 2x2 product whose result is checked: 1/1024 + 7 kept
 // only by an fp32 C (a 16-bit C would round it to 7), so a torch that took the call but did not
 // accumulate in fp32 falls back too. The probe's comparison is this file's one host sync (once).
-bool cuda_fp32_accumulate_gemm(at::ScalarType t) {
-  auto probe = [](at::ScalarType dtype) {
+bool cuda_fp32_accumulate_gemm(at::ScalarType t, const at::Device& device) {
+  auto probe = [&device](at::ScalarType dtype) {
     try {
-      const auto f32 = at::TensorOptions().device(at::kCUDA).dtype(at::kFloat);
+      const auto f32 = at::TensorOptions().device(device).dtype(at::kFloat);  // the GEMM's own GPU
       const at::Tensor a = at::arange(1, 5, f32).view({2, 2}).to(dtype);
       at::Tensor c = at::full({2, 2}, 1.0 / 1024, f32);
       addmm_fp32_(c, a, a);
@@ -144,7 +144,7 @@ void chunk_grads(const at::Tensor& g, const at::Tensor& h_chunk, const at::Tenso
   if (mask[1]) {
     if (!is_16bit(g)) {
       grad_w.addmm_(g.t(), h_chunk);
-    } else if (g.is_cuda() && cuda_fp32_accumulate_gemm(g.scalar_type())) {
+    } else if (g.is_cuda() && cuda_fp32_accumulate_gemm(g.scalar_type(), g.device())) {
       // tensor cores with an fp32 C: the same sums as below at 16-bit GEMM speed (the widened
       // GEMM below would run without tensor cores: ~15x slower on an H100, ~2 TFLOP per 8k rows)
       addmm_fp32_(grad_w, g.t(), h_chunk);
