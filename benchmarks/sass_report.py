@@ -49,8 +49,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 try:
-    from . import store
+    from . import goals, store
 except ImportError:  # run as a script: this folder is sys.path[0]
+    import goals
     import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -735,9 +736,10 @@ def store_rows(rows: List[Row]) -> int:
     return store.append(out)
 
 
-# The static goals --check enforces: the bf16 main loops of these families (headline instances)
+# The static goals --check enforces: the bf16 main loops of these families (headline instances), held
+# to goals.py's bound on the forward main loop (the backward's is the same)
 CHECKED = ("forward", "backward", "forward (split)", "gradient (split)")
-MAX_INSTR_PER_ELEM = 10.0
+MAX_INSTR_PER_ELEM = next(g.threshold for g in goals.GOALS if g.figure == "sass forward instr/elem")
 
 
 def check(rows: List[Row]) -> List[str]:
