@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import memcore  # noqa: E402
 from benchmarks import store  # noqa: E402
+from benchmarks.curvature_reference import small_cnn  # noqa: E402  (the model its rows name)
 from memcore import export  # noqa: E402
 
 
@@ -177,24 +178,11 @@ def _scale_rows(recs) -> list:
     return _rows("scale", f"{recs[0]['world']} gloo ranks", recs[0]["num_samples"], figs, units, threads=1)
 
 
-def _cnn():
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(32 * 7 * 7, 10),
-    )
-
-
 def _step_worker(rank, world, init_file, n, rounds, steps, rec_dir):
     _init(rank, world, init_file)
     torch.manual_seed(0)
     # DDP, as in real training: both variants sync every step, so rank skew is not counted as routing
-    model = torch.nn.parallel.DistributedDataParallel(_cnn())
+    model = torch.nn.parallel.DistributedDataParallel(small_cnn())
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     trackers = {
         "unsharded": memcore.Tracker(n, device="cpu", distributed=False),
