@@ -107,24 +107,30 @@ def test_forward_every_split(dtype):
         _check_forward(values, dtype, offsets=(0, 1, _vec(dtype) - 1) if big else None)
 
 
+def _special_rows(c, g):
+    """Six float64 rows of c logits: many ties (rounded normals), half masked to -inf, a NaN, all
+    -inf, all equal (correct only for target 0), and finite but -inf at column c - 1 (with target
+    c - 1: loss +inf)."""
+    base = torch.randn(c, generator=g, dtype=torch.float64).round()
+    masked = base.clone()
+    masked[torch.rand(c, generator=g) < 0.5] = -math.inf
+    masked[c // 2] = 1.0
+    nan = base.clone()
+    nan[c // 3] = math.nan
+    all_inf = torch.full((c,), -math.inf, dtype=torch.float64)
+    tie = torch.zeros(c, dtype=torch.float64)
+    neg_target = base.clone()
+    neg_target[c - 1] = -math.inf
+    return [base, masked, nan, all_inf, tie, neg_target]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_forward_ties_masks_nan(dtype):
     g = torch.Generator().manual_seed(1)
     for c in (9, 40, 2049, 16385):
-        base = torch.randn(c, generator=g, dtype=torch.float64).round()  # many ties
-        masked = base.clone()
-        masked[torch.rand(c, generator=g) < 0.5] = -math.inf
-        masked[c // 2] = 1.0
-        nan = base.clone()
-        nan[c // 3] = math.nan
-        all_inf = torch.full((c,), -math.inf, dtype=torch.float64)
-        tie = torch.zeros(c, dtype=torch.float64)  # every column ties: correct only for t == 0
-        neg_target = base.clone()
-        for values in (base, masked, nan, all_inf, tie, neg_target):
-            targets = None
-            if values is neg_target:
-                targets = [c - 1]
-                values[c - 1] = -math.inf  # target -inf, the rest finite: loss +inf
+        rows = _special_rows(c, g)
+        for k, values in enumerate(rows):
+            targets = [c - 1] if k == len(rows) - 1 else None  # the -inf target row
             _check_forward(values, dtype, offsets=(0, 1), targets=targets)
 
 
@@ -333,17 +339,7 @@ def test_split_forward_ties_masks_nan(dtype):
     index give ce_forward's zeros and status bits."""
     g = torch.Generator().manual_seed(4)
     for n, c, s in ((6, 4099, 3), (6, 50257, 8)):
-        base = torch.randn(c, generator=g, dtype=torch.float64).round()  # many ties
-        masked = base.clone()
-        masked[torch.rand(c, generator=g) < 0.5] = -math.inf
-        masked[c // 2] = 1.0
-        nan = base.clone()
-        nan[c // 3] = math.nan
-        all_inf = torch.full((c,), -math.inf, dtype=torch.float64)
-        tie = torch.zeros(c, dtype=torch.float64)  # correct only for t == 0
-        neg_target = base.clone()
-        neg_target[c - 1] = -math.inf  # with target c - 1: loss +inf
-        values = torch.stack([base, masked, nan, all_inf, tie, neg_target])
+        values = torch.stack(_special_rows(c, g))
         for off in (0, 1):
             logits = _logits_at(values.to(dtype), off)
             for targets in _split_target_sets(logits, s):
