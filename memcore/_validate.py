@@ -6,6 +6,8 @@ same pass that computes the loss and reported through its status word; `explain_
 word into the exception, pointing at the first offending row.
 """
 
+import math
+import numbers
 import operator
 from typing import Optional, Tuple
 
@@ -18,18 +20,54 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def is_int(x) -> bool:
+    """Whether x is an integer scalar: int, numpy integer or 0-d integer tensor; bool is not one."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def as_int(x, name: str, *, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """x as a Python int. TypeError unless it is an integer (see `is_int`: numpy integers and 0-d
+    integer tensors are accepted, bool and floats refused), ValueError outside [minimum, maximum]."""
+    if not is_int(x):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r}")
+    v = operator.index(x) if not isinstance(x, torch.Tensor) else int(x.item())
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        lo = "-inf" if minimum is None else minimum
+        hi = "inf" if maximum is None else maximum
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v}")
+    return v
+
+
+def as_float(
+    x,
+    name: str,
+    *,
+    minimum: Optional[float] = None,
+    maximum: Optional[float] = None,
+    open_minimum: bool = False,
+) -> float:
+    """x as a finite Python float. TypeError unless it is a real number (bool refused), ValueError
+    when it is NaN / infinite or outside [minimum, maximum] ((minimum, maximum] with open_minimum)."""
+    if isinstance(x, bool) or not (
+        isinstance(x, numbers.Real) or (isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_complex())
+    ):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}")
+    v = float(x)
+    below = minimum is not None and (v <= minimum if open_minimum else v < minimum)
+    if not math.isfinite(v) or below or (maximum is not None and v > maximum):
+        lo = "-inf" if minimum is None else minimum
+        hi = "inf" if maximum is None else maximum
+        interval = f"{'(' if open_minimum else '['}{lo}, {hi}]"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {v}")
+    return v
+
+
 def as_ignore_index(ignore_index) -> int:
     """ignore_index as a Python int: any integer (numpy integers, 0-d integer tensors) as
     F.cross_entropy accepts; bool and floats are refused."""
-    if isinstance(ignore_index, bool) or (
-        isinstance(ignore_index, torch.Tensor)
-        and (ignore_index.dtype.is_floating_point or ignore_index.dtype == torch.bool)
-    ):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    try:
-        return operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}") from None
+    return as_int(ignore_index, "ignore_index")
 
 
 def _require_tensor(x, name: str) -> None:
@@ -77,7 +115,7 @@ def _rows(
             f"tracker lives on {tracker_device} but {x_name} is on {x.device}; "
             f"create it with memcore.Tracker(num_samples, device={str(x.device)!r})"
         )
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if type(ignore_index) is not int:
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     n = targets.numel()
     if tuple(index.shape) != lead:  # one id per sequence -> one id per row

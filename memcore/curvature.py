@@ -13,15 +13,13 @@ The probes v are Rademacher vectors regenerated from Philox4x32-10 inside the ke
 sample's score does not depend on the batch it came in, its position, the chunking or the device.
 """
 
-import math
-import numbers
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from . import _ops  # noqa: F401  (operator registration)
-from ._validate import FLOAT_DTYPES, _require_integer, _require_tensor, same_device
+from ._validate import FLOAT_DTYPES, _require_integer, _require_tensor, as_float, as_int, same_device
 
 MODES = ("fd", "hvp")
 DEFAULT_MAX_ROWS = 256
@@ -30,31 +28,9 @@ __all__ = ["curvature", "CurvatureTracker", "MODES", "DEFAULT_MAX_ROWS"]
 
 
 # ---------------------------------------------------------------------------------- validation
-def _check_int(x: Any, name: str, minimum: int) -> int:
-    if not isinstance(x, numbers.Integral) or isinstance(x, bool):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    x = int(x)
-    if x < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {x}")
-    return x
-
-
-def _check_h(h: Any) -> float:
-    if isinstance(h, bool) or not isinstance(h, numbers.Real):
-        raise TypeError(f"h must be a float, got {type(h).__name__}")
-    h = float(h)
-    if not (math.isfinite(h) and h > 0.0):
-        raise ValueError(f"h must be a finite number > 0, got {h}")
-    return h
-
-
 def _seed64(seed: Any) -> int:
     """The 64 bits of seed as the signed int64 the kernels take (Philox key = its lo, hi words)."""
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    seed = int(seed)
-    if not -(1 << 63) <= seed < (1 << 64):
-        raise ValueError(f"seed must fit in 64 bits, got {seed}")
+    seed = as_int(seed, "seed", minimum=-(1 << 63), maximum=(1 << 64) - 1)
     seed &= (1 << 64) - 1
     return seed - (1 << 64) if seed >= (1 << 63) else seed
 
@@ -225,9 +201,9 @@ def curvature(
         TypeError / ValueError naming the argument for wrong types, shapes, devices or settings;
         IndexError for a negative index or a target outside [0, C).
     """
-    n_probes = _check_int(n_probes, "n_probes", 1)
-    max_rows = _check_int(max_rows, "max_rows", 1)
-    h = _check_h(h)
+    n_probes = as_int(n_probes, "n_probes", minimum=1)
+    max_rows = as_int(max_rows, "max_rows", minimum=1)
+    h = as_float(h, "h", minimum=0.0, open_minimum=True)
     seed = _seed64(seed)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -284,15 +260,15 @@ class CurvatureTracker:
         fresh_probes: bool = True,
         progress: bool = True,
     ) -> None:
-        self.num_samples = _check_int(num_samples, "num_samples", 1)
-        self.n_probes = _check_int(n_probes, "n_probes", 1)
-        self.h = _check_h(h)
+        self.num_samples = as_int(num_samples, "num_samples", minimum=1)
+        self.n_probes = as_int(n_probes, "n_probes", minimum=1)
+        self.h = as_float(h, "h", minimum=0.0, open_minimum=True)
         _seed64(seed)
         self.seed = int(seed)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self.max_rows = _check_int(max_rows, "max_rows", 1)
+        self.max_rows = as_int(max_rows, "max_rows", minimum=1)
         self.fresh_probes = bool(fresh_probes)
         self.progress = bool(progress)
         self.updates = 0

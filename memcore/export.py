@@ -9,6 +9,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from ._validate import as_int
 from .scores import LOW_IS_SUSPICIOUS  # noqa: F401  (re-exported: scores suspicious when low)
 
 
@@ -77,8 +78,8 @@ def ranked_issues(
     """Sample indices ordered from most to least suspicious by score `by` — the form of
     cleanlab's ``find_label_issues(..., return_indices_ranked_by=...)``. Keep the first `top`,
     or the first `fraction` of the dataset (e.g. your estimated noise rate)."""
-    if top is not None and (not isinstance(top, (int, np.integer)) or isinstance(top, bool) or top < 0):
-        raise ValueError(f"top must be a non-negative int (how many indices to keep), got {top!r}")
+    if top is not None:
+        top = as_int(top, "top (how many indices to keep)", minimum=0)
     s = _suspicion(scores, by)
     order = np.argsort(-s, kind="stable")
     if fraction is not None:
@@ -183,8 +184,7 @@ def to_parquet(tracker_or_scores, directory: str, *, row_group_size: int = PARQU
     written under a temporary name and renamed. pandas, polars, Spark and ``datasets`` read the
     directory as one table (``pd.read_parquet(directory)``). Needs pyarrow (``memcore[export]``)."""
     pa, pq = _pyarrow()
-    if not isinstance(row_group_size, int) or row_group_size < 1:
-        raise ValueError(f"row_group_size must be a positive int, got {row_group_size!r}")
+    row_group_size = as_int(row_group_size, "row_group_size", minimum=1)
     os.makedirs(directory, exist_ok=True)
     blocks, stem = _blocks(tracker_or_scores, row_group_size)
     path = os.path.join(directory, f"{stem}.parquet")

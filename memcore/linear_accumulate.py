@@ -7,7 +7,7 @@ import torch
 
 from ._layout import NON_FINITE
 from ._ops import linear_cross_entropy  # noqa: F401  (fake kernels and autograd of the linear_ce ops)
-from ._validate import REDUCTIONS, as_ignore_index, explain_status, linear_rows_of
+from ._validate import REDUCTIONS, as_ignore_index, as_int, explain_status, linear_rows_of
 from .tracker import Tracker
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as in csrc/common.h
@@ -89,8 +89,8 @@ def linear_accumulate(
     n, v = hidden2d.shape[0], weight.shape[0]
     if chunk_size is None:
         chunk_size = auto_chunk_size(n, v, hidden.dtype, hidden.device)
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    else:
+        chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
     grad = torch.is_grad_enabled()
     mask = [
         grad and hidden.requires_grad,

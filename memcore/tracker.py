@@ -12,7 +12,7 @@ import torch
 from . import _layout as L
 from . import _shard
 from ._io import atomic_save, load_plain
-from ._validate import describe_bits, same_device
+from ._validate import as_float, as_int, describe_bits, is_int, same_device
 from .scores import SCORE_NAMES
 
 DeviceLike = Union[str, torch.device, None]
@@ -98,20 +98,16 @@ class Tracker:
         flush_every: Optional[int] = -1,
         storage: Optional[str] = None,
     ) -> None:
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if not 0.0 < float(correct_threshold) <= 1.0:
-            raise ValueError(f"correct_threshold must be in (0, 1], got {correct_threshold!r}")
-        if (
-            flush_every is not None
-            and flush_every != -1
-            and (not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1)
-        ):
-            raise ValueError(f"flush_every must be a positive int or None, got {flush_every!r}")
+        num_samples = as_int(num_samples, "num_samples", minimum=1)
+        correct_threshold = as_float(
+            correct_threshold, "correct_threshold", minimum=0.0, maximum=1.0, open_minimum=True
+        )
+        if flush_every is not None and flush_every != -1:
+            flush_every = as_int(flush_every, "flush_every", minimum=1)
         self.num_samples = num_samples
         self.strict = bool(strict)
-        self.correct_threshold = float(correct_threshold)
-        self._tau = None if tau is None else float(tau)
+        self.correct_threshold = correct_threshold
+        self._tau = None if tau is None else as_float(tau, "tau", minimum=0.0)
         self.distributed = distributed
         self.shard = bool(shard)
         self.flush_every = flush_every  # -1: the default of the mode, decided with the router
@@ -149,7 +145,7 @@ class Tracker:
 
     @tau.setter
     def tau(self, value: Optional[float]) -> None:
-        new = None if value is None else float(value)
+        new = None if value is None else as_float(value, "tau", minimum=0.0)
         if self._grad_start >= 0 and new != self._tau:
             raise ValueError(
                 "tau cannot change once input gradients were recorded (the tracker keeps the "
@@ -600,7 +596,7 @@ class Tracker:
         if not isinstance(state, dict) or "version" not in state:
             raise ValueError("state is not a memcore Tracker state_dict")
         version = state["version"]
-        if isinstance(version, int) and not isinstance(version, bool) and version == 1:
+        if is_int(version) and version == 1:
             _check_state(state, 1, self.num_samples, 0, self.num_samples)
             if self._start != 0 or self._end != self.num_samples:
                 raise ValueError(
@@ -701,7 +697,7 @@ def _check_state(state: Dict[str, Any], version: int, num_samples: int, start: i
 
     def integer(name: str) -> int:
         v = state[name]
-        if not isinstance(v, int) or isinstance(v, bool):
+        if not is_int(v):
             raise ValueError(f"tracker state {name!r} must be an int, got {v!r}")
         return v
 
@@ -710,11 +706,7 @@ def _check_state(state: Dict[str, Any], version: int, num_samples: int, start: i
             f"tracker state is for num_samples={state['num_samples']}, this tracker has {num_samples}"
         )
     rng = state.get("range", [0, num_samples])
-    if (
-        not isinstance(rng, (list, tuple))
-        or len(rng) != 2
-        or any(not isinstance(x, int) or isinstance(x, bool) for x in rng)
-    ):
+    if not isinstance(rng, (list, tuple)) or len(rng) != 2 or not all(is_int(x) for x in rng):
         raise ValueError(f"tracker state 'range' must be two ints [start, end), got {rng!r}")
     if list(rng) != [start, end]:
         raise ValueError(
@@ -727,7 +719,7 @@ def _check_state(state: Dict[str, Any], version: int, num_samples: int, start: i
     if epochs > L.MAX_EPOCHS:
         raise ValueError(f"tracker state 'epochs' must be <= {L.MAX_EPOCHS}, got {epochs}")
     thr = state["correct_threshold"]
-    if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 < float(thr) <= 1.0:
+    if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 < thr <= 1.0:
         raise ValueError(f"tracker state 'correct_threshold' must be in (0, 1], got {thr!r}")
     tau = state["tau"]
     if tau is not None and (

@@ -380,7 +380,8 @@ def _bad_cases():
         (dict(index=i_bad), IndexError, r"index\[6\] = 99"),
         (dict(hidden=h_nan), ValueError, "hidden row 3 holds NaN"),
         (dict(weight=w_inf), ValueError, "weight holds NaN or inf"),
-        (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (dict(chunk_size=0), ValueError, r"chunk_size must be an int in \[1, inf\]"),
+        (dict(chunk_size=2.0), TypeError, "chunk_size must be an int"),
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
     ]
 

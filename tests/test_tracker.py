@@ -1,5 +1,6 @@
 """Tracker statistics against a plain-PyTorch reference, repeated indices, epochs, checkpoints."""
 
+import numpy as np
 import pytest
 import torch
 from reference import epoch_sums
@@ -155,11 +156,23 @@ def test_device_none_adopts_first_batch_device(device):
 
 
 def test_constructor_validation():
-    for bad in (0, -1, 2.5, True):
+    for bad in (0, -1):
         with pytest.raises(ValueError, match="num_samples"):
             memcore.Tracker(bad)
-    with pytest.raises(ValueError, match="correct_threshold"):
-        memcore.Tracker(3, correct_threshold=0)
+    for bad in (2.5, True, "3", None):
+        with pytest.raises(TypeError, match="num_samples"):
+            memcore.Tracker(bad)
+    for bad in (0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="correct_threshold"):
+            memcore.Tracker(3, correct_threshold=bad)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="tau"):
+            memcore.Tracker(3, tau=bad)
+    with pytest.raises(TypeError, match="flush_every"):
+        memcore.Tracker(3, flush_every=2.0)
+    # numpy and 0-d tensor integers are integers
+    assert memcore.Tracker(np.int64(3)).num_samples == 3
+    assert memcore.Tracker(torch.tensor(3)).num_samples == 3
 
 
 def test_save_is_atomic_and_resumes(tmp_path, monkeypatch):
