@@ -69,7 +69,9 @@ def _want_cuda() -> bool:
 
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/autograd/*.cpp")
+    sources = (
+        rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/autograd/*.cpp") + rel("csrc/composite/*.cpp")
+    )
     # setuptools rebuilds only when a listed file is newer than the .so (ninja then picks the objects)
     depends = rel("csrc/*.h") + rel("csrc/*/*.h") + rel("csrc/*/*.inc")
     # torch's headers as system headers: their warnings are not ours (gcc drops the -I torch adds)
@@ -77,7 +79,7 @@ def _extension():
     # no -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20).
     # -g0 overrides the -g in Python's CFLAGS: debug info for torch's inline templates cost compile
     # time and made the .so 40 MB (0.9 MB without), and nobody steps through a wheel's kernels.
-    # -Wno-psabi: ce_block.cpp passes 64-byte vectors only between inlined helpers, and gcc's
+    # -Wno-psabi: cross_entropy_block.cpp passes 64-byte vectors only between inlined helpers, and gcc's
     # diagnostic pragma there does not reach the ABI note.
     cxx = ["-O3", "-g0", "-fvisibility=hidden", "-Wno-psabi"] + system
     link = []

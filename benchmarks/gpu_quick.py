@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import memcore
 from benchmarks.memory import peak_mib
-from memcore.linear_accumulate import auto_chunk_size
+from memcore.linear_cross_entropy import auto_chunk_size
 
 try:  # optional baselines (Triton, CUDA only); a broken triton raises more than ImportError
     from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import memcore
 from benchmarks.memory import peak_mib
 from benchmarks.test_bench_cross_entropy import HAS_CUDA, TOL, _sync
-from memcore.linear_accumulate import auto_chunk_size
+from memcore.linear_cross_entropy import auto_chunk_size
 
 SHAPES = [(256, 64, 1001), (4096, 1024, 32000), (2048, 2048, 128256)]  # (N, H, V), CPU
 HEAVY = {(4096, 1024, 32000), (2048, 2048, 128256)}

@@ -1,18 +1,10 @@
-// CPU kernels of the input-curvature ops (schemas in csrc/memcore.cpp, C++ types in csrc/ops.h,
-// Philox in csrc/philox.h). Registers four ops: philox4x32, rademacher, rademacher_perturb,
-// probe_reduce.
-//
-// A "row" is one (probe p, sample b) pair; rows are split across threads with at::parallel_for
-// and each row is walked in blocks of 128 elements, one Philox4x32-10 call per block giving the
-// 128 signs. Probes are never stored: they are regenerated from (seed, index[b], probe) wherever
-// they are needed, so no [P, B, D] random tensor exists in memory.
-// rademacher / rademacher_perturb: write v or x + h v for all probes of a chunk, [P, B, D...], in
-//   the input dtype (x + h v computed in fp32, fp64 for fp64, then rounded once).
-// probe_reduce: one pass over grad_perturbed [P, B, D...] and grad_clean [B, D...] giving, per
-//   row, ||gp - gc||^2 and v . (gp - gc): 16-lane partial sums in fp32 (fp64 for fp64) inside a
-//   block, blocks summed in fp64. Outputs are float64 [P, B]. The summation order depends only on
-//   D, so a row's result is bit-identical whatever P, B, the chunking or the thread count.
-// philox4x32: the raw generator words, for known-answer tests.
+// CPU kernels of the curvature family (schemas in csrc/memcore.cpp, Philox in csrc/philox.h):
+// philox4x32, rademacher, rademacher_perturb, probe_reduce. A row is one (probe, sample) pair; rows
+// are split across threads and walked in 128-element blocks, one Philox4x32-10 call giving a block's
+// signs, so probes are regenerated where needed and never stored. probe_reduce sums 16-lane fp32
+// partials (fp64 for fp64) within a block and blocks in fp64: a row's result depends only on D, not
+// on P, B, the chunking or the thread count. Memory: the [P, B, ...] outputs of the perturb ops,
+// float64 [P, B] for probe_reduce. More: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

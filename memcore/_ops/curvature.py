@@ -1,5 +1,7 @@
-"""Fake-tensor kernels and autograd for the curvature ops (schemas in csrc/memcore.cpp, kernels in
-csrc/cpu/curvature.cpp and csrc/cuda/curvature.cu). Imported by memcore._ops."""
+"""The curvature family's ops on the Python side: fake kernels and the autograd of
+rademacher_perturb (schemas in csrc/memcore.cpp, kernels in csrc/cpu/curvature.cpp and
+csrc/cuda/curvature.cu). The public wrappers are ``memcore.curvature`` and ``CurvatureTracker``
+(memcore/curvature.py)."""
 
 import torch
 

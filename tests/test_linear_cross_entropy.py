@@ -114,7 +114,7 @@ def test_cuda_parity_auto_chunks(dtype, reduction):
     PyTorch's own computation in the same dtype plus 1 ulp (bf16) or 16 ulps (fp32: the chunks sum
     in another order) of the largest entry. (The CPU path at N=1,024, same V, chunks of 400, measured
     in ulps of the largest entry: bf16 at most 3.3, PyTorch's 2.6; fp32 at most 9.4, PyTorch's 39.)"""
-    from memcore.linear_accumulate import auto_chunk_size
+    from memcore.linear_cross_entropy import auto_chunk_size
 
     n, hdim, v = 4096, 256, 50257
     assert auto_chunk_size(n, v, dtype, torch.device("cuda")) < n  # several chunks
@@ -345,7 +345,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_auto_chunk_size():
-    from memcore.linear_accumulate import auto_chunk_size
+    from memcore.linear_cross_entropy import auto_chunk_size
 
     assert auto_chunk_size(4096, 32000, torch.float32, torch.device("cpu")) == 1048
     assert auto_chunk_size(100, 32000, torch.float32, torch.device("cpu")) == 100
