@@ -73,9 +73,6 @@ TORCH_LIBRARY(memcore, m) {
   // ---- curvature: input-loss curvature. Probes are Rademacher vectors from Philox4x32-10
   // (csrc/philox.h): entry e of probe q of the sample with dataset index i is a pure function of
   // (seed, i, q, e), regenerated inside every kernel, never stored.
-  // Raw Philox4x32-10 words for known-answer tests: counter int64 [N, 4] (low 32 bits of each
-  // entry), key = the 64 bits of seed; returns int64 [N, 4] words in [0, 2^32).
-  m.def("philox4x32(Tensor counter, int seed) -> Tensor");
   // Probes q = probe_start .. probe_start + n_probes - 1 of the samples index [B], as a
   // [n_probes, B, *sample_shape] tensor of +-1 in dtype, on index's device.
   m.def(
@@ -93,6 +90,7 @@ TORCH_LIBRARY(memcore, m) {
 }
 
 #include "cross_entropy_replay.h"
+#include "curvature.h"
 
 namespace memcore {
 namespace cpu {
@@ -123,4 +121,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_ce_split_forward_replay", &memcore::replay::ce_split_forward_replay);
   m.def("_ce_split_backward_replay", &memcore::replay::ce_split_backward_replay);
   m.def("_ce_reduce_replay", &memcore::replay::ce_reduce_replay);
+  // the Philox4x32-10 words every curvature kernel draws its probes from, for known-answer tests
+  m.def("_philox4x32", &memcore::cpu::philox4x32_words);
 }

@@ -55,7 +55,6 @@ Tensor3 linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& hidden
                            int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> grad_mask);
 
 // curvature (csrc/cpu/curvature.cpp, csrc/cuda/curvature.cu)
-at::Tensor philox4x32(const at::Tensor& counter, int64_t seed);
 at::Tensor rademacher(const at::Tensor& index, int64_t seed, int64_t probe_start, int64_t n_probes,
                       at::IntArrayRef sample_shape, at::ScalarType dtype);
 at::Tensor rademacher_perturb(const at::Tensor& x, const at::Tensor& index, int64_t seed, int64_t probe_start,

@@ -8,11 +8,6 @@ import torch
 from .. import _C  # noqa: F401  (registers torch.ops.memcore.*)
 
 
-@torch.library.register_fake("memcore::philox4x32")
-def _philox4x32_fake(counter, seed):
-    return torch.empty_like(counter)
-
-
 @torch.library.register_fake("memcore::rademacher")
 def _rademacher_fake(index, seed, probe_start, n_probes, sample_shape, dtype):
     return index.new_empty((n_probes, index.shape[0], *sample_shape), dtype=dtype)
