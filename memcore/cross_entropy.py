@@ -1,5 +1,6 @@
 """The cross_entropy family's public wrapper, `memcore.accumulate`: cross-entropy that also records
-per-sample statistics in a Tracker. Ops, fake kernels and autograd: memcore/_ops/cross_entropy.py."""
+per-sample statistics in a Tracker. The ops' fake kernels: memcore/_ops/cross_entropy.py; their
+autograd: csrc/autograd/cross_entropy.cpp."""
 
 from typing import Optional
 
