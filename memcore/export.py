@@ -123,7 +123,7 @@ def _blocks(tracker_or_scores, rows: int) -> Tuple[Iterator[Dict[str, np.ndarray
 
     if isinstance(tracker_or_scores, Tracker):
         tr = tracker_or_scores
-        ctx = tr._score_context()  # the collectives (flush, open epoch, dataset tau) happen here, once
+        blocks = tr._score_blocks(rows)  # the collectives (flush, open epoch, dataset tau) happen here, once
         stem = "scores"
         if tr.shard:
             import torch.distributed as dist
@@ -131,11 +131,8 @@ def _blocks(tracker_or_scores, rows: int) -> Tuple[Iterator[Dict[str, np.ndarray
             stem = f"scores-{dist.get_rank():05d}-of-{dist.get_world_size():05d}"
 
         def gen():
-            n = tr._end - tr._start
-            for lo in range(0, max(n, 1), rows):
-                hi = min(lo + rows, n)
-                block = tr._scores_rows(ctx, lo, hi)
-                out = {"index": np.arange(tr._start + lo, tr._start + hi, dtype=np.int64)}
+            for first, block in blocks:
+                out = {"index": np.arange(first, first + len(block["csl"]), dtype=np.int64)}
                 out.update({k: v.numpy() for k, v in block.items()})
                 yield out
 
