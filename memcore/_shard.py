@@ -67,6 +67,14 @@ def check_agreement(fields: Dict[str, float], device: torch.device) -> None:
             )
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Collective: whether `flag` is True on any rank."""
+    dist = _dist()
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _fmt(v: torch.Tensor) -> str:
     x = float(v)
     return "None" if x != x else (str(int(x)) if x == int(x) else repr(x))
@@ -150,6 +158,31 @@ class Router:
             torch.cat([r[1] for r in rows]).double(),
             torch.cat([r[2] for r in rows]),
         )
+
+    def merge(
+        self, errors: torch.Tensor, epochs: int, grad: bool
+    ) -> Tuple[torch.Tensor, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+        """Collective: exchanges the buffered rows together with this rank's deferred error bits
+        (int32 [1]), completed epochs and whether it records input gradients. Returns the error bits
+        of every rank ORed, and the rows this rank commits (see ``exchange``; "grad" only when some
+        rank records input gradients). ValueError on every rank when their epoch counts differ."""
+        dev = errors.device
+        bits = errors.to(torch.int64)
+        # max-reduced with the rows: error bits, max and -min of the ranks' completed epochs (ranks that
+        # called end_epoch() unequally often would merge unrelated epochs), "some rank has grad rows"
+        flags = torch.cat(
+            [(bits & b).ne(0).to(torch.int64) for b in (1, 2, 4)]
+            + [torch.tensor([epochs, -epochs, int(grad)], device=dev)]
+        )
+        flags, got = self.exchange(flags)
+        hi, lo = int(flags[3]), -int(flags[4])
+        if hi != lo:  # on every rank alike: they all see the same reduced flags
+            raise ValueError(
+                f"memcore Trackers differ across ranks: their completed epochs range from {lo} to "
+                f"{hi}; every rank must call end_epoch() the same number of times (this rank's "
+                f"buffered rows were dropped)"
+            )
+        return (flags[:3] * torch.tensor([1, 2, 4], device=dev)).sum().to(torch.int32).view(1), got
 
     def exchange(
         self, flags: torch.Tensor

@@ -7,6 +7,32 @@ scores table against it.
     from memcore.scores import SCORES, suspicion
     SCORES["aum"].suspicious        # "low"
     suspicion("aum", s)             # -s: higher = more suspicious for every score
+
+Definitions (each a float64 CPU tensor, one entry per sample; samples never seen give NaN for the
+means and 0 for the sums):
+
+- ``csl``: cumulative sample loss, the sum of the sample's loss over every row ever seen.
+- ``csl_mean``: csl / rows, the mean loss per presentation (per token for sequences).
+- ``rows``: number of rows (presentations, or tokens) recorded.
+- ``last_loss``: mean loss over the sample's rows in the last epoch it was seen.
+- ``learning_time``: the first epoch (0-based) from which the sample was classified
+  correctly in every epoch it was seen; samples incorrect at their last epoch get the
+  number of epochs recorded (never learned).
+- ``forgetting``: number of correct -> incorrect transitions between consecutive epochs in
+  which the sample was seen (Toneva et al. 2019).
+- ``confidence_mean`` / ``confidence_std``: mean and (population) std of p(given label)
+  over presentations (dataset cartography, Swayamdipta et al. 2020).
+- ``aum``: mean margin, given-label logit minus the largest other logit (Pleiss et al. 2020).
+- ``correctness``: fraction of presentations predicted correctly.
+- ``input_grad_norm``: mean over presentations of the squared L2 norm of the gradient of
+  the sample's own loss w.r.t. its input (recorded with ``accumulate(..., inputs=x)``).
+- ``learning_time_formal``: the CSL paper's learning time (Ravikumar et al. 2025, Eq. 7):
+  the first epoch from whose end on the running mean (over the sample's presentations so
+  far) of that squared norm stays <= tau (default: the dataset mean of
+  ``input_grad_norm``); the number of epochs if it ends above tau. ("Stays" makes it
+  robust to input gradients that grow early in training, when the raw first crossing
+  would be epoch 0 for every sample.)
+The last two are NaN when input gradients were not recorded.
 """
 
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple

@@ -367,27 +367,10 @@ class Tracker:
                 idx, keep, vals = router.take_ce(dev)
                 S.commit(self._st, idx, vals, keep)  # rejected and ignored rows add nothing
             return
-        bits = self._errors.to(torch.int64)
-        # max-reduced with the rows: error bits, max and -min of the ranks' completed epochs (ranks that
-        # called end_epoch() unequally often would merge unrelated epochs), "some rank has grad rows"
-        flags = torch.cat(
-            [(bits & b).ne(0).to(torch.int64) for b in (1, 2, 4)]
-            + [
-                torch.tensor(
-                    [self.epochs, -self.epochs, int(bool(router.grad) or self._grad_start >= 0)], device=dev
-                )
-            ]
+        self._errors, got = router.merge(
+            self._errors, self.epochs, bool(router.grad) or self._grad_start >= 0
         )
-        flags, got = router.exchange(flags.to(dev))
-        hi, lo = int(flags[3]), -int(flags[4])
-        if hi != lo:  # on every rank alike: they all see the same reduced flags
-            raise ValueError(
-                f"memcore Trackers differ across ranks: their completed epochs range from {lo} to "
-                f"{hi}; every rank must call end_epoch() the same number of times (this rank's "
-                f"buffered rows were dropped)"
-            )
-        self._errors = (flags[:3] * torch.tensor([1, 2, 4], device=dev)).sum().to(torch.int32).view(1)
-        if int(flags[5]):
+        if "grad" in got:  # some rank records input gradients
             self._start_grad()
             gidx, gvals = got["grad"]
             S.commit_grad(self._st, gidx - self._start, gvals[:, 0], torch.ones_like(gidx))
@@ -428,13 +411,7 @@ class Tracker:
     def _open_epoch(self) -> bool:
         """Whether any row was recorded since the last end_epoch (on any rank when sharded)."""
         local = S.has_open_rows(self._st)
-        if not self.shard:
-            return local
-        import torch.distributed as dist
-
-        t = torch.tensor([int(local)], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return _shard.any_rank(local, self.device) if self.shard else local
 
     @_with_lock
     def end_epoch(self) -> None:
@@ -466,28 +443,7 @@ class Tracker:
         With ``shard=True`` each tensor covers this rank's samples only, and ``"index"`` (int64)
         holds their ids.
 
-        - ``csl``: cumulative sample loss, the sum of the sample's loss over every row ever seen.
-        - ``csl_mean``: csl / rows, the mean loss per presentation (per token for sequences).
-        - ``rows``: number of rows (presentations, or tokens) recorded.
-        - ``last_loss``: mean loss over the sample's rows in the last epoch it was seen.
-        - ``learning_time``: the first epoch (0-based) from which the sample was classified
-          correctly in every epoch it was seen; samples incorrect at their last epoch get the
-          number of epochs recorded (never learned).
-        - ``forgetting``: number of correct -> incorrect transitions between consecutive epochs in
-          which the sample was seen (Toneva et al. 2019).
-        - ``confidence_mean`` / ``confidence_std``: mean and (population) std of p(given label)
-          over presentations (dataset cartography, Swayamdipta et al. 2020).
-        - ``aum``: mean margin, given-label logit minus the largest other logit (Pleiss et al. 2020).
-        - ``correctness``: fraction of presentations predicted correctly.
-        - ``input_grad_norm``: mean over presentations of the squared L2 norm of the gradient of
-          the sample's own loss w.r.t. its input (recorded with ``accumulate(..., inputs=x)``).
-        - ``learning_time_formal``: the CSL paper's learning time (Ravikumar et al. 2025, Eq. 7):
-          the first epoch from whose end on the running mean (over the sample's presentations so
-          far) of that squared norm stays <= tau (default: the dataset mean of
-          ``input_grad_norm``); the number of epochs if it ends above tau. ("Stays" makes it
-          robust to input gradients that grow early in training, when the raw first crossing
-          would be epoch 0 for every sample.)
-        Both are NaN when input gradients were not recorded.
+        What each score is: ``memcore.SCORES`` and the definitions in memcore/scores.py.
         """
         _, out = next(self._score_blocks(max(self._end - self._start, 1)))
         if self.shard:
