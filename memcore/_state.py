@@ -114,16 +114,15 @@ def commit(st: State, index: torch.Tensor, vals: torch.Tensor, keep: Optional[to
         return
     sums, counts = st["sums"], st["counts"]
     zero = torch.zeros((), dtype=vals.dtype, device=vals.device)
-    if keep is not None:
-        index = torch.where(keep, index, torch.zeros_like(index))
+    if keep is not None:  # masked rows point at sample 0 and add zeros (exactly nothing: sums are never -0.0)
+        index = index * keep
         vals = torch.where(keep[:, None], vals, zero)
     # the epoch's first rows of a sample replace its last_loss by 0 in the shared slot. Every row of a
-    # sample writes the same value, so the scatter has no conflicting writes; masked rows point at
-    # sample 0 and write what its own rows (if any) write.
+    # sample writes the same value, so the scatter has no conflicting writes; masked rows write what
+    # sample 0's own rows write, or its value unchanged when it has none here.
     fresh = counts[:, C_ROWS_E].index_select(0, index) == 0
     if keep is not None:
-        first0 = (keep & (index == 0)).any() & (counts[0, C_ROWS_E] == 0)
-        fresh = torch.where(keep, fresh, first0)
+        fresh = fresh & (keep | (keep & (index == 0)).any())
     flat = sums.view(-1)  # one contiguous tensor: ATen would copy a strided column view whole
     slot = index * NUM_SUMS + S_LAST
     flat.index_put_((slot,), torch.where(fresh, zero, flat.index_select(0, slot)))
