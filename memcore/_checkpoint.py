@@ -391,6 +391,11 @@ def read_manifest(path: str) -> Dict[str, Any]:
         m = json.load(f)
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{mpath} is not a memcore sharded-tracker manifest")
+    try:
+        for key in ("num_samples", "world_size"):
+            m[key] = as_int(m.get(key), f"{key!r}", minimum=1)
+    except (TypeError, ValueError) as e:  # a malformed file is a ValueError, whatever is wrong in it
+        raise ValueError(f"manifest {mpath}: {e}") from None
     return m
 
 

@@ -9,7 +9,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from ._validate import as_int
+from ._validate import as_float, as_int
 from .scores import LOW_IS_SUSPICIOUS  # noqa: F401  (re-exported: scores suspicious when low)
 
 
@@ -83,9 +83,7 @@ def ranked_issues(
     s = _suspicion(scores, by)
     order = np.argsort(-s, kind="stable")
     if fraction is not None:
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        top = int(round(fraction * len(s)))
+        top = int(round(as_float(fraction, "fraction", minimum=0.0, maximum=1.0) * len(s)))
     return order if top is None else order[:top]
 
 
@@ -222,6 +220,7 @@ def gather_scores(tracker, dst: int = 0) -> Optional[Dict[str, torch.Tensor]]:
     ``"index"`` = 0..N-1); None on the other ranks. A collective (call on every rank). It holds the
     whole dataset's scores on ``dst`` (about 100 bytes per sample): for small N. Unsharded trackers
     already hold everything: their ``scores()`` is returned."""
+    dst = as_int(dst, "dst", minimum=0)
     if not tracker.shard:
         return tracker.scores()
     import torch.distributed as dist

@@ -21,6 +21,10 @@ def test_ranked_issues_and_quality():
     assert order[0] == 1 and order[-1] == 4  # worst loss first, unseen last
     assert list(export.ranked_issues(s, by="aum", top=2)) == [1, 3]  # low margin = suspicious
     assert len(export.ranked_issues(s, fraction=0.4)) == 2
+    with pytest.raises(ValueError, match="fraction"):
+        export.ranked_issues(s, fraction=1.5)
+    with pytest.raises(TypeError, match="fraction"):
+        export.ranked_issues(s, fraction="0.4")
     q = export.label_quality_scores(s)
     assert q[1] == 0.0 and q[4] == 1.0 and ((q >= 0) & (q <= 1)).all()
     with pytest.raises(KeyError, match="nope"):
