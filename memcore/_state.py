@@ -21,7 +21,8 @@ with input gradients recorded (allocated on first use):
 Commits are deterministic: every call adds its rows with one ``index_put_(accumulate=True)`` per
 state tensor, which adds the rows of one sample in a fixed order (CPU: serially, in row order;
 CUDA: after a stable sort of the ids, each id's rows in row order, without atomics). The same rows
-give bitwise the same state on one device, however often ids repeat.
+give bitwise the same state on one device, however often ids repeat. (Inside torch.compile on CUDA,
+inductor turns index_put_ into atomic adds unless torch.use_deterministic_algorithms(True) is set.)
 """
 
 import os
@@ -105,6 +106,13 @@ def values(loss: torch.Tensor, row_stats: torch.Tensor) -> torch.Tensor:
     return torch.cat([loss[:, None].double(), row_stats.double()], 1)
 
 
+def _put(t: torch.Tensor, index: torch.Tensor, values: torch.Tensor, accumulate: bool) -> None:
+    """t.index_put_((index,), values, accumulate) without its range check: the ids are in range by
+    construction (masked rows point at sample 0). The check reads the ids' extremes back to the host
+    on some torch versions, which a CUDA-graph capture forbids, and costs launches on every other."""
+    torch.ops.aten._index_put_impl_(t, (index,), values, accumulate, True)
+
+
 @torch.no_grad()
 def commit(st: State, index: torch.Tensor, vals: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
     """Adds rows into the state: index int64 [n] (state-local ids), vals float64 [n, 4] (V_* columns),
@@ -125,19 +133,15 @@ def commit(st: State, index: torch.Tensor, vals: torch.Tensor, keep: Optional[to
         fresh = fresh & (keep | (keep & (index == 0)).any())
     flat = sums.view(-1)  # one contiguous tensor: ATen would copy a strided column view whole
     slot = index * NUM_SUMS + S_LAST
-    flat.index_put_((slot,), torch.where(fresh, zero, flat.index_select(0, slot)))
+    _put(flat, slot, torch.where(fresh, zero, flat.index_select(0, slot)), False)
     p = vals[:, V_PROB]
     none = torch.zeros_like(p)
     # columns in S_* order: S_LOSS (added at the epoch's close), S_LAST, S_PROB, S_PROB_SQ, S_MARGIN
-    sums.index_put_(
-        (index,), torch.stack([none, vals[:, V_LOSS], p, p * p, vals[:, V_MARGIN]], 1), accumulate=True
-    )
+    _put(sums, index, torch.stack([none, vals[:, V_LOSS], p, p * p, vals[:, V_MARGIN]], 1), True)
     one = torch.ones_like(index, dtype=torch.int32) if keep is None else keep.to(torch.int32)
     nonei = torch.zeros_like(one)
     # C_* order: C_ROWS, C_CORRECT (added at the epoch's close), C_ROWS_E, C_CORRECT_E
-    counts.index_put_(
-        (index,), torch.stack([nonei, nonei, one, vals[:, V_CORRECT].to(torch.int32)], 1), accumulate=True
-    )
+    _put(counts, index, torch.stack([nonei, nonei, one, vals[:, V_CORRECT].to(torch.int32)], 1), True)
 
 
 @torch.no_grad()
@@ -149,8 +153,8 @@ def commit_grad(st: State, index: torch.Tensor, sq: torch.Tensor, rows: torch.Te
     keep = rows != 0
     index = torch.where(keep, index, torch.zeros_like(index))
     sq = torch.where(keep, sq.double(), torch.zeros((), dtype=torch.float64, device=sq.device))
-    st["grad_sq_sum"].index_put_((index,), sq, accumulate=True)
-    st["grad_rows"].index_put_((index,), keep.to(torch.int32), accumulate=True)
+    _put(st["grad_sq_sum"], index, sq, True)
+    _put(st["grad_rows"], index, keep.to(torch.int32), True)
 
 
 def grad_mean(st: State) -> torch.Tensor:

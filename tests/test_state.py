@@ -166,7 +166,7 @@ def test_a_flush_issues_a_bounded_number_of_ops_and_copies_no_state(buffered):
     assert 0 < flush_ops <= FLUSH_OPS, [e.name for e in flushes]
     # every accumulating index_put_ targets a whole contiguous state tensor (CUDA copies a strided
     # column view whole, twice per call)
-    targets = {tuple(e.input_shapes[0]) for e in flushes if e.name == "aten::index_put_"}
+    targets = {tuple(e.input_shapes[0]) for e in flushes if e.name == "aten::_index_put_impl_"}
     assert targets == {(s, S.NUM_SUMS), (s, S.NUM_COUNTS), (s * S.NUM_SUMS,)}, targets
     for e in flushes:
         if e.name in COPIES:
