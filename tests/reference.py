@@ -133,3 +133,40 @@ def run_tracker(epochs, num_samples, device, **kw):
             memcore.accumulate(logits.to(device), targets.to(device), index.to(device), tr)
         tr.end_epoch()
     return tr
+
+
+def run_concurrently(fn, n):
+    """Runs fn() in n threads that start together (a barrier); returns the exceptions they raised."""
+    import threading
+
+    start, errors = threading.Barrier(n), []
+
+    def worker():
+        try:
+            start.wait()
+            fn()
+        except Exception as e:  # noqa: BLE001 - returned for the caller's assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def init_gloo(rank, world, init_file, timeout_s=60):
+    """A gloo process group over a file rendezvous: a collective that waits longer than timeout_s
+    fails instead of hanging."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )

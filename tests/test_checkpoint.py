@@ -3,12 +3,11 @@ files, validation of every malformed state (a rejected load changes nothing), fo
 Sharded checkpoints on several world sizes: tests/test_shard.py."""
 
 import os
-import threading
 
 import numpy as np
 import pytest
 import torch
-from reference import assert_same_state, random_batches, run_tracker, trained_tracker
+from reference import assert_same_state, random_batches, run_concurrently, run_tracker, trained_tracker
 
 import memcore
 
@@ -129,23 +128,12 @@ def test_save_load_weights_only_round_trip(tmp_path):
 def test_concurrent_saves_to_one_path(tmp_path):
     tr = trained_tracker()
     path = str(tmp_path / "t.pt")
-    errors = []
-    start = threading.Barrier(6)
 
-    def worker():
-        start.wait()
+    def saves():
         for _ in range(5):
-            try:
-                tr.save(path)
-            except Exception as e:  # noqa: BLE001 - collected for the assertion
-                errors.append(e)
+            tr.save(path)
 
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_concurrently(saves, 6) == []
     assert os.listdir(tmp_path) == ["t.pt"]  # no temporary files left behind
     back = memcore.Tracker(tr.num_samples)
     back.load(path)

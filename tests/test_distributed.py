@@ -1,4 +1,5 @@
-"""Two gloo processes on CPU: every rank ends with the scores of a single-process run."""
+"""Two gloo processes on CPU: every rank ends with the scores of a single-process run, input-gradient
+statistics included; ranks whose trackers differ get a clear error. Sharded trackers: test_shard.py."""
 
 import os
 import sys
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from reference import init_gloo
 
 import memcore
 
@@ -29,7 +31,7 @@ def _epochs():
 
 def _worker(rank, world, init_file, out_file):
     sys.path.insert(0, os.path.dirname(__file__))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, init_file)
     try:
         tracker = memcore.Tracker(S, device="cpu")
         for e, batches in enumerate(_epochs()):
@@ -65,17 +67,7 @@ def test_two_ranks_match_single_process(tmp_path):
 
 
 def _dist_worker(rank, world, init_file, out_file, mode):
-    import datetime
-
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, world, init_file)
     try:
         if mode == "mismatch":
             tr = memcore.Tracker(24 + rank)  # the misuse: ranks disagree on num_samples

@@ -1,13 +1,11 @@
 """Tracker statistics against a plain-PyTorch reference: repeated indices, epochs, samples missing from
 epochs, flushes, threads, memory-mapped storage. Checkpoints: tests/test_checkpoint.py."""
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import epoch_sums, random_batches, run_tracker
+from reference import epoch_sums, random_batches, run_concurrently, run_tracker
 from reference import scores as ref_scores
 
 import memcore
@@ -274,27 +272,16 @@ def test_concurrent_accumulate_loses_no_rows(with_inputs, flush_every, n, calls)
     z = torch.randn(n, 8, generator=g)
     y = torch.randint(0, 8, (n,), generator=g)
     idx = torch.randint(0, s, (n,), generator=g)  # heavy repetition: n / 64 rows per sample
-    start = threading.Barrier(2)
-    errors = []
 
-    def worker():
-        try:
-            start.wait()
-            for _ in range(calls):
-                if with_inputs:
-                    x = torch.zeros(n, 1, requires_grad=True)
-                    memcore.accumulate(z + x, y, idx, tr, inputs=x).backward()
-                else:
-                    memcore.accumulate(z, y, idx, tr)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+    def steps():
+        for _ in range(calls):
+            if with_inputs:
+                x = torch.zeros(n, 1, requires_grad=True)
+                memcore.accumulate(z + x, y, idx, tr, inputs=x).backward()
+            else:
+                memcore.accumulate(z, y, idx, tr)
 
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_concurrently(steps, 2) == []
     sc = tr.scores()
     assert int(sc["rows"].sum()) == 2 * calls * n
     want = torch.zeros(s, dtype=torch.float64).index_add_(
