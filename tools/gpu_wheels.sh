@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Downloads (here, where pip can reach the registry) the wheels the GPU checks need but the device
-# machine's image lacks, into .whl/ (git-ignored), for the device tool to carry:
-#   bash scripts/gpu_wheels.sh        then run(..., carry=[".whl"]) with scripts/gpu_session.sh
-# liger-kernel is pure Python (Triton); its needs, torch and triton, are in the image.
+# Downloads, where pip can reach the package index, the wheels the GPU checks need but a GPU
+# machine's Python may lack, into .whl/ (git-ignored); tools/gpu_session.sh installs them from there,
+# so a machine without network access gets them by copying .whl/ along with the tree:
+#   bash tools/gpu_wheels.sh
+# liger-kernel is pure Python (Triton); its needs, torch and triton, come with a CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
