@@ -24,16 +24,17 @@ class Goal(NamedTuple):
 
 def ratio(metric: str, a: str, b: str, scale=1.0, offset=0.0, label="{shape} {dtype}", **match):
     """scale * (a / b - offset): ``metric`` of variant ``a`` over variant ``b`` in the same case,
-    shape, dtype and device; ``match``: column -> allowed values (e.g. shape=(...))."""
+    shape, dtype, device and thread count; ``match``: column -> allowed values (e.g. shape=(...))."""
 
     def figure(rows):
         rows = select(rows, metric, match)
+        threads = rows.threads.nunique() > 1  # then the case names its thread count
         out = []
-        for _, g in rows.groupby(["case", "shape", "dtype", "device"], sort=False):
+        for _, g in rows.groupby(["case", "shape", "dtype", "device", "threads"], sort=False):
             v = g.set_index("variant").value
             if a in v and b in v:
-                pair = g[g.variant.isin([a, b])]
-                out.append((label.format(**g.iloc[0]), scale * (v[a] / v[b] - offset), pair, ""))
+                case = label.format(**g.iloc[0]) + (f", threads {g.threads.iloc[0]}" if threads else "")
+                out.append((case, scale * (v[a] / v[b] - offset), g[g.variant.isin([a, b])], ""))
         return out
 
     return figure

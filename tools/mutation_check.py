@@ -4,8 +4,8 @@
 Each mutant is one textual replacement in one file of memcore/ (it must match exactly once). For
 each, memcore/ (with its built extension) is copied to a temporary directory, the mutant applied
 there, and the tests named for it run against that copy; the mutant is killed when they fail.
-The unmutated copy must pass the same tests first. The kernels are not mutated here (that needs
-a rebuild per mutant); every kernel mutant of the last hand-run check was caught.
+The unmutated copy must pass the same tests first. The kernels are not mutated here: that needs a
+rebuild per mutant.
 
     python tools/mutation_check.py              # all mutants
     python tools/mutation_check.py -k lock      # those whose name contains "lock"
