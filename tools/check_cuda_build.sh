@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the CUDA extension (no GPU needed) in .venv-cuda against the CUDA build of torch, out of
-# tree in build/cuda, then imports it and checks the CUDA kernels are registered; where a GPU is
-# present it also runs the test suite on it. Fails on any CUDA compile error, and when the compiled
-# kernels break the static goals of tools/sass_report.py --check (spills, instructions per element).
+# tree in build/cuda, then imports it, checks the CUDA kernels are registered and runs the test suite
+# against that build (on the GPU where one is present). Fails on any CUDA compile error, and when the
+# compiled kernels break the static goals of tools/sass_report.py --check (spills, instructions per
+# element).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
