@@ -660,7 +660,7 @@ def preamble(before_label: Optional[str] = None) -> str:
     )
     return (
         "Per kernel, the hot loop of the large-vocabulary launch (16-byte loads, a block per row), read from the "
-        "SASS by `benchmarks/sass_report.py`. instr/elem: instructions per element on the loop's hot path "
+        "SASS by `tools/sass_report.py`. instr/elem: instructions per element on the loop's hot path "
         "(forward+grad: both passes); half-rate: ALU + IMAD-pipe instructions (16 lanes a cycle); mufu: "
         "transcendental/conversion unit; cyc/elem: per-SMSP cycles per element by the pipe model; "
         "slots/elem: instruction issue slots per element at full HBM bandwidth (4 warp instructions per SM "
