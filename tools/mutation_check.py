@@ -4,12 +4,12 @@
 Each mutant is one textual replacement in one file of memcore/ (it must match exactly once). For
 each, memcore/ (with its built extension) is copied to a temporary directory, the mutant applied
 there, and the tests named for it run against that copy; the mutant is killed when they fail.
-The unmutated copy must pass the same tests first. The kernels are not mutated here (that needs
-a rebuild per mutant); every kernel mutant of the last hand-run check was caught.
+The unmutated copy must pass the same tests first. The kernels are not mutated here: that needs a
+rebuild per mutant.
 
-    python scripts/mutation_check.py              # all mutants
-    python scripts/mutation_check.py -k lock      # those whose name contains "lock"
-    python scripts/mutation_check.py --list
+    python tools/mutation_check.py              # all mutants
+    python tools/mutation_check.py -k lock      # those whose name contains "lock"
+    python tools/mutation_check.py --list
 
 Exit status 0 when every selected mutant is killed.
 """
@@ -40,8 +40,7 @@ LOAD = [
 
 # (name, file under memcore/, old text, new text, tests: files or node ids under tests/)
 MUTANTS = [
-    # the five that survived the first check (issue "Reliability", item 11), re-targeted to the compact
-    # state (memcore/_layout.py): "prev_correct" is learned_since >= 0 there
+    # the per-sample state (memcore/_layout.py): "prev_correct" is learned_since >= 0 there
     (
         "prev_correct lost",
         "_layout.py",
@@ -77,7 +76,7 @@ MUTANTS = [
         "pass",
         ["test_reliability.py::test_input_gradient_statistics_are_merged_across_ranks"],
     ),
-    # the fixes of the same issue
+    # checkpoints, locking and input validation
     (
         "load with weights_only=False",
         "_io.py",
