@@ -1,4 +1,5 @@
-"""Sharded tracker at dataset scale, on this machine's CPU with gloo ranks.
+"""The shard suite: the tracker's state per sample, and the sharded tracker at dataset scale, on this
+machine's CPU with gloo ranks.
 
     python benchmarks/bench_shard.py bytes                 # bytes per sample, dense and sharded
     python benchmarks/bench_shard.py scale N [--world 2] [--no-scores]
@@ -11,7 +12,8 @@ Prints one JSON line per measurement; with --store (benchmarks/results.csv) also
 to the benchmark store as suite "shard" rows (case "state": bytes_per_sample per layout; "scale":
 per-rank state, peak RSS, end_epoch / to_parquet times, worst rank and fastest; "step, W gloo
 ranks": interleaved step medians and the sharded / unsharded ratio), which benchmarks/render.py
-turns into RESULTS.md. MEMCORE_BENCH_NOTE or --note is stored as each row's note.
+turns into RESULTS.md. MEMCORE_BENCH_NOTE or --note is stored as each row's note. Under pytest (the
+benchmark smoke run) only the bytes measurement runs, unstored.
 """
 
 import argparse
@@ -32,7 +34,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import memcore  # noqa: E402
 from benchmarks import store  # noqa: E402
 from benchmarks.curvature_reference import small_cnn  # noqa: E402  (the model its rows name)
+from benchmarks.goals import Goal, value  # noqa: E402
 from memcore import export  # noqa: E402
+
+TITLE = "Dataset scale: compact and sharded tracker state"
+BY_CASE = True
+NOTES = """
+*state*: `Tracker.state_bytes()` per sample (what `state_dict()` holds) per layout; sharded, each rank
+holds as much per sample for ceil(N / world) samples. *scale*: `python benchmarks/bench_shard.py scale N
+--no-scores`, an N-sample sharded tracker over gloo ranks: state per rank, peak RSS after `end_epoch()`
+and after `to_parquet()` (the largest rank), times of the slowest rank (_min: the fastest), the Parquet
+file per rank. *step*: `python benchmarks/bench_shard.py step`, a small CNN under DDP on every rank (both
+variants sync gradients every step), 128-row batches, a flush every 64 steps; a round runs both variants
+back to back (alternating order); medians over rounds of the mean step time, interleaved_ratio sharded
+over unsharded. No confidence interval is recorded: on a loaded machine a few percent is within its noise.
+"""
+GOALS = [
+    Goal("tracker state ≤ 64 bytes per sample (no input gradients; per rank: / world when sharded)", "cpu",
+         value("bytes_per_sample", label="{variant}, {shape} samples", case="state", variant="dense"),
+         "<=", 64.0, "{:.1f} B", "python benchmarks/bench_shard.py bytes --store benchmarks/results.csv"),
+    Goal("sharded routing ≤ 1 % of a training step (interleaved)", "cpu",
+         value("interleaved_ratio", 100, 1, "{case}, {shape}", variant="sharded"), "<=", 1.0, "{:+.1f} %",
+         "python benchmarks/bench_shard.py step --world 2 --store benchmarks/results.csv (on a quiet machine)"),
+]  # fmt: skip
 
 
 def _rss_mb() -> float:
@@ -66,7 +90,7 @@ def _rows(case, variant, shape, figures, units, **kw):
         variant=variant,
         shape=shape,
         device="cpu",
-        machine=store.machine("cpu"),
+        machine=store.machine(),
         date=store.now(),
         torch=torch.__version__,
         **kw,
@@ -245,6 +269,12 @@ def _step_rows(rec) -> list:
         dtype="float32",
         threads=1,
     )
+
+
+def test_bytes_per_sample():
+    """The bytes measurement runs and gives one row per layout, dense first."""
+    rows = bytes_per_sample()
+    assert rows[0]["variant"] == "dense" and all(float(r["value"]) > 0 for r in rows)
 
 
 def main() -> None:

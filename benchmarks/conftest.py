@@ -47,7 +47,6 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "bench_full: heavy benchmark case, runs only with --bench-full")
     threads = config.getoption("--bench-threads", default=None) or os.environ.get(THREADS_ENV)
     if threads:
         import torch

@@ -1,5 +1,5 @@
 """The reference algorithm for input-loss curvature, re-implemented plainly the way the public
-implementation of Garg et al. computes it, for benchmarks/test_bench_curvature.py only:
+implementation of Garg et al. computes it, for benchmarks/bench_curvature.py only:
 
 - a Python loop over probes;
 - for each probe, the clean forward AND the perturbed forward, and one backward through both

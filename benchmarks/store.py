@@ -1,9 +1,10 @@
 """The benchmark store: benchmarks/results.csv, one tidy row per measured figure.
 
-Every suite appends here (the pytest suites through ``--bench-store`` in conftest.py, the curvature
-script through ``append``); ``python -m benchmarks.render`` turns the store into RESULTS.md. Each row
-carries the git commit and whether the working tree had changes, so a run of modified code can be
-told apart (and is not published by default).
+Every suite appends here: the pytest suites through ``--bench-store`` (conftest.py), the scripts
+(bench_curvature, bench_shard, bench_stability, tools/sass_report) through ``append``;
+``python -m benchmarks.render`` turns the store into RESULTS.md. Each row carries the git commit and
+whether the working tree had changes, so a figure of modified code can be told apart (RESULTS.md shows
+it, marked, only where no figure of a clean tree exists).
 """
 
 import csv
@@ -16,23 +17,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 STORE = Path(__file__).resolve().parent / "results.csv"
-COLUMNS = (
-    "suite",
-    "case",
-    "variant",
-    "shape",
-    "dtype",
-    "device",
-    "machine",
-    "threads",
-    "metric",
-    "value",
-    "unit",
-    "date",
-    "torch",
-    "commit",
-    "dirty",
-    "note",
+COLUMNS = tuple(
+    "suite case variant shape dtype device machine threads metric value unit date torch commit dirty note".split()
 )
 OUTPUTS = ("benchmarks/results.csv", "benchmarks/RESULTS.md", "benchmarks/scaling.png")  # not "changes"
 
@@ -70,7 +56,7 @@ def cpu_model() -> str:
     return model
 
 
-def machine(device: str, gpu: Optional[str] = None) -> str:
+def machine(gpu: Optional[str] = None) -> str:
     """The device in words: the GPU's name, or the CPU model and core count."""
     return gpu or f"{cpu_model()}, {os.cpu_count()} cores"
 
@@ -100,77 +86,33 @@ def append(rows: Iterable[Dict[str, str]], path: os.PathLike = STORE) -> int:
     return len(rows)
 
 
-def _timing(base: dict, stats: dict) -> List[Dict[str, str]]:
-    return [
-        row(**base, metric="median_ms", value=1e3 * float(stats["median"]), unit="ms"),
-        row(**base, metric="iqr_ms", value=1e3 * float(stats.get("iqr", 0.0)), unit="ms"),
-        row(**base, metric="rounds", value=int(stats.get("rounds", 0)), unit="count"),
-    ]
-
-
 def rows_from_benchmark(bench: dict, common: dict) -> List[Dict[str, str]]:
-    """The rows of one pytest-benchmark entry (its ``stats`` and ``extra_info``); ``common`` holds
-    date, torch, commit, dirty, note. Benchmarks without a ``kernel`` in extra_info give none."""
+    """The rows of one pytest-benchmark entry; ``common`` holds date, torch, commit, dirty, note.
+
+    Its ``extra_info`` names the rows' fields (suite, case, variant, shape, dtype, device, threads;
+    ``cases``: one measurement shown in several tables). A timed entry gives median_ms, iqr_ms and rounds
+    from its stats; ``figures`` ({metric: (value, unit)}) and ``rows`` (field dicts, e.g. one per variant
+    of an interleaved round) give the rest. Entries without a suite (not meant for the store) give none."""
     info, stats = bench.get("extra_info") or {}, bench.get("stats") or {}
-    kernel, device = info.get("kernel"), str(info.get("device", ""))
-    if not kernel or not stats:
+    if not info.get("suite") or not stats:
         return []
     base = dict(
-        common,
-        variant=info.get("variant"),
-        dtype=info.get("dtype"),
-        device=device,
-        threads=info.get("threads"),
-        shape=info.get("shape"),
+        common, **{k: info.get(k) for k in ("suite", "variant", "shape", "dtype", "device", "threads")}
     )
-    base["machine"] = info.get("gpu") or common.get("machine") or machine(device)
-    if kernel in ("cross_entropy", "d2d_copy"):
-        base.update(suite="cross_entropy", case="loss" if kernel == "cross_entropy" else "d2d_copy")
-        out = _timing(base, stats)
-        if info.get("bytes_moved"):
-            out.append(row(**base, metric="bytes_moved", value=int(info["bytes_moved"]), unit="B"))
-        return out
-    if kernel == "scaling":
-        out = []
-        for sweep in info.get("sweeps") or []:  # one row per table the case belongs to
-            case = dict(base, suite="scaling", case=f"loss vs {sweep}")
-            out += _timing(case, stats)
-            if info.get("peak_mem_mb") is not None:
-                out.append(row(**case, metric="peak_mib", value=info["peak_mem_mb"], unit="MiB"))
-        return out
-    if kernel == "tracker_scaling":
-        base.update(suite="scaling", case="tracker", shape=info["num_samples"])
-        out = _timing(base, stats)
-        out += [
-            row(**base, metric=m, value=info[k], unit="MiB")
-            for m, k in (("state_mib", "state_mb"), ("peak_mib", "peak_mem_mb"))
-            if info.get(k) is not None
-        ]
-        return out
-    if kernel == "linear_cross_entropy":  # benchmarks/test_bench_linear_ce.py
-        base.update(suite="linear_cross_entropy", case="fwd+bwd")
-        out = _timing(base, stats)
-        if info.get("peak_mib") is not None:
-            out.append(row(**base, metric="peak_mib", value=info["peak_mib"], unit="MiB"))
-        return out
-    if kernel == "training_step":
-        base.update(suite="training_step", case=info["model"])
-        if info.get("variant") != "interleaved":
-            return _timing(base, stats)
-        out = []
-        for v, e in (info.get("interleaved") or {}).items():
+    base["machine"] = info.get("gpu") or common.get("machine") or machine()
+    out = []
+    for case in info.get("cases") or [info.get("case")]:
+        b = dict(base, case=case)
+        if info.get("timed", True):
             out += [
-                row(**dict(base, variant=v), metric="interleaved_median_ms", value=e["median_ms"], unit="ms"),
-                row(**dict(base, variant=v), metric="interleaved_rounds", value=e["n"], unit="count"),
+                row(**b, metric="median_ms", value=1e3 * float(stats["median"]), unit="ms"),
+                row(**b, metric="iqr_ms", value=1e3 * float(stats.get("iqr", 0.0)), unit="ms"),
+                row(**b, metric="rounds", value=int(stats.get("rounds", 0)), unit="count"),
             ]
-        for v, e in (info.get("overhead") or {}).items():  # median per-round ratio to plain, 95 % CI
-            out += [
-                row(**dict(base, variant=v), metric=f"interleaved_ratio{s}", value=e[k], unit="ratio")
-                for s, k in (("", "ratio"), ("_lo", "lo"), ("_hi", "hi"))
-                if e.get(k) is not None
-            ]
-        return out
-    raise ValueError(f"benchmark {bench.get('name')!r}: unknown kernel {kernel!r} (add it to store.py)")
+        figures = (info.get("figures") or {}).items()
+        out += [row(**b, metric=m, value=v, unit=u) for m, (v, u) in figures if v is not None]
+        out += [row(**{**b, **r}) for r in info.get("rows") or []]
+    return out
 
 
 def rows_from_pytest(doc: dict, commit: str, dirty: str, note: str = "") -> List[Dict[str, str]]:

@@ -1,5 +1,6 @@
 """Per-sample state across torch.distributed ranks: which rank owns which samples, the buffer that
-routes rows to their owner, the agreement check of the ranks' settings, and per-rank checkpoints.
+routes rows to their owner, and the agreement check of the ranks' settings (per-rank checkpoints:
+memcore/_checkpoint.py).
 
 Ownership is by contiguous ranges: rank r owns ids [r * chunk, min((r + 1) * chunk, N)) with
 chunk = ceil(N / world). Every rank holds exactly `chunk` (or fewer, for the last) samples whatever
@@ -17,17 +18,11 @@ sharding (``Tracker(distributed=True)``) the same exchange sends every row to ev
 rank commits the same rows in the same order and holds the same state.
 """
 
-import json
-import os
-import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
-from ._io import atomic_save, load_plain
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "memcore-tracker-shards"
+from . import _state as S
 
 
 def _dist():
@@ -70,6 +65,14 @@ def check_agreement(fields: Dict[str, float], device: torch.device) -> None:
                 f"Tracker settings differ across ranks: {k} ({vals}); construct the tracker "
                 f"with the same arguments on every rank"
             )
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Collective: whether `flag` is True on any rank."""
+    dist = _dist()
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _fmt(v: torch.Tensor) -> str:
@@ -122,8 +125,8 @@ class Router:
         )
 
     def take_ce(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The buffered ce rows as (int64 ids [n], bool keep [n], float64 [n, 4] loss, p, margin,
-        correct), emptying the buffer; no host sync."""
+        """The buffered ce rows as (int64 ids [n], bool keep [n], float64 [n, 4] values for
+        memcore._state.commit), emptying the buffer; no host sync."""
         rows, self.ce = self.ce, []
         if not rows:
             return (
@@ -142,9 +145,7 @@ class Router:
             keep = (targets != ignore.pop()) & (status == 0)
         else:
             keep = torch.cat([r[1] != r[5] for r in rows]) & (status == 0)
-        loss = torch.cat([r[2] for r in rows]).double()
-        vals = torch.cat([loss[:, None], torch.cat([r[3] for r in rows]).double()], 1)
-        return idx, keep, vals
+        return idx, keep, S.values(torch.cat([r[2] for r in rows]), torch.cat([r[3] for r in rows]))
 
     def take_grad(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The buffered input-gradient rows as (int64 ids, float64 squared norms, recorded flags)."""
@@ -157,6 +158,31 @@ class Router:
             torch.cat([r[1] for r in rows]).double(),
             torch.cat([r[2] for r in rows]),
         )
+
+    def merge(
+        self, errors: torch.Tensor, epochs: int, grad: bool
+    ) -> Tuple[torch.Tensor, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+        """Collective: exchanges the buffered rows together with this rank's deferred error bits
+        (int32 [1]), completed epochs and whether it records input gradients. Returns the error bits
+        of every rank ORed, and the rows this rank commits (see ``exchange``; "grad" only when some
+        rank records input gradients). ValueError on every rank when their epoch counts differ."""
+        dev = errors.device
+        bits = errors.to(torch.int64)
+        # max-reduced with the rows: error bits, max and -min of the ranks' completed epochs (ranks that
+        # called end_epoch() unequally often would merge unrelated epochs), "some rank has grad rows"
+        flags = torch.cat(
+            [(bits & b).ne(0).to(torch.int64) for b in (1, 2, 4)]
+            + [torch.tensor([epochs, -epochs, int(grad)], device=dev)]
+        )
+        flags, got = self.exchange(flags)
+        hi, lo = int(flags[3]), -int(flags[4])
+        if hi != lo:  # on every rank alike: they all see the same reduced flags
+            raise ValueError(
+                f"memcore Trackers differ across ranks: their completed epochs range from {lo} to "
+                f"{hi}; every rank must call end_epoch() the same number of times (this rank's "
+                f"buffered rows were dropped)"
+            )
+        return (flags[:3] * torch.tensor([1, 2, 4], device=dev)).sum().to(torch.int32).view(1), got
 
     def exchange(
         self, flags: torch.Tensor
@@ -215,137 +241,3 @@ class Router:
             dist.all_to_all_single(r_vals, vals, r_split, s_split)
             out[name] = (r_idx, r_vals)
         return flags, out
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-def shard_file(token: str, rank: int, world: int) -> str:
-    return f"shard-{token}-{rank:05d}-of-{world:05d}.pt"
-
-
-def new_token(device: torch.device) -> str:
-    """A save id chosen on rank 0 and broadcast (collective), naming this save's shard files."""
-    dist = _dist()
-    t = torch.tensor([uuid.uuid4().int & ((1 << 62) - 1)], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=0)
-    return f"{int(t):016x}"
-
-
-def all_ok(ok: bool, device: torch.device) -> bool:
-    dist = _dist()
-    t = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def save_shards(
-    path: str, shard_state: Dict[str, Any], num_samples: int, world: int, rank: int, device: torch.device
-) -> None:
-    """Collective: every rank writes its shard file under directory `path` (atomic rename), then rank 0
-    writes the manifest (atomic) naming this save's files and removes the previous save's files.
-    A crash before the manifest is replaced leaves the previous checkpoint whole."""
-    token = new_token(device)
-    os.makedirs(path, exist_ok=True)
-    err: Optional[BaseException] = None
-    try:
-        atomic_save({**shard_state, "token": token}, os.path.join(path, shard_file(token, rank, world)))
-    except BaseException as e:  # noqa: BLE001  (reported after the ranks agreed on failure)
-        err = e
-    if not all_ok(err is None, device):
-        if err is not None:
-            raise err
-        raise RuntimeError(
-            f"saving the sharded tracker to {path!r} failed on another rank; the previous "
-            f"checkpoint there is unchanged"
-        )
-    if rank == 0:
-        files = [shard_file(token, r, world) for r in range(world)]
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "version": shard_state["version"],
-            "num_samples": num_samples,
-            "world_size": world,
-            "token": token,
-            "epochs": shard_state["epochs"],
-            "ranges": [list(range_of(num_samples, world, r)) for r in range(world)],
-            "files": files,
-        }
-        tmp = os.path.join(path, f"{MANIFEST}.tmp{os.getpid()}-{token}")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(path, MANIFEST))
-        for name in os.listdir(path):
-            if name.startswith("shard-") and name.endswith(".pt") and name not in files:
-                try:
-                    os.remove(os.path.join(path, name))
-                except OSError:
-                    pass
-    all_ok(True, device)  # nobody returns before the manifest names the new files
-
-
-def read_manifest(path: str) -> Dict[str, Any]:
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isfile(mpath):
-        raise FileNotFoundError(f"{path!r} is not a sharded tracker checkpoint: {MANIFEST} is missing")
-    with open(mpath) as f:
-        m = json.load(f)
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{mpath} is not a memcore sharded-tracker manifest")
-    return m
-
-
-def load_range(
-    path: str, start: int, end: int, num_samples: int
-) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """The manifest and the shard states (weights_only loads) whose ranges overlap [start, end), each
-    checked against the manifest, with its buffers sliced to the overlap, in id order."""
-    m = read_manifest(path)
-    if m["num_samples"] != num_samples:
-        raise ValueError(
-            f"sharded checkpoint {path!r} is for num_samples={m['num_samples']}, this tracker has "
-            f"{num_samples}"
-        )
-    ranges, files = m["ranges"], m["files"]
-    if len(ranges) != m["world_size"] or len(files) != m["world_size"]:
-        raise ValueError(f"manifest of {path!r} lists {len(files)} files for world_size {m['world_size']}")
-    parts = []
-    for r, ((s, e), name) in enumerate(zip(ranges, files)):
-        lo, hi = max(s, start), min(e, end)
-        if lo >= hi and not (start == end == s == e):
-            continue
-        fpath = os.path.join(path, name)
-        if not os.path.isfile(fpath):
-            raise FileNotFoundError(
-                f"shard {r} of {m['world_size']} of checkpoint {path!r} is missing: {fpath}"
-            )
-        st = load_plain(fpath, "memcore Tracker shard")
-        if not isinstance(st, dict) or st.get("token") != m["token"] or list(st.get("range", [])) != [s, e]:
-            raise ValueError(
-                f"shard file {fpath} does not belong to this checkpoint (save id or range "
-                f"differs from {MANIFEST}): a mixed or partly overwritten checkpoint"
-            )
-        parts.append(slice_shard(st, lo - s, hi - s))
-    return m, parts
-
-
-def slice_shard(st: Dict[str, Any], lo: int, hi: int) -> Dict[str, Any]:
-    out = dict(st)
-    out["buffers"] = {k: v[lo:hi] for k, v in st["buffers"].items()}
-    out["grad_history"] = [h[lo:hi] for h in st["grad_history"]]
-    return out
-
-
-def concat_shards(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """One state from consecutive range slices; their scalar settings must agree."""
-    first = parts[0]
-    for p in parts[1:]:
-        for k in ("version", "epochs", "correct_threshold", "tau", "grad_start"):
-            if p[k] != first[k]:
-                raise ValueError(f"shards of one checkpoint disagree on {k}: {first[k]!r} vs {p[k]!r}")
-        if set(p["buffers"]) != set(first["buffers"]) or len(p["grad_history"]) != len(first["grad_history"]):
-            raise ValueError("shards of one checkpoint hold different buffers")
-    out = dict(first)
-    out["buffers"] = {k: torch.cat([p["buffers"][k] for p in parts]) for k in first["buffers"]}
-    out["grad_history"] = [
-        torch.cat([p["grad_history"][i] for p in parts]) for i in range(len(first["grad_history"]))
-    ]
-    return out

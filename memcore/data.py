@@ -9,6 +9,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch.utils.data import Dataset
 
+from ._validate import as_int
+
 __all__ = ["IndexedDataset"]
 
 
@@ -46,7 +48,7 @@ class IndexedDataset(Dataset):
         y = y.long()
         if num_classes is None:
             num_classes = int(y.max()) + 1 if y.numel() else 0
-        num_classes = int(num_classes)
+        num_classes = as_int(num_classes, "num_classes", minimum=0)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(
                 f"labels must lie in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]"

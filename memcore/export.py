@@ -9,7 +9,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from ._validate import as_int
+from ._validate import as_float, as_int
 from .scores import LOW_IS_SUSPICIOUS  # noqa: F401  (re-exported: scores suspicious when low)
 
 
@@ -83,9 +83,7 @@ def ranked_issues(
     s = _suspicion(scores, by)
     order = np.argsort(-s, kind="stable")
     if fraction is not None:
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        top = int(round(fraction * len(s)))
+        top = int(round(as_float(fraction, "fraction", minimum=0.0, maximum=1.0) * len(s)))
     return order if top is None else order[:top]
 
 
@@ -123,7 +121,7 @@ def _blocks(tracker_or_scores, rows: int) -> Tuple[Iterator[Dict[str, np.ndarray
 
     if isinstance(tracker_or_scores, Tracker):
         tr = tracker_or_scores
-        ctx = tr._score_context()  # the collectives (flush, open epoch, dataset tau) happen here, once
+        blocks = tr._score_blocks(rows)  # the collectives (flush, open epoch, dataset tau) happen here, once
         stem = "scores"
         if tr.shard:
             import torch.distributed as dist
@@ -131,11 +129,8 @@ def _blocks(tracker_or_scores, rows: int) -> Tuple[Iterator[Dict[str, np.ndarray
             stem = f"scores-{dist.get_rank():05d}-of-{dist.get_world_size():05d}"
 
         def gen():
-            n = tr._end - tr._start
-            for lo in range(0, max(n, 1), rows):
-                hi = min(lo + rows, n)
-                block = tr._scores_rows(ctx, lo, hi)
-                out = {"index": np.arange(tr._start + lo, tr._start + hi, dtype=np.int64)}
+            for first, block in blocks:
+                out = {"index": np.arange(first, first + len(block["csl"]), dtype=np.int64)}
                 out.update({k: v.numpy() for k, v in block.items()})
                 yield out
 
@@ -225,6 +220,7 @@ def gather_scores(tracker, dst: int = 0) -> Optional[Dict[str, torch.Tensor]]:
     ``"index"`` = 0..N-1); None on the other ranks. A collective (call on every rank). It holds the
     whole dataset's scores on ``dst`` (about 100 bytes per sample): for small N. Unsharded trackers
     already hold everything: their ``scores()`` is returned."""
+    dst = as_int(dst, "dst", minimum=0)
     if not tracker.shard:
         return tracker.scores()
     import torch.distributed as dist

@@ -2,18 +2,16 @@
 
 import contextlib
 import functools
-import math
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from . import _layout as L
-from . import _shard
-from ._io import atomic_save, load_plain
-from ._validate import as_float, as_int, describe_bits, is_int, same_device
-from .scores import SCORE_NAMES
+from . import _checkpoint, _shard
+from . import _state as S
+from ._validate import as_float, as_int, describe_bits, same_device
+from .scores import SCORE_NAMES, Context, dataset_mean, of_state
 
 DeviceLike = Union[str, torch.device, None]
 
@@ -30,7 +28,7 @@ def _with_lock(method):
 
 
 class Tracker:
-    """Per-sample statistics over a training run, in a compact layout (see memcore/_layout.py).
+    """Per-sample statistics over a training run, in a compact layout (see memcore/_state.py).
 
     Args:
         num_samples: size of the dataset; ``accumulate`` indices lie in [0, num_samples).
@@ -81,9 +79,10 @@ class Tracker:
 
     Memory (``state_bytes()``): 60 bytes per sample (5 float64 sums, 4 int32 counts, 2 int16 epoch
     fields); with input gradients recorded 12 more, and 2 (fixed tau) or 4 per epoch (tau=None).
+    Rows waiting for a flush: ``buffered_bytes()``.
     """
 
-    VERSION = L.STATE_VERSION
+    VERSION = _checkpoint.VERSION
 
     def __init__(
         self,
@@ -192,7 +191,7 @@ class Tracker:
         return f"state-{dist.get_rank():05d}-of-{dist.get_world_size():05d}"
 
     def _alloc(self, device: torch.device) -> None:
-        self._st = L.new_state(self._end - self._start, device, self._storage)
+        self._st = S.allocate(self._end - self._start, device, self._storage)
         self._errors = torch.zeros(1, dtype=torch.int32, device=device)
 
     def _buffers(self) -> Dict[str, torch.Tensor]:
@@ -201,15 +200,7 @@ class Tracker:
     def _set_buffers(self, bufs: Dict[str, torch.Tensor]) -> None:
         bufs = dict(bufs)
         self._errors = bufs.pop("errors", self._errors)
-        if self._storage is not None:  # into the memory-mapped files
-            if any(k not in self._st for k in bufs):
-                L.add_grad_fields(self._st, "formal_since" in bufs, self._storage)
-            for k in [k for k in self._st if k not in bufs]:
-                del self._st[k]
-            for k, v in bufs.items():
-                self._st[k].copy_(v)
-            return
-        self._st = bufs
+        self._st = S.assign(self._st, bufs, self._storage)
 
     def _state(self) -> Dict[str, torch.Tensor]:
         """The compact state with every buffered row committed (local ones only: no collective)."""
@@ -227,7 +218,13 @@ class Tracker:
     def state_bytes(self) -> int:
         """Bytes of per-sample state this tracker (this rank's shard, if sharded) holds: buffers and
         learning-time history, without the rows waiting for a flush."""
-        return L.state_bytes(self._st, self._grad_history)
+        return S.nbytes(self._st, self._grad_history)
+
+    def buffered_bytes(self) -> int:
+        """Bytes of per-row results waiting for the next flush (see ``flush_every``), on the
+        tracker's device; 0 right after a flush."""
+        with self._locked():
+            return 0 if self._router is None else self._router.bytes_pending()
 
     def to(self, device: DeviceLike) -> "Tracker":
         """Moves all buffers to ``device`` (in place) and returns self."""
@@ -303,7 +300,7 @@ class Tracker:
             self._adopt(loss.device)
             if (torch.compiler.is_compiling() or capturing) and not self._distributed():
                 keep = (targets != ignore_index) & (status == 0)
-                L.commit_rows(self._st, index, keep, loss.detach(), row_stats)
+                S.commit(self._st, index, S.values(loss.detach(), row_stats), keep)
             else:
                 router = self._routing()
                 router.add_ce(index, targets, loss, row_stats, status, ignore_index)
@@ -317,7 +314,7 @@ class Tracker:
         with self._locked():
             if not torch.compiler.is_compiling() and _capturing():
                 self._check_capture(sq.device, grad=True)
-                L.commit_grad_rows(self._st, index, sq, rows)
+                S.commit_grad(self._st, index, sq, rows)
                 return
             self._adopt(sq.device)
             router = self._routing()
@@ -348,7 +345,7 @@ class Tracker:
         if self._grad_start < 0:
             self._grad_start = self.epochs
         if "grad_sq_sum" not in self._st:
-            L.add_grad_fields(self._st, self._tau is not None, self._storage)
+            S.add_grad_fields(self._st, self._tau is not None, self._storage)
 
     def _flush(self) -> None:
         """Commits the buffered rows. Under torch.distributed a collective: exchanges them first (each
@@ -365,41 +362,20 @@ class Tracker:
         if router.mode == "local":
             if router.grad:
                 self._start_grad()
-                gidx, gsq, grows = router.take_grad(dev)
-                L.commit_grad_rows(self._st, gidx, gsq, grows)
+                S.commit_grad(self._st, *router.take_grad(dev))
             if router.ce:
                 idx, keep, vals = router.take_ce(dev)
-                if not bool(keep.all()):  # one host sync per flush on a GPU
-                    idx, vals = idx[keep], vals[keep]
-                L.commit_kept(self._st, idx, vals)
+                S.commit(self._st, idx, vals, keep)  # rejected and ignored rows add nothing
             return
-        bits = self._errors.to(torch.int64)
-        # max-reduced with the rows: error bits, max and -min of the ranks' completed epochs (ranks that
-        # called end_epoch() unequally often would merge unrelated epochs), "some rank has grad rows"
-        flags = torch.cat(
-            [(bits & b).ne(0).to(torch.int64) for b in (1, 2, 4)]
-            + [
-                torch.tensor(
-                    [self.epochs, -self.epochs, int(bool(router.grad) or self._grad_start >= 0)], device=dev
-                )
-            ]
+        self._errors, got = router.merge(
+            self._errors, self.epochs, bool(router.grad) or self._grad_start >= 0
         )
-        flags, got = router.exchange(flags.to(dev))
-        hi, lo = int(flags[3]), -int(flags[4])
-        if hi != lo:  # on every rank alike: they all see the same reduced flags
-            raise ValueError(
-                f"memcore Trackers differ across ranks: their completed epochs range from {lo} to "
-                f"{hi}; every rank must call end_epoch() the same number of times (this rank's "
-                f"buffered rows were dropped)"
-            )
-        self._errors = (flags[:3] * torch.tensor([1, 2, 4], device=dev)).sum().to(torch.int32).view(1)
-        if int(flags[5]):
+        if "grad" in got:  # some rank records input gradients
             self._start_grad()
             gidx, gvals = got["grad"]
-            if gidx.numel():
-                L.commit_grad_rows(self._st, gidx - self._start, gvals[:, 0], torch.ones_like(gidx))
+            S.commit_grad(self._st, gidx - self._start, gvals[:, 0], torch.ones_like(gidx))
         idx, vals = got["ce"]
-        L.commit_kept(self._st, idx - self._start, vals)
+        S.commit(self._st, idx - self._start, vals)
 
     # ------------------------------------------------------------------ errors
     def _after_batch(self, status: torch.Tensor, explain: Callable[[int], Exception], deferred: bool) -> None:
@@ -434,14 +410,8 @@ class Tracker:
 
     def _open_epoch(self) -> bool:
         """Whether any row was recorded since the last end_epoch (on any rank when sharded)."""
-        local = L.has_open_rows(self._st)
-        if not self.shard:
-            return local
-        import torch.distributed as dist
-
-        t = torch.tensor([int(local)], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        local = S.has_open_rows(self._st)
+        return _shard.any_rank(local, self.device) if self.shard else local
 
     @_with_lock
     def end_epoch(self) -> None:
@@ -451,11 +421,11 @@ class Tracker:
         torch.distributed this is a collective: call it on every rank; the ranks' rows are
         exchanged first, so every rank (or, sharded, every sample's owner) holds the whole epoch.
         """
-        if self.epochs >= L.MAX_EPOCHS:
-            raise ValueError(f"a Tracker counts at most {L.MAX_EPOCHS} epochs")
+        if self.epochs >= S.MAX_EPOCHS:
+            raise ValueError(f"a Tracker counts at most {S.MAX_EPOCHS} epochs")
         self._flush()
         self._raise_deferred(self._errors)
-        means = L.close_in_place(self._st, self.epochs, self.correct_threshold, self._tau)
+        means = S.close_in_place(self._st, self.epochs, self.correct_threshold, self._tau)
         if self._grad_start >= 0 and self._tau is None:
             self._grad_history.append(means)
         self.epochs += 1
@@ -473,82 +443,43 @@ class Tracker:
         With ``shard=True`` each tensor covers this rank's samples only, and ``"index"`` (int64)
         holds their ids.
 
-        - ``csl``: cumulative sample loss, the sum of the sample's loss over every row ever seen.
-        - ``csl_mean``: csl / rows, the mean loss per presentation (per token for sequences).
-        - ``rows``: number of rows (presentations, or tokens) recorded.
-        - ``last_loss``: mean loss over the sample's rows in the last epoch it was seen.
-        - ``learning_time``: the first epoch (0-based) from which the sample was classified
-          correctly in every epoch it was seen; samples incorrect at their last epoch get the
-          number of epochs recorded (never learned).
-        - ``forgetting``: number of correct -> incorrect transitions between consecutive epochs in
-          which the sample was seen (Toneva et al. 2019).
-        - ``confidence_mean`` / ``confidence_std``: mean and (population) std of p(given label)
-          over presentations (dataset cartography, Swayamdipta et al. 2020).
-        - ``aum``: mean margin, given-label logit minus the largest other logit (Pleiss et al. 2020).
-        - ``correctness``: fraction of presentations predicted correctly.
-        - ``input_grad_norm``: mean over presentations of the squared L2 norm of the gradient of
-          the sample's own loss w.r.t. its input (recorded with ``accumulate(..., inputs=x)``).
-        - ``learning_time_formal``: the CSL paper's learning time (Ravikumar et al. 2025, Eq. 7):
-          the first epoch from whose end on the running mean (over the sample's presentations so
-          far) of that squared norm stays <= tau (default: the dataset mean of
-          ``input_grad_norm``); the number of epochs if it ends above tau. ("Stays" makes it
-          robust to input gradients that grow early in training, when the raw first crossing
-          would be epoch 0 for every sample.)
-        Both are NaN when input gradients were not recorded.
+        What each score is: ``memcore.SCORES`` and the definitions in memcore/scores.py.
         """
-        ctx = self._score_context()
-        out = self._scores_rows(ctx, 0, self._end - self._start)
+        _, out = next(self._score_blocks(max(self._end - self._start, 1)))
         if self.shard:
             out["index"] = torch.arange(self._start, self._end, dtype=torch.int64)
         return out
 
-    def _score_context(self) -> Dict[str, Any]:
-        """The collective part of reading scores (flush, open epoch, dataset tau), done once; the
-        scores of any block of rows then follow locally from it (``_scores_rows``)."""
+    def _score_context(self) -> Context:
+        """The collective part of reading scores: flush, open epoch, dataset tau."""
         self._flush()
         self._raise_deferred(self._errors)
         open_epoch = self._open_epoch()
-        ctx: Dict[str, Any] = {"open": open_epoch, "epochs": self.epochs + int(open_epoch), "tau": self._tau}
-        if self._grad_start >= 0 and self._tau is None:
-            st = L.closed(self._st, self.epochs, self.correct_threshold, None) if open_epoch else self._st
-            ctx["tau"] = self._dataset_mean(L.grad_mean(st))
-        return ctx
+        threshold = self._tau
+        if self._grad_start >= 0 and self._tau is None:  # closing an epoch leaves grad_mean as it is
+            reduce = None
+            if self.shard:
+                import torch.distributed as dist
 
-    @torch.no_grad()
-    def _scores_rows(self, ctx: Dict[str, Any], lo: int, hi: int) -> Dict[str, torch.Tensor]:
-        """Scores of this tracker's rows [lo, hi) (float64 CPU)."""
-        st = {k: v[lo:hi] for k, v in self._st.items()}
-        if ctx["open"]:
-            st = L.closed(st, self.epochs, self.correct_threshold, self._tau)
-        epochs = ctx["epochs"]
-        out = L.scores_of(st, epochs)
-        if self._grad_start < 0:
-            nan = torch.full((hi - lo,), float("nan"), dtype=torch.float64, device=st["sums"].device)
-            out.update(input_grad_norm=nan, learning_time_formal=nan)
-        else:
-            norm = L.grad_mean(st)
-            if self._tau is not None:
-                ltf = L.formal_from_since(st["formal_since"], norm, epochs)
-            else:
-                hist = [h[lo:hi] for h in self._grad_history] + ([norm.float().cpu()] if ctx["open"] else [])
-                if hist:
-                    ltf = L.formal_from_history(hist, self._grad_start, norm, ctx["tau"], epochs)
-                else:  # recording started, but no epoch with rows since (e.g. empty batches only)
-                    ltf = torch.full_like(norm, float("nan"))
-            out.update(input_grad_norm=norm, learning_time_formal=ltf)
-        return {k: v.detach().to("cpu", torch.float64).clone() for k, v in out.items()}
-
-    def _dataset_mean(self, norm: torch.Tensor) -> float:
-        seen = norm[~norm.isnan()]
-        if not self.shard:
-            return float(seen.mean())
-        import torch.distributed as dist
-
-        t = torch.stack(
-            [seen.sum(), torch.tensor(float(seen.numel()), dtype=torch.float64, device=seen.device)]
+                reduce = dist.all_reduce
+            threshold = dataset_mean(S.grad_mean(self._st), reduce)
+        return Context(
+            open_epoch, self.epochs, self.correct_threshold, self._tau, threshold, self._grad_start
         )
-        dist.all_reduce(t)
-        return float(t[0] / t[1])
+
+    def _score_blocks(self, rows: int) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+        """(first sample id, scores) of this tracker's samples, `rows` at a time (at least one block).
+        The collectives happen in this call, once; the blocks are computed as they are taken."""
+        ctx = self._score_context()
+        n = self._end - self._start
+
+        def blocks():
+            for lo in range(0, max(n, 1), rows):
+                hi = min(lo + rows, n)
+                st = {k: v[lo:hi] for k, v in self._st.items()}
+                yield self._start + lo, of_state(st, [h[lo:hi] for h in self._grad_history], ctx)
+
+        return blocks()
 
     # ------------------------------------------------------------------ checkpoints
     @_with_lock
@@ -557,17 +488,16 @@ class Tracker:
         lists and dicts (``torch.load(..., weights_only=True)`` reads it). Sharded: this rank's shard
         (``"range"``: its ids [start, end)); a collective, like every flush."""
         self._flush()
-        return {
-            "version": self.VERSION,
-            "num_samples": self.num_samples,
-            "range": [self._start, self._end],
-            "epochs": self.epochs,
-            "correct_threshold": self.correct_threshold,
-            "tau": self._tau,
-            "buffers": {k: v.detach().cpu().clone() for k, v in self._buffers().items()},
-            "grad_start": self._grad_start,
-            "grad_history": [h.clone() for h in self._grad_history],
-        }
+        return _checkpoint.make(
+            self.num_samples,
+            (self._start, self._end),
+            self.epochs,
+            self.correct_threshold,
+            self._tau,
+            self._buffers(),
+            self._grad_start,
+            self._grad_history,
+        )
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores a ``state_dict()``; format 1 (memcore <= 0.1.0) is converted. Buffers land on this
@@ -579,7 +509,9 @@ class Tracker:
         id range): a rejected state raises ValueError and leaves the tracker exactly as it was.
         """
         with self._locked():
-            new = self._checked_state(state)
+            new = _checkpoint.validate(
+                state, self.num_samples, self._start, self._end, self.device or torch.device("cpu")
+            )
             # the swap: assignments (copies into the files, with storage=) of values already checked
             self._set_buffers(new["buffers"])
             self.epochs = new["epochs"]
@@ -590,36 +522,6 @@ class Tracker:
             if self._router is not None:
                 self._router.ce, self._router.grad, self._router.calls = [], [], 0
 
-    def _checked_state(self, state: Any) -> Dict[str, Any]:
-        """Validates a state_dict (format 1 first converted) and returns the values load_state_dict
-        assigns (buffers copied onto this tracker's device); raises ValueError without touching self."""
-        if not isinstance(state, dict) or "version" not in state:
-            raise ValueError("state is not a memcore Tracker state_dict")
-        version = state["version"]
-        if is_int(version) and version == 1:
-            _check_state(state, 1, self.num_samples, 0, self.num_samples)
-            if self._start != 0 or self._end != self.num_samples:
-                raise ValueError(
-                    f"a format-1 tracker state holds every sample id; this tracker holds "
-                    f"{[self._start, self._end]}"
-                )
-            state = _from_version1(state)
-        elif version != self.VERSION:
-            raise ValueError(
-                f"tracker state has format version {version!r}, this memcore reads {self.VERSION}"
-            )
-        _check_state(state, self.VERSION, self.num_samples, self._start, self._end)
-        dev = self.device or torch.device("cpu")
-        tau = state["tau"]
-        return {
-            "buffers": {k: v.detach().to(dev).clone() for k, v in state["buffers"].items()},
-            "epochs": state["epochs"],
-            "correct_threshold": float(state["correct_threshold"]),
-            "tau": None if tau is None else float(tau),
-            "grad_start": state["grad_start"],
-            "grad_history": [h.detach().cpu().clone() for h in state["grad_history"]],
-        }
-
     def save(self, path: str) -> None:
         """Writes ``state_dict()`` to ``path`` through a temporary file and an atomic rename, so a
         crash while saving never destroys the previous checkpoint at ``path``.
@@ -629,195 +531,27 @@ class Tracker:
         if self.shard:
             import torch.distributed as dist
 
-            _shard.save_shards(
-                path, self.state_dict(), self.num_samples, dist.get_world_size(), dist.get_rank(), self.device
-            )
+            world = dist.get_world_size()
+            ranges = [_shard.range_of(self.num_samples, world, r) for r in range(world)]
+            _checkpoint.save_shards(path, self.state_dict(), ranges, dist.get_rank(), self.device)
             return
-        atomic_save(self.state_dict(), path)
+        _checkpoint.atomic_save(self.state_dict(), path)
 
     def load(self, path: str) -> None:
         """Restores a tracker written by ``save`` (same checks as ``load_state_dict``); never runs code
         from the file (``weights_only=True``). Sharded: reads the shards overlapping this rank's ids,
         whatever world size wrote them."""
         if self.shard:
-            _, parts = _shard.load_range(path, self._start, self._end, self.num_samples)
-            if not parts:
-                raise ValueError(
-                    f"sharded checkpoint {path!r} holds none of the ids {[self._start, self._end]}"
-                )
-            state = _shard.concat_shards(parts)
-            state["range"] = [self._start, self._end]
-            state["buffers"]["errors"] = torch.zeros(1, dtype=torch.int32)  # shards' own, not concatenated
-            self.load_state_dict(state)
-            return
-        self.load_state_dict(load_plain(path, "memcore Tracker checkpoint"))
+            state = _checkpoint.load_shards(path, self._start, self._end, self.num_samples)
+        else:
+            state = _checkpoint.load_plain(path, "memcore Tracker checkpoint")
+        self.load_state_dict(state)
 
     def __repr__(self) -> str:
         return (
             f"Tracker(num_samples={self.num_samples}, device={self.device}, epochs={self.epochs}, "
             f"strict={self.strict}{', shard=True' if self.shard else ''})"
         )
-
-
-_STATE_KEYS = {
-    "version",
-    "num_samples",
-    "epochs",
-    "correct_threshold",
-    "tau",
-    "buffers",
-    "grad_start",
-    "grad_history",
-}
-
-
-def _v1_buffers(n: int) -> Dict[str, torch.Tensor]:
-    """The buffers of format 1 (memcore <= 0.1.0), as meta tensors (shape and dtype only)."""
-    f64, meta = torch.float64, torch.device("meta")
-    return {
-        "epoch": torch.empty(n, L.NUM_STATS, dtype=f64, device=meta),
-        "total": torch.empty(n, L.NUM_STATS, dtype=f64, device=meta),
-        "last_loss": torch.empty(n, dtype=f64, device=meta),
-        "prev_correct": torch.empty(n, dtype=torch.bool, device=meta),
-        "forgetting": torch.empty(n, dtype=torch.int64, device=meta),
-        "learned_since": torch.empty(n, dtype=torch.int64, device=meta),
-        "errors": torch.empty(1, dtype=torch.int32, device=meta),
-        "grad_epoch": torch.empty(n, L.NUM_GRAD_STATS, dtype=f64, device=meta),
-        "grad_total": torch.empty(n, L.NUM_GRAD_STATS, dtype=f64, device=meta),
-    }
-
-
-def _check_state(state: Dict[str, Any], version: int, num_samples: int, start: int, end: int) -> None:
-    """Raises ValueError unless `state` is a well-formed tracker state of format `version` for sample
-    ids [start, end) of num_samples: keys, types, buffer shapes and dtypes, value ranges. Reads only."""
-    optional = {"range", "token"} if version == 2 else set()
-    if not _STATE_KEYS <= set(state) <= _STATE_KEYS | optional:
-        missing, extra = sorted(_STATE_KEYS - set(state)), sorted(set(state) - _STATE_KEYS - optional)
-        raise ValueError(f"tracker state has missing keys {missing} / unexpected keys {extra}")
-
-    def integer(name: str) -> int:
-        v = state[name]
-        if not is_int(v):
-            raise ValueError(f"tracker state {name!r} must be an int, got {v!r}")
-        return v
-
-    if integer("num_samples") != num_samples:
-        raise ValueError(
-            f"tracker state is for num_samples={state['num_samples']}, this tracker has {num_samples}"
-        )
-    rng = state.get("range", [0, num_samples])
-    if not isinstance(rng, (list, tuple)) or len(rng) != 2 or not all(is_int(x) for x in rng):
-        raise ValueError(f"tracker state 'range' must be two ints [start, end), got {rng!r}")
-    if list(rng) != [start, end]:
-        raise ValueError(
-            f"tracker state holds sample ids {list(rng)}, this tracker holds {[start, end]} "
-            f"(load a sharded checkpoint with tracker.load(path))"
-        )
-    epochs = integer("epochs")
-    if epochs < 0:
-        raise ValueError(f"tracker state 'epochs' must be >= 0, got {epochs}")
-    if epochs > L.MAX_EPOCHS:
-        raise ValueError(f"tracker state 'epochs' must be <= {L.MAX_EPOCHS}, got {epochs}")
-    thr = state["correct_threshold"]
-    if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 < thr <= 1.0:
-        raise ValueError(f"tracker state 'correct_threshold' must be in (0, 1], got {thr!r}")
-    tau = state["tau"]
-    if tau is not None and (
-        not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(float(tau))
-    ):
-        raise ValueError(f"tracker state 'tau' must be None or a finite number, got {tau!r}")
-    grad_start = integer("grad_start")
-    if not -1 <= grad_start <= epochs:
-        raise ValueError(f"tracker state 'grad_start' must be in [-1, epochs={epochs}], got {grad_start}")
-    n = end - start
-    hist = state["grad_history"]
-    # one running-mean entry per epoch since grad_start; format 2 keeps them only for tau=None
-    keeps = grad_start >= 0 and (version == 1 or tau is None)
-    want_len = epochs - grad_start if keeps else 0
-    if not isinstance(hist, (list, tuple)) or len(hist) != want_len:
-        raise ValueError(
-            f"tracker state 'grad_history' must be a list of {want_len} tensors (one per "
-            f"epoch since grad_start={grad_start}), got {type(hist).__name__} of "
-            f"{len(hist) if isinstance(hist, (list, tuple)) else '?'}"
-        )
-    for i, h in enumerate(hist):
-        if not isinstance(h, torch.Tensor) or h.dtype != torch.float32 or tuple(h.shape) != (n,):
-            raise ValueError(
-                f"tracker state grad_history[{i}] must be a float32 tensor [{n}], got "
-                f"{getattr(h, 'dtype', type(h).__name__)}{tuple(getattr(h, 'shape', ()))}"
-            )
-
-    if version == 1:
-        want = _v1_buffers(n)
-    else:
-        want = L.new_state(n, torch.device("meta"))
-        if grad_start >= 0:
-            L.add_grad_fields(want, tau is not None)
-        want["errors"] = torch.empty(1, dtype=torch.int32, device="meta")
-    bufs = state["buffers"]
-    if not isinstance(bufs, dict) or set(bufs) != set(want):
-        got = sorted(bufs) if isinstance(bufs, dict) else type(bufs).__name__
-        raise ValueError(f"tracker state has buffers {got}, expected {sorted(want)}")
-    for k, v in bufs.items():
-        if (
-            not isinstance(v, torch.Tensor)
-            or v.layout != torch.strided
-            or v.shape != want[k].shape
-            or v.dtype != want[k].dtype
-        ):
-            desc = f"{v.dtype}{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(
-                f"tracker state buffer {k!r} has {desc}, expected {want[k].dtype}{tuple(want[k].shape)}"
-            )
-
-    def between(lo: int, hi: int):
-        return lambda t: ((t >= lo) & (t <= hi)).all()
-
-    if version == 1:
-        ranges = [
-            ("learned_since", between(-1, epochs), f"in [-1, epochs={epochs}]"),
-            ("forgetting", between(0, epochs), f"in [0, epochs={epochs}]"),
-            ("epoch", lambda t: (t[:, L.ROWS] >= 0).all(), "row counts >= 0"),
-            ("total", lambda t: (t[:, L.ROWS] >= 0).all(), "row counts >= 0"),
-            ("grad_epoch", lambda t: (t[:, L.GRAD_ROWS] >= 0).all(), "row counts >= 0"),
-            ("grad_total", lambda t: (t[:, L.GRAD_ROWS] >= 0).all(), "row counts >= 0"),
-        ]
-    else:
-        C = L
-        ranges = [
-            ("learned_since", between(-1, epochs), f"in [-1, epochs={epochs}]"),
-            ("forgetting", between(0, epochs), f"in [0, epochs={epochs}]"),
-            (
-                "counts",
-                lambda t: (
-                    (t >= 0).all()
-                    & (t[:, C.C_CORRECT] <= t[:, C.C_ROWS]).all()
-                    & (t[:, C.C_CORRECT_E] <= t[:, C.C_ROWS_E]).all()
-                ),
-                "row counts >= 0, correct rows <= rows",
-            ),
-        ]
-        if grad_start >= 0:
-            ranges.append(("grad_rows", lambda t: (t >= 0).all(), "row counts >= 0"))
-            if tau is not None:
-                ranges.append(("formal_since", between(-1, epochs), f"in [-1, epochs={epochs}]"))
-    ranges.append(("errors", between(0, 7), "a status word in [0, 7]"))
-    for k, ok, what in ranges:
-        if not bool(ok(bufs[k])):
-            raise ValueError(f"tracker state buffer {k!r} holds values out of range (must be {what})")
-
-
-def _from_version1(state: Dict[str, Any]) -> Dict[str, Any]:
-    """A format-1 state_dict (float64 [S, 6] epoch and total buffers) in format 2."""
-    bufs = L.from_version1(state["buffers"], state["grad_history"], state["grad_start"], state["tau"])
-    bufs["errors"] = state["buffers"]["errors"]
-    return {
-        **state,
-        "version": 2,
-        "range": [0, state["num_samples"]],
-        "buffers": bufs,
-        "grad_history": [] if state["tau"] is not None else list(state["grad_history"]),
-    }
 
 
 def _capturing() -> bool:

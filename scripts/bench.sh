@@ -4,8 +4,8 @@
 # Appends every measured figure to benchmarks/results.csv (one row each, with the git commit and
 # whether the tree had changes), then regenerates benchmarks/RESULTS.md and scaling.png from the
 # whole store (python -m benchmarks.render; the latest figure per case wins, so a GPU-only run
-# `-k cuda` adds its rows beside the CPU ones). Figures from a modified tree are stored but not
-# published unless MEMCORE_ALLOW_DIRTY=1 (render --allow-dirty, marked as such).
+# `-k cuda` adds its rows beside the CPU ones). A figure from a modified tree is stored, but shown
+# only where no figure of a clean tree exists.
 # MEMCORE_BENCH_NOTE: a line stored with each figure (e.g. "otherwise idle machine"). Uses .venv
 # (CPU torch) unless MEMCORE_PY names a Python that already has torch and memcore (e.g. a GPU
 # machine's own torch). The raw pytest-benchmark JSON stays in benchmarks/out/ (not committed).
@@ -26,6 +26,4 @@ for a in "$@"; do
 done
 "$py" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$json" --bench-store=benchmarks/results.csv \
   ${args[@]+"${args[@]}"}
-render=()
-[ "${MEMCORE_ALLOW_DIRTY:-0}" = "1" ] && render=(--allow-dirty)
-"$py" -m benchmarks.render ${render[@]+"${render[@]}"}
+"$py" -m benchmarks.render

@@ -68,3 +68,105 @@ def scores(epochs, num_samples, ignore_index=-100):
         "aum": mean(5),
         "correctness": mean(2),
     }
+
+
+def assert_same_state(a, b):
+    """Two Tracker.state_dict()s are equal, bitwise for every tensor."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if k == "buffers":
+            assert a[k].keys() == b[k].keys()
+            for name in a[k]:
+                x, y = a[k][name], b[k][name]
+                assert x.dtype == y.dtype and x.shape == y.shape, name
+                assert torch.equal(
+                    x.view(torch.uint8) if x.dtype != torch.bool else x,
+                    y.view(torch.uint8) if y.dtype != torch.bool else y,
+                ), name
+        elif k == "grad_history":
+            assert len(a[k]) == len(b[k])
+            assert all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(a[k], b[k]))
+        else:
+            assert a[k] == b[k], k
+
+
+def trained_tracker(n=12, epochs=2, seed=0, inputs=False, tau=None):
+    """A Tracker after `epochs` closed epochs of random batches (with input gradients if `inputs`) and
+    one open epoch."""
+    import memcore
+
+    g = torch.Generator().manual_seed(seed)
+    tr = memcore.Tracker(n, tau=tau)
+    w = torch.randn(5, 4, generator=g)
+    for _ in range(epochs):
+        x = torch.randn(n, 5, generator=g).requires_grad_()
+        y = torch.randint(0, 4, (n,), generator=g)
+        loss = memcore.accumulate(x @ w, y, torch.arange(n), tr, inputs=x if inputs else None)
+        if inputs:
+            loss.backward()
+        tr.end_epoch()
+    memcore.accumulate(
+        torch.randn(n, 4, generator=g), torch.randint(0, 4, (n,), generator=g), torch.arange(n), tr
+    )
+    return tr
+
+
+def random_batches(n, c, num_samples, nb, scale=2.0, gen=None):
+    """nb batches (logits [n, c], targets, index): random ids, so ids repeat within and across batches."""
+    out = []
+    for _ in range(nb):
+        logits = torch.randn(n, c, generator=gen) * scale
+        targets = torch.randint(0, c, (n,), generator=gen)
+        index = torch.randint(0, num_samples, (n,), generator=gen)
+        out.append((logits, targets, index))
+    return out
+
+
+def run_tracker(epochs, num_samples, device, **kw):
+    """A Tracker(num_samples, device, **kw) fed each epoch's batches (logits, targets, index), each
+    epoch closed."""
+    import memcore
+
+    tr = memcore.Tracker(num_samples, device=device, **kw)
+    for batches in epochs:
+        for logits, targets, index in batches:
+            memcore.accumulate(logits.to(device), targets.to(device), index.to(device), tr)
+        tr.end_epoch()
+    return tr
+
+
+def run_concurrently(fn, n):
+    """Runs fn() in n threads that start together (a barrier); returns the exceptions they raised."""
+    import threading
+
+    start, errors = threading.Barrier(n), []
+
+    def worker():
+        try:
+            start.wait()
+            fn()
+        except Exception as e:  # noqa: BLE001 - returned for the caller's assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def init_gloo(rank, world, init_file, timeout_s=60):
+    """A gloo process group over a file rendezvous: a collective that waits longer than timeout_s
+    fails instead of hanging."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )

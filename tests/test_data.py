@@ -109,6 +109,10 @@ def test_indexed_dataset_with_dataloader_and_validation():
         IndexedDataset(torch.zeros(2, 2), torch.tensor([0, 5]), num_classes=3)
     with pytest.raises(TypeError):
         IndexedDataset(torch.zeros(2, 2), torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="num_classes"):
+        IndexedDataset(torch.zeros(2, 2), torch.tensor([0, 1]), num_classes=2.0)
+    with pytest.raises(ValueError, match="num_classes"):
+        IndexedDataset(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), num_classes=-1)
 
 
 # ----------------------------------------------------------------------------- MNIST

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from reference import trained_tracker
 
 import memcore
 from memcore import export
@@ -20,6 +21,10 @@ def test_ranked_issues_and_quality():
     assert order[0] == 1 and order[-1] == 4  # worst loss first, unseen last
     assert list(export.ranked_issues(s, by="aum", top=2)) == [1, 3]  # low margin = suspicious
     assert len(export.ranked_issues(s, fraction=0.4)) == 2
+    with pytest.raises(ValueError, match="fraction"):
+        export.ranked_issues(s, fraction=1.5)
+    with pytest.raises(TypeError, match="fraction"):
+        export.ranked_issues(s, fraction="0.4")
     q = export.label_quality_scores(s)
     assert q[1] == 0.0 and q[4] == 1.0 and ((q >= 0) & (q <= 1)).all()
     with pytest.raises(KeyError, match="nope"):
@@ -104,3 +109,26 @@ def test_join_scores_onto_hf_dataset_by_index(tmp_path):
     by_id = export.join_scores(ds, str(tmp_path / "p"), index_column="sid", prefix="mc_")
     assert by_id["mc_csl"] == s["csl"].flip(0).tolist()
     assert np.isnan(by_id["mc_csl_mean"][0])  # id 9 was never seen
+
+
+def test_to_csv_checks_lengths_before_writing(tmp_path):
+    sc = trained_tracker().scores()
+    path = tmp_path / "s.csv"
+    with pytest.raises(ValueError, match="labels"):
+        export.to_csv(sc, str(path), labels=torch.arange(5))
+    assert not path.exists()
+    with pytest.raises(ValueError, match="different lengths"):
+        export.to_csv({"a": torch.zeros(3), "b": torch.zeros(4)}, str(path))
+    assert not path.exists()
+    export.to_csv(sc, str(path), labels=torch.arange(12))
+    assert len(path.read_text().splitlines()) == 13
+
+
+def test_ranked_issues_refuses_negative_top():
+    sc = trained_tracker().scores()
+    with pytest.raises(ValueError, match="top"):
+        export.ranked_issues(sc, top=-1)
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="top"):
+            export.ranked_issues(sc, top=bad)
+    assert len(export.ranked_issues(sc, top=0)) == 0 and len(export.ranked_issues(sc, top=np.int64(3))) == 3

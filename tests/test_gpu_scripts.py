@@ -1,6 +1,7 @@
-"""The GPU session's parts that run without a GPU: the shell scripts parse, benchmarks/deadline.py
-skips what has not started once the deadline has passed, and benchmarks/gpu_quick.py writes every
-case (the fused linear-CE included) on the CPU with --small and refuses the full shapes there."""
+"""The GPU session's parts that run without a GPU: the shell scripts (scripts/ and tools/) parse,
+tools/deadline.py skips what has not started once the deadline has passed, and tools/gpu_quick.py
+writes every case (the fused linear-CE included) on the CPU with --small and refuses the full shapes
+there."""
 
 import json
 import os
@@ -15,9 +16,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.sh")))
+SCRIPTS = sorted(
+    str(p.relative_to(ROOT)) for folder in ("scripts", "tools") for p in (ROOT / folder).glob("*.sh")
+)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_shell_scripts_parse(script):
-    r = subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], capture_output=True, text=True)
+    r = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
@@ -25,7 +31,7 @@ def _pytest_with_deadline(tmp_path, deadline):
     (tmp_path / "test_two.py").write_text("def test_a():\n    pass\n\n\ndef test_b():\n    pass\n")
     env = dict(os.environ, MEMCORE_DEADLINE=str(deadline), PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.deadline", "-rs"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tools.deadline", "-rs"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -42,7 +48,7 @@ def test_deadline_skips_tests_not_started(tmp_path):
 
 
 def test_gpu_quick_small_writes_every_case(tmp_path):
-    from benchmarks import gpu_quick
+    from tools import gpu_quick
 
     out = tmp_path / "quick.jsonl"
     assert gpu_quick.main(["--small", "--iters", "1", "--no-compile", "--out", str(out)]) == 0
@@ -61,7 +67,7 @@ def test_gpu_quick_small_writes_every_case(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
 def test_gpu_quick_without_gpu_says_so(tmp_path, capsys):
-    from benchmarks import gpu_quick
+    from tools import gpu_quick
 
     out = tmp_path / "quick.jsonl"
     assert gpu_quick.main(["--out", str(out)]) == 2

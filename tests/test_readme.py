@@ -106,3 +106,17 @@ def test_doc_links_point_at_files_and_headings():
             assert file.exists(), f"{where}: no such file"
             if anchor and file.suffix == ".md":
                 assert anchor in _anchors(file), f"{where}: no such heading"
+
+
+def test_doc_test_references_name_existing_tests():
+    """Every `test_x.py::test_name` a document cites (docs/guarantees.md maps promises to them) is a
+    test function of that file under tests/."""
+    cited = 0
+    for path in _existing_docs():
+        for file, name in re.findall(r"(test_\w+\.py)::(test_\w+)", path.read_text()):
+            test_file = ROOT / "tests" / file
+            where = f"{path.relative_to(ROOT)} cites {file}::{name}"
+            assert test_file.is_file(), f"{where}: no such test file"
+            assert re.search(rf"^def {name}\(", test_file.read_text(), flags=re.M), f"{where}: no such test"
+            cited += 1
+    assert cited > 0

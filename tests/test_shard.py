@@ -1,7 +1,6 @@
 """Tracker(shard=True) on 4 and 2 gloo processes (CPU): each rank holds ~N/world samples, rows are
 routed to their owner, and the scores equal a single-process dense run; checkpoints reshard."""
 
-import datetime
 import glob
 import os
 import shutil
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from reference import init_gloo
 
 import memcore
 from memcore import export
@@ -18,7 +18,7 @@ from memcore import export
 S, C, D, EPOCHS, BATCHES = 37, 5, 3, 4, 8  # S not a multiple of the world size: a short last shard
 IGNORE = -100
 MID = 3  # mid-epoch scores after batches 0..3 of epoch 1: one accumulate call on each of 4 ranks
-TIMEOUT = datetime.timedelta(seconds=60)  # a collective that waits longer fails instead of hanging
+TIMEOUT_S = 60  # a collective that waits longer fails instead of hanging
 
 
 def _epochs():
@@ -73,9 +73,7 @@ def _dense():
 
 def _init(rank, world, init_file):
     sys.path.insert(0, os.path.dirname(__file__))
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT
-    )
+    init_gloo(rank, world, init_file, TIMEOUT_S)
 
 
 def _four(rank, world, init_file, tmp):
@@ -101,7 +99,7 @@ def _four(rank, world, init_file, tmp):
             out["agree_errors"].append(str(e))
 
         tr = memcore.Tracker(S, device="cpu", shard=True, flush_every=1)
-        out["rows_held"] = tr._st["sums"].shape[0]
+        out["rows_held"] = tr.state_dict()["buffers"]["sums"].shape[0]  # a collective: every rank is here
         out["bytes_before_grads"] = tr.state_bytes()
         mid = {}
         _run(
@@ -233,14 +231,7 @@ def test_sharded_matches_dense_and_reshards(tmp_path):
 def _skipper(rank, world, init_file, tmp):
     """Rank 1 skips end_epoch(); rank 0's end_epoch() must fail with memcore's explanation once the
     process group's timeout passes, never hang."""
-    # long enough for both processes to start and meet on a loaded machine, short for the test
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=20),
-    )
+    init_gloo(rank, world, init_file, 20)  # long enough to meet on a loaded machine, short for the test
     w, epochs = _weights(), _epochs()
     tr = memcore.Tracker(S, device="cpu", shard=True)  # a collective: both ranks are here
     _step(tr, *epochs[0][rank], w)

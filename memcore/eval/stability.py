@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.utils.data import Dataset
 
-from .._io import atomic_save, load_plain
+from .._checkpoint import atomic_save, load_plain
 from . import require
 from .training import TrainConfig, labels_of, predict, train
 

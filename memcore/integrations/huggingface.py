@@ -24,7 +24,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("memcore.integrations.huggingface needs `pip install transformers`") from e
 
-from .._io import atomic_save, load_plain
+from .._checkpoint import atomic_save, load_plain
 from ..cross_entropy import accumulate
 from ..linear_cross_entropy import linear_accumulate
 from ..tracker import Tracker

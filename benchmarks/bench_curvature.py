@@ -1,10 +1,10 @@
-"""memcore.curvature against the reference algorithm (benchmarks/curvature_reference.py: a Python
+"""The curvature family: memcore.curvature against the reference algorithm (curvature_reference.py: a Python
 loop over probes recomputing the clean and the perturbed forward/backward for every probe) on a
 small CNN with 1x28x28 (MNIST-sized) random inputs, batch 128, 10 probes.
 
-    python -m pytest benchmarks/test_bench_curvature.py                       # timings (pytest-benchmark)
-    python -m pytest benchmarks/test_bench_curvature.py --benchmark-disable   # quick: everything once
-    python -m benchmarks.test_bench_curvature [--rounds 15] [--write]         # figures into the store
+    python -m pytest benchmarks/bench_curvature.py                       # timings (pytest-benchmark)
+    python -m pytest benchmarks/bench_curvature.py --benchmark-disable   # quick: everything once
+    python -m benchmarks.bench_curvature [--rounds 15] [--write]         # figures into the store
 
 Runs on CUDA when available, else on the CPU.
 """
@@ -23,6 +23,7 @@ import torch
 import memcore
 from benchmarks import store
 from benchmarks.curvature_reference import reference_curvature, small_cnn
+from benchmarks.goals import Goal, ratio, value
 from memcore.curvature import DEFAULT_MAX_ROWS
 
 BATCH, N_PROBES, H = 128, 10, 1e-3
@@ -30,6 +31,30 @@ MAX_ROWS = DEFAULT_MAX_ROWS  # memcore's default memory budget (rows per forward
 MAX_ROWS_BIG = 512
 RANK_PROBES = 100  # probes per method for the rank agreement: the two use different random probes
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+TITLE = "Input-loss curvature: memcore.curvature vs the reference algorithm"
+NOTES = """
+Seconds per batch of `small_cnn` (benchmarks/curvature_reference.py, 10 classes) over interleaved rounds:
+best and median wall time, best process CPU time. *reference*: `benchmarks/curvature_reference.py`, the
+public implementation's algorithm (per probe a clean and a perturbed forward and one backward).
+*memcore*: `memcore.curvature` (one clean pass, probes batched into passes of at most max_rows rows;
+memcore_max_rows_512: 512 rows). Per batch memcore runs n + 1 forward/backward passes, the reference
+2n, so where the model's passes dominate the speedup is about 2n/(n+1) = 1.82x at 10 probes. Peak:
+extra memory of one call; CPU: resident-set high-water mark above the RSS before the call (fresh
+process, after a warm-up call); CUDA: `torch.cuda.max_memory_allocated` above the allocation before
+the call. spearman_vs_reference: rank correlation of the two methods' scores on the same model and
+inputs (different random probes).
+"""
+CPU_COMMAND = "python -m benchmarks.bench_curvature --rounds 15 --write"
+SPEEDUP = ratio("best_s", "reference", "memcore", case="10 probes")
+GOALS = [
+    Goal("curvature ≥ 2x faster than the reference algorithm (10 probes, best round)", "cpu", SPEEDUP,
+         ">=", 2.0, "{:.2f}x", CPU_COMMAND),
+    Goal("curvature ranks like the reference (Spearman ≥ 0.95)", "cpu",
+         value("spearman_vs_reference", label="{case}, {shape}"), ">=", 0.95, "{:.3f}", CPU_COMMAND),
+    Goal("curvature ≥ 3x faster than the reference algorithm (10 probes, best round)", "cuda", SPEEDUP,
+         ">=", 3.0, "{:.2f}x", "bash tools/gpu_session.sh build curvature"),
+]  # fmt: skip
 
 
 def make_setup(device: str = DEVICE, batch: int = BATCH):
@@ -80,7 +105,7 @@ def peak_memory_mib(method: str) -> Optional[float]:
     blocks to the system on free. None where neither works."""
     code = f"""
 import re, torch
-from benchmarks.test_bench_curvature import METHODS, make_setup
+from benchmarks.bench_curvature import METHODS, make_setup
 model, x, y = make_setup()
 f = METHODS[{method!r}]
 f(model, x, y)
@@ -122,7 +147,7 @@ def setup():
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_bench_curvature(benchmark, setup, method):
+def test_curvature(benchmark, setup, method):
     model, x, y = setup
     f = METHODS[method]
 
@@ -211,7 +236,7 @@ def rows(r: Dict[str, object], note: str = "") -> List[Dict[str, str]]:
         shape=f"{BATCH}x1x28x28",
         dtype="float32",
         device=DEVICE,
-        machine=store.machine(DEVICE, torch.cuda.get_device_name(0) if DEVICE == "cuda" else None),
+        machine=store.machine(torch.cuda.get_device_name(0) if DEVICE == "cuda" else None),
         threads=torch.get_num_threads(),
         date=r["date"],
         torch=torch.__version__,

@@ -24,10 +24,10 @@ elements per trip is reported. A kernel with several passes over the same elemen
 gradient) reports their sum. Kernels without an element loop (the split finish, the loss
 reduction) report their whole instruction count per row.
 
-    /work/main/.venv-cuda/bin/python -m benchmarks.sass_report                 # table to stdout
-    python benchmarks/sass_report.py --arch 90 --json out.json --csv out.csv --markdown benchmarks/SASS.md
-    python benchmarks/sass_report.py --before old.json --markdown benchmarks/SASS.md   # with an earlier
-                                                     # run's figures beside each row
+    .venv-cuda/bin/python -m tools.sass_report              # table to stdout (.venv-cuda: tools/check_cuda_build.sh's)
+    python -m tools.sass_report --arch 90 --json out.json --csv out.csv --markdown sass.md
+    python -m tools.sass_report --before old.json --markdown sass.md   # an earlier run's figures beside each row
+    python -m tools.sass_report --store                     # into benchmarks/results.csv, for RESULTS.md
 
 The model is an estimate: boost clocks (DEVICES), no memory latency, no occupancy limit. It
 answers "can this loop keep up with HBM at all", not "how fast will it run".
@@ -46,15 +46,13 @@ import sysconfig
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
-
-try:
-    from . import goals, store
-except ImportError:  # run as a script: this folder is sys.path[0]
-    import goals
-    import store
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: the repository root holds benchmarks/
+    sys.path.insert(0, ROOT)
+from benchmarks import store  # noqa: E402
+from benchmarks.goals import Goal, select  # noqa: E402
 
 # Devices of the roofline: SMs, boost clock (GHz), HBM bandwidth (TB/s), SASS arch. A dispatcher
 # per SM sub-partition (4 per SM) issues one warp instruction per cycle on sm_80 and sm_90.
@@ -98,12 +96,16 @@ def pipe_of(opcode: str) -> str:
 
 
 def tool(name: str) -> str:
-    """nvcc/cuobjdump/nvdisasm: PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, then triton's copies."""
+    """nvcc/cuobjdump/nvdisasm: PATH, then the toolkit torch finds (CUDA_HOME, else its default), then
+    triton's copies."""
     found = shutil.which(name)
     if found:
         return found
-    dirs = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin"), "/usr/local/cuda/bin"]
+    dirs = []
     try:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        dirs.append(os.path.join(CUDA_HOME or "", "bin"))
         import triton  # noqa: F401  (pip's torch ships triton with cuobjdump/nvdisasm)
 
         dirs.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"))
@@ -113,7 +115,7 @@ def tool(name: str) -> str:
         p = os.path.join(d, name)
         if os.path.isfile(p) and os.access(p, os.X_OK):
             return p
-    sys.exit(f"sass_report: {name} not found (PATH, $CUDA_HOME/bin, triton's bundled tools)")
+    sys.exit(f"sass_report: {name} not found (PATH, the CUDA toolkit torch finds, triton's bundled tools)")
 
 
 def nvcc_command(src: str, arch: str, out: str) -> List[str]:
@@ -128,7 +130,7 @@ def nvcc_command(src: str, arch: str, out: str) -> List[str]:
     if not torch.version.cuda:
         sys.exit(
             f"sass_report: torch {torch.__version__} is a CPU build without CUDA headers; run it with a CUDA "
-            "build of torch (e.g. /work/main/.venv-cuda/bin/python)"
+            "build of torch (e.g. .venv-cuda/bin/python, made by tools/check_cuda_build.sh)"
         )
     incs = (
         include_paths("cuda") if "device_type" in include_paths.__code__.co_varnames else include_paths(True)
@@ -143,7 +145,7 @@ def nvcc_command(src: str, arch: str, out: str) -> List[str]:
     if not any(os.path.isfile(os.path.join(d, "c10", "cuda", "CUDAGuard.h")) for d in incs):
         sys.exit(
             f"sass_report: torch {torch.__version__} has no CUDA headers; run it with a CUDA build "
-            "of torch (e.g. /work/main/.venv-cuda/bin/python)"
+            "of torch (e.g. .venv-cuda/bin/python, made by tools/check_cuda_build.sh)"
         )
     std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
     cmd = [
@@ -253,36 +255,37 @@ def disassemble(cubin: str) -> Dict[str, List[Instr]]:
     return funcs
 
 
+def per_function(text: str, head: str, parse: Callable[[str], object]) -> Dict[str, object]:
+    """Mangled name (group 1 of ``head``) -> parse(line) of the first line after it that parses (not None)."""
+    out, name = {}, None
+    for line in text.splitlines():
+        m = re.search(head, line)
+        if m:
+            name = m.group(1)
+        elif name and parse(line) is not None:
+            out[name], name = parse(line), None
+    return out
+
+
 def resources(cubin: str) -> Dict[str, Dict[str, int]]:
     """Mangled name -> REG / STACK / SHARED / LOCAL from cuobjdump -res-usage."""
     text = subprocess.run(
         [tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True
     ).stdout
-    res, name = {}, None
-    for line in text.splitlines():
-        m = re.match(r"\s*Function (\S+):", line)
-        if m:
-            name = m.group(1)
-            continue
-        if name and "REG:" in line:
-            res[name] = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
-            name = None
-    return res
+    found = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)").findall
+    return per_function(
+        text, r"^\s*Function (\S+):", lambda ln: {k.lower(): int(v) for k, v in found(ln)} or None
+    )
 
 
 def spills(ptxas_log: str) -> Dict[str, Tuple[int, int]]:
     """Mangled name -> (spill store bytes, spill load bytes) from ptxas -v."""
-    out, name = {}, None
-    for line in ptxas_log.splitlines():
-        m = re.search(r"Function properties for (\S+)", line)
-        if m:
-            name = m.group(1)
-            continue
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and name:
-            out[name] = (int(m.group(1)), int(m.group(2)))
-            name = None
-    return out
+    pattern = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+    return per_function(
+        ptxas_log,
+        r"Function properties for (\S+)",
+        lambda ln: tuple(map(int, pattern.search(ln).groups())) if pattern.search(ln) else None,
+    )
 
 
 def demangle(names: Sequence[str]) -> Dict[str, str]:
@@ -655,7 +658,7 @@ def preamble(before_label: Optional[str] = None) -> str:
     )
     return (
         "Per kernel, the hot loop of the large-vocabulary launch (16-byte loads, a block per row), read from the "
-        "SASS by `benchmarks/sass_report.py`. instr/elem: instructions per element on the loop's hot path "
+        "SASS by `tools/sass_report.py`. instr/elem: instructions per element on the loop's hot path "
         "(forward+grad: both passes); half-rate: ALU + IMAD-pipe instructions (16 lanes a cycle); mufu: "
         "transcendental/conversion unit; cyc/elem: per-SMSP cycles per element by the pipe model; "
         "slots/elem: instruction issue slots per element at full HBM bandwidth (4 warp instructions per SM "
@@ -695,7 +698,7 @@ _STORE_DTYPES = {
 
 
 def store_rows(rows: List[Row]) -> int:
-    """Store rows (suite sass, device sm_XX), read by goals.py: registers and spill bytes of every kernel
+    """Store rows (suite sass, device sm_XX), judged by GOALS: registers and spill bytes of every kernel
     instance; instructions per element of the headline instances only (widest loads, most threads per
     row: the launch of large vocabularies). The other instances are fallbacks (VEC = 1: a pointer not
     aligned to its element size) or small-row launches; their figures are in --json / --csv."""
@@ -734,10 +737,43 @@ def store_rows(rows: List[Row]) -> int:
     return store.append(out)
 
 
-# The static goals --check enforces: the bf16 main loops of these families (headline instances), held
-# to goals.py's bound on the forward main loop (the backward's is the same)
+# The suite's section of RESULTS.md (benchmarks/render.py) and the static goals --check enforces:
+# the bf16 main loops of these families (headline instances) and spills of any kernel instance
+TITLE = "CUDA kernels, static: registers, spills and SASS instructions per element"
+LATEST_RUN = True  # kernels come and go with the code: the latest build per architecture stands alone
+NOTES = """
+Read from the compiled code, no GPU (`python -m tools.sass_report --store`; device: the SASS architecture,
+the latest build of each): regs and spill_bytes (spill stores + loads) of every kernel instance;
+instr_per_elem, the instructions per element on the main loop's hot path, of the headline instances only
+(the widest loads and the most threads per row: the launch of large vocabularies), half_per_elem of them
+on a half-rate pipe. `tools/sass_report.py` explains the count.
+"""
 CHECKED = ("forward", "backward", "forward (split)", "gradient (split)")
-MAX_INSTR_PER_ELEM = next(g.threshold for g in goals.GOALS if g.figure == "sass forward instr/elem")
+
+
+def worst(metric: str, **match):
+    """Per architecture, the largest ``metric`` over the matching kernel instances."""
+
+    def figure(rows):
+        rows = select(rows, metric, match)
+        return [
+            (f"{arch}: worst of {g.variant.nunique()}", g.value.max(), g, "")
+            for arch, g in rows.groupby("device")
+        ]
+
+    return figure
+
+
+COMMAND = "python -m tools.sass_report --store"
+GOALS = [
+    Goal("forward main loop ≤ 10 SASS instructions per bf16 element, every arch", "cuda",
+         worst("instr_per_elem", case="forward", dtype="bfloat16"), "<=", 10.0, "{:.1f}", COMMAND),
+    Goal("backward main loop ≤ 10 SASS instructions per bf16 element, every arch", "cuda",
+         worst("instr_per_elem", case="backward", dtype="bfloat16"), "<=", 10.0, "{:.1f}", COMMAND),
+    Goal("no register spills in any CUDA kernel, every arch", "cuda", worst("spill_bytes"), "<=", 0.0, "{:.0f} B",
+         COMMAND),
+]  # fmt: skip
+MAX_INSTR_PER_ELEM = GOALS[0].threshold
 
 
 def check(rows: List[Row]) -> List[str]:
@@ -776,13 +812,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument(
         "--store",
         action="store_true",
-        help="append the figures to benchmarks/results.csv (suite sass), read by the goals table",
+        help="append the figures to benchmarks/results.csv (suite sass), for RESULTS.md",
     )
     ap.add_argument(
         "--check",
         action="store_true",
         help=f"exit 1 when a kernel instance spills or a bf16 {'/'.join(CHECKED)} main loop takes more than "
-        f"{MAX_INSTR_PER_ELEM:g} instructions per element (issue #18's static goals; run by the CUDA build check)",
+        f"{MAX_INSTR_PER_ELEM:g} instructions per element (the static GOALS; run by tools/check_cuda_build.sh)",
     )
     args = ap.parse_args(argv)
 

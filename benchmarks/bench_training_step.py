@@ -1,4 +1,4 @@
-"""Training-step benchmarks: what memcore costs inside a whole step, not just the loss kernel.
+"""The training-step suite: what memcore costs inside a whole step, not just the loss kernel.
 
 One round is one real training step on a fixed random batch: ``zero_grad``, forward, loss,
 backward, SGD step (momentum 0.9). Variants:
@@ -12,7 +12,7 @@ backward, SGD step (momentum 0.9). Variants:
     plain+xgrad      (interleaved test only) F.cross_entropy with x.requires_grad: the cost of the
                      input gradient alone, without memcore, to tell it apart from memcore's hooks.
 
-Cases (goals, see benchmarks/goals.py: memcore <= 1 % slower than plain, memcore+inputs <= 5 %):
+Cases (GOALS below: memcore <= 1 % slower than plain, memcore+inputs <= 5 %):
 
     small_cnn  CPU float32   batch 128 x 3x32x32, 10 classes (memcore.eval.models.small_cnn)
     resnet18   CUDA bf16     batch 256 x 3x32x32, 10 classes, torch.autocast(bfloat16) (resnet.py)
@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import memcore
-from benchmarks import test_bench_cross_entropy as ce  # shared helpers (_rounds, _dtype_name)
+from benchmarks.common import TOL, dtype_name, measure, param, rounds_for, sync
+from benchmarks.goals import Goal, value
 from benchmarks.resnet import resnet18
 from memcore.eval.models import small_cnn
 
-HAS_CUDA = torch.cuda.is_available()
 VISION_VARIANTS = ("plain", "memcore", "memcore+inputs")
 XGRAD = "plain+xgrad"  # interleaved only: plain loss, input gradient computed
 OVERWRITE = "memcore+overwrite"  # interleaved only, LM cases: accumulate(..., overwrite_logits=True)
@@ -60,6 +60,31 @@ IMAGE = (3, 32, 32)
 DATASET_SIZE = 50_000  # vision tracker size (CIFAR-10 train set); batch ids are a random subset
 LM_DATASET_SIZE = 10_000  # sequences
 LM_DIM = 256
+
+TITLE = "Training step: plain F.cross_entropy vs memcore.accumulate"
+NOTES = """
+One round is a whole training step on a fixed random batch: `zero_grad`, forward, loss, backward, SGD
+step (momentum 0.9). *small_cnn*: `memcore.eval.models.small_cnn` on 3x32x32 inputs, 10 classes.
+*resnet18*: `benchmarks/resnet.py`, bf16 autocast. *lm*: embedding(V, 256) + linear(256, V) on B
+sequences x T tokens, the last 0..T/4 targets of each sequence -100. *memcore+inputs*:
+`accumulate(..., inputs=x)` (its cost includes the first layer's input gradient); *plain+xgrad*: a plain
+step with `x.requires_grad_()`, that cost alone; *memcore+overwrite*: `overwrite_logits=True`.
+median / iqr / rounds: one test per variant, whose medians drift with the machine's load between tests;
+*interleaved*: one round runs every variant back to back (rotating order); interleaved_ratio is the
+median over rounds of the per-round ratio to plain, with a distribution-free 95 % confidence interval
+(_lo, _hi). The goals are judged on the interleaved ratio only.
+"""
+GOALS = [
+    Goal("training step with accumulate ≤ 1 % slower", "cpu",
+         value("interleaved_ratio", 100, 1, "{case} {shape} {dtype}", variant="memcore"), "<=", 1.0, "{:+.1f} %",
+         "bash scripts/bench.sh --full"),
+    Goal("training step with accumulate(..., inputs=x) ≤ 5 % slower", "cpu",
+         value("interleaved_ratio", 100, 1, "{case} {shape} {dtype}", variant="memcore+inputs"), "<=", 5.0,
+         "{:+.1f} %", "bash scripts/bench.sh --full"),
+    Goal("training step with accumulate ≤ 1 % slower (ResNet-18 bf16, LM bf16)", "cuda",
+         value("interleaved_ratio", 100, 1, "{case} {shape} {dtype}", variant="memcore"), "<=", 1.0, "{:+.1f} %",
+         "bash tools/gpu_session.sh build bench"),
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,7 +105,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.model}-{self.device}-{self.shape.replace(' ', '-')}-{ce._dtype_name(self.dtype)}"
+        return f"{self.model}-{self.device}-{self.shape.replace(' ', '-')}-{dtype_name(self.dtype)}"
 
     @property
     def amp(self) -> bool:
@@ -102,20 +127,10 @@ CASES = [
 CASE_BY_ID = {case.id: case for case in CASES}  # tests are parametrized by id (JSON-serializable)
 
 
-def _marks(case) -> list:
-    marks = []
-    if case.device == "cuda":
-        marks.append(pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available"))
-    if case.full_only:
-        marks.append(pytest.mark.bench_full)
-    return marks
-
-
 def _params():
     for case in CASES:
-        marks = _marks(case)
         for variant in case.variants:
-            yield pytest.param(case.id, variant, marks=marks, id=f"{case.id}-{variant}")
+            yield param(case.id, variant, device=case.device, full=case.full_only, id=f"{case.id}-{variant}")
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -174,11 +189,6 @@ def make_step(case: Case, seed: int = 0) -> Step:
     )
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def loss_of(s: Step, variant: str, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if variant in ("plain", XGRAD):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), s.y.reshape(-1), ignore_index=-100)
@@ -204,14 +214,11 @@ def train_step(s: Step, variant: str) -> torch.Tensor:
         loss = loss_of(s, variant, logits, x)
     loss.backward()
     s.opt.step()
-    _sync(s.case.device)
+    sync(s.case.device)
     return loss.detach()
 
 
 # ---------------------------------------------------------------------------------------- checks
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-
-
 def _check(s: Step, variant: str) -> None:
     """At the initial weights: memcore's loss equals F.cross_entropy's; memcore+inputs records norms."""
     with torch.no_grad(), s.autocast():
@@ -244,22 +251,16 @@ def _check(s: Step, variant: str) -> None:
 _STEPS: dict = {}  # one Step at a time; rebuilt per test so every variant starts from the same weights
 
 
-def _describe(benchmark, case, variant: str, dtype: str, **extra) -> None:
-    """The benchmark's group and the case's fields in extra_info (what benchmarks/store.py turns into rows)."""
-    benchmark.group = f"training_step {case.model} {case.shape} {dtype} {case.device}"
-    benchmark.extra_info.update(
-        kernel="training_step",
-        model=case.model,
+def _fields(case: Case, variant: str, **extra) -> dict:
+    """The case's store fields and context for measure()."""
+    return dict(
+        suite="training_step",
+        case=case.model,
         variant=variant,
         shape=case.shape,
-        batch=case.batch,
-        seq=case.seq or None,
-        vocab=case.vocab or None,
-        dtype=dtype,
+        dtype=dtype_name(case.dtype),
         device=case.device,
         amp="bf16 autocast" if case.amp else None,
-        threads=torch.get_num_threads(),
-        gpu=torch.cuda.get_device_name(0) if case.device == "cuda" else None,
         **extra,
     )
 
@@ -270,15 +271,10 @@ def test_training_step(benchmark, request, case_id: str, variant: str):
     _STEPS.clear()
     s = _STEPS[case] = make_step(case)
     _check(s, variant)
-
-    dtype = ce._dtype_name(case.dtype)
-    _describe(benchmark, case, variant, dtype, params=sum(p.numel() for p in s.model.parameters()))
-
-    def target():
-        return train_step(s, variant)
-
-    rounds = ce._rounds(request, benchmark, target, lambda: None)
-    loss = benchmark.pedantic(target, rounds=rounds, warmup_rounds=min(rounds // 10, 10), iterations=1)
+    params = sum(p.numel() for p in s.model.parameters())
+    loss = measure(
+        benchmark, request, lambda: train_step(s, variant), warmup=10, **_fields(case, variant, params=params)
+    )
     assert torch.isfinite(loss.float()).all()
     _STEPS.clear()
 
@@ -300,12 +296,7 @@ def median_ci(values: Sequence[float], z: float = 1.96):
     return med, v[lo], v[hi]
 
 
-def _interleaved_params():
-    for case in CASES:
-        yield pytest.param(case.id, marks=_marks(case), id=case.id)
-
-
-@pytest.mark.parametrize("case_id", list(_interleaved_params()))
+@pytest.mark.parametrize("case_id", [param(c.id, device=c.device, full=c.full_only, id=c.id) for c in CASES])
 def test_training_step_interleaved(benchmark, request, case_id: str):
     """One round = one step of each variant, back to back; per-round ratios cancel slow drift."""
     case = CASE_BY_ID[case_id]
@@ -327,19 +318,23 @@ def test_training_step_interleaved(benchmark, request, case_id: str):
             train_step(s, v)
             times[v].append(time.perf_counter() - t0)
 
-    rounds = ce._rounds(request, benchmark, target, lambda: None)  # probes double as the warm-up
+    rounds = rounds_for(request, benchmark, target, lambda: None)  # probes double as the warm-up
     for v in variants:
         times[v].clear()
-    benchmark.pedantic(target, rounds=rounds, warmup_rounds=0, iterations=1)
-
-    dtype = ce._dtype_name(case.dtype)
-    per_variant, overhead = {}, {}
+    measure(benchmark, request, target, rounds=rounds, warmup=0, **_fields(case, "interleaved", timed=False))
+    rows = []  # per variant: its median step and its median ratio to plain over the rounds (the store's rows)
     for v in variants:
         med, _, _ = median_ci(times[v])
-        per_variant[v] = {"median_ms": 1e3 * med, "min_ms": 1e3 * min(times[v]), "n": len(times[v])}
+        rows += [
+            dict(variant=v, metric="interleaved_median_ms", value=1e3 * med, unit="ms"),
+            dict(variant=v, metric="interleaved_rounds", value=len(times[v]), unit="count"),
+        ]
         if v != "plain":
             ratio, lo, hi = median_ci([a / b for a, b in zip(times[v], times["plain"])])
-            overhead[v] = {"ratio": ratio, "lo": lo, "hi": hi, "n": len(times[v])}
-    _describe(benchmark, case, "interleaved", dtype, interleaved=per_variant, overhead=overhead)
+            rows += [
+                dict(variant=v, metric=f"interleaved_ratio{suffix}", value=x, unit="ratio")
+                for suffix, x in (("", ratio), ("_lo", lo), ("_hi", hi))
+            ]
+    benchmark.extra_info["rows"] = rows
     assert all(len(t) == rounds for t in times.values())
     _STEPS.clear()

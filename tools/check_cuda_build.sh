@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the CUDA extension (no GPU needed) in .venv-cuda against the CUDA build of torch, out of
-# tree in build/cuda, then imports it and checks the CUDA kernels are registered; where a GPU is
-# present it also runs the test suite on it. Fails on any CUDA compile error, and when the compiled
-# kernels break the static goals of benchmarks/sass_report.py --check (spills, instructions per element).
+# tree in build/cuda, then imports it, checks the CUDA kernels are registered and runs the test suite
+# against that build (on the GPU where one is present). Fails on any CUDA compile error, and when the
+# compiled kernels break the static goals of tools/sass_report.py --check (spills, instructions per
+# element).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -45,16 +46,16 @@ assert memcore.with_cuda(), "memcore was built without its CUDA kernels"
 ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("memcore::"))
 assert ops, "no memcore operators registered"
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-# composite ops (ce_accumulate) run their CUDA constituents; every other op needs its own kernel
+# a CompositeImplicitAutograd op would run its CUDA constituents; every other op needs its own kernel
 missing = [n for n in ops if not has(n, "CUDA") and not has(n, "CompositeImplicitAutograd")]
 assert not missing, f"operators without a CUDA kernel: {missing}"
 print("[memcore] CUDA kernels compiled and registered for", ", ".join(ops))
 PY
 )
-# issue #18's static goals, read from the compiled code (no GPU): no kernel spills, the bf16 main
-# loops take <= 10 SASS instructions per element (sm_90 and sm_80; table in build/cuda/sass.md)
+# the static goals, read from the compiled code (no GPU): no kernel spills, the bf16 main loops take
+# <= 10 SASS instructions per element (sm_90 and sm_80; table in build/cuda/sass.md)
 echo "[memcore] SASS check (sm_90, sm_80): no spills, <= 10 instructions per bf16 element in the main loops"
-.venv-cuda/bin/python -m benchmarks.sass_report --arch 90 80 --check --markdown build/cuda/sass.md
+.venv-cuda/bin/python -m tools.sass_report --arch 90 80 --check --markdown build/cuda/sass.md
 # the CUDA build first on sys.path: pyproject's pythonpath ["."] would otherwise put the source tree's
 # memcore (its _C built by the CPU venv) ahead of it
 PYTHONPATH="$lib" .venv-cuda/bin/pytest tests -q -p no:cacheprovider -x -o pythonpath="$PWD/$lib ."

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks in one device call of at most 10 minutes (the device tool's limit), for a machine
-# lent through the device tool (or any CUDA machine whose python3 already has a CUDA torch):
+# The GPU checks on a CUDA machine whose Python already has a CUDA build of torch, in one run that
+# keeps to a time budget (MEMCORE_GPU_BUDGET, default 560 s), for machines lent for a limited time:
 #
-#   bash scripts/gpu_session.sh            # every stage, in this order, within MEMCORE_GPU_BUDGET s
-#   bash scripts/gpu_session.sh build test # only the named stages (same order rules)
+#   bash tools/gpu_session.sh            # every stage, in this order
+#   bash tools/gpu_session.sh build test # only the named stages (same order rules)
 #
 #   build     memcore against the machine's own torch, for this GPU's architecture only (skipped
 #             when memcore/_C is up to date); then one CUDA op, so a missing kernel image shows here
 #   test      the CUDA tests (pytest -k cuda: every test parametrized over devices, on the GPU)
-#   quick     benchmarks/gpu_quick.py: 8192x32000 bf16 forward-only, fwd+bwd and overwrite against
+#   quick     tools/gpu_quick.py: 8192x32000 bf16 forward-only, fwd+bwd and overwrite against
 #             the D2D copy and liger; fused linear-CE at 8192x4096x128256 (memcore / plain / liger:
 #             time, peak memory); overwrite at 8192x128256; torch.compile last; one JSON line each
 #             in $OUT/quick.jsonl as soon as measured
@@ -19,35 +19,25 @@
 #             beside the CPU rows); results.tgz, and the raw pytest-benchmark JSON as bench.json
 #   curvature the curvature figures into the store, RESULTS.md regenerated; results.tgz
 #
-# Each stage runs under `timeout` with the smaller of its own cap and the time left of the budget
-# (MEMCORE_GPU_BUDGET, default 560 s: the 10-minute call less the kill grace and the copy back),
+# Each stage runs under `timeout` with the smaller of its own cap and the time left of the budget,
 # and a stage that cannot start with 20 s left is skipped and says so. The pytest stages get a
-# deadline (benchmarks/deadline.py) shortly before their timeout: tests not started by then are
-# skipped, so the run ends by itself, prints its summary and, for bench, stores its figures (which
+# deadline (tools/deadline.py) shortly before their timeout: tests not started by then are skipped,
+# so the run ends by itself, prints its summary and, for bench, stores its figures (which
 # pytest-benchmark writes only at the end of a session; a killed run stores none).
 #
-# What comes back in $OUT (the device tool's return folder; out/gpu elsewhere; the tool returns at
-# most 8 files): session.log (each stage's exit status, wall and CPU seconds), stages.log (every
-# stage's output, written while it runs, so the part of a stage cut short comes back too),
-# quick.jsonl, bench.json and results.tgz. The exit status is that of the first failure. Back here,
-# `tar xzf <returned folder>/results.tgz` in the repository root brings the new
-# benchmarks/results.csv (GPU rows appended), RESULTS.md and scaling.png; commit them.
+# What it writes to $OUT (default out/gpu): session.log (each stage's exit status, wall and CPU
+# seconds), stages.log (every stage's output, written while it runs, so the part of a stage cut
+# short is kept too), quick.jsonl, bench.json and results.tgz. The exit status is that of the first
+# failure. Run on a copy of the tree, `tar xzf results.tgz` in the repository root brings back the
+# new benchmarks/results.csv (GPU rows appended), RESULTS.md and scaling.png; commit them. Stage
+# times: DEVELOPMENT.md, "GPU runs".
 #
-# Timed without a GPU (scripts/gpu_dryrun.sh: a copy of the tree as the device tool sends it,
-# /work/main/.venv-cuda's torch 2.14.1+cu130, MEMCORE_CUDA_ARCH=9.0, 2 cores busy with other
-# builds, load 5-10): build 699 s wall, 410 CPU-s (12 C++ + 3 .cu files, sm_90 only; the longest,
-# csrc/cuda/cross_entropy.cu, ~90 CPU-s); build when up to date 14 s; test 22 s (collection; the
-# CUDA tests skip); bench 15 s (collection, render). Estimated for the 16-core H200 machine (all
-# 15 compile jobs at once: the longest file, the link, two torch imports): build ~100-120 s,
-# test ~45-75 s, quick ~60-80 s (~40 s of it torch.compile), sanitize <= 90 s (cap); bench and
-# curvature then have ~200 s.
-#
-# Environment: MEMCORE_PY (default python3: the image's own CUDA torch; nothing installs torch),
+# Environment: MEMCORE_PY (default python3: the machine's own CUDA torch; nothing installs torch),
 # MEMCORE_CUDA_ARCH (e.g. 9.0: overrides the architecture read off the GPU, and is needed where no
 # GPU is visible, as in a dry run), MEMCORE_GPU_CAP_SCALE (multiplies every stage's cap: dry runs on
-# slow machines), MAX_JOBS (default: all cores). Wheels carried in .whl/ (made here with
-# scripts/gpu_wheels.sh: liger-kernel for the comparisons) are installed into /tmp/site
-# (MEMCORE_SITE) first, since nothing can be fetched on the device machine.
+# slow machines), MAX_JOBS (default: all cores). Wheels in .whl/ (made with tools/gpu_wheels.sh:
+# liger-kernel for the comparisons) are installed into MEMCORE_SITE (default /tmp/site) first, for
+# machines that cannot fetch packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/out/gpu}"
@@ -56,7 +46,7 @@ py="${MEMCORE_PY:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 budget="${MEMCORE_GPU_BUDGET:-560}"
 scale="${MEMCORE_GPU_CAP_SCALE:-1}"
-site="${MEMCORE_SITE:-/tmp/site}"  # where the carried wheels are installed
+site="${MEMCORE_SITE:-/tmp/site}"  # where the wheels of .whl/ are installed
 t_start=$SECONDS
 status=0
 log="$out/stages.log"
@@ -85,7 +75,7 @@ run() {  # run STAGE CAP COMMAND...: at most min(CAP * scale, time left) s, logg
   fi
   echo "[memcore] === $stage (<= $t s): $*" | tee -a "$log"
   local t0=$SECONDS c0; c0=$(cpu_s)
-  # the pytest stages skip what they have not started 25 s before the timeout (benchmarks/deadline.py)
+  # the pytest stages skip what they have not started 25 s before the timeout (tools/deadline.py)
   # bash -c: the stage may be one of the functions below (exported), which timeout cannot call.
   # SIGINT first: pytest then ends its session (summary, benchmark JSON); KILL 15 s later.
   MEMCORE_DEADLINE=$(($(date +%s) + t - 25)) timeout -s INT -k 15 "$t" bash -c '"$@"' _ "$@" 2>&1 | tee -a "$log"
@@ -98,7 +88,7 @@ run() {  # run STAGE CAP COMMAND...: at most min(CAP * scale, time left) s, logg
 }
 
 # the GPU's compute capability ("9.0"), or empty where torch sees none: read once at the start
-# (each python that imports torch costs seconds of the lease)
+# (each python that imports torch costs seconds of the budget)
 has_gpu() { [ -n "$gpu_arch" ]; }
 
 built() {  # memcore/_C*.so newer than every source, and importable with its CUDA kernels
@@ -144,7 +134,7 @@ print('[memcore] built', memcore.__file__, '(no GPU visible: not run)')" || retu
 
 test_cuda() {
   if ! has_gpu; then echo "[memcore] test: no GPU visible, the CUDA tests will skip (collection checked only)"; fi
-  "$py" -m pytest tests -q -p no:cacheprovider -p benchmarks.deadline -rs -k cuda
+  "$py" -m pytest tests -q -p no:cacheprovider -p tools.deadline -rs -k cuda
 }
 
 sanitize() {
@@ -157,9 +147,10 @@ sanitize() {
   # kernel tests first; left out: opcheck's tests (many launches of the same kernels) and the
   # linear-CE parity at N=4096 x V=50257 (GEMMs of ~0.3 TFLOP), both slow under memcheck
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 9 --print-limit 20 \
-    "$py" -m pytest tests/test_cross_entropy.py tests/test_overwrite.py tests/test_linear_accumulate.py \
-    tests/test_input_grad.py tests/test_curvature.py tests/test_bad_input.py tests/test_ops.py -q \
-    -p no:cacheprovider -p benchmarks.deadline -x -k "cuda and not opcheck and not auto_chunks" 2>&1 | tee /tmp/memcore-sanitize.log
+    "$py" -m pytest tests/test_cross_entropy.py tests/test_cross_entropy_overwrite.py tests/test_linear_cross_entropy.py \
+    tests/test_cross_entropy_input_grad.py tests/test_curvature.py tests/test_cross_entropy_bad_input.py \
+    tests/test_cross_entropy_ops.py -q \
+    -p no:cacheprovider -p tools.deadline -x -k "cuda and not opcheck and not auto_chunks" 2>&1 | tee /tmp/memcore-sanitize.log
   rc=${PIPESTATUS[0]}
   # gVisor machines: "Device not supported", then error 999 at the first allocation; not memcore's fault
   if grep -q "Device not supported" /tmp/memcore-sanitize.log; then
@@ -170,9 +161,9 @@ sanitize() {
 }
 
 bench() {
-  # the device copy of the tree carries no .git: its rows are "unrecorded", published anyway
+  # a copy of the tree without .git stores its rows as "unrecorded": shown where no clean figure exists
   local rc=0
-  MEMCORE_ALLOW_DIRTY=1 MEMCORE_PY="$py" bash scripts/bench.sh --full -k cuda -p benchmarks.deadline || rc=$?
+  MEMCORE_PY="$py" bash scripts/bench.sh --full -k cuda -p tools.deadline || rc=$?
   local json; json="$(ls -t benchmarks/out/bench-*.json 2>/dev/null | head -1)"
   [ -z "$json" ] || cp "$json" "$out/bench.json"
   return "$rc"
@@ -181,13 +172,13 @@ bench() {
 curvature() {
   # without a GPU the benchmark would measure the CPU, whose figures come from their own command
   if ! has_gpu; then stage_note "curvature: no GPU visible: skipped"; return 0; fi
-  "$py" -m benchmarks.test_bench_curvature --rounds 15 --write || return 1
-  "$py" -m benchmarks.render --allow-dirty >/dev/null
+  "$py" -m benchmarks.bench_curvature --rounds 15 --write || return 1
+  "$py" -m benchmarks.render >/dev/null
 }
 
 quick() {
   if ! has_gpu; then stage_note "quick: no GPU visible: skipped"; return 0; fi
-  "$py" benchmarks/gpu_quick.py --out "$out/quick.jsonl"
+  "$py" -m tools.gpu_quick --out "$out/quick.jsonl"
 }
 
 pack() {

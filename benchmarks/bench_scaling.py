@@ -1,8 +1,8 @@
-"""Scaling benchmarks: forward + backward time (and CUDA peak memory) as C and N grow, and the cost
+"""The scaling suite: forward + backward time (and CUDA peak memory) as C and N grow, and the cost
 of closing an epoch and reading the scores as the dataset grows.
 
 Loss sweeps, on one pre-made logits tensor per shape (the problem and variants of
-test_bench_cross_entropy.py, imported from there, not copied):
+bench_cross_entropy.py, imported from there):
 
     vs C   C in 10, 100, 1000, 10000, 32000 at N = 1024 (CPU float32) / N = 8192 (CUDA bfloat16)
     vs N   N in 256, 1024, 4096, 16384 at C = 1000
@@ -32,10 +32,10 @@ import pytest
 import torch
 
 import memcore
-from benchmarks import test_bench_cross_entropy as ce  # problem, variants and timing helper
+from benchmarks import bench_cross_entropy as ce  # problem, variants and their checks
+from benchmarks.common import DTYPES, dtype_name, measure, param
 from benchmarks.memory import peak_mib
 
-HAS_CUDA = torch.cuda.is_available()
 C_SWEEP = (10, 100, 1000, 10000, 32000)
 N_FIXED = {"cpu": 1024, "cuda": 8192}
 N_SWEEP = (256, 1024, 4096, 16384)
@@ -45,15 +45,26 @@ QUICK_CPU_N = {256, 1024, 4096}
 TRACKER_SIZES = (10_000, 100_000, 1_000_000)
 QUICK_TRACKER_SIZES = {10_000, 100_000}
 
-HAS_LIGER = ce.HAS_LIGER
+TITLE = "Scaling: loss time vs C and N, tracker vs dataset size"
+BY_CASE = True
+NOTES = """
+![time vs C and N](scaling.png)
+
+*loss vs C*, *loss vs N*: median wall time of one forward + backward pass over one logits tensor,
+variants as in the cross-entropy section. Peak: memory torch allocated during one forward + backward
+above what was allocated before it, the logits gradient included (`torch.cuda.max_memory_allocated()` on
+CUDA; on the CPU the running sum of the allocator's events recorded by `torch.profiler`,
+`benchmarks/memory.py`). *tracker*: `end_epoch()` + `scores()` after an epoch that saw every sample
+once (shape: the number of samples); state: every tensor of `state_dict()`.
+"""
+GOALS = []
 
 
 def points(device: str):
     """[(n, c, sweeps, quick)]: the union of both sweeps, each shape once."""
     pts = {}
     for c in C_SWEEP:
-        n = N_FIXED[device]
-        pts.setdefault((n, c), set()).add("C")
+        pts.setdefault((N_FIXED[device], c), set()).add("C")
     for n in N_SWEEP:
         pts.setdefault((n, C_FIXED), set()).add("N")
     out = []
@@ -68,77 +79,46 @@ def points(device: str):
 
 def _cases():
     for device in ("cpu", "cuda"):
-        variants = ["plain", "eager", "memcore", "memcore_overwrite"] + (
-            ["liger"] if device == "cuda" else []
-        )
         for n, c, sweeps, quick in points(device):
-            for variant in variants:
-                marks = []
-                if device == "cuda":
-                    marks.append(pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available"))
-                if variant == "liger":
-                    marks.append(pytest.mark.skipif(not HAS_LIGER, reason="liger_kernel not importable"))
-                if not quick:
-                    marks.append(pytest.mark.bench_full)
-                yield pytest.param(
+            for variant in ce.CUDA_VARIANTS if device == "cuda" else ce.VARIANTS:
+                yield param(
                     device,
                     n,
                     c,
                     tuple(sweeps),
                     variant,
-                    marks=marks,
-                    id=f"{device}-{n}x{c}-{ce._dtype_name(ce.DTYPES[device])}-{variant}",
+                    device=device,
+                    variant=variant,
+                    full=not quick,
+                    id=f"{device}-{n}x{c}-{dtype_name(DTYPES[device])}-{variant}",
                 )
 
 
 @pytest.mark.parametrize("device,n,c,sweeps,variant", list(_cases()))
 def test_loss_scaling(benchmark, request, device, n, c, sweeps, variant):
-    p = ce._problem(device, n, c)
-    dtype = ce._dtype_name(p.dtype)
-    if variant == "memcore":
-        ce._check_grad(p)
-    elif variant == "eager":
-        ce._check_eager_stats(p)
-    else:
-        ce._check_loss(p)
-
-    setup, target = ce.timed_call(p, variant)
-    if variant in ce.IN_PLACE:
-        ce._check_in_place(p, setup, target)
-
+    p = ce.problem(device, n, c)
+    setup, target = ce.checked_call(p, variant)
     setup()
     peak = peak_mib(device, target)
     p.logits.grad = None
-
-    benchmark.group = f"scaling {device} {dtype}"
-    benchmark.extra_info.update(
-        kernel="scaling",
+    loss = measure(
+        benchmark,
+        request,
+        target,
+        setup,
+        suite="scaling",
+        cases=[f"loss vs {s}" for s in sweeps],
         variant=variant,
         shape=f"{n}x{c}",
-        n=n,
-        c=c,
-        dtype=dtype,
+        dtype=dtype_name(p.dtype),
         device=device,
-        sweeps=list(sweeps),
-        threads=torch.get_num_threads(),
-        peak_mem_mb=peak,
-        gpu=torch.cuda.get_device_name(0) if device == "cuda" else None,
-    )
-    rounds = ce._rounds(request, benchmark, target, setup)
-    loss = benchmark.pedantic(
-        target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 50), iterations=1
+        figures={"peak_mib": (peak, "MiB")},
     )
     p.logits.grad = None
     assert torch.isfinite(loss.float()).all()
 
 
 # ---------------------------------------------------------------------------------------- tracker
-def _tracker_cases():
-    for s in TRACKER_SIZES:
-        marks = [] if s in QUICK_TRACKER_SIZES else [pytest.mark.bench_full]
-        yield pytest.param(s, marks=marks, id=f"cpu-{s}")
-
-
 def _nbytes(obj) -> int:
     """Bytes of every tensor in a (nested) state_dict."""
     if isinstance(obj, torch.Tensor):
@@ -150,7 +130,10 @@ def _nbytes(obj) -> int:
     return 0
 
 
-@pytest.mark.parametrize("num_samples", list(_tracker_cases()))
+@pytest.mark.parametrize(
+    "num_samples",
+    [param(s, device="cpu", full=s not in QUICK_TRACKER_SIZES, id=f"cpu-{s}") for s in TRACKER_SIZES],
+)
 def test_tracker_scaling(benchmark, request, num_samples):
     """end_epoch() + scores() after an epoch that saw every sample once (10 classes)."""
     ce._CACHE.clear()
@@ -173,23 +156,51 @@ def test_tracker_scaling(benchmark, request, num_samples):
     scores = target()
     assert scores["rows"].sum().item() == num_samples
     assert torch.isfinite(scores["csl"]).all()
-    state_mb = _nbytes(tracker.state_dict()) / 2**20
+    state = _nbytes(tracker.state_dict()) / 2**20
     setup()
     peak = peak_mib("cpu", target)
-
-    benchmark.group = "scaling tracker cpu"
-    benchmark.extra_info.update(
-        kernel="tracker_scaling",
+    out = measure(
+        benchmark,
+        request,
+        target,
+        setup,
+        warmup=5,
+        suite="scaling",
+        case="tracker",
         variant="memcore",
-        num_samples=num_samples,
-        device="cpu",
+        shape=num_samples,
         dtype="float64",
-        threads=torch.get_num_threads(),
-        state_mb=state_mb,
-        peak_mem_mb=peak,
-    )
-    rounds = ce._rounds(request, benchmark, target, setup)
-    out = benchmark.pedantic(
-        target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 5), iterations=1
+        device="cpu",
+        figures={"state_mib": (state, "MiB"), "peak_mib": (peak, "MiB")},
     )
     assert len(out["csl"]) == num_samples
+
+
+def plot(rows, folder) -> None:
+    """scaling.png: time vs C and vs N, log-log, one line per variant and device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows[rows.metric == "median_ms"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, (sweep, axis) in zip(axes, (("C", 1), ("N", 0))):
+        part = rows[rows.case == f"loss vs {sweep}"]
+        for (variant, device), g in part.groupby(["variant", "device"]):
+            g = g.assign(x=[int(s.split("x")[axis]) for s in g["shape"]]).sort_values("x")
+            style = "-" if device == "cpu" else "--"
+            ax.plot(g.x, g.value, marker="o", linestyle=style, label=f"{variant} ({device})")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel=sweep,
+            ylabel="forward + backward (ms)",
+            title=f"time vs {sweep}",
+        )
+        ax.grid(True, which="both", alpha=0.3)
+        if not part.empty:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "scaling.png", dpi=110)
+    plt.close(fig)

@@ -1,7 +1,7 @@
-"""The GPU figures issue #18 asks for first, in about a minute: scripts/gpu_session.sh runs it right
-after the CUDA tests, before the full benchmark suite, so a short device lease still brings them.
+"""The headline GPU figures in about a minute: tools/gpu_session.sh runs it right after the CUDA
+tests, before the full benchmark suite, so a run cut short still brings them.
 
-    python benchmarks/gpu_quick.py --out $OUT/quick.jsonl     # one JSON object per line, as measured
+    python -m tools.gpu_quick --out $OUT/quick.jsonl     # one JSON object per line, as measured
 
 Cases, most valuable first (bf16, CUDA events, median of --iters after warm-up; in-place variants
 get a fresh copy of the logits before each run, outside the timing):
@@ -38,13 +38,9 @@ import torch
 import torch.nn.functional as F
 
 import memcore
+from benchmarks.common import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
 from benchmarks.memory import peak_mib
 from memcore.linear_cross_entropy import auto_chunk_size
-
-try:  # optional baselines (Triton, CUDA only); a broken triton raises more than ImportError
-    from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
-except Exception:  # noqa: BLE001
-    LigerCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss = None
 
 
 def _time(fn: Callable[[], None], setup: Optional[Callable[[], None]], iters: int, device: str) -> float:
@@ -176,7 +172,7 @@ def cross_entropy(run: Run, n: int, c: int, first: bool) -> None:
 
 
 def split_rows(run: Run, n: int, c: int) -> None:
-    """Few wide rows (issue #18, "few rows, huge vocabulary"): at 16 x 256000 one block per row
+    """Few wide rows with a huge vocabulary: at 16 x 256000 one block per row
     would leave most SMs idle; the CUDA launcher splits each row over several blocks."""
     device, iters = run.device, run.iters
     torch.manual_seed(0)

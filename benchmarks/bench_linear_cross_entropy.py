@@ -1,4 +1,4 @@
-"""Fused linear + cross-entropy: memcore.linear_accumulate against the unfused ways, forward + backward.
+"""The linear_cross_entropy family: memcore.linear_accumulate against the unfused ways, forward + backward.
 
 Variants, each from the same hidden [N, H] and weight [V, H] leaves (their grads cleared between
 rounds, outside the timing):
@@ -11,15 +11,12 @@ rounds, outside the timing):
 
 Time: forward + backward. Memory: the peak the allocator handed out during one forward + backward
 above what was allocated before it (the inputs), benchmarks/memory.py's probe; it includes the
-gradients of hidden and weight, which every variant must produce. Goals (issue "LLM scale"): linear's
-peak at most 25% of plain's, time at most 1.15x plain's. Figures go into benchmark.extra_info
-(kernel "linear_cross_entropy", shape, dtype, variant, peak_mib, and the ratios against plain for
-linear); with --bench-store (scripts/bench.sh) they become the store's suite "linear_cross_entropy"
-rows, which RESULTS.md tables and judges against those goals.
+gradients of hidden and weight, which every variant must produce. With --bench-store (scripts/bench.sh)
+both become rows of the store's suite "linear_cross_entropy", judged against GOALS below.
 
-Full mode (--bench-full or MEMCORE_BENCH_FULL=1) runs the issue's CPU shapes, N=4,096 H=1,024
+Full mode (--bench-full or MEMCORE_BENCH_FULL=1) runs the CPU shapes of the goals, N=4,096 H=1,024
 V=32,000 and N=2,048 H=2,048 V=128,256 fp32 (minutes per variant on a small CPU); quick mode a tiny
-shape. On CUDA (either mode) the issue's GPU shape, N=8,192 H=4,096 V=128,256 bf16, with one more
+shape. On CUDA (either mode) the GPU shape of the goals, N=8,192 H=4,096 V=128,256 bf16, with one more
 variant where liger_kernel imports:
 
     liger        liger_kernel's LigerFusedLinearCrossEntropyLoss()(W, h, targets).backward()
@@ -27,8 +24,7 @@ variant where liger_kernel imports:
 Every case first checks, outside the timing, that its loss equals plain's (and, at the tiny shape,
 that linear's gradients do), so --benchmark-disable runs also catch wrong results.
 
-    pytest benchmarks/test_bench_linear_ce.py --bench-full --benchmark-min-rounds=1 \\
-        --benchmark-json=/tmp/bench_linear.json
+    bash scripts/bench.sh --full -k linear_cross_entropy --benchmark-min-rounds=1
 """
 
 import gc
@@ -40,24 +36,53 @@ import torch
 import torch.nn.functional as F
 
 import memcore
+from benchmarks.common import (
+    DTYPES,
+    TOL,
+    LigerFusedLinearCrossEntropyLoss,
+    dtype_name,
+    eager_stats,
+    measure,
+    param,
+    sync,
+)
+from benchmarks.goals import Goal, ratio, value
 from benchmarks.memory import peak_mib
-from benchmarks.test_bench_cross_entropy import HAS_CUDA, TOL, _sync
 from memcore.linear_cross_entropy import auto_chunk_size
 
 SHAPES = [(256, 64, 1001), (4096, 1024, 32000), (2048, 2048, 128256)]  # (N, H, V), CPU
-HEAVY = {(4096, 1024, 32000), (2048, 2048, 128256)}
-CUDA_SHAPES = [(8192, 4096, 128256)]  # the issue's GPU shape (an LLM head), either mode
+HEAVY = {(4096, 1024, 32000), (2048, 2048, 128256)}  # the goals' CPU shapes; the first is a smoke test
+CUDA_SHAPES = [(8192, 4096, 128256)]  # an LLM head, either mode
 VARIANTS = ("plain", "plain_eager", "accumulate", "linear")
 CUDA_VARIANTS = VARIANTS + ("liger",)
-DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 _CACHE: dict = {}  # the problem of the current shape, shared by its variants
-_RESULTS: dict = {}  # (device, shape, variant) -> (seconds, peak_mib), for the ratios of the linear rows
 
-try:  # optional baseline: liger's fused linear cross-entropy (Triton, CUDA only)
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-except Exception:  # noqa: BLE001 - not installed, or its triton import failed
-    LigerFusedLinearCrossEntropyLoss = None
-HAS_LIGER = LigerFusedLinearCrossEntropyLoss is not None
+TITLE = "Fused linear + cross-entropy: memcore.linear_accumulate vs F.linear + F.cross_entropy"
+NOTES = """
+Wall time of one forward + backward from the same hidden [N, H] and weight [V, H]; the multi-GiB CPU
+shapes run one round, so their times are single measurements. *plain*:
+`F.cross_entropy(F.linear(h, W), t).backward()`; *plain_eager*: plain plus the six statistics with
+unfused ops and `index_add_`; *accumulate*: `memcore.accumulate` on `F.linear`'s logits; *linear*:
+`memcore.linear_accumulate` (never materializes the [N, V] logits); *liger* (CUDA): Liger-Kernel's
+`LigerFusedLinearCrossEntropyLoss`. Peak: memory the allocator handed out during one forward + backward
+above what was allocated before it (the inputs), `benchmarks/memory.py`; it includes the gradients of
+hidden and weight. The [V, H] weight gradient alone is a floor no variant goes below: in fp32 at
+V = 128,256, H = 2,048 it takes 1,002 MiB. Goals are judged at the large shapes only; the smallest is
+the quick-mode smoke test, where fixed costs dominate.
+"""
+CPU_SHAPES = [f"{n}x{h}x{v}" for n, h, v in SHAPES if (n, h, v) in HEAVY]
+GPU_SHAPES = [f"{n}x{h}x{v}" for n, h, v in CUDA_SHAPES]
+CPU, GPU = "bash scripts/bench.sh --full -k linear_cross_entropy", "bash tools/gpu_session.sh build bench"
+GOALS = [
+    Goal("linear_accumulate peak ≤ 25 % of plain F.linear + F.cross_entropy's, above the inputs", "cpu",
+         ratio("peak_mib", "linear", "plain", scale=100, shape=CPU_SHAPES), "<=", 25.0, "{:.1f} %", CPU),
+    Goal("linear_accumulate fwd+bwd ≤ 1.15x plain F.linear + F.cross_entropy", "cpu",
+         ratio("median_ms", "linear", "plain", shape=CPU_SHAPES), "<=", 1.15, "{:.2f}x", CPU),
+    Goal("linear_accumulate fwd+bwd at least as fast as Liger's fused linear cross-entropy", "cuda",
+         ratio("median_ms", "linear", "liger", shape=GPU_SHAPES), "<=", 1.0, "{:.2f}x", GPU),
+    Goal("linear_accumulate peak ≤ 2 GiB above the inputs", "cuda",
+         value("peak_mib", scale=1 / 1024, variant="linear", shape=GPU_SHAPES), "<=", 2.0, "{:.2f} GiB", GPU),
+]  # fmt: skip
 
 
 def _problem(device, n, h, v):
@@ -81,19 +106,9 @@ def _problem(device, n, h, v):
             tracker=memcore.Tracker(n, device=device),
             eager=torch.zeros(n, 6, dtype=torch.float64, device=device),
         )
-        if device == "cuda" and HAS_LIGER:
+        if device == "cuda" and LigerFusedLinearCrossEntropyLoss is not None:
             _CACHE[key]["liger"] = LigerFusedLinearCrossEntropyLoss()
     return _CACHE[key]
-
-
-def _eager_stats(z, targets, loss_rows):
-    with torch.no_grad():
-        t = targets[:, None]
-        p = z.softmax(-1).gather(1, t).squeeze(1)
-        other = z.scatter(1, t, float("-inf")).amax(1)
-        margin = z.gather(1, t).squeeze(1) - other
-        correct = (z.argmax(-1) == targets).to(p.dtype)
-        return torch.stack([loss_rows.detach(), torch.ones_like(p), correct, p, p * p, margin], 1).double()
 
 
 def _run(variant, p):
@@ -103,7 +118,7 @@ def _run(variant, p):
     elif variant == "plain_eager":
         z = F.linear(h, w)
         rows = F.cross_entropy(z, t, reduction="none")
-        p["eager"].index_add_(0, i, _eager_stats(z.detach(), t, rows))
+        p["eager"].index_add_(0, i, eager_stats(z, t, rows))
         loss = rows.mean()
     elif variant == "accumulate":
         loss = memcore.accumulate(F.linear(h, w), t, i, p["tracker"])
@@ -112,7 +127,7 @@ def _run(variant, p):
     else:
         loss = memcore.linear_accumulate(h, w, t, i, p["tracker"])
     loss.backward()
-    _sync(p["device"])
+    sync(p["device"])
     return loss.detach()
 
 
@@ -144,72 +159,48 @@ def _check(variant, p, shape):
 
 
 def _cases():
-    for shape in SHAPES:
-        marks = [pytest.mark.bench_full] if shape in HEAVY else []
-        for variant in VARIANTS:
-            yield pytest.param(
-                "cpu", shape, variant, marks=marks, id=f"cpu-{'x'.join(map(str, shape))}-float32-{variant}"
-            )
-    for shape in CUDA_SHAPES:
-        for variant in CUDA_VARIANTS:
-            marks = [pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available")]
-            if variant == "liger":
-                marks.append(pytest.mark.skipif(not HAS_LIGER, reason="liger_kernel not importable"))
-            yield pytest.param(
-                "cuda", shape, variant, marks=marks, id=f"cuda-{'x'.join(map(str, shape))}-bfloat16-{variant}"
-            )
+    for device, shapes, variants in (("cpu", SHAPES, VARIANTS), ("cuda", CUDA_SHAPES, CUDA_VARIANTS)):
+        for shape in shapes:
+            for variant in variants:
+                full = device == "cpu" and shape in HEAVY
+                name = f"{device}-{'x'.join(map(str, shape))}-{dtype_name(DTYPES[device])}-{variant}"
+                yield param(device, shape, variant, device=device, variant=variant, full=full, id=name)
 
 
 @pytest.mark.parametrize("device,shape,variant", list(_cases()))
 def test_linear_cross_entropy(benchmark, request, device, shape, variant):
     n, h, v = shape
     p = _problem(device, n, h, v)
-    dtype = str(p["dtype"]).replace("torch.", "")
     _check(variant, p, shape)
     peak = peak_mib(device, lambda: _run(variant, p))  # also the warm-up
     _clear(p)
 
-    def setup():
-        _clear(p)
-
     def target():
         return _run(variant, p)
 
-    rounds = 1
-    if not benchmark.disabled and (shape not in HEAVY or device == "cuda"):  # heavy CPU: min-rounds
+    rounds = int(request.config.getoption("benchmark_min_rounds"))
+    if benchmark.disabled:
+        rounds = 1
+    elif shape not in HEAVY or device == "cuda":  # heavy CPU shapes: min-rounds
         t0 = time.perf_counter()
         target()
-        once = time.perf_counter() - t0
         max_time = float(request.config.getoption("benchmark_max_time"))
-        rounds = max(int(request.config.getoption("benchmark_min_rounds")), math.ceil(max_time / once))
-    elif not benchmark.disabled:
-        rounds = int(request.config.getoption("benchmark_min_rounds"))
-    benchmark.group = f"linear_cross_entropy {n}x{h}x{v} {dtype} {device}"
-    benchmark.extra_info.update(
-        kernel="linear_cross_entropy",
+        rounds = max(rounds, math.ceil(max_time / (time.perf_counter() - t0)))
+    loss = measure(
+        benchmark,
+        request,
+        target,
+        lambda: _clear(p),
+        rounds=rounds,
+        warmup=0,
+        suite="linear_cross_entropy",
+        case="fwd+bwd",
         variant=variant,
         shape=f"{n}x{h}x{v}",
-        n=n,
-        h=h,
-        v=v,
-        dtype=dtype,
+        dtype=dtype_name(p["dtype"]),
         device=device,
-        threads=torch.get_num_threads(),
-        gpu=torch.cuda.get_device_name(0) if device == "cuda" else None,
-        peak_mib=peak,
+        figures={"peak_mib": (peak, "MiB")},
         chunk_size=auto_chunk_size(n, v, p["dtype"], torch.device(device)),
     )
-    loss = benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1)
     _clear(p)
     assert torch.isfinite(loss.float())
-    if not benchmark.disabled and benchmark.stats is not None:
-        _RESULTS[(device, shape, variant)] = (benchmark.stats.stats.min, peak)
-        if variant == "linear" and (device, shape, "plain") in _RESULTS:
-            t_plain, m_plain = _RESULTS[(device, shape, "plain")]
-            t_lin, m_lin = _RESULTS[(device, shape, variant)]
-            benchmark.extra_info.update(
-                time_vs_plain=t_lin / t_plain,
-                time_goal=1.15,
-                peak_vs_plain=None if not (m_plain and m_lin) else m_lin / m_plain,
-                peak_goal=0.25,
-            )

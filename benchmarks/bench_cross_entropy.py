@@ -1,7 +1,7 @@
-"""Kernel benchmarks: memcore.accumulate against plain and unfused ("eager") cross-entropy.
+"""The cross-entropy family: memcore.accumulate against plain and unfused ("eager") cross-entropy.
 
 Each case times forward + backward on one pre-made logits tensor (a leaf with requires_grad; its
-grad is set to None between rounds, outside the timing) in three variants:
+grad is set to None between rounds, outside the timing) in these variants:
 
     plain    F.cross_entropy(logits, targets).backward()            - what training pays anyway
     eager    F.cross_entropy(reduction="none") + softmax/gather/max/argmax + index_add_ of the same
@@ -14,8 +14,7 @@ The two that write their gradient into the logits get a fresh copy of them each 
 outside the timing.
 
 On CUDA, test_cuda_copy_bandwidth also times a device-to-device copy of a buffer the size of the
-largest logits tensor: the bandwidth the memory-bound loss kernels are judged against (render.py
-turns memcore's time into effective GB/s: logits read twice, gradient written once).
+largest logits tensor: the bandwidth the memory-bound loss kernels are judged against.
 
 CPU runs float32, CUDA bfloat16. Quick mode (default) runs 512x10 and 4096x1000 on CPU (and every
 shape on CUDA); the 8192x32000 CPU case (1 GiB of logits, 1 GiB of grads) needs --bench-full or
@@ -28,7 +27,6 @@ F.cross_entropy (and, per variant, the eager statistics / memcore gradient), so 
 
 import gc
 import math
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,47 +35,79 @@ import torch
 import torch.nn.functional as F
 
 import memcore
+from benchmarks.common import (
+    DTYPES,
+    TOL,
+    LigerCrossEntropyLoss,
+    dtype_name,
+    eager_stats,
+    measure,
+    param,
+    sync,
+)
+from benchmarks.goals import Goal, ratio
 
 SHAPES = [(512, 10), (4096, 1000), (8192, 32000)]
 HEAVY_CPU = {(8192, 32000)}  # full mode only on CPU
 VARIANTS = ("plain", "eager", "memcore", "memcore_overwrite")
 CUDA_VARIANTS = VARIANTS + ("liger",)
 IN_PLACE = {"memcore_overwrite", "liger"}  # variants that overwrite the logits they are given
-DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
-# loss / statistics tolerances per dtype (memcore does fp32 math; bf16 outputs are rounded)
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-MAX_ROUNDS = 20000
-HAS_CUDA = torch.cuda.is_available()
 
-try:  # optional baseline: a fused Triton cross-entropy (CUDA only)
-    from liger_kernel.transformers import LigerCrossEntropyLoss
-except Exception:  # noqa: BLE001 - not installed, or its triton import failed
-    LigerCrossEntropyLoss = None
-HAS_LIGER = LigerCrossEntropyLoss is not None
+TITLE = "Cross-entropy kernel: memcore.accumulate vs F.cross_entropy"
+NOTES = """
+Wall time of one forward + backward pass over the same logits tensor (CPU: float32, CUDA: bfloat16).
+*plain*: `F.cross_entropy(...).backward()`, no statistics. *eager*: the same six per-sample statistics
+memcore records, gathered with unfused PyTorch ops and `index_add_` into a float64 buffer. *memcore*:
+`memcore.accumulate(...).backward()`; *memcore_overwrite*: the same with `overwrite_logits=True` (a fresh
+copy of the logits each round, outside the timing); *liger*: Liger-Kernel's `LigerCrossEntropyLoss`
+(CUDA). *d2d_copy* (CUDA): a device-to-device copy of the largest logits, the bandwidth the loss is
+judged against (memcore moves the logits three times: two reads, one gradient write).
+"""
+GPU = "bash tools/gpu_session.sh build bench"
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+def copy_bandwidth(rows):
+    """memcore's effective bandwidth at its largest shape as a percentage of the D2D copy's."""
+    loss = rows[(rows.case == "loss") & (rows.variant == "memcore") & (rows.metric == "median_ms")]
+    copy = rows[rows.case == "d2d_copy"]
+    have = copy.set_index("metric").value
+    if loss.empty or not {"median_ms", "bytes_moved"} <= set(have.index):
+        return []
+    big = loss.loc[loss["shape"].map(lambda s: math.prod(map(int, s.split("x")))).idxmax()]
+    n, c = map(int, big["shape"].split("x"))
+    moved = 3 * n * c * torch.finfo(getattr(torch, big["dtype"])).bits // 8
+    pct = 100 * (moved / big["value"]) / (have["bytes_moved"] / have["median_ms"])
+    return [(f"{big['shape']} {big['dtype']}", pct, rows.loc[[big.name, *copy.index]], "")]
+
+
+GOALS = [
+    Goal("accumulate fwd+bwd ≤ 1.10x plain F.cross_entropy", "cpu", ratio("median_ms", "memcore", "plain"),
+         "<=", 1.10, "{:.2f}x", "bash scripts/bench.sh --full"),
+    Goal("accumulate ≥ 1.5x faster than the eager statistics", "cpu", ratio("median_ms", "eager", "memcore"),
+         ">=", 1.5, "{:.2f}x", "bash scripts/bench.sh --full"),
+    Goal("accumulate fwd+bwd ≤ 1.10x plain F.cross_entropy", "cuda", ratio("median_ms", "memcore", "plain"),
+         "<=", 1.10, "{:.2f}x", GPU),
+    Goal("accumulate ≥ 2x faster than the eager statistics", "cuda", ratio("median_ms", "eager", "memcore"),
+         ">=", 2.0, "{:.2f}x", GPU),
+    Goal("accumulate at least as fast as Liger's cross-entropy", "cuda", ratio("median_ms", "memcore", "liger"),
+         "<=", 1.0, "{:.2f}x", GPU + " (liger-kernel from tools/gpu_wheels.sh)"),
+    Goal("≥ 80 % of the D2D copy bandwidth on the largest shape", "cuda", copy_bandwidth,
+         ">=", 80.0, "{:.0f} %", GPU),
+]  # fmt: skip
 
 
 def _cases():
     for device in ("cpu", "cuda"):
         for n, c in SHAPES:
-            marks = []
-            if device == "cuda":
-                marks.append(pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available"))
-            if device == "cpu" and (n, c) in HEAVY_CPU:
-                marks.append(pytest.mark.bench_full)
             for variant in CUDA_VARIANTS if device == "cuda" else VARIANTS:
-                vmarks = list(marks)
-                if variant == "liger":
-                    vmarks.append(pytest.mark.skipif(not HAS_LIGER, reason="liger_kernel not importable"))
-                yield pytest.param(
+                yield param(
                     device,
                     (n, c),
                     variant,
-                    marks=vmarks,
-                    id=f"{device}-{n}x{c}-{_dtype_name(DTYPES[device])}-{variant}",
+                    device=device,
+                    variant=variant,
+                    full=device == "cpu" and (n, c) in HEAVY_CPU,
+                    id=f"{device}-{n}x{c}-{dtype_name(DTYPES[device])}-{variant}",
                 )
 
 
@@ -95,10 +125,10 @@ class Problem:
     eager_buf: torch.Tensor  # float64 [n, 6]
 
 
-_CACHE: dict = {}  # holds one Problem at a time: the three variants of a shape share it
+_CACHE: dict = {}  # holds one Problem at a time: the variants of a shape share it
 
 
-def _problem(device: str, n: int, c: int) -> Problem:
+def problem(device: str, n: int, c: int) -> Problem:
     key = (device, n, c)
     if key not in _CACHE:
         _CACHE.clear()
@@ -122,28 +152,12 @@ def _problem(device: str, n: int, c: int) -> Problem:
     return _CACHE[key]
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 # ---------------------------------------------------------------------------------------- variants
 def run_plain(p: Problem) -> torch.Tensor:
     loss = F.cross_entropy(p.logits, p.targets)
     loss.backward()
-    _sync(p.device)
+    sync(p.device)
     return loss
-
-
-def eager_stats(logits: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor) -> torch.Tensor:
-    """[N, 6] float64 rows in memcore's column layout: loss, 1, correct, p(target), p^2, margin."""
-    with torch.no_grad():
-        z, t = logits.detach(), targets[:, None]
-        p = z.softmax(-1).gather(1, t).squeeze(1)
-        other = z.scatter(1, t, float("-inf")).amax(1)  # largest logit other than the target's
-        margin = z.gather(1, t).squeeze(1) - other
-        correct = (z.argmax(-1) == targets).to(p.dtype)
-        return torch.stack([loss_rows.detach(), torch.ones_like(p), correct, p, p * p, margin], 1).double()
 
 
 def run_eager(p: Problem) -> torch.Tensor:
@@ -151,14 +165,14 @@ def run_eager(p: Problem) -> torch.Tensor:
     p.eager_buf.index_add_(0, p.index, eager_stats(p.logits, p.targets, loss_rows))
     loss = loss_rows.mean()
     loss.backward()
-    _sync(p.device)
+    sync(p.device)
     return loss
 
 
 def run_memcore(p: Problem, tracker: Optional[memcore.Tracker] = None) -> torch.Tensor:
     loss = memcore.accumulate(p.logits, p.targets, p.index, tracker or p.tracker)
     loss.backward()
-    _sync(p.device)
+    sync(p.device)
     return loss
 
 
@@ -173,7 +187,7 @@ def run_liger(p: Problem, logits: torch.Tensor) -> torch.Tensor:
     _LAST["logits"] = logits
     loss = _LIGER["loss"](logits, p.targets)
     loss.backward()
-    _sync(p.device)
+    sync(p.device)
     return loss
 
 
@@ -182,7 +196,7 @@ def run_memcore_overwrite(p: Problem, logits: torch.Tensor) -> torch.Tensor:
     _LAST["logits"] = logits
     loss = memcore.accumulate(logits, p.targets, p.index, p.tracker, overwrite_logits=True)
     loss.backward()
-    _sync(p.device)
+    sync(p.device)
     return loss
 
 
@@ -193,27 +207,16 @@ RUN_IN_PLACE = {"memcore_overwrite": run_memcore_overwrite, "liger": run_liger}
 def timed_call(p: Problem, variant: str):
     """(setup, target) for one variant: setup clears the gradient (and, for the variants that
     overwrite their logits, makes the fresh copy they need); neither is timed."""
-    if variant in IN_PLACE:
-        box = {}
-        run_in_place = RUN_IN_PLACE[variant]
-
-        def setup():
-            p.logits.grad = None
-            box["logits"] = p.logits.detach().clone().requires_grad_()
-
-        def target():
-            return run_in_place(p, box["logits"])
-
-        return setup, target
-    run = RUN[variant]
+    box = {}
 
     def setup():
         p.logits.grad = None
+        if variant in IN_PLACE:
+            box["logits"] = p.logits.detach().clone().requires_grad_()
 
-    def target():
-        return run(p)
-
-    return setup, target
+    if variant in IN_PLACE:
+        return setup, lambda: RUN_IN_PLACE[variant](p, box["logits"])
+    return setup, lambda: RUN[variant](p)
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -268,65 +271,30 @@ def _check_in_place(p: Problem, setup, target) -> None:
     torch.testing.assert_close(_LAST.pop("logits").grad.float(), expected.float(), **TOL[p.dtype])
 
 
-# ---------------------------------------------------------------------------------------- timing
-def _rounds(request, benchmark, target, setup) -> int:
-    """Rounds so the case runs about --benchmark-max-time, at least --benchmark-min-rounds.
-
-    The per-round time is the fastest of a few probe runs (which double as a warm-up): on a busy
-    machine a single probe can hit a scheduler stall and would leave too few rounds."""
-    if benchmark.disabled:
-        return 1
-    max_time = float(request.config.getoption("benchmark_max_time"))
-    min_rounds = int(request.config.getoption("benchmark_min_rounds"))
-    fastest, spent = float("inf"), 0.0
-    for _ in range(20):
-        setup()
-        t0 = time.perf_counter()
-        target()
-        took = time.perf_counter() - t0
-        fastest, spent = min(fastest, took), spent + took
-        if spent > 0.25 * max_time:
-            break
-    return max(min_rounds, min(MAX_ROUNDS, math.ceil(max_time / max(fastest, 1e-7))))
-
-
-@pytest.mark.parametrize("device,shape,variant", list(_cases()))
-def test_cross_entropy(benchmark, request, device, shape, variant):
-    n, c = shape
-    p = _problem(device, n, c)
-    dtype = _dtype_name(p.dtype)
-
+def checked_call(p: Problem, variant: str):
+    """(setup, target) of ``variant`` after checking its results (outside the timing)."""
     _check_loss(p)
-    if variant == "eager":
-        _check_eager_stats(p)
-    elif variant == "memcore":
-        _check_grad(p)
+    if variant in ("memcore", "eager"):
+        (_check_grad if variant == "memcore" else _check_eager_stats)(p)
     setup, target = timed_call(p, variant)
     if variant in IN_PLACE:
         _check_in_place(p, setup, target)
+    return setup, target
 
-    benchmark.group = f"cross_entropy {n}x{c} {dtype} {device}"
-    benchmark.extra_info.update(
-        kernel="cross_entropy",
-        variant=variant,
-        shape=f"{n}x{c}",
-        n=n,
-        c=c,
-        dtype=dtype,
-        device=device,
-        threads=torch.get_num_threads(),
-        gpu=torch.cuda.get_device_name(0) if device == "cuda" else None,
-    )
 
-    rounds = _rounds(request, benchmark, target, setup)
-    loss = benchmark.pedantic(
-        target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 50), iterations=1
-    )
+# ---------------------------------------------------------------------------------------- timing
+@pytest.mark.parametrize("device,shape,variant", list(_cases()))
+def test_cross_entropy(benchmark, request, device, shape, variant):
+    n, c = shape
+    p = problem(device, n, c)
+    setup, target = checked_call(p, variant)
+    fields = dict(suite="cross_entropy", case="loss", variant=variant, shape=f"{n}x{c}", device=device)
+    loss = measure(benchmark, request, target, setup, dtype=dtype_name(p.dtype), **fields)
     p.logits.grad = None
     assert torch.isfinite(loss.float()).all()
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 def test_cuda_copy_bandwidth(benchmark, request):
     """Device-to-device copy of a buffer the size of the largest logits tensor (bf16): the
     bandwidth reference for the memory-bound kernels. Bytes moved = read + write."""
@@ -335,28 +303,21 @@ def test_cuda_copy_bandwidth(benchmark, request):
     gc.collect()
     src = torch.randn(n, c, device="cuda").to(DTYPES["cuda"])
     dst = torch.empty_like(src)
-    nbytes = src.numel() * src.element_size()
 
     def target():
         dst.copy_(src)
         torch.cuda.synchronize()
 
-    def setup():
-        pass
-
     target()
     assert torch.equal(dst, src)
-    benchmark.group = "d2d copy"
-    benchmark.extra_info.update(
-        kernel="d2d_copy",
-        variant="copy",
-        shape=f"{n}x{c}",
-        n=n,
-        c=c,
-        dtype=_dtype_name(src.dtype),
-        device="cuda",
-        bytes_moved=2 * nbytes,
-        gpu=torch.cuda.get_device_name(0),
+    moved = 2 * src.numel() * src.element_size()
+    fields = dict(suite="cross_entropy", case="d2d_copy", variant="copy", shape=f"{n}x{c}", device="cuda")
+    measure(
+        benchmark,
+        request,
+        target,
+        warmup=20,
+        dtype=dtype_name(src.dtype),
+        figures={"bytes_moved": (moved, "B")},
+        **fields,
     )
-    rounds = _rounds(request, benchmark, target, setup)
-    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=min(rounds // 10, 20), iterations=1)

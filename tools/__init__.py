@@ -1,0 +1,1 @@
+"""Development tooling: the GPU run, the SASS report and the mutation check (not part of memcore)."""
