@@ -46,29 +46,9 @@ const float* z_as_float(const scalar_t* z, int64_t n, float* buf) {
   }
 }
 
-// Online logsumexp over one segment of a row, in float. m/s carry the running max and the sum of
-// exp(z - m); returns the segment's own max (for the margin and argmax).
-template <typename scalar_t>
-float segment_lse(const scalar_t* z, int64_t n, float* buf, float& m, float& s) {
-  float seg_max = -kInf;
-  for (int64_t off = 0; off < n; off += kChunk) {
-    const int64_t len = std::min(kChunk, n - off);
-    const float* x = z_as_float(z + off, len, buf);
-    const float cm = max_f32(x, len);
-    seg_max = cm > seg_max ? cm : seg_max;
-    if (cm > m) {
-      s = (m == -kInf) ? 0.f : s * std::exp(m - cm);
-      m = cm;
-    }
-    if (m == -kInf) {
-      // every value so far is -inf (or NaN): keep s = 0 but let a NaN reach it
-      s += 0.f * sum_exp_f32(x, len, 0.f);
-    } else {
-      s += sum_exp_f32(x, len, m);
-    }
-  }
-  return seg_max;
-}
+// Length of the next piece of a streamed row with `left` classes left: kChunk, or all of them when
+// fewer than 16 would remain for the last piece (the piece kernel needs 16).
+int64_t piece_len(int64_t left) { return left - kChunk < 16 ? left : kChunk; }
 
 // One row: exact double math for double logits (gradcheck); otherwise a row longer than kChunk,
 // streamed (shorter rows take the block kernels of cross_entropy_block.h).
@@ -91,14 +71,17 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
     }
     lse = m + std::log(s);
   } else {
-    float m = -kInf, s = 0.f;
-    m_before = segment_lse(z, t, buf, m, s);
-    m_after = segment_lse(z + t + 1, C - t - 1, buf, m, s);
-    const float ztf = static_cast<float>(z[t]);
-    const float mm = ztf > m ? ztf : m;
-    const float tot = (m == -kInf ? 0.f : s * std::exp(m - mm)) + std::exp(ztf - mm);
-    zt = ztf;
-    lse = static_cast<double>(mm + std::log(tot));
+    RowAcc a{-kInf, 0.f, -kInf, -kInf};
+    for (int64_t off = 0; off < C;) {
+      const int64_t len = piece_len(C - off);
+      forward_piece_f32(z_as_float(z + off, len, buf), len, off, t, &a);
+      off += len;
+    }
+    m_before = a.before;
+    m_after = a.after;
+    zt = static_cast<float>(z[t]);
+    // a row of -inf (m stays -inf) has no finite max: NaN flags it, as it does NaN entries
+    lse = a.m == -kInf ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(a.m + std::log(a.s));
   }
   RowResult r;
   r.lse = lse;
@@ -239,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
         if (local) flags.fetch_or(local);
         return;
       }
-      std::vector<float> buf(kChunk);
+      std::vector<float> buf(kChunk + 16);
       int32_t local = 0;
       for (int64_t i = begin; i < end; ++i) {
         const int64_t t = tg[i];

@@ -23,24 +23,30 @@ namespace memcore {
 namespace cpu {
 
 namespace isa_base {
-#include "vec16.inc"
+#define MEMCORE_LANES 4
+#include "vec.inc"
 #include "cross_entropy_block.inc"
+#undef MEMCORE_LANES
 }  // namespace isa_base
 
 #ifdef MEMCORE_PER_ISA
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace isa_avx2 {
-#include "vec16.inc"
+#define MEMCORE_LANES 8
+#include "vec.inc"
 #include "cross_entropy_block.inc"
+#undef MEMCORE_LANES
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 namespace isa_avx512 {
-#include "vec16.inc"
+#define MEMCORE_LANES 16
+#include "vec.inc"
 #include "cross_entropy_block.inc"
+#undef MEMCORE_LANES
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif
@@ -84,6 +90,10 @@ void forward_block_f32(const float* z, int64_t C, const int64_t* row, const int6
 void forward_block_narrow_f32(const float* z, int64_t C, const int64_t* row, const int64_t* t,
                               int64_t n, BlockOut out) {
   MEMCORE_DISPATCH(forward_block_narrow_f32, z, C, row, t, n, out)
+}
+
+void forward_piece_f32(const float* x, int64_t len, int64_t j0, int64_t t, RowAcc* a) {
+  MEMCORE_DISPATCH(forward_piece_f32, x, len, j0, t, a)
 }
 
 void backward_block_f32(const float* z, float* out, int64_t C, const int64_t* row, const int64_t* t,
