@@ -96,6 +96,18 @@ void forward_piece_f32(const float* x, int64_t len, int64_t j0, int64_t t, RowAc
   MEMCORE_DISPATCH(forward_piece_f32, x, len, j0, t, a)
 }
 
+void softmax_scale_f32(const float* x, float* out, int64_t n, float lse, float g) {
+  MEMCORE_DISPATCH(softmax_scale_f32, x, out, n, lse, g)
+}
+
+void forward_row_f64(const double* x, int64_t C, int64_t t, double* res) {
+  MEMCORE_DISPATCH(forward_row_f64, x, C, t, res)
+}
+
+void backward_row_f64(const double* x, double* out, int64_t C, int64_t t, double lse, double g) {
+  MEMCORE_DISPATCH(backward_row_f64, x, out, C, t, lse, g)
+}
+
 void backward_block_f32(const float* z, float* out, int64_t C, const int64_t* row, const int64_t* t,
                         const float* lse, const float* g, int64_t n) {
   MEMCORE_DISPATCH(backward_block_f32, z, out, C, row, t, lse, g, n)
