@@ -420,7 +420,7 @@ template <typename scalar_t>
 double row_sumsq(const scalar_t* g, int64_t d, float* buf) {
   double s = 0.0;
   if constexpr (std::is_same_v<scalar_t, double>) {
-    for (int64_t j = 0; j < d; ++j) s += g[j] * g[j];
+    s = sumsq_f64(g, d);
   } else {
     for (int64_t off = 0; off < d; off += kChunk) {
       const int64_t len = std::min(kChunk, d - off);

@@ -108,6 +108,10 @@ void backward_row_f64(const double* x, double* out, int64_t C, int64_t t, double
   MEMCORE_DISPATCH(backward_row_f64, x, out, C, t, lse, g)
 }
 
+float sumsq_f32(const float* x, int64_t n) { MEMCORE_DISPATCH(sumsq_f32, x, n) }
+
+double sumsq_f64(const double* x, int64_t n) { MEMCORE_DISPATCH(sumsq_f64, x, n) }
+
 void backward_block_f32(const float* z, float* out, int64_t C, const int64_t* row, const int64_t* t,
                         const float* lse, const float* g, int64_t n) {
   MEMCORE_DISPATCH(backward_block_f32, z, out, C, row, t, lse, g, n)

@@ -48,6 +48,7 @@ struct RowAcc {
 //   softmax_scale_f32:        out[0, n >= 16) = exp(x - lse) * g (a streamed row's backward piece).
 //   forward_row_f64:          one float64 row, C >= 8: {max before / after the target, max, exp sum}.
 //   backward_row_f64:         one float64 row's gradient, C >= 8.
+//   sumsq_f32, sumsq_f64:     sum of squares of x[0, n) (ce_input_sqnorm's rows), any n.
 //   backward_block_f32:       out row = (softmax(z row) - onehot(t[r])) * g[r], C >= 16 (any C).
 //   backward_block_narrow_f32: the same for C < 16.
 void forward_block_f32(const float* z, int64_t C, const int64_t* row, const int64_t* t, int64_t n,
@@ -58,6 +59,8 @@ void forward_piece_f32(const float* x, int64_t len, int64_t j0, int64_t t, RowAc
 void softmax_scale_f32(const float* x, float* out, int64_t n, float lse, float g);
 void forward_row_f64(const double* x, int64_t C, int64_t t, double* res);
 void backward_row_f64(const double* x, double* out, int64_t C, int64_t t, double lse, double g);
+float sumsq_f32(const float* x, int64_t n);
+double sumsq_f64(const double* x, int64_t n);
 void backward_block_f32(const float* z, float* out, int64_t C, const int64_t* row, const int64_t* t,
                         const float* lse, const float* g, int64_t n);
 void backward_block_narrow_f32(const float* z, float* out, int64_t C, const int64_t* row,

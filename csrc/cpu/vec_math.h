@@ -1,8 +1,8 @@
-// Branch-free float kernels for the CPU cross-entropy path, written so GCC auto-vectorises them
-// and compiled for several ISAs with target_clones: the process picks AVX-512, AVX2+FMA or the
-// baseline at load time, so one build runs on any x86-64 machine at its best width. They take raw
-// float pointers and call nothing from ATen, so no inline ATen code is compiled for a wider ISA
-// than the machine running it.
+// Scalar and branch-free float helpers of the CPU cross-entropy path: exp_approx, the scalar form
+// of the block kernels' exp (vec.inc), and the bfloat16 <-> float row conversions, written so GCC
+// auto-vectorises them and compiled for several ISAs with target_clones (the process picks AVX-512,
+// AVX2+FMA or the baseline at load time). They take raw pointers and call nothing from ATen, so no
+// inline ATen code is compiled for a wider ISA than the machine running it.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -22,8 +22,6 @@
 
 namespace memcore {
 namespace cpu {
-
-constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise the sum
 
 // exp(x) to ~2 ulp for x in [-87, 88] (Cephes expf polynomial); inputs below -87 give
 // exp(-87) ~ 1.6e-38 instead of 0, negligible in every sum and gradient here. NaN propagates.
@@ -45,18 +43,6 @@ MEMCORE_INLINE float exp_approx(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
-}
-
-// sum over x[0, n) of x^2
-MEMCORE_CLONES inline float sumsq_f32(const float* x, int64_t n) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += x[i + k] * x[i + k];
-  float s = 0.f;
-  for (; i < n; ++i) s += x[i] * x[i];
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
 }
 
 // bfloat16 bits <-> float, bit for bit c10::BFloat16's conversions (widening is a shift; narrowing
