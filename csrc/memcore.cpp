@@ -114,13 +114,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &memcore::cpu::block_isa,
         "Vector ISA of the CPU cross-entropy kernels in use: avx512, avx2 or baseline");
   // host replays of the CUDA cross-entropy kernels' logic (csrc/cross_entropy_replay.cpp), for
-  // tests/test_cross_entropy_replay.py
+  // tests/test_cross_entropy_replay.py and tests/test_cross_entropy_accuracy.py
   m.def("_ce_row_replay", &memcore::replay::ce_row_replay);
   m.def("_ce_grad_replay", &memcore::replay::ce_grad_replay);
   m.def("_ce_split_slices", &memcore::replay::ce_split_slices);
   m.def("_ce_split_forward_replay", &memcore::replay::ce_split_forward_replay);
   m.def("_ce_split_backward_replay", &memcore::replay::ce_split_backward_replay);
   m.def("_ce_reduce_replay", &memcore::replay::ce_reduce_replay);
+  m.def("_ce_ex2_model", &memcore::replay::ce_ex2_model);
+  m.def("_ce_host_ex2", &memcore::replay::ce_host_ex2);
   // the Philox4x32-10 words every curvature kernel draws its probes from, for known-answer tests
   m.def("_philox4x32", &memcore::cpu::philox4x32_words);
 }
