@@ -156,6 +156,10 @@ __device__ __forceinline__ void fold_last_row(const Fold<acc_t>& f, const acc_t*
     ticket = atomicAdd(f.ticket, 1ull);
   }
   ticket = __shfl_sync(0xffffffffu, ticket, 0);
+  // __shfl_sync moves the ticket but orders no memory; __syncwarp does: lane 0's store of loss[row],
+  // its fence and its atomic come before every lane's loads below (the PTX memory model's barrier
+  // among the warp's threads), not only in the compiled instruction order
+  __syncwarp();
   if (ticket + 1 != static_cast<unsigned long long>(N)) return;  // uniform over the warp
   __threadfence();  // every other row fenced its loss before its ticket: read them after ours
   cerow::Total r =
