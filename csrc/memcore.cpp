@@ -96,6 +96,10 @@ namespace memcore {
 namespace cpu {
 const char* block_isa();  // csrc/cpu/cross_entropy_block.cpp
 }  // namespace cpu
+// csrc/composite/linear_cross_entropy.cpp: the fp32-accumulate GEMM probe for like's dtype and device
+// (refused while capturing), and what it found so far
+bool linear_ce_gemm_probe(const at::Tensor& like, bool capturing);
+std::string linear_ce_gemm_form(const at::Tensor& like);
 }  // namespace memcore
 
 namespace {
@@ -123,6 +127,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_ce_reduce_replay", &memcore::replay::ce_reduce_replay);
   m.def("_ce_ex2_model", &memcore::replay::ce_ex2_model);
   m.def("_ce_host_ex2", &memcore::replay::ce_host_ex2);
+  // linear_accumulate runs the GEMM probe before a 16-bit CUDA call, outside CUDA-graph capture
+  m.def("_linear_ce_gemm_probe", &memcore::linear_ce_gemm_probe);
+  m.def("_linear_ce_gemm_form", &memcore::linear_ce_gemm_form);
   // the Philox4x32-10 words every curvature kernel draws its probes from, for known-answer tests
   m.def("_philox4x32", &memcore::cpu::philox4x32_words);
 }
