@@ -193,3 +193,21 @@ def test_class_dim_1_overwrite_compile_and_double_backward(layout, device):
         return memcore.accumulate(x, tz, i, memcore.Tracker(2, device=device), reduction="none")
 
     assert torch.autograd.gradcheck(f, (z,)) and torch.autograd.gradgradcheck(f, (z,))
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 2), (2, 4, 0, 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "classes_last"])
+def test_class_dim_1_with_no_positions(shape, layout, device):
+    """No rows (N = 0 or a zero-size spatial dim): F.cross_entropy's values (NaN mean), an empty
+    gradient of the logits' shape, nothing recorded."""
+    z = _logits(shape, layout, torch.float32, device).requires_grad_()
+    t = torch.zeros(shape[:1] + shape[2:], dtype=torch.long, device=device)
+    tr = memcore.Tracker(3, device=device)
+    for reduction in ("mean", "sum", "none"):
+        got = memcore.accumulate(
+            z, t, torch.zeros(shape[0], dtype=torch.long, device=device), tr, reduction=reduction
+        )
+        torch.testing.assert_close(got, F.cross_entropy(z, t, reduction=reduction), equal_nan=True)
+        (g,) = torch.autograd.grad(got.sum(), z)
+        assert g.shape == z.shape
+    assert tr.scores()["rows"].sum() == 0

@@ -1,3 +1,6 @@
+import csv
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -142,9 +145,6 @@ def test_infinite_forgetting_survives_every_export(tmp_path):
     assert s["forgetting"][1] == inf and torch.isnan(s["forgetting"][4])
     path = tmp_path / "scores.csv"
     export.to_csv(s, str(path))
-    import csv
-    import math
-
     with open(path) as f:
         rows = list(csv.DictReader(f))
     assert float(rows[1]["forgetting"]) == inf and math.isnan(float(rows[4]["forgetting"]))
