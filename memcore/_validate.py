@@ -171,8 +171,8 @@ def class_layout(logits: torch.Tensor, targets, class_dim) -> int:
 
 class _ClassesLast(torch.autograd.Function):
     """logits [N, C, d1, ...] -> rows [N * d1 * ..., C], copied; the gradient is copied back into the
-    logits' own layout (their strides where they are dense, contiguous otherwise), as F.cross_entropy's
-    arrives."""
+    logits' own layout (their strides where they are dense, contiguous otherwise), so the layers
+    upstream get it in the layout they produced."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
