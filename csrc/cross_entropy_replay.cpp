@@ -1,8 +1,9 @@
 // Host replays of the CUDA cross-entropy kernels' logic, from the same per-row code
 // (csrc/cuda/cross_entropy_row.h), compiled into every build so tests/test_cross_entropy_replay.py
-// checks it against the CPU kernels without a GPU: a row's forward and gradient pass thread by
-// thread as the launch splits it, the split launch of few wide rows, and ce_forward_reduce's
-// fixed-order reduction. Lanes run one after another, which the kernels' own ordering (barriers;
+// checks it against the CPU kernels, and tests/test_cross_entropy_accuracy.py against float64,
+// without a GPU: a row's forward and gradient pass thread by thread as the launch splits it, the
+// split launch of few wide rows, and ce_forward_reduce's fixed-order reduction; ex2.approx.ftz.f32
+// as host_ex2 models it. Lanes run one after another, which the kernels' own ordering (barriers;
 // each element read and written by one thread) makes equivalent. More: docs/kernels.md.
 #include "cross_entropy_replay.h"
 

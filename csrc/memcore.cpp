@@ -16,7 +16,8 @@ TORCH_LIBRARY(memcore, m) {
       "ce_forward(Tensor logits, Tensor targets, Tensor index, int num_samples, int ignore_index)"
       " -> (Tensor loss, Tensor lse, Tensor row_stats, Tensor status)");
   // grad_logits = (softmax(logits) - onehot(targets)) * grad_loss[:, None], one pass, no softmax
-  // tensor materialised; ignored rows get 0.
+  // tensor materialised; ignored rows get 0. lse: ce_forward's for these logits (softmax is
+  // exp(logits - lse); the CUDA kernel takes fp32's target column as minus the others' sum).
   m.def(
       "ce_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, int ignore_index)"
       " -> Tensor");

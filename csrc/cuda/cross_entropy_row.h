@@ -3,7 +3,8 @@
 // of C logits is owned by TPR threads, each walking a scalar head, 16-byte packs (kUnroll in flight)
 // and a scalar tail while keeping an online (max, sum exp) pair and the largest logit before and
 // after the target; partial states merge in a fixed butterfly order. Registers only: no memory but
-// the row's reads, its gradient's writes and, on the split path, a 4-word part per slice. Few wide
+// the row's reads, its gradient's writes and, on the split path, a 4-word part per slice (and for
+// fp32 gradients a 1-word sum per slice). Few wide
 // rows are split over blocks by column slices (split_slices, walk_slice, grad_slice). The
 // arithmetic, NaN handling and merge order: docs/kernels.md.
 #pragma once
@@ -528,7 +529,7 @@ constexpr int kSplitThreads = 256;
 constexpr int64_t kSplitMinSliceBytes = 16384;
 // Blocks aimed at per SM: all resident in one wave (four 256-thread blocks fit an SM).
 constexpr int kSplitBlocksPerSm = 2;
-// acc_t words of one part in the workspace: m, s, before, after (shift follows from m)
+// acc_t words of one part in the workspace: m, s, before, after (ref follows from m)
 constexpr int kPartWords = 4;
 
 // Slices per row for N rows of C logits of elem_size bytes on a device of sms SMs; 1: keep the
