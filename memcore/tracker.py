@@ -516,7 +516,7 @@ class Tracker:
         )
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores a ``state_dict()``; format 1 (memcore <= 0.1.0) is converted. Buffers land on this
+        """Restores a ``state_dict()``; format 1 (memcore 0.1.0) is converted. Buffers land on this
         tracker's device; buffered rows not yet flushed are dropped.
 
         Everything is checked before anything is changed (keys, types, buffer shapes and dtypes,

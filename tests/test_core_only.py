@@ -70,7 +70,7 @@ def test_core_works_without_the_eval_extra(tmp_path):
         try:
             export.to_dataframe(scores)
         except ImportError as e:
-            assert "memcore[export]" in str(e), e
+            assert "torch-memcore[export]" in str(e), e
         else:
             raise AssertionError("pandas was importable")
         for m in ("sklearn", "matplotlib", "tqdm", "pandas"):
@@ -95,7 +95,8 @@ def test_plots_without_matplotlib_names_the_extra():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (
-        "memcore.eval needs the 'eval' extra: pip install 'memcore[eval]' (missing: matplotlib)" in r.stdout
+        "memcore.eval needs the 'eval' extra: pip install 'torch-memcore[eval]' (missing: matplotlib)"
+        in r.stdout
     )
 
 
