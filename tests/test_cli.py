@@ -2,10 +2,12 @@
 demo's CSV, and the experiment's output directory."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import memcore
 from memcore.__main__ import main
@@ -105,9 +107,30 @@ def test_experiment_writes_to_a_fresh_runs_directory_by_default(tmp_path, monkey
 
 
 def test_demo_writes_scores_csv_and_suggests_next_step(tmp_path, capsys):
+    """The CSV holds every score (none all-NaN), the flags and the labels: the printed AUROCs follow
+    from it, under the names the report prints."""
+    import csv
+    import math
+
+    from sklearn.metrics import roc_auc_score
+
+    from memcore.scores import suspicion
+
     main(["demo", "--epochs", "2", "--no-progress", "--out", str(tmp_path / "demo")])
     out = capsys.readouterr().out
     path = tmp_path / "demo" / "scores.csv"
-    lines = path.read_text().splitlines()
-    assert lines[0] == "index,label," + ",".join(memcore.SCORE_NAMES) and len(lines) == 1797 + 1
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    extra = ["flipped", "original_label", "predicted"]
+    assert list(rows[0]) == ["index", "label", *memcore.SCORE_NAMES, *extra] and len(rows) == 1797
+    cols = {k: torch.tensor([float(r[k]) for r in rows], dtype=torch.float64) for k in rows[0]}
+    assert not [k for k, v in cols.items() if torch.isnan(v).all()]
+    flipped = cols["flipped"]
+    assert set(flipped.tolist()) == {0.0, 1.0} and int(flipped.sum()) == round(0.1 * 1797)
+    assert torch.equal(flipped == 1, cols["label"] != cols["original_label"])
+    printed = dict(re.findall(r"^  (\w+) +(\d\.\d{4})  \(suspicious when", out, flags=re.M))
+    assert set(printed) == set(memcore.SCORE_NAMES) - {"rows"}
+    for name, value in printed.items():
+        want = roc_auc_score(flipped.numpy(), suspicion(name, cols[name]).numpy())
+        assert math.isclose(float(value), want, abs_tol=5e-5), name  # printed to 4 decimals
     assert str(path) in out and "Next:" in out
