@@ -1,6 +1,7 @@
 """`python -m memcore`: help text, flag ranges checked by argparse (errors name the flag), the
 demo's CSV, and the experiment's output directory."""
 
+import csv
 import os
 import re
 import subprocess
@@ -95,12 +96,26 @@ def test_experiment_writes_to_a_fresh_runs_directory_by_default(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     out = default_out("digits")
     assert out.startswith(os.path.join("runs", "digits-"))
-    cfg = ExperimentConfig(subset=100, noise=[0.1], train=TrainConfig(epochs=1, progress=False, device="cpu"))
+    cfg = ExperimentConfig(
+        subset=100, noise=[0.1], duplicates=5, train=TrainConfig(epochs=1, progress=False, device="cpu")
+    )
     res = run(cfg)
     written = res["config"]["out"]
     assert written.startswith(os.path.join("runs", "digits-")) and os.path.isfile(
         os.path.join(written, "results.json")
     )
+    # every run's per-sample scores with its corruption flags
+    noise_csv, dup_csv = (os.path.join(written, f"scores_{run}.csv") for run in ("noise_0.1", "duplicates"))
+    assert res["scores_files"] == [noise_csv, dup_csv]
+    with open(noise_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", "label", *memcore.SCORE_NAMES, "flipped", "original_label"]
+    flipped = [r["flipped"] == "1" for r in rows]
+    assert len(rows) == 100 and sum(flipped) == 10
+    assert flipped == [r["label"] != r["original_label"] for r in rows]
+    with open(dup_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-1] == "duplicate" and [r["duplicate"] for r in rows] == ["0"] * 100 + ["1"] * 5
     with pytest.raises(ValueError, match="curvature_every"):
         run(ExperimentConfig(curvature_every=0, out=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
@@ -134,3 +149,24 @@ def test_demo_writes_scores_csv_and_suggests_next_step(tmp_path, capsys):
         want = roc_auc_score(flipped.numpy(), suspicion(name, cols[name]).numpy())
         assert math.isclose(float(value), want, abs_tol=5e-5), name  # printed to 4 decimals
     assert str(path) in out and "Next:" in out
+
+
+def test_experiment_writes_parquet_scores_with_the_flags(tmp_path):
+    pytest.importorskip("pyarrow")
+    from memcore import export
+    from memcore.eval.experiment import ExperimentConfig, run
+    from memcore.eval.training import TrainConfig
+
+    cfg = ExperimentConfig(
+        subset=60,
+        noise=[0.1],
+        scores_format="parquet",
+        out=str(tmp_path / "run"),
+        train=TrainConfig(epochs=1, progress=False, device="cpu"),
+    )
+    (path,) = run(cfg)["scores_files"]
+    assert path == str(tmp_path / "run" / "scores_noise_0.1" / "scores.parquet")
+    cols = export.read_parquet(os.path.dirname(path))
+    assert set(cols) == {"index", "label", *memcore.SCORE_NAMES, "flipped", "original_label"}
+    assert cols["index"].tolist() == list(range(60)) and int(cols["flipped"].sum()) == 6
+    assert torch.equal(cols["flipped"] == 1, cols["label"] != cols["original_label"])
