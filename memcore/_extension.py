@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 BUILD_INFO = "_build_info.json"
-REBUILD = "pip install --no-build-isolation --force-reinstall --no-deps <memcore's source tree or sdist>"
+# run in memcore's source tree (a clone, or an unpacked sdist)
+REBUILD = "in memcore's source tree, pip install --no-build-isolation --force-reinstall --no-deps ."
 
 
 def _minor(version: str) -> Optional[str]:
