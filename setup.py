@@ -41,11 +41,11 @@ except ImportError:  # pragma: no cover - build-time message
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = "_build_info.json"  # the torch memcore._C was built against, beside it
 
-# CPU seconds to compile one file, measured (gcc 12 -O3 -g0: 150 s for the 8 C++ files; nvcc 13
-# for sm_90 only: 55, 66 and 77 s for sqnorm_commit, curvature and cross_entropy.cu), for the
-# estimate printed before the build. Each extra architecture in TORCH_CUDA_ARCH_LIST adds device time.
-CPP_SECONDS = 20
-CU_SECONDS = 70
+# CPU seconds to compile one file, measured (gcc 12 -O3 -g0: 186 s for the 7 C++ files; nvcc 13
+# for sm_90 only: 64 and 84 s for curvature.cu and cross_entropy.cu), for the estimate printed
+# before the build. Each extra architecture in TORCH_CUDA_ARCH_LIST adds device time.
+CPP_SECONDS = 27
+CU_SECONDS = 74
 
 
 def _cores() -> int:
@@ -78,7 +78,9 @@ def _want_cuda() -> bool:
 
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/autograd/*.cpp")
+    sources = (
+        rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/autograd/*.cpp") + rel("csrc/composite/*.cpp")
+    )
     # setuptools rebuilds only when a listed file is newer than the .so (ninja then picks the objects)
     depends = rel("csrc/*.h") + rel("csrc/*/*.h") + rel("csrc/*/*.inc")
     # torch's headers as system headers: their warnings are not ours (gcc drops the -I torch adds)
@@ -86,7 +88,7 @@ def _extension():
     # no -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20).
     # -g0 overrides the -g in Python's CFLAGS: debug info for torch's inline templates cost compile
     # time and made the .so 40 MB (0.9 MB without), and nobody steps through a wheel's kernels.
-    # -Wno-psabi: ce_block.cpp passes 64-byte vectors only between inlined helpers, and gcc's
+    # -Wno-psabi: cross_entropy_block.cpp passes 64-byte vectors only between inlined helpers, and gcc's
     # diagnostic pragma there does not reach the ABI note.
     cxx = ["-O3", "-g0", "-fvisibility=hidden", "-Wno-psabi"] + system
     link = []

@@ -48,7 +48,7 @@ from benchmarks.common import (
 )
 from benchmarks.goals import Goal, ratio, value
 from benchmarks.memory import peak_mib
-from memcore.linear_accumulate import auto_chunk_size
+from memcore.linear_cross_entropy import auto_chunk_size
 
 SHAPES = [(256, 64, 1001), (4096, 1024, 32000), (2048, 2048, 128256)]  # (N, H, V), CPU
 HEAVY = {(4096, 1024, 32000), (2048, 2048, 128256)}  # the goals' CPU shapes; the first is a smoke test

@@ -1,6 +1,6 @@
-// Argument checks shared by the CPU and CUDA entry points. The Python layer validates first and
-// raises ValueError/TypeError/IndexError naming the argument; these keep direct torch.ops calls
-// from ever reading out of bounds.
+// Argument checks of the cross-entropy family, shared by its CPU and CUDA entry points. The Python
+// layer validates first and raises ValueError/TypeError/IndexError naming the argument; these keep
+// direct torch.ops calls from ever reading out of bounds.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -46,46 +46,15 @@ inline at::ScalarType opmath_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline void check_commit(const at::Tensor& stats, const at::Tensor& index, const at::Tensor& targets,
-                         const at::Tensor& loss, const at::Tensor& row_stats,
-                         const at::Tensor& status) {
-  const char* op = "memcore::ce_commit";
-  TORCH_CHECK(stats.dim() == 2 && stats.size(1) == kNumStats && stats.scalar_type() == at::kDouble &&
-                  stats.is_contiguous(),
-              op, ": stats must be a contiguous float64 [S, ", int64_t(kNumStats), "] tensor");
-  const int64_t n = loss.size(0);
-  TORCH_CHECK(loss.dim() == 1, op, ": loss must be 1-D");
-  TORCH_CHECK(index.dim() == 1 && index.size(0) == n && index.scalar_type() == at::kLong, op,
-              ": index must be int64 [N]");
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == n && targets.scalar_type() == at::kLong, op,
-              ": targets must be int64 [N]");
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == n && row_stats.size(1) == kNumRowStats &&
-                  row_stats.scalar_type() == loss.scalar_type(),
-              op, ": row_stats must be [N, ", int64_t(kNumRowStats), "] of loss's dtype");
-  TORCH_CHECK(status.numel() == 1 && status.scalar_type() == at::kInt, op,
-              ": status must be a 1-element int32 tensor");
-  for (const at::Tensor* t : {&index, &targets, &loss, &row_stats, &status}) {
-    TORCH_CHECK(t->device() == stats.device(), op, ": all tensors must be on ", stats.device());
-    TORCH_CHECK(t->is_contiguous(), op, ": all tensors must be contiguous");
-  }
-}
-
-inline void check_sqnorm(const at::Tensor& stats, const at::Tensor& grad, const at::Tensor& scale,
-                         const at::Tensor& index) {
-  const char* op = "memcore::sqnorm_commit";
-  TORCH_CHECK(stats.dim() == 2 && stats.size(1) == kNumGradStats && stats.scalar_type() == at::kDouble &&
-                  stats.is_contiguous(),
-              op, ": stats must be a contiguous float64 [S, ", int64_t(kNumGradStats), "] tensor");
+// ce_input_sqnorm (CPU and CUDA): grad [N, ...] contiguous, scale float64 [N] on grad's device
+inline void check_input_sqnorm(const at::Tensor& grad, const at::Tensor& scale) {
+  const char* op = "memcore::ce_input_sqnorm";
   TORCH_CHECK(grad.dim() >= 1 && grad.is_contiguous(), op, ": grad must be a contiguous [N, ...] tensor");
-  const int64_t n = grad.size(0);
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == n && scale.scalar_type() == at::kDouble, op,
-              ": scale must be float64 [N]");
-  TORCH_CHECK(index.dim() == 1 && index.size(0) == n && index.scalar_type() == at::kLong, op,
-              ": index must be int64 [N]");
-  for (const at::Tensor* t : {&grad, &scale, &index}) {
-    TORCH_CHECK(t->device() == stats.device(), op, ": all tensors must be on ", stats.device());
-    TORCH_CHECK(t->is_contiguous(), op, ": all tensors must be contiguous");
-  }
+  TORCH_CHECK(grad.is_floating_point(), op, ": grad must be floating point, got ", grad.scalar_type());
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == grad.size(0) && scale.scalar_type() == at::kDouble, op,
+              ": scale must be float64 [N=", grad.size(0), "], got ", scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(scale.device() == grad.device() && scale.is_contiguous(), op, ": scale must be contiguous on ",
+              grad.device());
 }
 
 inline void check_scale_unless_one(const at::Tensor& grad, const at::Tensor& scale) {

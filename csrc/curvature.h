@@ -1,5 +1,6 @@
 // Argument checks and shapes shared by the CPU and CUDA kernels of the curvature ops
-// (memcore::philox4x32, rademacher, rademacher_perturb, probe_reduce; schemas in csrc/memcore.cpp).
+// (memcore::rademacher, rademacher_perturb, probe_reduce; schemas in csrc/memcore.cpp) and the
+// known-answer test hook below.
 // The Python layer (memcore/curvature.py) validates first with ValueError/TypeError naming the
 // argument; these keep direct torch.ops calls from ever reading or writing out of bounds.
 #pragma once
@@ -68,12 +69,19 @@ inline void check_probe_reduce(const at::Tensor& gp, const at::Tensor& gc, const
 }
 
 inline void check_philox(const at::Tensor& counter) {
-  const char* op = "memcore::philox4x32";
+  const char* op = "_philox4x32";
   TORCH_CHECK(counter.dim() == 2 && counter.size(1) == 4, op, ": counter must be [N, 4], got ",
               counter.sizes());
   TORCH_CHECK(counter.scalar_type() == at::kLong, op, ": counter must be int64, got ",
               counter.scalar_type());
-  TORCH_CHECK(counter.is_contiguous(), op, ": counter must be contiguous");
+  TORCH_CHECK(counter.is_contiguous() && counter.device().is_cpu(), op, ": counter must be contiguous, on the CPU");
 }
+
+namespace cpu {
+// Raw Philox4x32-10 words (csrc/cpu/curvature.cpp) for the known-answer tests, bound as
+// memcore._C._philox4x32: counter int64 [N, 4] (low 32 bits of each entry), key = the 64 bits of
+// seed; returns int64 [N, 4] words in [0, 2^32). The kernels run the same csrc/philox.h code.
+at::Tensor philox4x32_words(const at::Tensor& counter, int64_t seed);
+}  // namespace cpu
 
 }  // namespace memcore

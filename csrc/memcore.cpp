@@ -1,11 +1,13 @@
-// Operator schemas of memcore, defined once for every backend (CPU kernels in csrc/cpu, CUDA
-// kernels in csrc/cuda), each with its contract; csrc/ops.h declares their C++ types. The Python
-// layer (memcore/_ops/) adds fake tensors and the autograd not done in csrc/autograd. The one
-// translation unit that includes pybind11: the module's few Python-level functions are at the end.
+// Operator schemas of memcore, defined once for every backend, each with its contract, grouped by
+// op family: cross_entropy, linear_cross_entropy, curvature (where each family's kernels, autograd,
+// fake kernels, wrapper and tests live: DEVELOPMENT.md, "Op families"); csrc/ops.h declares their
+// C++ types. The one translation unit that includes pybind11: the module's few Python-level
+// functions are at the end.
 #include <torch/library.h>
 #include <torch/python.h>
 
 TORCH_LIBRARY(memcore, m) {
+  // ---- cross_entropy
   // One pass over each row of logits [N, C]: per-row loss and logsumexp (opmath dtype, [N]),
   // per-row statistics [N, 3] (p(target), margin, correct) and an int32 status word [1] whose bits
   // (csrc/common.h) flag bad targets, bad indices and non-finite losses. Rows whose target is
@@ -18,11 +20,6 @@ TORCH_LIBRARY(memcore, m) {
   m.def(
       "ce_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, int ignore_index)"
       " -> Tensor");
-  // Adds each non-ignored row's statistics into stats[index[row]] (float64 [S, 6]) with atomic
-  // adds; does nothing when status != 0, so a rejected batch leaves the tracker untouched.
-  m.def(
-      "ce_commit(Tensor(a!) stats, Tensor index, Tensor targets, Tensor loss, Tensor row_stats,"
-      " Tensor status, int ignore_index) -> ()");
   // ce_forward and the loss reduction (1 mean over non-ignored rows, 2 sum) in one call: out is
   // the 0-d reduced loss (opmath dtype), count the 0-d int64 number of non-ignored rows; the other
   // outputs are ce_forward's. Its backward is ce_backward with every row's upstream gradient
@@ -35,7 +32,8 @@ TORCH_LIBRARY(memcore, m) {
   // onehot, / count for mean) written over logits, in the forward's pass (CUDA: a second pass over
   // each row right after the first, from L2 while the rows in flight fit there).
   // accumulate(..., overwrite_logits=True): no N x C gradient buffer and no backward pass over the
-  // logits; scale_unless_one_ applies the actual upstream gradient in the backward.
+  // logits. Its autograd bumps the logits' version counter and hands their memory back as the
+  // gradient, scaled by scale_unless_one_; it refuses a second and a double backward.
   m.def(
       "ce_forward_grad_(Tensor(a!) logits, Tensor targets, Tensor index, int num_samples,"
       " int ignore_index, int reduction) -> (Tensor out, Tensor count, Tensor loss, Tensor lse,"
@@ -43,23 +41,38 @@ TORCH_LIBRARY(memcore, m) {
   // grad *= scale (a 1-element tensor) unless scale == 1, decided on the device: no host sync,
   // and no pass over grad for the usual loss.backward().
   m.def("scale_unless_one_(Tensor(a!) grad, Tensor scale) -> ()");
-  // ce_forward + ce_commit + the loss reduction (0 none, 1 mean, 2 sum) in one call
-  // (csrc/accumulate.cpp, composite: its backward is ce_backward's). Returns the loss, in
-  // logits' dtype, and the status word.
-  m.def(
-      "ce_accumulate(Tensor(a!) stats, Tensor logits, Tensor targets, Tensor index, int ignore_index,"
-      " int reduction) -> (Tensor out, Tensor status)");
-  // Per-sample squared input-gradient norms: for each row r of grad [N, ...] with scale[r] != 0,
-  // adds (scale[r]^2 * sum(grad[r]^2), 1) into stats[index[r]] (float64 [S, 2]) in one pass.
-  // scale = 1 / dL/dloss_r turns the gradient of the reduced loss into that of the row's own loss.
-  m.def("sqnorm_commit(Tensor(a!) stats, Tensor grad, Tensor scale, Tensor index) -> ()");
+  // Per-row squared input-gradient norms: float64 [N], scale[r]^2 * sum(grad[r]^2) for each row r of
+  // grad [N, ...], 0 where scale[r] == 0 (the row is not read). One pass over grad. accumulate(...,
+  // inputs=x) passes scale = 1 / dL/dloss_r, which turns the gradient of the reduced loss into that
+  // of the row's own loss.
+  m.def("ce_input_sqnorm(Tensor grad, Tensor scale) -> Tensor");
 
-  // Input-loss curvature (csrc/cpu/curvature.cpp, csrc/cuda/curvature.cu). Probes are Rademacher
-  // vectors from Philox4x32-10 (csrc/philox.h): entry e of probe q of the sample with dataset
-  // index i is a pure function of (seed, i, q, e), regenerated inside every kernel, never stored.
-  // Raw Philox4x32-10 words for known-answer tests: counter int64 [N, 4] (low 32 bits of each
-  // entry), key = the 64 bits of seed; returns int64 [N, 4] words in [0, 2^32).
-  m.def("philox4x32(Tensor counter, int seed) -> Tensor");
+  // ---- linear_cross_entropy: fused linear + cross-entropy, composed of ATen GEMMs and the
+  // cross_entropy ops (one implementation serves CPU and CUDA): logits = F.linear(hidden [N, H],
+  // weight [V, H], bias [V]) are made chunk_size rows at a time and never exist whole. Per-row
+  // loss, lse, row_stats and the status word as ce_forward gives them; out is the mean (over
+  // non-ignored rows) or the sum (reduction 1 / 2; the sum for 0) in opmath, count the 0-d int64
+  // number of non-ignored rows. For reduction 1 / 2 the gradients of the SUM of the losses w.r.t.
+  // hidden, weight and bias (those grad_mask selects, else empty) are made in the same pass:
+  // hidden's in its dtype, weight's and bias's in opmath (fp32 accumulation across chunks for
+  // fp16 / bf16); the backward only scales them. Reduction 0 makes no gradient:
+  // linear_ce_backward recomputes.
+  m.def(
+      "linear_ce_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor index,"
+      " int num_samples, int ignore_index, int reduction, int chunk_size, bool[3] grad_mask)"
+      " -> (Tensor out, Tensor count, Tensor loss, Tensor lse, Tensor row_stats, Tensor status,"
+      " Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // Gradients of sum_r grad_loss[r] * loss_r (reduction "none") w.r.t. hidden, weight and bias in
+  // their dtypes, recomputing each logits chunk and its ce_backward: exact per-row upstream
+  // gradients, no N x V tensor. lse [N] (opmath) from linear_ce_forward.
+  m.def(
+      "linear_ce_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets,"
+      " Tensor lse, int ignore_index, int chunk_size, bool[3] grad_mask)"
+      " -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- curvature: input-loss curvature. Probes are Rademacher vectors from Philox4x32-10
+  // (csrc/philox.h): entry e of probe q of the sample with dataset index i is a pure function of
+  // (seed, i, q, e), regenerated inside every kernel, never stored.
   // Probes q = probe_start .. probe_start + n_probes - 1 of the samples index [B], as a
   // [n_probes, B, *sample_shape] tensor of +-1 in dtype, on index's device.
   m.def(
@@ -74,36 +87,14 @@ TORCH_LIBRARY(memcore, m) {
   m.def(
       "probe_reduce(Tensor grad_perturbed, Tensor grad_clean, Tensor index, int seed,"
       " int probe_start) -> (Tensor sqnorm, Tensor vdot)");
-
-  // Fused linear + cross-entropy (csrc/linear_cross_entropy.cpp, composed of ATen GEMMs and the ops
-  // above, so one implementation serves CPU and CUDA): logits = F.linear(hidden [N, H], weight
-  // [V, H], bias [V]) are made chunk_size rows at a time and never exist whole. Per-row loss, lse,
-  // row_stats and the status word as ce_forward gives them; out is the mean (over non-ignored rows)
-  // or the sum (reduction 1 / 2; the sum for 0) in opmath, count the 0-d int64 number of
-  // non-ignored rows. For reduction 1 / 2 the gradients of the SUM of the losses w.r.t. hidden,
-  // weight and bias (those grad_mask selects, else empty) are made in the same pass: hidden's in
-  // its dtype, weight's and bias's in opmath (fp32 accumulation across chunks for fp16 / bf16); the
-  // backward only scales them. Reduction 0 makes no gradient: linear_ce_backward recomputes.
-  m.def(
-      "linear_ce_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor index,"
-      " int num_samples, int ignore_index, int reduction, int chunk_size, bool[3] grad_mask)"
-      " -> (Tensor out, Tensor count, Tensor loss, Tensor lse, Tensor row_stats, Tensor status,"
-      " Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
-  // Gradients of sum_r grad_loss[r] * loss_r (reduction "none") w.r.t. hidden, weight and bias in
-  // their dtypes, recomputing each logits chunk and its ce_backward: exact per-row upstream
-  // gradients, no N x V tensor. lse [N] (opmath) from linear_ce_forward.
-  m.def(
-      "linear_ce_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets,"
-      " Tensor lse, int ignore_index, int chunk_size, bool[3] grad_mask)"
-      " -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
-#include "commit_deterministic.h"
-#include "kernel_logic.h"
+#include "cross_entropy_replay.h"
+#include "curvature.h"
 
 namespace memcore {
 namespace cpu {
-const char* block_isa();  // csrc/cpu/ce_block.cpp
+const char* block_isa();  // csrc/cpu/cross_entropy_block.cpp
 }  // namespace cpu
 }  // namespace memcore
 
@@ -122,16 +113,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("with_cuda", &with_cuda, "True when the CUDA kernels were compiled in");
   m.def("cpu_isa", &memcore::cpu::block_isa,
         "Vector ISA of the CPU cross-entropy kernels in use: avx512, avx2 or baseline");
-  // the CUDA commits' deterministic path (torch.use_deterministic_algorithms), exposed so the
-  // tests check it against the CPU kernels on any machine
-  m.def("_ce_commit_deterministic", &memcore::ce_commit_deterministic);
-  m.def("_sqnorm_commit_deterministic", &memcore::sqnorm_commit_deterministic);
-  // host replays of the CUDA kernels' logic (csrc/kernel_logic.cpp) for tests/test_kernel_logic.py
-  m.def("_ce_row_replay", &memcore::kernel_logic::ce_row_replay);
-  m.def("_ce_grad_replay", &memcore::kernel_logic::ce_grad_replay);
-  m.def("_seg_commit_replay", &memcore::kernel_logic::seg_commit_replay);
-  m.def("_ce_split_slices", &memcore::kernel_logic::ce_split_slices);
-  m.def("_ce_split_forward_replay", &memcore::kernel_logic::ce_split_forward_replay);
-  m.def("_ce_split_backward_replay", &memcore::kernel_logic::ce_split_backward_replay);
-  m.def("_ce_reduce_replay", &memcore::kernel_logic::ce_reduce_replay);
+  // host replays of the CUDA cross-entropy kernels' logic (csrc/cross_entropy_replay.cpp), for
+  // tests/test_cross_entropy_replay.py
+  m.def("_ce_row_replay", &memcore::replay::ce_row_replay);
+  m.def("_ce_grad_replay", &memcore::replay::ce_grad_replay);
+  m.def("_ce_split_slices", &memcore::replay::ce_split_slices);
+  m.def("_ce_split_forward_replay", &memcore::replay::ce_split_forward_replay);
+  m.def("_ce_split_backward_replay", &memcore::replay::ce_split_backward_replay);
+  m.def("_ce_reduce_replay", &memcore::replay::ce_reduce_replay);
+  // the Philox4x32-10 words every curvature kernel draws its probes from, for known-answer tests
+  m.def("_philox4x32", &memcore::cpu::philox4x32_words);
 }

@@ -1,6 +1,7 @@
-// The C++ signature of every memcore operator, declared once. Schemas and contracts:
-// csrc/memcore.cpp; these are the C++ types the dispatcher calls them with (Tensor in a schema is
-// const at::Tensor&, Tensor(a!) is at::Tensor&, int is int64_t, float is double).
+// The C++ signature of every memcore operator, declared once, grouped by op family. Schemas and
+// contracts: csrc/memcore.cpp; these are the C++ types the dispatcher calls them with (Tensor in a
+// schema is const at::Tensor&, Tensor(a!) is at::Tensor&, Tensor? is const std::optional<at::Tensor>&,
+// int is int64_t, float is double, bool[3] is std::array<bool, 3>).
 //
 // The functions are declared, never defined: the dispatcher is their definition. Two uses:
 //   MEMCORE_OP(ce_forward)          a typed handle to call memcore::ce_forward through the
@@ -13,39 +14,47 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
 namespace memcore {
 
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor9 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                           at::Tensor, at::Tensor>;
 
-// cross-entropy family (csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu)
+// cross_entropy (csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu, csrc/autograd/cross_entropy.cpp)
 // -> (loss, lse, row_stats, status)
 Tensor4 ce_forward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                    int64_t num_samples, int64_t ignore_index);
 at::Tensor ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
                        const at::Tensor& lse, int64_t ignore_index);
-void ce_commit(at::Tensor& stats, const at::Tensor& index, const at::Tensor& targets, const at::Tensor& loss,
-               const at::Tensor& row_stats, const at::Tensor& status, int64_t ignore_index);
 // -> (out, count, loss, lse, row_stats, status)
 Tensor6 ce_forward_reduce(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                           int64_t num_samples, int64_t ignore_index, int64_t reduction);
 Tensor6 ce_forward_grad_(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                          int64_t num_samples, int64_t ignore_index, int64_t reduction);
 void scale_unless_one_(at::Tensor& grad, const at::Tensor& scale);
-// composite of the above (csrc/accumulate.cpp) -> (out, status)
-Tensor2 ce_accumulate(at::Tensor& stats, const at::Tensor& logits, const at::Tensor& targets,
-                      const at::Tensor& index, int64_t ignore_index, int64_t reduction);
+// -> float64 [N]
+at::Tensor ce_input_sqnorm(const at::Tensor& grad, const at::Tensor& scale);
 
-// input-gradient norms (csrc/cpu/sqnorm_commit.cpp, csrc/cuda/sqnorm_commit.cu)
-void sqnorm_commit(at::Tensor& stats, const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& index);
+// linear_cross_entropy (csrc/composite/linear_cross_entropy.cpp, one implementation for CPU and CUDA)
+// -> (out, count, loss, lse, row_stats, status, grad_hidden, grad_weight, grad_bias)
+Tensor9 linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+                          int64_t ignore_index, int64_t reduction, int64_t chunk_size, std::array<bool, 3> grad_mask);
+// -> (grad_hidden, grad_weight, grad_bias)
+Tensor3 linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
+                           int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> grad_mask);
 
-// input-loss curvature (csrc/cpu/curvature.cpp, csrc/cuda/curvature.cu)
-at::Tensor philox4x32(const at::Tensor& counter, int64_t seed);
+// curvature (csrc/cpu/curvature.cpp, csrc/cuda/curvature.cu)
 at::Tensor rademacher(const at::Tensor& index, int64_t seed, int64_t probe_start, int64_t n_probes,
                       at::IntArrayRef sample_shape, at::ScalarType dtype);
 at::Tensor rademacher_perturb(const at::Tensor& x, const at::Tensor& index, int64_t seed, int64_t probe_start,

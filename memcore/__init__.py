@@ -13,9 +13,9 @@ The core (this package without ``memcore.eval``) needs only torch and numpy; the
 
 from . import data, export
 from ._ops import cpu_isa, with_cuda
-from .accumulate import accumulate
+from .cross_entropy import accumulate
 from .curvature import CurvatureTracker, curvature
-from .linear_accumulate import linear_accumulate
+from .linear_cross_entropy import linear_accumulate
 from .scores import SCORE_NAMES, SCORES
 from .tracker import Tracker
 

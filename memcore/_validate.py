@@ -306,3 +306,25 @@ def linear_rows_of(
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
     return hidden2d, targets1d, index1d
+
+
+# ---------------------------------------------------------------- the loss wrappers' opening checks
+
+# reduction name -> the ops' code: at::Reduction's values, as csrc/common.h's Reduction
+REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
+
+
+def loss_call(tracker, reduction, ignore_index) -> Tuple[int, int]:
+    """The checks ``accumulate`` and ``linear_accumulate`` open with: tracker a memcore.Tracker,
+    reduction one of REDUCTIONS, ignore_index an integer (numpy integers and 0-d integer tensors too,
+    as F.cross_entropy accepts). Returns (the reduction's code, ignore_index as an int)."""
+    from .tracker import Tracker  # here, not at the top: tracker.py imports this module
+
+    if not isinstance(tracker, Tracker):
+        raise TypeError(f"tracker must be a memcore.Tracker, got {type(tracker).__name__}")
+    code = REDUCTION_CODE.get(reduction) if isinstance(reduction, str) else None
+    if code is None:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if type(ignore_index) is not int:
+        ignore_index = as_ignore_index(ignore_index)
+    return code, ignore_index

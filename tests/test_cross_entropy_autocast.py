@@ -93,16 +93,3 @@ def test_autocast_fp16_sum_does_not_overflow():
     assert torch.isfinite(want) and float(want) > 65504  # beyond float16's range
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
-
-
-def test_autocast_direct_op_returns_float32():
-    z = torch.randn(4, 6).bfloat16()
-    stats = torch.zeros(4, 6, dtype=torch.float64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, status = torch.ops.memcore.ce_accumulate(
-            stats, z, torch.tensor([0, 1, 2, 3]), torch.arange(4), -100, 1
-        )
-    assert out.dtype == torch.float32 and int(status) == 0
-    torch.testing.assert_close(out, F.cross_entropy(z.float(), torch.tensor([0, 1, 2, 3])))
-    out, _ = torch.ops.memcore.ce_accumulate(stats, z, torch.tensor([0, 1, 2, 3]), torch.arange(4), -100, 1)
-    assert out.dtype == torch.bfloat16  # outside autocast: the logits' dtype, as F.cross_entropy

@@ -44,7 +44,7 @@ assert memcore.with_cuda(), "memcore was built without its CUDA kernels"
 ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("memcore::"))
 assert ops, "no memcore operators registered"
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-# composite ops (ce_accumulate) run their CUDA constituents; every other op needs its own kernel
+# a CompositeImplicitAutograd op would run its CUDA constituents; every other op needs its own kernel
 missing = [n for n in ops if not has(n, "CUDA") and not has(n, "CompositeImplicitAutograd")]
 assert not missing, f"operators without a CUDA kernel: {missing}"
 print("[memcore] CUDA kernels compiled and registered for", ", ".join(ops))

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import memcore
 from benchmarks.common import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
 from benchmarks.memory import peak_mib
-from memcore.linear_accumulate import auto_chunk_size
+from memcore.linear_cross_entropy import auto_chunk_size
 
 
 def _time(fn: Callable[[], None], setup: Optional[Callable[[], None]], iters: int, device: str) -> float:

@@ -147,8 +147,9 @@ sanitize() {
   # kernel tests first; left out: opcheck's tests (many launches of the same kernels) and the
   # linear-CE parity at N=4096 x V=50257 (GEMMs of ~0.3 TFLOP), both slow under memcheck
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 9 --print-limit 20 \
-    "$py" -m pytest tests/test_cross_entropy.py tests/test_overwrite.py tests/test_linear_accumulate.py \
-    tests/test_input_grad.py tests/test_curvature.py tests/test_bad_input.py tests/test_ops.py -q \
+    "$py" -m pytest tests/test_cross_entropy.py tests/test_cross_entropy_overwrite.py tests/test_linear_cross_entropy.py \
+    tests/test_cross_entropy_input_grad.py tests/test_curvature.py tests/test_cross_entropy_bad_input.py \
+    tests/test_cross_entropy_ops.py -q \
     -p no:cacheprovider -p tools.deadline -x -k "cuda and not opcheck and not auto_chunks" 2>&1 | tee /tmp/memcore-sanitize.log
   rc=${PIPESTATUS[0]}
   # gVisor machines: "Device not supported", then error 999 at the first allocation; not memcore's fault

@@ -21,8 +21,8 @@ predicated-off instructions, which still take an issue slot. A kernel whose loop
 unrolled has several loops from one pass (unrolled body + remainder, a copy per call site): loops
 are grouped by the kernel-level source line their loads inline from, and the one doing the most
 elements per trip is reported. A kernel with several passes over the same elements (forward +
-gradient) reports their sum. Kernels without a loop (the commits) report their
-whole instruction count per row.
+gradient) reports their sum. Kernels without an element loop (the split finish, the loss
+reduction) report their whole instruction count per row.
 
     .venv-cuda/bin/python -m tools.sass_report              # table to stdout (.venv-cuda: tools/check_cuda_build.sh's)
     python -m tools.sass_report --arch 90 --json out.json --csv out.csv --markdown sass.md
@@ -396,12 +396,10 @@ FAMILIES = [
     (r"ce_split_forward_kernel", "forward (split)", 1, "ld", 1),
     (r"ce_split_grad_kernel", "gradient (split)", 2, "ld", 1),
     (r"ce_split_finish_kernel", "split finish", 0, "", 0),
-    (r"ce_commit_kernel", "commit", 0, "", 0),
     (r"ce_reduce_kernel", "loss reduce", 0, "", 0),
-    (r"sqnorm_commit_kernel", "sqnorm_commit", 1, "ld", 1),
+    (r"ce_input_sqnorm_kernel", "input sqnorm", 1, "ld", 1),
     (r"probe_reduce_kernel", "curvature probe_reduce", 2, "ld", 2),
     (r"perturb_kernel", "curvature perturb", 2, "st", 1),
-    (r"philox_kernel|philox4x32_kernel", "philox", 0, "", 0),
     (r".*", "other", 0, "", 0),
 ]
 DTYPES = {"c10::BFloat16": ("bf16", 2), "c10::Half": ("fp16", 2), "float": ("fp32", 4), "double": ("fp64", 8)}
@@ -470,8 +468,8 @@ def analyse(arch: str, source: str, cubin: str, log: str) -> List[Row]:
         targs = re.search(r"<([^<>]*)>", kname)
         dtype_c = targs.group(1).split(",")[0].strip() if targs else ""
         dtype, esize = DTYPES.get(dtype_c, (dtype_c or "-", 0))
-        if label in ("commit", "philox") or not esize:
-            esize = esize or 4
+        if not esize:
+            esize = 4
         labels = {ins.addr: i for i, ins in enumerate(code)}
         loops = find_loops(code, labels)
         for lp in loops:
@@ -491,7 +489,8 @@ def analyse(arch: str, source: str, cubin: str, log: str) -> List[Row]:
             lp.body = lp.tail - lp.head + 1
             lp.hot = len(path)
             lp.hot_pipes = count_pipes(code, path)
-        # families without an element stream (commit, split finish) report per row, whatever loops they have
+        # families without an element stream (split finish, loss reduce) report per row, whatever loops
+        # they have
         cand = [lp for lp in loops if lp.stream_ops and streams]
         # innermost: drop a loop that contains another candidate
         cand = [
@@ -582,8 +581,7 @@ HEADLINE = (
     "forward (split)",
     "gradient (split)",
     "split finish",
-    "commit",
-    "sqnorm_commit",
+    "input sqnorm",
     "curvature probe_reduce",
     "curvature perturb",
 )

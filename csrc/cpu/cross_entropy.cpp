@@ -1,23 +1,12 @@
-// CPU kernels of the fused cross-entropy + per-sample statistics ops (schemas in csrc/memcore.cpp,
-// C++ types in csrc/ops.h). Registers six ops: ce_forward, ce_forward_reduce, ce_backward,
-// ce_commit, ce_forward_grad_, scale_unless_one_.
-//
-// ce_forward: rows are split across threads and each row is read from memory once. Rows of up
-//   to kChunk elements (4 KiB: they stay in L1; half/bf16 rows are widened to float) go in blocks
-//   of 64 to forward_block_f32 (ce_block.h): a max sweep and an exp-sum sweep per row, then log and
-//   exp across the block's rows; a longer row is streamed in kChunk blocks with an online
-//   (max, sum) rescale per block. Gives logsumexp, the largest logit before/after the target
-//   (margin, argmax) and the loss. Outputs are O(N): loss, lse, [N, 3] row stats.
-// ce_forward_reduce: ce_forward, then the mean or sum of its O(N) losses, serial in double (the
-//   result does not depend on the thread count); 0-d out and count, nothing else allocated.
-// ce_backward: one streaming pass writing (exp(z - lse) - onehot) * g; no softmax tensor. One
-//   N x C output (the gradient), plus per-thread scratch of 8 KiB (32 KiB for half/bf16 blocks).
-// ce_forward_grad_: ce_forward_reduce, then ce_backward's kernels run in place over the logits
-//   (upstream gradient 1, / count for mean): no N x C allocation at all.
-// scale_unless_one_: grad *= scale in place, skipped when scale == 1 (read on the host here).
-// ce_commit: a serial O(N) scatter into the float64 [S, 6] stats buffer (deterministic, so
-//   repeated indices need no atomics), skipped entirely when the forward flagged an error.
-// Float math for fp32/fp16/bf16 logits; float64 logits take a plain double path (gradcheck).
+// CPU kernels of the cross-entropy family (schemas in csrc/memcore.cpp): ce_forward,
+// ce_forward_reduce, ce_backward, ce_forward_grad_, scale_unless_one_, ce_input_sqnorm. Rows are
+// split across threads and each is read once per pass: rows of up to kChunk elements in blocks of
+// 64 by the vector kernels of cross_entropy_block.h (half / bf16 widened to float in L1-sized
+// scratch), longer rows streamed in kChunk pieces with an online (max, sum) rescale; float64
+// logits take a plain double path. Memory: O(N) outputs, the N x C gradient of ce_backward (none
+// for ce_forward_grad_, which writes over the logits), per-thread scratch of at most 32 KiB.
+// Reductions over rows are serial in double, so results do not depend on the thread count. More:
+// docs/kernels.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,9 +20,9 @@
 #include "../checks.h"
 #include "../common.h"
 #include "../ops.h"
-#include "ce_block.h"
-#include "widen.h"
+#include "cross_entropy_block.h"
 #include "vec_math.h"
+#include "widen.h"
 
 namespace memcore {
 namespace cpu {
@@ -82,7 +71,7 @@ float segment_lse(const scalar_t* z, int64_t n, float* buf, float& m, float& s) 
 }
 
 // One row: exact double math for double logits (gradcheck); otherwise a row longer than kChunk,
-// streamed (shorter rows take the block kernels of ce_block.h).
+// streamed (shorter rows take the block kernels of cross_entropy_block.h).
 template <typename scalar_t>
 RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
   double zt, m_before, m_after, lse;
@@ -154,7 +143,7 @@ int64_t widened_rows(int64_t C) {
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1)); }
 
 // Rows of one thread's range that are valid and not ignored, gathered in blocks of up to kBlock and
-// handed to the block kernels of ce_block.h (half/bf16 rows widened into a float buffer first).
+// handed to the block kernels of cross_entropy_block.h (half/bf16 rows widened into a float buffer first).
 template <typename scalar_t, typename acc_t>
 int32_t forward_rows_small(const scalar_t*, int64_t, const int64_t*, const int64_t*, int64_t, int64_t,
                            int64_t, int64_t, acc_t*, acc_t*, acc_t*);
@@ -405,33 +394,42 @@ void scale_unless_one_cpu(at::Tensor& grad, const at::Tensor& scale) {
   if (scale.item<double>() != 1.0) grad.mul_(scale.reshape({}));
 }
 
-void ce_commit_cpu(at::Tensor& stats, const at::Tensor& index, const at::Tensor& targets,
-                   const at::Tensor& loss, const at::Tensor& row_stats, const at::Tensor& status,
-                   int64_t ignore_index) {
-  check_commit(stats, index, targets, loss, row_stats, status);
-  if (status.item<int32_t>() != 0) return;
-  const int64_t N = loss.size(0), S = stats.size(0);
-  double* st = stats.data_ptr<double>();
-  const int64_t* tg = targets.data_ptr<int64_t>();
-  const int64_t* ix = index.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i)  // checked before any write: a rejected call changes nothing
-    TORCH_CHECK(tg[i] == ignore_index || (ix[i] >= 0 && ix[i] < S),
-                "memcore::ce_commit: index[", i, "]=", ix[i], " outside [0, ", S, ")");
-  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "ce_commit_cpu", [&] {
-    const scalar_t* l = loss.data_ptr<scalar_t>();
-    const scalar_t* rs = row_stats.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < N; ++i) {
-      if (tg[i] == ignore_index) continue;
-      double* s = st + ix[i] * kNumStats;
-      const double p = rs[i * kNumRowStats + kRowProb];
-      s[kLossSum] += l[i];
-      s[kRows] += 1.0;
-      s[kCorrect] += rs[i * kNumRowStats + kRowCorrect];
-      s[kProbSum] += p;
-      s[kProbSqSum] += p * p;
-      s[kMarginSum] += rs[i * kNumRowStats + kRowMargin];
+// Sum of squares of one row in double: float within a kChunk piece (half / bf16 widened into buf),
+// double across pieces; plain double for float64 rows.
+template <typename scalar_t>
+double row_sumsq(const scalar_t* g, int64_t d, float* buf) {
+  double s = 0.0;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    for (int64_t j = 0; j < d; ++j) s += g[j] * g[j];
+  } else {
+    for (int64_t off = 0; off < d; off += kChunk) {
+      const int64_t len = std::min(kChunk, d - off);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        s += sumsq_f32(g + off, len);
+      } else {
+        widen(g + off, buf, len);
+        s += sumsq_f32(buf, len);
+      }
     }
+  }
+  return s;
+}
+
+at::Tensor ce_input_sqnorm_cpu(const at::Tensor& grad, const at::Tensor& scale) {
+  check_input_sqnorm(grad, scale);
+  const int64_t N = grad.size(0);
+  const int64_t D = N == 0 ? 0 : grad.numel() / N;
+  at::Tensor out = at::empty({N}, scale.options());
+  const double* sc = scale.data_ptr<double>();
+  double* o = out.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ce_input_sqnorm_cpu", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+      std::vector<float> buf(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ? 0 : kChunk);
+      for (int64_t i = b; i < e; ++i) o[i] = sc[i] == 0.0 ? 0.0 : sc[i] * sc[i] * row_sumsq(g + i * D, D, buf.data());
+    });
   });
+  return out;
 }
 
 }  // namespace
@@ -440,9 +438,9 @@ TORCH_LIBRARY_IMPL(memcore, CPU, m) {
   MEMCORE_IMPL(m, ce_forward, ce_forward_cpu);
   MEMCORE_IMPL(m, ce_forward_reduce, ce_forward_reduce_cpu);
   MEMCORE_IMPL(m, ce_backward, ce_backward_cpu);
-  MEMCORE_IMPL(m, ce_commit, ce_commit_cpu);
   MEMCORE_IMPL(m, ce_forward_grad_, ce_forward_grad_cpu);
   MEMCORE_IMPL(m, scale_unless_one_, scale_unless_one_cpu);
+  MEMCORE_IMPL(m, ce_input_sqnorm, ce_input_sqnorm_cpu);
 }
 
 }  // namespace cpu

@@ -1,18 +1,11 @@
-// CPU kernels of the input-curvature ops (schemas in csrc/memcore.cpp, C++ types in csrc/ops.h,
-// Philox in csrc/philox.h). Registers four ops: philox4x32, rademacher, rademacher_perturb,
-// probe_reduce.
-//
-// A "row" is one (probe p, sample b) pair; rows are split across threads with at::parallel_for
-// and each row is walked in blocks of 128 elements, one Philox4x32-10 call per block giving the
-// 128 signs. Probes are never stored: they are regenerated from (seed, index[b], probe) wherever
-// they are needed, so no [P, B, D] random tensor exists in memory.
-// rademacher / rademacher_perturb: write v or x + h v for all probes of a chunk, [P, B, D...], in
-//   the input dtype (x + h v computed in fp32, fp64 for fp64, then rounded once).
-// probe_reduce: one pass over grad_perturbed [P, B, D...] and grad_clean [B, D...] giving, per
-//   row, ||gp - gc||^2 and v . (gp - gc): 16-lane partial sums in fp32 (fp64 for fp64) inside a
-//   block, blocks summed in fp64. Outputs are float64 [P, B]. The summation order depends only on
-//   D, so a row's result is bit-identical whatever P, B, the chunking or the thread count.
-// philox4x32: the raw generator words, for known-answer tests.
+// CPU kernels of the curvature family (schemas in csrc/memcore.cpp, Philox in csrc/philox.h):
+// rademacher, rademacher_perturb, probe_reduce; and philox4x32_words, the raw generator words for
+// the known-answer tests. A row is one (probe, sample) pair; rows are split across threads and
+// walked in 128-element blocks, one Philox4x32-10 call giving a block's signs, so probes are
+// regenerated where needed and never stored. probe_reduce sums 16-lane fp32 partials (fp64 for
+// fp64) within a block and blocks in fp64: a row's result depends only on D, not on P, B, the
+// chunking or the thread count. Memory: the [P, B, ...] outputs of the perturb ops, float64 [P, B]
+// for probe_reduce. More: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -170,7 +163,15 @@ std::tuple<at::Tensor, at::Tensor> probe_reduce_cpu(const at::Tensor& gp, const 
   return {sq, vd};
 }
 
-at::Tensor philox4x32_cpu(const at::Tensor& counter, int64_t seed) {
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memcore, CPU, m) {
+  MEMCORE_IMPL(m, rademacher, rademacher_cpu);
+  MEMCORE_IMPL(m, rademacher_perturb, rademacher_perturb_cpu);
+  MEMCORE_IMPL(m, probe_reduce, probe_reduce_cpu);
+}
+
+at::Tensor philox4x32_words(const at::Tensor& counter, int64_t seed) {
   check_philox(counter);
   at::Tensor out = at::empty_like(counter);
   const int64_t n = counter.size(0);
@@ -185,15 +186,6 @@ at::Tensor philox4x32_cpu(const at::Tensor& counter, int64_t seed) {
     for (int k = 0; k < 4; ++k) o[4 * i + k] = static_cast<int64_t>(r.v[k]);
   }
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(memcore, CPU, m) {
-  MEMCORE_IMPL(m, philox4x32, philox4x32_cpu);
-  MEMCORE_IMPL(m, rademacher, rademacher_cpu);
-  MEMCORE_IMPL(m, rademacher_perturb, rademacher_perturb_cpu);
-  MEMCORE_IMPL(m, probe_reduce, probe_reduce_cpu);
 }
 
 }  // namespace cpu

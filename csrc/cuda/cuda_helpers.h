@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels (cross_entropy.cu, sqnorm_commit.cu, curvature.cu).
+// Device helpers shared by the CUDA kernels (cross_entropy.cu, curvature.cu).
 // Accumulation type: at::opmath_type<scalar_t> (float for half / bfloat16 / float, double for
 // double), the type ATen's own kernels accumulate in.
 #pragma once

@@ -1,20 +1,10 @@
-// CUDA kernels of the input-curvature ops (schemas in csrc/memcore.cpp, C++ types in csrc/ops.h,
-// Philox in csrc/philox.h). Registers four ops: philox4x32, rademacher, rademacher_perturb,
-// probe_reduce.
-//
-// A "row" is one (probe p, sample b) pair; a block of 128 threads owns a row (grid-stride over
-// rows). The row is walked in tiles of 128 Philox blocks (16384 elements): first every thread
-// draws one Philox4x32-10 call (the 128 signs of one 128-element block) into shared memory
-// (2 KiB), then each warp takes whole 128-element blocks, lane l handling elements l, l+32, l+64,
-// l+96 with the sign bit l of words 0..3: loads and stores are fully coalesced, need no alignment,
-// and each Philox call serves 128 elements. Probes are never stored in global memory.
-// rademacher / rademacher_perturb: write v or x + h v, [P, B, D...], in the input dtype (x + h v
-//   in fp32, fp64 for fp64, rounded once: bit-identical to the CPU kernel).
-// probe_reduce: one pass over grad_perturbed and grad_clean; per thread fp32 (fp64 for fp64)
-//   sums of (gp - gc)^2 and v . (gp - gc), widened to fp64 for the block reduction (warp
-//   shuffles + shared memory); float64 [P, B] outputs. Deterministic (no atomics); the summation
-//   order depends only on D, not on P, B or the chunking, but differs from the CPU kernel's.
-// philox4x32: the raw generator words, one thread per counter.
+// CUDA kernels of the curvature family (schemas in csrc/memcore.cpp, Philox in csrc/philox.h):
+// rademacher, rademacher_perturb, probe_reduce. A block of 128 threads owns a (probe,
+// sample) row and walks it in tiles of 16,384 elements: each thread draws one Philox4x32-10 call
+// (128 signs) into shared memory (2 KiB), then warps read and write fully coalesced. probe_reduce:
+// per element the difference and its square in fp32 (fp64 for fp64 gradients), per-thread running
+// sums in fp64, one block reduction: deterministic (no atomics), its order set by D only (not the
+// CPU kernel's order). Memory: the outputs only; probes are never stored. More: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -124,18 +114,6 @@ __global__ void __launch_bounds__(kThreads) probe_reduce_kernel(
   }
 }
 
-__global__ void philox_kernel(const int64_t* __restrict__ counter, int64_t* __restrict__ out, int64_t n,
-                              uint64_t key) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const int64_t* c = counter + 4 * i;
-  const Philox4x32 r = philox4x32_10(static_cast<uint32_t>(c[0]), static_cast<uint32_t>(c[1]),
-                                     static_cast<uint32_t>(c[2]), static_cast<uint32_t>(c[3]),
-                                     static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32));
-#pragma unroll
-  for (int k = 0; k < 4; ++k) out[4 * i + k] = static_cast<int64_t>(r.v[k]);
-}
-
 unsigned grid_for(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, kMaxGrid)); }
 
 template <typename scalar_t>
@@ -207,23 +185,9 @@ std::tuple<at::Tensor, at::Tensor> probe_reduce_cuda(const at::Tensor& gp, const
   return {sq, vd};
 }
 
-at::Tensor philox4x32_cuda(const at::Tensor& counter, int64_t seed) {
-  check_philox(counter);
-  const c10::cuda::CUDAGuard guard(counter.device());
-  at::Tensor out = at::empty_like(counter);
-  const int64_t n = counter.size(0);
-  if (n == 0) return out;
-  constexpr int kT = 256;
-  philox_kernel<<<static_cast<unsigned>((n + kT - 1) / kT), kT, 0, at::cuda::getCurrentCUDAStream()>>>(
-      counter.data_ptr<int64_t>(), out.data_ptr<int64_t>(), n, static_cast<uint64_t>(seed));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
-  MEMCORE_IMPL(m, philox4x32, philox4x32_cuda);
   MEMCORE_IMPL(m, rademacher, rademacher_cuda);
   MEMCORE_IMPL(m, rademacher_perturb, rademacher_perturb_cuda);
   MEMCORE_IMPL(m, probe_reduce, probe_reduce_cuda);

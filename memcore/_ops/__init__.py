@@ -1,6 +1,6 @@
 """Loads the compiled extension memcore._C (which registers torch.ops.memcore.*) and the Python
-side of each op family: fake kernels and autograd (``cross_entropy``, ``linear_cross_entropy``,
-``curvature``)."""
+side of each op family, one module each: ``cross_entropy``, ``linear_cross_entropy``, ``curvature``
+(fake kernels, and the autograd written in Python)."""
 
 from .._extension import _C  # checks the build fits this torch, then loads it
 from . import cross_entropy, curvature, linear_cross_entropy  # noqa: F401  (fake kernels / autograd registration)

@@ -1,14 +1,11 @@
-"""Fake-tensor kernels and autograd for the curvature ops (schemas in csrc/memcore.cpp, kernels in
-csrc/cpu/curvature.cpp and csrc/cuda/curvature.cu). Imported by memcore._ops."""
+"""The curvature family's ops on the Python side: fake kernels and the autograd of
+rademacher_perturb (schemas in csrc/memcore.cpp, kernels in csrc/cpu/curvature.cpp and
+csrc/cuda/curvature.cu). The public wrappers are ``memcore.curvature`` and ``CurvatureTracker``
+(memcore/curvature.py)."""
 
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.memcore.*)
-
-
-@torch.library.register_fake("memcore::philox4x32")
-def _philox4x32_fake(counter, seed):
-    return torch.empty_like(counter)
 
 
 @torch.library.register_fake("memcore::rademacher")

@@ -1,6 +1,9 @@
-"""Fake kernels and autograd of memcore::linear_ce_forward / linear_ce_backward (schemas in
-csrc/memcore.cpp, implementation in csrc/linear_cross_entropy.cpp): the fused linear +
-cross-entropy behind ``memcore.linear_accumulate``.
+"""The linear_cross_entropy family's ops on the Python side: fake kernels and autograd of
+memcore::linear_ce_forward / linear_ce_backward (schemas in csrc/memcore.cpp, one implementation for
+CPU and CUDA in csrc/composite/linear_cross_entropy.cpp), the fused linear + cross-entropy behind
+``memcore.linear_accumulate`` (memcore/linear_cross_entropy.py). Autograd is Python here: the
+backward only scales the gradients the forward made (or recomputes, for "none"), so its per-call
+cost is small beside the GEMMs.
 
 Reductions "mean" and "sum": the forward op already made the gradients of the summed loss (one
 pass, logits chunk by chunk); the backward multiplies them by grad_out (/ count for "mean", the
@@ -13,11 +16,7 @@ ce_backward, exactly as F.cross_entropy's backward does.
 
 import torch
 
-from .. import _C  # noqa: F401  (registers torch.ops.memcore.*)
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .cross_entropy import _opmath  # also registers torch.ops.memcore.*
 
 
 @torch.library.register_fake("memcore::linear_ce_forward")

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import export
-from ..accumulate import accumulate
+from ..cross_entropy import accumulate
 from ..scores import SCORES, suspicion
 from ..tracker import Tracker
 from . import _args, require

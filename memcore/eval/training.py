@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..accumulate import accumulate
+from ..cross_entropy import accumulate
 from ..tracker import Tracker
 from . import require
 

@@ -25,8 +25,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("memcore.integrations.huggingface needs `pip install transformers`") from e
 
 from .._checkpoint import atomic_save, load_plain
-from ..accumulate import accumulate
-from ..linear_accumulate import linear_accumulate
+from ..cross_entropy import accumulate
+from ..linear_cross_entropy import linear_accumulate
 from ..tracker import Tracker
 
 TRACKER_FILE = "memcore_tracker.pt"

@@ -180,30 +180,45 @@ def test_bad_inputs_raise():
     assert tr._recorded().abs().sum() == 0
 
 
-def test_opcheck_sqnorm_commit(device):
-    stats = torch.zeros(5, 2, dtype=torch.float64, device=device)
+def test_opcheck_ce_input_sqnorm(device):
     grad = torch.randn(6, 3, 4, device=device)
-    scale = torch.tensor([1.0, 0.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64, device=device)
-    index = torch.tensor([0, 1, 0, 4, 2, 2], device=device)
-    torch.library.opcheck(torch.ops.memcore.sqnorm_commit.default, (stats, grad, scale, index))
-    stats.zero_()
-    torch.ops.memcore.sqnorm_commit(stats, grad, scale, index)
-    want = torch.zeros(5, 2, dtype=torch.float64)
-    sq = grad.double().cpu().pow(2).flatten(1).sum(1) * scale.cpu() ** 2
-    keep = scale.cpu() != 0
-    want.index_add_(0, index.cpu()[keep], torch.stack([sq, torch.ones_like(sq)], 1)[keep])
-    torch.testing.assert_close(stats.cpu(), want)
+    scale = torch.tensor([1.0, 0.0, 2.0, 1.0, -1.0, 0.5], dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.memcore.ce_input_sqnorm.default, (grad, scale))
+    got = torch.ops.memcore.ce_input_sqnorm(grad, scale)
+    assert got.dtype == torch.float64 and got.shape == (6,) and got.device == grad.device
+    want = grad.double().pow(2).flatten(1).sum(1) * scale**2
+    torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_sqnorm_dtypes(dtype, device):
-    stats = torch.zeros(2, 2, dtype=torch.float64, device=device)
-    grad = torch.randn(3, 3000, device=device).to(dtype)
-    torch.ops.memcore.sqnorm_commit(
-        stats, grad, torch.ones(3, dtype=torch.float64, device=device), torch.tensor([0, 1, 1], device=device)
-    )
-    sq = grad.double().pow(2).sum(1).cpu()
-    torch.testing.assert_close(stats[:, 0].cpu(), torch.stack([sq[0], sq[1] + sq[2]]), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("d", [0, 1, 7, 3000])
+def test_ce_input_sqnorm_dtypes_and_widths(dtype, d, device):
+    """Every dtype, rows of 0 elements, an odd width (no vector packs) and a long one (several
+    float chunks summed in double). Against float64 sums of the same values: the float32 partial
+    sums of m squares err by at most about m * eps32 relative (sums of positive terms), m <= 1024."""
+    g = torch.Generator().manual_seed(d)
+    grad = torch.randn(4, d, generator=g).to(device=device, dtype=dtype)
+    scale = torch.tensor([1.0, 0.0, 3.0, 0.25], dtype=torch.float64, device=device)
+    got = torch.ops.memcore.ce_input_sqnorm(grad, scale)
+    want = grad.double().pow(2).sum(1) * scale**2
+    rtol = 1e-12 if dtype == torch.float64 else 1024 * 2**-24
+    torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    assert got[1] == 0
+
+
+def test_ce_input_sqnorm_refuses_bad_arguments():
+    """Direct op calls bypass the Python checks: the kernel still refuses what it cannot read."""
+    grad = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="scale must be float64"):
+        torch.ops.memcore.ce_input_sqnorm(grad, torch.ones(4))
+    with pytest.raises(RuntimeError, match="scale must be float64"):
+        torch.ops.memcore.ce_input_sqnorm(grad, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.memcore.ce_input_sqnorm(grad.t(), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.ops.memcore.ce_input_sqnorm(
+            torch.ones(4, 3, dtype=torch.long), torch.ones(4, dtype=torch.float64)
+        )
 
 
 def test_reused_input_tensor_collects_no_hooks():

@@ -1,19 +1,10 @@
-// Host replays of the CUDA cross-entropy kernels' logic (csrc/cuda/ce_row.h), compiled into every
-// build (bound in csrc/memcore.cpp) so tests/test_kernel_logic.py checks it against the CPU kernels
-// without a GPU:
-//   _ce_row_replay:    a row's forward, thread by thread as ce_forward_kernel splits it (walk_row
-//                      per lane, the warp butterfly and the cross-warp merge in the kernel's order)
-//   _ce_grad_replay:   the gradient pass (grad_row per lane, then the target column's owner)
-//   _seg_commit_replay: one warp of ce_commit_kernel's segmented reduction over equal indices
-//   _ce_reduce_replay: ce_forward_reduce's out and count as ce_reduce_kernel (threads = 1024) or
-//                      the split finish kernel's last warp (threads = 32) computes them
-//   _ce_split_forward_replay / _ce_split_backward_replay: the split launch of few wide rows (each
-//                      row over S blocks: slices walked and merged per block, the parts merged by
-//                      the finish kernel's warp, the gradient slice by slice), and _ce_split_slices,
-//                      the launcher's choice of S
-// Only the memory system differs: lanes run one after another, which is what the kernels' own
-// ordering (barriers; each element read and written by one thread) makes equivalent.
-#include "kernel_logic.h"
+// Host replays of the CUDA cross-entropy kernels' logic, from the same per-row code
+// (csrc/cuda/cross_entropy_row.h), compiled into every build so tests/test_cross_entropy_replay.py
+// checks it against the CPU kernels without a GPU: a row's forward and gradient pass thread by
+// thread as the launch splits it, the split launch of few wide rows, and ce_forward_reduce's
+// fixed-order reduction. Lanes run one after another, which the kernels' own ordering (barriers;
+// each element read and written by one thread) makes equivalent. More: docs/kernels.md.
+#include "cross_entropy_replay.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -24,10 +15,10 @@
 
 #include "common.h"
 
-#include "cuda/ce_row.h"
+#include "cuda/cross_entropy_row.h"
 
 namespace memcore {
-namespace kernel_logic {
+namespace replay {
 namespace {
 
 using cerow::OpMath;
@@ -353,38 +344,6 @@ at::Tensor ce_split_backward_replay(const at::Tensor& grad_loss, const at::Tenso
   return out;
 }
 
-// index int64 [32] (-1: a lane with nothing to add), values float64 [32, 6] -> what each lane adds
-// into stats[index] (zeros for lanes that add nothing)
-at::Tensor seg_commit_replay(const at::Tensor& index, const at::Tensor& values) {
-  TORCH_CHECK(index.sizes() == at::IntArrayRef({32}) && index.scalar_type() == at::kLong, "_seg_commit_replay: index must be int64 [32]");
-  TORCH_CHECK(values.sizes() == at::IntArrayRef({32, 6}) && values.scalar_type() == at::kDouble,
-              "_seg_commit_replay: values must be float64 [32, 6]");
-  const at::Tensor ix_t = index.contiguous(), v_t = values.contiguous();
-  const int64_t* ix = ix_t.data_ptr<int64_t>();
-  const double* v = v_t.data_ptr<double>();
-  std::vector<cerow::Commit> c(32);
-  uint32_t heads = 0;
-  for (int l = 0; l < 32; ++l) {
-    for (int k = 0; k < 6; ++k) c[l].v[k] = ix[l] < 0 ? 0.0 : v[l * 6 + k];
-    if (l == 0 || ix[l - 1] != ix[l]) heads |= 1u << l;
-  }
-  if (heads != 0xFFFFFFFFu) {
-    for (int off = 1; off < 32; off <<= 1) {
-      const std::vector<cerow::Commit> q = c;
-      for (int l = 0; l < 32; ++l) {
-        const cerow::Commit& other = l + off < 32 ? q[l + off] : q[l];  // __shfl_down_sync past the warp: own value
-        cerow::seg_step(c[l], other, l, off, cerow::seg_end(heads, l));
-      }
-    }
-  }
-  at::Tensor out = at::zeros({32, 6}, at::kDouble);
-  double* o = out.data_ptr<double>();
-  for (int l = 0; l < 32; ++l)
-    if ((heads >> l & 1u) && ix[l] >= 0)
-      for (int k = 0; k < 6; ++k) o[l * 6 + k] = c[l].v[k];
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> ce_reduce_replay(const at::Tensor& loss, const at::Tensor& targets,
                                                     int64_t ignore_index, bool mean, int64_t threads) {
   TORCH_CHECK(threads >= 32 && threads <= cerow::kReduceThreads && (threads & (threads - 1)) == 0,
@@ -410,5 +369,5 @@ std::tuple<at::Tensor, at::Tensor> ce_reduce_replay(const at::Tensor& loss, cons
   return {at::scalar_tensor(value, l.options()), at::scalar_tensor(count, tg.options())};
 }
 
-}  // namespace kernel_logic
+}  // namespace replay
 }  // namespace memcore

@@ -1,11 +1,11 @@
 """The CUDA cross-entropy kernels' logic, run on the host against the CPU kernels (no GPU needed).
 
-csrc/cuda/ce_row.h holds the per-row code of the CUDA kernels as __host__ __device__ functions;
-csrc/kernel_logic.cpp replays with them, lane by lane, how ce_forward_kernel splits a row between
-its threads (scalar head, 16-byte packs four at a time, the target's pack, scalar tail; the warp
-butterfly and the cross-warp merge), the gradient pass, and ce_commit_kernel's segmented warp
-reduction. Every thread count (32, 256, 512) and alignment the launcher can meet is replayed; the
-references are the CPU ops. Only exp differs on purpose: the host replay uses exp2, the device
+csrc/cuda/cross_entropy_row.h holds the per-row code of the CUDA kernels as __host__ __device__
+functions; csrc/cross_entropy_replay.cpp replays with them, lane by lane, how ce_forward_kernel splits
+a row between its threads (scalar head, 16-byte packs four at a time, the target's pack, scalar tail;
+the warp butterfly and the cross-warp merge), the gradient pass, the split launch of few wide rows
+and ce_forward_reduce's fixed-order reduction. Every thread count (32, 256, 512) and alignment the
+launcher can meet is replayed; the references are the CPU ops. Only exp differs on purpose: the host replay uses exp2, the device
 ex2.approx.ftz (2 ulp), the CPU kernels a polynomial.
 """
 
@@ -166,43 +166,6 @@ def test_gradient_every_split(dtype, inplace):
                             **tol[dtype],
                             msg=f"C={c} offset={off} target={t} threads={tpr} packs={use_vec}",
                         )
-
-
-def _runs(index, values):
-    """What each lane should add: the sum of its run of equal indices at the run's first lane."""
-    out = torch.zeros(32, 6, dtype=torch.float64)
-    lane = 0
-    while lane < 32:
-        end = lane + 1
-        while end < 32 and index[end] == index[lane]:
-            end += 1
-        if index[lane] >= 0:
-            out[lane] = values[lane:end].sum(0)
-        lane = end
-    return out
-
-
-def test_segmented_commit():
-    g = torch.Generator().manual_seed(2)
-    patterns = [
-        torch.arange(32),  # distinct: the reduction is skipped
-        torch.zeros(32, dtype=torch.long),  # one sequence over the warp
-        torch.arange(32) // 8,  # 4 sequences of 8 tokens
-        torch.tensor([5, 5, 7, 5] * 8),  # equal indices that are not neighbours stay apart
-        torch.tensor([-1] * 3 + [4] * 10 + [-1] + [4] * 10 + [-1] * 8),  # skipped rows split runs
-        torch.full((32,), -1, dtype=torch.long),
-    ]
-    for _ in range(50):
-        lengths = torch.randint(1, 12, (32,), generator=g)
-        ids = torch.repeat_interleave(torch.randint(-1, 4, (32,), generator=g), lengths)[:32]
-        patterns.append(ids)
-    for ids in patterns:
-        values = torch.randn(32, 6, generator=g, dtype=torch.float64)
-        got = _C._seg_commit_replay(ids, values)
-        want = _runs(ids.tolist(), values)
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=str(ids.tolist()))
-        # everything that is committed is committed once
-        torch.testing.assert_close(got.sum(0), values[ids >= 0].sum(0), rtol=1e-12, atol=1e-12)
 
 
 def test_replay_rejects_bad_arguments():

@@ -1,14 +1,14 @@
-"""`memcore.accumulate`: cross-entropy that also records per-sample statistics in a Tracker."""
+"""The cross_entropy family's public wrapper, `memcore.accumulate`: cross-entropy that also records
+per-sample statistics in a Tracker. The ops' fake kernels: memcore/_ops/cross_entropy.py; their
+autograd: csrc/autograd/cross_entropy.cpp."""
 
 from typing import Optional
 
 import torch
 
-from ._ops.cross_entropy import OverwriteLogitsCE, no_double_backward  # also registers the ops
-from ._validate import REDUCTIONS, as_ignore_index, check_inputs_for_grad, explain_status, rows_of
+from ._ops import cross_entropy as _registered  # noqa: F401  (fake kernels of the ops)
+from ._validate import check_inputs_for_grad, explain_status, loss_call, rows_of
 from .tracker import Tracker
-
-_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as in csrc/common.h
 
 
 def accumulate(
@@ -38,8 +38,8 @@ def accumulate(
         inputs: optional [N, ...] batch input the logits were computed from, a leaf with
             ``requires_grad=True`` (set it before the forward pass). During ``loss.backward()`` the
             squared L2 norm of each row's input gradient — of the row's own loss, whatever the
-            reduction or later loss scaling — is added into the tracker (fused reduce-and-scatter
-            kernel); ``inputs.grad`` is not kept. Gives the ``input_grad_norm`` and
+            reduction or later loss scaling — is added into the tracker (one fused pass over the
+            gradient); ``inputs.grad`` is not kept. Gives the ``input_grad_norm`` and
             ``learning_time_formal`` scores. Parameter gradients are exactly those without it.
             Valid when each input row affects only its own logits row (no batch-coupling layers
             such as BatchNorm in train mode).
@@ -78,12 +78,7 @@ def accumulate(
         unchanged. With ``Tracker(strict=False)`` (and always inside torch.compile) value errors are
         raised at the next ``end_epoch()`` / ``scores()`` instead, so no GPU sync is needed per step.
     """
-    if not isinstance(tracker, Tracker):
-        raise TypeError(f"tracker must be a memcore.Tracker, got {type(tracker).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if type(ignore_index) is not int:
-        ignore_index = as_ignore_index(ignore_index)
+    code, ignore_index = loss_call(tracker, reduction, ignore_index)
     logits2d, targets1d, index1d = rows_of(logits, targets, index, ignore_index, tracker.device)
     if inputs is not None:
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
@@ -99,14 +94,16 @@ def accumulate(
                 "hooks need the per-row losses in the autograd graph)"
             )
         if logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            out, loss, row_stats, status = OverwriteLogitsCE.apply(
-                logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction]
+            # its autograd (csrc/autograd/cross_entropy.cpp) hands the logits' memory back as the
+            # gradient and refuses a second or a double backward
+            out, _count, loss, _lse, row_stats, status = torch.ops.memcore.ce_forward_grad_(
+                logits2d, targets1d, index1d, tracker.num_samples, ignore_index, code
             )
             _record(tracker, logits2d, targets1d, index1d, ignore_index, loss, row_stats, status)
-            return no_double_backward(out.to(_result_dtype(logits)))
+            return out.to(_result_dtype(logits))
     if inputs is None and reduction != "none":  # forward and reduction in one operator
         out, _count, loss, _lse, row_stats, status = torch.ops.memcore.ce_forward_reduce(
-            logits2d, targets1d, index1d, tracker.num_samples, ignore_index, _REDUCTION_CODE[reduction]
+            logits2d, targets1d, index1d, tracker.num_samples, ignore_index, code
         )
         _record(tracker, logits2d, targets1d, index1d, ignore_index, loss.detach(), row_stats, status)
         return out.to(_result_dtype(logits))
@@ -193,12 +190,9 @@ def _record_input_grads(
         g = g.double()
         keep = (targets != ignore_index) & (g != 0) & (status == 0)
         scale = torch.where(keep, 1.0 / torch.where(keep, g, torch.ones_like(g)), torch.zeros_like(g))
-        # per-row (squared norm, recorded) pairs, then into the tracker by sample id
-        rows = torch.zeros(index.shape[0], 2, dtype=torch.float64, device=gx.device)
-        torch.ops.memcore.sqnorm_commit(
-            rows, gx.detach().contiguous(), scale, torch.arange(index.shape[0], device=gx.device)
-        )
-        tracker._record_grad(index, rows[:, 0], rows[:, 1])
+        # per-row squared norms of the rows' own losses' gradients (0 where scale is 0, unread)
+        sq = torch.ops.memcore.ce_input_sqnorm(gx.detach().contiguous(), scale)
+        tracker._record_grad(index, sq, (scale != 0).double())
 
     def drop_grad(t: torch.Tensor) -> None:
         t.grad = None  # the norms are recorded; keep no [N, ...] copy

@@ -1,9 +1,9 @@
-// Compiles the block kernels (ce_block.inc) once per x86-64 ISA level and dispatches each call to
+// Compiles the block kernels (cross_entropy_block.inc) once per x86-64 ISA level and dispatches each call to
 // the widest one the CPU supports, chosen once at load time. The wider copies are built under
 // `#pragma GCC target` in their own namespaces; nothing from ATen is compiled inside them, so no
 // inline ATen code is built for an ISA the machine may lack. Other compilers / architectures get
 // the baseline copy only.
-#include "ce_block.h"
+#include "cross_entropy_block.h"
 
 #include <cstdint>
 #include <cstdlib>
@@ -24,7 +24,7 @@ namespace cpu {
 
 namespace isa_base {
 #include "vec16.inc"
-#include "ce_block.inc"
+#include "cross_entropy_block.inc"
 }  // namespace isa_base
 
 #ifdef MEMCORE_PER_ISA
@@ -32,7 +32,7 @@ namespace isa_base {
 #pragma GCC target("arch=x86-64-v3")
 namespace isa_avx2 {
 #include "vec16.inc"
-#include "ce_block.inc"
+#include "cross_entropy_block.inc"
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
@@ -40,7 +40,7 @@ namespace isa_avx2 {
 #pragma GCC target("arch=x86-64-v4")
 namespace isa_avx512 {
 #include "vec16.inc"
-#include "ce_block.inc"
+#include "cross_entropy_block.inc"
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif

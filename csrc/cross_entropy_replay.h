@@ -1,7 +1,7 @@
-// Host replays of the CUDA cross-entropy kernels' logic (csrc/kernel_logic.cpp), bound as
-// memcore._C._ce_row_replay / _ce_grad_replay / _seg_commit_replay / _ce_reduce_replay and the split path's
+// Host replays of the CUDA cross-entropy kernels' logic (csrc/cross_entropy_replay.cpp), bound as
+// memcore._C._ce_row_replay / _ce_grad_replay / _ce_reduce_replay and the split path's
 // _ce_split_slices / _ce_split_forward_replay / _ce_split_backward_replay for
-// tests/test_kernel_logic.py.
+// tests/test_cross_entropy_replay.py.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -9,7 +9,7 @@
 #include <tuple>
 
 namespace memcore {
-namespace kernel_logic {
+namespace replay {
 
 // ce_forward_kernel's logic for one row (1-D CPU tensor, any of the four dtypes), split over tpr
 // threads (32, 256 or 512) with 16-byte packs when vec: float64 [lse, loss, prob, margin, correct]
@@ -17,9 +17,6 @@ at::Tensor ce_row_replay(const at::Tensor& row, int64_t target, int64_t tpr, boo
 // the gradient pass over row into out (may be row itself: ce_forward_grad_'s in-place pass)
 void ce_grad_replay(const at::Tensor& row, at::Tensor& out, int64_t target, double lse, double g, int64_t tpr,
                     bool vec);
-// one warp of ce_commit_kernel's segmented reduction: index int64 [32] (-1: nothing to add),
-// values float64 [32, 6] -> float64 [32, 6], what each lane adds into stats[index]
-at::Tensor seg_commit_replay(const at::Tensor& index, const at::Tensor& values);
 
 // the CUDA launcher's slices per row (1: no split) for n rows of c logits of elem_size bytes, sms SMs
 int64_t ce_split_slices(int64_t n, int64_t c, int64_t elem_size, int64_t sms);
@@ -38,5 +35,5 @@ at::Tensor ce_split_backward_replay(const at::Tensor& grad_loss, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> ce_reduce_replay(const at::Tensor& loss, const at::Tensor& targets,
                                                     int64_t ignore_index, bool mean, int64_t threads);
 
-}  // namespace kernel_logic
+}  // namespace replay
 }  // namespace memcore

@@ -7,7 +7,7 @@ save -> load gives identical scores().
 
 Profiles (HYPOTHESIS_PROFILE): "ci" (default) is derandomized with a fixed example budget, so CI
 runs the same examples every time within its time budget; "dev" draws many more, randomly:
-    HYPOTHESIS_PROFILE=dev python -m pytest tests/test_properties.py
+    HYPOTHESIS_PROFILE=dev python -m pytest tests/test_cross_entropy_properties.py
 """
 
 import os

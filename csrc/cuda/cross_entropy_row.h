@@ -1,24 +1,11 @@
-// The per-row logic of the CUDA cross-entropy kernels (csrc/cuda/cross_entropy.cu), as
-// __host__ __device__ functions: the same code runs in the kernels and, compiled by the host
-// compiler into the CPU build, in csrc/kernel_logic.cpp, which replays a row's thread
-// decomposition and a warp's segmented commit so tests/test_kernel_logic.py can check them against
-// the CPU kernels without a GPU.
-//
-// A row of C logits is owned by TPR threads. Thread `lane` walks
-//   head:   the scalar elements before the row's first 16-byte boundary (lane < head),
-//   packs:  16-byte packs of VEC elements, pack v for v = lane, lane + TPR, ..., kUnroll packs
-//           loaded per trip so several loads are in flight; split at the pack holding the
-//           target column (tp): packs before it feed `before` (largest logit left of the
-//           target), packs after it `after`, with one max per group of packs and no per-element
-//           column test; the target pack is handled element by element,
-//   tail:   the scalar elements after the last whole pack,
-// keeping an online (max m, sum s of exp(z - m)) pair. exp is computed as exp2 of one fma per
-// element, z * log2(e) + shift with shift = -m * log2(e) (0 while m = -inf), and ex2.approx.ftz on
-// the device (exp2 on the host; double logits keep exp). NaN needs no flag: a NaN logit makes s
-// NaN, and every rescale and merge keeps it NaN (a factor of 0 or 1, never a dropped term), so lse
-// comes out NaN as on the CPU. Partial states merge in a fixed butterfly order (merge(self,
-// other)), replayed exactly by the host. Few wide rows are split over blocks by column slices
-// (split_slices, walk_slice, grad_slice: "the split path" below).
+// The per-row logic of the CUDA cross-entropy kernels (csrc/cuda/cross_entropy.cu) as __host__
+// __device__ functions, so the host replays (csrc/cross_entropy_replay.cpp) run the same code. A row
+// of C logits is owned by TPR threads, each walking a scalar head, 16-byte packs (kUnroll in flight)
+// and a scalar tail while keeping an online (max, sum exp) pair and the largest logit before and
+// after the target; partial states merge in a fixed butterfly order. Registers only: no memory but
+// the row's reads, its gradient's writes and, on the split path, a 4-word part per slice. Few wide
+// rows are split over blocks by column slices (split_slices, walk_slice, grad_slice). The
+// arithmetic, NaN handling and merge order: docs/kernels.md.
 #pragma once
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
@@ -583,7 +570,7 @@ MEMCORE_HD int row_flags(int64_t ix, int64_t num_samples, acc_t loss) {
 // tree, s[i] = reduce_add(s[i], s[i + stride]) for i < stride, stride = threads / 2, ..., 1
 // (shared memory, then shfl_down over the last warp: the same pairs), leaves the total in thread 0.
 // The order differs from ATen's loss.sum(kDouble) (the value may differ in the last bits of the
-// double), not from run to run. Replayed by csrc/kernel_logic.cpp's _ce_reduce_replay.
+// double), not from run to run. Replayed by csrc/cross_entropy_replay.cpp's _ce_reduce_replay.
 
 // Threads of ce_reduce_kernel (one block): N = 8192 rows is 8 coalesced loads per thread.
 constexpr int kReduceThreads = 1024;
@@ -632,34 +619,6 @@ MEMCORE_HD Total reduce_add(Total a, const Total& b) {
 // the CPU op and F.cross_entropy give
 MEMCORE_HD double reduce_value(const Total& t, bool mean) {
   return mean ? t.sum / static_cast<double>(t.count) : t.sum;
-}
-
-// ---- segmented warp reduction of the commits (rows sharing a sample index)
-
-// A row's six statistics as they are added into stats[index] (csrc/common.h's Stat order).
-struct Commit {
-  double v[6];
-};
-
-// Lanes [lane, seg_end) hold the same index as lane's run; heads: bit l set when lane l starts a
-// run (lane 0, or an index different from lane l - 1's). Returns the first lane after lane's run.
-MEMCORE_HD int seg_end(uint32_t heads, int lane) {
-  const uint32_t later = lane >= 31 ? 0u : heads & (0xFFFFFFFFu << (lane + 1));
-  if (later == 0) return 32;
-#ifdef __CUDA_ARCH__
-  return __ffs(later) - 1;
-#else
-  return __builtin_ctz(later);
-#endif
-}
-
-// One step of the suffix reduction: lane adds the partial of lane + off (other) when it lies in its
-// run. After offsets 1, 2, 4, 8, 16 the head of every run holds the run's sum.
-MEMCORE_HD void seg_step(Commit& mine, const Commit& other, int lane, int off, int end) {
-  if (lane + off < end) {
-MEMCORE_UNROLL
-    for (int k = 0; k < 6; ++k) mine.v[k] += other.v[k];
-  }
 }
 
 }  // namespace cerow

@@ -1,12 +1,10 @@
 // Row-block kernels of the CPU cross-entropy for rows that fit in L1 (C <= 1024 floats), in
-// explicit 16-lane vectors (vec16.inc), compiled for AVX-512, AVX2 and the baseline (ce_block.cpp
-// picks one at load time). One call handles a block of up to kBlock rows, so the per-row work
-// (maxima before/after the target, exp sum, log, p(target)) runs at full vector width with no call
-// or scalar exp/log chain per row; at C = 10 those dominated.
-//   C >= 16: lanes along the row; the last partial vector overlaps the previous one (max is
-//            idempotent, the sum masks the overlap), so there is no scalar tail.
-//   C < 16:  lanes across 16 rows: the group is transposed into a [C][16] scratch first.
-// Memory: each row is read once (twice from L1); outputs are O(rows) in caller-owned arrays.
+// explicit 16-lane vectors (vec16.inc), compiled for AVX-512, AVX2 and the baseline
+// (cross_entropy_block.cpp picks one at load time). One call handles up to kBlock rows, so the
+// per-row work (maxima before / after the target, exp sum, log, p(target)) runs at full vector
+// width: lanes along the row for C >= 16 (the last vector overlaps the previous one), across 16
+// rows for C < 16 (transposed into a [C][16] scratch). Memory: each row is read once (twice from
+// L1); outputs are O(rows) in caller-owned arrays. More: docs/kernels.md.
 #pragma once
 #include <cstdint>
 #include <limits>
@@ -34,7 +32,7 @@ struct BlockTmp {
   float* zt;      // target logit
 };
 
-// The kernels (ce_block.inc), dispatched to the widest ISA the CPU has.
+// The kernels (cross_entropy_block.inc), dispatched to the widest ISA the CPU has.
 //   forward_block_f32:        rows r in [0, n <= kBlock) of z (row row[r], stride C,
 //                             16 <= C <= 1024), targets t[r] in [0, C), checked by the caller.
 //   forward_block_narrow_f32: the same for C < 16.

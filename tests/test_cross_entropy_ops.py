@@ -1,4 +1,6 @@
-"""Operator registration: opcheck on every op, torch.compile(fullgraph=True) of a training step."""
+"""The cross_entropy family's ops as operators: opcheck of ce_forward / ce_forward_reduce /
+ce_backward, direct op calls that bypass the Python checks, determinism, and torch.compile
+(fullgraph=True) of a training step through memcore.accumulate."""
 
 import pytest
 import torch
@@ -51,71 +53,51 @@ def test_ce_forward_reduce_matches_cross_entropy(device):
     )
 
 
-@pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_opcheck_ce_accumulate(reduction, device):
-    logits, targets, index = _inputs(device)
-    stats = torch.zeros(4, 6, dtype=torch.float64, device=device)
-    torch.library.opcheck(
-        torch.ops.memcore.ce_accumulate.default, (stats, logits, targets, index, -100, reduction)
-    )
-
-
 def test_opcheck_ce_backward(device):
     logits, targets, index = _inputs(device)
     loss, lse, _, _ = torch.ops.memcore.ce_forward(logits, targets, index, 4, -100)
-    torch.library.opcheck(
-        torch.ops.memcore.ce_backward.default, (torch.randn_like(loss), logits, targets, lse, -100)
-    )
+    args = (torch.randn_like(loss), logits, targets, lse, -100)
+    torch.library.opcheck(torch.ops.memcore.ce_backward.default, args)
+    # with gradients: the autograd of the double backward
+    args = (args[0].clone().requires_grad_(), logits.clone().requires_grad_(), targets, lse, -100)
+    torch.library.opcheck(torch.ops.memcore.ce_backward.default, args)
 
 
-def test_opcheck_ce_commit(device):
+def test_direct_op_calls_check_their_arguments(device):
+    """Bypassing the Python checks still cannot read or write out of bounds: the kernels refuse
+    shapes and codes that do not fit, and flag indices outside [0, num_samples)."""
     logits, targets, index = _inputs(device)
-    loss, _, row_stats, status = torch.ops.memcore.ce_forward(logits, targets, index, 4, -100)
-    stats = torch.zeros(4, 6, dtype=torch.float64, device=device)
-    torch.library.opcheck(
-        torch.ops.memcore.ce_commit.default, (stats, index, targets, loss, row_stats, status, -100)
-    )
-
-
-def test_direct_op_call_never_writes_out_of_bounds():
-    """Bypassing the Python checks still cannot corrupt memory."""
-    logits, targets, index = _inputs("cpu")
-    loss, _, row_stats, status = torch.ops.memcore.ce_forward(logits, targets, index, 4, -100)
-    stats = torch.zeros(2, 6, dtype=torch.float64)  # smaller than the index range
     index = index.clone()
     index[3] = 7
-    with pytest.raises(RuntimeError, match="outside"):
-        torch.ops.memcore.ce_commit(stats, index, targets, loss, row_stats, status, -100)
-    assert stats.abs().sum() == 0
+    *_, status = torch.ops.memcore.ce_forward(logits, targets, index, 4, -100)
+    assert int(status) & 2  # bad index bit
     with pytest.raises(RuntimeError, match="2-D"):
         torch.ops.memcore.ce_forward(logits[0], targets, index, 4, -100)
+    with pytest.raises(RuntimeError, match="targets must be 1-D"):
+        torch.ops.memcore.ce_forward(logits, targets[:-1], index, 4, -100)
+    with pytest.raises(RuntimeError, match="index must be 1-D"):
+        torch.ops.memcore.ce_forward(logits, targets, index[:-1], 4, -100)
+    with pytest.raises(RuntimeError, match="reduction must be"):
+        torch.ops.memcore.ce_forward_reduce(logits, targets, index, 4, -100, 0)
+    lse = torch.zeros(8, device=device)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        torch.ops.memcore.ce_backward(torch.ones(8, device=device), logits, targets, lse[:-1], -100)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_direct_op_call_zero_classes(dtype, device):
     """[N, 0] logits (rejected by accumulate) reach the kernels only by a direct op call: every row
-    is flagged (on every device), nothing crashes, and a commit of that batch adds nothing."""
+    is flagged (on every device) with zero outputs, and nothing crashes."""
     z = torch.randn(3, 0, dtype=dtype, device=device)
     t, ix = torch.zeros(3, dtype=torch.long, device=device), torch.zeros(3, dtype=torch.long, device=device)
     loss, _, row_stats, status = torch.ops.memcore.ce_forward(z, t, ix, 3, -100)
     assert int(status) & 1  # bad target bit
-    stats = torch.zeros(3, 6, dtype=torch.float64, device=device)
-    torch.ops.memcore.ce_commit(stats, ix, t, loss, row_stats, status, -100)
-    assert stats.abs().sum() == 0
+    assert loss.abs().sum() == 0 and row_stats.abs().sum() == 0
     g = torch.ones(3, device=device)
     assert torch.ops.memcore.ce_backward(g, z, t, torch.zeros(3, device=device), -100).shape == (3, 0)
 
 
-def test_sqnorm_commit_zero_width_rows_count(device):
-    """grad [N, 0]: each kept row adds (0, 1), on every device."""
-    stats = torch.zeros(3, 2, dtype=torch.float64, device=device)
-    scale = torch.tensor([1.0, 0.0, 2.0, 1.0], dtype=torch.float64, device=device)
-    index = torch.tensor([0, 1, 2, 2], device=device)
-    torch.ops.memcore.sqnorm_commit(stats, torch.zeros(4, 0, device=device), scale, index)
-    assert stats.cpu().tolist() == [[0.0, 1.0], [0.0, 0.0], [0.0, 2.0]]
-
-
-def _commit_case(device, n=64, c=7, samples=5):
+def _repeated_index_batch(device, n, c, samples=5):
     """A batch with repeated indices, ignored rows and a NaN-free forward."""
     g = torch.Generator().manual_seed(3)
     logits = (3 * torch.randn(n, c, generator=g)).to(device)
@@ -125,52 +107,10 @@ def _commit_case(device, n=64, c=7, samples=5):
     return logits, targets.to(device), index.to(device), samples
 
 
-def test_deterministic_commits_match_kernels():
-    """The ATen commits the CUDA ops switch to under torch.use_deterministic_algorithms give the
-    kernels' sums (checked here against the CPU kernels, so on any machine)."""
-    from memcore import _C
-
-    logits, targets, index, samples = _commit_case("cpu")
-    loss, _, row_stats, status = torch.ops.memcore.ce_forward(logits, targets, index, samples, -100)
-    want = torch.rand(samples, 6, dtype=torch.float64)
-    got = want.clone()
-    torch.ops.memcore.ce_commit(want, index, targets, loss, row_stats, status, -100)
-    _C._ce_commit_deterministic(got, index, targets, loss, row_stats, status, -100)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    before = got.clone()  # a rejected batch (status != 0) adds nothing, NaN losses included
-    _C._ce_commit_deterministic(
-        got,
-        index,
-        targets,
-        loss.clone().fill_(float("nan")),
-        row_stats,
-        torch.tensor([4], dtype=torch.int32),
-        -100,
-    )
-    assert torch.equal(got, before)
-
-    grad = torch.randn(10, 3, 4)
-    scale = torch.tensor([1.0, 0.0, 2.0, 1.0, 1.0, 0.5, 1.0, 0.0, 3.0, 1.0], dtype=torch.float64)
-    idx = torch.tensor([0, 1, 0, 4, 2, 2, 2, 3, 1, 0])
-    want = torch.zeros(5, 2, dtype=torch.float64)
-    got = want.clone()
-    torch.ops.memcore.sqnorm_commit(want, grad, scale, idx)
-    _C._sqnorm_commit_deterministic(got, grad, scale, idx)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
-
-    # a stats buffer without rows (direct op calls only; a Tracker has >= 1 sample): nothing to add
-    empty = torch.zeros(0, 6, dtype=torch.float64)
-    _C._ce_commit_deterministic(
-        empty, index, targets, loss, row_stats, torch.tensor([1], dtype=torch.int32), -100
-    )
-    _C._sqnorm_commit_deterministic(torch.zeros(0, 2, dtype=torch.float64), grad, scale, idx)
-    assert empty.shape == (0, 6)
-
-
 def test_deterministic_mode_repeats_bit_for_bit(device):
     """torch.use_deterministic_algorithms(True): no error, and the same batch twice gives the same
-    float64 sums to the last bit (on CUDA the commits leave their atomics for sorted adds)."""
-    logits, targets, index, samples = _commit_case(device, n=4096, c=50)
+    float64 sums to the last bit, repeated indices included."""
+    logits, targets, index, samples = _repeated_index_batch(device, n=4096, c=50)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -247,9 +187,3 @@ def test_compiled_step_defers_errors():
     assert tracker._recorded().abs().sum() == 0
     with pytest.raises(ValueError, match="target out of range"):
         tracker.end_epoch()
-
-
-def test_with_cuda_reports_build():
-    assert isinstance(memcore.with_cuda(), bool)
-    if torch.cuda.is_available():
-        assert memcore.with_cuda()

@@ -1,62 +1,23 @@
-// memcore::linear_ce_forward / linear_ce_backward: cross-entropy of F.linear(hidden, weight, bias)
-// with per-row statistics, never materialising the [N, V] logits (schemas in csrc/memcore.cpp).
-//
-// Rows go in chunks of chunk_size. Per chunk: one GEMM for the logits chunk (at::linear, so the
-// logits are in hidden's dtype exactly as F.linear would give them), then memcore's CE op on it:
-//   reduction mean / sum: ce_forward_grad_ (reduction sum) writes loss, lse, statistics and the
-//     gradient of the chunk's summed loss over the logits chunk in place; then grad_hidden_chunk =
-//     G @ W and grad_W += G^T @ h_chunk (grad_b += G.sum(0)). The backward (memcore/_linear_ops.py)
-//     only multiplies by grad_out (/ count for mean: the divisor is the whole batch's, not a chunk's).
-//   reduction none: ce_forward only; linear_ce_backward recomputes each chunk's logits and applies
-//     the per-row upstream gradient inside ce_backward, as F.cross_entropy's own backward does.
-// fp16 / bf16: grad_W and grad_b accumulate in fp32 across chunks, rounded once at the end, as one
-// whole-batch GEMM would. On CUDA the weight-gradient GEMM takes the 16-bit G and h_chunk on tensor
-// cores with the fp32 accumulator as its C (addmm with out_dtype fp32, probed once: see
-// cuda_fp32_accumulate_gemm); elsewhere, or where this torch lacks that form, G and h_chunk are
-// widened to fp32 for it (exact: the same sums, without tensor cores). Composed of ATen ops and
-// dispatcher calls, the one implementation is registered for CPU and CUDA. Apart from that one-time
-// probe nothing here synchronises with the device.
+// The linear_cross_entropy family: memcore::linear_ce_forward / linear_ce_backward (schemas in
+// csrc/memcore.cpp), cross-entropy of F.linear(hidden, weight, bias) with per-row statistics,
+// composed of ATen GEMMs and the cross_entropy ops, so one implementation is registered for CPU and
+// CUDA. Rows go in chunks of chunk_size: per chunk one GEMM makes the logits (hidden's dtype, as
+// F.linear), ce_forward_grad_ (mean / sum) or ce_forward (none) reads them, and the gradient GEMMs
+// follow. Memory: one [chunk_size, V] logits chunk, the opmath weight / bias gradient accumulators
+// and hidden's gradient [N, H]; never the [N, V] logits. Autograd: memcore/_ops/linear_cross_entropy.py.
+// More (fp32 accumulation of 16-bit gradients, the GEMM probe): docs/kernels.md.
 #include <torch/extension.h>
 
 #include <array>
 #include <optional>
 #include <tuple>
 
-#include "checks.h"
-#include "common.h"
+#include "../checks.h"
+#include "../common.h"
+#include "../ops.h"
 
 namespace memcore {
 namespace {
-
-using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using ForwardGrad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-Forward call_ce_forward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
-                        int64_t num_samples, int64_t ignore_index) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("memcore::ce_forward", "")
-                       .typed<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                      int64_t)>();
-  return op.call(logits, targets, index, num_samples, ignore_index);
-}
-
-ForwardGrad call_ce_forward_grad_(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
-                                  int64_t num_samples, int64_t ignore_index, int64_t reduction) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("memcore::ce_forward_grad_", "")
-                       .typed<ForwardGrad(at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                          int64_t, int64_t)>();
-  return op.call(logits, targets, index, num_samples, ignore_index, reduction);
-}
-
-at::Tensor call_ce_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
-                            const at::Tensor& lse, int64_t ignore_index) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("memcore::ce_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t)>();
-  return op.call(grad_loss, logits, targets, lse, ignore_index);
-}
 
 bool is_16bit(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
@@ -155,10 +116,7 @@ void chunk_grads(const at::Tensor& g, const at::Tensor& h_chunk, const at::Tenso
   if (mask[2] && grad_b.numel() > 0) grad_b.add_(at::sum(g, at::IntArrayRef{0}, /*keepdim=*/false, grad_b.scalar_type()));
 }
 
-using LinearForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                 at::Tensor, at::Tensor, at::Tensor>;
-
-LinearForward linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weight,
+Tensor9 linear_ce_forward_composite(const at::Tensor& hidden, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& targets,
                                 const at::Tensor& index, int64_t num_samples, int64_t ignore_index,
                                 int64_t reduction, int64_t chunk_size, std::array<bool, 3> grad_mask) {
@@ -175,6 +133,8 @@ LinearForward linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weig
   std::array<bool, 3> mask = grad_mask;
   if (!grads) mask = {false, false, false};
   if (!bias.has_value()) mask[2] = false;
+  static const auto forward = MEMCORE_OP(ce_forward);
+  static const auto forward_grad = MEMCORE_OP(ce_forward_grad_);
 
   at::Tensor loss = at::zeros({N}, acc), lse = at::zeros({N}, acc);
   at::Tensor row_stats = at::zeros({N, kNumRowStats}, acc);
@@ -192,10 +152,10 @@ LinearForward linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weig
     if (grads) {
       // the gradient of the chunk's summed loss, written over z
       std::tie(std::ignore, std::ignore, l, ls, rs, st) =
-          call_ce_forward_grad_(z, t_chunk, i_chunk, num_samples, ignore_index, kSum);
+          forward_grad.call(z, t_chunk, i_chunk, num_samples, ignore_index, kSum);
       chunk_grads(z, h_chunk, weight, start, mask, grad_h, grad_w, grad_b);
     } else {
-      std::tie(l, ls, rs, st) = call_ce_forward(z, t_chunk, i_chunk, num_samples, ignore_index);
+      std::tie(l, ls, rs, st) = forward.call(z, t_chunk, i_chunk, num_samples, ignore_index);
     }
     loss.narrow(0, start, c).copy_(l);
     lse.narrow(0, start, c).copy_(ls);
@@ -209,7 +169,7 @@ LinearForward linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weig
   return {out, count, loss, lse, row_stats, status, grad_h, grad_w, grad_b};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
+Tensor3 linear_ce_backward_composite(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
     int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> grad_mask) {
@@ -227,13 +187,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
   at::Tensor grad_w = weight_acc(weight, hidden, mask[1]);
   at::Tensor grad_b = bias_acc(bias, weight, hidden, mask[2]);
   if (mask[0] || mask[1] || mask[2]) {
+    static const auto backward = MEMCORE_OP(ce_backward);
     for (int64_t start = 0; start < N; start += chunk_size) {
       const int64_t c = std::min(chunk_size, N - start);
       const at::Tensor h_chunk = hidden.narrow(0, start, c);
       at::Tensor z = at::linear(h_chunk, weight, bias).contiguous();
-      const at::Tensor gz = call_ce_backward(g.narrow(0, start, c), z, targets.narrow(0, start, c),
+      const at::Tensor gz = backward.call(g.narrow(0, start, c), z, targets.narrow(0, start, c),
                                              lse.narrow(0, start, c), ignore_index);
-      z.reset();  // the logits chunk is no longer needed: one [c, V] buffer less during the GEMMs
+      z.reset();  // the logits chunk is done with: one [c, V] buffer less during the GEMMs
       chunk_grads(gz, h_chunk, weight, start, mask, grad_h, grad_w, grad_b);
     }
   }
@@ -245,14 +206,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memcore, CPU, m) {
-  m.impl("linear_ce_forward", &linear_ce_forward);
-  m.impl("linear_ce_backward", &linear_ce_backward);
+  MEMCORE_IMPL(m, linear_ce_forward, linear_ce_forward_composite);
+  MEMCORE_IMPL(m, linear_ce_backward, linear_ce_backward_composite);
 }
 
 #ifdef MEMCORE_WITH_CUDA
 TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
-  m.impl("linear_ce_forward", &linear_ce_forward);
-  m.impl("linear_ce_backward", &linear_ce_backward);
+  MEMCORE_IMPL(m, linear_ce_forward, linear_ce_forward_composite);
+  MEMCORE_IMPL(m, linear_ce_backward, linear_ce_backward_composite);
 }
 #endif
 

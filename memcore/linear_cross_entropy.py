@@ -1,16 +1,16 @@
-"""`memcore.linear_accumulate`: ``accumulate`` of ``F.linear(hidden, weight, bias)`` without ever
-materialising the [N, V] logits (LLM heads: 8k tokens x 128k vocabulary)."""
+"""The linear_cross_entropy family's public wrapper, `memcore.linear_accumulate`: ``accumulate`` of
+``F.linear(hidden, weight, bias)`` without ever materialising the [N, V] logits (LLM heads: 8k tokens
+x 128k vocabulary). Ops' fake kernels and autograd: memcore/_ops/linear_cross_entropy.py."""
 
 from typing import Optional
 
 import torch
 
 from ._layout import NON_FINITE
-from ._ops import linear_cross_entropy  # noqa: F401  (fake kernels and autograd of the linear_ce ops)
-from ._validate import REDUCTIONS, as_ignore_index, as_int, explain_status, linear_rows_of
+from ._ops import linear_cross_entropy as _registered  # noqa: F401  (fake kernels and autograd of the ops)
+from ._validate import as_int, explain_status, linear_rows_of, loss_call
 from .tracker import Tracker
 
-_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction, as in csrc/common.h
 _MIB = 2**20
 # Bytes of one chunk's logits (plus, for 16-bit inputs, the fp32 copy of their gradient that the
 # weight-gradient GEMM reads) that chunk_size=None aims at. Fixed per device type rather than taken
@@ -77,12 +77,7 @@ def linear_accumulate(
         ``Tracker(strict=False)`` (and under torch.compile) the error is raised at the next
         ``end_epoch()`` / ``scores()``, as for ``accumulate``.
     """
-    if not isinstance(tracker, Tracker):
-        raise TypeError(f"tracker must be a memcore.Tracker, got {type(tracker).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if type(ignore_index) is not int:  # numpy integers, 0-d integer tensors, as F.cross_entropy
-        ignore_index = as_ignore_index(ignore_index)
+    code, ignore_index = loss_call(tracker, reduction, ignore_index)
     hidden2d, targets1d, index1d = linear_rows_of(
         hidden, weight, bias, targets, index, ignore_index, tracker.device
     )
@@ -105,7 +100,7 @@ def linear_accumulate(
         index1d,
         tracker.num_samples,
         ignore_index,
-        _REDUCTION_CODE[reduction],
+        code,
         chunk_size,
         mask,
     )
