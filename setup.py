@@ -141,10 +141,13 @@ def _compiling(build_temp: str, sources: Set[str]) -> Optional[Tuple[Set[str], b
 
 
 def _stale(build_temp: str, sources: List[str]) -> List[str]:
-    """The sources ninja will compile: those its dry run over the last build's build.ninja names
-    (all of them before a first build; files it adds because the flags changed show up when they
-    start)."""
-    if not os.path.isfile(os.path.join(build_temp, "build.ninja")):
+    """The sources ninja will compile: those its dry run over the last build's build.ninja names, and
+    those that build did not have (all of them before a first build; files it adds because the flags
+    changed show up when they start)."""
+    try:
+        with open(os.path.join(build_temp, "build.ninja")) as f:
+            last = f.read()
+    except OSError:
         return list(sources)
     try:
         plan = subprocess.run(
@@ -153,7 +156,7 @@ def _stale(build_temp: str, sources: List[str]) -> List[str]:
     except (OSError, subprocess.SubprocessError):
         return list(sources)
     named = {os.path.relpath(a, ROOT) for a in plan if os.path.isabs(a)}
-    return [s for s in sources if s in named]
+    return [s for s in sources if s in named or os.path.join(ROOT, s) not in last]
 
 
 class _Progress(threading.Thread):
