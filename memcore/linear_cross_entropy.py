@@ -47,6 +47,9 @@ def linear_accumulate(
 
     Args:
         hidden: [N, H] or [..., H] float16 / bfloat16 / float32 / float64 (the last hidden state).
+            Its features are last, as F.linear takes them; the classes come from ``weight``, so
+            there is no class dimension to choose (``accumulate``'s ``class_dim``): for a model whose
+            features sit in dim 1 ([N, H, d1, ...]), pass ``hidden.movedim(1, -1)``.
         weight: [V, H] output embedding / LM head weight, hidden's dtype (tied embeddings too).
         targets: [N] or [...] (hidden's leading shape) class ids in [0, V), or ``ignore_index``.
         index: dataset index of each row, like ``targets``, or [B] (one per sequence) for targets

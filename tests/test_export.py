@@ -1,3 +1,6 @@
+import csv
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +135,26 @@ def test_ranked_issues_refuses_negative_top():
         with pytest.raises(TypeError, match="top"):
             export.ranked_issues(sc, top=bad)
     assert len(export.ranked_issues(sc, top=0)) == 0 and len(export.ranked_issues(sc, top=np.int64(3))) == 3
+
+
+def test_infinite_forgetting_survives_every_export(tmp_path):
+    """A never-learned sample's forgetting (+inf) is written and read back as inf by CSV (csv and
+    pandas), the DataFrame, Parquet and the Hugging Face join; unseen samples stay NaN."""
+    s = _scores()  # sample 1 (label 0, logits favour 1) is never right, sample 4 is unseen
+    inf = float("inf")
+    assert s["forgetting"][1] == inf and torch.isnan(s["forgetting"][4])
+    path = tmp_path / "scores.csv"
+    export.to_csv(s, str(path))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[1]["forgetting"]) == inf and math.isnan(float(rows[4]["forgetting"]))
+    pd = pytest.importorskip("pandas")
+    for df in (pd.read_csv(path), export.to_dataframe(s)):
+        assert np.isposinf(df["forgetting"][1]) and np.isnan(df["forgetting"][4])
+    pytest.importorskip("pyarrow")
+    export.to_parquet(s, str(tmp_path / "pq"))
+    back = export.read_parquet(str(tmp_path / "pq"))
+    assert back["forgetting"][1] == inf and torch.isnan(back["forgetting"][4])
+    datasets = pytest.importorskip("datasets")
+    joined = export.join_scores(datasets.Dataset.from_dict({"x": list(range(5))}), str(tmp_path / "pq"))
+    assert joined["forgetting"][1] == inf

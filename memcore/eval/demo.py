@@ -21,6 +21,7 @@ from ..tracker import Tracker
 from . import _args, require
 from .corruptions import inject_label_noise
 from .datasets import load_digits
+from .metrics import auroc
 
 # every score but `rows`, a count with no direction of its own
 SIGNALS = [name for name in SCORES if name != "rows"]
@@ -70,8 +71,7 @@ def run_demo(
     prediction and whether its label was flipped to ``<out>/scores.csv`` (``out=None``: no file),
     and returns {score name: mislabel AUROC}. Input gradients are recorded
     (``accumulate(..., inputs=x)``), so every score of the tracker has a value."""
-    roc_auc_score = require("sklearn.metrics").roc_auc_score
-    tqdm = require("tqdm.auto").tqdm
+    tqdm = require("sklearn.metrics", "tqdm.auto").tqdm  # sklearn for auroc, checked before training
 
     torch.manual_seed(seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -100,7 +100,7 @@ def run_demo(
 
     scores = tracker.scores()
     truth = flipped.numpy()
-    aurocs = {k: float(roc_auc_score(truth, suspicion(k, scores[k]).numpy())) for k in SIGNALS}
+    aurocs = {k: auroc(suspicion(k, scores[k]), truth) for k in SIGNALS}  # ranks +inf first
     print(f"trained in {elapsed:.1f}s, final train accuracy {correct / n:.3f} (on the noisy labels)\n")
     print(
         "AUROC of each score (columns of scores.csv) for finding the flipped labels (1 = perfect, 0.5 = chance):"
