@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 memcore_env .venv "torch==2.13.0" "" scikit-learn tqdm
 .venv/bin/python -m memcore demo "$@"
-echo "[memcore] memcore is installed in .venv: 'source .venv/bin/activate' to use it (python, pip),"
-echo "[memcore] e.g. python -m memcore experiment --help (needs: pip install 'torch-memcore[eval]')"
+echo "[memcore] memcore is installed in .venv: 'source .venv/bin/activate' to use it (python, pip, python -m memcore);"
+echo "[memcore] the experiments need the rest of the eval extra: pip install 'torch-memcore[eval]' (no rebuild)"
