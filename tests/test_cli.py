@@ -74,6 +74,7 @@ def test_bad_flags_are_refused_by_name(argv, flag, capsys):
     assert f"error: argument {flag}:" in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_bad_flag_from_the_command_line_is_one_error_line(tmp_path):
     r = _cli("experiment", "--subset", "-5", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -89,6 +90,7 @@ def test_missing_data_dir_is_an_error_line(tmp_path, capsys):
     assert e.value.code == 2 and "error: CIFAR needs --data-dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_experiment_writes_to_a_fresh_runs_directory_by_default(tmp_path, monkeypatch):
     from memcore.eval.experiment import ExperimentConfig, default_out, run
     from memcore.eval.training import TrainConfig
@@ -150,6 +152,7 @@ def test_demo_writes_scores_csv_and_suggests_next_step(tmp_path, capsys):
     assert str(path) in out and "Next:" in out
 
 
+@pytest.mark.slow
 def test_experiment_writes_parquet_scores_with_the_flags(tmp_path):
     pytest.importorskip("pyarrow")
     from memcore import export

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import memcore
 
 # The blocked packages look uninstalled: `import pandas` raises ModuleNotFoundError and
@@ -36,6 +38,7 @@ def _run(code: str, blocked=EXTRA, cwd=None):
     )
 
 
+@pytest.mark.slow
 def test_core_works_without_the_eval_extra(tmp_path):
     r = _run(
         """
@@ -85,6 +88,7 @@ def test_core_works_without_the_eval_extra(tmp_path):
     assert (tmp_path / "scores.csv").read_text().startswith("index,label,csl,")
 
 
+@pytest.mark.slow
 def test_plots_without_matplotlib_names_the_extra():
     r = _run(
         """
@@ -102,6 +106,7 @@ def test_plots_without_matplotlib_names_the_extra():
     )
 
 
+@pytest.mark.slow
 def test_experiment_without_the_extra_fails_before_training(tmp_path):
     """The CLI reports the missing extra as an error line (no traceback) and trains nothing."""
     out = tmp_path / "run"
@@ -120,6 +125,7 @@ def test_experiment_without_the_extra_fails_before_training(tmp_path):
     assert "Traceback" not in r.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_help_works_without_the_extra():
     r = _run("""
         from memcore.__main__ import main
@@ -128,6 +134,7 @@ def test_help_works_without_the_extra():
     assert r.returncode == 0 and "--curvature-every" in r.stdout, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_harness_modules_import_without_the_extra():
     """Only plots needs its packages at import; the others check where they use them."""
     r = _run("""

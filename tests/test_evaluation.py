@@ -33,6 +33,7 @@ def _model():
     return make_model("mlp", (1, 8, 8), 10)
 
 
+@pytest.mark.slow
 def test_stability_flags_flipped_labels_and_resumes(tmp_path):
     ds, flipped = _small()
     ck = str(tmp_path / "stab.pt")
@@ -92,6 +93,7 @@ def _mem_of_models(ds, models):
     return c["ic"] / c["it"] - c["oc"] / c["ot"]
 
 
+@pytest.mark.slow
 def test_stability_resumes_a_checkpoint_without_halves(tmp_path):
     """A checkpoint written before the odd-model counts were kept still resumes; it has no halves."""
     ds, _ = _small(n=120)
@@ -227,6 +229,7 @@ def test_split_half_reliability():
     assert pearson((a + b) / 2, (c + d) / 2) == pytest.approx(split_half_reliability(a, b), abs=0.02)
 
 
+@pytest.mark.slow
 def test_experiment_command_end_to_end(tmp_path):
     out = str(tmp_path / "exp")
     from memcore.__main__ import main

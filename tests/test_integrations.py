@@ -12,6 +12,7 @@ def _example(name):
     return runpy.run_path(os.path.join(EXAMPLES, name))
 
 
+@pytest.mark.slow
 def test_lightning_callback_and_checkpoint(tmp_path):
     L = pytest.importorskip("lightning")
     import torch
@@ -48,12 +49,14 @@ def test_lightning_callback_and_checkpoint(tmp_path):
     assert fresh.epochs == 2 and torch.equal(fresh.scores()["csl"], tracker.scores()["csl"])
 
 
+@pytest.mark.slow
 def test_hf_trainer(tmp_path):
     pytest.importorskip("transformers")
     mod = _example("hf_trainer_example.py")
     assert mod["main"](epochs=6) > 0.8
 
 
+@pytest.mark.slow
 def test_hf_trainer_overwrite_logits_same_scores():
     """overwrite_logits=True trains the same model: the same per-sequence statistics."""
     pytest.importorskip("transformers")

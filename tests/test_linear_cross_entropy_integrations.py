@@ -80,6 +80,7 @@ def test_fused_trainer_matches_unfused(kind, num_items, tmp_path):
     assert s1["rows"].sum() == _batch()["labels"][:, 1:].ne(-100).sum()
 
 
+@pytest.mark.slow
 def test_fused_trainer_trains_like_unfused():
     """A whole Trainer run (examples/hf_trainer_example.py, tied GPT-2 with dropout): the same scores."""
     mod = runpy.run_path(os.path.join(EXAMPLES, "hf_trainer_example.py"))
@@ -108,6 +109,7 @@ def test_fused_trainer_refuses_transformed_heads(tmp_path):
         trainer.compute_loss(model, _batch())
 
 
+@pytest.mark.slow
 def test_trl_sft_trainer_two_line_pattern(tmp_path):
     """TRL's SFTTrainer is a Trainer subclass: `class MemcoreSFTTrainer(MemcoreTrainer, SFTTrainer)`
     gives it memcore's (fused) loss, on a pre-tokenised dataset with a sample_index column, through

@@ -98,6 +98,7 @@ def _build(tmp_path, *args):
     return r
 
 
+@pytest.mark.slow
 def test_sdist_carries_every_kernel_source_and_no_build_output(tmp_path):
     _build(tmp_path, "--sdist")
     (sdist,) = tmp_path.glob("torch_memcore-*.tar.gz")
@@ -110,6 +111,7 @@ def test_sdist_carries_every_kernel_source_and_no_build_output(tmp_path):
     assert not [n for n in names if n.endswith((".so", ".o")) or n.endswith("_build_info.json")]
 
 
+@pytest.mark.slow
 def test_wheel_installs_into_a_fresh_environment_and_runs_the_quickstart(tmp_path):
     """python -m build --wheel, installed with pip into a new venv that sees this torch (and nothing
     else of this environment's memcore), then the README's Quickstart from outside the repository."""
@@ -170,6 +172,7 @@ def _import_with_record(tmp_path, record):
     )
 
 
+@pytest.mark.slow
 def test_import_refuses_an_extension_built_for_another_torch(tmp_path):
     ok = _import_with_record(tmp_path / "same", {"torch": torch.__version__, "cuda": torch.version.cuda})
     assert ok.returncode == 0 and ok.stdout.strip() == memcore.cpu_isa(), ok.stderr[-3000:]
@@ -187,6 +190,7 @@ def test_import_refuses_an_extension_built_for_another_torch(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
 def test_import_refuses_a_cuda_build_under_a_cpu_only_torch(tmp_path):
     r = _import_with_record(tmp_path, {"torch": torch.__version__, "cuda": "13.0"})

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def _commands():
     return re.findall(r"^(torchrun .+)$", text, flags=re.M)
 
 
+@pytest.mark.slow
 def test_torchrun_commands_of_the_docs_run_and_agree():
     commands = _commands()
     assert [c.endswith("--shard") for c in commands] == [False, True], commands
