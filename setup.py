@@ -161,7 +161,7 @@ def _stale(build_temp: str, sources: List[str]) -> List[str]:
 
 class _Progress(threading.Thread):
     """Prints a line when a file's compile starts and when it ends, with the time left, and one at
-    least every 30 s. Time left: each file's cost (CPP_SECONDS / CU_SECONDS of CPU) times the wall
+    least every 20 s. Time left: each file's cost (CPP_SECONDS / CU_SECONDS of CPU) times the wall
     seconds a CPU second takes per job, from the machine's load until a file is done, then as
     measured on the files done so far."""
 
@@ -203,7 +203,7 @@ class _Progress(threading.Thread):
         while not self.halt.wait(0.5):
             seen = _compiling(self.build_temp, set(self.cost))
             if seen is None:  # no /proc: a heartbeat only
-                if time.monotonic() - self.last >= 30:
+                if time.monotonic() - self.last >= 20:
                     self.say("still compiling")
                 continue
             now_running, linking = seen
@@ -218,7 +218,7 @@ class _Progress(threading.Thread):
             if linking and not linked:
                 linked = True
                 self.say("linking memcore._C")
-            elif time.monotonic() - self.last >= 30:
+            elif time.monotonic() - self.last >= 20:
                 self.say(f"still compiling {', '.join(sorted(running)) or '...'}, {self.left()}")
 
 

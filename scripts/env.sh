@@ -6,12 +6,12 @@
 # installed with the core's, torch pinned in the same pip call so that nothing pulls another torch.
 
 # Prints "[memcore] ..." lines from a pip (or build) command's output: what it downloads and
-# installs, setup.py's own lines, errors; and a line after each 20 s without one. Everything goes to
-# LOG too.
+# installs, setup.py's own lines, errors; and a line after each 25 s without one (setup.py has its
+# own every 20 s while it compiles). Everything goes to LOG too.
 memcore_show() {
   local label="$1" log="$2" t0=$SECONDS line rc
   while true; do
-    IFS= read -r -t 20 line
+    IFS= read -r -t 25 line
     rc=$?
     if [ $rc -gt 128 ]; then
       echo "[memcore]   $label: still working ($((SECONDS - t0)) s)"
@@ -72,9 +72,11 @@ memcore_env() {
   shift 3
   case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac # imports below run from /tmp
   memcore_install "$venv" "$torch_spec" "$extras" "$@" || return 1
+  # neither check imports torch (seconds): its version from its metadata, memcore only found
   local stamp
-  stamp="$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -c1-16)-$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
-  if [ "$(cat "$venv/.memcore-build" 2>/dev/null)" = "$stamp" ] && (cd /tmp && "$venv/bin/python" -c "import memcore") 2>/dev/null; then
+  stamp="$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -c1-16)-$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+  if [ "$(cat "$venv/.memcore-build" 2>/dev/null)" = "$stamp" ] && ls memcore/_C*.so >/dev/null 2>&1 &&
+    (cd /tmp && "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('memcore') is None)"); then
     return 0
   fi
   echo "[memcore] building memcore into $venv (pip install --no-build-isolation --no-deps -e .; objects kept in build/)"
