@@ -78,6 +78,43 @@ def load_plain(path: str, what: str, mmap: bool = False):
         ) from None
 
 
+# ------------------------------------------------------------------------- a training checkpoint's folder
+TRACKER_FILE = "memcore_tracker.pt"  # an unsharded tracker in a framework's checkpoint folder
+TRACKER_DIR = "memcore_tracker"  # a sharded one: its shard files and manifest
+
+
+def save_in_folder(tracker, folder: str, write: bool) -> str:
+    """Saves `tracker` into a framework's checkpoint folder; every rank calls it (the integrations'
+    save hooks run on every rank). Sharded: ``folder/memcore_tracker/`` (a collective: each rank writes
+    its shard, loadable at any world size); otherwise its ``state_dict()`` (a collective only while
+    rows are buffered, which every rank then is) written to ``folder/memcore_tracker.pt`` where
+    `write` (rank 0). Returns the path."""
+    if tracker.shard:
+        path = os.path.join(folder, TRACKER_DIR)
+        tracker.save(path)
+        return path
+    state = tracker.state_dict()
+    path = os.path.join(folder, TRACKER_FILE)
+    if write:
+        os.makedirs(folder, exist_ok=True)
+        atomic_save(state, path)
+    return path
+
+
+def load_from_folder(tracker, folder: str) -> None:
+    """Restores `tracker` from a folder written by ``save_in_folder`` (sharded: a collective)."""
+    sharded, dense = os.path.join(folder, TRACKER_DIR), os.path.join(folder, TRACKER_FILE)
+    if tracker.shard != os.path.isdir(sharded) and os.path.exists(dense if tracker.shard else sharded):
+        raise ValueError(
+            f"{folder} holds a {'non-' if tracker.shard else ''}sharded memcore tracker checkpoint; this "
+            f"tracker is {'' if tracker.shard else 'not '}sharded (save and resume with the same shard=)"
+        )
+    if tracker.shard:
+        tracker.load(sharded)
+    else:
+        tracker.load_state_dict(load_plain(dense, "memcore Tracker checkpoint"))
+
+
 # ------------------------------------------------------------------------------------- state dict
 def make(
     num_samples: int,

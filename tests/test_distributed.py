@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from reference import assert_same_state, init_gloo
+from reference import assert_same_state, init_gloo, single_rank_group
 
 import memcore
 
@@ -147,6 +147,27 @@ def _misuses(rank, out):
     out["rejected_call"] = rejected
 
 
+def _hf_saves(rank, world, tmp, out):
+    """The Hugging Face callback's save hook on every rank, mid-epoch (rows buffered): a sharded
+    tracker as one file per rank + manifest, a replicated one as rank 0's file."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from memcore.integrations.huggingface import MemcoreCallback
+
+    args = TrainingArguments(output_dir=os.path.join(tmp, "hf"), report_to=[], use_cpu=True)
+    for step, shard in ((1, True), (2, False)):
+        tr = memcore.Tracker(S, device="cpu", shard=shard)
+        for e, batches in enumerate(_epochs()[:2]):
+            for b, (logits, targets, idx) in enumerate(batches):
+                if b % world == rank:
+                    memcore.accumulate(logits, targets, idx, tr)
+            if e == 0:
+                tr.end_epoch()
+        state = TrainerState(global_step=step, is_world_process_zero=rank == 0)
+        MemcoreCallback(tr).on_save(args, state, TrainerControl())
+        out[f"hf_{step}"] = memcore.export.gather_scores(tr)
+
+
 def _worker(rank, world, init_file, tmp):
     sys.path.insert(0, os.path.dirname(__file__))
     init_gloo(rank, world, init_file)
@@ -156,6 +177,7 @@ def _worker(rank, world, init_file, tmp):
         _rank0_alone(rank, tracker, tmp, out)
         out["grads"] = _grad_run(rank, world).scores()
         _misuses(rank, out)
+        _hf_saves(rank, world, tmp, out)
     finally:
         torch.save(out, os.path.join(tmp, f"out.{rank}"))
         dist.destroy_process_group()
@@ -258,3 +280,27 @@ def test_rejected_call_changes_no_flush_schedule(ranks):
     assert r0["rejected_call"] == [] and len(r1["rejected_call"]) == 1 and "index" in r1["rejected_call"][0]
     for msg in (r0["schedule"], r1["schedule"]):
         assert msg and "out of step" in msg and "end_epoch()" in msg and "flush_every" in msg, msg
+
+
+def test_hf_callback_saves_sharded_trackers_loadable_at_any_world_size(ranks, tmp_path):
+    """MemcoreCallback.on_save on 2 ranks wrote checkpoint-1/memcore_tracker/ (sharded, one file per
+    rank + manifest) and checkpoint-2/memcore_tracker.pt (replicated, rank 0's file); load_tracker
+    restores them here, the sharded one at world size 1."""
+    pytest.importorskip("transformers")
+    from memcore.integrations.huggingface import load_tracker
+
+    tmp, res = ranks
+    sharded = os.path.join(tmp, "hf", "checkpoint-1")
+    assert sorted(os.listdir(os.path.join(sharded, "memcore_tracker")))[0] == "manifest.json"
+    assert len(os.listdir(os.path.join(sharded, "memcore_tracker"))) == 3
+    with single_rank_group(str(tmp_path / "init")):
+        back = memcore.Tracker(S, device="cpu", shard=True)
+        load_tracker(back, sharded)
+        _close(back.scores(), res[0]["hf_1"])
+        with pytest.raises(ValueError, match="holds a non-sharded"):
+            load_tracker(back, os.path.join(tmp, "hf", "checkpoint-2"))
+    plain = memcore.Tracker(S)
+    load_tracker(plain, os.path.join(tmp, "hf", "checkpoint-2"))
+    _close(plain.scores(), res[1]["hf_2"])
+    with pytest.raises(ValueError, match="holds a sharded"):
+        load_tracker(plain, sharded)

@@ -48,6 +48,40 @@ def test_lightning_callback_and_checkpoint(tmp_path):
     assert fresh.epochs == 2 and torch.equal(fresh.scores()["csl"], tracker.scores()["csl"])
 
 
+def test_lightning_callback_saves_a_sharded_tracker(tmp_path):
+    """A sharded tracker (here a process group of one rank) travels as its own sharded checkpoint: the
+    Lightning checkpoint names it, and the callback's load_state_dict restores it."""
+    L = pytest.importorskip("lightning")
+    import torch
+    from reference import single_rank_group
+
+    import memcore
+    from memcore.eval.datasets import load_digits
+    from memcore.integrations.lightning import SHARDED, MemcoreCallback
+
+    mod = _example("lightning_example.py")
+    with single_rank_group(str(tmp_path / "init")):
+        tracker = memcore.Tracker(1797, device="cpu", shard=True)
+        trainer = L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[MemcoreCallback(tracker)],
+            default_root_dir=str(tmp_path),
+        )
+        trainer.fit(mod["Classifier"](tracker), torch.utils.data.DataLoader(load_digits(), batch_size=256))
+        ckpt = next(tmp_path.rglob("*.ckpt"))
+        saved = torch.load(ckpt, weights_only=False)["callbacks"]
+        state = next(v for k, v in saved.items() if "MemcoreCallback" in k)
+        assert state["epochs"] == 2 and os.path.isfile(os.path.join(state[SHARDED], "manifest.json"))
+        assert state[SHARDED].startswith(str(tmp_path / "memcore_tracker"))
+        fresh = memcore.Tracker(1797, device="cpu", shard=True)
+        MemcoreCallback(fresh).load_state_dict(state)
+        assert fresh.epochs == 2 and torch.equal(fresh.scores()["csl"], tracker.scores()["csl"])
+
+
 def test_hf_trainer(tmp_path):
     pytest.importorskip("transformers")
     mod = _example("hf_trainer_example.py")
