@@ -97,6 +97,10 @@ def _misuses(rank, out):
     tr = memcore.Tracker(24 + rank)
     out["num_samples"] = _error(lambda: memcore.accumulate(*_batch(), tr))
 
+    # tau=None on rank 0 (NaN in the settings check), a fixed tau on rank 1
+    tr = memcore.Tracker(8, tau=None if rank == 0 else 0.5)
+    out["tau"] = _error(lambda: memcore.accumulate(*_batch(), tr))
+
     # one rank resumed from a checkpoint of another epoch
     tr = memcore.Tracker(8)
     if rank == 1:
@@ -244,6 +248,13 @@ def test_ranks_with_different_num_samples_get_a_clear_error(ranks):
     for got in ranks[1]:
         msg = got["num_samples"]
         assert msg and "differ across ranks" in msg and "num_samples (rank 0: 24, rank 1: 25)" in msg, msg
+
+
+def test_ranks_with_different_tau_get_a_clear_error(ranks):
+    """tau=None on one rank and a number on another differ (None is not a wildcard)."""
+    for got in ranks[1]:
+        msg = got["tau"]
+        assert msg and "tau (rank 0: None, rank 1: 0.5)" in msg, msg
 
 
 def test_ranks_with_different_epoch_counts_get_a_clear_error(ranks):

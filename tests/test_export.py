@@ -82,6 +82,13 @@ def test_parquet_streams_row_groups_and_round_trips(tmp_path):
     assert torch.equal(back["index"], shard["index"]) and torch.equal(back["csl"], shard["csl"].double())
     with pytest.raises(ValueError, match="rows"):
         export.to_parquet({"a": torch.zeros(3), "b": torch.zeros(4)}, str(tmp_path / "bad"))
+    # ids in any order come back sorted, each score with its id
+    export.to_parquet(
+        {"index": torch.tensor([9, 2, 4]), "csl": torch.tensor([0.9, 0.2, 0.4], dtype=torch.float64)},
+        str(tmp_path / "u"),
+    )
+    back = export.read_parquet(str(tmp_path / "u"))
+    assert back["index"].tolist() == [2, 4, 9] and back["csl"].tolist() == [0.2, 0.4, 0.9]
 
 
 def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):

@@ -143,6 +143,10 @@ def _four(rank, world, init_file, tmp):
             )
             small.end_epoch()
         out["small"] = small.scores()
+        # an open epoch whose rows only rank 0 holds: every rank must see the epoch as open
+        memcore.accumulate(torch.tensor([[2.0, -1.0, 0.0]]), torch.tensor([0]), torch.tensor([0]), small)
+        out["small_open"] = small.scores()
+        small.end_epoch()
         export.to_parquet(small, os.path.join(tmp, "parquet_small"))
         small.save(os.path.join(tmp, "ckpt_small"))
     finally:
@@ -232,6 +236,8 @@ def test_sharded_matches_dense_and_reshards(tmp_path):
     # N < world: the ranks that own no ids export empty parts
     small_want = res[0]["small"]
     assert torch.equal(small_want["index"], torch.tensor([0])) and small_want["rows"].item() == 8
+    assert res[0]["small_open"]["rows"].item() == 12  # the open epoch's 4 rows counted
+    small_want = {k: v for k, v in res[0]["small_open"].items()}  # what the export and checkpoint hold
     assert all(len(r["small"]["index"]) == 0 for r in res[1:])
     pq_small = export.read_parquet(os.path.join(tmp, "parquet_small"))
     assert torch.equal(pq_small["index"], torch.tensor([0])) and torch.equal(

@@ -202,6 +202,29 @@ def test_storage_memory_maps_the_state(tmp_path):
         memcore.Tracker(3, device="meta", storage=str(tmp_path / "x"))
 
 
+def test_rejected_batch_among_batches_of_other_ignore_index_records_nothing():
+    """Buffered batches with different ignore_index values, one of them rejected (deferred, strict=False):
+    the flush drops every row of the rejected batch, whichever ignore_index the others use."""
+    g = torch.Generator().manual_seed(8)
+    batches = [
+        (torch.randn(6, 3, generator=g), torch.randint(0, 3, (6,), generator=g), torch.arange(6))
+        for _ in range(3)
+    ]
+    tr = memcore.Tracker(6, strict=False)
+    want = memcore.Tracker(6)
+    for k, (logits, targets, idx) in enumerate(batches):
+        if k == 1:  # rejected: an index out of range
+            memcore.accumulate(logits, targets, idx + 1, tr, ignore_index=-1)
+            continue
+        memcore.accumulate(logits, targets, idx, tr, ignore_index=-100 - k)
+        memcore.accumulate(logits, targets, idx, want)
+    with pytest.raises(ValueError, match="index out of range"):
+        tr.end_epoch()
+    tr.end_epoch()
+    want.end_epoch()
+    assert torch.equal(tr.scores()["csl"], want.scores()["csl"]) and tr.scores()["rows"].sum() == 12
+
+
 def test_storage_directory_holds_one_live_tracker(tmp_path):
     """A second tracker on a directory in use raises instead of zeroing the first one's state; the lock
     goes with the first tracker (and with its process: the OS drops it, so a crash leaves none)."""
@@ -363,3 +386,22 @@ def test_concurrent_accumulate_loses_no_rows(with_inputs, flush_every, n, calls)
     torch.testing.assert_close(sc["csl"], want * 2 * calls, rtol=1e-6, atol=0)  # float32 losses
     if with_inputs:
         assert int(tr.state_dict()["buffers"]["grad_rows"].sum()) == 2 * calls * n
+
+
+def test_rejected_call_under_a_transform_leaves_no_row():
+    """accumulate under torch.vmap or torch.func.grad raises before anything runs: no transformed row
+    is buffered, and the tracker's later flushes, scores and checkpoints work."""
+    g = torch.Generator().manual_seed(6)
+    tr = memcore.Tracker(8)
+    logits, targets = torch.randn(3, 4, 5, generator=g), torch.randint(0, 5, (3, 4), generator=g)
+    index = torch.randint(0, 8, (3, 4), generator=g)
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.vmap(lambda a, b, c: memcore.accumulate(a, b, c, tr))(logits, targets, index)
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.func.grad(lambda z: memcore.accumulate(z, targets[0], index[0], tr))(logits[0])
+    hidden, weight = torch.randn(3, 4, 6, generator=g), torch.randn(5, 6, generator=g)
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.vmap(lambda h, b, c: memcore.linear_accumulate(h, weight, b, c, tr))(hidden, targets, index)
+    assert tr.buffered_bytes() == 0
+    tr.end_epoch()
+    assert tr.scores()["rows"].sum() == 0 and tr.state_dict()["epochs"] == 1
