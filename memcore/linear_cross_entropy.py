@@ -72,6 +72,9 @@ def linear_accumulate(
     loss is float32, as ``F.cross_entropy(F.linear(...))`` gives. Double backward
     (``create_graph=True``) raises RuntimeError: use ``accumulate`` on ``F.linear``'s logits for it.
 
+    Distributed: a distributed tracker's first call and every ``flush_every``-th call are
+    collectives, as for ``accumulate``.
+
     Returns:
         The loss in hidden's dtype (float32 for 16-bit logits under autocast): a scalar, or per-row
         with the shape of ``targets`` for "none".

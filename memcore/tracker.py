@@ -63,7 +63,14 @@ class Tracker:
             ``scores()``, ``state_dict()`` and ``save()``. Under torch.distributed a flush is a
             collective that routes the rows to the ranks holding their samples, so with a number
             here every rank must call ``accumulate`` equally often (as DDP training does); None
-            flushes only at those calls. Default: 64, but None for unsharded distributed trackers.
+            flushes only at those calls. A flush with no rows recorded on this rank since the last
+            one is local (``end_epoch()`` excepted, and a sharded tracker's ``scores()`` and
+            ``save()``): after ``end_epoch()`` one rank alone may read scores or save.
+            Default: 64, but None for unsharded distributed trackers.
+
+    Collectives, under torch.distributed: every one starts with a header that checks the ranks are in
+    the same call with the same tracker; ranks out of step all raise the same ValueError there (see
+    docs/distributed.md for the list of collectives and what each misuse gives).
 
     CUDA graphs: ``accumulate`` (every route: ``inputs=``, ``overwrite_logits=True``) may be
     captured by ``torch.cuda.graph`` and replayed, on a single process, after a warm-up step outside
