@@ -131,7 +131,6 @@ PARQUET_KEY = b"memcore.scores"
 PARQUET_FORMAT = "memcore-scores"
 # the file names to_parquet writes (one export's parts, or the file of an unsharded one)
 _PARQUET_NAME = re.compile(r"scores(-\d{5}-of-\d{5})?\.parquet")
-_PARQUET_TMP = re.compile(r"\.scores(-\d{5}-of-\d{5})?\.parquet\.tmp-[0-9a-f]+")
 
 
 def _pyarrow():
@@ -204,6 +203,22 @@ def _export_token(tracker_or_scores) -> Tuple[str, int, int, Any]:
     return f"{uuid.uuid4().int & ((1 << 62) - 1):016x}", 0, 1, None
 
 
+def _writes(tracker_or_scores) -> bool:
+    """False on the ranks other than 0 of a replicated distributed tracker: every rank holds the same
+    scores, rank 0 writes them."""
+    from .tracker import Tracker
+
+    if (
+        isinstance(tracker_or_scores, Tracker)
+        and not tracker_or_scores.shard
+        and tracker_or_scores._distributed()
+    ):
+        import torch.distributed as dist
+
+        return dist.get_rank() == 0
+    return True
+
+
 def to_parquet(tracker_or_scores, directory: str, *, row_group_size: int = PARQUET_ROWS) -> str:
     """Writes scores to ``directory/<stem>.parquet``: column ``index`` (int64 sample id) and one float64
     column per score, streamed in row groups of ``row_group_size`` rows (the scores of a Tracker are
@@ -211,11 +226,12 @@ def to_parquet(tracker_or_scores, directory: str, *, row_group_size: int = PARQU
 
     Given a sharded Tracker this is a collective (call it on every rank): each rank writes
     ``scores-<rank>-of-<world>.parquet``, the rows it owns. Any other Tracker (its flush as in
-    ``scores()``) or a dict of scores (``"index"``: the sample ids, default 0..n-1) gives one
-    ``scores.parquet``. Re-exporting into a folder replaces the previous export: every part is
+    ``scores()``; a replicated distributed tracker is written by rank 0) or a dict of scores
+    (``"index"``: the sample ids, default 0..n-1) gives one ``scores.parquet``. Re-exporting into a folder replaces the previous export: every part is
     written under a hidden temporary name first, then each is renamed over its final name (once
     every rank has written its part), then the previous export's other parts are removed; files
-    that are not memcore exports are left alone (``read_parquet`` refuses a folder holding them).
+    that are not memcore exports are left alone (``read_parquet`` refuses a folder holding them; the
+    hidden temporary of an export cut short by a crash stays, unread).
     pandas, polars, Spark and ``datasets`` read the directory as one table
     (``pd.read_parquet(directory)``). Needs pyarrow (``memcore[export]``)."""
     pa, pq = _pyarrow()
@@ -224,6 +240,8 @@ def to_parquet(tracker_or_scores, directory: str, *, row_group_size: int = PARQU
     token, part, parts, device = _export_token(tracker_or_scores)
     stem = "scores" if device is None else f"scores-{part:05d}-of-{parts:05d}"
     path = os.path.join(directory, f"{stem}.parquet")
+    if not _writes(tracker_or_scores):
+        return path
     tmp = os.path.join(directory, f".{stem}.parquet.tmp-{token}")
     meta = {
         "format": PARQUET_FORMAT,
@@ -275,7 +293,7 @@ def to_parquet(tracker_or_scores, directory: str, *, row_group_size: int = PARQU
         keep.add(os.path.basename(path))
         for name in os.listdir(directory):
             stale = _PARQUET_NAME.fullmatch(name) and name not in keep
-            if stale or (_PARQUET_TMP.fullmatch(name) and not name.endswith(token)):
+            if stale:
                 try:
                     os.remove(os.path.join(directory, name))
                 except OSError:

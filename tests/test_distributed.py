@@ -72,6 +72,7 @@ def _rank0_alone(rank, tracker, tmp, out):
     out["mid_state"] = tracker.state_dict()
     tracker.end_epoch()
     out["after"] = tracker.scores()
+    out["pq_path"] = memcore.export.to_parquet(tracker, os.path.join(tmp, "pq"))  # rank 0 writes
 
 
 def _grad_run(rank, world, s=16, epochs=3):
@@ -234,6 +235,10 @@ def test_checkpoint_and_scores_on_rank_0_alone(ranks):
     assert_same_state(res[1]["mid_state"], r0["mid_state"])
     assert int(r0["mid_state"]["buffers"]["counts"][:8, memcore._state.C_ROWS_E].sum()) == 8
     _close(res[1]["after"], r0["after"])
+    # every rank holds the scores, every rank called to_parquet, rank 0 wrote the one file
+    assert os.listdir(os.path.join(tmp, "pq")) == ["scores.parquet"]
+    pq = memcore.export.read_parquet(os.path.join(tmp, "pq"))
+    _close({k: v for k, v in pq.items() if k != "index"}, r0["after"])
 
 
 def test_input_gradient_statistics_are_merged_across_ranks(ranks):
@@ -244,36 +249,33 @@ def test_input_gradient_statistics_are_merged_across_ranks(ranks):
             torch.testing.assert_close(got["grads"][k], want[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
-def test_ranks_with_different_num_samples_get_a_clear_error(ranks):
+def _every_rank_says(ranks, case, *parts):
+    """Every rank raised a ValueError in `case` whose message holds each of `parts`."""
     for got in ranks[1]:
-        msg = got["num_samples"]
-        assert msg and "differ across ranks" in msg and "num_samples (rank 0: 24, rank 1: 25)" in msg, msg
+        msg = got[case]
+        assert msg and all(p in msg for p in parts), msg
+
+
+def test_ranks_with_different_num_samples_get_a_clear_error(ranks):
+    _every_rank_says(ranks, "num_samples", "differ across ranks", "num_samples (rank 0: 24, rank 1: 25)")
 
 
 def test_ranks_with_different_tau_get_a_clear_error(ranks):
     """tau=None on one rank and a number on another differ (None is not a wildcard)."""
-    for got in ranks[1]:
-        msg = got["tau"]
-        assert msg and "tau (rank 0: None, rank 1: 0.5)" in msg, msg
+    _every_rank_says(ranks, "tau", "tau (rank 0: None, rank 1: 0.5)")
 
 
 def test_ranks_with_different_epoch_counts_get_a_clear_error(ranks):
-    for got in ranks[1]:
-        msg = got["epochs"]
-        assert msg and "differ across ranks" in msg and "from 0 to 1" in msg and "end_epoch()" in msg, msg
+    _every_rank_says(ranks, "epochs", "differ across ranks", "from 0 to 1", "end_epoch()")
 
 
 def test_unequal_end_epoch_calls_give_every_rank_a_clear_error(ranks):
     """The extra call meets the other rank's next end_epoch(): a ValueError on both, never an abort."""
-    for got in ranks[1]:
-        msg = got["extra_end_epoch"]
-        assert msg and "out of step" in msg and "called end_epoch() more often" in msg, msg
+    _every_rank_says(ranks, "extra_end_epoch", "out of step", "called end_epoch() more often")
 
 
 def test_ranks_in_different_calls_get_a_clear_error(ranks):
-    for got in ranks[1]:
-        msg = got["different_calls"]
-        assert msg and "out of step" in msg and "end_epoch()" in msg and "scores()" in msg, msg
+    _every_rank_says(ranks, "different_calls", "out of step", "end_epoch()", "scores()")
 
 
 def test_refused_sharded_tracker_reaches_every_rank(ranks):

@@ -548,6 +548,26 @@ def test_autocast_matches_f_linear_and_cross_entropy(dtype, reduction, mixed, de
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float32_head_inside_an_autocast_region(reduction, device):
+    """A head kept in float32 (autocast disabled around it) inside an autocast region, the backward
+    run inside the region: the op's backward then meets autocast with float32 inputs, and must not let
+    it cast the GEMMs inside (the same results as without autocast, bitwise)."""
+    hidden, weight, bias, targets, index = _problem(64, 16, 50, device=device)
+    up = _upstream(reduction, 64, device=device)
+    res = []
+    for region in (False, True):
+        h, w, b = _leaves(hidden, weight, bias)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=region):
+            with torch.autocast(device, enabled=False):
+                tr = memcore.Tracker(64, device=device)
+                loss = memcore.linear_accumulate(h, w, targets, index, tr, bias=b, reduction=reduction)
+            (loss if up is None else loss * up).sum().backward()
+        res.append((loss.detach(), h.grad, w.grad, b.grad))
+    for a, r in zip(res[1], res[0]):
+        assert a.dtype == r.dtype == torch.float32 and torch.equal(a, r)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_double_backward_is_refused(reduction):
     """A gradient penalty through create_graph=True raises, instead of a gradient that is not a
     function of the inputs (silently wrong second derivatives)."""
