@@ -106,21 +106,31 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _rows(
-    x: torch.Tensor, x_name: str, targets, index, ignore_index, tracker_device: Optional[torch.device]
+    x: torch.Tensor,
+    x_name: str,
+    targets,
+    index,
+    ignore_index,
+    tracker_device: Optional[torch.device],
+    class_dim: int = -1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Checks targets and index against x [..., D] (logits or hidden) and flattens them to int64 [N]:
-    targets [...] (x's leading shape); index like targets or, for targets [B, T], one id per sequence."""
+    """Checks targets and index against x (logits or hidden) and flattens them to int64 [N]: targets
+    have x's shape without its class (feature) dim, `class_dim` (-1: [..., D]; 1: logits [N, C, d1, ...]);
+    index is like targets or, for targets [B, T] ([N, d1, ...]), one id per sequence (input) [B]."""
     _require_tensor(targets, "targets")
     _require_tensor(index, "index")
     _require_integer(targets, "targets")
     _require_integer(index, "index")
-    lead = tuple(x.shape[:-1])
+    lead = tuple(x.shape[:-1]) if class_dim == -1 else tuple(x.shape[:1] + x.shape[2:])
     if tuple(targets.shape) != lead:
+        where = " (classes in dim 1, as F.cross_entropy)" if class_dim == 1 and x.dim() > 2 else ""
         raise ValueError(
-            f"targets must have shape {lead} to match {x_name} {tuple(x.shape)}, got {tuple(targets.shape)}"
+            f"targets must have shape {lead} to match {x_name} {tuple(x.shape)}{where}, "
+            f"got {tuple(targets.shape)}"
         )
     if tuple(index.shape) != lead and not (len(lead) >= 2 and tuple(index.shape) == lead[:1]):
-        per_seq = f" or {lead[:1]} (one sample id per sequence)" if len(lead) >= 2 else ""
+        unit = "input" if class_dim == 1 else "sequence"
+        per_seq = f" or {lead[:1]} (one sample id per {unit})" if len(lead) >= 2 else ""
         raise ValueError(f"index must have shape {lead}{per_seq}, got {tuple(index.shape)}")
     for t, name in ((targets, "targets"), (index, "index")):
         if not same_device(t.device, x.device):
@@ -138,19 +148,98 @@ def _rows(
     return targets.reshape(n).to(torch.int64).contiguous(), index.reshape(n).to(torch.int64).contiguous()
 
 
+def class_layout(logits: torch.Tensor, targets, class_dim) -> int:
+    """Where logits [>= 2 dims] keep their classes: -1 ([..., C], targets [...]) or 1 (F.cross_entropy's
+    [N, C, d1, ...], targets [N, d1, ...]); the two are one for 2-D logits (-1 is returned). Without
+    `class_dim` the targets' shape decides; where both readings fit it (logits [N, A, A], [N, A, A, A],
+    ...) `class_dim` is required."""
+    nd = logits.dim()
+    if class_dim is not None:
+        cd = as_int(class_dim, "class_dim")
+        if not (cd in (1, -1) or cd == nd - 1 or cd == -(nd - 1)):
+            raise ValueError(
+                f"class_dim must be 1 (F.cross_entropy's [N, C, d1, ...]) or -1 ([..., C], the last dim), "
+                f"got {cd} for logits of shape {tuple(logits.shape)}"
+            )
+        return -1 if nd == 2 or cd in (-1, nd - 1) else 1
+    if nd == 2:
+        return -1
+    _require_tensor(targets, "targets")
+    shape = tuple(targets.shape)
+    last, first = tuple(logits.shape[:-1]), tuple(logits.shape[:1] + logits.shape[2:])
+    if shape == last and shape == first:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} with targets {shape} fit both class layouts: pass "
+            f"class_dim=1 for F.cross_entropy's [N, C, d1, ...] ({logits.shape[1]} classes) or "
+            f"class_dim=-1 for [..., C] ({logits.shape[-1]} classes, e.g. language-model logits [B, T, V])"
+        )
+    if shape == first:
+        return 1
+    if shape != last:
+        raise ValueError(
+            f"targets must have shape {last} (logits [..., C], classes last) or {first} (logits "
+            f"[N, C, d1, ...], classes in dim 1, as F.cross_entropy) to match logits {tuple(logits.shape)}, "
+            f"got {shape}"
+        )
+    return -1
+
+
+class _ClassesLast(torch.autograd.Function):
+    """logits [N, C, d1, ...] -> rows [N * d1 * ..., C], copied; the gradient is copied back into the
+    logits' own layout (their strides where they are dense, contiguous otherwise), so the layers
+    upstream get it in the layout they produced."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        ctx.shape = tuple(logits.shape)
+        ctx.stride = tuple(logits.stride()) if _dense(logits) else None
+        return logits.movedim(1, -1).contiguous().view(-1, logits.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n, c, *d = ctx.shape
+        rows = grad.reshape(n, *d, c).movedim(-1, 1)
+        if ctx.stride is None:
+            return rows.contiguous()
+        out = torch.empty_strided(ctx.shape, ctx.stride, dtype=grad.dtype, device=grad.device)
+        return out.copy_(rows)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill its memory without gaps or overlaps (in some dim order)."""
+    expect = 1
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    for stride, size in dims:
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def classes_last(logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, C, d1, ...] as contiguous rows [N * d1 * ..., C] in targets' row order: a view where
+    the classes are innermost in memory (channels-last), else a copy (`_ClassesLast`)."""
+    moved = logits.movedim(1, -1)
+    if moved.is_contiguous():
+        return moved.reshape(-1, logits.shape[1])
+    return _ClassesLast.apply(logits)
+
+
 def rows_of(
-    logits, targets, index, ignore_index, tracker_device: Optional[torch.device]
+    logits, targets, index, ignore_index, tracker_device: Optional[torch.device], class_dim=None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checks the inputs of accumulate and flattens them to logits [N, C], targets [N], index [N].
 
-    logits [..., C]; targets [...] (the same leading shape); index either [...] like targets or,
-    for sequence data with targets [B, T], one sample id per sequence [B].
+    logits [..., C] with targets [...] (the same leading shape), or F.cross_entropy's [N, C, d1, ...]
+    with targets [N, d1, ...] (`class_layout` decides which, from `class_dim` or the shapes); index
+    either like targets or, for targets [B, T] ([N, d1, ...]), one sample id per sequence (input) [B].
     """
     refuse_transforms("memcore.accumulate", logits, targets, index)
     if (  # the common case, checked with as few tensor calls as possible (they dominate small batches)
         type(logits) is torch.Tensor
         and type(targets) is torch.Tensor
         and type(index) is torch.Tensor
+        and (class_dim is None or (type(class_dim) is int and class_dim in (1, -1)))
         and logits.dim() == 2
         and targets.dtype == torch.int64
         and index.dtype == torch.int64
@@ -177,13 +266,17 @@ def rows_of(
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if logits.dim() < 2:
-        raise ValueError(f"logits must have shape [N, C] (or [..., C]), got {tuple(logits.shape)}")
-    num_classes = logits.shape[-1]
-    if num_classes < 2:
         raise ValueError(
-            f"logits must have at least 2 classes in the last dim, got shape {tuple(logits.shape)}"
+            f"logits must have shape [N, C] (or [..., C], or [N, C, d1, ...]), got {tuple(logits.shape)}"
         )
-    targets1d, index1d = _rows(logits, "logits", targets, index, ignore_index, tracker_device)
+    layout = class_layout(logits, targets, class_dim)
+    num_classes = logits.shape[layout]
+    if num_classes < 2:
+        where = "the last dim" if layout == -1 else "dim 1"
+        raise ValueError(f"logits must have at least 2 classes in {where}, got shape {tuple(logits.shape)}")
+    targets1d, index1d = _rows(logits, "logits", targets, index, ignore_index, tracker_device, layout)
+    if layout == 1 and logits.dim() > 2:
+        return classes_last(logits), targets1d, index1d
     n = targets1d.shape[0]
     logits2d = logits.reshape(n, num_classes)
     if not logits2d.is_contiguous():

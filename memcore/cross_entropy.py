@@ -21,17 +21,21 @@ def accumulate(
     ignore_index: int = -100,
     inputs: Optional[torch.Tensor] = None,
     overwrite_logits: bool = False,
+    class_dim: Optional[int] = None,
 ) -> torch.Tensor:
     """Drop-in for ``F.cross_entropy(logits, targets, reduction=..., ignore_index=...)`` that also
     adds every row's loss, p(target), margin and correctness into ``tracker`` at ``index``.
 
     Args:
-        logits: [N, C] (or [..., C]) float16 / bfloat16 / float32 / float64 scores; math in fp32
-            (fp64 for fp64 logits).
-        targets: [N] (or [...]) integer class ids in [0, C), or ``ignore_index``.
-        index: [N] integer dataset indices in [0, tracker.num_samples) of each row. Many rows may
-            share one index (token rows of one sequence); for targets [B, T] an index of shape [B]
-            gives one id per sequence. Repeated indices in a batch are summed correctly.
+        logits: [N, C], [..., C] (classes last: language-model logits [B, T, V]) or F.cross_entropy's
+            [N, C, d1, ...] (classes in dim 1: segmentation [N, C, H, W], [N, C, L]); float16 /
+            bfloat16 / float32 / float64 scores; math in fp32 (fp64 for fp64 logits).
+        targets: [N], [...] or [N, d1, ...], the logits' shape without the class dim: integer class
+            ids in [0, C), or ``ignore_index``. Each position is one row.
+        index: integer dataset indices in [0, tracker.num_samples) of each row, shaped like targets.
+            Many rows may share one index; an index of shape [N] gives one id per input: per
+            sequence for targets [B, T], per image for targets [N, H, W] (its rows are the H * W
+            pixels). Repeated indices in a batch are summed correctly.
         tracker: the :class:`memcore.Tracker` that receives the statistics.
         reduction: "mean" (over non-ignored rows, like F.cross_entropy), "sum" or "none".
         ignore_index: rows with this target contribute no loss, gradient or statistics.
@@ -60,11 +64,19 @@ def accumulate(
             raises with it (the gradient is a stored tensor, not a function of the logits). On a
             leaf tensor (logits optimized directly) the gradient is written over the leaf's own
             values and becomes its ``.grad`` in the same memory: use the default route there.
+        class_dim: where the logits keep their classes, 1 ([N, C, d1, ...]) or -1 ([..., C]). By
+            default the targets' shape decides; where both readings fit (logits [N, A, A] with
+            targets [N, A], for instance) a ValueError asks for it. 2-D logits are the same either
+            way. Classes in dim 1 are read without a copy where they are innermost in memory (a
+            channels-last tensor is [N, d1, ..., C] in memory); otherwise the rows are copied into
+            one N x C x d1 x ... temporary of the logits' dtype, and the gradient, computed on the
+            copy, is copied back into the logits' layout (one more pass each way; with
+            ``overwrite_logits=True`` it is the copy that is overwritten, not the logits).
 
     Returns:
         The loss, in ``logits.dtype`` (float32 for float16 / bfloat16 logits under
         ``torch.autocast``, as F.cross_entropy): a scalar, or per-row with the shape of ``targets``
-        for reduction="none". Gradients flow to ``logits`` only; double backward (a gradient
+        for reduction="none". The logits' gradient has their shape and layout. Gradients flow to ``logits`` only; double backward (a gradient
         penalty through ``create_graph=True``) is exact on the default route.
 
     Distributed: a distributed tracker's first call (the ranks' settings check) and every
@@ -82,7 +94,7 @@ def accumulate(
         raised at the next ``end_epoch()`` / ``scores()`` instead, so no GPU sync is needed per step.
     """
     code, ignore_index = loss_call(tracker, reduction, ignore_index)
-    logits2d, targets1d, index1d = rows_of(logits, targets, index, ignore_index, tracker.device)
+    logits2d, targets1d, index1d = rows_of(logits, targets, index, ignore_index, tracker.device, class_dim)
     if inputs is not None:
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
     if overwrite_logits:

@@ -9,7 +9,7 @@ scores table against it.
     suspicion("aum", s)             # -s: higher = more suspicious for every score
 
 Definitions (each a float64 CPU tensor, one entry per sample; samples never seen give NaN for the
-means and 0 for the sums):
+means, learning_time and forgetting, and 0 for the sums and counts):
 
 - ``csl``: cumulative sample loss, the sum of the sample's loss over every row ever seen.
 - ``csl_mean``: csl / rows, the mean loss per presentation (per token for sequences).
@@ -18,8 +18,13 @@ means and 0 for the sums):
 - ``learning_time``: the first epoch (0-based) from which the sample was classified
   correctly in every epoch it was seen; samples incorrect at their last epoch get the
   number of epochs recorded (never learned).
-- ``forgetting``: number of correct -> incorrect transitions between consecutive epochs in
-  which the sample was seen (Toneva et al. 2019).
+- ``forgetting``: forgetting events as Toneva et al. (2019) define them: the number of correct ->
+  incorrect transitions between consecutive epochs in which the sample was seen, and +inf for a
+  sample never classified correctly in any epoch it was seen (never learned: the paper counts it
+  as forgotten infinitely often, so labels the network never fits rank first). NaN when unseen.
+- ``forgetting_events``: the raw count of those transitions, 0 for a never-learned or unseen
+  sample. A sample was correct in some epoch iff it is learned now (``learned_since`` >= 0) or
+  has forgotten since (events >= 1), so both scores come from the same state.
 - ``confidence_mean`` / ``confidence_std``: mean and (population) std of p(given label)
   over presentations (dataset cartography, Swayamdipta et al. 2020).
 - ``aum``: mean margin, given-label logit minus the largest other logit (Pleiss et al. 2020).
@@ -59,7 +64,12 @@ _TABLE: Tuple[Tuple[str, str, str], ...] = (
         "first epoch from which the sample is classified correctly in every epoch it is seen",
         "high",
     ),
-    ("forgetting", "number of correct -> incorrect transitions between consecutive epochs", "high"),
+    (
+        "forgetting",
+        "correct -> incorrect transitions between consecutive epochs; +inf if never classified correctly",
+        "high",
+    ),
+    ("forgetting_events", "raw count of correct -> incorrect transitions (0 if never learned)", "high"),
     ("confidence_mean", "mean p(given label) over presentations", "low"),
     ("confidence_std", "std of p(given label) over presentations", "high"),
     ("aum", "area under the margin: mean of given-label logit minus the largest other logit", "low"),
@@ -143,13 +153,19 @@ def of_state(st: S.State, history: List[torch.Tensor], ctx: Context) -> Dict[str
     var = (mean(sums[:, S.S_PROB_SQ]) - conf * conf).clamp_min(0)
     learned = st["learned_since"]
     lt = torch.where(learned >= 0, learned, torch.full_like(learned, epochs)).double()
+    events = st["forgetting"].double()
+    # correct in some epoch: still learned, or forgotten since (closing an epoch sets learned_since
+    # to -1 only after a correct epoch, and counts that as an event)
+    ever_correct = (learned >= 0) | (st["forgetting"] > 0)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=sums.device)
     out = {
         "csl": sums[:, S.S_LOSS],
         "csl_mean": mean(sums[:, S.S_LOSS]),
         "rows": rows,
         "last_loss": torch.where(rows > 0, sums[:, S.S_LAST], nan),
         "learning_time": torch.where(rows > 0, lt, nan),
-        "forgetting": st["forgetting"].double(),
+        "forgetting": torch.where(rows > 0, torch.where(ever_correct, events, inf), nan),
+        "forgetting_events": events,
         "confidence_mean": conf,
         "confidence_std": var.sqrt(),
         "aum": mean(sums[:, S.S_MARGIN]),

@@ -37,6 +37,7 @@ def scores(epochs, num_samples, ignore_index=-100):
     prev = [None] * num_samples
     forgetting = [0] * num_samples
     learned = [-1] * num_samples
+    ever = [False] * num_samples  # correct in some epoch it was seen
     for e, batches in enumerate(epochs):
         s = epoch_sums(batches, num_samples, ignore_index)
         total += s
@@ -48,6 +49,7 @@ def scores(epochs, num_samples, ignore_index=-100):
             last_loss[i] = s[i, 0] / rows
             if prev[i] and not c:
                 forgetting[i] += 1
+            ever[i] = ever[i] or c
             if c and learned[i] < 0:
                 learned[i] = e
             if not c:
@@ -64,7 +66,13 @@ def scores(epochs, num_samples, ignore_index=-100):
         "rows": rows,
         "last_loss": last_loss,
         "learning_time": torch.where(rows > 0, lt, nan),
-        "forgetting": torch.tensor(forgetting, dtype=torch.float64),
+        # Toneva et al.: a sample never classified correctly is forgotten infinitely often
+        "forgetting": torch.where(
+            rows > 0,
+            torch.tensor([f if e else float("inf") for f, e in zip(forgetting, ever)], dtype=torch.float64),
+            nan,
+        ),
+        "forgetting_events": torch.tensor(forgetting, dtype=torch.float64),
         "confidence_mean": conf,
         "confidence_std": (mean(4) - conf * conf).clamp_min(0).sqrt(),
         "aum": mean(5),

@@ -301,7 +301,18 @@ def test_format_1_checkpoint_is_converted(tau):
     tr = memcore.Tracker(12)
     tr.load_state_dict(fixture["state"])
     got = tr.scores()
-    for k, want in fixture["scores"].items():
+    old = dict(fixture["scores"])
+    # 0.1.0's forgetting is the raw transition count, forgetting_events here; forgetting adds +inf for a
+    # seen sample never correct in an epoch: not learned at the end (learning_time = the 3 epochs) and
+    # never forgotten
+    events = old.pop("forgetting")
+    torch.testing.assert_close(got["forgetting_events"], events, rtol=0, atol=0)
+    seen = old["rows"] > 0
+    never = seen & (old["learning_time"] == 3) & (events == 0)
+    assert never.any() and (seen & ~never).any()
+    want = torch.where(never, float("inf"), torch.where(seen, events, float("nan")))
+    torch.testing.assert_close(got["forgetting"], want, rtol=0, atol=0, equal_nan=True)
+    for k, want in old.items():
         torch.testing.assert_close(got[k], want, rtol=1e-12, atol=1e-12, equal_nan=True, msg=k)
     assert tr.state_dict()["version"] == 2 and (
         ("formal_since" in tr.state_dict()["buffers"]) == (tau != "None")

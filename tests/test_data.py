@@ -1,4 +1,4 @@
-"""memcore.data (IndexedDataset), memcore.eval.datasets (digits, MNIST idx, CIFAR pickles) and
+"""memcore.data (IndexedDataset, with_index), memcore.eval.datasets (digits, MNIST idx, CIFAR pickles) and
 memcore.eval.corruptions."""
 
 import gzip
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from memcore.data import IndexedDataset
+import memcore
+from memcore.data import IndexedDataset, with_index
 from memcore.eval.corruptions import inject_duplicates, inject_label_noise
 from memcore.eval.datasets import default_mnist_dir, load_cifar, load_digits, load_mnist
 
@@ -113,6 +114,118 @@ def test_indexed_dataset_with_dataloader_and_validation():
         IndexedDataset(torch.zeros(2, 2), torch.tensor([0, 1]), num_classes=2.0)
     with pytest.raises(ValueError, match="num_classes"):
         IndexedDataset(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), num_classes=-1)
+
+
+# ----------------------------------------------------------------------------- with_index
+
+
+class _Images(torch.utils.data.Dataset):
+    """ImageFolder-like: (image tensor, class id) tuples from tensors held by the dataset."""
+
+    def __init__(self, n=10, c=3):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, 4, 4, generator=g)
+        self.labels = torch.randint(0, c, (n,), generator=g).tolist()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+class _Records(torch.utils.data.Dataset):
+    """Dict items, kept by the dataset (a cache): the wrapper must not add its key to them."""
+
+    def __init__(self, n=6):
+        self.items = [{"input_ids": torch.arange(i, i + 4), "label": i % 2} for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_with_index_appends_the_index_to_tuples_without_copying():
+    base = _Images()
+    ds = with_index(base)
+    assert len(ds) == 10
+    x, y, i = ds[3]
+    assert i == 3 and y == base.labels[3] and x.data_ptr() == base.images[3].data_ptr()  # a view
+    assert ds[-1][2] == 9 and ds[-10][2] == 0  # the index a negative position stands for
+    for bad in (10, -11):
+        with pytest.raises(IndexError, match="out of range"):
+            ds[bad]
+    with pytest.raises(TypeError, match="index must be an int"):
+        ds["3"]
+    assert with_index([[1.0, 0], [2.0, 1]])[1] == [2.0, 1, 1]  # a list item gains it likewise
+
+
+def test_with_index_feeds_accumulate_through_a_dataloader():
+    """The collated index is the [B] int64 tensor accumulate takes; each sample is scored once per
+    epoch under its own id."""
+    base = _Images(n=10)
+    loader = torch.utils.data.DataLoader(with_index(base), batch_size=4, shuffle=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    tracker = memcore.Tracker(len(base))
+    seen = []
+    for x, y, idx in loader:
+        assert idx.dtype == torch.int64 and torch.equal(x, base.images[idx])
+        assert y.tolist() == [base.labels[i] for i in idx.tolist()]
+        memcore.accumulate(model(x), y, idx, tracker).backward()
+        seen += idx.tolist()
+    tracker.end_epoch()
+    assert sorted(seen) == list(range(10)) and tracker.scores()["rows"].tolist() == [1.0] * 10
+
+
+def test_with_index_adds_a_key_to_dict_items():
+    base = _Records()
+    ds = with_index(base)
+    item = ds[2]
+    assert (
+        item["sample_index"] == 2 and item["label"] == 0 and item["input_ids"] is base.items[2]["input_ids"]
+    )
+    assert "sample_index" not in base.items[2]  # the dataset's own dict is unchanged
+    assert with_index(base, key="idx")[5]["idx"] == 5
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert batch["sample_index"].tolist() == [0, 1, 2] and batch["input_ids"].shape == (3, 4)
+    with pytest.raises(ValueError, match="already holds the key 'label'"):
+        with_index(base, key="label")[0]
+    with pytest.raises(TypeError, match="key must be a str"):
+        with_index(base, key=0)
+
+
+def test_with_index_wraps_other_items_and_uses_a_batched_fetch():
+    plain = torch.utils.data.Subset(list("abcdef"), [5, 3, 1])  # Subset fetches batches (__getitems__)
+    ds = with_index(plain)
+    assert ds[0] == ("f", 0) and ds.__getitems__([2, 0]) == [("b", 2), ("f", 0)]
+    assert list(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=list)) == [
+        [("f", 0), ("d", 1)],
+        [("b", 2)],
+    ]
+    t = with_index(torch.utils.data.TensorDataset(torch.arange(4.0), torch.arange(4)))
+    assert [v.item() if isinstance(v, torch.Tensor) else v for v in t[2]] == [2.0, 2, 2]
+
+
+def test_with_index_on_a_hugging_face_dataset():
+    datasets = pytest.importorskip("datasets")
+    hf = datasets.Dataset.from_dict({"x": [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], "y": [1, 0, 1]})
+    ds = with_index(hf.with_format("torch"))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, sampler=[2, 0])))
+    assert batch["sample_index"].tolist() == [2, 0] and batch["y"].tolist() == [1, 1]
+    assert torch.equal(batch["x"], torch.tensor([[4.0, 5.0], [0.0, 1.0]]))
+
+
+def test_with_index_refuses_what_has_no_index():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(3))
+
+    with pytest.raises(TypeError, match="IterableDataset"):
+        with_index(Stream())
+    with pytest.raises(TypeError, match="__len__"):
+        with_index(iter(range(3)))
 
 
 # ----------------------------------------------------------------------------- MNIST

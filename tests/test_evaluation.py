@@ -141,6 +141,7 @@ def test_every_baseline_gives_one_finite_score_per_sample():
         "final_loss",
         "in_confidence",
         "forgetting",
+        "forgetting_events",
         "learning_time",
         "aum",
         "loss_sensitivity",
@@ -150,7 +151,8 @@ def test_every_baseline_gives_one_finite_score_per_sample():
     assert expected <= set(scores)
     for k, s in scores.items():
         assert s.shape == (len(ds),) and s.dtype == torch.float64, k
-        assert torch.isfinite(s).all(), k
+        # every sample is seen; forgetting is +inf for the ones never classified correctly
+        assert (torch.isfinite(s) | ((s == float("inf")) & (k == "forgetting"))).all(), k
     assert auroc(tracker.scores()["csl"], flipped) > 0.8
 
 
@@ -167,6 +169,21 @@ def test_metrics():
     assert spearman(x, x.exp()) == pytest.approx(1.0)  # ranks only: any increasing map
     assert spearman(x, -(x**3)) == pytest.approx(-1.0)
     assert spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.8660254)
+
+
+def test_rank_metrics_rank_infinite_scores():
+    """A never-learned sample's forgetting is +inf: the rank measures rank it first (NaN is left
+    out); cosine and Pearson, which need values, leave both out."""
+    inf, nan = float("inf"), float("nan")
+    f = torch.tensor([inf, 2.0, 0.0, inf, 1.0, nan])
+    truth = torch.tensor([True, False, False, True, False, False])
+    assert auroc(f, truth) == 1.0  # inf above every finite score, NaN below
+    y = torch.tensor([9.0, 3.0, 1.0, 8.0, 2.0, 0.0])
+    assert spearman(f, y) == pytest.approx(0.9746794)  # ranks (4.5, 3, 1, 4.5, 2) vs (5, 3, 1, 4, 2)
+    assert top_k_overlap(f, y, 2) == 1.0  # the two infinite entries are y's top 2
+    assert pearson(f, y) == pytest.approx(
+        pearson(torch.tensor([2.0, 0.0, 1.0]), torch.tensor([3.0, 1.0, 2.0]))
+    )
 
 
 def test_top_k_agreement_is_undefined_where_the_estimate_is_constant():

@@ -1,3 +1,5 @@
+import csv
+import math
 import os
 
 import numpy as np
@@ -232,3 +234,26 @@ def test_join_scores_checks_ids_and_lengths():
         ds, {"index": torch.tensor([5, 7, 9]), "csl": torch.tensor([1.0, 2.0, 3.0])}, index_column="sid"
     )
     assert by_id["csl"][0] == 2.0 and np.isnan(by_id["csl"][1]) and by_id["csl"][2] == 1.0
+
+
+def test_infinite_forgetting_survives_every_export(tmp_path):
+    """A never-learned sample's forgetting (+inf) is written and read back as inf by CSV (csv and
+    pandas), the DataFrame, Parquet and the Hugging Face join; unseen samples stay NaN."""
+    s = _scores()  # sample 1 (label 0, logits favour 1) is never right, sample 4 is unseen
+    inf = float("inf")
+    assert s["forgetting"][1] == inf and torch.isnan(s["forgetting"][4])
+    path = tmp_path / "scores.csv"
+    export.to_csv(s, str(path))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[1]["forgetting"]) == inf and math.isnan(float(rows[4]["forgetting"]))
+    pd = pytest.importorskip("pandas")
+    for df in (pd.read_csv(path), export.to_dataframe(s)):
+        assert np.isposinf(df["forgetting"][1]) and np.isnan(df["forgetting"][4])
+    pytest.importorskip("pyarrow")
+    export.to_parquet(s, str(tmp_path / "pq"))
+    back = export.read_parquet(str(tmp_path / "pq"))
+    assert back["forgetting"][1] == inf and torch.isnan(back["forgetting"][4])
+    datasets = pytest.importorskip("datasets")
+    joined = export.join_scores(datasets.Dataset.from_dict({"x": list(range(5))}), str(tmp_path / "pq"))
+    assert joined["forgetting"][1] == inf

@@ -148,3 +148,26 @@ def test_hf_trainer_requires_index_column():
     args = TrainingArguments(output_dir="/tmp/memcore-hf-x", report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
         MemcoreTrainer(model=model, args=args, train_dataset=mod["Sequences"](), tracker=memcore.Tracker(64))
+
+
+def test_hf_compute_loss_when_sequence_length_equals_vocabulary():
+    """[B, T, V] logits with T == V fit F.cross_entropy's class-dim-1 reading too: the trainer says
+    the classes are last, so such a model trains instead of hitting the ambiguity error."""
+    pytest.importorskip("transformers")
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    import memcore
+    from memcore.integrations.huggingface import MemcoreTrainer
+
+    data = _example("hf_trainer_example.py")["Sequences"](n=8, length=16, vocab=16)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    args = TrainingArguments(output_dir="unused", remove_unused_columns=False, report_to=[], use_cpu=True)
+    trainer = MemcoreTrainer(model=model, args=args, train_dataset=data, tracker=memcore.Tracker(len(data)))
+    batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "labels", "sample_index")}
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 16), batch["labels"][:, 1:].reshape(-1))
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), want)

@@ -4,6 +4,7 @@ the tracker, export, the harness's baselines and demo, and README's scores table
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,58 @@ def test_readme_scores_table_matches_the_registry():
     assert not missing, f"README's scores table lacks {missing}"
     wrong = {n: (table[n], SCORES[n].suspicious) for n in SCORE_NAMES if table[n] != SCORES[n].suspicious}
     assert not wrong, f"README direction vs registry: {wrong}"
+
+
+def _forgetting_fixture():
+    """Five samples over four epochs (2 classes, label 0): 0 never right; 1 right, then wrong (one
+    event); 2 always right; 3 never seen; 4 right then wrong twice over (two events, last wrong);
+    5 seen in the last epoch only, wrong."""
+    right, wrong = [4.0, 0.0], [0.0, 4.0]
+    plan = {
+        0: [wrong, wrong, wrong, wrong],
+        1: [wrong, right, wrong, wrong],
+        2: [right, right, right, right],
+        4: [right, wrong, right, wrong],
+        5: [None, None, None, wrong],
+    }
+    tr = memcore.Tracker(6)
+    for e in range(4):
+        ids = [i for i, zs in plan.items() if zs[e] is not None]
+        z = torch.tensor([plan[i][e] for i in ids])
+        memcore.accumulate(z, torch.zeros(len(ids), dtype=torch.long), torch.tensor(ids), tr)
+        tr.end_epoch()
+    return tr
+
+
+def test_forgetting_counts_a_never_learned_sample_as_forgotten_infinitely_often():
+    """Toneva et al.'s convention: never classified correctly in any epoch it was seen -> +inf;
+    forgetting_events keeps the raw transition count; unseen -> NaN / 0."""
+    s = _forgetting_fixture().scores()
+    inf = float("inf")
+    assert s["forgetting"][[0, 1, 2, 4, 5]].tolist() == [inf, 1.0, 0.0, 2.0, inf]
+    assert torch.isnan(s["forgetting"][3])
+    assert s["forgetting_events"].tolist() == [0.0, 1.0, 0.0, 0.0, 2.0, 0.0]
+    # never-learned samples rank first, unseen last; the quality of both never-learned is lowest
+    order = export.ranked_issues(s, by="forgetting").tolist()
+    assert set(order[:2]) == {0, 5} and order[2:] == [4, 1, 2, 3]
+    q = export.label_quality_scores(s, by="forgetting")
+    assert set(np.argsort(q, kind="stable")[:2].tolist()) == {0, 5} and q[3] == 1.0
+    # the raw count ranks them with the always-right sample, below the forgotten ones
+    assert export.ranked_issues(s, by="forgetting_events", top=2).tolist() == [4, 1]
+
+
+def test_forgetting_of_an_open_epoch_and_after_a_resume():
+    """The open epoch counts as closed; a state saved and loaded gives the same forgetting (the
+    ever-correct flag is derived from the stored state, not kept beside it)."""
+    tr = memcore.Tracker(2)
+    memcore.accumulate(torch.tensor([[0.0, 4.0], [4.0, 0.0]]), torch.tensor([0, 0]), torch.arange(2), tr)
+    assert tr.scores()["forgetting"].tolist() == [float("inf"), 0.0]  # open epoch, no end_epoch yet
+    tr.end_epoch()
+    back = memcore.Tracker(2)
+    back.load_state_dict(tr.state_dict())
+    for t in (tr, back):  # sample 0 learned, sample 1 forgotten
+        memcore.accumulate(torch.tensor([[4.0, 0.0], [0.0, 4.0]]), torch.tensor([0, 0]), torch.arange(2), t)
+        t.end_epoch()
+    a, b = tr.scores(), back.scores()
+    assert a["forgetting"].tolist() == b["forgetting"].tolist() == [0.0, 1.0]
+    assert a["forgetting_events"].tolist() == [0.0, 1.0]

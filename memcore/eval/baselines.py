@@ -22,7 +22,8 @@ def from_tracker(scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         # in-confidence as the papers define it, 1 - p: the registry's orientation (-p) shifted by 1,
         # which AUROC ignores but the cosine of the agreement tables does not
         "in_confidence": 1.0 + suspicion("confidence_mean", scores["confidence_mean"]),
-        "forgetting": suspicion("forgetting", scores["forgetting"]),
+        "forgetting": suspicion("forgetting", scores["forgetting"]),  # +inf: never learned
+        "forgetting_events": suspicion("forgetting_events", scores["forgetting_events"]),
         "learning_time": suspicion("learning_time", scores["learning_time"]),
         "aum": suspicion("aum", scores["aum"]),
     }

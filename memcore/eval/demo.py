@@ -21,13 +21,15 @@ from ..tracker import Tracker
 from . import _args, require
 from .corruptions import inject_label_noise
 from .datasets import load_digits
+from .metrics import auroc
 
 # score name -> label shown; the direction that makes "higher = more suspicious" is the registry's
 SUSPICION = {
     "csl": "CSL (cumulative sample loss)",
     "last_loss": "final loss",
     "learning_time": "learning time (epochs)",
-    "forgetting": "forgetting events",
+    "forgetting": "forgetting (unlearned = inf)",
+    "forgetting_events": "forgetting events (count)",
     "confidence_mean": "in-confidence (1 - p)",
     "aum": "area under margin",
 }
@@ -54,8 +56,7 @@ def run_demo(
 ) -> Dict[str, float]:
     """Runs the demo, prints its report, writes the scores to ``<out>/scores.csv`` (``out=None``:
     no file) and returns {score name: mislabel AUROC}."""
-    roc_auc_score = require("sklearn.metrics").roc_auc_score
-    tqdm = require("tqdm.auto").tqdm
+    tqdm = require("sklearn.metrics", "tqdm.auto").tqdm  # sklearn for auroc, checked before training
 
     torch.manual_seed(seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -90,7 +91,7 @@ def run_demo(
 
     scores = tracker.scores()
     truth = flipped.numpy()
-    aurocs = {k: float(roc_auc_score(truth, suspicion(k, scores[k]).numpy())) for k in SUSPICION}
+    aurocs = {k: auroc(suspicion(k, scores[k]), truth) for k in SUSPICION}  # ranks +inf first
     print(f"trained in {elapsed:.1f}s, final train accuracy {correct / n:.3f} (on the noisy labels)\n")
     print("AUROC for finding the flipped labels (1.0 = perfect, 0.5 = chance):")
     for k, label in sorted(SUSPICION.items(), key=lambda kv: -aurocs[kv[0]]):

@@ -48,6 +48,7 @@ METHODS = [
     ("Loss sensitivity", "loss_sensitivity"),
     ("Final loss", "final_loss"),
     ("Forgetting freq.", "forgetting"),
+    ("Forgetting events", "forgetting_events"),
     ("In-confidence", "in_confidence"),
     ("AUM", "aum"),
     ("Learning time (epoch)", "learning_time"),

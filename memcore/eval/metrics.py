@@ -24,10 +24,12 @@ def auroc(score, is_positive) -> float:
     return float(roc_auc_score(y, s))
 
 
-def _pair(a, b, top: Optional[int], by):
-    """Finite entries of a and b; with `top`, only the `top` ranked highest by `by` (default b)."""
+def _pair(a, b, top: Optional[int], by, ranks: bool = False):
+    """Finite entries of a and b (with `ranks`, every entry but NaN: an infinite score such as a
+    never-learned sample's forgetting has a rank); with `top`, only the `top` ranked highest by `by`
+    (default b)."""
     x, y = _np(a), _np(b)
-    keep = np.isfinite(x) & np.isfinite(y)
+    keep = ~(np.isnan(x) | np.isnan(y)) if ranks else np.isfinite(x) & np.isfinite(y)
     if top is None:
         return x[keep], y[keep]
     key = np.where(keep, _np(by) if by is not None else y, -np.inf)
@@ -65,8 +67,9 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(a, b, top: Optional[int] = None, by=None) -> float:
-    """Spearman rank correlation (Pearson of the ranks, ties averaged), like `pearson`."""
-    x, y = _pair(a, b, top, by)
+    """Spearman rank correlation (Pearson of the ranks, ties averaged), like `pearson`; infinite
+    entries take part (ranked last or first), NaN ones do not."""
+    x, y = _pair(a, b, top, by, ranks=True)
     return pearson(_ranks(x), _ranks(y)) if len(x) >= 2 else float("nan")
 
 
@@ -81,11 +84,11 @@ def _top_membership(x: np.ndarray, k: int) -> np.ndarray:
 
 def top_k_overlap(a, b, k: int) -> float:
     """Fraction of the `k` samples ranked highest by `a` that are among the `k` highest by `b`
-    (finite entries of both only; k is capped at their number), ties at the k-th value broken at
-    random (the expectation is returned). A rank measure that stays defined when `b` is constant on its top k; chance level
-    is k / N.
+    (entries that are not NaN in both only; k is capped at their number), ties at the k-th value
+    broken at random (the expectation is returned). A rank measure that stays defined when `b` is
+    constant on its top k; chance level is k / N.
     """
-    x, y = _pair(a, b, None, None)
+    x, y = _pair(a, b, None, None, ranks=True)
     k = min(int(k), len(x))
     if k < 1:
         return float("nan")

@@ -138,8 +138,9 @@ class MemcoreTrainer(Trainer):
         # with num_items_in_batch, Trainer's contract: the token sum over the tokens of every
         # accumulated micro-batch
         reduction = "mean" if num_items_in_batch is None else "sum"
+        # the classes are last ([B, T, V] or [B, C]), whatever T and V happen to be
         loss = accumulate(
-            logits, labels, index, self.tracker, reduction=reduction, overwrite_logits=overwrite
+            logits, labels, index, self.tracker, reduction=reduction, overwrite_logits=overwrite, class_dim=-1
         )
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
