@@ -64,7 +64,7 @@ def to_dataframe(scores: Dict[str, torch.Tensor], labels: Optional[torch.Tensor]
         import pandas as pd
     except ImportError as e:
         raise ImportError(
-            "memcore.export.to_dataframe needs pandas: pip install 'memcore[export]' (to_csv needs nothing)"
+            "memcore.export.to_dataframe needs pandas: pip install 'torch-memcore[export]' (to_csv needs nothing)"
         ) from e
 
     ids, lab = _columns(scores, labels)
@@ -139,7 +139,7 @@ def _pyarrow():
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "memcore.export.to_parquet needs pyarrow: pip install 'memcore[export]' (or pip install pyarrow)"
+            "memcore.export.to_parquet needs pyarrow: pip install 'torch-memcore[export]' (or pip install pyarrow)"
         ) from e
     return pa, pq
 
@@ -233,7 +233,7 @@ def to_parquet(tracker_or_scores, directory: str, *, row_group_size: int = PARQU
     that are not memcore exports are left alone (``read_parquet`` refuses a folder holding them; the
     hidden temporary of an export cut short by a crash stays, unread).
     pandas, polars, Spark and ``datasets`` read the directory as one table
-    (``pd.read_parquet(directory)``). Needs pyarrow (``memcore[export]``)."""
+    (``pd.read_parquet(directory)``). Needs pyarrow (``torch-memcore[export]``)."""
     pa, pq = _pyarrow()
     row_group_size = as_int(row_group_size, "row_group_size", minimum=1)
     blocks, num_samples = _blocks(tracker_or_scores, row_group_size)

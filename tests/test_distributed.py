@@ -16,7 +16,11 @@ from reference import assert_same_state, init_gloo, single_rank_group
 import memcore
 
 S, EPOCHS, BATCHES = 24, 3, 4
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+# every test reads the results of one two-process run (multi-process: the full tier)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available"),
+]
 
 
 def _epochs():

@@ -18,7 +18,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import torchrun_train as run  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+pytestmark = [
+    pytest.mark.slow,  # torchrun processes: the full tier
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available"),
+]
 
 
 def _torchrun(nproc, out, *args, restarts=0, timeout=240):
