@@ -67,14 +67,22 @@ def atomic_save(obj, path: str) -> None:
 def load_plain(path: str, what: str, mmap: bool = False):
     """torch.load with ``weights_only=True``: only tensors, numbers, strings, lists, tuples and dicts
     are rebuilt, so a file never runs code on load. A file holding anything else (a pickled
-    callable, an arbitrary class) raises ValueError naming `what` and `path`. `mmap`: the tensors
-    map the file, read only where they are used (a slice of a shard)."""
+    callable, an arbitrary class), or that torch.load cannot read (cut short, another format), raises
+    ValueError naming `what` and `path`. `mmap`: the tensors map the file, read only where they are
+    used (a slice of a shard)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{path} is not a plain {what} (tensors, numbers, lists and dicts only): refused to unpickle "
             f"it, since loading it would run code or build arbitrary objects ({e})"
+        ) from None
+    except OSError:  # a missing or unreadable path: the OS's error names it
+        raise
+    except Exception as e:  # noqa: BLE001  (a cut or foreign file fails in torch.load in many ways)
+        raise ValueError(
+            f"{path} is not a readable {what}: cut short, damaged or not written by torch.save "
+            f"({type(e).__name__}: {e})"
         ) from None
 
 

@@ -326,6 +326,7 @@ def read_parquet(directory: str) -> Dict[str, torch.Tensor]:
         try:
             schema = pq.read_schema(path)
             meta = json.loads((schema.metadata or {}).get(PARQUET_KEY, b"null"))
+            table = pq.read_table(path)
         except (OSError, ValueError, pa.ArrowException) as e:
             raise ValueError(f"{path} is not a readable memcore scores file: {e}") from None
         if not isinstance(meta, dict) or meta.get("format") != PARQUET_FORMAT:
@@ -350,7 +351,7 @@ def read_parquet(directory: str) -> Dict[str, torch.Tensor]:
             raise ValueError(
                 f"{path} must have an int64 'index' column and float64 score columns, got {types}"
             )
-        tables.append(pq.read_table(path))
+        tables.append(table)
     parts = first.get("parts")
     if not (is_int(parts) and sorted(seen) == list(range(parts))):
         raise ValueError(

@@ -631,7 +631,7 @@ class Tracker:
             try:
                 state = _checkpoint.load_shards(path, self._start, self._end, self.num_samples)
                 new = _checkpoint.validate(state, self.num_samples, self._start, self._end, dev)
-            except (OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001  (whatever fails here must reach the other ranks)
                 err = e
             if not _checkpoint.all_ok(err is None, dev):
                 if err is not None:

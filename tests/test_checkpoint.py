@@ -172,6 +172,25 @@ def test_load_refuses_pickled_callables_and_runs_nothing(tmp_path):
         assert_same_state(target.state_dict(), before)
 
 
+def test_load_of_a_cut_or_foreign_file_names_it(tmp_path):
+    """A checkpoint cut short (a crash while copying it), an empty file or another format: ValueError
+    naming the file, whatever torch.load raised, and the tracker unchanged."""
+    tr = trained_tracker()
+    good = str(tmp_path / "good.pt")
+    tr.save(good)
+    data = open(good, "rb").read()
+    target = trained_tracker(seed=7)
+    before = target.state_dict()
+    for name, content in (("cut", data[: len(data) // 2]), ("empty", b""), ("text", b"epochs: 3\n" * 20)):
+        path = str(tmp_path / f"{name}.pt")
+        open(path, "wb").write(content)
+        with pytest.raises(ValueError, match=f"{path} is not a readable memcore Tracker checkpoint"):
+            target.load(path)
+        assert_same_state(target.state_dict(), before)
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        target.load(str(tmp_path / "absent.pt"))
+
+
 def test_save_load_weights_only_round_trip(tmp_path):
     tr = trained_tracker(inputs=True, tau=np.float64(0.5))  # a numpy scalar is saved as a plain float
     assert type(tr.state_dict()["tau"]) is float

@@ -182,7 +182,7 @@ def _two(rank, world, init_file, tmp):
         dist.destroy_process_group()
 
 
-BROKEN = ("missing", "mixed", "dtype", "truncated", "binary")  # damaged copies of the checkpoint
+BROKEN = ("missing", "mixed", "dtype", "cut_shard", "truncated", "binary")  # damaged copies of the checkpoint
 
 
 def _close(got, want, msg):
@@ -246,7 +246,8 @@ def test_sharded_matches_dense_and_reshards(tmp_path):
     )
 
     # damaged copies of the checkpoint: a missing shard, a shard from another save, a shard whose sums
-    # were re-saved in float32 under the right save id and range, a cut and a binary manifest
+    # were re-saved in float32 under the right save id and range, a cut shard file, a cut and a binary
+    # manifest
     ckpt = os.path.join(tmp, "ckpt")
     shards = sorted(glob.glob(os.path.join(ckpt, "shard-*.pt")))
     assert len(shards) == 4
@@ -259,6 +260,8 @@ def test_sharded_matches_dense_and_reshards(tmp_path):
     first = torch.load(shards[0], weights_only=True)
     first["buffers"]["sums"] = first["buffers"]["sums"].float()
     torch.save(first, os.path.join(tmp, "dtype", os.path.basename(shards[0])))
+    data = open(shards[3], "rb").read()  # a shard file cut short, as a crash while copying leaves it
+    open(os.path.join(tmp, "cut_shard", os.path.basename(shards[3])), "wb").write(data[: len(data) // 2])
     manifest = open(os.path.join(ckpt, "manifest.json"), "rb").read()
     open(os.path.join(tmp, "truncated", "manifest.json"), "wb").write(manifest[: len(manifest) // 2])
     open(os.path.join(tmp, "binary", "manifest.json"), "wb").write(b"\x80\xff" + manifest)
@@ -276,6 +279,8 @@ def test_sharded_matches_dense_and_reshards(tmp_path):
     assert all("does not belong" in got["mixed"] for got in two)  # both read shard 1 ([10, 20))
     assert "sums" in two[0]["dtype"] and "float32" in two[0]["dtype"] and shards[0][-30:] in two[0]["dtype"]
     assert "failed on another rank" in two[1]["dtype"]
+    assert "ValueError" in two[1]["cut_shard"] and shards[3][-30:] in two[1]["cut_shard"], two[1]["cut_shard"]
+    assert "not a readable" in two[1]["cut_shard"] and "failed on another rank" in two[0]["cut_shard"]
     # the 2-rank re-export and re-save replaced the 4-rank ones
     assert sorted(os.listdir(os.path.join(tmp, "parquet"))) == [
         f"scores-{r:05d}-of-00002.parquet" for r in range(2)

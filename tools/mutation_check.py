@@ -283,6 +283,13 @@ MUTANTS = [
         'tmp = f"{path}.tmp{os.getpid()}"; fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)',
         ["test_checkpoint.py::test_concurrent_saves_to_one_path"],
     ),
+    (
+        "cut checkpoint file raises torch.load's own error",
+        "_checkpoint.py",
+        "except Exception as e:  # noqa: BLE001  (a cut or foreign file",
+        "except EOFError as e:  # noqa: BLE001  (a cut or foreign file",
+        ["test_checkpoint.py::test_load_of_a_cut_or_foreign_file_names_it", *SHARD],
+    ),
     # sharded checkpoints
     (
         "shard reload with an empty range",
