@@ -11,7 +11,8 @@
 #   then at once, each stage with its own log in $OUT:
 #   tests      pytest -m cuda: every test that runs on the GPU (tests/conftest.py marks those
 #              parametrized with the cuda device or named for it), every kernel route, the accuracy
-#              tests, graph capture, determinism; tests.xml (JUnit) and tests.log
+#              tests, graph capture, determinism; in MEMCORE_TEST_SHARDS processes (4), each with
+#              its tests-K.xml (JUnit) and tests-K.log
 #   repeat     tools/gpu_repeat.py twice: ce_forward_reduce and tracker scores (rows sharing sample
 #              ids), bit for bit within each process and across the two; repeat-1/2.jsonl
 #   kernels    tools/launch_all.py --profile: every op, dtype and launch route once, with the kernels
@@ -27,9 +28,24 @@ call=check
 budget="${MEMCORE_GPU_BUDGET:-240}"
 source "$(dirname "$0")/gpu_common.sh"
 
-test_cuda() {
+test_cuda() {  # in MEMCORE_TEST_SHARDS processes at once (default 4), test files dealt round-robin
   has_gpu || echo "[memcore] tests: no GPU visible: the CUDA tests skip (their collection is what runs)"
-  "$py" -m pytest tests -m cuda -q -p no:cacheprovider -p tools.deadline -rfEs --junitxml="$out/tests.xml"
+  local files=(tests/test_*.py) n="${MEMCORE_TEST_SHARDS:-4}" k i rc=0 r pids=()
+  for ((k = 0; k < n; k++)); do
+    local group=()
+    for i in "${!files[@]}"; do [ $((i % n)) != "$k" ] || group+=("${files[$i]}"); done
+    "$py" -m pytest "${group[@]}" -m cuda -q -p no:cacheprovider -p tools.deadline -rfEs \
+      --junitxml="$out/tests-$k.xml" >"$out/tests-$k.log" 2>&1 &
+    pids+=($!)
+  done
+  for k in "${!pids[@]}"; do
+    wait "${pids[$k]}"
+    r=$?
+    echo "[memcore] tests, shard $k: exit $r: $(tail -n 1 "$out/tests-$k.log")"
+    # 5: no test of the shard is a CUDA test
+    [ "$r" = 0 ] || [ "$r" = 5 ] || [ "$rc" != 0 ] || rc=$r
+  done
+  return "$rc"
 }
 
 repeat() {

@@ -27,9 +27,9 @@ records="$out/$call-stages.jsonl"
 note() { echo "[memcore] $*" | tee -a "$log"; }
 left() { echo $((budget - (SECONDS - t_start))); }
 
-cpu_s() {  # CPU seconds (user + system) of the finished children of this (sub)shell: cutime +
-  # cstime of /proc/$BASHPID/stat (bash's `times` in a $(...) would read the command substitution's)
-  awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%d", ($14 + $15) / hz }' "/proc/$BASHPID/stat"
+cpu_s() {  # cpu_s PID: CPU seconds (user + system) of the finished children of shell PID, cutime +
+  # cstime of its /proc stat (in a $(...), $BASHPID and bash's `times` would be the substitution's)
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%d", ($14 + $15) / hz }' "/proc/$1/stat"
 }
 
 record() {  # record STAGE EXIT WALL CPU CAP STATE: one JSON line (STATE: ok, failed, timed out, skipped: why)
@@ -53,8 +53,8 @@ run() {
     return 0
   fi
   note "=== $stage (<= $t s): $*"
-  local t0=$SECONDS c0 rc state=ok
-  c0=$(cpu_s)
+  local t0=$SECONDS c0 rc state=ok me=$BASHPID  # this shell: the main one, or a stage run in the background
+  c0=$(cpu_s "$me")
   # bash -c: the stage may be a function (exported below), which timeout cannot call itself. SIGINT
   # first: pytest then ends its session and writes its report; KILL 10 s later. Output: to the call's
   # log and the terminal, or (stages run at once) to the stage's own log only.
@@ -74,8 +74,9 @@ run() {
   esac
   local where=""
   [ "$to" = "$log" ] || where=", output in $(basename "$to")"
-  note "=== $stage: $state, exit $rc after $((SECONDS - t0)) s, $(($(cpu_s) - c0)) CPU-s$where"
-  record "$stage" "$rc" "$((SECONDS - t0))" "$(($(cpu_s) - c0))" "$cap" "$state"
+  local cpu=$(($(cpu_s "$me") - c0))
+  note "=== $stage: $state, exit $rc after $((SECONDS - t0)) s, $cpu CPU-s$where"
+  record "$stage" "$rc" "$((SECONDS - t0))" "$cpu" "$cap" "$state"
   [ "$rc" = 0 ] || [ "$status" != 0 ] || status=$rc
   return "$rc"
 }
@@ -138,11 +139,18 @@ build() {
       echo "[memcore] build: no GPU visible to $py and MEMCORE_CUDA_ARCH unset: set it (e.g. 9.0) to build anyway"
       return 3
     fi
-    if ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
-      echo "[memcore] build: no CUDA compiler (nvcc on PATH or in \$CUDA_HOME/bin): the CUDA kernels cannot be built here"
+    # the toolkit: CUDA_HOME, else the one nvcc belongs to (torch guesses from PATH, and an nvcc
+    # wrapper script there would leave the link without cudart)
+    local home="${CUDA_HOME:-}" d
+    for d in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /x/x/x)")")")"; do
+      [ -n "$home" ] || { [ -x "$d/bin/nvcc" ] && [ -f "$d/include/cuda_runtime.h" ] && home="$d"; }
+    done
+    if [ -z "$home" ]; then
+      echo "[memcore] build: no CUDA toolkit (CUDA_HOME, /usr/local/cuda, or nvcc on PATH): the CUDA kernels cannot be built here"
       return 3
     fi
-    echo "[memcore] building for TORCH_CUDA_ARCH_LIST=$arch with MAX_JOBS=${MAX_JOBS:-$(nproc)}"
+    export CUDA_HOME="$home"
+    echo "[memcore] building for TORCH_CUDA_ARCH_LIST=$arch with MAX_JOBS=${MAX_JOBS:-$(nproc)}, CUDA_HOME=$CUDA_HOME"
     MEMCORE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
       "$py" setup.py -q build_ext --inplace || return 1
   fi

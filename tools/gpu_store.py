@@ -4,7 +4,7 @@
     python -m tools.gpu_store OUT_CHECK [OUT_BENCH ...]   # then: python -m benchmarks.render
 
 An output folder of tools/gpu_check.sh gives one line per check (the CUDA tests' counts from
-tests.xml, the bitwise repeats, the kernel coverage, each compute-sanitizer tool's error count);
+their JUnit reports, the bitwise repeats, the kernel coverage, each compute-sanitizer tool's error count);
 one of tools/gpu_bench.sh gives every figure of results.jsonl (tools/gpu_bench.py). The rows carry
 the local checkout's commit when the measured tree is the same code (tree_digest of the sources,
 recorded by the run, equals the local one); otherwise they are stored as "unrecorded" and a warning
@@ -110,24 +110,19 @@ def check_rows(folder: Path, common: dict, gpu: str) -> List[Dict[str, str]]:
     def add(variant: str, metric: str, v, unit: str = "count") -> None:
         rows.append(store.row(**base, variant=variant, metric=metric, value=v, unit=unit))
 
-    xml = folder / "tests.xml"
-    if xml.exists():
+    suites = []
+    for xml in sorted(folder.glob("tests*.xml")):  # one JUnit report per shard of the test stage
         try:
-            suites = ET.parse(xml).getroot()
+            root = ET.parse(xml).getroot()
         except ET.ParseError:  # cut short while written
-            suites = None
-        if suites is not None:
-            suites = [suites] if suites.tag == "testsuite" else list(suites)
-            total = {
-                k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")
-            }
-            add(
-                "CUDA tests",
-                "passed",
-                total["tests"] - total["failures"] - total["errors"] - total["skipped"],
-            )
-            add("CUDA tests", "failed", total["failures"] + total["errors"])
-            add("CUDA tests", "skipped", total["skipped"])
+            continue
+        suites += [root] if root.tag == "testsuite" else list(root)
+    if suites:
+        total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+        failed = total["failures"] + total["errors"]
+        add("CUDA tests", "passed", total["tests"] - failed - total["skipped"])
+        add("CUDA tests", "failed", failed)
+        add("CUDA tests", "skipped", total["skipped"])
     reps = [r for name in ("repeat-1.jsonl", "repeat-2.jsonl") for r in _jsonl(folder / name)]
     if reps:
         add("bitwise repeats", "cases", len({r["case"] for r in reps}))

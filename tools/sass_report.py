@@ -785,31 +785,30 @@ def inflight(rows: List[Row], latency_ns: float = LATENCY_NS) -> List[Dict]:
                     resident = min(resident, launch.rows * slices / d["sms"])
                 in_flight = resident * min(row_bytes, trip)
                 rate = resident * row_bytes / (trips + wait) * launch.traffic  # bytes per latency, per SM
-                need = (
-                    d["tbs"] * 1e12 / d["sms"] * latency_ns * 1e-9
-                )  # bytes per SM per latency at full bandwidth
+                per_sm = d["tbs"] * 1e12 / d["sms"]  # bytes per second per SM at full bandwidth
+                need = per_sm * latency_ns * 1e-9
                 out.append(
-                    dict(
-                        launch=launch.name,
-                        kernel=r.kernel,
-                        dtype=dtype,
-                        device=dev,
-                        arch=d["arch"],
-                        regs=r.regs,
-                        threads=launch.threads,
-                        blocks_per_sm=blocks,
-                        loads_per_thread=r.inflight,
-                        loads_per_thread_max=r.inflight_max,
-                        load_bytes=r.load_width,
-                        row_kib=round(row_bytes / 1024, 2),
-                        slices=slices,
-                        trips=trips,
-                        waits_first_load=r.waits_first_load,
-                        kib_in_flight=round(in_flight / 1024, 1),
-                        tolerated_ns=round(rate / (d["tbs"] * 1e12 / d["sms"]) * 1e9, 0),
-                        hbm_pct=round(100 * min(1.0, rate / need), 0),
-                        latency_ns=latency_ns,
-                    )
+                    {
+                        "launch": launch.name,
+                        "kernel": r.kernel,
+                        "dtype": dtype,
+                        "device": dev,
+                        "arch": d["arch"],
+                        "regs": r.regs,
+                        "threads": launch.threads,
+                        "blocks_per_sm": blocks,
+                        "loads_per_thread": r.inflight,
+                        "loads_per_thread_max": r.inflight_max,
+                        "load_bytes": r.load_width,
+                        "row_kib": round(row_bytes / 1024, 2),
+                        "slices": slices,
+                        "trips": trips,
+                        "waits_first_load": r.waits_first_load,
+                        "kib_in_flight": round(in_flight / 1024, 1),
+                        "tolerated_ns": round(rate / per_sm * 1e9, 0),
+                        "hbm_pct": round(100 * min(1.0, rate / need), 0),
+                        "latency_ns": latency_ns,
+                    }
                 )
     return out
 
