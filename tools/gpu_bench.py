@@ -48,12 +48,15 @@ import torch
 import torch.nn.functional as F
 
 import memcore
-from benchmarks.common import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
 from benchmarks.memory import peak_mib
 from memcore.linear_cross_entropy import auto_chunk_size
 from tools.gpu_store import tree_digest
 
 OPS = torch.ops.memcore
+try:  # the Liger baselines (liger-kernel: tools/gpu_wheels.sh); pytest-free, unlike benchmarks.common
+    from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+except Exception:  # noqa: BLE001 - not installed, or its triton import failed
+    LigerCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss = None
 
 # launch-shape class -> (rows, classes), full and --small; bf16 logits (fp32 with --small on the CPU)
 SHAPES = {
@@ -238,8 +241,7 @@ def latency(run: Run) -> None:
     stride, nodes, steps = 64, 2**20, 50000  # int64 entries: 512 B apart, 512 MiB
     perm = torch.randperm(nodes, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     nxt = torch.zeros(nodes * stride, device="cuda", dtype=torch.int64)
-    nxt[perm * stride] = torch.roll(perm, -1) * stride
-    nxt[0] = int(perm[0]) * stride  # the walk starts at the cycle's first node
+    nxt[perm * stride] = torch.roll(perm, -1) * stride  # one cycle through every node; the walk starts at 0
     out = torch.empty(1, device="cuda", dtype=torch.int64)
     chase[(1,)](nxt, 10, out)  # compile
     torch.cuda.synchronize()

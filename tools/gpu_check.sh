@@ -34,7 +34,7 @@ test_cuda() {  # in MEMCORE_TEST_SHARDS processes at once (default 4), test file
   for ((k = 0; k < n; k++)); do
     local group=()
     for i in "${!files[@]}"; do [ $((i % n)) != "$k" ] || group+=("${files[$i]}"); done
-    "$py" -m pytest "${group[@]}" -m cuda -q -p no:cacheprovider -p tools.deadline -rfEs \
+    "$py" -m pytest "${group[@]}" -m cuda -q -p no:cacheprovider -p tools.deadline -rfEs --continue-on-collection-errors \
       --junitxml="$out/tests-$k.xml" >"$out/tests-$k.log" 2>&1 &
     pids+=($!)
   done
@@ -86,6 +86,7 @@ sanitize() {  # sanitize TOOL
 export -f test_cuda repeat kernels sanitize
 
 probe
+wheels
 run build 150 -- build || finish
 run_all tests 220 "$out/tests.log" -- test_cuda \
   ::: repeat 120 "$out/repeat.log" -- repeat \

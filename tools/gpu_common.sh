@@ -88,11 +88,15 @@ probe() {
   "$py" - "$out/env.json" <<'PY' 2>&1 | tee -a "$log"
 import json, os, shutil, subprocess, sys, time
 import torch
-from tools.gpu_store import tree_digest
 gpu = torch.cuda.is_available()
 env = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), torch=torch.__version__,
-           cuda=torch.version.cuda, python=sys.version.split()[0], cpus=os.cpu_count(), tree=tree_digest(),
+           cuda=torch.version.cuda, python=sys.version.split()[0], cpus=os.cpu_count(),
            nvcc=shutil.which("nvcc"), compute_sanitizer=shutil.which("compute-sanitizer"))
+try:
+    from tools.gpu_store import tree_digest
+    env["tree"] = tree_digest()
+except Exception as e:  # the rows are then stored as unrecorded; the run goes on
+    env["tree_error"] = repr(e)
 if gpu:
     p = torch.cuda.get_device_properties(0)
     env.update(gpu=p.name, capability="%d.%d" % (p.major, p.minor), sms=p.multi_processor_count,
@@ -110,14 +114,18 @@ PY
 }
 has_gpu() { [ -n "$gpu_arch" ]; }
 
-wheels() {  # .whl/ (tools/gpu_wheels.sh) into $site, for machines that cannot fetch packages
-  compgen -G ".whl/*.whl" >/dev/null || return 0
+wheels() {  # .whl/ (tools/gpu_wheels.sh) into $site, for machines that cannot fetch packages;
+  # .whl/test/ (pytest) only where the Python has none
+  local whl=()
+  compgen -G ".whl/*.whl" >/dev/null && whl+=(.whl/*.whl)
+  if compgen -G ".whl/test/*.whl" >/dev/null && ! "$py" -c "import pytest" 2>/dev/null; then whl+=(.whl/test/*.whl); fi
+  [ ${#whl[@]} -gt 0 ] || return 0
   if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-    .whl/*.whl >>"$log" 2>&1; then
+    "${whl[@]}" >>"$log" 2>&1; then
     export PYTHONPATH="$PYTHONPATH:$site"
-    note "wheels: $(cd .whl && ls *.whl | tr '\n' ' ')into $site"
+    note "wheels: ${whl[*]} into $site"
   else
-    note "wheels: install into $site failed (see $call.log); the Liger comparisons will be missing"
+    note "wheels: install into $site failed (see $call.log); what they bring (Liger, pytest) may be missing"
   fi
 }
 

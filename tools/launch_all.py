@@ -268,6 +268,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if out:
                 out.write(json.dumps(dict(case=name, error=repr(e)[:2000])) + "\n")
     status = 1 if failed else 0
+    if out and not ran and todo:
+        # no kernel at all: the profiler could not trace (CUPTI refused, say), not a coverage finding
+        print(
+            "[launch_all] torch.profiler recorded no CUDA kernel: the kernel coverage is unknown", flush=True
+        )
+        out.write(json.dumps(dict(case="coverage", error="torch.profiler recorded no CUDA kernel")) + "\n")
+        out.close()
+        return 1
     if out:
         launched = {re.sub(r"<.*", "", k).split("::")[-1] for k in ran}
         never = [k for k in global_kernels() if k not in launched]
