@@ -1,15 +1,20 @@
 // Host replays of the CUDA cross-entropy kernels' logic, from the same per-row code
 // (csrc/cuda/cross_entropy_row.h), compiled into every build so tests/test_cross_entropy_replay.py
-// checks it against the CPU kernels without a GPU: a row's forward and gradient pass thread by
-// thread as the launch splits it, the split launch of few wide rows, and ce_forward_reduce's
-// fixed-order reduction. Lanes run one after another, which the kernels' own ordering (barriers;
+// checks it against the CPU kernels, and tests/test_cross_entropy_accuracy.py against float64,
+// without a GPU: a row's forward and gradient pass thread by thread as the launch splits it, the
+// split launch of few wide rows, and ce_forward_reduce's fixed-order reduction; ex2.approx.ftz.f32
+// as host_ex2 models it. Lanes run one after another, which the kernels' own ordering (barriers;
 // each element read and written by one thread) makes equivalent. More: docs/kernels.md.
 #include "cross_entropy_replay.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -18,6 +23,65 @@
 #include "cuda/cross_entropy_row.h"
 
 namespace memcore {
+namespace cerow {
+namespace {
+
+// Which float within ex2.approx.ftz.f32's documented error (2 ulp) host_ex2 returns. The
+// instruction's algorithm is not documented, so no emulation of it can be trusted; its error bound
+// is, and the kernels' accuracy must hold anywhere inside it. kHashed (the default) picks one of the
+// floats within 2 ulp of 2^x by a hash of x's bits: deterministic, a function of x as the
+// hardware's result is, and reaching both ends of the bound; kLow / kHigh take the lowest / highest
+// of them for every x (the error as one systematic bias); kNearest rounds 2^x correctly.
+enum class Ex2Model { kNearest, kLow, kHigh, kHashed };
+thread_local Ex2Model ex2_model = Ex2Model::kHashed;
+
+const char* ex2_name(Ex2Model m) {
+  switch (m) {
+    case Ex2Model::kNearest: return "nearest";
+    case Ex2Model::kLow: return "low";
+    case Ex2Model::kHigh: return "high";
+    default: return "hashed";
+  }
+}
+
+uint32_t mix32(uint32_t h) {  // murmur3's finalizer
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+}  // namespace
+
+float host_ex2(float x) {
+  // .ftz: a subnormal input reads as 0 (2^0 = 1, what exp2 of it rounds to anyway); a result below
+  // the smallest normal float flushes to +0
+  const double y = std::exp2(static_cast<double>(x));
+  if (std::isnan(y)) return std::numeric_limits<float>::quiet_NaN();
+  if (y < static_cast<double>(std::numeric_limits<float>::min())) return 0.0f;
+  const float nearest = static_cast<float>(y);
+  if (std::isinf(nearest) || ex2_model == Ex2Model::kNearest) return nearest;
+  int e = 0;
+  std::frexp(y, &e);  // y in [2^(e-1), 2^e): floats there are 2^(e-24) apart
+  const double ulp = std::ldexp(1.0, e - 24);
+  const float inf = std::numeric_limits<float>::infinity();
+  float lo = nearest, hi = nearest;
+  for (float n = std::nextafter(lo, -inf); static_cast<double>(n) >= y - 2 * ulp; n = std::nextafter(n, -inf)) lo = n;
+  for (float n = std::nextafter(hi, inf); static_cast<double>(n) <= y + 2 * ulp; n = std::nextafter(n, inf)) hi = n;
+  if (ex2_model == Ex2Model::kLow) return lo;
+  if (ex2_model == Ex2Model::kHigh) return hi;
+  int count = 0;
+  for (float f = lo; f < hi; f = std::nextafter(f, inf)) ++count;
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  float r = lo;
+  for (uint32_t k = mix32(bits) % static_cast<uint32_t>(count + 1); k > 0; --k) r = std::nextafter(r, inf);
+  return r;
+}
+
+}  // namespace cerow
+
 namespace replay {
 namespace {
 
@@ -25,23 +89,23 @@ using cerow::OpMath;
 using cerow::Part;
 
 // the kernel's warp_merge over each warp of p (size TPR): merge(self, lane ^ off), off = 16..1
-template <typename acc_t>
+template <typename acc_t, bool E>
 void butterfly(std::vector<Part<acc_t>>& p) {
   for (int off = 16; off > 0; off >>= 1) {
     const std::vector<Part<acc_t>> q = p;
     for (size_t lane = 0; lane < p.size(); ++lane) {
       Part<acc_t> o = q[lane ^ off];
-      o.shift = 0;
-      p[lane] = cerow::merge(q[lane], o);
+      o.ref = 0;
+      p[lane] = cerow::merge<acc_t, E>(q[lane], o);
     }
   }
 }
 
 // the kernels' row_merge over the TPR states of one row (a block, or a warp for TPR = 32): the
 // butterfly, then for TPR > 32 lane 0 of each warp to shared memory, every warp merging them
-template <typename acc_t, int TPR>
+template <typename acc_t, int TPR, bool E>
 void row_merge(std::vector<Part<acc_t>>& p) {
-  butterfly(p);
+  butterfly<acc_t, E>(p);
   if (TPR > 32) {
     constexpr int kWarps = TPR / 32;
     std::vector<Part<acc_t>> sm(kWarps);
@@ -53,8 +117,35 @@ void row_merge(std::vector<Part<acc_t>>& p) {
         p[lane].m = sm[wl].m; p[lane].s = sm[wl].s; p[lane].before = sm[wl].before; p[lane].after = sm[wl].after;
       }
     }
-    butterfly(p);
+    butterfly<acc_t, E>(p);
   }
+}
+
+// the kernels' warp_sum over each warp of v: v[lane] + v[lane ^ off], off = 16..1
+template <typename acc_t>
+void warp_sums(std::vector<acc_t>& v) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const std::vector<acc_t> q = v;
+    for (size_t lane = 0; lane < v.size(); ++lane) v[lane] = q[lane] + q[lane ^ off];
+  }
+}
+
+// the kernels' row_sum over the TPR values of one row: the warp sums, then for TPR > 32 lane 0 of
+// each warp to shared memory, every warp summing them; the total every lane ends with (all agree)
+template <typename acc_t, int TPR>
+acc_t row_sum(std::vector<acc_t> v, const char* op) {
+  warp_sums(v);
+  if (TPR > 32) {
+    constexpr int kWarps = TPR / 32;
+    std::vector<acc_t> sw(kWarps);
+    for (int w = 0; w < kWarps; ++w) sw[w] = v[w * 32];
+    for (int lane = 0; lane < TPR; ++lane) v[lane] = lane % 32 < kWarps ? sw[lane % 32] : acc_t(0);
+    warp_sums(v);
+  }
+  for (int lane = 1; lane < TPR; ++lane)
+    TORCH_CHECK(std::memcmp(&v[lane], &v[0], sizeof(acc_t)) == 0, op, ": lane ", lane,
+                " ends with another row sum than lane 0");
+  return v[0];
 }
 
 // every thread must end with the same state bit for bit (the gradient pass takes lse from each)
@@ -73,7 +164,7 @@ std::vector<double> forward_row(const scalar_t* z, int64_t C, int64_t t) {
   using acc_t = typename OpMath<scalar_t>::type;
   std::vector<Part<acc_t>> p(TPR);
   for (int lane = 0; lane < TPR; ++lane) p[lane] = cerow::walk_row<scalar_t, TPR, VEC>(z, C, t, lane);
-  row_merge<acc_t, TPR>(p);
+  row_merge<acc_t, TPR, cerow::kExactDiff<scalar_t>>(p);
   check_agree(p, "_ce_row_replay");
   const cerow::RowOut<acc_t> o = cerow::finish(p[0], static_cast<acc_t>(z[t]));
   return {double(o.lse), double(o.loss), double(o.prob), double(o.margin), double(o.correct)};
@@ -92,15 +183,18 @@ void grad_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double lse
   unsigned char marker[sizeof(scalar_t)];
   std::memset(marker, 0xA5, sizeof(marker));
   if (mark) std::memcpy(&out[t], marker, sizeof(scalar_t));
+  std::vector<acc_t> sums(TPR);
   for (int lane = 0; lane < TPR; ++lane) {
-    cerow::grad_row<scalar_t, TPR, VEC>(z, out, C, L, acc_t(lse), acc_t(g), lane);
+    sums[lane] = cerow::grad_row<scalar_t, TPR, VEC>(z, out, C, t, L, acc_t(lse), acc_t(g), lane);
     if (mark) {
       const bool written = std::memcmp(&out[t], marker, sizeof(scalar_t)) != 0;
       TORCH_CHECK(written == (lane >= own), "_ce_grad_replay: column ", t, " is written by lane ",
                   written ? lane : -1, ", the fix-up is done by lane ", own);
     }
-    if (lane == own) out[t] = static_cast<scalar_t>(cerow::target_grad(zt, acc_t(lse), acc_t(g)));
   }
+  // the owner's fix-up, after the row's sum (kTargetBySum) that every lane takes part in
+  const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(sums, "_ce_grad_replay") : acc_t(0);
+  out[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, acc_t(lse), others, acc_t(g)));
 }
 
 // ---- the split path (ce_split_forward_kernel, ce_split_finish_kernel, ce_split_grad_kernel)
@@ -131,7 +225,7 @@ void split_forward(const scalar_t* logits, const int64_t* targets, const int64_t
       const cerow::Slice sl = cerow::slice_of(L, S, k);
       std::vector<Part<acc_t>> p(TPR);
       for (int lane = 0; lane < TPR; ++lane) p[lane] = cerow::walk_slice<scalar_t, TPR>(z, a.C, t, L, sl, lane);
-      row_merge<acc_t, TPR>(p);
+      row_merge<acc_t, TPR, cerow::kExactDiff<scalar_t>>(p);
       check_agree(p, "_ce_split_forward_replay");
       cerow::store_part(ws.data() + (row * S + k) * cerow::kPartWords, p[0]);
     }
@@ -148,7 +242,7 @@ void split_forward(const scalar_t* logits, const int64_t* targets, const int64_t
     }
     std::vector<Part<acc_t>> q(32);
     for (int lane = 0; lane < 32; ++lane) q[lane] = cerow::load_part(ws.data() + row * S * cerow::kPartWords, S, lane);
-    butterfly(q);
+    butterfly<acc_t, cerow::kExactDiff<scalar_t>>(q);
     check_agree(q, "_ce_split_forward_replay");
     const acc_t zt = static_cast<acc_t>(logits[row * a.C + t]);
     if (zt_saved) zt_saved[row] = zt;
@@ -177,6 +271,7 @@ void split_grad(const scalar_t* logits, scalar_t* out, const int64_t* targets, c
     scalar_t* o = out + row * a.C;
     const cerow::Layout L = cerow::layout<V>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), a.C, t);
     int owners = 0;
+    std::vector<acc_t> parts(32, acc_t(0));  // the slices' sums (kTargetBySum): lane k of the target kernel
     for (int k = 0; k < S; ++k) {
       const cerow::Slice sl = cerow::slice_of(L, S, k);
       if (cerow::row_skipped(t, a.C, a.ignore_index)) {  // zeros, the logits never read
@@ -194,18 +289,26 @@ void split_grad(const scalar_t* logits, scalar_t* out, const int64_t* targets, c
       unsigned char marker[sizeof(scalar_t)];
       std::memset(marker, 0xA5, sizeof(marker));
       if (mark) std::memcpy(&o[t], marker, sizeof(scalar_t));
+      std::vector<acc_t> sums(TPR);
       for (int lane = 0; lane < TPR; ++lane) {
-        cerow::grad_slice<scalar_t, TPR>(z, o, a.C, L, sl, lse[row], g[row], lane);
+        sums[lane] = cerow::grad_slice<scalar_t, TPR>(z, o, a.C, t, L, sl, lse[row], g[row], lane);
         if (mark) {
           const bool written = std::memcmp(&o[t], marker, sizeof(scalar_t)) != 0;
           TORCH_CHECK(written == (lane >= own), "_ce_split_grad_replay: column ", t, " of slice ", k,
                       " is written by lane ", written ? lane : -1, ", the fix-up is done by lane ", own);
         }
-        if (lane == own) o[t] = static_cast<scalar_t>(cerow::target_grad(zt, lse[row], g[row]));
       }
+      if (cerow::kTargetBySum<scalar_t>)
+        parts[k] = row_sum<acc_t, TPR>(sums, "_ce_split_grad_replay");  // lane 0 stores the slice's
+      else if (own >= 0)
+        o[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, lse[row], acc_t(0), g[row]));
     }
-    TORCH_CHECK(cerow::row_skipped(t, a.C, a.ignore_index) || owners == 1, "_ce_split_grad_replay: column ", t,
-                " is owned by ", owners, " slices");
+    if (cerow::row_skipped(t, a.C, a.ignore_index)) continue;
+    TORCH_CHECK(owners == 1, "_ce_split_grad_replay: column ", t, " is owned by ", owners, " slices");
+    if (cerow::kTargetBySum<scalar_t>) {  // ce_split_target_kernel: the warp's sum, lane 0 writes
+      warp_sums(parts);
+      o[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(acc_t(0), acc_t(0), parts[0], g[row]));
+    }
   }
 }
 
@@ -343,6 +446,19 @@ at::Tensor ce_split_backward_replay(const at::Tensor& grad_loss, const at::Tenso
   });
   return out;
 }
+
+std::string ce_ex2_model(const std::string& model) {
+  using cerow::Ex2Model;
+  const std::string before = cerow::ex2_name(cerow::ex2_model);
+  if (model == "nearest") cerow::ex2_model = Ex2Model::kNearest;
+  else if (model == "low") cerow::ex2_model = Ex2Model::kLow;
+  else if (model == "high") cerow::ex2_model = Ex2Model::kHigh;
+  else if (model == "hashed") cerow::ex2_model = Ex2Model::kHashed;
+  else TORCH_CHECK(false, "_ce_ex2_model: model must be nearest, low, high or hashed, got '", model, "'");
+  return before;
+}
+
+double ce_host_ex2(double x) { return cerow::host_ex2(static_cast<float>(x)); }
 
 std::tuple<at::Tensor, at::Tensor> ce_reduce_replay(const at::Tensor& loss, const at::Tensor& targets,
                                                     int64_t ignore_index, bool mean, int64_t threads) {

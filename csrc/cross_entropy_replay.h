@@ -1,11 +1,12 @@
 // Host replays of the CUDA cross-entropy kernels' logic (csrc/cross_entropy_replay.cpp), bound as
-// memcore._C._ce_row_replay / _ce_grad_replay / _ce_reduce_replay and the split path's
-// _ce_split_slices / _ce_split_forward_replay / _ce_split_backward_replay for
-// tests/test_cross_entropy_replay.py.
+// memcore._C._ce_row_replay / _ce_grad_replay / _ce_reduce_replay, the split path's
+// _ce_split_slices / _ce_split_forward_replay / _ce_split_backward_replay and the ex2 model's
+// _ce_ex2_model / _ce_host_ex2 for tests/test_cross_entropy_replay.py and tests/test_cross_entropy_accuracy.py.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 namespace memcore {
@@ -29,6 +30,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_split_forward_repl
 // ce_backward's split launch: the gradient, allocated at the logits' offset from a 16-byte boundary
 at::Tensor ce_split_backward_replay(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
                                     const at::Tensor& lse, int64_t ignore_index, int64_t slices, int64_t tpr);
+// the replays' model of ex2.approx.ftz.f32 in this thread (csrc/cross_entropy_replay.cpp): "hashed"
+// (the default), "low", "high" or "nearest"; returns the model it replaces
+std::string ce_ex2_model(const std::string& model);
+// that model's 2^x for x rounded to float (cerow::host_ex2, what cerow::expo runs on the host)
+double ce_host_ex2(double x);
 // ce_forward_reduce's reduction over per-row losses (1-D CPU float / double) and targets as
 // threads (32: the split finish kernel's fold, 1024: ce_reduce_kernel) compute it in the kernels'
 // fixed order: (out 0-d in loss's dtype, mean or sum; count 0-d int64)

@@ -16,7 +16,8 @@ TORCH_LIBRARY(memcore, m) {
       "ce_forward(Tensor logits, Tensor targets, Tensor index, int num_samples, int ignore_index)"
       " -> (Tensor loss, Tensor lse, Tensor row_stats, Tensor status)");
   // grad_logits = (softmax(logits) - onehot(targets)) * grad_loss[:, None], one pass, no softmax
-  // tensor materialised; ignored rows get 0.
+  // tensor materialised; ignored rows get 0. lse: ce_forward's for these logits (softmax is
+  // exp(logits - lse); the CUDA kernel takes fp32's target column as minus the others' sum).
   m.def(
       "ce_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, int ignore_index)"
       " -> Tensor");
@@ -96,6 +97,10 @@ namespace memcore {
 namespace cpu {
 const char* block_isa();  // csrc/cpu/cross_entropy_block.cpp
 }  // namespace cpu
+// csrc/composite/linear_cross_entropy.cpp: the fp32-accumulate GEMM probe for like's dtype and device
+// (refused while capturing), and what it found so far
+bool linear_ce_gemm_probe(const at::Tensor& like, bool capturing);
+std::string linear_ce_gemm_form(const at::Tensor& like);
 }  // namespace memcore
 
 namespace {
@@ -114,13 +119,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &memcore::cpu::block_isa,
         "Vector ISA of the CPU cross-entropy kernels in use: avx512, avx2 or baseline");
   // host replays of the CUDA cross-entropy kernels' logic (csrc/cross_entropy_replay.cpp), for
-  // tests/test_cross_entropy_replay.py
+  // tests/test_cross_entropy_replay.py and tests/test_cross_entropy_accuracy.py
   m.def("_ce_row_replay", &memcore::replay::ce_row_replay);
   m.def("_ce_grad_replay", &memcore::replay::ce_grad_replay);
   m.def("_ce_split_slices", &memcore::replay::ce_split_slices);
   m.def("_ce_split_forward_replay", &memcore::replay::ce_split_forward_replay);
   m.def("_ce_split_backward_replay", &memcore::replay::ce_split_backward_replay);
   m.def("_ce_reduce_replay", &memcore::replay::ce_reduce_replay);
+  m.def("_ce_ex2_model", &memcore::replay::ce_ex2_model);
+  m.def("_ce_host_ex2", &memcore::replay::ce_host_ex2);
+  // linear_accumulate runs the GEMM probe before a 16-bit CUDA call, outside CUDA-graph capture
+  m.def("_linear_ce_gemm_probe", &memcore::linear_ce_gemm_probe);
+  m.def("_linear_ce_gemm_form", &memcore::linear_ce_gemm_form);
   // the Philox4x32-10 words every curvature kernel draws its probes from, for known-answer tests
   m.def("_philox4x32", &memcore::cpu::philox4x32_words);
 }

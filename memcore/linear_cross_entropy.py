@@ -6,10 +6,11 @@ from typing import Optional
 
 import torch
 
+from . import _C
 from ._layout import NON_FINITE
 from ._ops import linear_cross_entropy as _registered  # noqa: F401  (fake kernels and autograd of the ops)
 from ._validate import as_int, explain_status, linear_rows_of, loss_call
-from .tracker import Tracker
+from .tracker import Tracker, _capturing
 
 _MIB = 2**20
 # Bytes of one chunk's logits (plus, for 16-bit inputs, the fp32 copy of their gradient that the
@@ -27,6 +28,19 @@ def auto_chunk_size(num_rows: int, num_classes: int, dtype: torch.dtype, device:
     per_row = num_classes * (dtype.itemsize + (4 if dtype in (torch.float16, torch.bfloat16) else 0))
     budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES["cuda"])
     return max(1, min(int(num_rows), budget // per_row))
+
+
+_16BIT = (torch.float16, torch.bfloat16)
+
+
+def settle_gemm(like: torch.Tensor) -> bool:
+    """Settles which weight-gradient GEMM 16-bit calls on ``like``'s device take: whether this torch's
+    addmm accumulates a float16 / bfloat16 product into an fp32 result (docs/kernels.md). The probe
+    syncs the host, so :func:`linear_accumulate` runs it at its first such call, before any CUDA-graph
+    capture; inside a capture that no earlier step settled it raises RuntimeError naming the warm-up
+    step. An exception from the probe itself is not kept as an answer: the next call probes again.
+    Returns True for the fp32-accumulating GEMM."""
+    return _C._linear_ce_gemm_probe(like, _capturing())
 
 
 def linear_accumulate(
@@ -95,6 +109,8 @@ def linear_accumulate(
         grad and weight.requires_grad,
         grad and bias is not None and bias.requires_grad,
     ]
+    if mask[1] and hidden.is_cuda and hidden.dtype in _16BIT and not torch.compiler.is_compiling():
+        settle_gemm(hidden)
     out, _count, loss, _lse, row_stats, status, *_grads = torch.ops.memcore.linear_ce_forward(
         hidden2d,
         weight,

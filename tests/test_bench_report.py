@@ -202,13 +202,35 @@ def _sass_row(family, dtype="bf16", instr=6.0, spill=0):
 
 def test_sass_check_flags_spills_slow_loops_and_missing_kernels():
     """sass_report --check (run by the CUDA build check): clean rows pass; a spill in any dtype, a bf16
-    main loop over 10 instructions per element, or a checked family absent from the build fails."""
+    main loop over 10 instructions per element, an fp32 one over 8, or a checked family absent from
+    the build fails."""
     from tools import sass_report
 
-    clean = [_sass_row(f) for f in sass_report.CHECKED] + [_sass_row("forward", dtype="fp64", instr=44.0)]
+    clean = [_sass_row(f, dtype=d) for f in sass_report.CHECKED for d in ("bf16", "fp32")]
+    clean.append(_sass_row("forward", dtype="fp64", instr=44.0))
     assert sass_report.check(clean) == []
     assert any("spill" in p for p in sass_report.check(clean + [_sass_row("commit", dtype="fp64", spill=16)]))
-    slow = [r if r.family != "backward" else _sass_row("backward", instr=10.5) for r in clean]
+    slow = [
+        r if (r.family, r.dtype) != ("backward", "bf16") else _sass_row("backward", instr=10.5) for r in clean
+    ]
     assert any("backward bf16: 10.5" in p for p in sass_report.check(slow))
+    # 9 instructions: within bf16's budget, over fp32's
+    fp32 = [
+        r if (r.family, r.dtype) != ("forward", "fp32") else _sass_row("forward", "fp32", 9.0) for r in clean
+    ]
+    assert [p for p in sass_report.check(fp32) if "forward fp32: 9.0" in p]
+    assert (
+        sass_report.check(
+            [
+                _sass_row("forward", "bf16", 9.0) if r.family == "forward" and r.dtype == "bf16" else r
+                for r in clean
+            ]
+        )
+        == []
+    )
     gone = [r for r in clean if r.family != "forward (split)"]
     assert any("forward (split)" in p for p in sass_report.check(gone))
+    assert any(
+        "backward fp32" in p
+        for p in sass_report.check([r for r in clean if r.dtype != "fp32" or r.family != "backward"])
+    )

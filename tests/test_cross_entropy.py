@@ -394,6 +394,36 @@ def test_split_rows_status(dtype):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "n,c,dtype",
+    [
+        (300, 1000, torch.float32),
+        (1500, 20000, torch.bfloat16),
+        (8, 131072, torch.float32),
+        (16, 50257, torch.bfloat16),
+    ],
+    ids=lambda x: str(x)[6:] if isinstance(x, torch.dtype) else x,
+)
+def test_kernels_repeat_bit_for_bit_cuda(n, c, dtype):
+    """ce_forward, ce_backward and ce_forward_grad_ give the same bits on a second call, on the
+    block-per-row launch and the split launch (which also runs ce_split_target_kernel for fp32): no
+    atomics on values, every merge and sum in a fixed order (docs/guarantees.md, per GPU model)."""
+    logits, targets = _split_logits(n, c, dtype, "cuda", 0, seed=n)
+    idx = torch.arange(n, device="cuda")
+    g = torch.randn(n, generator=torch.Generator().manual_seed(2)).cuda()
+    runs = []
+    for _ in range(2):
+        loss, lse, rs, status = OPS.ce_forward(logits, targets, idx, n, -100)
+        grad = OPS.ce_backward(g, logits, targets, lse, -100)
+        over = logits.clone()
+        out, count, *_ = OPS.ce_forward_grad_(over, targets, idx, n, -100, 1)
+        runs.append([loss, lse, rs, status, grad, over, out, count])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 # (n, c, dtype, split): one block per row (warp rows, past 1024 rows, 512-thread rows, float64) and
 # the split launch (few wide rows), each path's out and count written on the device
 REDUCE_CASES = [

@@ -1,15 +1,20 @@
 """accumulate inside CUDA-graph capture: no host sync, rows committed on the device by every replay,
-errors deferred; refusals before anything is captured; a CPU run never initializes CUDA."""
+errors deferred; refusals before anything is captured (linear_accumulate's GEMM probe included); a
+CPU run never initializes CUDA."""
 
 import os
 import subprocess
 import sys
+import textwrap
+import warnings
 
 import pytest
 import torch
 from reference import assert_same_state
 
 import memcore
+from memcore import _C
+from memcore.linear_cross_entropy import settle_gemm
 
 
 @pytest.mark.cuda
@@ -138,3 +143,63 @@ def test_captured_training_step_records_every_replay(route):
     keys = ["csl", "rows", "confidence_mean", "aum"] + (["input_grad_norm"] if route.get("inputs") else [])
     for k in keys:
         torch.testing.assert_close(a[k], b[k], equal_nan=True, msg=k)
+
+
+def test_gemm_probe_never_runs_inside_a_capture(monkeypatch):
+    """linear_accumulate's 16-bit weight-gradient GEMM depends on a probe that syncs the host: inside
+    a capture it is refused with an error naming the warm-up step (before any host read), and an
+    exception from the probe is never kept as the answer "unsupported". On the CPU the probe's GEMM
+    (addmm with an fp32 out) raises, which is what this checks; the CUDA test below takes the real
+    path."""
+    like = torch.zeros(2, 2, dtype=torch.bfloat16)
+    assert _C._linear_ce_gemm_form(like) == "unprobed"
+    _pretend_capture(monkeypatch)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        settle_gemm(like)
+    monkeypatch.undo()
+    assert _C._linear_ce_gemm_form(like) == "unprobed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the probe's own warning, once per process
+        for _ in range(2):  # each call probes again: the exception was not an answer
+            assert settle_gemm(like) is False
+            assert _C._linear_ce_gemm_form(like) == "unprobed"
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        settle_gemm(like.float())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_linear_capture_before_and_after_the_warm_up():
+    """A fresh process: a bf16 linear_accumulate captured before any eager step is refused (the GEMM
+    probe would sync inside the capture); after one eager step the probe's answer is kept and the
+    same step captures and replays."""
+    code = textwrap.dedent("""
+        import torch, memcore
+        from memcore import _C
+        n, h, v = 8, 16, 32
+        hid = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(v, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        y = torch.randint(0, v, (n,), device="cuda")
+        idx = torch.arange(n, device="cuda")
+        tr = memcore.Tracker(n, device="cuda")
+        memcore.accumulate(torch.randn(n, 4, device="cuda"), y % 4, idx, tr)  # the tracker's warm-up
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                memcore.linear_accumulate(hid, w, y, idx, tr).backward()
+        except RuntimeError as e:
+            assert "weight-gradient GEMM" in str(e) and "warm-up" in str(e), e
+        else:
+            raise AssertionError("a capture before the GEMM probe was not refused")
+        assert _C._linear_ce_gemm_form(hid) == "unprobed"
+        memcore.linear_accumulate(hid, w, y, idx, tr).backward()  # the warm-up step
+        assert _C._linear_ce_gemm_form(hid) == "fp32_accumulate"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            memcore.linear_accumulate(hid, w, y, idx, tr).backward()
+        graph.replay()
+        torch.cuda.synchronize()
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(memcore.__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

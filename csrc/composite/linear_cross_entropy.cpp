@@ -9,8 +9,16 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <atomic>
 #include <optional>
+#include <string>
 #include <tuple>
+
+#ifdef MEMCORE_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
 
 #include "../checks.h"
 #include "../common.h"
@@ -67,29 +75,65 @@ void addmm_fp32_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
   op.call(c, a, b, at::kFloat, 1, 1, c);
 }
 
-// Whether this torch's CUDA addmm takes 16-bit mat1 / mat2 (dtype t) with an fp32 self and out
+// Whether this torch's addmm takes 16-bit mat1 / mat2 (dtype t) with an fp32 self and out
 // (aten::addmm.dtype_out with self == out: C += A @ B on tensor cores, accumulated into fp32 C).
-// torch 2.14 accepts it; older builds may require self in the inputs' dtype and throw. Probed once
-// per dtype, on the first CUDA call, with a 2x2 product whose result is checked: 1/1024 + 7 kept
-// only by an fp32 C (a 16-bit C would round it to 7), so a torch that took the call but did not
-// accumulate in fp32 falls back too. The probe's comparison is this file's one host sync (once).
-bool cuda_fp32_accumulate_gemm(at::ScalarType t, const at::Device& device) {
-  auto probe = [&device](at::ScalarType dtype) {
-    try {
-      const auto f32 = at::TensorOptions().device(device).dtype(at::kFloat);  // the GEMM's own GPU
-      const at::Tensor a = at::arange(1, 5, f32).view({2, 2}).to(dtype);
-      at::Tensor c = at::full({2, 2}, 1.0 / 1024, f32);
-      addmm_fp32_(c, a, a);
-      const at::Tensor want = at::arange(1, 5, f32).view({2, 2}).matmul(at::arange(1, 5, f32).view({2, 2}));
-      return at::equal(c, want + 1.0 / 1024);
-    } catch (const c10::Error&) {
-      return false;
-    }
-  };
-  static const bool bf16 = probe(at::kBFloat16);
-  if (t == at::kBFloat16) return bf16;
-  static const bool f16 = probe(at::kHalf);
-  return f16;
+// torch 2.14 accepts it on CUDA; other builds may lack the overload or reject the call. Probed with
+// a 2x2 product whose result is checked: 1/1024 + 7 kept only by an fp32 C (a 16-bit C would round
+// it to 7), so a torch that took the call but did not accumulate in fp32 falls back too. The
+// comparison syncs the host: the family's one sync, once per process and dtype.
+//
+// The answer is kept per device type and dtype once the probe has one: the overload missing, or the
+// product's check. The probe never runs inside CUDA-graph capture (capturing: the caller's stream
+// captures), where its sync would invalidate the capture: it raises there, naming the warm-up step,
+// unless an earlier call settled the answer. An exception from the probe's GEMM is not an answer
+// (an out-of-memory error, a device fault): this call takes the widened GEMM and the next call
+// probes again.
+enum GemmForm : int { kUnprobed = 0, kFp32Accumulate = 1, kWidened = 2 };
+std::array<std::atomic<int>, 4> gemm_forms{};  // [cuda bf16, cuda f16, other bf16, other f16]
+
+std::atomic<int>& gemm_form(at::ScalarType t, const at::Device& device) {
+  return gemm_forms[(device.is_cuda() ? 0 : 2) + (t == at::kBFloat16 ? 0 : 1)];
+}
+
+bool fp32_accumulate_gemm(at::ScalarType t, const at::Device& device, bool capturing) {
+  std::atomic<int>& form = gemm_form(t, device);
+  if (const int known = form.load(); known != kUnprobed) return known == kFp32Accumulate;
+  TORCH_CHECK(!capturing, "memcore::linear_ce_forward: the first ", t, " call on ", device.type(),
+              " probes which weight-gradient GEMM this torch supports, which syncs the host and cannot "
+              "run inside CUDA-graph capture; run one step (forward and backward) before capturing: "
+              "the warm-up step torch.cuda.graph asks for");
+  if (!c10::Dispatcher::singleton().findSchema({"aten::addmm", "dtype_out"}).has_value()) {
+    form.store(kWidened);
+    return false;
+  }
+  try {
+    const auto f32 = at::TensorOptions().device(device).dtype(at::kFloat);  // the GEMM's own device
+    const at::Tensor a = at::arange(1, 5, f32).view({2, 2}).to(t);
+    at::Tensor c = at::full({2, 2}, 1.0 / 1024, f32);
+    addmm_fp32_(c, a, a);
+    const at::Tensor want = at::arange(1, 5, f32).view({2, 2}).matmul(at::arange(1, 5, f32).view({2, 2}));
+    const bool ok = at::equal(c, want + 1.0 / 1024);
+    form.store(ok ? kFp32Accumulate : kWidened);
+    return ok;
+  } catch (const c10::Error& e) {
+    TORCH_WARN_ONCE("memcore::linear_ce_forward: the probe for an fp32-accumulating ", t,
+                    " GEMM raised (", e.what_without_backtrace(), "); this call widens the gradient "
+                    "to fp32 for the weight-gradient GEMM, and the next call probes again");
+    return false;
+  }
+}
+
+// Whether the current stream of device captures a CUDA graph.
+bool stream_capturing(const at::Device& device) {
+#ifdef MEMCORE_WITH_CUDA
+  if (!device.is_cuda()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+#else
+  (void)device;
+  return false;
+#endif
 }
 
 // The gradient GEMMs of one chunk, g = d(sum of the chunk's weighted losses) / d(logits chunk)
@@ -105,7 +149,7 @@ void chunk_grads(const at::Tensor& g, const at::Tensor& h_chunk, const at::Tenso
   if (mask[1]) {
     if (!is_16bit(g)) {
       grad_w.addmm_(g.t(), h_chunk);
-    } else if (g.is_cuda() && cuda_fp32_accumulate_gemm(g.scalar_type(), g.device())) {
+    } else if (g.is_cuda() && fp32_accumulate_gemm(g.scalar_type(), g.device(), stream_capturing(g.device()))) {
       // tensor cores with an fp32 C: the same sums as below at 16-bit GEMM speed (the widened
       // GEMM below would run without tensor cores: ~15x slower on an H100, ~2 TFLOP per 8k rows)
       addmm_fp32_(grad_w, g.t(), h_chunk);
@@ -204,6 +248,22 @@ Tensor3 linear_ce_backward_composite(
 }
 
 }  // namespace
+
+bool linear_ce_gemm_probe(const at::Tensor& like, bool capturing) {
+  TORCH_CHECK(like.scalar_type() == at::kHalf || like.scalar_type() == at::kBFloat16,
+              "_linear_ce_gemm_probe: like must be float16 or bfloat16, got ", like.scalar_type());
+  return fp32_accumulate_gemm(like.scalar_type(), like.device(), capturing);
+}
+
+std::string linear_ce_gemm_form(const at::Tensor& like) {
+  TORCH_CHECK(like.scalar_type() == at::kHalf || like.scalar_type() == at::kBFloat16,
+              "_linear_ce_gemm_form: like must be float16 or bfloat16, got ", like.scalar_type());
+  switch (gemm_form(like.scalar_type(), like.device()).load()) {
+    case kFp32Accumulate: return "fp32_accumulate";
+    case kWidened: return "widened";
+    default: return "unprobed";
+  }
+}
 
 TORCH_LIBRARY_IMPL(memcore, CPU, m) {
   MEMCORE_IMPL(m, linear_ce_forward, linear_ce_forward_composite);

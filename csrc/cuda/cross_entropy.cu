@@ -30,8 +30,8 @@ using cerow::OpMath;
 using cerow::Part;
 
 // Butterfly over the warp: every lane ends with the merge of all 32, merged as merge(self, other)
-// in the order the host replay (csrc/cross_entropy_replay.cpp) follows.
-template <typename acc_t>
+// in the order the host replay (csrc/cross_entropy_replay.cpp) follows. E: cerow::kExactDiff.
+template <typename acc_t, bool E>
 __device__ __forceinline__ Part<acc_t> warp_merge(Part<acc_t> p) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -40,17 +40,17 @@ __device__ __forceinline__ Part<acc_t> warp_merge(Part<acc_t> p) {
     o.s = __shfl_xor_sync(0xffffffffu, p.s, off);
     o.before = __shfl_xor_sync(0xffffffffu, p.before, off);
     o.after = __shfl_xor_sync(0xffffffffu, p.after, off);
-    o.shift = 0;  // merge() recomputes it from the merged max
-    p = cerow::merge(p, o);
+    o.ref = 0;  // merge() recomputes it from the merged max
+    p = cerow::merge<acc_t, E>(p, o);
   }
   return p;
 }
 
 // The row's merged state in every one of its TPR threads (warp butterfly; across warps through
 // shared memory, each warp merging the per-warp states in the same order).
-template <typename acc_t, int TPR>
+template <typename acc_t, int TPR, bool E>
 __device__ __forceinline__ Part<acc_t> row_merge(Part<acc_t> p, int lane) {
-  p = warp_merge(p);
+  p = warp_merge<acc_t, E>(p);
   if constexpr (TPR > 32) {
     constexpr int kWarps = TPR / 32;
     __shared__ acc_t sm[kWarps], ss[kWarps], sb[kWarps], sa[kWarps];
@@ -64,9 +64,26 @@ __device__ __forceinline__ Part<acc_t> row_merge(Part<acc_t> p, int lane) {
     if (wl < kWarps) {
       p.m = sm[wl]; p.s = ss[wl]; p.before = sb[wl]; p.after = sa[wl];
     }
-    p = warp_merge(p);
+    p = warp_merge<acc_t, E>(p);
   }
   return p;
+}
+
+// The sum of v over the row's TPR threads, in every one of them, in row_merge's order (warp
+// butterfly, then across warps through shared memory): the total of the gradient pass's sums for
+// the target's gradient (cerow::kTargetBySum), the same bits in every thread and run.
+template <typename acc_t, int TPR>
+__device__ __forceinline__ acc_t row_sum(acc_t v, int lane) {
+  v = warp_sum(v);
+  if constexpr (TPR > 32) {
+    constexpr int kWarps = TPR / 32;
+    __shared__ acc_t sw[kWarps];
+    if (lane % 32 == 0) sw[lane / 32] = v;
+    __syncthreads();
+    v = lane % 32 < kWarps ? sw[lane % 32] : acc_t(0);
+    v = warp_sum(v);
+  }
+  return v;
 }
 
 // ---- ce_forward_reduce's fixed-order reduction (cerow::reduce_thread / reduce_add)
@@ -139,6 +156,10 @@ __device__ __forceinline__ void fold_last_row(const Fold<acc_t>& f, const acc_t*
     ticket = atomicAdd(f.ticket, 1ull);
   }
   ticket = __shfl_sync(0xffffffffu, ticket, 0);
+  // __shfl_sync moves the ticket but orders no memory; __syncwarp does: lane 0's store of loss[row],
+  // its fence and its atomic come before every lane's loads below (the PTX memory model's barrier
+  // among the warp's threads), not only in the compiled instruction order
+  __syncwarp();
   if (ticket + 1 != static_cast<unsigned long long>(N)) return;  // uniform over the warp
   __threadfence();  // every other row fenced its loss before its ticket: read them after ours
   cerow::Total r =
@@ -162,9 +183,10 @@ struct RowMap {
 // Double on sm_90+: 1. Without it ptxas (CUDA 13) caps the fp64 kernels' registers at an occupancy
 // step of its own (40-64) and spills the double exp's polynomial constants, which it hoists out of
 // the loops, to the stack (up to 92 B stored and 148 B loaded per thread, in the hot loop); with it
-// they take 42-90 registers and spill nothing (benchmarks/sass_report.py), with fewer blocks of 256
-// threads resident per SM (forward 4 -> 2, backward 5 -> 3). sm_80's ptxas does not spill them, and
-// there the hint would only cost registers (48 -> 63, 64 -> 78): not given.
+// they take 42-90 registers and spill nothing (tools/sass_report.py), with fewer blocks of 256
+// threads resident per SM (forward 4 -> 2, backward 5 -> 3). The split gradient kernel takes it too
+// (capped at 48 registers it spills 32 B). sm_80's ptxas does not spill them, and there the hint
+// would only cost registers (48 -> 63, 64 -> 78): not given.
 template <typename scalar_t>
 constexpr int kMinBlocks =
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -214,7 +236,7 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) c
   // barrier before the gradient pass (each other element is read and written by one thread)
   const acc_t zt = static_cast<acc_t>(z[t]);
   Part<acc_t> p = cerow::walk_row<scalar_t, TPR, VEC>(z, C, t, lane);
-  p = row_merge<acc_t, TPR>(p, lane);
+  p = row_merge<acc_t, TPR, cerow::kExactDiff<scalar_t>>(p, lane);
   const cerow::RowOut<acc_t> o = cerow::finish(p, zt);
   if constexpr (GRAD) {
     // one warp per row: only shuffles lie between the reads of the row above and the overwrite
@@ -224,9 +246,11 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) c
     const acc_t w = mean ? acc_t(1) / static_cast<acc_t>(*count) : acc_t(1);
     const cerow::Layout L = cerow::layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
     scalar_t* g = grad + row * C;
-    cerow::grad_row<scalar_t, TPR, VEC>(z, g, C, L, o.lse, w, lane);
+    const acc_t mine = cerow::grad_row<scalar_t, TPR, VEC>(z, g, C, t, L, o.lse, w, lane);
+    const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(mine, lane) : acc_t(0);
     // the onehot: by the thread that wrote column t in the pass, after it (program order)
-    if (lane == cerow::owner<TPR, VEC>(L, t)) g[t] = static_cast<scalar_t>(cerow::target_grad(zt, o.lse, w));
+    if (lane == cerow::owner<TPR, VEC>(L, t))
+      g[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, o.lse, others, w));
   }
   if (lane != 0) return;
   int flags = 0;
@@ -261,9 +285,10 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) c
   const scalar_t* z = logits + row * C;
   const acc_t l = lse[row], gl = grad_loss[row];
   const cerow::Layout L = cerow::layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
-  cerow::grad_row<scalar_t, TPR, VEC>(z, g, C, L, l, gl, lane);
+  const acc_t mine = cerow::grad_row<scalar_t, TPR, VEC>(z, g, C, t, L, l, gl, lane);
+  const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(mine, lane) : acc_t(0);
   if (lane == cerow::owner<TPR, VEC>(L, t))
-    g[t] = static_cast<scalar_t>(cerow::target_grad(static_cast<acc_t>(z[t]), l, gl));
+    g[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(static_cast<acc_t>(z[t]), l, others, gl));
 }
 
 // ---- the split launch: few rows of many classes, each row over S blocks (cerow::split_slices)
@@ -281,7 +306,8 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) c
 //   the slice's owner of the target column the onehot after it; zeros for skipped rows.
 //   ce_backward: g = grad_loss[row], the target logit read from the logits (out != logits);
 //   ce_forward_grad_: g = 1 / count (mean, read on the device) or 1, out == logits, the target
-//   logit from zt_saved.
+//   logit from zt_saved. fp32 logits (cerow::kTargetBySum): each block stores its slice's sum of
+//   the other columns' softmax instead, and ce_split_target_kernel writes the target's gradient.
 template <typename scalar_t, int TPR>
 __global__ void __launch_bounds__(TPR) ce_split_forward_kernel(
     const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
@@ -296,7 +322,7 @@ __global__ void __launch_bounds__(TPR) ce_split_forward_kernel(
   const scalar_t* z = logits + row * C;
   const cerow::Layout L = cerow::layout<V>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
   Part<acc_t> p = cerow::walk_slice<scalar_t, TPR>(z, C, t, L, cerow::slice_of(L, S, k), lane);
-  p = row_merge<acc_t, TPR>(p, lane);
+  p = row_merge<acc_t, TPR, cerow::kExactDiff<scalar_t>>(p, lane);
   if (lane == 0) cerow::store_part(parts + (row * S + k) * cerow::kPartWords, p);
 }
 
@@ -322,7 +348,8 @@ __global__ void __launch_bounds__(256) ce_split_finish_kernel(
       rs[kRowProb] = rs[kRowMargin] = rs[kRowCorrect] = acc_t(0);
     }
   } else {
-    const Part<acc_t> p = warp_merge(cerow::load_part(parts + row * S * cerow::kPartWords, S, lane));
+    const Part<acc_t> p =
+        warp_merge<acc_t, cerow::kExactDiff<scalar_t>>(cerow::load_part(parts + row * S * cerow::kPartWords, S, lane));
     if (lane == 0) {
       const acc_t zt = static_cast<acc_t>(logits[row * C + t]);
       if (zt_saved) zt_saved[row] = zt;
@@ -339,14 +366,23 @@ __global__ void __launch_bounds__(256) ce_split_finish_kernel(
   fold_last_row(fold, loss, targets, N, ignore_index, lane);
 }
 
+// The weight of a row's gradient on the split path: grad_loss[row] (ce_backward), else 1 / count
+// (mean, count read on the device) or 1 (ce_forward_grad_).
+template <typename acc_t>
+__device__ __forceinline__ acc_t split_weight(const acc_t* grad_loss, const int64_t* count, bool mean, int64_t row) {
+  return grad_loss ? grad_loss[row] : mean ? acc_t(1) / static_cast<acc_t>(*count) : acc_t(1);
+}
+
 // logits and grad alias in the overwrite mode: no __restrict__ on them. Each element is read and
 // then written by one thread; the target column, written twice, by one thread (its owner).
+// others (cerow::kTargetBySum logits): [N, S], the slices' sums of the gradient pass, for
+// ce_split_target_kernel; the owner then leaves the target column to that kernel.
 template <typename scalar_t, int TPR>
-__global__ void __launch_bounds__(TPR) ce_split_grad_kernel(
+__global__ void __launch_bounds__(TPR, kMinBlocks<scalar_t>) ce_split_grad_kernel(
     const scalar_t* logits, scalar_t* grad, const int64_t* __restrict__ targets,
     const typename OpMath<scalar_t>::type* __restrict__ lse, const typename OpMath<scalar_t>::type* __restrict__ grad_loss,
     const int64_t* __restrict__ count, bool mean, const typename OpMath<scalar_t>::type* __restrict__ zt_saved,
-    int64_t C, int S, int64_t ignore_index) {
+    typename OpMath<scalar_t>::type* __restrict__ others, int64_t C, int S, int64_t ignore_index) {
   using acc_t = typename OpMath<scalar_t>::type;
   constexpr int V = cerow::kVec<scalar_t>;
   const int64_t row = blockIdx.x / S;
@@ -357,18 +393,44 @@ __global__ void __launch_bounds__(TPR) ce_split_grad_kernel(
   scalar_t* g = grad + row * C;
   const cerow::Layout L = cerow::layout<V>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
   const cerow::Slice sl = cerow::slice_of(L, S, k);
-  if (cerow::row_skipped(t, C, ignore_index)) {  // zeros, the logits never read
+  if (cerow::row_skipped(t, C, ignore_index)) {  // zeros, the logits never read (uniform over the block)
     const int64_t end = cerow::slice_end<V>(L, sl, C);
     for (int64_t j = cerow::slice_begin<V>(L, sl) + lane; j < end; j += TPR) g[j] = scalar_t(0);
     return;
   }
   const acc_t l = lse[row];
-  const acc_t w = grad_loss ? grad_loss[row] : mean ? acc_t(1) / static_cast<acc_t>(*count) : acc_t(1);
+  const acc_t w = split_weight(grad_loss, count, mean, row);
   const int own = cerow::slice_owner<TPR, V>(L, sl, t);
   // the owner reads the target logit before its pass writes column t
   const acc_t zt = lane != own ? acc_t(0) : zt_saved ? zt_saved[row] : static_cast<acc_t>(z[t]);
-  cerow::grad_slice<scalar_t, TPR>(z, g, C, L, sl, l, w, lane);
-  if (lane == own) g[t] = static_cast<scalar_t>(cerow::target_grad(zt, l, w));
+  const acc_t mine = cerow::grad_slice<scalar_t, TPR>(z, g, C, t, L, sl, l, w, lane);
+  if constexpr (cerow::kTargetBySum<scalar_t>) {
+    const acc_t slice = row_sum<acc_t, TPR>(mine, lane);
+    if (lane == 0) others[row * S + k] = slice;
+  } else if (lane == own) {
+    g[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, l, acc_t(0), w));
+  }
+}
+
+// The target's gradient of cerow::kTargetBySum logits on the split path, after ce_split_grad_kernel:
+// a warp per row adds the S slices' sums (lane k holds slice k's; warp_sum's butterfly, the order
+// the host replays) and lane 0 writes column t, which the gradient kernel wrote only in its pass.
+template <typename scalar_t>
+__global__ void __launch_bounds__(256) ce_split_target_kernel(
+    scalar_t* __restrict__ grad, const int64_t* __restrict__ targets,
+    const typename OpMath<scalar_t>::type* __restrict__ others,
+    const typename OpMath<scalar_t>::type* __restrict__ grad_loss, const int64_t* __restrict__ count, bool mean,
+    int64_t N, int64_t C, int S, int64_t ignore_index) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= N) return;  // uniform over the warp
+  const int64_t t = targets[row];
+  if (cerow::row_skipped(t, C, ignore_index)) return;
+  const acc_t total = warp_sum(lane < S ? others[row * S + lane] : acc_t(0));
+  if (lane != 0) return;
+  const acc_t w = split_weight(grad_loss, count, mean, row);
+  grad[row * C + t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(acc_t(0), acc_t(0), total, w));
 }
 
 // x *= s unless s == 1, the test made on the device (no host sync): the backward of
@@ -463,6 +525,32 @@ int split_slices(int64_t N, int64_t C, int64_t elem_size) {
   return cerow::split_slices(N, C, elem_size, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
+// The split gradient of rows [N = targets.size(0), C] over S slices: ce_split_grad_kernel, and for
+// cerow::kTargetBySum logits ce_split_target_kernel after it, with an [N, S] workspace for the
+// slices' sums. grad_loss (ce_backward) or count / mean (ce_forward_grad_) give each row's weight
+// (split_weight); zt: the target logits the finish kernel saved (overwrite mode), else null.
+template <typename scalar_t>
+void split_grad_launch(const scalar_t* logits, scalar_t* grad, const at::Tensor& targets, const at::Tensor& lse,
+                       const at::opmath_type<scalar_t>* grad_loss, const int64_t* count, bool mean,
+                       const at::opmath_type<scalar_t>* zt, int64_t C, int S, int64_t ignore_index,
+                       cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int TPR = cerow::kSplitThreads;
+  const int64_t N = targets.size(0);
+  at::Tensor others;
+  if constexpr (cerow::kTargetBySum<scalar_t>) others = at::empty({N * S}, lse.options());
+  acc_t* op = others.defined() ? others.data_ptr<acc_t>() : nullptr;
+  ce_split_grad_kernel<scalar_t, TPR><<<N * S, TPR, 0, stream>>>(logits, grad, targets.data_ptr<int64_t>(),
+                                                                 lse.data_ptr<acc_t>(), grad_loss, count, mean, zt,
+                                                                 op, C, S, ignore_index);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (cerow::kTargetBySum<scalar_t>) {
+    ce_split_target_kernel<scalar_t><<<(N + 7) / 8, 256, 0, stream>>>(
+        grad, targets.data_ptr<int64_t>(), op, grad_loss, count, mean, N, C, S, ignore_index);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 // ce_forward's launch; with grad (GRAD kernels) also the gradient over grad (== logits' data).
 // With out (ce_forward_reduce, ce_forward_grad_): also the reduction, out = the mean (mean) or sum
 // of the losses and, unless count_out is null, count_out = the rows not ignored, both 0-d tensors
@@ -517,12 +605,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_launch(
           loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), row_stats.data_ptr<acc_t>(), status.data_ptr<int>(), N, C,
           S, num_samples, ignore_index, fold);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (grad) {
-        ce_split_grad_kernel<scalar_t, TPR><<<N * S, TPR, 0, stream>>>(
-            logits.data_ptr<scalar_t>(), grad->data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
-            lse.data_ptr<acc_t>(), nullptr, count->data_ptr<int64_t>(), mean, zt, C, S, ignore_index);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      if (grad)
+        split_grad_launch<scalar_t>(logits.data_ptr<scalar_t>(), grad->data_ptr<scalar_t>(), targets, lse, nullptr,
+                                    count->data_ptr<int64_t>(), mean, zt, C, S, ignore_index, stream);
       return;
     }
     dispatch_shape<scalar_t>(C, aligned, [&](auto tpr, auto vec) {
@@ -630,11 +715,8 @@ at::Tensor ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logit
     const bool vec = element_aligned<scalar_t>(logits.data_ptr()) && element_aligned<scalar_t>(grad.data_ptr()) &&
                      (lp - gp) % 16 == 0;
     if (const int S = vec ? split_slices(N, C, esize) : 1; S > 1) {  // few wide rows: each over S blocks
-      constexpr int TPR = cerow::kSplitThreads;
-      ce_split_grad_kernel<scalar_t, TPR><<<N * S, TPR, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), lse.data_ptr<acc_t>(),
-          g.data_ptr<acc_t>(), nullptr, false, nullptr, C, S, ignore_index);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      split_grad_launch<scalar_t>(logits.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), targets, lse,
+                                  g.data_ptr<acc_t>(), nullptr, false, nullptr, C, S, ignore_index, stream);
       return;
     }
     dispatch_shape<scalar_t>(C, vec, [&](auto tpr, auto vec) {

@@ -3,7 +3,8 @@
 // of C logits is owned by TPR threads, each walking a scalar head, 16-byte packs (kUnroll in flight)
 // and a scalar tail while keeping an online (max, sum exp) pair and the largest logit before and
 // after the target; partial states merge in a fixed butterfly order. Registers only: no memory but
-// the row's reads, its gradient's writes and, on the split path, a 4-word part per slice. Few wide
+// the row's reads, its gradient's writes and, on the split path, a 4-word part per slice (and for
+// fp32 gradients a 1-word sum per slice). Few wide
 // rows are split over blocks by column slices (split_slices, walk_slice, grad_slice). The
 // arithmetic, NaN handling and merge order: docs/kernels.md.
 #pragma once
@@ -48,6 +49,12 @@ MEMCORE_HD T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 MEMCORE_HD float fmax_(float a, float b) { return fmaxf(a, b); }
 MEMCORE_HD double fmax_(double a, double b) { return fmax(a, b); }
 
+#ifndef __CUDA_ARCH__
+// The host replays' ex2.approx.ftz.f32: 2^x within the instruction's documented 2 ulp, subnormal
+// results flushed to zero (csrc/cross_entropy_replay.cpp, which says how and why).
+float host_ex2(float x);
+#endif
+
 // exp in the kernels' units: expo(x * kScale) == exp(x). float: base 2, double: base e.
 MEMCORE_HD float expo(float x) {
 #ifdef __CUDA_ARCH__
@@ -55,7 +62,7 @@ MEMCORE_HD float expo(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #else
-  return std::exp2(x);
+  return host_ex2(x);
 #endif
 }
 MEMCORE_HD double expo(double x) { return exp(x); }
@@ -69,6 +76,38 @@ MEMCORE_HD double log_(double x) { return log(x); }
 
 MEMCORE_HD float fma_(float a, float b, float c) { return fmaf(a, b, c); }
 MEMCORE_HD double fma_(double a, double b, double c) { return fma(a, b, c); }
+
+// How a term exp(x - r) is formed (docs/kernels.md, "Accuracy"). 16-bit logits: one FFMA,
+// ex2(x * log2e + shift) with shift = -r * log2e rounded to fp32, which adds up to |r| * 2^-24 to
+// every exponent, below the logits' own rounding (2^-9 relative for bf16, 2^-12 for fp16). fp32
+// and fp64 (kExactDiff): the exact difference first, ex2((x - r) * log2e) (fp64: exp(x - r)), whose
+// rounding is relative to |x - r|, as on the CPU.
+template <typename scalar_t>
+constexpr bool kExactDiff = sizeof(scalar_t) != 2;
+
+// The reference point of the terms for a finite r (a running max, or lse): r itself for the exact
+// difference, the shift -r * log2e for the FFMA.
+template <typename acc_t, bool E>
+MEMCORE_HD acc_t ref_of(acc_t r) {
+  if constexpr (E) return r;
+  else return -r * kScale<acc_t>;
+}
+
+// exp(x - r) from ref = ref_of(r)
+template <typename acc_t, bool E>
+MEMCORE_HD acc_t term(acc_t x, acc_t ref) {
+  if constexpr (E) return expo((x - ref) * kScale<acc_t>);
+  else return expo(fma_(x, kScale<acc_t>, ref));
+}
+
+// fp32 logits: the target's gradient p_t - 1 is taken as minus the sum of the other columns'
+// p_j, not from exp(z_t - lse) - 1. lse is stored in fp32, rounded by up to ulp(lse) / 2, which
+// shifts every p_j by that much relative: harmless where p_j is the gradient, but p_t - 1 of a
+// confident row (p_t near 1) would keep it as an absolute error, up to 1.9e-6 for |lse| in [32, 64).
+// The others' sum carries it relative to p_t - 1 instead. fp64 (error 2^-53 |lse|) and 16-bit
+// logits (gradient rounded to 2^-9 or 2^-12) keep exp(z_t - lse) - 1.
+template <typename scalar_t>
+constexpr bool kTargetBySum = std::is_same_v<scalar_t, float>;
 
 // a product the compiler may not fuse into a following add (merge() must stay commutative)
 MEMCORE_HD float mul_rn(float a, float b) {
@@ -203,7 +242,7 @@ MEMCORE_UNROLL
 template <typename acc_t>
 struct Part {
   acc_t m;       // running max over the thread's columns (never NaN: maxima skip NaN)
-  acc_t shift;   // -m * kScale, or 0 while m = -inf
+  acc_t ref;     // ref_of(m), or 0 while m = -inf (then every term is exp(-inf) = 0)
   acc_t s;       // sum of exp(z - m); NaN once a NaN logit was seen
   acc_t before;  // max over the thread's columns left of the target
   acc_t after;   // max over the thread's columns right of the target
@@ -216,48 +255,49 @@ MEMCORE_HD Part<acc_t> part_init() {
 
 // Raises the running max to bmax (the max of the values about to be added) when it is larger.
 // The factor exp(m - bmax) is 0 when m = -inf, so s (0, or NaN) keeps its NaN.
-template <typename acc_t>
+// E: kExactDiff of the logits (term()).
+template <typename acc_t, bool E>
 MEMCORE_HD void raise_max(Part<acc_t>& p, acc_t bmax) {
   if (bmax > p.m) {
     p.s *= expo((p.m - bmax) * kScale<acc_t>);
     p.m = bmax;
-    p.shift = -bmax * kScale<acc_t>;
+    p.ref = ref_of<acc_t, E>(bmax);
   }
 }
 
 // One value of known column col (head, tail, target pack).
-template <typename acc_t>
+template <typename acc_t, bool E>
 MEMCORE_HD void add_one(Part<acc_t>& p, acc_t x, int64_t col, int64_t t) {
-  raise_max(p, x);
-  p.s += expo(fma_(x, kScale<acc_t>, p.shift));
+  raise_max<acc_t, E>(p, x);
+  p.s += term<acc_t, E>(x, p.ref);
   if (col < t) p.before = fmax_(p.before, x);
   if (col > t) p.after = fmax_(p.after, x);
 }
 
 // n packs' values x, all left (side = before) or right (after) of the target: one max test.
-template <typename acc_t, int N>
+template <typename acc_t, int N, bool E>
 MEMCORE_HD void add_group(Part<acc_t>& p, const acc_t (&x)[N], acc_t& side) {
   acc_t bmax = x[0];
 MEMCORE_UNROLL
   for (int k = 1; k < N; ++k) bmax = fmax_(bmax, x[k]);
-  raise_max(p, bmax);
+  raise_max<acc_t, E>(p, bmax);
   side = fmax_(side, bmax);
   acc_t sum = acc_t(0);
 MEMCORE_UNROLL
-  for (int k = 0; k < N; ++k) sum += expo(fma_(x[k], kScale<acc_t>, p.shift));
+  for (int k = 0; k < N; ++k) sum += term<acc_t, E>(x[k], p.ref);
   p.s += sum;
 }
 
 // Merge of two partial states: merge(self, other) in the kernels' butterfly. A factor of exactly 1
 // for the side holding the max (also both -inf), so 0 * NaN never drops a NaN.
-template <typename acc_t>
+template <typename acc_t, bool E>
 MEMCORE_HD Part<acc_t> merge(const Part<acc_t>& a, const Part<acc_t>& b) {
   const acc_t M = a.m > b.m ? a.m : b.m;
   const acc_t fa = a.m == M ? acc_t(1) : expo((a.m - M) * kScale<acc_t>);
   const acc_t fb = b.m == M ? acc_t(1) : expo((b.m - M) * kScale<acc_t>);
   Part<acc_t> r;
   r.m = M;
-  r.shift = M == neg_inf<acc_t>() ? acc_t(0) : -M * kScale<acc_t>;
+  r.ref = M == neg_inf<acc_t>() ? acc_t(0) : ref_of<acc_t, E>(M);
   r.s = mul_rn(a.s, fa) + mul_rn(b.s, fb);  // merge(a, b) == merge(b, a) bit for bit
   r.before = fmax_(a.before, b.before);
   r.after = fmax_(a.after, b.after);
@@ -313,12 +353,12 @@ MEMCORE_UNROLL
     acc_t x[U * V];
 MEMCORE_UNROLL
     for (int u = 0; u < U; ++u) widen<scalar_t>(r[u], x + u * V);
-    add_group(p, x, side);
+    add_group<acc_t, U * V, kExactDiff<scalar_t>>(p, x, side);
   }
   for (; v < end; v += TPR) {
     acc_t x[V];
     widen<scalar_t>(load16(body + v * V), x);
-    add_group(p, x, side);
+    add_group<acc_t, V, kExactDiff<scalar_t>>(p, x, side);
   }
   return v;
 }
@@ -327,23 +367,24 @@ MEMCORE_UNROLL
 template <typename scalar_t, int TPR, int VEC>
 MEMCORE_HD Part<typename OpMath<scalar_t>::type> walk_row(const scalar_t* z, int64_t C, int64_t t, int lane) {
   using acc_t = typename OpMath<scalar_t>::type;
+  constexpr bool E = kExactDiff<scalar_t>;
   Part<acc_t> p = part_init<acc_t>();
   const Layout L = layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
   if constexpr (VEC > 1) {
     static_assert(VEC == kVec<scalar_t>, "packs are 16 bytes");
-    if (lane < L.head) add_one<acc_t>(p, static_cast<acc_t>(z[lane]), lane, t);
+    if (lane < L.head) add_one<acc_t, E>(p, static_cast<acc_t>(z[lane]), lane, t);
     const scalar_t* body = z + L.head;
     int64_t v = walk_packs<scalar_t, TPR>(p, body, lane, L.tp < 0 ? 0 : L.tp, p.before);
     if (v == L.tp && L.tp < L.nv) {  // the target's pack: element by element
       acc_t x[VEC];
       widen<scalar_t>(load16(body + v * VEC), x);
 MEMCORE_UNROLL
-      for (int k = 0; k < VEC; ++k) add_one<acc_t>(p, x[k], L.head + v * VEC + k, t);
+      for (int k = 0; k < VEC; ++k) add_one<acc_t, E>(p, x[k], L.head + v * VEC + k, t);
       v += TPR;
     }
     walk_packs<scalar_t, TPR>(p, body, v, L.nv, p.after);
   }
-  for (int64_t j = L.tail0 + lane; j < C; j += TPR) add_one<acc_t>(p, static_cast<acc_t>(z[j]), j, t);
+  for (int64_t j = L.tail0 + lane; j < C; j += TPR) add_one<acc_t, E>(p, static_cast<acc_t>(z[j]), j, t);
   return p;
 }
 
@@ -356,9 +397,15 @@ struct RowOut {
 template <typename acc_t>
 MEMCORE_HD RowOut<acc_t> finish(const Part<acc_t>& p, acc_t zt) {
   RowOut<acc_t> o;
-  // a row with no finite max (all -inf): NaN, as on the CPU; NaN logits made s NaN already
-  o.lse = p.m == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::quiet_NaN() : p.m + log_(p.s);
-  o.loss = o.lse - zt;
+  if (p.m == neg_inf<acc_t>()) {  // no finite max (all -inf): NaN, as on the CPU
+    o.lse = o.loss = std::numeric_limits<acc_t>::quiet_NaN();
+  } else {  // NaN logits made s NaN already
+    const acc_t ls = log_(p.s);
+    o.lse = p.m + ls;
+    // not lse - zt: lse is rounded at its own magnitude, which a small loss of a large logit
+    // (|lse| >= 32, loss < 0.1) would keep as its error; m - zt is exact near the max
+    o.loss = (p.m - zt) + ls;
+  }
   o.prob = expo(-o.loss * kScale<acc_t>);
   o.margin = zt - fmax_(p.before, p.after);
   // argmax is the first maximal index: the target wins ties only against later columns
@@ -367,45 +414,97 @@ MEMCORE_HD RowOut<acc_t> finish(const Part<acc_t>& p, acc_t zt) {
 }
 
 // ---- the gradient pass: out[j] = (exp(z[j] - lse) - onehot(j == t)) * g
+//
+// grad_row (grad_slice) writes exp(z[j] - lse) * g over the lane's share of the row, column t
+// included, and returns the sum of exp(z[j] - lse) over the share's other columns (kTargetBySum;
+// 0 otherwise). The owner of column t (owner(), slice_owner()) then rewrites out[t] with
+// target_grad(), after its own store (program order): from the row's total of those sums, or from
+// the target logit read before the pass (out may be z).
 
-// Without the onehot: the owner of column t (owner()) rewrites out[t] afterwards with
-// target_grad(), from the target logit read before the pass (out may be z).
-template <typename scalar_t, int TPR, int VEC>
-MEMCORE_HD void grad_row(const scalar_t* z, scalar_t* out, int64_t C, const Layout& L,
-                         typename OpMath<scalar_t>::type lse, typename OpMath<scalar_t>::type g, int lane) {
+// Packs v = first, first + TPR, ... below end (kUnroll loads in flight); their terms added to sum
+// when SUM. Returns the lane's first pack index >= end.
+template <typename scalar_t, int TPR, bool SUM>
+MEMCORE_HD int64_t grad_packs(const scalar_t* zb, scalar_t* ob, int64_t first, int64_t end,
+                              typename OpMath<scalar_t>::type ref, typename OpMath<scalar_t>::type g,
+                              typename OpMath<scalar_t>::type& sum) {
   using acc_t = typename OpMath<scalar_t>::type;
-  const acc_t shift = -lse * kScale<acc_t>;
-  auto one = [&](int64_t j) {
-    out[j] = static_cast<scalar_t>(expo(fma_(static_cast<acc_t>(z[j]), kScale<acc_t>, shift)) * g);
+  constexpr int V = kVec<scalar_t>, U = kUnroll<scalar_t>;
+  auto pack = [&](const Words& r, int64_t v) {
+    acc_t x[V];
+    widen<scalar_t>(r, x);
+MEMCORE_UNROLL
+    for (int k = 0; k < V; ++k) {
+      const acc_t e = term<acc_t, kExactDiff<scalar_t>>(x[k], ref);
+      if constexpr (SUM) sum += e;
+      x[k] = e * g;
+    }
+    store16(ob + v * V, narrow<scalar_t>(x));
   };
-  if constexpr (VEC > 1) {  // z and out rows share their offset from a 16-byte boundary
-    constexpr int U = kUnroll<scalar_t>;
+  int64_t v = first;
+  for (; v + (U - 1) * TPR < end; v += U * TPR) {
+    Words r[U];
+MEMCORE_UNROLL
+    for (int u = 0; u < U; ++u) r[u] = load16(zb + (v + u * TPR) * V);
+MEMCORE_UNROLL
+    for (int u = 0; u < U; ++u) pack(r[u], v + u * TPR);
+  }
+  for (; v < end; v += TPR) pack(load16(zb + v * V), v);
+  return v;
+}
+
+// One thread's share of the gradient pass over the row z[0, C) into out (target t, L = its
+// layout): the walk of walk_row, the packs split at the target's where its term is left out of the
+// returned sum. z and out rows share their offset from a 16-byte boundary.
+template <typename scalar_t, int TPR, int VEC>
+MEMCORE_HD typename OpMath<scalar_t>::type grad_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t,
+                                                    const Layout& L, typename OpMath<scalar_t>::type lse,
+                                                    typename OpMath<scalar_t>::type g, int lane) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr bool E = kExactDiff<scalar_t>, SUM = kTargetBySum<scalar_t>;
+  const acc_t ref = ref_of<acc_t, E>(lse);
+  acc_t sum = acc_t(0);
+  auto one = [&](int64_t j) {
+    const acc_t e = term<acc_t, E>(static_cast<acc_t>(z[j]), ref);
+    if (SUM && j != t) sum += e;
+    out[j] = static_cast<scalar_t>(e * g);
+  };
+  if constexpr (VEC > 1) {
     if (lane < L.head) one(lane);
     const scalar_t* zb = z + L.head;
     scalar_t* ob = out + L.head;
-    auto pack = [&](const Words& r, int64_t v) {
-      acc_t x[VEC];
-      widen<scalar_t>(r, x);
-MEMCORE_UNROLL
-      for (int k = 0; k < VEC; ++k) x[k] = expo(fma_(x[k], kScale<acc_t>, shift)) * g;
-      store16(ob + v * VEC, narrow<scalar_t>(x));
-    };
     int64_t v = lane;
-    for (; v + (U - 1) * TPR < L.nv; v += U * TPR) {
-      Words r[U];
+    if constexpr (SUM) {
+      v = grad_packs<scalar_t, TPR, SUM>(zb, ob, v, L.tp < 0 ? 0 : L.tp, ref, g, sum);
+      if (v == L.tp && L.tp < L.nv) {  // the target's pack
+        acc_t x[VEC];
+        widen<scalar_t>(load16(zb + v * VEC), x);
 MEMCORE_UNROLL
-      for (int u = 0; u < U; ++u) r[u] = load16(zb + (v + u * TPR) * VEC);
-MEMCORE_UNROLL
-      for (int u = 0; u < U; ++u) pack(r[u], v + u * TPR);
+        for (int k = 0; k < VEC; ++k) {
+          const acc_t e = term<acc_t, E>(x[k], ref);
+          if (L.head + v * VEC + k != t) sum += e;
+          x[k] = e * g;
+        }
+        store16(ob + v * VEC, narrow<scalar_t>(x));
+        v += TPR;
+      }
     }
-    for (; v < L.nv; v += TPR) pack(load16(zb + v * VEC), v);
+    grad_packs<scalar_t, TPR, SUM>(zb, ob, v, L.nv, ref, g, sum);
   }
   for (int64_t j = L.tail0 + lane; j < C; j += TPR) one(j);
+  return sum;
 }
 
-template <typename acc_t>
-MEMCORE_HD acc_t target_grad(acc_t zt, acc_t lse, acc_t g) {
-  return (expo(fma_(zt, kScale<acc_t>, -lse * kScale<acc_t>)) - acc_t(1)) * g;
+// out[t] = (p_t - 1) * g: kTargetBySum, minus others (the row's total of grad_row's sums) times g;
+// otherwise from zt, the target logit.
+template <typename scalar_t>
+MEMCORE_HD typename OpMath<scalar_t>::type target_grad(typename OpMath<scalar_t>::type zt,
+                                                       typename OpMath<scalar_t>::type lse,
+                                                       typename OpMath<scalar_t>::type others,
+                                                       typename OpMath<scalar_t>::type g) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr bool E = kExactDiff<scalar_t>;
+  if constexpr (kTargetBySum<scalar_t>) return -others * g;
+  else return (term<acc_t, E>(zt, ref_of<acc_t, E>(lse)) - acc_t(1)) * g;
 }
 
 // ---- the split path: few rows of many classes, one row over S blocks
@@ -430,7 +529,7 @@ constexpr int kSplitThreads = 256;
 constexpr int64_t kSplitMinSliceBytes = 16384;
 // Blocks aimed at per SM: all resident in one wave (four 256-thread blocks fit an SM).
 constexpr int kSplitBlocksPerSm = 2;
-// acc_t words of one part in the workspace: m, s, before, after (shift follows from m)
+// acc_t words of one part in the workspace: m, s, before, after (ref follows from m)
 constexpr int kPartWords = 4;
 
 // Slices per row for N rows of C logits of elem_size bytes on a device of sms SMs; 1: keep the
@@ -480,30 +579,40 @@ MEMCORE_HD Part<typename OpMath<scalar_t>::type> walk_slice(const scalar_t* z, i
   using acc_t = typename OpMath<scalar_t>::type;
   constexpr int V = kVec<scalar_t>;
   Part<acc_t> p = part_init<acc_t>();
-  if (sl.first && lane < L.head) add_one<acc_t>(p, static_cast<acc_t>(z[lane]), lane, t);
+  if (sl.first && lane < L.head) add_one<acc_t, kExactDiff<scalar_t>>(p, static_cast<acc_t>(z[lane]), lane, t);
   if (sl.last)
-    for (int64_t j = L.tail0 + lane; j < C; j += TPR) add_one<acc_t>(p, static_cast<acc_t>(z[j]), j, t);
+    for (int64_t j = L.tail0 + lane; j < C; j += TPR)
+      add_one<acc_t, kExactDiff<scalar_t>>(p, static_cast<acc_t>(z[j]), j, t);
   const int64_t c0 = L.head + sl.p0 * V;
   // merge with p exact when p is empty (factor 1 on the packs' side, 0 * 0 on p's)
-  return merge(p, walk_row<scalar_t, TPR, V>(z + c0, (sl.p1 - sl.p0) * V, t - c0, lane));
+  return merge<acc_t, kExactDiff<scalar_t>>(p, walk_row<scalar_t, TPR, V>(z + c0, (sl.p1 - sl.p0) * V, t - c0, lane));
 }
 
-// The gradient pass (grad_row's out[j] = exp(z[j] - lse) * g) over slice sl only.
+// The gradient pass over slice sl only (grad_row's values and returned sum, t the row's target).
 template <typename scalar_t, int TPR>
-MEMCORE_HD void grad_slice(const scalar_t* z, scalar_t* out, int64_t C, const Layout& L, const Slice& sl,
-                           typename OpMath<scalar_t>::type lse, typename OpMath<scalar_t>::type g, int lane) {
+MEMCORE_HD typename OpMath<scalar_t>::type grad_slice(const scalar_t* z, scalar_t* out, int64_t C, int64_t t,
+                                                      const Layout& L, const Slice& sl,
+                                                      typename OpMath<scalar_t>::type lse,
+                                                      typename OpMath<scalar_t>::type g, int lane) {
   using acc_t = typename OpMath<scalar_t>::type;
   constexpr int V = kVec<scalar_t>;
-  const acc_t shift = -lse * kScale<acc_t>;
+  constexpr bool E = kExactDiff<scalar_t>, SUM = kTargetBySum<scalar_t>;
+  const acc_t ref = ref_of<acc_t, E>(lse);
+  acc_t sum = acc_t(0);
   auto one = [&](int64_t j) {
-    out[j] = static_cast<scalar_t>(expo(fma_(static_cast<acc_t>(z[j]), kScale<acc_t>, shift)) * g);
+    const acc_t e = term<acc_t, E>(static_cast<acc_t>(z[j]), ref);
+    if (SUM && j != t) sum += e;
+    out[j] = static_cast<scalar_t>(e * g);
   };
   if (sl.first && lane < L.head) one(lane);
   if (sl.last)
     for (int64_t j = L.tail0 + lane; j < C; j += TPR) one(j);
+  // the slice's packs as a row of their own: 16-byte aligned (no head, no tail), the target column
+  // relative to it (left of the slice: tp = -1, right of it: tp = nv; neither splits the packs)
   const int64_t c0 = L.head + sl.p0 * V, nv = sl.p1 - sl.p0;
-  const Layout Ls{0, nv, nv * V, 0};  // the slice's packs: aligned, no head, no tail
-  grad_row<scalar_t, TPR, V>(z + c0, out + c0, nv * V, Ls, lse, g, lane);
+  const Layout Ls = layout<V>(reinterpret_cast<uintptr_t>(z + c0), sizeof(scalar_t), nv * V, t - c0);
+  const acc_t packs = grad_row<scalar_t, TPR, V>(z + c0, out + c0, nv * V, t - c0, Ls, lse, g, lane);
+  return sum + packs;
 }
 
 // The lane of slice sl's block that writes column t in grad_slice, or -1 when t is not in sl.
@@ -536,7 +645,7 @@ MEMCORE_HD Part<acc_t> load_part(const acc_t* row_parts, int S, int lane) {
     p.before = w[2];
     p.after = w[3];
   }
-  return p;  // shift unused: merge() recomputes it
+  return p;  // ref unused: merge() recomputes it
 }
 
 // ---- a row's outputs and status bits (ce_forward's contract)
