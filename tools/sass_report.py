@@ -1004,7 +1004,7 @@ def store_rows(rows: List[Row]) -> int:
             dtype=_STORE_DTYPES[m["dtype"]],
             device=m["device"],
         )
-        out += [store.row(**base, metric=k, value=m[k], unit=u) for k, u in INFLIGHT_METRICS]
+        out += [store.row(**base, metric=k, value=m[k], unit=u) for k, u in INFLIGHT_METRICS.items()]
     return store.append(out)
 
 
@@ -1036,15 +1036,12 @@ Launch gaps, the finish kernel and issue limits are outside it: a prediction to 
 CHECKED = ("forward", "backward", "forward (split)", "gradient (split)")
 BY_CASE = True  # a table per kernel family, and the bytes-in-flight model's own
 INFLIGHT_CASE = "bytes in flight (model)"
-INFLIGHT_METRICS = [
-    ("blocks_per_sm", "count"),
-    ("loads_per_thread", "count"),
-    ("trips", "count"),
-    ("waits_first_load", "count"),
-    ("kib_in_flight", "KiB"),
-    ("tolerated_ns", "ns"),
-    ("hbm_pct", "%"),
-]
+INFLIGHT_METRICS = {  # the model's figures stored, with their units
+    **dict.fromkeys(("blocks_per_sm", "loads_per_thread", "trips", "waits_first_load"), "count"),
+    "kib_in_flight": "KiB",
+    "tolerated_ns": "ns",
+    "hbm_pct": "%",
+}
 
 
 def worst(metric: str, **match):
