@@ -267,7 +267,7 @@ def test_sass_loads_in_flight_and_the_wait_on_the_first_load():
         LDG.E.128 R8, desc[UR4][R10.64]
     """)
     assert sr.waits_for_first_load(kernel, 16) == (1, "ISETP.GE.AND at 0x10")
-    kernel[1].operands = "P0, PT, R7, R6, PT"  # no longer reads the target
+    kernel[1].operands = "P0, PT, R7, R6, PT"  # the test on another register
     assert sr.waits_for_first_load(kernel, 16) == (0, "")
 
 

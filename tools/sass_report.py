@@ -685,8 +685,8 @@ class Launch:
     traffic: float = 1.0  # bytes moved per byte loaded (the backward writes its gradient too)
 
 
-# the classes of dispatch_shape and the split decision (csrc/cuda/cross_entropy.cu), at the C the
-# issue's slow spots name; bf16 and fp32 each
+# the classes of dispatch_shape and the split decision (csrc/cuda/cross_entropy.cu), at the C of
+# the slow spots docs/kernels.md weighs; bf16 and fp32 each
 LAUNCHES = [
     Launch("warp per row, C = 10", "forward", 32, 256, 10),
     Launch("warp per row, C = 1000", "forward", 32, 256, 1000),
