@@ -1,7 +1,9 @@
 """Builds memcore._C: C++ CPU kernels always, CUDA kernels when torch is a CUDA build and nvcc exists.
 
-Install with `pip install --no-build-isolation .` so the build sees the torch already installed
-(build isolation would fetch a fresh, multi-GB torch). Environment:
+memcore._C is compiled against the torch already installed and works only with that torch's minor
+version (C++ ABI), so build without isolation: `pip install --no-build-isolation .`, or a wheel with
+`python -m build --no-isolation`. An isolated build has no torch and stops at once saying so.
+Environment:
   MEMCORE_NO_CUDA=1       build the CPU kernels only, even where CUDA is available
   MEMCORE_FORCE_CUDA=1    fail instead of silently skipping CUDA when it cannot be built
   TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0;10.0" (torch's own variable)
@@ -9,9 +11,14 @@ Install with `pip install --no-build-isolation .` so the build sees the torch al
 """
 
 import glob
+import json
 import os
+import subprocess
 import sys
+import sysconfig
+import threading
 import time
+from typing import Dict, List, Optional, Set, Tuple
 
 from setuptools import find_packages, setup
 
@@ -26,11 +33,13 @@ try:
     )
 except ImportError:  # pragma: no cover - build-time message
     sys.exit(
-        "memcore needs PyTorch installed before it is built: "
-        "pip install torch && pip install --no-build-isolation ."
+        "memcore needs PyTorch installed before it is built, and builds against that torch: "
+        "pip install torch, then pip install --no-build-isolation . (or python -m build --no-isolation; "
+        "an isolated build environment has no torch)"
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = "_build_info.json"  # the torch memcore._C was built against, beside it
 
 # CPU seconds to compile one file, measured (gcc 12 -O3 -g0: 186 s for the 7 C++ files; nvcc 13
 # for sm_90 only: 64 and 84 s for curvature.cu and cross_entropy.cu), for the estimate printed
@@ -108,24 +117,163 @@ def _extension():
     )
 
 
+def _compiling(build_temp: str, sources: Set[str]) -> Optional[Tuple[Set[str], bool]]:
+    """(which of `sources` a compiler works on now, whether the extension is being linked), read from
+    the command lines in /proc of the processes that write into build_temp: ninja reports a file only
+    once it is done. None where there is no /proc."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    running, linking = set(), False
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except (OSError, ValueError):
+            continue  # not a process, or it ended
+        if "-o" in args[:-1] and args[args.index("-o") + 1].startswith(build_temp):
+            # the arguments naming one of `sources` (not nvcc's intermediate files)
+            running.update(
+                s for s in (os.path.relpath(a, ROOT) for a in args if os.path.isabs(a)) if s in sources
+            )
+        elif "-shared" in args and any(a.startswith(build_temp) for a in args):
+            linking = True
+    return running, linking
+
+
+def _stale(build_temp: str, sources: List[str]) -> List[str]:
+    """The sources ninja will compile: those its dry run over the last build's build.ninja names, and
+    those that build did not have (all of them before a first build; files it adds because the flags
+    changed show up when they start)."""
+    try:
+        with open(os.path.join(build_temp, "build.ninja")) as f:
+            last = f.read()
+    except OSError:
+        return list(sources)
+    try:
+        plan = subprocess.run(
+            ["ninja", "-n", "-C", build_temp], capture_output=True, text=True, timeout=60
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return list(sources)
+    named = {os.path.relpath(a, ROOT) for a in plan if os.path.isabs(a)}
+    return [s for s in sources if s in named or os.path.join(ROOT, s) not in last]
+
+
+class _Progress(threading.Thread):
+    """Prints a line when a file's compile starts and when it ends, with the time left, and one at
+    least every 20 s. Time left: each file's cost (CPP_SECONDS / CU_SECONDS of CPU) times the wall
+    seconds a CPU second takes per job, from the machine's load until a file is done, then as
+    measured on the files done so far."""
+
+    def __init__(self, build_temp: str, sources: List[str], jobs: int) -> None:
+        super().__init__(daemon=True)
+        self.build_temp, self.jobs = os.path.abspath(build_temp), jobs
+        self.cost = {s: CU_SECONDS if s.endswith(".cu") else CPP_SECONDS for s in sources}
+        self.plan = set(_stale(self.build_temp, sources))
+        # a job's share of a core beside the load already there (other processes: the load average)
+        others = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        self.slowdown = max(1.0, (others + min(jobs, len(self.plan) or 1)) / _cores())
+        self.halt = threading.Event()
+        self.start_time = self.last = time.monotonic()
+        self.started: Dict[str, float] = {}
+        self.took: Dict[str, float] = {}
+
+    def say(self, text: str) -> None:
+        self.last = time.monotonic()
+        print(f"[memcore] {text} ({self.last - self.start_time:.0f} s)", flush=True)
+
+    def left(self) -> str:
+        now = time.monotonic()
+        per_cpu_s = (
+            sum(self.took.values()) / sum(self.cost[s] for s in self.took) if self.took else self.slowdown
+        )
+        work = [self.cost[s] for s in self.plan if s not in self.started]
+        work += [
+            max(self.cost[s] - (now - t) / per_cpu_s, 0.1 * self.cost[s])
+            for s, t in self.started.items()
+            if s not in self.took
+        ]
+        if not work:
+            return "then the link"
+        return f"about {sum(work) * per_cpu_s / min(self.jobs, len(work)) / 60:.1f} min of compile left"
+
+    def run(self) -> None:
+        running: Set[str] = set()
+        linked = False
+        while not self.halt.wait(0.5):
+            seen = _compiling(self.build_temp, set(self.cost))
+            if seen is None:  # no /proc: a heartbeat only
+                if time.monotonic() - self.last >= 20:
+                    self.say("still compiling")
+                continue
+            now_running, linking = seen
+            for src in sorted(running - now_running):
+                self.took[src] = time.monotonic() - self.started[src]
+                self.say(f"compiled {src} in {self.took[src]:.0f} s, {self.left()}")
+            for src in sorted(now_running - running):
+                self.started[src] = time.monotonic()
+                self.plan.add(src)
+                self.say(f"compiling {src} ({len(self.started)} of {len(self.plan)}), {self.left()}")
+            running = now_running
+            if linking and not linked:
+                linked = True
+                self.say("linking memcore._C")
+            elif time.monotonic() - self.last >= 20:
+                self.say(f"still compiling {', '.join(sorted(running)) or '...'}, {self.left()}")
+
+
 class _BuildExtension(BuildExtension):
-    """torch's BuildExtension (ninja), saying what it compiles and about how long it takes."""
+    """torch's BuildExtension (ninja), saying which file it compiles when it starts and about how long
+    the rest takes; records the torch it builds against in _build_info.json beside the extension
+    (memcore checks it at import: memcore/_extension.py)."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if getattr(self, "editable_mode", False):
+            # pip install -e builds in a fresh temporary folder each time; the objects of this
+            # folder's in-place and wheel builds are reused instead (ninja recompiles what changed)
+            self.build_temp = os.path.join(
+                ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            )
 
     def build_extensions(self) -> None:
         files = [s for ext in self.extensions for s in ext.sources]
         n_cu = sum(s.endswith(".cu") for s in files)
-        n_cpp = len(files) - n_cu
-        jobs, cores = int(os.environ["MAX_JOBS"]), _cores()
-        minutes = (n_cpp * CPP_SECONDS + n_cu * CU_SECONDS) / max(1, min(jobs, cores)) / 60
-        cuda = f" (+{n_cu} CUDA)" if n_cu else ""
+        jobs = int(os.environ["MAX_JOBS"])
+        progress = _Progress(self.build_temp, files, jobs)
+        todo = [f for f in files if f in progress.plan]
+        cuda = sum(f.endswith(".cu") for f in todo)
+        minutes = sum(progress.cost[f] for f in todo) * progress.slowdown / max(1, min(jobs, len(todo))) / 60
         print(
-            f"[memcore] compiling {n_cpp} C++ files{cuda} with {jobs} jobs: about {max(1, round(minutes))} "
-            f"min on {cores} cores, less for files unchanged since the last build",
+            f"[memcore] building memcore._C: {len(todo)} of its {len(files)} files to compile"
+            f"{f' ({cuda} CUDA)' if cuda else ''}, the others up to date in "
+            f"{os.path.relpath(self.build_temp, ROOT)}; {jobs} jobs on {_cores()} cores: about "
+            f"{minutes:.1f} min here",
             flush=True,
         )
-        start = time.monotonic()
-        super().build_extensions()
-        print(f"[memcore] built memcore._C in {time.monotonic() - start:.0f} s", flush=True)
+        progress.start()
+        try:
+            super().build_extensions()
+        finally:
+            progress.halt.set()
+            progress.join()
+        info = {"torch": torch.__version__, "cuda": torch.version.cuda if n_cu else None}
+        if n_cu:
+            info["cuda_arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        with open(self._build_info(), "w") as f:
+            json.dump(info, f)
+        print(f"[memcore] built memcore._C in {time.monotonic() - progress.start_time:.0f} s", flush=True)
+
+    def _build_info(self, inplace: bool = False) -> str:
+        old, self.inplace = self.inplace, inplace
+        try:
+            return os.path.join(os.path.dirname(self.get_ext_fullpath("memcore._C")), BUILD_INFO)
+        finally:
+            self.inplace = old
+
+    def copy_extensions_to_source(self) -> None:
+        super().copy_extensions_to_source()
+        self.copy_file(self._build_info(), self._build_info(inplace=True), level=self.verbose)
 
 
 setup(

@@ -8,7 +8,7 @@
     scores = tracker.scores()   # {"csl": tensor[num_samples], ...}
 
 The core (this package without ``memcore.eval``) needs only torch and numpy; the research harness
-``memcore.eval`` needs ``pip install 'memcore[eval]'``.
+``memcore.eval`` needs ``pip install 'torch-memcore[eval]'``.
 """
 
 from . import data, export
@@ -19,7 +19,7 @@ from .linear_cross_entropy import linear_accumulate
 from .scores import SCORE_NAMES, SCORES
 from .tracker import Tracker
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "Tracker",
     "accumulate",

@@ -1,5 +1,5 @@
 """memcore from the command line: two commands, both from the research harness (memcore.eval,
-``pip install 'memcore[eval]'``).
+``pip install 'torch-memcore[eval]'``).
 
   demo        train a small MLP on scikit-learn's digits with 10% flipped labels, print how well each
               score finds them, write every sample's scores to runs/demo/scores.csv (about a minute

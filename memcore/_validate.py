@@ -77,7 +77,8 @@ def _require_tensor(x, name: str) -> None:
 
 def _require_integer(x: torch.Tensor, name: str) -> None:
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (class ids / sample indices), got {x.dtype}")
+        what = "class ids" if name == "targets" else "the samples' dataset indices"
+        raise TypeError(f"{name} must be an integer tensor of {what}, got {x.dtype}")
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:

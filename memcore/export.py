@@ -44,7 +44,7 @@ def to_dataframe(scores: Dict[str, torch.Tensor], labels: Optional[torch.Tensor]
         import pandas as pd
     except ImportError as e:
         raise ImportError(
-            "memcore.export.to_dataframe needs pandas: pip install 'memcore[export]' (to_csv needs nothing)"
+            "memcore.export.to_dataframe needs pandas: pip install 'torch-memcore[export]' (to_csv needs nothing)"
         ) from e
 
     n, lab = _columns(scores, labels)
@@ -110,7 +110,7 @@ def _pyarrow():
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "memcore.export.to_parquet needs pyarrow: pip install 'memcore[export]' (or pip install pyarrow)"
+            "memcore.export.to_parquet needs pyarrow: pip install 'torch-memcore[export]' (or pip install pyarrow)"
         ) from e
     return pa, pq
 
@@ -177,7 +177,7 @@ def to_parquet(tracker_or_scores, directory: str, *, row_group_size: int = PARQU
     Given a Tracker this is a collective under torch.distributed (like ``scores()``); a sharded
     tracker writes ``scores-<rank>-of-<world>.parquet`` on every rank, the rows it owns. The file is
     written under a temporary name and renamed. pandas, polars, Spark and ``datasets`` read the
-    directory as one table (``pd.read_parquet(directory)``). Needs pyarrow (``memcore[export]``)."""
+    directory as one table (``pd.read_parquet(directory)``). Needs pyarrow (``torch-memcore[export]``)."""
     pa, pq = _pyarrow()
     row_group_size = as_int(row_group_size, "row_group_size", minimum=1)
     os.makedirs(directory, exist_ok=True)

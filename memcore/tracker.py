@@ -3,7 +3,9 @@
 import contextlib
 import functools
 import os
+import sys
 import threading
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -425,6 +427,13 @@ class Tracker:
             raise ValueError(f"a Tracker counts at most {S.MAX_EPOCHS} epochs")
         self._flush()
         self._raise_deferred(self._errors)
+        if not self._open_epoch():
+            _warn_once(
+                self,
+                "end_epoch",
+                "Tracker.end_epoch() with no batch recorded since the last end_epoch(): the epoch is "
+                "counted, with no rows (call it once per pass over the data, after its accumulate calls)",
+            )
         means = S.close_in_place(self._st, self.epochs, self.correct_threshold, self._tau)
         if self._grad_start >= 0 and self._tau is None:
             self._grad_history.append(means)
@@ -455,6 +464,13 @@ class Tracker:
         self._flush()
         self._raise_deferred(self._errors)
         open_epoch = self._open_epoch()
+        if not open_epoch and self.epochs == 0:
+            _warn_once(
+                self,
+                "scores",
+                "Tracker.scores() before any recorded epoch: no accumulate call has recorded a row yet, "
+                "so every score is that of a sample never seen (NaN means, zero sums)",
+            )
         threshold = self._tau
         if self._grad_start >= 0 and self._tau is None:  # closing an epoch leaves grad_mean as it is
             reduce = None
@@ -500,7 +516,7 @@ class Tracker:
         )
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores a ``state_dict()``; format 1 (memcore <= 0.1.0) is converted. Buffers land on this
+        """Restores a ``state_dict()``; format 1 (memcore 0.1.0) is converted. Buffers land on this
         tracker's device; buffered rows not yet flushed are dropped.
 
         Everything is checked before anything is changed (keys, types, buffer shapes and dtypes,
@@ -565,6 +581,20 @@ def _resolve(dev: torch.device) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return dev
+
+
+def _warn_once(tracker: Tracker, cause: str, message: str) -> None:
+    """A UserWarning for a likely misuse, once per tracker and cause, attributed to the first caller
+    outside memcore and torch (the tracker's methods sit behind decorators of both)."""
+    warned = tracker.__dict__.setdefault("_warned", set())
+    if cause in warned:
+        return
+    warned.add(cause)
+    inside = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 __all__ = ["Tracker", "SCORE_NAMES", "same_device"]

@@ -15,7 +15,7 @@ if [ -n "${MEMCORE_PY:-}" ]; then
   py="$MEMCORE_PY"
 else
   source scripts/env.sh
-  memcore_env .venv "torch==2.13.0"
+  memcore_env .venv "torch==2.13.0" all
   py=.venv/bin/python
 fi
 mkdir -p benchmarks/out

@@ -1,55 +1,97 @@
-# Sourced by the scripts in this folder: creates a virtual environment with torch and memcore's
-# dependencies and builds memcore into it. Idempotent: a second run only rebuilds when csrc/,
-# setup.py or the torch version changed.
-#   memcore_env VENV TORCH_SPEC [extra pip packages...]
-# MEMCORE_PROFILE=demo installs only what the demo needs (default: all)
+# Sourced by the scripts in this folder: a virtual environment with torch, memcore's dependencies and
+# memcore built into it (an editable install). A rerun takes seconds: pip runs only when the list of
+# packages changed, the build only when csrc/, setup.py, pyproject.toml or torch changed.
+#   memcore_env VENV TORCH_SPEC EXTRAS [pip requirements...]
+# EXTRAS: extras of pyproject.toml, comma-separated ("all": every one; "": none), whose packages are
+# installed with the core's, torch pinned in the same pip call so that nothing pulls another torch.
 
-# What a profile installs besides torch. "demo": the core (numpy) + the eval extra (scikit-learn tqdm
-# matplotlib pandas) + the build tools: all the demo needs, and the fastest first run. "all" adds
-# the test extra (pytest pytest-benchmark hypothesis ruff), export (pyarrow), cleanlab for the
-# confident-learning baseline and the integrations' frameworks. setuptools >= 77 reads pyproject's
-# SPDX license string.
-MEMCORE_DEMO_DEPS=(numpy scikit-learn tqdm matplotlib pandas ninja "setuptools>=77" wheel)
-MEMCORE_DEPS=("${MEMCORE_DEMO_DEPS[@]}" pytest pytest-benchmark hypothesis ruff pyarrow cleanlab lightning
-  transformers "accelerate>=1.1.0")
+# Prints "[memcore] ..." lines from a pip (or build) command's output: what it downloads and
+# installs, setup.py's own lines, errors; and a line after each 25 s without one (setup.py has its
+# own every 20 s while it compiles). Everything goes to LOG too.
+memcore_show() {
+  local label="$1" log="$2" t0=$SECONDS line rc
+  while true; do
+    IFS= read -r -t 25 line
+    rc=$?
+    if [ $rc -gt 128 ]; then
+      echo "[memcore]   $label: still working ($((SECONDS - t0)) s)"
+      continue
+    fi
+    [ $rc -ne 0 ] && [ -z "$line" ] && break
+    printf '%s\n' "$line" >>"$log"
+    line="${line#"${line%%[![:space:]]*}"}" # leading blanks: pip indents the build's output
+    case "$line" in
+      "[memcore]"*) echo "$line" ;;
+      Downloading\ *|"Installing collected packages:"*|"Successfully installed"*|ERROR*)
+        echo "[memcore]   $line" ;;
+    esac
+  done
+}
 
-# runs a pip command without the local index's "Location ... is ignored" chatter, keeping its status
+# Runs a pip command, showing its progress as memcore_show does; its status is pip's.
 memcore_pip() {
-  "$@" 2>&1 | { grep -v "is ignored" || true; }
+  local label="$1" log="$2"
+  shift 2
+  "$@" 2>&1 | memcore_show "$label" "$log"
   return "${PIPESTATUS[0]}"
 }
 
-memcore_env() {
-  local venv="$1" torch_spec="$2"
-  shift 2
-  case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac  # imports below run from /tmp
+# Creates VENV and installs TORCH_SPEC, the core's and EXTRAS' packages and the extra requirements.
+memcore_install() {
+  local venv="$1" torch_spec="$2" extras="$3"
+  shift 3
   local py="${PYTHON:-python3}"
   if [ ! -x "$venv/bin/python" ]; then
     echo "[memcore] creating $venv"
-    "$py" -m venv "$venv"
+    "$py" -m venv "$venv" || return 1
   fi
-  # torch first, pinned (and pinned again below) so no other package pulls a different, multi-GB build
-  local t0=$SECONDS deps=("${MEMCORE_DEPS[@]}")
-  [ "${MEMCORE_PROFILE:-all}" = demo ] && deps=("${MEMCORE_DEMO_DEPS[@]}")
-  echo "[memcore] installing $torch_spec and ${#deps[@]} packages into $venv (first run: a few minutes)"
-  memcore_pip "$venv/bin/pip" install -q --disable-pip-version-check "$torch_spec" numpy || {
-    echo "[memcore] torch failed to install ($torch_spec)"; return 1; }
-  memcore_pip "$venv/bin/pip" install -q --disable-pip-version-check "${deps[@]}" "$torch_spec" "$@" || {
-    echo "[memcore] dependencies failed to install"; return 1; }
-  echo "[memcore] packages ready ($((SECONDS - t0)) s)"
+  local reqs
+  reqs=$("$venv/bin/python" scripts/requirements.py --build ${extras//,/ }) || return 1
+  # shellcheck disable=SC2206  # one requirement a line, none with blanks
+  local pkgs=($reqs "$@" "$torch_spec")
   local stamp
-  stamp="$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16)-$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
-  if [ "$(cat "$venv/.memcore-build" 2>/dev/null)" != "$stamp" ] || ! (cd /tmp && "$venv/bin/python" -c "import memcore") 2>/dev/null; then
-    echo "[memcore] building memcore (pip install --no-build-isolation -e .)"
-    # -v so setup.py's own progress lines ([memcore] ..., ninja's [k/n] steps) reach the terminal;
-    # the rest of pip's verbose output goes to build.log, shown whole if the build fails
-    local log="$venv/build.log"
-    "$venv/bin/pip" install -v --disable-pip-version-check --no-build-isolation --no-deps -e . >"$log" 2>&1 &
-    local pid=$!
-    tail -n +1 -f "$log" --pid=$pid 2>/dev/null | grep --line-buffered -E '^ *\[memcore\]|^ *\[[0-9]+/[0-9]+\] ' \
-      | sed -u -E 's/^ +//; s/^(\[[0-9]+\/[0-9]+\]) .* -c ([^ ]+) .*/\1 compiling \2/'
-    wait $pid || { cat "$log"; echo "[memcore] build failed (log: $log)"; return 1; }
-    (cd /tmp && "$venv/bin/python" -c "import memcore") || { echo "[memcore] memcore does not import"; return 1; }
-    echo "$stamp" > "$venv/.memcore-build"
+  stamp="$("$venv/bin/python" --version 2>&1) ${pkgs[*]}"
+  if [ "$(cat "$venv/.memcore-packages" 2>/dev/null)" = "$stamp" ]; then
+    return 0
   fi
+  local t0=$SECONDS
+  echo "[memcore] installing into $venv: $torch_spec and ${#pkgs[@]} requirements (${extras:-no} extras): ${pkgs[*]}"
+  # --no-compile: no .pyc for the thousands of modules never imported (saves CPU time; the
+  # first import writes those it needs)
+  memcore_pip "pip" "$venv/pip.log" "$venv/bin/pip" install --no-compile --disable-pip-version-check \
+    --progress-bar off "${pkgs[@]}" || {
+    echo "[memcore] pip failed (log: $venv/pip.log)"
+    return 1
+  }
+  echo "$stamp" >"$venv/.memcore-packages"
+  echo "[memcore] packages ready ($((SECONDS - t0)) s)"
+}
+
+memcore_env() {
+  local venv="$1" torch_spec="$2" extras="$3"
+  shift 3
+  case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac # imports below run from /tmp
+  memcore_install "$venv" "$torch_spec" "$extras" "$@" || return 1
+  # neither check imports torch (seconds): its version from its metadata, memcore only found
+  local stamp
+  stamp="$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -c1-16)-$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+  if [ "$(cat "$venv/.memcore-build" 2>/dev/null)" = "$stamp" ] && ls memcore/_C*.so >/dev/null 2>&1 &&
+    (cd /tmp && "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('memcore') is None)"); then
+    return 0
+  fi
+  echo "[memcore] building memcore into $venv (pip install --no-build-isolation --no-deps -e .; objects kept in build/)"
+  # -v so that setup.py's lines reach memcore_show; the rest of pip's output goes to build.log only
+  local log="$venv/build.log"
+  : >"$log"
+  memcore_pip "build" "$log" "$venv/bin/pip" install -v --disable-pip-version-check --no-build-isolation \
+    --no-deps -e . || {
+    cat "$log"
+    echo "[memcore] build failed (log: $log)"
+    return 1
+  }
+  (cd /tmp && "$venv/bin/python" -c "import memcore") || {
+    echo "[memcore] memcore does not import"
+    return 1
+  }
+  echo "$stamp" >"$venv/.memcore-build"
 }

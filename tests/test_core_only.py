@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import memcore
 
 # The blocked packages look uninstalled: `import pandas` raises ModuleNotFoundError and
@@ -36,6 +38,7 @@ def _run(code: str, blocked=EXTRA, cwd=None):
     )
 
 
+@pytest.mark.slow
 def test_core_works_without_the_eval_extra(tmp_path):
     r = _run(
         """
@@ -72,7 +75,7 @@ def test_core_works_without_the_eval_extra(tmp_path):
         try:
             export.to_dataframe(scores)
         except ImportError as e:
-            assert "memcore[export]" in str(e), e
+            assert "torch-memcore[export]" in str(e), e
         else:
             raise AssertionError("pandas was importable")
         for m in ("sklearn", "matplotlib", "tqdm", "pandas"):
@@ -85,6 +88,7 @@ def test_core_works_without_the_eval_extra(tmp_path):
     assert (tmp_path / "scores.csv").read_text().startswith("index,label,csl,")
 
 
+@pytest.mark.slow
 def test_plots_without_matplotlib_names_the_extra():
     r = _run(
         """
@@ -97,10 +101,12 @@ def test_plots_without_matplotlib_names_the_extra():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (
-        "memcore.eval needs the 'eval' extra: pip install 'memcore[eval]' (missing: matplotlib)" in r.stdout
+        "memcore.eval needs the 'eval' extra: pip install 'torch-memcore[eval]' (missing: matplotlib)"
+        in r.stdout
     )
 
 
+@pytest.mark.slow
 def test_experiment_without_the_extra_fails_before_training(tmp_path):
     """The CLI reports the missing extra as an error line (no traceback) and trains nothing."""
     out = tmp_path / "run"
@@ -119,6 +125,7 @@ def test_experiment_without_the_extra_fails_before_training(tmp_path):
     assert "Traceback" not in r.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_help_works_without_the_extra():
     r = _run("""
         from memcore.__main__ import main
@@ -127,6 +134,7 @@ def test_help_works_without_the_extra():
     assert r.returncode == 0 and "--curvature-every" in r.stdout, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_harness_modules_import_without_the_extra():
     """Only plots needs its packages at import; the others check where they use them."""
     r = _run("""

@@ -243,6 +243,7 @@ def test_row_paths_statistics(c, dtype, device):
     torch.testing.assert_close(z.grad.float().cpu(), ref.grad, **gtol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_row_paths_narrower_isa(isa, tmp_path):
     """The AVX2 and baseline copies of the CPU block kernels (a wider machine picks AVX-512 at

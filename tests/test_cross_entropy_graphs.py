@@ -93,6 +93,7 @@ def test_capture_refuses_a_tracker_without_state_or_distributed(monkeypatch):
         loss.backward()
 
 
+@pytest.mark.slow
 def test_cpu_run_does_not_initialize_cuda():
     """The capture check asks torch.cuda only once CUDA is initialized (asking would initialize it)."""
     code = (

@@ -95,6 +95,9 @@ def test_load_digits():
     raw = load_digits(normalize=False)
     assert float(raw.x.max()) == 16.0
     assert torch.allclose(raw.x / 16, ds.x)
+    sk = pytest.importorskip("sklearn.datasets").load_digits()  # read without it: the same data
+    assert torch.equal(raw.x[:, 0], torch.from_numpy(sk.images).float())
+    assert torch.equal(raw.y, torch.from_numpy(sk.target).long())
 
 
 def test_indexed_dataset_with_dataloader_and_validation():

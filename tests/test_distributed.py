@@ -46,6 +46,7 @@ def _worker(rank, world, init_file, out_file):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_ranks_match_single_process(tmp_path):
     single = memcore.Tracker(S)
@@ -127,18 +128,21 @@ def _spawn(tmp_path, mode, deadline_s=120.0):
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_ranks_with_different_num_samples_get_a_clear_error(tmp_path):
     for msg in _spawn(tmp_path, "mismatch"):
         assert "differ across ranks" in msg and "num_samples (rank 0: 24, rank 1: 25)" in msg, msg
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_ranks_with_different_epoch_counts_get_a_clear_error(tmp_path):
     for msg in _spawn(tmp_path, "epochs"):
         assert "differ across ranks" in msg and "from 0 to 1" in msg and "end_epoch()" in msg, msg
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_input_gradient_statistics_are_merged_across_ranks(tmp_path):
     want = _grad_run(0, 1).scores()

@@ -33,6 +33,7 @@ def _model():
     return make_model("mlp", (1, 8, 8), 10)
 
 
+@pytest.mark.slow
 def test_stability_flags_flipped_labels_and_resumes(tmp_path):
     ds, flipped = _small()
     ck = str(tmp_path / "stab.pt")
@@ -92,6 +93,7 @@ def _mem_of_models(ds, models):
     return c["ic"] / c["it"] - c["oc"] / c["ot"]
 
 
+@pytest.mark.slow
 def test_stability_resumes_a_checkpoint_without_halves(tmp_path):
     """A checkpoint written before the odd-model counts were kept still resumes; it has no halves."""
     ds, _ = _small(n=120)
@@ -227,6 +229,7 @@ def test_split_half_reliability():
     assert pearson((a + b) / 2, (c + d) / 2) == pytest.approx(split_half_reliability(a, b), abs=0.02)
 
 
+@pytest.mark.slow
 def test_experiment_command_end_to_end(tmp_path):
     out = str(tmp_path / "exp")
     from memcore.__main__ import main
@@ -286,3 +289,16 @@ def test_experiment_command_end_to_end(tmp_path):
     assert "| CSL |" in md and "Mislabel detection" in md and "python -m memcore experiment" in md
     with open(os.path.join(out, "roc_mislabel.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_auroc_equals_scikit_learn_with_ties():
+    roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 7, 100, 1001):
+        score = torch.randint(0, 5, (n,), generator=g).double()  # many ties
+        truth = torch.arange(n) % 3 == 0
+        truth[0], truth[1] = True, False  # both classes present
+        want = roc_auc_score(truth.numpy(), score.numpy())
+        assert auroc(score, truth) == pytest.approx(want, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="positive and negative samples"):
+        auroc(torch.ones(3), torch.ones(3, dtype=torch.bool))

@@ -41,6 +41,7 @@ def _pytest_with_deadline(tmp_path, deadline):
     )
 
 
+@pytest.mark.slow
 def test_deadline_skips_tests_not_started(tmp_path):
     late = _pytest_with_deadline(tmp_path, time.time() - 1)
     assert late.returncode == 0, late.stdout + late.stderr
@@ -49,6 +50,7 @@ def test_deadline_skips_tests_not_started(tmp_path):
     assert early.returncode == 0 and "2 passed" in early.stdout, early.stdout + early.stderr
 
 
+@pytest.mark.slow
 def test_gpu_bench_small_writes_every_case(tmp_path):
     from tools import gpu_bench
 

@@ -12,6 +12,7 @@ def _example(name):
     return runpy.run_path(os.path.join(EXAMPLES, name))
 
 
+@pytest.mark.slow
 def test_lightning_callback_and_checkpoint(tmp_path):
     L = pytest.importorskip("lightning")
     import torch
@@ -48,12 +49,14 @@ def test_lightning_callback_and_checkpoint(tmp_path):
     assert fresh.epochs == 2 and torch.equal(fresh.scores()["csl"], tracker.scores()["csl"])
 
 
+@pytest.mark.slow
 def test_hf_trainer(tmp_path):
     pytest.importorskip("transformers")
     mod = _example("hf_trainer_example.py")
     assert mod["main"](epochs=6) > 0.8
 
 
+@pytest.mark.slow
 def test_hf_trainer_overwrite_logits_same_scores():
     """overwrite_logits=True trains the same model: the same per-sequence statistics."""
     pytest.importorskip("transformers")
@@ -118,6 +121,28 @@ def test_hf_trainer_requires_index_column():
     args = TrainingArguments(output_dir="/tmp/memcore-hf-x", report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
         MemcoreTrainer(model=model, args=args, train_dataset=mod["Sequences"](), tracker=memcore.Tracker(64))
+
+
+def test_hf_index_collator_restores_the_index_and_names_a_missing_one():
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import default_data_collator
+
+    from memcore.integrations.huggingface import IndexCollator
+
+    seen = []
+
+    def drops_unknown_keys(examples):  # as the collators of transformers and TRL do
+        seen.append([sorted(e) for e in examples])
+        return default_data_collator([{"input_ids": e["input_ids"]} for e in examples])
+
+    collate = IndexCollator(drops_unknown_keys)
+    batch = collate([{"input_ids": [1, 2], "sample_index": 7}, {"input_ids": [3, 4], "sample_index": 2}])
+    assert seen == [[["input_ids"], ["input_ids"]]]  # the wrapped collator never sees the index
+    assert batch["sample_index"].dtype == torch.int64 and batch["sample_index"].tolist() == [7, 2]
+    assert batch["input_ids"].tolist() == [[1, 2], [3, 4]]
+    with pytest.raises(KeyError, match="example 1 of the batch has no 'sample_index'"):
+        collate([{"input_ids": [1], "sample_index": 0}, {"input_ids": [2]}])
 
 
 def test_hf_compute_loss_when_sequence_length_equals_vocabulary():

@@ -376,6 +376,7 @@ def test_only_some_inputs_need_grad():
         )
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph():
     hidden, weight, bias, targets, index = _problem(24, 8, 37)
     tr = memcore.Tracker(24)

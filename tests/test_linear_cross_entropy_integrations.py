@@ -80,6 +80,7 @@ def test_fused_trainer_matches_unfused(kind, num_items, tmp_path):
     assert s1["rows"].sum() == _batch()["labels"][:, 1:].ne(-100).sum()
 
 
+@pytest.mark.slow
 def test_fused_trainer_trains_like_unfused():
     """A whole Trainer run (examples/hf_trainer_example.py, tied GPT-2 with dropout): the same scores."""
     mod = runpy.run_path(os.path.join(EXAMPLES, "hf_trainer_example.py"))
@@ -108,9 +109,11 @@ def test_fused_trainer_refuses_transformed_heads(tmp_path):
         trainer.compute_loss(model, _batch())
 
 
+@pytest.mark.slow
 def test_trl_sft_trainer_two_line_pattern(tmp_path):
     """TRL's SFTTrainer is a Trainer subclass: `class MemcoreSFTTrainer(MemcoreTrainer, SFTTrainer)`
-    gives it memcore's (fused) loss, on a pre-tokenised dataset with a sample_index column."""
+    gives it memcore's (fused) loss, on a pre-tokenised dataset with a sample_index column, through
+    TRL's own collator (MemcoreTrainer keeps the index column past it)."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -123,7 +126,7 @@ def test_trl_sft_trainer_two_line_pattern(tmp_path):
         {"input_ids": torch.randint(0, VOCAB, (10,), generator=g).tolist(), "sample_index": i}
         for i in range(8)
     ]
-    config = trl.SFTConfig(
+    kwargs = dict(
         output_dir=str(tmp_path),
         remove_unused_columns=False,
         report_to=[],
@@ -135,6 +138,7 @@ def test_trl_sft_trainer_two_line_pattern(tmp_path):
         disable_tqdm=True,
         dataset_kwargs={"skip_prepare_dataset": True},
     )
+    config = trl.SFTConfig(**kwargs)
     tracker = memcore.Tracker(8)
     trainer = MemcoreSFTTrainer(
         model=model,
@@ -143,19 +147,18 @@ def test_trl_sft_trainer_two_line_pattern(tmp_path):
         processing_class=_tokenizer(),
         tracker=tracker,
         fused_linear=True,
-        data_collator=_collate,
     )
     trainer.train()
     assert tracker.scores()["rows"].sum() == 8 * 9  # every sequence once, 9 predicted tokens each
-
-
-def _collate(rows):
-    ids = torch.tensor([r["input_ids"] for r in rows])
-    return {
-        "input_ids": ids,
-        "labels": ids.clone(),
-        "sample_index": torch.tensor([r["sample_index"] for r in rows]),
-    }
+    packed = trl.SFTConfig(**kwargs, packing=True, max_length=32)
+    with pytest.raises(ValueError, match="packing and padding_free merge examples"):
+        MemcoreSFTTrainer(
+            model=model,
+            args=packed,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=_tokenizer(),
+            tracker=tracker,
+        )
 
 
 def _tokenizer():

@@ -172,6 +172,7 @@ def _check_shard(got, want, rank, world, what):
         _close(got[k], want[k][lo:hi], f"{what} rank {rank}: {k}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_sharded_matches_dense_and_reshards(tmp_path):
     want, want_mid = _dense()
@@ -252,6 +253,7 @@ def _skipper(rank, world, init_file, tmp):
             time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_rank_that_skips_a_collective_gets_a_clear_error(tmp_path):
     mp.spawn(_skipper, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

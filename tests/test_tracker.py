@@ -290,3 +290,43 @@ def test_concurrent_accumulate_loses_no_rows(with_inputs, flush_every, n, calls)
     torch.testing.assert_close(sc["csl"], want * 2 * calls, rtol=1e-6, atol=0)  # float32 losses
     if with_inputs:
         assert int(tr.state_dict()["buffers"]["grad_rows"].sum()) == 2 * calls * n
+
+
+def _one_batch(tracker, n=4):
+    torch.manual_seed(0)
+    memcore.accumulate(torch.randn(n, 3), torch.randint(0, 3, (n,)), torch.arange(n), tracker)
+
+
+def test_scores_before_any_recorded_epoch_warns_once():
+    import warnings
+
+    tracker = memcore.Tracker(4)
+    with pytest.warns(UserWarning, match=r"scores\(\) before any recorded epoch") as caught:
+        scores = tracker.scores()
+    assert caught[0].filename == __file__  # attributed to the caller, not to memcore's internals
+    assert torch.isnan(scores["csl_mean"]).all() and (scores["csl"] == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.scores()  # once per tracker
+        fresh = memcore.Tracker(4)
+        _one_batch(fresh)
+        fresh.scores()  # an epoch in progress counts as recorded
+        fresh.end_epoch()
+        fresh.scores()
+
+
+def test_end_epoch_without_a_batch_since_the_last_warns_once():
+    import warnings
+
+    tracker = memcore.Tracker(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _one_batch(tracker)
+        tracker.end_epoch()
+    with pytest.warns(UserWarning, match=r"end_epoch\(\) with no batch recorded since the last") as caught:
+        tracker.end_epoch()
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.end_epoch()  # once per tracker
+    assert tracker.epochs == 3

@@ -2,7 +2,7 @@
 side of each op family, one module each: ``cross_entropy``, ``linear_cross_entropy``, ``curvature``
 (fake kernels, and the autograd written in Python)."""
 
-from .. import _C
+from .._extension import _C  # checks the build fits this torch, then loads it
 from . import cross_entropy, curvature, linear_cross_entropy  # noqa: F401  (fake kernels / autograd registration)
 
 

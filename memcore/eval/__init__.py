@@ -3,7 +3,7 @@ the stability estimator, baselines, training loops, reference models, metrics, p
 readers and controlled corruptions. It sits above the core (it imports ``memcore``, never the
 reverse) and needs the ``eval`` extra::
 
-    pip install 'memcore[eval]'      # scikit-learn, tqdm, matplotlib, pandas
+    pip install 'torch-memcore[eval]'      # scikit-learn, tqdm, matplotlib, pandas
 
 Its modules import without the extra; each checks the packages it uses where it uses them (the
 plots module at import, the experiment and the demo before they start) and raises an ImportError
@@ -33,7 +33,7 @@ def require(*modules: str) -> ModuleType:
             missing.append(EXTRA.get(name.split(".")[0], name.split(".")[0]))
     if missing:
         raise MissingExtraError(
-            f"memcore.eval needs the 'eval' extra: pip install 'memcore[eval]' "
+            f"memcore.eval needs the 'eval' extra: pip install 'torch-memcore[eval]' "
             f"(missing: {', '.join(dict.fromkeys(missing))})"
         )
     return last

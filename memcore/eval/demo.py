@@ -16,23 +16,15 @@ from torch.utils.data import DataLoader
 
 from .. import export
 from ..cross_entropy import accumulate
-from ..scores import suspicion
+from ..scores import SCORES, suspicion
 from ..tracker import Tracker
 from . import _args, require
 from .corruptions import inject_label_noise
 from .datasets import load_digits
 from .metrics import auroc
 
-# score name -> label shown; the direction that makes "higher = more suspicious" is the registry's
-SUSPICION = {
-    "csl": "CSL (cumulative sample loss)",
-    "last_loss": "final loss",
-    "learning_time": "learning time (epochs)",
-    "forgetting": "forgetting (unlearned = inf)",
-    "forgetting_events": "forgetting events (count)",
-    "confidence_mean": "in-confidence (1 - p)",
-    "aum": "area under margin",
-}
+# every score but `rows`, a count with no direction of its own
+SIGNALS = [name for name in SCORES if name != "rows"]
 
 
 def _model(in_dim: int, num_classes: int) -> torch.nn.Module:
@@ -45,6 +37,27 @@ def _model(in_dim: int, num_classes: int) -> torch.nn.Module:
     )
 
 
+def _train(model, loader, opt, tracker, dev, epochs: int, progress: bool, tqdm) -> int:
+    """The demo's training loop; returns the last epoch's number of correct predictions."""
+    n = len(loader.dataset)
+    bar = tqdm(range(epochs), desc="training", disable=not progress, leave=False)
+    for _ in bar:
+        model.train()
+        correct = 0
+        for x, y, idx in loader:
+            x, y, idx = x.to(dev).flatten(1).requires_grad_(), y.to(dev), idx.to(dev)
+            logits = model(x)
+            # F.cross_entropy + per-sample statistics, and the input-gradient ones from the backward
+            loss = accumulate(logits, y, idx, tracker, inputs=x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == y).sum())
+        tracker.end_epoch()
+        bar.set_postfix(train_acc=f"{correct / n:.3f}")
+    return correct
+
+
 def run_demo(
     noise: float = 0.1,
     epochs: int = 40,
@@ -54,9 +67,11 @@ def run_demo(
     progress: bool = True,
     out: Optional[str] = "runs/demo",
 ) -> Dict[str, float]:
-    """Runs the demo, prints its report, writes the scores to ``<out>/scores.csv`` (``out=None``:
-    no file) and returns {score name: mislabel AUROC}."""
-    tqdm = require("sklearn.metrics", "tqdm.auto").tqdm  # sklearn for auroc, checked before training
+    """Runs the demo, prints its report, writes every sample's scores, label, original label,
+    prediction and whether its label was flipped to ``<out>/scores.csv`` (``out=None``: no file),
+    and returns {score name: mislabel AUROC}. Input gradients are recorded
+    (``accumulate(..., inputs=x)``), so every score of the tracker has a value."""
+    tqdm = require("tqdm.auto").tqdm  # before training; load_digits names scikit-learn if it is missing
 
     torch.manual_seed(seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -72,54 +87,54 @@ def run_demo(
         f"memcore demo: scikit-learn digits, {n} images, {data.num_classes} classes, "
         f"{int(flipped.sum())} labels flipped ({noise:.0%}), MLP, {epochs} epochs on {dev}"
     )
-    t0 = time.perf_counter()
-    bar = tqdm(range(epochs), desc="training", disable=not progress, leave=False)
-    for _ in bar:
-        model.train()
-        correct = 0
-        for x, y, idx in loader:
-            x, y, idx = x.to(dev).flatten(1), y.to(dev), idx.to(dev)
-            logits = model(x)
-            loss = accumulate(logits, y, idx, tracker)  # F.cross_entropy + per-sample statistics
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            correct += int((logits.argmax(1) == y).sum())
-        tracker.end_epoch()
-        bar.set_postfix(train_acc=f"{correct / n:.3f}")
-    elapsed = time.perf_counter() - t0
+    # batches of 64 x 256: one CPU thread is as fast as several, and never waits at a thread pool's
+    # barrier for a core a busy machine gave to another process (several times slower then)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        correct = _train(model, loader, opt, tracker, dev, epochs, progress, tqdm)
+        elapsed = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
 
     scores = tracker.scores()
     truth = flipped.numpy()
-    aurocs = {k: auroc(suspicion(k, scores[k]), truth) for k in SUSPICION}  # ranks +inf first
+    aurocs = {k: auroc(suspicion(k, scores[k]), truth) for k in SIGNALS}  # ranks +inf first
     print(f"trained in {elapsed:.1f}s, final train accuracy {correct / n:.3f} (on the noisy labels)\n")
-    print("AUROC for finding the flipped labels (1.0 = perfect, 0.5 = chance):")
-    for k, label in sorted(SUSPICION.items(), key=lambda kv: -aurocs[kv[0]]):
-        print(f"  {label:<30s} {aurocs[k]:.4f}")
+    print(
+        "AUROC of each score (columns of scores.csv) for finding the flipped labels (1 = perfect, 0.5 = chance):"
+    )
+    for k in sorted(SIGNALS, key=lambda k: -aurocs[k]):
+        print(f"  {k:<22s} {aurocs[k]:.4f}  (suspicious when {SCORES[k].suspicious})")
 
     model.eval()
     with torch.no_grad():
         pred = model(data.x.to(dev).flatten(1)).argmax(1).cpu()
+    columns = {**scores, "flipped": flipped.long(), "original_label": clean.y, "predicted": pred}
     order = torch.argsort(scores["csl"], descending=True)[:top]
-    print(f"\nThe {top} most suspicious samples by CSL:")
-    print(f"  {'index':>5s}  {'CSL':>8s}  {'given':>5s}  {'original':>8s}  {'predicted':>9s}  flipped")
-    orig = clean.y
+    shown = ["csl", "label", "original_label", "predicted", "flipped"]
+    print(f"\nThe {top} most suspicious samples by csl:")
+    print("  " + "  ".join(f"{c:>{max(5, len(c))}s}" for c in ["index"] + shown))
     for i in order.tolist():
+        cells = [i, float(scores["csl"][i]), int(data.y[i])] + [int(columns[c][i]) for c in shown[2:]]
         print(
-            f"  {i:5d}  {scores['csl'][i]:8.2f}  {int(data.y[i]):5d}  {int(orig[i]):8d}  "
-            f"{int(pred[i]):9d}  {'yes' if flipped[i] else 'no'}"
+            "  "
+            + "  ".join(
+                f"{v:>{max(5, len(c))}.2f}" if isinstance(v, float) else f"{v:>{max(5, len(c))}d}"
+                for c, v in zip(["index"] + shown, cells)
+            )
         )
     hits = int(flipped[order].sum())
-    print(f"\n{hits}/{top} of the top-{top} CSL samples are flipped labels.")
+    print(f"\n{hits}/{top} of the top-{top} csl samples are flipped labels.")
     if out is not None:
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "scores.csv")
-        export.to_csv(scores, path, labels=data.y)
+        export.to_csv(columns, path, labels=data.y)
         print(
-            f"\nwrote every sample's scores to {path} (columns: index, label, "
-            f"{', '.join(scores)}).\nNext: rank your own data the same way, "
-            f"memcore.export.ranked_issues(tracker.scores(), by='csl'); or run the papers' "
-            f"experiments: python -m memcore experiment --help"
+            f"\nwrote every sample's scores to {path} (columns: index, label, {', '.join(columns)}).\n"
+            f"Next: rank your own data the same way, memcore.export.ranked_issues(tracker.scores(), "
+            f"by='csl'); or run the papers' experiments: python -m memcore experiment --help"
         )
     return aurocs
 

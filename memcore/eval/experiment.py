@@ -14,7 +14,10 @@
    agreement), the overlap of the top k by score and by estimate, the split-half reliability of
    the estimate, and the compute of each (a plain run, a CSL run, the K models).
 Tables are printed and saved as CSV, Markdown and results.json before the PNGs (ROC curves and the
-highest-CSL images) are drawn.
+highest-CSL images) are drawn. Every training run's per-sample scores are written with its
+corruption flags: ``scores_noise_<rate>.csv`` (``flipped``, ``original_label``),
+``scores_duplicates.csv`` (``duplicate``), ``scores_stability.csv`` (``stability``: the estimate), or
+Parquet with ``--scores-format parquet``.
 """
 
 import argparse
@@ -29,9 +32,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
+from .. import export
 from ..data import IndexedDataset
 from ..tracker import Tracker
-from . import _args, baselines, require_extra
+from . import MissingExtraError, _args, baselines, require_extra
 from . import datasets as mdata
 from .corruptions import inject_duplicates, inject_label_noise
 from .metrics import auroc, cosine, pearson, spearman, split_half_reliability, top_k_overlap
@@ -76,6 +80,7 @@ class ExperimentConfig:
     ssft: bool = False
     cl: bool = False
     out: Optional[str] = None  # None: a fresh runs/<dataset>-<UTC time>
+    scores_format: str = "csv"  # every run's per-sample scores: "csv" or "parquet" (export extra)
     seed: int = 0
 
 
@@ -103,6 +108,8 @@ def _check(cfg: ExperimentConfig) -> None:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     if cfg.model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {cfg.model!r}")
+    if cfg.scores_format not in ("csv", "parquet"):
+        raise ValueError(f"scores_format must be 'csv' or 'parquet', got {cfg.scores_format!r}")
 
 
 def load(cfg: ExperimentConfig) -> IndexedDataset:
@@ -218,6 +225,20 @@ def _csv(table: List[List[str]], path: str) -> None:
         f.write("\n".join(",".join(r) for r in table) + "\n")
 
 
+def write_scores(
+    out: str, run: str, scores: Dict[str, torch.Tensor], ds: IndexedDataset, fmt: str, **flags
+) -> str:
+    """Every sample's scores of one training run, with its label and the run's corruption flags
+    (``flipped`` / ``duplicate`` 0 or 1, ``original_label``, ...), to ``<out>/scores_<run>.csv``, or
+    with ``fmt="parquet"`` to ``<out>/scores_<run>/scores.parquet``; returns the path."""
+    columns = {**scores, **{k: torch.as_tensor(v).long() for k, v in flags.items()}}
+    if fmt == "parquet":
+        return export.to_parquet({"label": ds.y, **columns}, os.path.join(out, f"scores_{run}"))
+    path = os.path.join(out, f"scores_{run}.csv")
+    export.to_csv(columns, path, labels=ds.y)
+    return path
+
+
 def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, object]:
     """Runs the configured experiments, prints and saves the tables, results.json and then the
     plots into ``cfg.out`` (default: a fresh ``runs/<dataset>-<UTC time>``); returns the numbers.
@@ -227,6 +248,11 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
     """
     require_extra(("sklearn", "tqdm", "matplotlib"))
     _check(cfg)
+    if cfg.scores_format == "parquet":
+        try:
+            export._pyarrow()
+        except ImportError as e:
+            raise MissingExtraError(str(e)) from e
     base = load(cfg)
     out = cfg.out or default_out(cfg.dataset)
     os.makedirs(out, exist_ok=True)
@@ -241,6 +267,7 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
     }
     sections = []
     figures = []  # (function, args): drawn after the tables and results.json are on disk
+    written = []  # the per-sample scores files
 
     # 1. mislabeled samples
     if cfg.noise:
@@ -249,6 +276,17 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
         for rate in cfg.noise:
             noisy, flipped = inject_label_noise(base, rate, seed=cfg.seed)
             model, scores, _ = tracked_run(noisy, cfg, desc=f"noise {rate:.0%}")
+            written.append(
+                write_scores(
+                    out,
+                    f"noise_{rate:g}",
+                    scores,
+                    noisy,
+                    cfg.scores_format,
+                    flipped=flipped,
+                    original_label=base.y,
+                )
+            )
             methods = all_scores(model, noisy, scores, cfg)
             col = f"{rate:.0%} noise"
             for k, s in methods.items():
@@ -276,6 +314,7 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
     if cfg.duplicates:
         dup, is_dup = inject_duplicates(base, cfg.duplicates, seed=cfg.seed)
         model, scores, _ = tracked_run(dup, cfg, desc="duplicates")
+        written.append(write_scores(out, "duplicates", scores, dup, cfg.scores_format, duplicate=is_dup))
         methods = all_scores(model, dup, scores, cfg)
         rows = {k: {"AUROC": auroc(s, is_dup)} for k, s in methods.items()}
         t = _table(rows, ["AUROC"])
@@ -288,8 +327,11 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
 
     # 3. agreement with stability memorization
     if cfg.stability_k:
+        clean_y = base.y
+        flags = {}
         if cfg.stability_noise > 0:
-            base, _ = inject_label_noise(base, cfg.stability_noise, seed=cfg.seed)
+            base, stab_flipped = inject_label_noise(base, cfg.stability_noise, seed=cfg.seed)
+            flags = {"flipped": stab_flipped, "original_label": clean_y}
         model, scores, full_s = tracked_run(base, cfg, desc="stability-data run")
         plain_s, csl_s = timing_runs(base, cfg)
         fit = float((predict(model, base).argmax(1) == base.y).double().mean())
@@ -305,6 +347,8 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
             progress=cfg.train.progress,
         )
         mem = stab["memorization"]
+        columns = {**scores, "stability": mem}
+        written.append(write_scores(out, "stability", columns, base, cfg.scores_format, **flags))
         halves = stab.get("memorization_halves")
         rel = split_half_reliability(halves[0], halves[1]) if halves is not None else float("nan")
         top = cfg.top_k or max(10, len(base) // 10)
@@ -377,9 +421,12 @@ def run(cfg: ExperimentConfig, argv: Optional[List[str]] = None) -> Dict[str, ob
     )
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(header + "\n" + "\n\n".join(sections) + "\n")
+    results["scores_files"] = written
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
     print(f"\nwrote {out}/results.md, results.json and the CSV tables")
+    if written:
+        print(f"wrote every sample's scores and corruption flags: {', '.join(written)}")
     if figures:
         from . import plots
 
@@ -443,7 +490,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--data-dir",
         default=None,
-        help="MNIST idx files / CIFAR python-pickle batches (default: $MEMCORE_MNIST_DIR for MNIST)",
+        help="MNIST idx files / CIFAR python-pickle batches (default for MNIST: $MEMCORE_MNIST_DIR, "
+        "else shared/data/mnist beside the repository; CIFAR needs it)",
     )
     g.add_argument(
         "--subset",
@@ -518,6 +566,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="output directory (default: a fresh runs/<dataset>-<UTC time>, so no run overwrites the committed results/)",
     )
+    g.add_argument(
+        "--scores-format",
+        default="csv",
+        choices=("csv", "parquet"),
+        help="every run's per-sample scores with its corruption flags: scores_<run>.csv, or "
+        "scores_<run>/scores.parquet (needs pyarrow: the export extra)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -547,5 +602,6 @@ def from_args(args: argparse.Namespace) -> ExperimentConfig:
         ssft=args.ssft,
         cl=args.cl,
         out=args.out,
+        scores_format=args.scores_format,
         seed=args.seed,
     )

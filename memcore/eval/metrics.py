@@ -5,8 +5,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import require
-
 
 def _np(x) -> np.ndarray:
     return (
@@ -15,13 +13,19 @@ def _np(x) -> np.ndarray:
 
 
 def auroc(score, is_positive) -> float:
-    """ROC AUC of `score` (higher = more suspicious) for the boolean `is_positive`; NaN scores rank lowest."""
-    roc_auc_score = require("sklearn.metrics").roc_auc_score
+    """ROC AUC of `score` (higher = more suspicious) for the boolean `is_positive`; NaN scores rank
+    lowest, +inf highest. The Mann-Whitney statistic with tied scores counting one half: the value
+    of scikit-learn's roc_auc_score, without its import (seconds)."""
     s, y = _np(score), _np(is_positive).astype(bool)
     finite = np.isfinite(s)
     lo, hi = (s[finite].min() - 1.0, s[finite].max() + 1.0) if finite.any() else (0.0, 1.0)
     s = np.where(np.isnan(s) | np.isneginf(s), lo, np.where(np.isposinf(s), hi, s))
-    return float(roc_auc_score(y, s))
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        raise ValueError(f"AUROC needs positive and negative samples, got {pos} and {neg}")
+    _, which, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[which.reshape(-1)]  # 1-based, ties averaged
+    return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
 def _pair(a, b, top: Optional[int], by, ranks: bool = False):

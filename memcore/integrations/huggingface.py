@@ -50,6 +50,33 @@ class MemcoreCallback(TrainerCallback):
         return control
 
 
+class IndexCollator:
+    """A data collator that keeps each example's dataset index: it takes ``index_key`` out of every
+    example, lets ``collator`` build the batch from the rest (the collators of transformers and TRL
+    drop keys they do not know), and adds the indices back as an int64 tensor [B].
+    ``MemcoreTrainer`` wraps its trainer's collator in one, whichever it is (TRL's ``SFTTrainer``
+    picks its own), so a dataset needs only an index column::
+
+        ds = ds.add_column("sample_index", list(range(len(ds))))
+    """
+
+    def __init__(self, collator, index_key: str = "sample_index") -> None:
+        self.collator = collator
+        self.index_key = index_key
+
+    def __call__(self, examples):
+        missing = [i for i, e in enumerate(examples) if self.index_key not in e]
+        if missing:
+            raise KeyError(
+                f"example {missing[0]} of the batch has no {self.index_key!r}: give every example its "
+                f"dataset index, e.g. ds = ds.add_column({self.index_key!r}, list(range(len(ds))))"
+            )
+        index = torch.as_tensor([int(e[self.index_key]) for e in examples], dtype=torch.int64)
+        batch = self.collator([{k: v for k, v in e.items() if k != self.index_key} for e in examples])
+        batch[self.index_key] = index
+        return batch
+
+
 def load_tracker(tracker: Tracker, checkpoint_dir: str) -> None:
     """Restores the tracker saved by MemcoreCallback in a Trainer checkpoint folder."""
     tracker.load_state_dict(
@@ -96,6 +123,11 @@ class MemcoreTrainer(Trainer):
                 "MemcoreTrainer needs TrainingArguments(remove_unused_columns=False) so the "
                 f"{index_key!r} column reaches the loss"
             )
+        if getattr(self.args, "packing", False) or getattr(self.args, "padding_free", False):
+            raise ValueError(
+                "MemcoreTrainer scores each example as one sample: packing and padding_free merge "
+                "examples into one row; set packing=False and padding_free=False"
+            )
         self.tracker = tracker
         self.index_key = index_key
         self.causal_lm = causal_lm
@@ -105,6 +137,8 @@ class MemcoreTrainer(Trainer):
         if fused_linear:
             fused_head(self.model)  # refuse unsupported heads before training starts
         self.add_callback(MemcoreCallback(tracker))
+        if not isinstance(self.data_collator, IndexCollator):
+            self.data_collator = IndexCollator(self.data_collator, index_key)
 
     def compute_loss(
         self, model, inputs, return_outputs: bool = False, num_items_in_batch: Optional[int] = None
