@@ -118,6 +118,31 @@ def test_gpu_call_without_gpu_says_why_it_stops(tmp_path, call):
     assert env_json["torch"] == torch.__version__ and "gpu" not in env_json and len(env_json["tree"]) == 16
 
 
+def test_build_stamp_follows_the_sources_by_content(tmp_path):
+    """The calls skip their build when memcore/_C was built from the same csrc/, setup.py and
+    architecture: judged by content, so a fresh copy of the tree (every file's time renewed) still
+    counts as built, and any edit or another architecture does not."""
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools/gpu_common.sh").write_text((ROOT / "tools/gpu_common.sh").read_text())
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc/k.cu").write_text("__global__ void k() {}\n")
+    (tmp_path / "setup.py").write_text("")
+
+    def sources(arch="9.0"):
+        env = dict(os.environ, OUT=str(tmp_path / "out"), MEMCORE_CUDA_ARCH=arch)
+        script = "call=x; budget=1; source tools/gpu_common.sh; sources"
+        r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0 and len(r.stdout.strip()) == 16, r.stdout + r.stderr
+        return r.stdout.strip()
+
+    first = sources()
+    os.utime(tmp_path / "csrc/k.cu", (time.time() + 60, time.time() + 60))
+    assert sources() == first
+    assert sources("8.0") != first
+    (tmp_path / "csrc/k.cu").write_text("__global__ void k() { }\n")
+    assert sources() != first
+
+
 def test_launch_all_covers_every_op_dtype_and_route():
     from tools import launch_all
 

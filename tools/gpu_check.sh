@@ -6,7 +6,8 @@
 #   bash tools/gpu_check.sh
 #
 #   build      memcore against the machine's own torch for this GPU's architecture, all cores
-#              (skipped when memcore/_C is up to date: a second call on the same machine goes
+#              (skipped when a call built memcore/_C from the same csrc/ and setup.py, by content:
+#              a second call on the same machine, even on a fresh copy of the tree, goes
 #              straight on); then one CUDA op, so a missing kernel image shows here
 #   then at once, each stage with its own log in $OUT:
 #   tests      pytest -m cuda: every test that runs on the GPU (tests/conftest.py marks those

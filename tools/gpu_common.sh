@@ -129,10 +129,18 @@ wheels() {  # .whl/ (tools/gpu_wheels.sh) into $site, for machines that cannot f
   fi
 }
 
-built() {  # memcore/_C*.so newer than every source, and importable with its CUDA kernels
+# what memcore/_C is built from: a digest of csrc/ and setup.py by content (a fresh copy of the tree
+# renews every file's time, which would make an up-to-date build look stale), and the architecture
+sources() {
+  { find csrc setup.py -type f -print0 | sort -z | xargs -0 sha256sum; echo "arch ${MEMCORE_CUDA_ARCH:-$gpu_arch}"; } |
+    sha256sum | cut -c1-16
+}
+stamp=build/gpu-build.sources
+
+built() {  # memcore/_C*.so built by build() from these sources, and importable with its CUDA kernels
   local so; so="$(ls memcore/_C*.so 2>/dev/null | head -1)"
-  [ -n "$so" ] || return 1
-  [ -z "$(find csrc setup.py -newer "$so" -type f | head -1)" ] || return 1
+  [ -n "$so" ] && [ -f "$stamp" ] || return 1
+  [ "$(cat "$stamp")" = "$(sources)" ] || return 1
   "$py" -c "import memcore, sys; sys.exit(0 if memcore.with_cuda() else 1)" 2>/dev/null
 }
 
@@ -159,8 +167,10 @@ build() {
     fi
     export CUDA_HOME="$home"
     echo "[memcore] building for TORCH_CUDA_ARCH_LIST=$arch with MAX_JOBS=${MAX_JOBS:-$(nproc)}, CUDA_HOME=$CUDA_HOME"
+    rm -f "$stamp"
     MEMCORE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
       "$py" setup.py -q build_ext --inplace || return 1
+    mkdir -p build && sources >"$stamp"
   fi
   if has_gpu; then  # one kernel launch: a build for the wrong architecture fails here, not in every test
     "$py" -c "
@@ -200,5 +210,5 @@ run_all() {
 }
 
 gpu_arch=""
-export py out log gpu_arch site
-export -f has_gpu built build
+export py out log gpu_arch site stamp
+export -f has_gpu sources built build

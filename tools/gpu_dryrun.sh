@@ -22,8 +22,8 @@ case "$MEMCORE_PY" in /*) ;; */*) MEMCORE_PY="$(cd "$(dirname "$MEMCORE_PY")" &&
 export MEMCORE_PY
 calls=("$@")
 [ ${#calls[@]} -gt 0 ] || calls=(check bench)
-# the tree is copied over the last dry run's, whose build the calls then find up to date (the copy
-# keeps the files' times); MEMCORE_DRY_FRESH=1 starts from nothing, as a fresh GPU machine does
+# the tree is copied over the last dry run's, whose build (memcore/_C and build/, ignored by git, stay)
+# the calls then find up to date; MEMCORE_DRY_FRESH=1 starts from nothing, as a fresh GPU machine does
 [ "${MEMCORE_DRY_FRESH:-0}" != 1 ] || rm -rf "$dry/tree"
 rm -rf "$dry/site" "$dry/cpu"
 mkdir -p "$dry/tree" "$dry/cpu"
