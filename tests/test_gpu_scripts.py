@@ -100,6 +100,7 @@ def test_gpu_bench_skips_what_the_deadline_leaves_no_time_for(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages shown where no GPU is visible")
 @pytest.mark.parametrize("call", ["check", "bench"])
 def test_gpu_call_without_gpu_says_why_it_stops(tmp_path, call):
@@ -246,6 +247,7 @@ def test_gpu_store_rows_render(tmp_path):
     # the goals are judged on the gpu suite's own rows (here a CPU run stands in: device "cpu")
 
 
+@pytest.mark.slow
 def test_cuda_marker_selects_every_gpu_test(tmp_path):
     """tests/conftest.py gives the cuda marker to tests parametrized with a CUDA device and to tests
     named for CUDA, so ``pytest -m cuda`` (the GPU check) runs them all and nothing else."""
