@@ -178,3 +178,12 @@ def init_gloo(rank, world, init_file, timeout_s=60):
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+def recorded(tracker):
+    """Every value a tracker has accumulated (sums, counts, input-gradient sums) as one float64
+    tensor, read through the public state_dict(): zero for a fresh tracker, unchanged by a rejected
+    batch."""
+    bufs = tracker.state_dict()["buffers"]
+    keys = [k for k in ("sums", "counts", "grad_sq_sum", "grad_rows") if k in bufs]
+    return torch.cat([bufs[k].double().flatten() for k in keys])
