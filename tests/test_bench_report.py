@@ -49,7 +49,10 @@ def test_goals_judged_per_case_as_printed(tmp_path):
     assert goal_line(text, "accumulate ≥ 1.5x faster", "4096x1000").endswith("| 8.00x | 2026-01-02 | ✓ |")
     # CPU figures never judge a GPU goal: it says what measures it
     gpu = goal_line(text, "accumulate ≥ 2x faster than the eager statistics")
-    assert "| cuda | not measured: `bash tools/gpu_session.sh build bench` |" in gpu and gpu.endswith("| — |")
+    assert (
+        "| cuda | not measured: `MEMCORE_PY=python3 bash scripts/bench.sh --full -k cuda` |" in gpu
+        and gpu.endswith("| — |")
+    )
     slow = published(tmp_path, ROWS + [ce("4096x1000", "memcore", 11.5, date="2026-02-01T00:00:00Z")])
     assert goal_line(slow, "accumulate fwd+bwd ≤ 1.10x plain", "4096x1000").endswith(
         "| 1.15x | 2026-01-02, 2026-02-01 | ✗ |"
