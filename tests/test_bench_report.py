@@ -113,7 +113,7 @@ def sass(arch, case, dtype, metric, v, date=CLEAN["date"]):
 
 def test_static_goals_worst_per_arch_on_the_latest_build(tmp_path):
     rows = [
-        sass(80, "commit", "float32", "spill_bytes", 16),  # a kernel the later build no longer has
+        sass(80, "commit", "float32", "spill_bytes", 16),  # a kernel absent from the later build
         sass(90, "forward", "bfloat16", "instr_per_elem", 5.8, date="2026-02-01T00:00:00Z"),
         sass(80, "forward", "bfloat16", "instr_per_elem", 12.0, date="2026-02-01T00:00:00Z"),
         sass(80, "backward", "float32", "spill_bytes", 0, date="2026-02-01T00:00:00Z"),
