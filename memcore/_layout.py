@@ -2,8 +2,6 @@
 columns of the per-row statistics. The per-sample state the rows are committed into is
 memcore/_state.py."""
 
-from ._state import C_ROWS_E  # noqa: F401  (read here by tests/test_cross_entropy_bad_input.py)
-
 # error bits of the int32 status word returned by memcore::ce_forward
 BAD_TARGET, BAD_INDEX, NON_FINITE = 1, 2, 4
 

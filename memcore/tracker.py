@@ -228,19 +228,6 @@ class Tracker:
         self._errors = bufs.pop("errors", self._errors)
         self._st = S.assign(self._st, bufs, self._storage)
 
-    def _state(self) -> Dict[str, torch.Tensor]:
-        """The compact state with every buffered row committed (local ones only: no collective)."""
-        if self._router is not None and self._router.mode == "local":
-            self._flush("state_dict()")
-        return self._st
-
-    def _recorded(self) -> torch.Tensor:
-        """Every accumulated value as one float64 tensor (sums, counts, input-gradient sums): zero for a
-        fresh tracker, unchanged by a rejected batch. For tests (flushes the buffered rows)."""
-        self._state()
-        keys = [k for k in ("sums", "counts", "grad_sq_sum", "grad_rows") if k in self._st]
-        return torch.cat([self._st[k].double().flatten() for k in keys])
-
     def state_bytes(self) -> int:
         """Bytes of per-sample state this tracker (this rank's shard, if sharded) holds: buffers and
         learning-time history, without the rows waiting for a flush."""
@@ -483,9 +470,9 @@ class Tracker:
     @torch.no_grad()
     @_with_lock
     def scores(self) -> Dict[str, torch.Tensor]:
-        """Per-sample scores, each a float64 CPU tensor [num_samples]; higher = more memorized-like
-        for csl, csl_mean, last_loss, learning_time, forgetting; lower for confidence_mean, aum,
-        correctness. Samples never seen give NaN for the means and 0 for the sums.
+        """Per-sample scores, each a float64 CPU tensor [num_samples]; which direction is suspicious
+        is ``memcore.scores.SCORES[name].suspicious`` ("high" or "low"). Samples never seen give 0 for the sums
+        and counts (csl, rows, forgetting_events) and NaN for every other score.
 
         An epoch in progress (``accumulate`` called since the last ``end_epoch``) is included as if
         it had just ended; the tracker itself is not changed. Under torch.distributed: sharded, a

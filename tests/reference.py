@@ -193,3 +193,12 @@ def single_rank_group(init_file):
         yield
     finally:
         dist.destroy_process_group()
+
+
+def recorded(tracker):
+    """Every value a tracker has accumulated (sums, counts, input-gradient sums) as one float64
+    tensor, read through the public state_dict(): zero for a fresh tracker, unchanged by a rejected
+    batch."""
+    bufs = tracker.state_dict()["buffers"]
+    keys = [k for k in ("sums", "counts", "grad_sq_sum", "grad_rows") if k in bufs]
+    return torch.cat([bufs[k].double().flatten() for k in keys])

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from reference import recorded
 
 import memcore
-from memcore import _layout as L
+from memcore import _state as S
 
 
 def _ok(device, n=6, c=4, s=10):
@@ -17,7 +18,7 @@ def _ok(device, n=6, c=4, s=10):
 
 
 def _unchanged(tr, before):
-    assert torch.equal(tr._recorded(), before)
+    assert torch.equal(recorded(tr), before)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +65,7 @@ def test_metadata_errors(case, exc, match, device):
         kw["reduction"] = "avg"
     elif case == "ignore_index":
         kw["ignore_index"] = -100.0
-    before = tr._recorded().clone() if isinstance(tr, memcore.Tracker) else None
+    before = recorded(tr).clone() if isinstance(tr, memcore.Tracker) else None
     with pytest.raises(exc, match=match):
         memcore.accumulate(logits, targets, index, tr, **kw)
     if before is not None:
@@ -86,7 +87,7 @@ def test_metadata_errors(case, exc, match, device):
 def test_value_errors_leave_tracker_unchanged(case, exc, match, device):
     logits, targets, index, tr = _ok(device)
     memcore.accumulate(logits, targets, index, tr)  # some state to preserve
-    before = tr._recorded().clone()
+    before = recorded(tr).clone()
     logits, targets, index = logits.clone(), targets.clone(), index.clone()
     if case == "target_high":
         targets[2] = 4
@@ -119,7 +120,7 @@ def test_nan_anywhere_in_long_row_is_caught(device):
         logits[1, c - 5] = 0.0
         with pytest.raises(ValueError, match="row 2"):
             memcore.accumulate(logits, targets, index, tr)
-        assert tr._recorded().abs().sum() == 0
+        assert recorded(tr).abs().sum() == 0
 
 
 def test_ignored_rows_are_not_validated_or_read(device):
@@ -138,7 +139,7 @@ def test_deferred_errors_raise_at_end_epoch(device):
     bad[1] = 99
     memcore.accumulate(logits, bad, index, tr)  # no exception yet, batch skipped
     memcore.accumulate(logits, targets, index, tr)
-    assert tr._state()["counts"][:, L.C_ROWS_E].sum() == 6
+    assert tr.state_dict()["buffers"]["counts"][:, S.C_ROWS_E].sum() == 6
     with pytest.raises(ValueError, match="target out of range"):
         tr.end_epoch()
     tr.end_epoch()  # error reported once; state has only the good batch
@@ -175,7 +176,7 @@ def test_all_minus_inf_row_has_nan_lse_on_every_device(device, dtype, c):
     loss, lse, _, status = torch.ops.memcore.ce_forward(logits, targets, index, 10, -100)
     assert torch.isnan(lse[2]) and not torch.isfinite(loss[2])
     assert torch.isfinite(lse[[0, 1, 3]]).all() and int(status) != 0
-    before = tr._recorded().clone()
+    before = recorded(tr).clone()
     with pytest.raises(ValueError, match="row 2"):
         memcore.accumulate(logits, targets, index, tr)
     _unchanged(tr, before)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import recorded
 
 import memcore
 
@@ -142,7 +143,7 @@ def test_rejected_batch_records_no_input_grads(bad, device):
     idx = torch.arange(8, device=device)
     xb = x.clone().requires_grad_()
     memcore.accumulate(model(xb), y, idx, tr, inputs=xb).backward()  # a good batch first
-    before = tr._recorded()
+    before = recorded(tr)
     xb = x.clone().requires_grad_()
     logits = model(xb)
     if bad == "nan":
@@ -151,7 +152,7 @@ def test_rejected_batch_records_no_input_grads(bad, device):
         idx = idx.clone()
         idx[3] = 8
     memcore.accumulate(logits, y, idx, tr, inputs=xb).backward()
-    torch.testing.assert_close(tr._recorded(), before, rtol=0, atol=0)
+    torch.testing.assert_close(recorded(tr), before, rtol=0, atol=0)
     with pytest.raises(ValueError, match="rejected"):
         tr.scores()
 
@@ -177,7 +178,7 @@ def test_bad_inputs_raise():
         memcore.accumulate(model(x), y, idx, tr, inputs=x)
     with pytest.raises(TypeError, match="inputs"):
         memcore.accumulate(model(xb), y, idx, tr, inputs=torch.zeros(8, dtype=torch.long))
-    assert tr._recorded().abs().sum() == 0
+    assert recorded(tr).abs().sum() == 0
 
 
 def test_opcheck_ce_input_sqnorm(device):
@@ -229,7 +230,7 @@ def test_reused_input_tensor_collects_no_hooks():
     for _ in range(3):
         memcore.accumulate(model(xb), y, torch.arange(8), tr, inputs=xb).backward()
     assert not xb._backward_hooks and not getattr(xb, "_post_accumulate_grad_hooks", None)
-    assert tr.scores()["rows"].sum() == 24 and tr._state()["grad_rows"].sum() == 24
+    assert tr.scores()["rows"].sum() == 24 and tr.state_dict()["buffers"]["grad_rows"].sum() == 24
 
 
 def test_fixed_tau_online_equals_history_including_open_epoch():
@@ -243,7 +244,8 @@ def test_fixed_tau_online_equals_history_including_open_epoch():
     tau = float(hist.scores()["input_grad_norm"].mean())
     online = memcore.Tracker(32, tau=tau)
     _train(_mlp(), x, y, 4, online)
-    assert "formal_since" in online._state() and not online._grad_history and len(hist._grad_history) == 4
+    on, hi = online.state_dict(), hist.state_dict()
+    assert "formal_since" in on["buffers"] and not on["grad_history"] and len(hi["grad_history"]) == 4
     a, b = hist.scores(), online.scores()
     assert torch.equal(a["learning_time_formal"], b["learning_time_formal"])
     assert len(a["learning_time_formal"].unique()) >= 2, "fixture should spread learning times"

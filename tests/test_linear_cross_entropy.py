@@ -6,6 +6,7 @@ and bias; statistics identical to memcore.accumulate on the materialised logits;
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import recorded
 
 import memcore
 
@@ -236,7 +237,7 @@ def test_statistics_match_accumulate(reduction, device):
     for key in SCORES:
         torch.testing.assert_close(s[key], r[key], rtol=1e-6, atol=1e-6, equal_nan=True, msg=key)
     # the raw per-sample sums too (loss, rows, correct, p, p^2, margin)
-    torch.testing.assert_close(tr._recorded(), tr_ref._recorded(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(recorded(tr), recorded(tr_ref), rtol=1e-6, atol=1e-6)
 
 
 def test_no_grad_records_statistics_only():
@@ -478,7 +479,7 @@ def test_deferred_error_not_strict():
     targets[2] = 40
     tr = memcore.Tracker(10, strict=False)
     memcore.linear_accumulate(hidden, weight, targets, index, tr, bias=bias)
-    assert tr._recorded().abs().sum() == 0
+    assert recorded(tr).abs().sum() == 0
     with pytest.raises(ValueError, match="target out of range"):
         tr.end_epoch()
 
