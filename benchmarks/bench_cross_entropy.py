@@ -16,6 +16,15 @@ outside the timing.
 On CUDA, test_cuda_copy_bandwidth also times a device-to-device copy of a buffer the size of the
 largest logits tensor: the bandwidth the memory-bound loss kernels are judged against.
 
+On the CPU, test_cross_entropy_interleaved also times the kernels against ATen's in interleaved
+rounds (one round runs each of these once, back to back, the order rotating), at 512x10, 512x100,
+4096x1000 and (full mode) 8192x32000 in float32, bfloat16 and float64:
+
+    plain / memcore                    the whole forward + backward, as above
+    aten_forward / memcore_forward     F.cross_entropy / memcore::ce_forward_reduce under no_grad
+    aten_backward / memcore_backward   loss.backward() of the two, the forward outside the timing
+Its case names the CPU kernels that ran (memcore.cpu_isa(); MEMCORE_CPU_ISA=avx2|baseline caps them).
+
 CPU runs float32, CUDA bfloat16. Quick mode (default) runs 512x10 and 4096x1000 on CPU (and every
 shape on CUDA); the 8192x32000 CPU case (1 GiB of logits, 1 GiB of grads) needs --bench-full or
 MEMCORE_BENCH_FULL=1. Every case first checks, outside the timing, that memcore's loss matches
@@ -27,8 +36,9 @@ F.cross_entropy (and, per variant, the eager statistics / memcore gradient), so 
 
 import gc
 import math
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -41,11 +51,16 @@ from benchmarks.common import (
     LigerCrossEntropyLoss,
     dtype_name,
     eager_stats,
+    interleave,
+    interleaved_rows,
+    load_average,
+    load_note,
     measure,
     param,
+    rounds_for,
     sync,
 )
-from benchmarks.goals import Goal, ratio
+from benchmarks.goals import Goal, ratio, value
 
 SHAPES = [(512, 10), (4096, 1000), (8192, 32000)]
 HEAVY_CPU = {(8192, 32000)}  # full mode only on CPU
@@ -80,9 +95,19 @@ def copy_bandwidth(rows):
     return [(f"{big['shape']} {big['dtype']}", pct, rows.loc[[big.name, *copy.index]], "")]
 
 
+CPU_INTERLEAVED = "bash scripts/bench.sh --full -k cross_entropy_interleaved (MEMCORE_CPU_ISA=baseline too)"
 GOALS = [
     Goal("accumulate fwd+bwd ≤ 1.10x plain F.cross_entropy", "cpu", ratio("median_ms", "memcore", "plain"),
          "<=", 1.10, "{:.2f}x", "bash scripts/bench.sh --full"),
+    Goal("accumulate fwd+bwd ≤ 0.75x plain F.cross_entropy at 512x10 (interleaved)", "cpu",
+         value("interleaved_ratio", label="{case}, {shape} {dtype}", variant="memcore", shape="512x10",
+               dtype="float32"), "<=", 0.75, "{:.2f}x", CPU_INTERLEAVED),
+    Goal("CPU forward kernel at least as fast as F.cross_entropy's forward (interleaved)", "cpu",
+         value("interleaved_ratio", label="{case}, {shape} {dtype}", variant="memcore_forward"),
+         "<=", 1.0, "{:.2f}x", CPU_INTERLEAVED),
+    Goal("CPU backward kernel at least as fast as F.cross_entropy's backward (interleaved)", "cpu",
+         value("interleaved_ratio", label="{case}, {shape} {dtype}", variant="memcore_backward"),
+         "<=", 1.0, "{:.2f}x", CPU_INTERLEAVED),
     Goal("accumulate ≥ 1.5x faster than the eager statistics", "cpu", ratio("median_ms", "eager", "memcore"),
          ">=", 1.5, "{:.2f}x", "bash scripts/bench.sh --full"),
     Goal("accumulate fwd+bwd ≤ 1.10x plain F.cross_entropy", "cuda", ratio("median_ms", "memcore", "plain"),
@@ -292,6 +317,86 @@ def test_cross_entropy(benchmark, request, device, shape, variant):
     loss = measure(benchmark, request, target, setup, dtype=dtype_name(p.dtype), **fields)
     p.logits.grad = None
     assert torch.isfinite(loss.float()).all()
+
+
+# ---------------------------------------------------------------------------- interleaved, CPU kernels
+KERNEL_SHAPES = [(512, 10), (512, 100), (4096, 1000), (8192, 32000)]
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+KERNEL_AGAINST = {"memcore": "plain", "memcore_forward": "aten_forward", "memcore_backward": "aten_backward"}
+
+
+def _kernel_cases():
+    for n, c in KERNEL_SHAPES:
+        for dtype in KERNEL_DTYPES:
+            name = f"cpu-{n}x{c}-{dtype_name(dtype)}"
+            yield param((n, c), dtype, device="cpu", full=(n, c) in HEAVY_CPU, id=name)
+
+
+def _clock(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("shape,dtype", list(_kernel_cases()))
+def test_cross_entropy_interleaved(benchmark, request, shape, dtype):
+    n, c = shape
+    _CACHE.clear()
+    gc.collect()
+    g = torch.Generator().manual_seed(1234 + n + c)
+    z = (2.0 * torch.randn(n, c, generator=g)).to(dtype).requires_grad_()
+    t, index = torch.randint(0, c, (n,), generator=g), torch.randperm(n, generator=g)
+    tracker = memcore.Tracker(n)
+
+    def plain():
+        return F.cross_entropy(z, t)
+
+    def fused():
+        return torch.ops.memcore.ce_forward_reduce(z, t, index, n, -100, 1)[0]
+
+    def step(loss):  # forward + backward
+        z.grad = None
+        return _clock(lambda: loss().backward())
+
+    def forward(loss):
+        with torch.no_grad():
+            return _clock(loss)
+
+    def backward(loss):
+        z.grad = None
+        out = loss()
+        return _clock(out.backward)
+
+    # outside the timing: memcore's loss and gradient equal F.cross_entropy's
+    step(plain)
+    ref = z.grad
+    step(lambda: memcore.accumulate(z, t, index, memcore.Tracker(n)))
+    torch.testing.assert_close(z.grad.float(), ref.float(), **TOL[dtype])
+    with torch.no_grad():
+        torch.testing.assert_close(fused().float(), plain().float(), **TOL[dtype])
+
+    times: Dict[str, List[float]] = {}
+    target = interleave(
+        {
+            "plain": lambda: step(plain),
+            "memcore": lambda: step(lambda: memcore.accumulate(z, t, index, tracker)),
+            "aten_forward": lambda: forward(plain),
+            "memcore_forward": lambda: forward(fused),
+            "aten_backward": lambda: backward(plain),
+            "memcore_backward": lambda: backward(fused),
+        },
+        times,
+    )
+    rounds = rounds_for(request, benchmark, target, lambda: None)  # probes double as the warm-up
+    for v in times.values():
+        v.clear()
+    before = load_average()
+    fields = dict(suite="cross_entropy", case=f"interleaved, {memcore.cpu_isa()} kernels", shape=f"{n}x{c}")
+    measure(benchmark, request, target, rounds=rounds, warmup=0, variant="interleaved", dtype=dtype_name(dtype),
+            device="cpu", timed=False, **fields)  # fmt: skip
+    note = load_note(before, load_average())
+    benchmark.extra_info["rows"] = [dict(r, note=note) for r in interleaved_rows(times, KERNEL_AGAINST)]
+    z.grad = None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")

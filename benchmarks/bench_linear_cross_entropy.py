@@ -21,6 +21,12 @@ variant where liger_kernel imports:
 
     liger        liger_kernel's LigerFusedLinearCrossEntropyLoss()(W, h, targets).backward()
 
+On the CPU, test_linear_cross_entropy_interleaved times plain, linear and, where cut-cross-entropy
+imports, Cut Cross-Entropy's torch.compile route in interleaved rounds (one round runs each once,
+back to back, the order rotating), with each one's peak memory:
+
+    cce          cut_cross_entropy.linear_cross_entropy(h, W, targets, impl="torch_compile").backward()
+
 Every case first checks, outside the timing, that its loss equals plain's (and, at the tiny shape,
 that linear's gradients do), so --benchmark-disable runs also catch wrong results.
 
@@ -30,6 +36,7 @@ that linear's gradients do), so --benchmark-disable runs also catch wrong result
 import gc
 import math
 import time
+from typing import Dict, List
 
 import pytest
 import torch
@@ -40,8 +47,13 @@ from benchmarks.common import (
     DTYPES,
     TOL,
     LigerFusedLinearCrossEntropyLoss,
+    cce_linear_cross_entropy,
     dtype_name,
     eager_stats,
+    interleave,
+    interleaved_rows,
+    load_average,
+    load_note,
     measure,
     param,
     sync,
@@ -76,7 +88,13 @@ CPU, GPU = (
     "bash scripts/bench.sh --full -k linear_cross_entropy",
     "MEMCORE_PY=python3 bash scripts/bench.sh --full -k cuda",
 )
+CPU_INTERLEAVED = CPU + "_interleaved (cut-cross-entropy importable)"
 GOALS = [
+    Goal("linear_accumulate fwd+bwd at least as fast as Cut Cross-Entropy's torch.compile route (interleaved)",
+         "cpu", ratio("interleaved_median_ms", "linear", "cce", shape=CPU_SHAPES), "<=", 1.0, "{:.2f}x",
+         CPU_INTERLEAVED),
+    Goal("linear_accumulate peak ≤ half of Cut Cross-Entropy's, above the inputs", "cpu",
+         ratio("peak_mib", "linear", "cce", scale=100, shape=CPU_SHAPES), "<=", 50.0, "{:.0f} %", CPU_INTERLEAVED),
     Goal("linear_accumulate peak ≤ 25 % of plain F.linear + F.cross_entropy's, above the inputs", "cpu",
          ratio("peak_mib", "linear", "plain", scale=100, shape=CPU_SHAPES), "<=", 25.0, "{:.1f} %", CPU),
     Goal("linear_accumulate fwd+bwd ≤ 1.15x plain F.linear + F.cross_entropy", "cpu",
@@ -127,6 +145,8 @@ def _run(variant, p):
         loss = memcore.accumulate(F.linear(h, w), t, i, p["tracker"])
     elif variant == "liger":
         loss = p["liger"](w, h, t)
+    elif variant == "cce":
+        loss = cce_linear_cross_entropy(h, w, t, impl="torch_compile")
     else:
         loss = memcore.linear_accumulate(h, w, t, i, p["tracker"])
     loss.backward()
@@ -207,3 +227,43 @@ def test_linear_cross_entropy(benchmark, request, device, shape, variant):
     )
     _clear(p)
     assert torch.isfinite(loss.float())
+
+
+INTERLEAVED = ("plain", "linear", "cce")
+
+
+@pytest.mark.parametrize(
+    "shape", [param(s, device="cpu", full=s in HEAVY, id="cpu-" + "x".join(map(str, s))) for s in SHAPES]
+)
+def test_linear_cross_entropy_interleaved(benchmark, request, shape):
+    n, h, v = shape
+    p = _problem("cpu", n, h, v)
+    variants = [x for x in INTERLEAVED if x != "cce" or cce_linear_cross_entropy is not None]
+    peaks = {}
+    for variant in variants:
+        _check(variant, p, shape)
+        peaks[variant] = peak_mib("cpu", lambda: _run(variant, p))  # also the warm-up (cce: compiles)
+        _clear(p)
+
+    def timed(variant):
+        _clear(p)
+        t0 = time.perf_counter()
+        _run(variant, p)
+        return time.perf_counter() - t0
+
+    times: Dict[str, List[float]] = {}
+    target = interleave({x: (lambda x=x: timed(x)) for x in variants}, times)
+    rounds = 1 if benchmark.disabled else int(request.config.getoption("benchmark_min_rounds"))
+    before = load_average()
+    fields = dict(suite="linear_cross_entropy", case="fwd+bwd, interleaved", shape=f"{n}x{h}x{v}")
+    measure(benchmark, request, target, rounds=rounds, warmup=0, variant="interleaved", dtype=dtype_name(p["dtype"]),
+            device="cpu", timed=False, **fields)  # fmt: skip
+    note = load_note(before, load_average())
+    rows = interleaved_rows(times, {x: "plain" for x in variants if x != "plain"})
+    rows += [
+        dict(variant=x, metric="peak_mib", value=peaks[x], unit="MiB")
+        for x in variants
+        if peaks[x] is not None
+    ]
+    benchmark.extra_info["rows"] = [dict(r, note=note) for r in rows]
+    _clear(p)

@@ -35,10 +35,9 @@ same batch and weights (and that memcore+inputs recorded input-gradient norms), 
 """
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import pytest
 import torch
@@ -46,7 +45,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import memcore
-from benchmarks.common import TOL, dtype_name, measure, param, rounds_for, sync
+from benchmarks.common import (
+    TOL,
+    dtype_name,
+    interleave,
+    interleaved_rows,
+    measure,
+    param,
+    rounds_for,
+    sync,
+)
 from benchmarks.goals import Goal, value
 from benchmarks.resnet import resnet18
 from memcore.eval.models import small_cnn
@@ -280,22 +288,6 @@ def test_training_step(benchmark, request, case_id: str, variant: str):
 
 
 # ---------------------------------------------------------------------------------------- interleaved
-def median_ci(values: Sequence[float], z: float = 1.96):
-    """(median, lo, hi): the sample median and a distribution-free ~95 % confidence interval for
-    the population median from order statistics (binomial normal approximation); lo / hi are the
-    extremes when there are too few values."""
-    v = sorted(values)
-    n = len(v)
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    mid = n // 2
-    med = v[mid] if n % 2 else 0.5 * (v[mid - 1] + v[mid])
-    half = z * math.sqrt(n) / 2
-    lo = max(0, int(math.floor(n / 2 - half)) - 1)
-    hi = min(n - 1, int(math.ceil(n / 2 + half)))
-    return med, v[lo], v[hi]
-
-
 @pytest.mark.parametrize("case_id", [param(c.id, device=c.device, full=c.full_only, id=c.id) for c in CASES])
 def test_training_step_interleaved(benchmark, request, case_id: str):
     """One round = one step of each variant, back to back; per-round ratios cancel slow drift."""
@@ -307,34 +299,20 @@ def test_training_step_interleaved(benchmark, request, case_id: str):
         + ((XGRAD,) if "memcore+inputs" in case.variants else ())
         + ((OVERWRITE,) if case.model == "lm" else ())
     )
-    times: Dict[str, List[float]] = {v: [] for v in variants}
-    cycle = [0]
+    times: Dict[str, List[float]] = {}
 
-    def target():
-        k = cycle[0] % len(variants)
-        cycle[0] += 1
-        for v in variants[k:] + variants[:k]:
-            t0 = time.perf_counter()
-            train_step(s, v)
-            times[v].append(time.perf_counter() - t0)
+    def timed(v):
+        t0 = time.perf_counter()
+        train_step(s, v)
+        return time.perf_counter() - t0
 
+    target = interleave({v: (lambda v=v: timed(v)) for v in variants}, times)
     rounds = rounds_for(request, benchmark, target, lambda: None)  # probes double as the warm-up
-    for v in variants:
-        times[v].clear()
+    for t in times.values():
+        t.clear()
     measure(benchmark, request, target, rounds=rounds, warmup=0, **_fields(case, "interleaved", timed=False))
-    rows = []  # per variant: its median step and its median ratio to plain over the rounds (the store's rows)
-    for v in variants:
-        med, _, _ = median_ci(times[v])
-        rows += [
-            dict(variant=v, metric="interleaved_median_ms", value=1e3 * med, unit="ms"),
-            dict(variant=v, metric="interleaved_rounds", value=len(times[v]), unit="count"),
-        ]
-        if v != "plain":
-            ratio, lo, hi = median_ci([a / b for a, b in zip(times[v], times["plain"])])
-            rows += [
-                dict(variant=v, metric=f"interleaved_ratio{suffix}", value=x, unit="ratio")
-                for suffix, x in (("", ratio), ("_lo", lo), ("_hi", hi))
-            ]
+    # per variant: its median step and its median ratio to plain over the rounds (the store's rows)
+    rows = interleaved_rows(times, {v: "plain" for v in variants if v != "plain"})
     benchmark.extra_info["rows"] = rows
     assert all(len(t) == rounds for t in times.values())
     _STEPS.clear()

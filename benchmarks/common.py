@@ -1,10 +1,11 @@
-"""What the pytest benchmark suites share: devices and dtypes, the optional Liger baselines, the
-eager-statistics baseline, test parameters with their marks, and timing a case with the fields
-benchmarks/store.py turns into rows of the store."""
+"""What the pytest benchmark suites share: devices and dtypes, the optional Liger and Cut Cross-Entropy
+baselines, the eager-statistics baseline, test parameters with their marks, timing a case with the
+fields benchmarks/store.py turns into rows of the store, and interleaved rounds."""
 
 import math
+import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 import torch
@@ -12,7 +13,11 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}  # the logits' dtype per device
 # loss / statistics tolerances per dtype (memcore does fp32 math; bf16 outputs are rounded)
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+}
 MAX_ROUNDS = 20000
 
 try:  # optional baselines: Liger-Kernel's fused Triton losses (CUDA only)
@@ -20,6 +25,11 @@ try:  # optional baselines: Liger-Kernel's fused Triton losses (CUDA only)
 except Exception:  # noqa: BLE001 - not installed, or its triton import failed
     LigerCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss = None
 HAS_LIGER = LigerCrossEntropyLoss is not None
+
+try:  # optional baseline: Cut Cross-Entropy (Apple's cut-cross-entropy; on the CPU its torch.compile route)
+    from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+except Exception:  # noqa: BLE001 - not installed, or its triton import failed
+    cce_linear_cross_entropy = None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -100,3 +110,72 @@ def measure(
     )
     n = rounds or rounds_for(request, benchmark, target, setup)
     return benchmark.pedantic(target, setup=setup, rounds=n, warmup_rounds=min(n // 10, warmup), iterations=1)
+
+
+def median_ci(values: Sequence[float], z: float = 1.96):
+    """(median, lo, hi): the sample median and a distribution-free ~95 % confidence interval for
+    the population median from order statistics (binomial normal approximation); lo / hi are the
+    extremes when there are too few values."""
+    v = sorted(values)
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mid = n // 2
+    med = v[mid] if n % 2 else 0.5 * (v[mid - 1] + v[mid])
+    half = z * math.sqrt(n) / 2
+    lo = max(0, int(math.floor(n / 2 - half)) - 1)
+    hi = min(n - 1, int(math.ceil(n / 2 + half)))
+    return med, v[lo], v[hi]
+
+
+def interleave(variants: Dict[str, Callable[[], float]], times: Dict[str, List[float]]) -> Callable[[], None]:
+    """One interleaved round as a benchmark target: every variant once, back to back, the order
+    rotating from round to round, so that a busy neighbour slows each alike. A variant returns the
+    seconds of its own timed part (its setup stays outside); they are appended to ``times`` (clear its
+    lists to drop warm-up rounds)."""
+    names = list(variants)
+    for v in names:  # rows come out in the variants' order
+        times.setdefault(v, [])
+    cycle = [0]
+
+    def round_():
+        k = cycle[0] % len(names)
+        cycle[0] += 1
+        for v in names[k:] + names[:k]:
+            times[v].append(variants[v]())
+
+    return round_
+
+
+def interleaved_rows(times: Dict[str, List[float]], against: Dict[str, str]) -> List[dict]:
+    """Store rows of interleaved rounds: per variant its median (ms) and rounds; per variant v in
+    ``against`` the median over rounds of (v's time / against[v]'s time in the same round), with the
+    ~95 % confidence interval of that median (median_ci)."""
+    rows = []
+    for v, t in times.items():
+        med, _, _ = median_ci(t)
+        rows += [
+            dict(variant=v, metric="interleaved_median_ms", value=1e3 * med, unit="ms"),
+            dict(variant=v, metric="interleaved_rounds", value=len(t), unit="count"),
+        ]
+        if v in against:
+            ratio, lo, hi = median_ci([a / b for a, b in zip(t, times[against[v]])])
+            rows += [
+                dict(variant=v, metric=f"interleaved_ratio{suffix}", value=x, unit="ratio")
+                for suffix, x in (("", ratio), ("_lo", lo), ("_hi", hi))
+            ]
+    return rows
+
+
+def load_average() -> Optional[float]:
+    """The machine's 1-minute load average (None where the OS has none), for the notes of timings."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def load_note(before: Optional[float], after: Optional[float]) -> str:
+    """The run's note (MEMCORE_BENCH_NOTE) with the load average before / after the timed rounds."""
+    note = os.environ.get("MEMCORE_BENCH_NOTE", "")
+    if before is None or after is None:
+        return note
+    load = f"load average (1 min) before / after the timed rounds: {before:.2f} / {after:.2f}"
+    return f"{note}; {load}" if note else load

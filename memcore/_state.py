@@ -159,9 +159,16 @@ def commit(st: State, index: torch.Tensor, vals: torch.Tensor, keep: Optional[to
         return
     sums, counts = st["sums"], st["counts"]
     zero = torch.zeros((), dtype=vals.dtype, device=vals.device)
-    if keep is not None:  # masked rows point at sample 0 and add zeros (exactly nothing: sums are never -0.0)
+    cpu = vals.device.type == "cpu"
+    if keep is None:
+        cols = vals.unbind(1)
+    else:  # masked rows point at sample 0 and add zeros (exactly nothing: sums are never -0.0)
         index = index * keep
-        vals = torch.where(keep[:, None], vals, zero)
+        if cpu:  # on the CPU four 1-D selects cost half of one broadcast [n, 4] select
+            cols = [torch.where(keep, c, zero) for c in vals.unbind(1)]
+        else:  # one launch
+            cols = torch.where(keep[:, None], vals, zero).unbind(1)
+    loss, p, margin, correct = cols[V_LOSS], cols[V_PROB], cols[V_MARGIN], cols[V_CORRECT]
     # the epoch's first rows of a sample replace its last_loss by 0 in the shared slot. Every row of a
     # sample writes the same value, so the scatter has no conflicting writes; masked rows write what
     # sample 0's own rows write, or its value unchanged when it has none here.
@@ -170,12 +177,15 @@ def commit(st: State, index: torch.Tensor, vals: torch.Tensor, keep: Optional[to
         fresh = fresh & (keep | (keep & (index == 0)).any())
     flat = sums.view(-1)  # one contiguous tensor: ATen would copy a strided column view whole
     slot = index * NUM_SUMS + S_LAST
-    _put(flat, slot, torch.where(fresh, zero, flat.index_select(0, slot)), False)
-    p = vals[:, V_PROB]
+    last = torch.where(fresh, zero, flat.index_select(0, slot))
+    if cpu:  # equal values per sample: the same bits in any order, at a third of index_put_'s cost
+        flat.scatter_(0, slot, last)
+    else:
+        _put(flat, slot, last, False)
     one = torch.ones_like(index, dtype=torch.int32) if keep is None else keep.to(torch.int32)
     # S_LOSS and C_ROWS / C_CORRECT are added at the epoch's close
-    _add(sums, index, {S_LAST: vals[:, V_LOSS], S_PROB: p, S_PROB_SQ: p * p, S_MARGIN: vals[:, V_MARGIN]})
-    _add(counts, index, {C_ROWS_E: one, C_CORRECT_E: vals[:, V_CORRECT].to(torch.int32)})
+    _add(sums, index, {S_LAST: loss, S_PROB: p, S_PROB_SQ: p * p, S_MARGIN: margin})
+    _add(counts, index, {C_ROWS_E: one, C_CORRECT_E: correct.to(torch.int32)})
 
 
 def _add(t: torch.Tensor, index: torch.Tensor, columns: Dict[int, torch.Tensor]) -> None:

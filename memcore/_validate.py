@@ -424,13 +424,17 @@ def linear_rows_of(
 REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
+_TRACKER = None  # memcore.Tracker, imported at the first call (tracker.py imports this module)
+
+
 def loss_call(tracker, reduction, ignore_index) -> Tuple[int, int]:
     """The checks ``accumulate`` and ``linear_accumulate`` open with: tracker a memcore.Tracker,
     reduction one of REDUCTIONS, ignore_index an integer (numpy integers and 0-d integer tensors too,
     as F.cross_entropy accepts). Returns (the reduction's code, ignore_index as an int)."""
-    from .tracker import Tracker  # here, not at the top: tracker.py imports this module
-
-    if not isinstance(tracker, Tracker):
+    global _TRACKER
+    if _TRACKER is None:  # an import statement per call costs as much as the other checks together
+        from .tracker import Tracker as _TRACKER
+    if not isinstance(tracker, _TRACKER):
         raise TypeError(f"tracker must be a memcore.Tracker, got {type(tracker).__name__}")
     code = REDUCTION_CODE.get(reduction) if isinstance(reduction, str) else None
     if code is None:

@@ -115,13 +115,14 @@ def accumulate(
                 logits2d, targets1d, index1d, tracker.num_samples, ignore_index, code
             )
             _record(tracker, logits2d, targets1d, index1d, ignore_index, loss, row_stats, status)
-            return out.to(_result_dtype(logits))
+            return _as_result(out, logits)
     if inputs is None and reduction != "none":  # forward and reduction in one operator
         out, _count, loss, _lse, row_stats, status = torch.ops.memcore.ce_forward_reduce(
             logits2d, targets1d, index1d, tracker.num_samples, ignore_index, code
         )
-        _record(tracker, logits2d, targets1d, index1d, ignore_index, loss.detach(), row_stats, status)
-        return out.to(_result_dtype(logits))
+        # loss: an output without a gradient (its node marks it so), nothing to detach
+        _record(tracker, logits2d, targets1d, index1d, ignore_index, loss, row_stats, status)
+        return _as_result(out, logits)
 
     loss, _lse, row_stats, status = torch.ops.memcore.ce_forward(
         logits2d, targets1d, index1d, tracker.num_samples, ignore_index
@@ -136,7 +137,14 @@ def accumulate(
         out = loss.sum()
     else:
         out = loss.sum() / (targets1d != ignore_index).sum()
-    return out.to(_result_dtype(logits))
+    return _as_result(out, logits)
+
+
+def _as_result(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """out in F.cross_entropy's result dtype (`_result_dtype`); itself when it has it already (a cast
+    to the same dtype still costs an operator call)."""
+    want = _result_dtype(logits)
+    return out if out.dtype == want else out.to(want)
 
 
 def _result_dtype(logits: torch.Tensor) -> torch.dtype:

@@ -310,12 +310,14 @@ class Tracker:
         at the next flush (rows of a rejected batch are dropped there); inside torch.compile (single
         process) committed at once, so that no Python state changes per call; likewise inside CUDA-graph
         capture, where a buffered row would be read once at the next flush, not once per replay."""
-        with self._locked():
-            capturing = not torch.compiler.is_compiling() and _capturing()  # compile: no torch.cuda to trace
+        compiling = torch.compiler.is_compiling()  # asked once: each query costs a Python call
+        with contextlib.nullcontext() if compiling else self._lock:  # as _locked()
+            capturing = not compiling and _capturing()  # compile: no torch.cuda to trace
             if capturing:
                 self._check_capture(loss.device, grad=False)
-            self._adopt(loss.device)
-            if (torch.compiler.is_compiling() or capturing) and not self._distributed():
+            if self.device is None:
+                self._adopt(loss.device)
+            if (compiling or capturing) and not self._distributed():
                 keep = (targets != ignore_index) & (status == 0)
                 S.commit(self._st, index, S.values(loss.detach(), row_stats), keep)
             else:
@@ -323,7 +325,7 @@ class Tracker:
                 router.add_ce(index, targets, loss, row_stats, status, ignore_index)
                 if self.flush_every is not None and router.calls >= self.flush_every:
                     self._flush(_shard.KINDS[1])
-            self._after_batch(status, explain, deferred=capturing)
+            self._after_batch(status, explain, deferred=capturing or compiling)
 
     def _record_grad(self, index: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor) -> None:
         """Squared input-gradient norms of a batch's rows (rows[r] = 0: not recorded); committed at
@@ -405,8 +407,9 @@ class Tracker:
     # ------------------------------------------------------------------ errors
     def _after_batch(self, status: torch.Tensor, explain: Callable[[int], Exception], deferred: bool) -> None:
         """Strict: reads the status word (a host sync) and raises at once; otherwise, and where a sync
-        is impossible (torch.compile, CUDA-graph capture), ORs it into the errors end_epoch() checks."""
-        if self.strict and not deferred and not torch.compiler.is_compiling():
+        is impossible (`deferred`: inside torch.compile or CUDA-graph capture), ORs it into the errors
+        end_epoch() checks."""
+        if self.strict and not deferred:
             bits = int(status.item())
             if bits:
                 raise explain(bits)

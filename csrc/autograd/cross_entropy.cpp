@@ -93,6 +93,7 @@ class CEForward : public torch::autograd::Function<CEForward> {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = MEMCORE_OP(ce_forward);
     auto [loss, lse, row_stats, status] = op.call(logits, targets, index, num_samples, ignore_index);
+    ctx->set_materialize_grads(false);  // no zero tensors for the outputs without a gradient
     ctx->save_for_backward({logits, targets, lse});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->mark_non_differentiable({lse, row_stats, status});
@@ -101,6 +102,7 @@ class CEForward : public torch::autograd::Function<CEForward> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const auto saved = ctx->get_saved_variables();
     at::Tensor grad = call_ce_backward_op(grads[0], saved[0], saved[1], saved[2],
                                           ctx->saved_data["ignore_index"].toInt());
@@ -120,6 +122,7 @@ class CEForwardReduce : public torch::autograd::Function<CEForwardReduce> {
     static const auto op = MEMCORE_OP(ce_forward_reduce);
     auto [out, count, loss, lse, row_stats, status] =
         op.call(logits, targets, index, num_samples, ignore_index, reduction);
+    ctx->set_materialize_grads(false);  // no zero tensors for the outputs without a gradient
     ctx->save_for_backward({logits, targets, lse, count});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = reduction;
@@ -129,6 +132,7 @@ class CEForwardReduce : public torch::autograd::Function<CEForwardReduce> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
     at::Tensor g = grads[0].to(saved[2].scalar_type());

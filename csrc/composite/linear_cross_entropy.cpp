@@ -136,6 +136,24 @@ bool stream_capturing(const at::Device& device) {
 #endif
 }
 
+// The [chunk_size, V] logits buffer every chunk of a forward reuses (hidden's dtype): one allocation
+// per call, so a large chunk is not mapped, faulted in page by page and unmapped again per chunk.
+at::Tensor chunk_buffer(const at::Tensor& hidden, const at::Tensor& weight, int64_t chunk_size) {
+  return at::empty({std::min(chunk_size, hidden.size(0)), weight.size(0)}, hidden.options());
+}
+
+// F.linear(h_chunk, weight, bias) written into the first rows of buf: the chunk's logits [c, V]
+at::Tensor linear_into(at::Tensor& buf, const at::Tensor& h_chunk, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias) {
+  at::Tensor z = buf.narrow(0, 0, h_chunk.size(0));
+  if (bias.has_value()) {
+    at::addmm_out(z, *bias, h_chunk, weight.t());
+  } else {
+    at::mm_out(z, h_chunk, weight.t());
+  }
+  return z;
+}
+
 // The gradient GEMMs of one chunk, g = d(sum of the chunk's weighted losses) / d(logits chunk)
 // [c, V] in hidden's dtype: grad_hidden rows [start, start + c) = g @ W (complete: one GEMM over V),
 // grad_w += g^T @ h_chunk and grad_b += g.sum(0) in opmath.
@@ -187,11 +205,12 @@ Tensor9 linear_ce_forward_composite(const at::Tensor& hidden, const at::Tensor& 
   at::Tensor grad_w = weight_acc(weight, hidden, mask[1]);
   at::Tensor grad_b = bias_acc(bias, weight, hidden, mask[2]);
 
+  at::Tensor logits = chunk_buffer(hidden, weight, chunk_size);
   for (int64_t start = 0; start < N; start += chunk_size) {
     const int64_t c = std::min(chunk_size, N - start);
     const at::Tensor h_chunk = hidden.narrow(0, start, c);
     const at::Tensor t_chunk = targets.narrow(0, start, c), i_chunk = index.narrow(0, start, c);
-    at::Tensor z = at::linear(h_chunk, weight, bias).contiguous();  // [c, V], hidden's dtype
+    at::Tensor z = linear_into(logits, h_chunk, weight, bias);  // [c, V], hidden's dtype
     at::Tensor l, ls, rs, st;
     if (grads) {
       // the gradient of the chunk's summed loss, written over z

@@ -46,29 +46,9 @@ const float* z_as_float(const scalar_t* z, int64_t n, float* buf) {
   }
 }
 
-// Online logsumexp over one segment of a row, in float. m/s carry the running max and the sum of
-// exp(z - m); returns the segment's own max (for the margin and argmax).
-template <typename scalar_t>
-float segment_lse(const scalar_t* z, int64_t n, float* buf, float& m, float& s) {
-  float seg_max = -kInf;
-  for (int64_t off = 0; off < n; off += kChunk) {
-    const int64_t len = std::min(kChunk, n - off);
-    const float* x = z_as_float(z + off, len, buf);
-    const float cm = max_f32(x, len);
-    seg_max = cm > seg_max ? cm : seg_max;
-    if (cm > m) {
-      s = (m == -kInf) ? 0.f : s * std::exp(m - cm);
-      m = cm;
-    }
-    if (m == -kInf) {
-      // every value so far is -inf (or NaN): keep s = 0 but let a NaN reach it
-      s += 0.f * sum_exp_f32(x, len, 0.f);
-    } else {
-      s += sum_exp_f32(x, len, m);
-    }
-  }
-  return seg_max;
-}
+// Length of the next piece of a streamed row with `left` classes left: kChunk, or all of them when
+// fewer than 16 would remain for the last piece (the piece kernel needs 16).
+int64_t piece_len(int64_t left) { return left - kChunk < 16 ? left : kChunk; }
 
 // One row: exact double math for double logits (gradcheck); otherwise a row longer than kChunk,
 // streamed (shorter rows take the block kernels of cross_entropy_block.h).
@@ -77,28 +57,37 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
   double zt, m_before, m_after, lse;
   if constexpr (std::is_same_v<scalar_t, double>) {
     const double inf = std::numeric_limits<double>::infinity();
-    m_before = -inf;
-    m_after = -inf;
-    for (int64_t j = 0; j < t; ++j) m_before = z[j] > m_before ? z[j] : m_before;
-    for (int64_t j = t + 1; j < C; ++j) m_after = z[j] > m_after ? z[j] : m_after;
     zt = z[t];
-    double m = std::max(zt, std::max(m_before, m_after));
-    double s = 0.0;
-    if (m == -inf) {
-      s = std::numeric_limits<double>::quiet_NaN();
+    double m, s = 0.0;
+    if (C >= 8) {
+      double res[4];
+      forward_row_f64(z, C, t, res);
+      m_before = res[0];
+      m_after = res[1];
+      m = res[2];
+      s = res[3];
     } else {
+      m_before = -inf;
+      m_after = -inf;
+      for (int64_t j = 0; j < t; ++j) m_before = z[j] > m_before ? z[j] : m_before;
+      for (int64_t j = t + 1; j < C; ++j) m_after = z[j] > m_after ? z[j] : m_after;
+      m = std::max(zt, std::max(m_before, m_after));
       for (int64_t j = 0; j < C; ++j) s += std::exp(z[j] - m);
     }
+    if (m == -inf) s = std::numeric_limits<double>::quiet_NaN();  // no finite max: NaN flags the row
     lse = m + std::log(s);
   } else {
-    float m = -kInf, s = 0.f;
-    m_before = segment_lse(z, t, buf, m, s);
-    m_after = segment_lse(z + t + 1, C - t - 1, buf, m, s);
-    const float ztf = static_cast<float>(z[t]);
-    const float mm = ztf > m ? ztf : m;
-    const float tot = (m == -kInf ? 0.f : s * std::exp(m - mm)) + std::exp(ztf - mm);
-    zt = ztf;
-    lse = static_cast<double>(mm + std::log(tot));
+    RowAcc a{-kInf, 0.f, -kInf, -kInf};
+    for (int64_t off = 0; off < C;) {
+      const int64_t len = piece_len(C - off);
+      forward_piece_f32(z_as_float(z + off, len, buf), len, off, t, &a);
+      off += len;
+    }
+    m_before = a.before;
+    m_after = a.after;
+    zt = static_cast<float>(z[t]);
+    // a row of -inf (m stays -inf) has no finite max: NaN flags it, as it does NaN entries
+    lse = a.m == -kInf ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(a.m + std::log(a.s));
   }
   RowResult r;
   r.lse = lse;
@@ -118,20 +107,33 @@ template <typename scalar_t>
 void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double lse, double g,
                   float* buf, float* obuf) {
   if constexpr (std::is_same_v<scalar_t, double>) {
+    if (C >= 8) {
+      backward_row_f64(z, out, C, t, lse, g);
+      return;
+    }
     const double ot = (std::exp(z[t] - lse) - 1.0) * g;
     for (int64_t j = 0; j < C; ++j) out[j] = std::exp(z[j] - lse) * g;
     out[t] = ot;
   } else {
     const float lsef = static_cast<float>(lse), gf = static_cast<float>(g);
-    const scalar_t ot = static_cast<scalar_t>((std::exp(static_cast<float>(z[t]) - lsef) - 1.f) * gf);
-    for (int64_t off = 0; off < C; off += kChunk) {
-      const int64_t len = std::min(kChunk, C - off);
+    const scalar_t ot = static_cast<scalar_t>((exp_approx(static_cast<float>(z[t]) - lsef) - 1.f) * gf);
+    for (int64_t off = 0; off < C;) {
+      const int64_t len = piece_len(C - off);
       widen(z + off, buf, len);
-      softmax_scale_f32(buf, len, lsef, gf, obuf);
+      softmax_scale_f32(buf, obuf, len, lsef, gf);
       narrow(obuf, out + off, len);
+      off += len;
     }
     out[t] = ot;
   }
+}
+
+// Outputs of a row the kernels skip (ignored, or rejected through the status word): zeros, the
+// output tensors being allocated uninitialised.
+template <typename acc_t>
+inline void zero_row(int64_t i, acc_t* loss_p, acc_t* lse_p, acc_t* rs) {
+  loss_p[i] = lse_p[i] = 0;
+  rs[i * kNumRowStats + kRowProb] = rs[i * kNumRowStats + kRowMargin] = rs[i * kNumRowStats + kRowCorrect] = 0;
 }
 
 // Rows of C classes per block when half / bf16 rows are widened into float scratch: at most
@@ -202,8 +204,11 @@ int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, cons
   };
   for (int64_t i = begin; i < end; ++i) {
     const int64_t t = tg[i];
-    if (t == ignore_index) continue;
-    if (t < 0 || t >= C) { flags |= kBadTarget; continue; }
+    if (t == ignore_index || t < 0 || t >= C) {
+      if (t != ignore_index) flags |= kBadTarget;
+      zero_row(i, loss_p, lse_p, rs);
+      continue;
+    }
     if (ix[i] < 0 || ix[i] >= num_samples) flags |= kBadIndex;
     row[nb] = i;
     tb[nb] = t;
@@ -220,8 +225,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
   check_vector(index, logits, at::kLong, "index", "memcore::ce_forward");
   const int64_t N = logits.size(0), C = logits.size(1);
   const auto acc = logits.options().dtype(opmath_dtype(logits));
-  at::Tensor loss = at::zeros({N}, acc), lse = at::zeros({N}, acc);
-  at::Tensor row_stats = at::zeros({N, kNumRowStats}, acc);
+  // every row is written (skipped rows with zeros): no fill passes
+  at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc);
+  at::Tensor row_stats = at::empty({N, kNumRowStats}, acc);
   at::Tensor status = at::empty({1}, logits.options().dtype(at::kInt));
   std::atomic<int32_t> flags{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_cpu", [&] {
@@ -239,12 +245,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
         if (local) flags.fetch_or(local);
         return;
       }
-      std::vector<float> buf(kChunk);
+      std::vector<float> buf(kChunk + 16);
       int32_t local = 0;
       for (int64_t i = begin; i < end; ++i) {
         const int64_t t = tg[i];
-        if (t == ignore_index) continue;
-        if (t < 0 || t >= C) { local |= kBadTarget; continue; }
+        if (t == ignore_index || t < 0 || t >= C) {
+          if (t != ignore_index) local |= kBadTarget;
+          zero_row(i, loss_p, lse_p, rs);
+          continue;
+        }
         if (ix[i] < 0 || ix[i] >= num_samples) local |= kBadIndex;
         const RowResult r = forward_row(z + i * C, C, t, buf.data());
         if (!std::isfinite(r.loss)) local |= kNonFinite;
@@ -257,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
       if (local) flags.fetch_or(local);
     });
   });
-  status.fill_(flags.load());
+  status.data_ptr<int32_t>()[0] = flags.load();
   return {loss, lse, row_stats, status};
 }
 
@@ -288,8 +297,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   // mean of no rows is NaN, like F.cross_entropy
   const double value = reduction == kSum ? total : total / static_cast<double>(count);
-  at::Tensor out = at::scalar_tensor(value, loss.options());
-  at::Tensor n_rows = at::scalar_tensor(count, targets.options());
+  at::Tensor out = at::empty({}, loss.options()), n_rows = at::empty({}, targets.options());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ce_forward_reduce_cpu", [&] {
+    *out.data_ptr<scalar_t>() = static_cast<scalar_t>(value);
+  });
+  *n_rows.data_ptr<int64_t>() = count;
   return {out, n_rows, loss, lse, row_stats, status};
 }
 
@@ -298,17 +310,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // bf16 rows one by one.
 template <typename scalar_t, typename acc_t>
 void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* tg, const acc_t* lse_p,
-                   const acc_t* g_p, int64_t ignore_index, int64_t begin, int64_t end) {
+                   const acc_t* g_p, int64_t g_stride, int64_t ignore_index, int64_t begin, int64_t end) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   if (std::is_same_v<scalar_t, double> || (!kFloat && C > kChunk)) {
-    std::vector<float> buf(kChunk), obuf(kChunk);
+    std::vector<float> buf(kChunk + 16), obuf(kChunk + 16);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = tg[i];
       if (t == ignore_index || t < 0 || t >= C) {
         std::fill(out + i * C, out + (i + 1) * C, scalar_t(0));
         continue;
       }
-      backward_row(z + i * C, out + i * C, C, t, lse_p[i], g_p[i], buf.data(), obuf.data());
+      backward_row(z + i * C, out + i * C, C, t, lse_p[i], g_p[i * g_stride], buf.data(), obuf.data());
     }
     return;
   }
@@ -339,17 +351,17 @@ void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* t
     row[nb] = i;
     tb[nb] = t;
     lb[nb] = lse_p[i];
-    gb[nb] = g_p[i];
+    gb[nb] = g_p[i * g_stride];
     if (++nb == rows_per_block) flush();
   }
   if (nb) flush();
 }
 
 // out = (softmax(logits) - onehot) * g row by row, across threads; out may be logits (in place).
-// g: opmath [N].
+// g: opmath [N], contiguous or one value broadcast (stride 0).
 void backward_into(const at::Tensor& logits, at::Tensor& out, const at::Tensor& targets, const at::Tensor& lse,
                    const at::Tensor& g, int64_t ignore_index) {
-  const int64_t N = logits.size(0), C = logits.size(1);
+  const int64_t N = logits.size(0), C = logits.size(1), g_stride = g.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* z = logits.data_ptr<scalar_t>();
@@ -358,7 +370,7 @@ void backward_into(const at::Tensor& logits, at::Tensor& out, const at::Tensor& 
     const acc_t* lse_p = lse.data_ptr<acc_t>();
     const acc_t* g_p = g.data_ptr<acc_t>();
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      backward_rows(z, o, C, tg, lse_p, g_p, ignore_index, begin, end);
+      backward_rows(z, o, C, tg, lse_p, g_p, g_stride, ignore_index, begin, end);
     });
   });
 }
@@ -367,8 +379,15 @@ at::Tensor ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits
                            const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index) {
   check_rows(logits, targets, "memcore::ce_backward");
   check_vector(lse, logits, opmath_dtype(logits), "lse", "memcore::ce_backward");
-  at::Tensor g = grad_loss.to(opmath_dtype(logits)).contiguous();
-  check_vector(g, logits, opmath_dtype(logits), "grad_loss", "memcore::ce_backward");
+  at::Tensor g = grad_loss.to(opmath_dtype(logits));
+  // one upstream gradient for every row (the reduced loss's backward expands it): read in place
+  const bool broadcast = g.dim() == 1 && g.size(0) == logits.size(0) && g.stride(0) == 0;
+  if (broadcast) {
+    TORCH_CHECK(g.device() == logits.device(), "memcore::ce_backward: grad_loss must be on ", logits.device());
+  } else {
+    g = g.contiguous();
+    check_vector(g, logits, opmath_dtype(logits), "grad_loss", "memcore::ce_backward");
+  }
   at::Tensor grad = at::empty_like(logits);
   backward_into(logits, grad, targets, lse, g, ignore_index);
   return grad;
@@ -382,10 +401,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_forward_grad(logits, reduction);
   auto res = ce_forward_reduce_cpu(logits, targets, index, num_samples, ignore_index, reduction);
   const at::Tensor& lse = std::get<3>(res);
-  const int64_t count = std::get<1>(res).item<int64_t>();
+  const int64_t count = *std::get<1>(res).data_ptr<int64_t>();
   // all rows ignored: w is never used (every row is zero-filled)
   const double w = reduction == kSum || count == 0 ? 1.0 : 1.0 / static_cast<double>(count);
-  backward_into(logits, logits, targets, lse, at::full({logits.size(0)}, w, lse.options()), ignore_index);
+  backward_into(logits, logits, targets, lse, at::full({1}, w, lse.options()).expand({logits.size(0)}),
+                ignore_index);
   return res;
 }
 
@@ -400,7 +420,7 @@ template <typename scalar_t>
 double row_sumsq(const scalar_t* g, int64_t d, float* buf) {
   double s = 0.0;
   if constexpr (std::is_same_v<scalar_t, double>) {
-    for (int64_t j = 0; j < d; ++j) s += g[j] * g[j];
+    s = sumsq_f64(g, d);
   } else {
     for (int64_t off = 0; off < d; off += kChunk) {
       const int64_t len = std::min(kChunk, d - off);

@@ -23,24 +23,30 @@ namespace memcore {
 namespace cpu {
 
 namespace isa_base {
-#include "vec16.inc"
+#define MEMCORE_LANES 4
+#include "vec.inc"
 #include "cross_entropy_block.inc"
+#undef MEMCORE_LANES
 }  // namespace isa_base
 
 #ifdef MEMCORE_PER_ISA
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace isa_avx2 {
-#include "vec16.inc"
+#define MEMCORE_LANES 8
+#include "vec.inc"
 #include "cross_entropy_block.inc"
+#undef MEMCORE_LANES
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 namespace isa_avx512 {
-#include "vec16.inc"
+#define MEMCORE_LANES 16
+#include "vec.inc"
 #include "cross_entropy_block.inc"
+#undef MEMCORE_LANES
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif
@@ -85,6 +91,26 @@ void forward_block_narrow_f32(const float* z, int64_t C, const int64_t* row, con
                               int64_t n, BlockOut out) {
   MEMCORE_DISPATCH(forward_block_narrow_f32, z, C, row, t, n, out)
 }
+
+void forward_piece_f32(const float* x, int64_t len, int64_t j0, int64_t t, RowAcc* a) {
+  MEMCORE_DISPATCH(forward_piece_f32, x, len, j0, t, a)
+}
+
+void softmax_scale_f32(const float* x, float* out, int64_t n, float lse, float g) {
+  MEMCORE_DISPATCH(softmax_scale_f32, x, out, n, lse, g)
+}
+
+void forward_row_f64(const double* x, int64_t C, int64_t t, double* res) {
+  MEMCORE_DISPATCH(forward_row_f64, x, C, t, res)
+}
+
+void backward_row_f64(const double* x, double* out, int64_t C, int64_t t, double lse, double g) {
+  MEMCORE_DISPATCH(backward_row_f64, x, out, C, t, lse, g)
+}
+
+float sumsq_f32(const float* x, int64_t n) { MEMCORE_DISPATCH(sumsq_f32, x, n) }
+
+double sumsq_f64(const double* x, int64_t n) { MEMCORE_DISPATCH(sumsq_f64, x, n) }
 
 void backward_block_f32(const float* z, float* out, int64_t C, const int64_t* row, const int64_t* t,
                         const float* lse, const float* g, int64_t n) {

@@ -1,10 +1,11 @@
-// Row-block kernels of the CPU cross-entropy for rows that fit in L1 (C <= 1024 floats), in
-// explicit 16-lane vectors (vec16.inc), compiled for AVX-512, AVX2 and the baseline
-// (cross_entropy_block.cpp picks one at load time). One call handles up to kBlock rows, so the
-// per-row work (maxima before / after the target, exp sum, log, p(target)) runs at full vector
-// width: lanes along the row for C >= 16 (the last vector overlaps the previous one), across 16
-// rows for C < 16 (transposed into a [C][16] scratch). Memory: each row is read once (twice from
-// L1); outputs are O(rows) in caller-owned arrays. More: docs/kernels.md.
+// Row-block kernels of the CPU cross-entropy for rows that fit in L1 (C <= 1024 floats), and the
+// piece kernel of longer rows, in explicit vectors one register wide (vec.inc: 16 lanes under
+// AVX-512, 8 under AVX2, 4 for the baseline), compiled once per ISA (cross_entropy_block.cpp picks
+// one at load time). One call handles up to kBlock rows, so the per-row work (maxima before / after
+// the target, exp sum, log, p(target)) runs at full vector width: lanes along the row for C >= 16
+// (the last vector overlaps the previous one), across W rows for C < 16 (class by class, each a
+// column of the group's rows). Memory: each row is read once (twice from L1); outputs are O(rows)
+// in caller-owned arrays. More: docs/kernels.md.
 #pragma once
 #include <cstdint>
 #include <limits>
@@ -12,7 +13,7 @@
 namespace memcore {
 namespace cpu {
 
-constexpr int64_t kBlock = 64;  // rows per block; a multiple of 16
+constexpr int64_t kBlock = 64;  // rows per block; a multiple of every ISA's lane count
 
 // Per-row outputs of a block, each an array of kBlock floats.
 struct BlockOut {
@@ -32,16 +33,34 @@ struct BlockTmp {
   float* zt;      // target logit
 };
 
+// Running state of a row streamed piece by piece (forward_piece_f32): max m so far (-inf before the
+// first finite value), sum s of exp(z - m), and the largest logits before / after the target.
+struct RowAcc {
+  float m, s, before, after;
+};
+
 // The kernels (cross_entropy_block.inc), dispatched to the widest ISA the CPU has.
 //   forward_block_f32:        rows r in [0, n <= kBlock) of z (row row[r], stride C,
 //                             16 <= C <= 1024), targets t[r] in [0, C), checked by the caller.
 //   forward_block_narrow_f32: the same for C < 16.
+//   forward_piece_f32:        one piece x[0, len >= 16) of a row, classes j0 ..., target t: adds it
+//                             into a (rows longer than the blocks', C > 1024, streamed).
+//   softmax_scale_f32:        out[0, n >= 16) = exp(x - lse) * g (a streamed row's backward piece).
+//   forward_row_f64:          one float64 row, C >= 8: {max before / after the target, max, exp sum}.
+//   backward_row_f64:         one float64 row's gradient, C >= 8.
+//   sumsq_f32, sumsq_f64:     sum of squares of x[0, n) (ce_input_sqnorm's rows), any n.
 //   backward_block_f32:       out row = (softmax(z row) - onehot(t[r])) * g[r], C >= 16 (any C).
 //   backward_block_narrow_f32: the same for C < 16.
 void forward_block_f32(const float* z, int64_t C, const int64_t* row, const int64_t* t, int64_t n,
                        BlockTmp tmp, BlockOut out);
 void forward_block_narrow_f32(const float* z, int64_t C, const int64_t* row, const int64_t* t,
                               int64_t n, BlockOut out);
+void forward_piece_f32(const float* x, int64_t len, int64_t j0, int64_t t, RowAcc* a);
+void softmax_scale_f32(const float* x, float* out, int64_t n, float lse, float g);
+void forward_row_f64(const double* x, int64_t C, int64_t t, double* res);
+void backward_row_f64(const double* x, double* out, int64_t C, int64_t t, double lse, double g);
+float sumsq_f32(const float* x, int64_t n);
+double sumsq_f64(const double* x, int64_t n);
 void backward_block_f32(const float* z, float* out, int64_t C, const int64_t* row, const int64_t* t,
                         const float* lse, const float* g, int64_t n);
 void backward_block_narrow_f32(const float* z, float* out, int64_t C, const int64_t* row,

@@ -1,8 +1,8 @@
-// Branch-free float kernels for the CPU cross-entropy path, written so GCC auto-vectorises them
-// and compiled for several ISAs with target_clones: the process picks AVX-512, AVX2+FMA or the
-// baseline at load time, so one build runs on any x86-64 machine at its best width. They take raw
-// float pointers and call nothing from ATen, so no inline ATen code is compiled for a wider ISA
-// than the machine running it.
+// Scalar and branch-free float helpers of the CPU cross-entropy path: exp_approx, the scalar form
+// of the block kernels' exp (vec.inc), and the bfloat16 <-> float row conversions, written so GCC
+// auto-vectorises them and compiled for several ISAs with target_clones (the process picks AVX-512,
+// AVX2+FMA or the baseline at load time). They take raw pointers and call nothing from ATen, so no
+// inline ATen code is compiled for a wider ISA than the machine running it.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -22,8 +22,6 @@
 
 namespace memcore {
 namespace cpu {
-
-constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise the sums
 
 // exp(x) to ~2 ulp for x in [-87, 88] (Cephes expf polynomial); inputs below -87 give
 // exp(-87) ~ 1.6e-38 instead of 0, negligible in every sum and gradient here. NaN propagates.
@@ -45,58 +43,6 @@ MEMCORE_INLINE float exp_approx(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
-}
-
-// max over x[0, n); -inf for n == 0. NaN entries are skipped (the exp sum catches them).
-MEMCORE_CLONES inline float max_f32(const float* x, int64_t n) {
-  float acc[kLanes];
-  for (int k = 0; k < kLanes; ++k) acc[k] = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] = x[i + k] > acc[k] ? x[i + k] : acc[k];
-  if (i < n) {  // tail as one padded block, so short rows (C = 10) are vectorised too
-    for (int k = 0; k < kLanes; ++k) {
-      const float v = i + k < n ? x[i + k] : -std::numeric_limits<float>::infinity();
-      acc[k] = v > acc[k] ? v : acc[k];
-    }
-  }
-  for (int w = kLanes / 2; w >= 1; w /= 2)  // pairwise: log-depth instead of a 16-long chain
-    for (int k = 0; k < w; ++k) acc[k] = acc[k + w] > acc[k] ? acc[k + w] : acc[k];
-  return acc[0];
-}
-
-// sum over x[0, n) of exp(x - shift)
-MEMCORE_CLONES inline float sum_exp_f32(const float* x, int64_t n, float shift) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += exp_approx(x[i + k] - shift);
-  if (i < n) {
-    for (int k = 0; k < kLanes; ++k) {
-      const float e = exp_approx((i + k < n ? x[i + k] : shift) - shift);
-      acc[k] += i + k < n ? e : 0.f;
-    }
-  }
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
-  return acc[0];
-}
-
-// out[j] = exp(x[j] - lse) * g  (softmax times the row's upstream gradient)
-MEMCORE_CLONES inline void softmax_scale_f32(const float* x, int64_t n, float lse, float g, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = exp_approx(x[i] - lse) * g;
-}
-
-// sum over x[0, n) of x^2
-MEMCORE_CLONES inline float sumsq_f32(const float* x, int64_t n) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += x[i + k] * x[i + k];
-  float s = 0.f;
-  for (; i < n; ++i) s += x[i] * x[i];
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
 }
 
 // bfloat16 bits <-> float, bit for bit c10::BFloat16's conversions (widening is a shift; narrowing
