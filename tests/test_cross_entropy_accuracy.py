@@ -1,4 +1,8 @@
-"""fp32 and fp64 accuracy of the CUDA cross-entropy kernels, on the host: their own row logic
+"""fp32 and fp64 accuracy of the cross-entropy kernels. The CPU ops run as they are (ce_forward,
+ce_backward from its stored lse, the in-place overwrite of ce_forward_grad_; the narrow rows under
+16 classes, the blocks of up to 1024 and the rows streamed in pieces beyond; the ISA copy this
+process loaded, the narrower ones through test_cross_entropy.py's subprocess test). The CUDA
+kernels are checked on the host: their own row logic
 (csrc/cuda/cross_entropy_row.h) replayed lane by lane as each launch runs it, with ex2.approx.ftz.f32
 modelled at its documented error (2 ulp; csrc/cross_entropy_replay.cpp's host_ex2), against float64.
 
@@ -21,6 +25,7 @@ from memcore import _C
 
 SCALES = (1, 3, 10, 30)
 ROWS = {10: 64, 1000: 32, 32000: 4, 256000: 2}  # classes: rows (few for the wide ones: cost)
+CPU_ROWS = {**ROWS, 100: 32, 4000: 8}  # and a block row of two vector lengths, a streamed one of four pieces
 TOL = {torch.float32: (1e-6, 1e-5), torch.float64: (1e-12, 1e-10)}  # atol, rtol
 SMS = 132  # the split decision as on an H100 / H200
 EX2 = ("hashed", "low", "high")
@@ -33,7 +38,7 @@ def _threads(c):
 
 def _batch(scale, c, dtype):
     g = torch.Generator().manual_seed(1000 * scale + c)
-    n = ROWS[c]
+    n = CPU_ROWS[c]
     z = (torch.randn(n, c, generator=g, dtype=torch.float64) * scale).to(dtype)
     t = torch.randint(0, c, (n,), generator=g)
     t[::2] = z[::2].argmax(1)
@@ -98,11 +103,24 @@ def _split_routes(z, t):
     return {f"split forward + backward (S={s})": (loss, back), f"split overwrite (S={s})": (loss_o, over)}
 
 
-def _check(dtype, scale, c):
+def _cpu_routes(z, t):
+    """Per route name: (loss [N], gradient [N, C]) of the CPU ops themselves."""
+    n = len(t)
+    index = torch.arange(n)
+    ops = torch.ops.memcore
+    loss, lse, _, status = ops.ce_forward(z, t, index, n, -100)
+    assert int(status) == 0
+    back = ops.ce_backward(torch.ones(n, dtype=lse.dtype), z, t, lse, -100)
+    over = z.clone()
+    loss_o = ops.ce_forward_grad_(over, t, index, n, -100, 2)[2]  # sum: upstream gradient 1 per row
+    return {"cpu forward + backward": (loss, back), "cpu overwrite": (loss_o, over)}
+
+
+def _check(dtype, scale, c, cpu=False):
     z, t = _batch(scale, c, dtype)
     ref_loss, ref_grad = _reference(z, t)
     torch_bad = _bad_rows(*_torch(z, t), ref_loss, ref_grad, dtype)
-    routes = {**_block_routes(z, t), **_split_routes(z, t)}
+    routes = _cpu_routes(z, t) if cpu else {**_block_routes(z, t), **_split_routes(z, t)}
     assert routes
     failures = []
     for name, (loss, grad) in routes.items():
@@ -130,6 +148,13 @@ def test_fp32_as_exact_as_pytorch(ex2, scale, c):
 @pytest.mark.parametrize("scale", SCALES)
 def test_fp64_as_exact_as_pytorch(scale, c):
     _check(torch.float64, scale, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", sorted(CPU_ROWS))
+@pytest.mark.parametrize("scale", SCALES)
+def test_cpu_as_exact_as_pytorch(scale, c, dtype):
+    _check(dtype, scale, c, cpu=True)
 
 
 def test_ex2_model_stays_within_two_ulp():
