@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._ops import cross_entropy as _registered  # noqa: F401  (fake kernels of the ops)
-from ._validate import check_inputs_for_grad, explain_status, loss_call, rows_of
+from ._validate import check_inputs_for_grad, class_options, explain_status, loss_call, rows_of
 from .tracker import Tracker
 
 
@@ -22,6 +22,8 @@ def accumulate(
     inputs: Optional[torch.Tensor] = None,
     overwrite_logits: bool = False,
     class_dim: Optional[int] = None,
+    weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Drop-in for ``F.cross_entropy(logits, targets, reduction=..., ignore_index=...)`` that also
     adds every row's loss, p(target), margin and correctness into ``tracker`` at ``index``.
@@ -73,6 +75,21 @@ def accumulate(
             copy, is copied back into the logits' layout (one more pass each way; with
             ``overwrite_logits=True`` it is the copy that is overwritten, not the logits).
 
+        weight: optional class weights [C] (F.cross_entropy's ``weight``): row r's loss is
+            multiplied by ``weight[targets[r]]``, and ``"mean"`` divides by the summed weights of
+            the non-ignored rows. The weights get no gradient.
+        label_smoothing: in [0, 1], F.cross_entropy's: the loss is taken against
+            ``(1 - label_smoothing) * onehot + label_smoothing / C``; with ``weight``, the smoothing
+            term of a row is ``-sum_j weight[j] * log p_j * label_smoothing / C``, and ignored rows
+            still contribute nothing.
+
+            With either option the returned loss (and its gradient) is F.cross_entropy's, while the
+            statistics recorded in ``tracker`` stay the model's own: -log p(target), p(target),
+            margin and correctness of the plain softmax, neither weighted nor smoothed. Not
+            combinable with ``overwrite_logits`` or ``inputs``. Cost: one more read of the logits
+            in the forward when smoothing, one more pass over the gradient in the backward when
+            smoothing (none for ``weight`` alone).
+
     Returns:
         The loss, in ``logits.dtype`` (float32 for float16 / bfloat16 logits under
         ``torch.autocast``, as F.cross_entropy): a scalar, or per-row with the shape of ``targets``
@@ -92,6 +109,17 @@ def accumulate(
     """
     code, ignore_index = loss_call(tracker, reduction, ignore_index)
     logits2d, targets1d, index1d = rows_of(logits, targets, index, ignore_index, tracker.device, class_dim)
+    if weight is not None or label_smoothing != 0.0:
+        w, eps = class_options(weight, label_smoothing, logits2d)
+        if w is not None or eps != 0.0:
+            if overwrite_logits or inputs is not None:
+                raise ValueError(
+                    "weight= and label_smoothing= cannot be combined with overwrite_logits=True or inputs= "
+                    "(both need the loss of F.cross_entropy without options); use the default route"
+                )
+            return _with_options(
+                logits, logits2d, targets, targets1d, index1d, tracker, code, ignore_index, w, eps
+            )
     if inputs is not None:
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
     if overwrite_logits:
@@ -134,6 +162,87 @@ def accumulate(
         out = loss.sum()
     else:
         out = loss.sum() / (targets1d != ignore_index).sum()
+    return _as_result(out, logits)
+
+
+class _ClassOptions(torch.autograd.Function):
+    """Per-row loss of F.cross_entropy with class weights w (None: all 1) and label smoothing eps, from
+    the plain kernels: ce_forward gives nll = lse - z_t, lse and the statistics, and
+
+        loss_r = (1 - eps) w_t nll_r + (eps / C) sum_j w_j (lse_r - z_rj)
+               = A_r nll_r - (eps / C) (sum_j w_j z_rj - W z_rt),   A_r = (1 - eps) w_t + (eps / C) W,
+
+    (W = sum_j w_j), whose gradient is g_r [A_r (p - onehot_t) - (eps / C) (w - W onehot_t)]: one
+    ce_backward with upstream g A, then the rank-one correction (none when eps = 0). Ignored rows:
+    loss and gradient 0. The backward is written in differentiable ops (ce_backward has its own
+    derivative), so double backward is exact."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, index, num_samples: int, ignore_index: int, w, eps: float):
+        nll, lse, row_stats, status = torch.ops.memcore.ce_forward(
+            logits, targets, index, num_samples, ignore_index
+        )
+        keep = targets != ignore_index
+        safe_t = torch.where(keep, targets, 0)
+        c = logits.shape[1]
+        keep_f = keep.to(nll.dtype)
+        if w is None:
+            w_t = keep_f
+            big_w = float(c)
+        else:
+            w_t = w[safe_t] * keep_f
+            big_w = w.sum()
+        scale = (1.0 - eps) * w_t + (eps / c) * big_w * keep_f
+        loss = scale * nll
+        if eps != 0.0:
+            z_t = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1).to(nll.dtype)
+            if w is None:
+                zw = logits.sum(1, dtype=nll.dtype)
+            elif logits.dtype == nll.dtype:
+                zw = logits @ w
+            else:  # 16-bit logits: the product in their dtype, accumulated in float32 by the GEMV
+                zw = (logits @ w.to(logits.dtype)).to(nll.dtype)
+            loss = loss - torch.where(keep, (eps / c) * (zw - big_w * z_t), 0.0)
+        ctx.save_for_backward(logits, targets, lse, scale, w, keep)
+        ctx.eps, ctx.ignore_index, ctx.big_w = eps, ignore_index, big_w
+        ctx.mark_non_differentiable(nll, row_stats, status, w_t)
+        return loss, nll, row_stats, status, w_t
+
+    @staticmethod
+    def backward(ctx, g, *_unused):
+        logits, targets, lse, scale, w, keep = ctx.saved_tensors
+        if g is None:
+            return (None,) * 7
+        g = torch.where(keep, g.to(lse.dtype), 0.0)
+        grad = torch.ops.memcore.ce_backward(g * scale, logits, targets, lse, ctx.ignore_index)
+        eps = ctx.eps
+        if eps != 0.0:
+            c = logits.shape[1]
+            ge = g * (eps / c)
+            off = ge.unsqueeze(1) if w is None else torch.outer(ge, w)
+            safe_t = torch.where(keep, targets, 0).unsqueeze(1)
+            # the target's entry corrected by ge (W - w_t) from the kernel's value in one rounding
+            w_t = 1.0 if w is None else w[safe_t]
+            at_t = (grad.gather(1, safe_t).to(ge.dtype) + ge.unsqueeze(1) * (ctx.big_w - w_t)).to(grad.dtype)
+            if torch.is_grad_enabled():  # double backward: out of place
+                grad = (grad - off.to(grad.dtype)).scatter(1, safe_t, at_t)
+            else:
+                grad.sub_(off).scatter_(1, safe_t, at_t)
+        return grad, None, None, None, None, None, None
+
+
+def _with_options(logits, logits2d, targets, targets1d, index1d, tracker, code, ignore_index, w, eps):
+    """accumulate with class weights and / or label smoothing (see _ClassOptions)."""
+    loss, nll, row_stats, status, w_t = _ClassOptions.apply(
+        logits2d, targets1d, index1d, tracker.num_samples, ignore_index, w, eps
+    )
+    _record(tracker, logits2d, targets1d, index1d, ignore_index, nll, row_stats, status)
+    if code == 0:
+        out = loss.reshape(targets.shape)
+    elif code == 2:
+        out = loss.sum()
+    else:  # F.cross_entropy's mean: over the summed weights of the non-ignored rows
+        out = loss.sum() / w_t.sum()
     return _as_result(out, logits)
 
 

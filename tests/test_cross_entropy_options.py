@@ -1,0 +1,196 @@
+"""accumulate's F.cross_entropy options, weight= and label_smoothing=: the loss and the logits'
+gradient are F.cross_entropy's (a parity grid over weight x label_smoothing x ignore_index x
+reduction x dtype, classes last and in dim 1), while the tracker records the model's own statistics
+(those of plain accumulate). Double backward, torch.compile and autocast, and the refusals."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import assert_same_state
+
+import memcore
+
+N, C = 10, 7
+WEIGHTS = (False, True)
+SMOOTHING = (0.0, 0.1, 1.0)
+IGNORE = (-100, 2)  # the default, and a class id (rows of class 2 are ignored)
+
+
+def _problem(dtype, ignore_index, seed=0, shape=(N, C)):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = torch.randint(0, C, (shape[0], *shape[2:]), generator=g)
+    t.view(-1)[::4] = ignore_index  # some rows ignored whatever their class
+    w = torch.rand(C, generator=g, dtype=torch.float64) + 0.1
+    return z, t, w
+
+
+def _tolerance(dtype, ref, peak=0.0):
+    """fp64 / fp32: the kernels' loss and gradient bounds (docs/kernels.md, "Accuracy") plus the sums
+    over at most N rows; bfloat16: the result rounded to bfloat16, twice for the gradient (the
+    kernel's upstream * A * (p - onehot) term, of magnitude up to `peak`, then the smoothing
+    correction), each half an ulp of a value at most max(peak, the largest reference entry)."""
+    if dtype == torch.float64:
+        return dict(rtol=1e-10, atol=1e-12)
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-6)
+    return dict(rtol=2**-8, atol=2**-8 * max(peak, float(ref.abs().max())))
+
+
+def _peak(t, ignore_index, weight, eps, reduction, up):
+    """Largest |dL/dloss_r| * A_r, A_r = (1 - eps) w_t + eps W / C: the size of the gradient's
+    (p - onehot) term before the smoothing correction."""
+    w = torch.ones(C, dtype=torch.float64) if weight is None else weight.double()
+    keep = t != ignore_index
+    a = (1 - eps) * w.max() + eps * w.sum() / C
+    denom = w[t[keep]].sum() if reduction == "mean" else 1.0
+    return float(up.abs().max() * a / denom)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_parity_grid_with_f_cross_entropy(dtype, reduction):
+    for ignore_index in IGNORE:
+        z, t, w = _problem(dtype, ignore_index)
+        for weighted in WEIGHTS:
+            for eps in SMOOTHING:
+                weight = w.to(dtype) if weighted else None
+                a = z.clone().requires_grad_()
+                got = memcore.accumulate(
+                    a,
+                    t,
+                    torch.arange(N),
+                    memcore.Tracker(N),
+                    reduction=reduction,
+                    ignore_index=ignore_index,
+                    weight=weight,
+                    label_smoothing=eps,
+                )
+                # the reference in float64 (PyTorch's own bfloat16 path rounds its log-softmax)
+                b = z.double().clone().requires_grad_()
+                want = F.cross_entropy(
+                    b,
+                    t,
+                    reduction=reduction,
+                    ignore_index=ignore_index,
+                    weight=None if weight is None else weight.double(),
+                    label_smoothing=eps,
+                )
+                up = torch.linspace(0.5, 1.5, want.numel(), dtype=torch.float64).reshape(want.shape)
+                (got.double() * up).sum().backward()
+                (want * up).sum().backward()
+                case = f"ignore_index={ignore_index} weighted={weighted} eps={eps}"
+                assert got.dtype == dtype, case
+                torch.testing.assert_close(got.double(), want.detach(), **_tolerance(dtype, want), msg=case)
+                peak = _peak(t, ignore_index, weight, eps, reduction, up)
+                torch.testing.assert_close(
+                    a.grad.double(), b.grad, **_tolerance(dtype, b.grad, peak), msg=case
+                )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_classes_in_dim_1(reduction):
+    """[N, C, d] logits with [N, d] targets, as F.cross_entropy takes them (segmentation layout)."""
+    z, t, w = _problem(torch.float64, -100, seed=1, shape=(3, C, 5))
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got = memcore.accumulate(
+        a, t, torch.arange(3), memcore.Tracker(3), reduction=reduction, weight=w, label_smoothing=0.2
+    )
+    want = F.cross_entropy(b, t, reduction=reduction, weight=w, label_smoothing=0.2)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_statistics_are_the_plain_softmax():
+    """The tracker records -log p(target), p(target), margin and correctness of the plain softmax,
+    whatever the options: bit for bit what plain accumulate records."""
+    z, t, w = _problem(torch.float32, -100, seed=2)
+    plain, opt = memcore.Tracker(N), memcore.Tracker(N)
+    for _ in range(2):
+        memcore.accumulate(z, t, torch.arange(N), plain)
+        memcore.accumulate(z, t, torch.arange(N), opt, weight=w.float(), label_smoothing=0.3)
+        plain.end_epoch()
+        opt.end_epoch()
+    assert_same_state(plain.state_dict(), opt.state_dict())
+
+
+def test_double_backward_exact():
+    z, t, w = _problem(torch.float64, -100, seed=3)
+    z = z[:5].clone().requires_grad_()
+    t = t[:5]
+
+    def f(x):
+        return memcore.accumulate(x, t, torch.arange(5), memcore.Tracker(5), weight=w, label_smoothing=0.25)
+
+    assert torch.autograd.gradcheck(f, (z,))
+    assert torch.autograd.gradgradcheck(f, (z,))
+    # and equal to F.cross_entropy's second derivative along a direction
+    v = torch.randn_like(z)
+    (ga,) = torch.autograd.grad(f(z), z, create_graph=True)
+    (ha,) = torch.autograd.grad((ga * v).sum(), z)
+    (gb,) = torch.autograd.grad(F.cross_entropy(z, t, weight=w, label_smoothing=0.25), z, create_graph=True)
+    (hb,) = torch.autograd.grad((gb * v).sum(), z)
+    torch.testing.assert_close(ha, hb, rtol=1e-10, atol=1e-12)
+
+
+def test_autocast_result_dtype():
+    """Under CPU autocast, bfloat16 logits give a float32 loss, as F.cross_entropy does."""
+    z, t, w = _problem(torch.bfloat16, -100, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = memcore.accumulate(
+            z, t, torch.arange(N), memcore.Tracker(N), weight=w.float(), label_smoothing=0.1
+        )
+        want = F.cross_entropy(z, t, weight=w.float(), label_smoothing=0.1)
+    assert got.dtype == want.dtype == torch.float32
+    ref = F.cross_entropy(z.double(), t, weight=w, label_smoothing=0.1)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    z, t, w = _problem(torch.float32, -100, seed=5)
+    tr, tr_eager = memcore.Tracker(N), memcore.Tracker(N)
+    w = w.float()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x):
+        return memcore.accumulate(x, t, torch.arange(N), tr, weight=w, label_smoothing=0.1)
+
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    la = step(a)
+    la.backward()
+    lb = memcore.accumulate(b, t, torch.arange(N), tr_eager, weight=w, label_smoothing=0.1)
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(tr.scores()["csl"], tr_eager.scores()["csl"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(label_smoothing=float("nan")), ValueError, "label_smoothing"),
+        (dict(label_smoothing="0.1"), TypeError, "label_smoothing"),
+        (dict(weight=torch.ones(C + 1)), ValueError, "weight"),
+        (dict(weight=torch.ones(C, dtype=torch.int64)), TypeError, "weight"),
+        (dict(weight=[1.0] * C), TypeError, "weight"),
+        (dict(weight=torch.ones(C), overwrite_logits=True), ValueError, "overwrite_logits"),
+        (dict(label_smoothing=0.1, inputs="x"), ValueError, "inputs"),
+    ],
+)
+def test_bad_options_are_refused_without_state_change(kwargs, error, words):
+    z, t, _ = _problem(torch.float32, -100, seed=6)
+    tr = memcore.Tracker(N)
+    memcore.accumulate(z, t, torch.arange(N), tr)
+    before = tr.state_dict()
+    if kwargs.get("inputs") == "x":
+        x = torch.randn(N, 3, requires_grad=True)
+        kwargs = dict(kwargs, inputs=x)
+        z = (x @ torch.randn(3, C)).detach().requires_grad_()
+    with pytest.raises(error, match=words):
+        memcore.accumulate(z.clone().requires_grad_(), t, torch.arange(N), tr, **kwargs)
+    assert_same_state(before, tr.state_dict())
