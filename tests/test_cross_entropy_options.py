@@ -1,7 +1,9 @@
-"""accumulate's F.cross_entropy options, weight= and label_smoothing=: the loss and the logits'
-gradient are F.cross_entropy's (a parity grid over weight x label_smoothing x ignore_index x
-reduction x dtype, classes last and in dim 1), while the tracker records the model's own statistics
-(those of plain accumulate). Double backward, torch.compile and autocast, and the refusals."""
+"""accumulate's loss options. F.cross_entropy's weight= and label_smoothing=: the loss and the
+logits' gradient are F.cross_entropy's (a parity grid over weight x label_smoothing x ignore_index x
+reduction x dtype, classes last and in dim 1). Liger-Kernel's softcap= and z_loss= (its
+lse_square_scale) with return_z_loss=: against hand-written float64 references of its formulas. The
+tracker records the statistics of the softmax the model predicts (plain accumulate on the
+soft-capped logits). Double backward, torch.compile and autocast, and the refusals."""
 
 import pytest
 import torch
@@ -88,6 +90,64 @@ def test_parity_grid_with_f_cross_entropy(dtype, reduction):
                 )
 
 
+def _liger(z, t, ignore_index, reduction, softcap=None, z_loss=0.0, label_smoothing=0.0):
+    """Liger-Kernel's cross-entropy in float64, written out: logits soft-capped as
+    softcap * tanh(z / softcap), the cross-entropy (label smoothing as F.cross_entropy's), plus
+    z_loss * lse^2 per non-ignored row; "mean" divides both by the number of non-ignored rows.
+    Returns (loss, z-loss term)."""
+    x = z.double()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    keep = t != ignore_index
+    ce = F.cross_entropy(x, t, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing)
+    zl = torch.where(keep, z_loss * torch.logsumexp(x, 1) ** 2, 0.0)
+    if reduction == "none":
+        return ce + zl, zl
+    if reduction == "sum":
+        return (ce + zl).sum(), zl.sum()
+    n = keep.sum()
+    return (ce + zl).sum() / n, zl.sum() / n
+
+
+def _half_ulp_bf16(x):
+    """Half an ulp of bfloat16 at each |x| (8 significant bits)."""
+    x = x.abs().clamp_min(2.0**-126)
+    return torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 9)
+
+
+LIGER_CASES = [dict(softcap=20.0), dict(z_loss=1e-3), dict(softcap=15.0, z_loss=1e-2, label_smoothing=0.1)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_and_z_loss_match_liger_formulas(dtype, reduction):
+    """fp32 at atol 1e-6 / rtol 1e-5; bfloat16 at half an ulp of bfloat16 around the float64
+    reference (the result rounded once), plus the fp32 bound for the math before it; gradients
+    the same."""
+    z, t, _ = _problem(dtype, -100, seed=7)
+    z = (z.double() * 10).to(dtype)  # logits up to ~+-60: the cap matters
+    for case in LIGER_CASES:
+        a = z.clone().requires_grad_()
+        got, got_z = memcore.accumulate(
+            a, t, torch.arange(N), memcore.Tracker(N), reduction=reduction, return_z_loss=True, **case
+        )
+        b = z.double().clone().requires_grad_()
+        want, want_z = _liger(b, t, -100, reduction, **case)
+        # an upstream gradient the loss's dtype holds exactly (it reaches the op in that dtype)
+        up = (
+            torch.linspace(0.5, 1.5, want.numel(), dtype=torch.float64).reshape(want.shape).to(dtype).double()
+        )
+        (got.double() * up).sum().backward()
+        (want * up).sum().backward()
+        assert got.dtype == got_z.dtype == dtype and not got_z.requires_grad, case
+        for x, ref in ((got, want.detach()), (got_z, want_z), (a.grad, b.grad)):
+            err = (x.double() - ref).abs()
+            bound = 1e-6 + 1e-5 * ref.abs()
+            if dtype == torch.bfloat16:
+                bound = bound + _half_ulp_bf16(ref)
+            assert (err <= bound).all(), (case, (err - bound).max())
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_classes_in_dim_1(reduction):
     """[N, C, d] logits with [N, d] targets, as F.cross_entropy takes them (segmentation layout)."""
@@ -116,6 +176,19 @@ def test_statistics_are_the_plain_softmax():
     assert_same_state(plain.state_dict(), opt.state_dict())
 
 
+def test_statistics_with_softcap_are_those_of_the_capped_logits():
+    """softcap / z_loss: the tracker records what plain accumulate records for the soft-capped
+    logits (the softmax the model predicts), bit for bit."""
+    z, t, w = _problem(torch.float32, -100, seed=8)
+    z = z * 10
+    plain, opt = memcore.Tracker(N), memcore.Tracker(N)
+    memcore.accumulate(torch.tanh(z / 20.0) * 20.0, t, torch.arange(N), plain)
+    memcore.accumulate(
+        z, t, torch.arange(N), opt, softcap=20.0, z_loss=1e-3, label_smoothing=0.1, weight=w.float()
+    )
+    assert_same_state(plain.state_dict(), opt.state_dict())
+
+
 def test_double_backward_exact():
     z, t, w = _problem(torch.float64, -100, seed=3)
     z = z[:5].clone().requires_grad_()
@@ -126,6 +199,14 @@ def test_double_backward_exact():
 
     assert torch.autograd.gradcheck(f, (z,))
     assert torch.autograd.gradgradcheck(f, (z,))
+
+    def g(x):
+        return memcore.accumulate(
+            x, t, torch.arange(5), memcore.Tracker(5), weight=w, softcap=2.0, z_loss=0.1, reduction="none"
+        )
+
+    assert torch.autograd.gradcheck(g, (z,))
+    assert torch.autograd.gradgradcheck(g, (z,))
     # and equal to F.cross_entropy's second derivative along a direction
     v = torch.randn_like(z)
     (ga,) = torch.autograd.grad(f(z), z, create_graph=True)
@@ -154,14 +235,16 @@ def test_torch_compile_fullgraph():
     tr, tr_eager = memcore.Tracker(N), memcore.Tracker(N)
     w = w.float()
 
+    opts = dict(weight=w, label_smoothing=0.1, softcap=5.0, z_loss=1e-3)
+
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(x):
-        return memcore.accumulate(x, t, torch.arange(N), tr, weight=w, label_smoothing=0.1)
+        return memcore.accumulate(x, t, torch.arange(N), tr, **opts)
 
     a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
     la = step(a)
     la.backward()
-    lb = memcore.accumulate(b, t, torch.arange(N), tr_eager, weight=w, label_smoothing=0.1)
+    lb = memcore.accumulate(b, t, torch.arange(N), tr_eager, **opts)
     lb.backward()
     torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
@@ -178,6 +261,12 @@ def test_torch_compile_fullgraph():
         (dict(weight=torch.ones(C + 1)), ValueError, "weight"),
         (dict(weight=torch.ones(C, dtype=torch.int64)), TypeError, "weight"),
         (dict(weight=[1.0] * C), TypeError, "weight"),
+        (dict(softcap=0.0), ValueError, "softcap"),
+        (dict(softcap=float("inf")), ValueError, "softcap"),
+        (dict(softcap="20"), TypeError, "softcap"),
+        (dict(z_loss=-1e-4), ValueError, "z_loss"),
+        (dict(return_z_loss=1), TypeError, "return_z_loss"),
+        (dict(z_loss=1e-4, overwrite_logits=True), ValueError, "overwrite_logits"),
         (dict(weight=torch.ones(C), overwrite_logits=True), ValueError, "overwrite_logits"),
         (dict(label_smoothing=0.1, inputs="x"), ValueError, "inputs"),
     ],
