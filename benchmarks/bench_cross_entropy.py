@@ -78,7 +78,7 @@ copy of the logits each round, outside the timing); *liger*: Liger-Kernel's `Lig
 (CUDA). *d2d_copy* (CUDA): a device-to-device copy of the largest logits, the bandwidth the loss is
 judged against (memcore moves the logits three times: two reads, one gradient write).
 """
-GPU = "bash tools/gpu_session.sh build bench"
+GPU = "MEMCORE_PY=python3 bash scripts/bench.sh --full -k cuda"  # on a GPU machine, after tools/gpu_check.sh built memcore
 
 
 def copy_bandwidth(rows):

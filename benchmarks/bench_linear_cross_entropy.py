@@ -84,7 +84,10 @@ the quick-mode smoke test, where fixed costs dominate.
 """
 CPU_SHAPES = [f"{n}x{h}x{v}" for n, h, v in SHAPES if (n, h, v) in HEAVY]
 GPU_SHAPES = [f"{n}x{h}x{v}" for n, h, v in CUDA_SHAPES]
-CPU, GPU = "bash scripts/bench.sh --full -k linear_cross_entropy", "bash tools/gpu_session.sh build bench"
+CPU, GPU = (
+    "bash scripts/bench.sh --full -k linear_cross_entropy",
+    "MEMCORE_PY=python3 bash scripts/bench.sh --full -k cuda",
+)
 CPU_INTERLEAVED = CPU + "_interleaved (cut-cross-entropy importable)"
 GOALS = [
     Goal("linear_accumulate fwd+bwd at least as fast as Cut Cross-Entropy's torch.compile route (interleaved)",

@@ -91,7 +91,7 @@ GOALS = [
          "{:+.1f} %", "bash scripts/bench.sh --full"),
     Goal("training step with accumulate ≤ 1 % slower (ResNet-18 bf16, LM bf16)", "cuda",
          value("interleaved_ratio", 100, 1, "{case} {shape} {dtype}", variant="memcore"), "<=", 1.0, "{:+.1f} %",
-         "bash tools/gpu_session.sh build bench"),
+         "MEMCORE_PY=python3 bash scripts/bench.sh --full -k cuda"),
 ]  # fmt: skip
 
 

@@ -31,6 +31,7 @@ SUITES = {
     "shard": "benchmarks.bench_shard",
     "stability": "benchmarks.bench_stability",
     "sass": "tools.sass_report",
+    "gpu": "tools.gpu_store",
 }
 KEY = ["suite", "case", "variant", "shape", "dtype", "device", "threads", "metric"]
 LINE = ["case", "variant", "shape", "dtype", "device", "threads"]  # what a table's line is

@@ -5,9 +5,11 @@
 // argument; these keep direct torch.ops calls from ever reading or writing out of bounds.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "philox.h"
 
@@ -51,6 +53,38 @@ inline int64_t check_samples(const at::Tensor& x, const char* name, const char* 
               " must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
   return sample_numel(x.sizes().slice(1), op);
+}
+
+// Checked arguments of rademacher / rademacher_perturb and their output, allocated uninitialised:
+// out [P, B, ...] on the index's (x's) device; B samples of D elements each.
+struct ProbeOutput {
+  at::Tensor out;
+  int64_t B, D;
+};
+
+inline ProbeOutput perturb_output(const at::Tensor& x, const at::Tensor& index, int64_t probe_start,
+                                  int64_t n_probes) {
+  const char* op = "memcore::rademacher_perturb";
+  const int64_t D = check_samples(x, "x", op);
+  check_index(index, x.size(0), x.device(), op);
+  check_probe_range(probe_start, n_probes, op);
+  std::vector<int64_t> shape{n_probes};
+  shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
+  return {at::empty(shape, x.options()), x.size(0), D};
+}
+
+inline ProbeOutput rademacher_output(const at::Tensor& index, int64_t probe_start, int64_t n_probes,
+                                     at::IntArrayRef sample_shape, at::ScalarType dtype) {
+  const char* op = "memcore::rademacher";
+  TORCH_CHECK(is_probe_dtype(dtype), op, ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(index.dim() == 1, op, ": index must be 1-D [B], got ", index.sizes());
+  const int64_t B = index.size(0);
+  check_index(index, B, index.device(), op);
+  check_probe_range(probe_start, n_probes, op);
+  const int64_t D = sample_numel(sample_shape, op);
+  std::vector<int64_t> shape{n_probes, B};
+  shape.insert(shape.end(), sample_shape.begin(), sample_shape.end());
+  return {at::empty(shape, index.options().dtype(dtype)), B, D};
 }
 
 inline void check_probe_reduce(const at::Tensor& gp, const at::Tensor& gc, const at::Tensor& index,

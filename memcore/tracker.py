@@ -433,9 +433,9 @@ class Tracker:
     @torch.no_grad()
     @_with_lock
     def scores(self) -> Dict[str, torch.Tensor]:
-        """Per-sample scores, each a float64 CPU tensor [num_samples]; higher = more memorized-like
-        for csl, csl_mean, last_loss, learning_time, forgetting; lower for confidence_mean, aum,
-        correctness. Samples never seen give NaN for the means and 0 for the sums.
+        """Per-sample scores, each a float64 CPU tensor [num_samples]; which direction is suspicious
+        is ``memcore.scores.SCORES[name].suspicious`` ("high" or "low"). Samples never seen give 0 for the sums
+        and counts (csl, rows, forgetting_events) and NaN for every other score.
 
         An epoch in progress (``accumulate`` called since the last ``end_epoch``) is included as if
         it had just ended; the tracker itself is not changed. A collective under torch.distributed.

@@ -49,7 +49,10 @@ def test_goals_judged_per_case_as_printed(tmp_path):
     assert goal_line(text, "accumulate ≥ 1.5x faster", "4096x1000").endswith("| 8.00x | 2026-01-02 | ✓ |")
     # CPU figures never judge a GPU goal: it says what measures it
     gpu = goal_line(text, "accumulate ≥ 2x faster than the eager statistics")
-    assert "| cuda | not measured: `bash tools/gpu_session.sh build bench` |" in gpu and gpu.endswith("| — |")
+    assert (
+        "| cuda | not measured: `MEMCORE_PY=python3 bash scripts/bench.sh --full -k cuda` |" in gpu
+        and gpu.endswith("| — |")
+    )
     slow = published(tmp_path, ROWS + [ce("4096x1000", "memcore", 11.5, date="2026-02-01T00:00:00Z")])
     assert goal_line(slow, "accumulate fwd+bwd ≤ 1.10x plain", "4096x1000").endswith(
         "| 1.15x | 2026-01-02, 2026-02-01 | ✗ |"
@@ -110,7 +113,7 @@ def sass(arch, case, dtype, metric, v, date=CLEAN["date"]):
 
 def test_static_goals_worst_per_arch_on_the_latest_build(tmp_path):
     rows = [
-        sass(80, "commit", "float32", "spill_bytes", 16),  # a kernel the later build no longer has
+        sass(80, "commit", "float32", "spill_bytes", 16),  # a kernel absent from the later build
         sass(90, "forward", "bfloat16", "instr_per_elem", 5.8, date="2026-02-01T00:00:00Z"),
         sass(80, "forward", "bfloat16", "instr_per_elem", 12.0, date="2026-02-01T00:00:00Z"),
         sass(80, "backward", "float32", "spill_bytes", 0, date="2026-02-01T00:00:00Z"),

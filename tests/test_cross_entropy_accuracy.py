@@ -13,7 +13,8 @@ overwrite) where the launcher would take it on a 132-SM GPU. Logits of scale 1 t
 reach +-30) over 10 to 256,000 classes; half the rows have the target at the row's max (a confident
 prediction: small loss, p_t near 1, where rounding at the scale of the max shows). A row fails when
 its loss or any gradient element misses atol 1e-6 + rtol 1e-5 (fp64: 1e-12 + 1e-10); a route may
-fail only rows that PyTorch's own CPU F.cross_entropy in the same dtype fails too.
+fail only rows that PyTorch's own CPU F.cross_entropy in the same dtype fails too. On a GPU the
+sweep runs the compiled kernels as well (test_cuda_kernels_as_exact_as_pytorch, marker cuda).
 """
 
 import pytest
@@ -116,11 +117,31 @@ def _cpu_routes(z, t):
     return {"cpu forward + backward": (loss, back), "cpu overwrite": (loss_o, over)}
 
 
-def _check(dtype, scale, c, cpu=False):
+def _cuda_routes(z, t):
+    """The CUDA kernels themselves (their own ex2.approx), on the launch this GPU takes for the shape
+    (the split launch for the few wide rows): ce_forward + ce_backward, and ce_forward_grad_ (sum:
+    the gradient of the summed loss) over a copy of the logits."""
+    n = len(t)
+    zc, tc, index = z.cuda(), t.cuda(), torch.arange(n, device="cuda")
+    loss, lse, _, status = torch.ops.memcore.ce_forward(zc, tc, index, n, -100)
+    assert int(status) == 0
+    back = torch.ops.memcore.ce_backward(torch.ones_like(lse), zc, tc, lse, -100)
+    over = zc.clone()
+    loss_o = torch.ops.memcore.ce_forward_grad_(over, tc, index, n, -100, 2)[2]
+    return {"CUDA forward + backward": (loss.cpu(), back.cpu()), "CUDA overwrite": (loss_o.cpu(), over.cpu())}
+
+
+def _check(dtype, scale, c, where="replay"):
+    """where: "replay" (the CUDA row logic on the host), "cpu" or "cuda" (the ops themselves)."""
     z, t = _batch(scale, c, dtype)
     ref_loss, ref_grad = _reference(z, t)
     torch_bad = _bad_rows(*_torch(z, t), ref_loss, ref_grad, dtype)
-    routes = _cpu_routes(z, t) if cpu else {**_block_routes(z, t), **_split_routes(z, t)}
+    if where == "cpu":
+        routes = _cpu_routes(z, t)
+    elif where == "cuda":
+        routes = _cuda_routes(z, t)
+    else:
+        routes = {**_block_routes(z, t), **_split_routes(z, t)}
     assert routes
     failures = []
     for name, (loss, grad) in routes.items():
@@ -154,7 +175,17 @@ def test_fp64_as_exact_as_pytorch(scale, c):
 @pytest.mark.parametrize("c", sorted(CPU_ROWS))
 @pytest.mark.parametrize("scale", SCALES)
 def test_cpu_as_exact_as_pytorch(scale, c, dtype):
-    _check(dtype, scale, c, cpu=True)
+    _check(dtype, scale, c, where="cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("c", sorted(ROWS))
+@pytest.mark.parametrize("scale", SCALES)
+def test_cuda_kernels_as_exact_as_pytorch(scale, c, dtype):
+    """The same sweep on a GPU: the compiled kernels, not their replay."""
+    _check(dtype, scale, c, where="cuda")
 
 
 def test_ex2_model_stays_within_two_ulp():

@@ -86,7 +86,7 @@ def test_install_hints_name_declared_packages():
 
 
 def _build(tmp_path, *args):
-    pytest.importorskip("build")
+    pytest.importorskip("build.__main__")  # the package, not a build/ output folder on the path
     r = subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), *args],
         cwd=ROOT,

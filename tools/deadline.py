@@ -1,5 +1,5 @@
-"""pytest plugin for runs with a wall-clock deadline (tools/gpu_session.sh loads it with
-``-p tools.deadline`` for its test, sanitize and bench stages).
+"""pytest plugin for runs with a wall-clock deadline (tools/gpu_check.sh loads it with
+``-p tools.deadline`` for its CUDA tests).
 
 Once ``MEMCORE_DEADLINE`` (seconds since the epoch) has passed, every test not yet started is
 skipped, so the session ends by itself: its summary is printed and, for the benchmarks,

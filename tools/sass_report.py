@@ -327,6 +327,61 @@ class Loop:
     stream_bytes: int = 0  # bytes of the stream's loads (or stores) per trip
     width: int = 0
     source: Tuple[str, ...] = ()
+    inflight: int = 0  # stream loads issued before the first use of one of them (loads in flight)
+
+
+def _regs(text: str) -> List[int]:
+    """General registers named in an operand list (R4; R2.64 names the pair R2, R3)."""
+    out = []
+    for m in re.finditer(r"\bR(\d+)(\.64)?\b", text):
+        r = int(m.group(1))
+        out += [r, r + 1] if m.group(2) else [r]
+    return out
+
+
+def defs_uses(ins: Instr) -> Tuple[List[int], List[int]]:
+    """(registers written, registers read) of an instruction: the first operand is the destination,
+    except for stores and the like, which only read."""
+    ops = ins.operands.split(",")
+    if ins.root in ("STG", "ST", "STS", "STL", "RED", "REDG", "BRA", "EXIT", "BAR", "RET") or not ops:
+        return [], _regs(ins.operands)
+    first = _regs(ops[0])
+    n = max(1, mem_width(ins) // 4) if ins.root in ("LDG", "LD") else 1
+    return ([first[0] + k for k in range(n)] if first else []), _regs(",".join(ops[1:]))
+
+
+def loads_in_flight(code: List[Instr], path: Sequence[int], width: int, which: str = "LD") -> int:
+    """Stream loads (``width`` bytes) on a loop's hot path issued before any instruction reads a
+    register one of them writes: the loads a thread has in flight at once in each trip."""
+    pending, n = set(), 0
+    for i in path:
+        ins = code[i]
+        written, read = defs_uses(ins)
+        if pending.intersection(read):
+            break
+        if mem_width(ins) == width and ins.root.startswith(which):
+            n += 1
+            pending.update(written)
+    return n
+
+
+def waits_for_first_load(code: List[Instr], width: int) -> Tuple[int, str]:
+    """(1, the instruction) when an instruction between the kernel's first global load (targets[row];
+    scale[row] in input sqnorm) and its first stream load (``width`` bytes) reads what the first load
+    wrote: in-order issue then holds the stream behind the first load's whole latency; (0, "") when
+    none does; (-1, "") without such loads."""
+    loads = [i for i, ins in enumerate(code) if ins.root in ("LDG", "LD") and mem_width(ins)]
+    if not loads:
+        return -1, ""
+    first = loads[0]
+    stream = next((i for i in loads[1:] if mem_width(code[i]) == width), None)
+    if stream is None:
+        return -1, ""
+    written = set(defs_uses(code[first])[0])
+    for i in range(first + 1, stream):
+        if written.intersection(defs_uses(code[i])[1]):
+            return 1, f"{code[i].opcode} at {code[i].addr:#x}"
+    return 0, ""
 
 
 def find_loops(code: List[Instr], labels_by_addr: Dict[int, int]) -> List[Loop]:
@@ -426,6 +481,15 @@ class Row:
     bytes_per_elem: float
     per_row_instr: int  # whole-kernel instructions (kernels without an element loop)
     detail: List[Dict] = field(default_factory=list)
+    shared: int = 0  # static shared memory per block (bytes)
+    inflight: int = 0  # loads in flight per thread in the main loop (the fewest over its copies)
+    inflight_max: int = 0  # the most over its copies
+    load_width: int = 0  # bytes per thread of each of those loads
+    waits_first_load: int = -1  # 1: the stream's first load waits for the kernel's first load
+    first_load_use: str = ""  # the instruction that makes it wait
+    nonloop_instr: int = 0  # instructions outside every loop (static: error paths included)
+    nonloop_shfl: int = 0
+    nonloop_mufu: int = 0
 
 
 def short_name(demangled: str) -> str:
@@ -486,6 +550,7 @@ def analyse(arch: str, source: str, cubin: str, log: str) -> List[Row]:
             # location), shared by an unrolled loop, its remainder, and its copies per call site
             lp.source = wide[0].loc[-1:] if wide else ()
             path = hot_path(code, lp, labels)
+            lp.inflight = loads_in_flight(code, path, lp.width, "LD" if which == "ld" else "ST")
             lp.body = lp.tail - lp.head + 1
             lp.hot = len(path)
             lp.hot_pipes = count_pipes(code, path)
@@ -544,6 +609,8 @@ def analyse(arch: str, source: str, cubin: str, log: str) -> List[Row]:
                         hot=lp.hot,
                         elems=elems,
                         pipes=lp.hot_pipes,
+                        inflight=lp.inflight,
+                        width=lp.width,
                     )
                 )
             row.elem_per_iter = min(lp.stream_bytes / esize / streams for lp in best.values())
@@ -551,6 +618,21 @@ def analyse(arch: str, source: str, cubin: str, log: str) -> List[Row]:
             row.half_per_elem = per.get("alu", 0) + per.get("imad", 0)
             row.mufu_per_elem = per.get("xu", 0)
             row.cycles_per_elem = cycles(per, arch)
+            # every copy of the main loop (call sites, alignments), not only the one counted above
+            copies = [
+                lp.inflight
+                for lp in cand
+                if lp.source in best and lp.stream_bytes == best[lp.source].stream_bytes  # not the remainders
+            ]
+            row.inflight, row.inflight_max = min(copies), max(copies)
+            row.load_width = width
+            row.waits_first_load, row.first_load_use = waits_for_first_load(code, width)
+        in_loop = {i for lp in loops for i in range(lp.head, lp.tail + 1)}
+        outside = [ins for i, ins in enumerate(code) if i not in in_loop and ins.root != "NOP"]
+        row.nonloop_instr = len(outside)
+        row.nonloop_shfl = sum(ins.root == "SHFL" for ins in outside)
+        row.nonloop_mufu = sum(ins.root == "MUFU" for ins in outside)
+        row.shared = r.get("shared", 0)
         rows.append(row)
     return rows
 
@@ -570,6 +652,186 @@ def roofline(row: Row) -> Dict[str, Dict[str, float]]:
             budget=lane_slots / hbm_elems, ceiling=min(1.0, lane_slots / row.cycles_per_elem / hbm_elems)
         )
     return out
+
+
+# ---------------------------------------------------------------- bytes in flight (Little's law)
+
+# A stream can run at bandwidth B only with B x L bytes in flight (Little's law), L the DRAM
+# latency under that load. Bandwidths: NVIDIA's datasheets (DEVICES). L: an assumption, the same
+# for the three devices: idle DRAM latency measured by public pointer-chase microbenchmarks on
+# these GPUs is several hundred ns (Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of
+# Bandwidth", 2023, H100 PCIe and A100; Luo et al., arXiv:2402.13499, 2024, Hopper and Ampere), and
+# queueing adds to it near full bandwidth. tools/gpu_bench.py measures the idle latency of the GPU
+# in hand (its "latency" case); tolerated_ns, the largest latency a launch still hides, does not
+# depend on the assumption.
+LATENCY_NS = 600.0
+# per SM: registers, resident threads, resident blocks, shared memory (CUDA programming guide,
+# compute capabilities 8.0 and 9.0); registers are allocated per warp in units of 256
+SM_LIMITS = {"90": (65536, 2048, 32, 228 * 1024), "80": (65536, 2048, 32, 164 * 1024)}
+PACK = 16  # bytes of a vector load
+
+
+@dataclass
+class Launch:
+    """A launch-shape class: the kernel instance it runs and the row it streams."""
+
+    name: str
+    family: str  # FAMILIES label of the kernel
+    tpr: int  # threads per row (per slice on the split launch)
+    threads: int  # threads per block
+    cols: int  # C (D for input sqnorm)
+    rows: int = 0  # rows of the launch (the split launch: for its slices)
+    vec: bool = True  # the 16-byte-pack instance (False: the scalar one)
+    traffic: float = 1.0  # bytes moved per byte loaded (the backward writes its gradient too)
+
+
+# the classes of dispatch_shape and the split decision (csrc/cuda/cross_entropy.cu), at the C of
+# the slow spots docs/kernels.md weighs; bf16 and fp32 each
+LAUNCHES = [
+    Launch("warp per row, C = 10", "forward", 32, 256, 10),
+    Launch("warp per row, C = 1000", "forward", 32, 256, 1000),
+    Launch("256 threads, C = 2049", "forward", 256, 256, 2049),
+    Launch("256 threads, C = 4096", "forward", 256, 256, 4096),
+    Launch("256 threads, C = 8192", "forward", 256, 256, 8192),
+    Launch("256 threads, C = 16384", "forward", 256, 256, 16384),
+    Launch("512 threads, C = 32000", "forward", 512, 512, 32000),
+    Launch("512 threads, C = 128256", "forward", 512, 512, 128256),
+    Launch("backward, 512 threads, C = 32000", "backward", 512, 512, 32000, traffic=2.0),
+    Launch("split, 16 x 256000", "forward (split)", 256, 256, 256000, rows=16),
+    Launch("input sqnorm, D = 4096", "input sqnorm", 256, 256, 4096),
+    Launch("input sqnorm scalar, D = 4095", "input sqnorm", 256, 256, 4095, vec=False),
+]
+MODEL_DTYPES = ("bf16", "fp32")
+
+
+def split_slices(n: int, c: int, esize: int, sms: int) -> int:
+    """cerow::split_slices (csrc/cuda/cross_entropy_row.h): slices per row of the split launch."""
+    if n <= 0 or n >= sms:
+        return 1
+    s = min((2 * sms + n - 1) // n, c * esize // 16384, 32)
+    return 1 if s < 2 else s
+
+
+def blocks_per_sm(regs: int, threads: int, shared: int, arch: str) -> int:
+    """Resident blocks per SM: the fewest the registers, threads, block slots and shared memory allow."""
+    reg_file, max_threads, max_blocks, smem = SM_LIMITS[arch]
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    warps = -(-threads // 32)
+    by_regs = (4 * ((reg_file // 4) // per_warp)) // warps  # four sub-partitions, each a quarter
+    by_smem = smem // (shared + 1024)  # 1 KiB reserved per block
+    return max(0, min(by_regs, max_threads // threads, max_blocks, by_smem))
+
+
+def _template_args(kernel: str) -> List[str]:
+    m = re.search(r"<(.*)>", kernel)
+    return [a.strip() for a in m.group(1).split(",")] if m else []
+
+
+def _instance(rows: List[Row], arch: str, launch: Launch, dtype: str) -> Optional[Row]:
+    """The kernel instance a launch class runs: its family and dtype, its threads per row (forward,
+    backward, split), the 16-byte-pack instance (or the scalar one), without the overwrite pass."""
+    found = []
+    for r in rows:
+        if r.arch != arch or r.family != launch.family or r.dtype != dtype:
+            continue
+        args = _template_args(r.kernel)
+        if launch.family in ("forward", "backward"):
+            if len(args) < 3 or int(args[1]) != launch.tpr:
+                continue
+            vec = int(args[2])
+        elif launch.family == "forward (split)":
+            if len(args) < 2 or int(args[1]) != launch.tpr:
+                continue
+            vec = 2
+        else:  # input sqnorm: <T, VEC>
+            vec = int(args[1]) if len(args) > 1 else 1
+        if (vec > 1) == launch.vec:
+            found.append((vec, r))
+    return max(found, key=lambda x: x[0])[1] if found else None
+
+
+def inflight(rows: List[Row], latency_ns: float = LATENCY_NS) -> List[Dict]:
+    """Per launch class, dtype and device: blocks per SM, loads in flight per thread (off the SASS of
+    the main loop), bytes in flight per SM, and the fraction of HBM bandwidth Little's law allows.
+
+    A row (slice) of R bytes is streamed by tpr threads with u loads of w bytes each in flight; a
+    trip moves at most tpr * u * w bytes, so R takes trips = ceil(R / (tpr u w)) round trips of L,
+    one more where the stream waits for the kernel's first load (targets[row]: its latency is paid
+    before the first pack is asked for). Per SM, blocks * rows-per-block rows are resident, so the
+    bytes in flight are blocks * rows * min(R, tpr u w) and the rate is
+    blocks * rows * R / ((trips + wait) * L), times the launch's traffic per byte loaded. The split
+    launch runs all its blocks in one wave: its rate is that of its blocks over the SMs.
+    """
+    out = []
+    for launch in LAUNCHES:
+        for dtype in MODEL_DTYPES:
+            esize = 2 if dtype == "bf16" else 4
+            for dev, d in DEVICES.items():
+                r = _instance(rows, d["arch"], launch, dtype)
+                if r is None or not r.inflight:
+                    continue
+                blocks = blocks_per_sm(r.regs, launch.threads, r.shared, d["arch"])
+                rows_per_block = launch.threads // launch.tpr
+                row_bytes = launch.cols * esize
+                slices = 1
+                if launch.rows:
+                    slices = split_slices(launch.rows, launch.cols, esize, d["sms"])
+                    row_bytes = -(-row_bytes // slices)
+                trip = launch.tpr * r.inflight * r.load_width
+                trips = -(-row_bytes // trip)
+                wait = max(0, r.waits_first_load)
+                resident = blocks * rows_per_block
+                if launch.rows:  # one wave: its blocks spread over the SMs
+                    resident = min(resident, launch.rows * slices / d["sms"])
+                in_flight = resident * min(row_bytes, trip)
+                rate = resident * row_bytes / (trips + wait) * launch.traffic  # bytes per latency, per SM
+                per_sm = d["tbs"] * 1e12 / d["sms"]  # bytes per second per SM at full bandwidth
+                need = per_sm * latency_ns * 1e-9
+                out.append(
+                    {
+                        "launch": launch.name,
+                        "kernel": r.kernel,
+                        "dtype": dtype,
+                        "device": dev,
+                        "arch": d["arch"],
+                        "regs": r.regs,
+                        "threads": launch.threads,
+                        "blocks_per_sm": blocks,
+                        "loads_per_thread": r.inflight,
+                        "loads_per_thread_max": r.inflight_max,
+                        "load_bytes": r.load_width,
+                        "row_kib": round(row_bytes / 1024, 2),
+                        "slices": slices,
+                        "trips": trips,
+                        "waits_first_load": r.waits_first_load,
+                        "kib_in_flight": round(in_flight / 1024, 1),
+                        "tolerated_ns": round(rate / per_sm * 1e9, 0),
+                        "hbm_pct": round(100 * min(1.0, rate / need), 0),
+                        "latency_ns": latency_ns,
+                    }
+                )
+    return out
+
+
+def _span(lo: int, hi: int) -> str:
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def inflight_markdown(model: List[Dict]) -> str:
+    head = (
+        "| launch | dtype | device | kernel | regs | blocks/SM | loads/thread x bytes | row KiB | trips "
+        "| waits for targets[row] | KiB in flight/SM | tolerated latency (ns) | HBM % at "
+        f"{LATENCY_NS:g} ns |\n" + "|---" * 13 + "|\n"
+    )
+    lines = [
+        f"| {m['launch']} | {m['dtype']} | {m['device']} | {m['kernel']} | {m['regs']} | {m['blocks_per_sm']} | "
+        f"{_span(m['loads_per_thread'], m['loads_per_thread_max'])} x {m['load_bytes']} | {m['row_kib']:g} | "
+        f"{m['trips']} | "
+        f"{'yes' if m['waits_first_load'] == 1 else 'no'} | {m['kib_in_flight']:g} | {m['tolerated_ns']:.0f} | "
+        f"{m['hbm_pct']:.0f} |"
+        for m in model
+    ]
+    return head + "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- report
@@ -734,6 +996,15 @@ def store_rows(rows: List[Row]) -> int:
                 ("half_per_elem", round(r.half_per_elem, 2), "instr/elem"),
             ]
         out += [store.row(**base, metric=m, value=v, unit=u) for m, v, u in metrics]
+    for m in inflight(rows):  # the bytes-in-flight model: a line per launch class, dtype and device
+        base = dict(
+            common,
+            case=INFLIGHT_CASE,
+            variant=m["launch"],
+            dtype=_STORE_DTYPES[m["dtype"]],
+            device=m["device"],
+        )
+        out += [store.row(**base, metric=k, value=m[k], unit=u) for k, u in INFLIGHT_METRICS.items()]
     return store.append(out)
 
 
@@ -749,8 +1020,28 @@ the latest build of each): regs and spill_bytes (spill stores + loads) of every 
 instr_per_elem, the instructions per element on the main loop's hot path, of the headline instances only
 (the widest loads and the most threads per row: the launch of large vocabularies), half_per_elem of them
 on a half-rate pipe. `tools/sass_report.py` explains the count.
+
+*bytes in flight (model)*: per launch-shape class (the launch `dispatch_shape` and the split decision take
+for that C), dtype and device, Little's law applied to the compiled code (`inflight()` in
+`tools/sass_report.py`): blocks_per_sm from the instance's registers, threads and shared memory;
+loads_per_thread, the 16-byte loads (2- or 4-byte on the scalar path) its main loop issues before it
+uses one, read off the SASS (the fewest over the loop's copies); trips, the round trips to DRAM a row
+(a slice on the split launch) takes; waits_first_load 1 where the row's loads wait for targets[row]
+(scale[row] for input sqnorm) first, one round trip more; kib_in_flight per SM; tolerated_ns, the largest
+DRAM latency at which those bytes still keep HBM busy; hbm_pct, the fraction of HBM bandwidth they allow
+at an assumed 600 ns (bandwidths from NVIDIA's datasheets: H100 SXM 3.35 TB/s, H200 4.8 TB/s, A100 SXM
+80GB 2.039 TB/s; the latency an assumption, checked by `tools/gpu_bench.py`'s latency case on a GPU).
+Launch gaps, the finish kernel and issue limits are outside it: a prediction to measure, not a result.
 """
 CHECKED = ("forward", "backward", "forward (split)", "gradient (split)")
+BY_CASE = True  # a table per kernel family, and the bytes-in-flight model's own
+INFLIGHT_CASE = "bytes in flight (model)"
+INFLIGHT_METRICS = {  # the model's figures stored, with their units
+    **dict.fromkeys(("blocks_per_sm", "loads_per_thread", "trips", "waits_first_load"), "count"),
+    "kib_in_flight": "KiB",
+    "tolerated_ns": "ns",
+    "hbm_pct": "%",
+}
 
 
 def worst(metric: str, **match):
@@ -872,6 +1163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.before) as f:
             before = json.load(f)
     md = markdown(rows, before)
+    md += (
+        f"\nBytes in flight per SM and Little's law ({INFLIGHT_CASE}, `inflight()`):\n\n"
+        + inflight_markdown(inflight(rows))
+    )
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("# SASS report\n\n" + preamble(args.before_label) + md)

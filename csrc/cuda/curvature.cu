@@ -127,42 +127,26 @@ void launch_perturb(const scalar_t* x, scalar_t* out, const int64_t* index, int6
 
 at::Tensor rademacher_perturb_cuda(const at::Tensor& x, const at::Tensor& index, int64_t seed,
                                    int64_t probe_start, int64_t n_probes, double h) {
-  const char* op = "memcore::rademacher_perturb";
-  const int64_t D = check_samples(x, "x", op);
-  const int64_t B = x.size(0);
-  check_index(index, B, x.device(), op);
-  check_probe_range(probe_start, n_probes, op);
+  const ProbeOutput p = perturb_output(x, index, probe_start, n_probes);
+  if (p.out.numel() == 0) return p.out;
   const c10::cuda::CUDAGuard guard(x.device());
-  std::vector<int64_t> shape{n_probes};
-  shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
-  at::Tensor out = at::empty(shape, x.options());
-  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rademacher_perturb_cuda", [&] {
-    launch_perturb<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
-                             n_probes, B, D, seed, probe_start, h);
+    launch_perturb<scalar_t>(x.data_ptr<scalar_t>(), p.out.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
+                             n_probes, p.B, p.D, seed, probe_start, h);
   });
-  return out;
+  return p.out;
 }
 
 at::Tensor rademacher_cuda(const at::Tensor& index, int64_t seed, int64_t probe_start, int64_t n_probes,
                            at::IntArrayRef sample_shape, at::ScalarType dtype) {
-  const char* op = "memcore::rademacher";
-  TORCH_CHECK(is_probe_dtype(dtype), op, ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK(index.dim() == 1, op, ": index must be 1-D [B], got ", index.sizes());
-  const int64_t B = index.size(0);
-  check_index(index, B, index.device(), op);
-  check_probe_range(probe_start, n_probes, op);
-  const int64_t D = sample_numel(sample_shape, op);
+  const ProbeOutput p = rademacher_output(index, probe_start, n_probes, sample_shape, dtype);
+  if (p.out.numel() == 0) return p.out;
   const c10::cuda::CUDAGuard guard(index.device());
-  std::vector<int64_t> shape{n_probes, B};
-  shape.insert(shape.end(), sample_shape.begin(), sample_shape.end());
-  at::Tensor out = at::empty(shape, index.options().dtype(dtype));
-  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rademacher_cuda", [&] {
-    launch_perturb<scalar_t>(nullptr, out.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), n_probes, B,
-                             D, seed, probe_start, 1.0);
+    launch_perturb<scalar_t>(nullptr, p.out.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), n_probes, p.B,
+                             p.D, seed, probe_start, 1.0);
   });
-  return out;
+  return p.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> probe_reduce_cuda(const at::Tensor& gp, const at::Tensor& gc,
