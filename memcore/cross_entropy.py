@@ -126,18 +126,10 @@ def accumulate(
     code, ignore_index = loss_call(tracker, reduction, ignore_index)
     logits2d, targets1d, index1d = rows_of(logits, targets, index, ignore_index, tracker.device, class_dim)
     if weight is not None or label_smoothing != 0.0 or softcap is not None or z_loss != 0.0 or return_z_loss:
+        options = class_options(weight, label_smoothing, softcap, z_loss, return_z_loss, logits2d)
+        rows = (logits2d, targets1d, index1d)
         return _with_options(
-            logits,
-            logits2d,
-            targets,
-            targets1d,
-            index1d,
-            tracker,
-            reduction,
-            ignore_index,
-            inputs,
-            overwrite_logits,
-            class_options(weight, label_smoothing, softcap, z_loss, return_z_loss, logits2d),
+            logits, targets, rows, tracker, (reduction, ignore_index, inputs, overwrite_logits), options
         )
     if inputs is not None:
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
@@ -268,21 +260,12 @@ class _ClassOptions(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-def _with_options(
-    logits,
-    logits2d,
-    targets,
-    targets1d,
-    index1d,
-    tracker,
-    reduction,
-    ignore_index,
-    inputs,
-    overwrite,
-    options,
-):
-    """accumulate with any of weight, label_smoothing, softcap, z_loss, return_z_loss (options: as
-    class_options returns them)."""
+def _with_options(logits, targets, rows, tracker, route, options):
+    """accumulate with any of weight, label_smoothing, softcap, z_loss, return_z_loss. rows: the
+    (logits2d, targets1d, index1d) of rows_of; route: (reduction, ignore_index, inputs,
+    overwrite_logits); options: as class_options returns them."""
+    logits2d, targets1d, index1d = rows
+    reduction, ignore_index, inputs, overwrite = route
     w, eps, softcap, zc, return_z_loss = options
     if softcap is not None:
         acc = torch.float64 if logits2d.dtype == torch.float64 else torch.float32
