@@ -283,3 +283,29 @@ def test_bad_options_are_refused_without_state_change(kwargs, error, words):
     with pytest.raises(error, match=words):
         memcore.accumulate(z.clone().requires_grad_(), t, torch.arange(N), tr, **kwargs)
     assert_same_state(before, tr.state_dict())
+
+
+def test_softcap_on_the_overwrite_and_input_gradient_routes():
+    """softcap runs before every route: overwrite_logits=True gives the default route's loss and
+    gradient, and inputs= records the input-gradient norms of the capped loss."""
+    z, t, _ = _problem(torch.float32, -100, seed=9)
+    z = z * 10
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    la = memcore.accumulate(a, t, torch.arange(N), memcore.Tracker(N), softcap=20.0, overwrite_logits=True)
+    lb = memcore.accumulate(b, t, torch.arange(N), memcore.Tracker(N), softcap=20.0)
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb) and torch.equal(a.grad, b.grad)
+    x = torch.randn(N, 3, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(3, C, dtype=torch.float64) * 10
+    tr = memcore.Tracker(N)
+    memcore.accumulate(x @ head, t, torch.arange(N), tr, softcap=20.0, inputs=x).backward()
+    tr.end_epoch()
+    # each row's own capped loss, differentiated row by row
+    for r in range(N):
+        if t[r] == -100:
+            continue
+        xr = x[r : r + 1].detach().requires_grad_()
+        F.cross_entropy(20.0 * torch.tanh(xr @ head / 20.0), t[r : r + 1]).backward()
+        want = float(xr.grad.square().sum())
+        torch.testing.assert_close(float(tr.scores()["input_grad_norm"][r]), want, rtol=1e-9, atol=1e-12)
