@@ -1,6 +1,7 @@
 """The cross_entropy family's public wrapper, `memcore.accumulate`: cross-entropy that also records
 per-sample statistics in a Tracker. The ops' fake kernels: memcore/_ops/cross_entropy.py; their
-autograd: csrc/autograd/cross_entropy.cpp."""
+autograd: csrc/autograd/cross_entropy.cpp. The loss options (class weights, label smoothing,
+z-loss) compose the ops here, in the autograd function _ClassOptions."""
 
 from typing import Optional
 
