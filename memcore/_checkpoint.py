@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from . import _shard
 from . import _state as S
 from ._validate import as_float, as_int, is_int
 
@@ -63,17 +64,63 @@ def atomic_save(obj, path: str) -> None:
             os.remove(tmp)
 
 
-def load_plain(path: str, what: str):
+def load_plain(path: str, what: str, mmap: bool = False):
     """torch.load with ``weights_only=True``: only tensors, numbers, strings, lists, tuples and dicts
     are rebuilt, so a file never runs code on load. A file holding anything else (a pickled
-    callable, an arbitrary class) raises ValueError naming `what` and `path`."""
+    callable, an arbitrary class), or that torch.load cannot read (cut short, another format), raises
+    ValueError naming `what` and `path`. `mmap`: the tensors map the file, read only where they are
+    used (a slice of a shard)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{path} is not a plain {what} (tensors, numbers, lists and dicts only): refused to unpickle "
             f"it, since loading it would run code or build arbitrary objects ({e})"
         ) from None
+    except OSError:  # a missing or unreadable path: the OS's error names it
+        raise
+    except Exception as e:  # noqa: BLE001  (a cut or foreign file fails in torch.load in many ways)
+        raise ValueError(
+            f"{path} is not a readable {what}: cut short, damaged or not written by torch.save "
+            f"({type(e).__name__}: {e})"
+        ) from None
+
+
+# ------------------------------------------------------------------------- a training checkpoint's folder
+TRACKER_FILE = "memcore_tracker.pt"  # an unsharded tracker in a framework's checkpoint folder
+TRACKER_DIR = "memcore_tracker"  # a sharded one: its shard files and manifest
+
+
+def save_in_folder(tracker, folder: str, write: bool) -> str:
+    """Saves `tracker` into a framework's checkpoint folder; every rank calls it (the integrations'
+    save hooks run on every rank). Sharded: ``folder/memcore_tracker/`` (a collective: each rank writes
+    its shard, loadable at any world size); otherwise its ``state_dict()`` (a collective only while
+    rows are buffered, which every rank then is) written to ``folder/memcore_tracker.pt`` where
+    `write` (rank 0). Returns the path."""
+    if tracker.shard:
+        path = os.path.join(folder, TRACKER_DIR)
+        tracker.save(path)
+        return path
+    state = tracker.state_dict()
+    path = os.path.join(folder, TRACKER_FILE)
+    if write:
+        os.makedirs(folder, exist_ok=True)
+        atomic_save(state, path)
+    return path
+
+
+def load_from_folder(tracker, folder: str) -> None:
+    """Restores `tracker` from a folder written by ``save_in_folder`` (sharded: a collective)."""
+    sharded, dense = os.path.join(folder, TRACKER_DIR), os.path.join(folder, TRACKER_FILE)
+    if tracker.shard != os.path.isdir(sharded) and os.path.exists(dense if tracker.shard else sharded):
+        raise ValueError(
+            f"{folder} holds a {'non-' if tracker.shard else ''}sharded memcore tracker checkpoint; this "
+            f"tracker is {'' if tracker.shard else 'not '}sharded (save and resume with the same shard=)"
+        )
+    if tracker.shard:
+        tracker.load(sharded)
+    else:
+        tracker.load_state_dict(load_plain(dense, "memcore Tracker checkpoint"))
 
 
 # ------------------------------------------------------------------------------------- state dict
@@ -188,6 +235,10 @@ def _check(state: Dict[str, Any], version: int, num_samples: int, start: int, en
                 f"tracker state grad_history[{i}] must be a float32 tensor [{n}], got "
                 f"{getattr(h, 'dtype', type(h).__name__)}{tuple(getattr(h, 'shape', ()))}"
             )
+        if bool(torch.isinf(h).any() | (h < 0).any()):  # running means of squares; NaN: none recorded
+            raise ValueError(
+                f"tracker state grad_history[{i}] holds values out of range (must be >= 0 or NaN)"
+            )
     if version == 1:
         want = _v1_buffers(n)
     else:
@@ -244,11 +295,24 @@ def _ranges(version: int, epochs: int, grad_start: int, tau: Optional[float]):
             "row counts >= 0, correct rows <= rows",
         )
     )
+    out.append(("sums", _finite_sums, _FINITE_SUMS))
     if grad_start >= 0:
+        out.append(("grad_sq_sum", lambda t: torch.isfinite(t).all() & nonneg(t), "finite and >= 0"))
         out.append(("grad_rows", nonneg, "row counts >= 0"))
         if tau is not None:
             out.append(("formal_since", between(-1, epochs), f"in [-1, epochs={epochs}]"))
     return out
+
+
+_FINITE_SUMS = (
+    "finite; the margin sums may be +inf (a row whose other logits are all -inf), never NaN or -inf"
+)
+
+
+def _finite_sums(t: torch.Tensor) -> torch.Tensor:
+    margin = t[:, S.S_MARGIN]
+    rest = t[:, [S.S_LOSS, S.S_LAST, S.S_PROB, S.S_PROB_SQ]]
+    return torch.isfinite(rest).all() & ~(margin.isnan() | (margin == float("-inf"))).any()
 
 
 # -------------------------------------------------------------------------------------- format 1
@@ -319,20 +383,23 @@ def shard_file(token: str, rank: int, world: int) -> str:
     return f"shard-{token}-{rank:05d}-of-{world:05d}.pt"
 
 
-def _new_token(device: torch.device) -> str:
-    """A save id chosen on rank 0 and broadcast (collective), naming this save's shard files."""
+def new_token(device: torch.device) -> str:
+    """A save id chosen on rank 0 and broadcast (collective), naming this save's files."""
     import torch.distributed as dist
 
     t = torch.tensor([uuid.uuid4().int & ((1 << 62) - 1)], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=0)
+    with _shard.backend_errors():
+        dist.broadcast(t, src=0)
     return f"{int(t):016x}"
 
 
-def _all_ok(ok: bool, device: torch.device) -> bool:
+def all_ok(ok: bool, device: torch.device) -> bool:
+    """Collective: whether `ok` holds on every rank (also a barrier)."""
     import torch.distributed as dist
 
     t = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    with _shard.backend_errors():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
 
@@ -344,14 +411,14 @@ def save_shards(
     removes the previous save's files. A crash before the manifest is replaced leaves the previous
     checkpoint whole."""
     world = len(ranges)
-    token = _new_token(device)
-    os.makedirs(path, exist_ok=True)
+    token = new_token(device)
     err: Optional[BaseException] = None
     try:
+        os.makedirs(path, exist_ok=True)
         atomic_save({**shard_state, "token": token}, os.path.join(path, shard_file(token, rank, world)))
     except BaseException as e:  # noqa: BLE001  (reported after the ranks agreed on failure)
         err = e
-    if not _all_ok(err is None, device):
+    if not all_ok(err is None, device):
         if err is not None:
             raise err
         raise RuntimeError(
@@ -380,20 +447,42 @@ def save_shards(
                     os.remove(os.path.join(path, name))
                 except OSError:
                     pass
-    _all_ok(True, device)  # nobody returns before the manifest names the new files
+    all_ok(True, device)  # nobody returns before the manifest names the new files
 
 
 def read_manifest(path: str) -> Dict[str, Any]:
+    """The manifest of the sharded checkpoint under `path`, checked: ValueError naming it when it is
+    not valid UTF-8 JSON, or its fields are missing or inconsistent (world size, ranges covering
+    [0, num_samples) in order, the shard file names of its token)."""
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
         raise FileNotFoundError(f"{path!r} is not a sharded tracker checkpoint: {MANIFEST} is missing")
-    with open(mpath) as f:
-        m = json.load(f)
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            m = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{mpath} is not a memcore sharded-tracker manifest (not valid JSON: {e})") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{mpath} is not a memcore sharded-tracker manifest")
     try:
         for key in ("num_samples", "world_size"):
             m[key] = as_int(m.get(key), f"{key!r}", minimum=1)
+        token, ranges, files, world = m.get("token"), m.get("ranges"), m.get("files"), m["world_size"]
+        if not (isinstance(token, str) and len(token) == 16 and all(c in "0123456789abcdef" for c in token)):
+            raise ValueError(f"'token' must be 16 hex digits, got {token!r}")
+        if not isinstance(ranges, list) or len(ranges) != world:
+            raise ValueError(f"'ranges' must list world_size={world} ranges, got {ranges!r}")
+        want = 0
+        for r, rng in enumerate(ranges):
+            if not (isinstance(rng, list) and len(rng) == 2 and all(is_int(x) for x in rng)):
+                raise ValueError(f"range {r} must be two ints [start, end), got {rng!r}")
+            if rng[0] != want or not rng[0] <= rng[1] <= m["num_samples"]:
+                raise ValueError(f"range {r} {rng} does not continue the ranges before it (from {want})")
+            want = rng[1]
+        if want != m["num_samples"]:
+            raise ValueError(f"'ranges' cover [0, {want}), not [0, num_samples={m['num_samples']})")
+        if files != [shard_file(token, r, world) for r in range(world)]:
+            raise ValueError(f"'files' must name the {world} shard files of token {token}, got {files!r}")
     except (TypeError, ValueError) as e:  # a malformed file is a ValueError, whatever is wrong in it
         raise ValueError(f"manifest {mpath}: {e}") from None
     return m
@@ -401,46 +490,61 @@ def read_manifest(path: str) -> Dict[str, Any]:
 
 def load_shards(path: str, start: int, end: int, num_samples: int) -> Dict[str, Any]:
     """The state dict of sample ids [start, end) from the sharded checkpoint under `path`, whatever
-    world size wrote it: the shard files overlapping the range (weights_only loads, each checked
-    against the manifest), sliced and concatenated in id order."""
+    world size wrote it: the shard files overlapping the range (weights_only, memory-mapped loads),
+    each checked against the manifest (save id, range) and its slice checked as a state of its own
+    (keys, dtypes, shapes, value ranges), then concatenated in id order. An empty range (a rank that
+    owns no ids) gives an empty state, its settings read from the first shard."""
     m = read_manifest(path)
     if m["num_samples"] != num_samples:
         raise ValueError(
             f"sharded checkpoint {path!r} is for num_samples={m['num_samples']}, this tracker has "
             f"{num_samples}"
         )
-    ranges, files = m["ranges"], m["files"]
-    if len(ranges) != m["world_size"] or len(files) != m["world_size"]:
-        raise ValueError(f"manifest of {path!r} lists {len(files)} files for world_size {m['world_size']}")
     parts = []
-    for r, ((s, e), name) in enumerate(zip(ranges, files)):
+    for r, ((s, e), name) in enumerate(zip(m["ranges"], m["files"])):
         lo, hi = max(s, start), min(e, end)
-        if lo >= hi and not (start == end == s == e):
+        if lo >= hi and (start < end or parts):
             continue
+        if lo > hi:  # the empty range reads its settings from the first shard, sliced to nothing
+            lo = hi = s
         fpath = os.path.join(path, name)
         if not os.path.isfile(fpath):
             raise FileNotFoundError(
                 f"shard {r} of {m['world_size']} of checkpoint {path!r} is missing: {fpath}"
             )
-        st = load_plain(fpath, "memcore Tracker shard")
+        st = load_plain(fpath, "memcore Tracker shard", mmap=True)
         if not isinstance(st, dict) or st.get("token") != m["token"] or list(st.get("range", [])) != [s, e]:
             raise ValueError(
                 f"shard file {fpath} does not belong to this checkpoint (save id or range "
                 f"differs from {MANIFEST}): a mixed or partly overwritten checkpoint"
             )
-        parts.append(_slice(st, lo - s, hi - s))
-    if not parts:
-        raise ValueError(f"sharded checkpoint {path!r} holds none of the ids {[start, end]}")
+        try:
+            part = {k: v for k, v in _slice(st, lo - s, hi - s).items() if k != "token"}
+            part["range"] = [lo, hi]
+            part["buffers"]["errors"] = torch.zeros(1, dtype=torch.int32)  # the shards' own: not concatenated
+            _check(part, VERSION, num_samples, lo, hi)
+        except ValueError as err:
+            raise ValueError(f"shard file {fpath}: {err}") from None
+        parts.append(part)
     state = _concat(parts)
     state["range"] = [start, end]
-    state["buffers"]["errors"] = torch.zeros(1, dtype=torch.int32)  # the shards' own, not concatenated
+    state["buffers"]["errors"] = torch.zeros(1, dtype=torch.int32)
     return state
 
 
 def _slice(st: Dict[str, Any], lo: int, hi: int) -> Dict[str, Any]:
+    """Rows [lo, hi) of a shard's state; ValueError unless each per-sample tensor has one row per id of
+    the shard's range (the slice's own checks see only the slice)."""
+    n = st["range"][1] - st["range"][0]
+    bufs, hist = st.get("buffers"), st.get("grad_history")
+    if not isinstance(bufs, dict) or not isinstance(hist, (list, tuple)):
+        raise ValueError("a shard's 'buffers' must be a dict and its 'grad_history' a list")
+    per_sample = [v for k, v in bufs.items() if k != "errors"] + list(hist)
+    if not all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n for v in per_sample):
+        raise ValueError(f"a shard of ids {list(st['range'])} must hold tensors of {n} rows")
     out = dict(st)
-    out["buffers"] = {k: v[lo:hi] for k, v in st["buffers"].items()}
-    out["grad_history"] = [h[lo:hi] for h in st["grad_history"]]
+    out["buffers"] = {k: v[lo:hi] for k, v in bufs.items()}
+    out["grad_history"] = [h[lo:hi] for h in hist]
     return out
 
 

@@ -16,9 +16,20 @@ every ``end_epoch()`` / ``scores()`` / ``save()``, drops the rejected and ignore
 remaining row to its owner with ``all_to_all_single`` (counts first, then ids and values). Without
 sharding (``Tracker(distributed=True)``) the same exchange sends every row to every rank, so each
 rank commits the same rows in the same order and holds the same state.
+
+Collectives: every one memcore makes starts with a header, one all_reduce of int64 [13] whatever
+the call (``header``): the call's kind, the tracker's size and completed epochs, whether the rank has
+rows to send, its deferred error bits. Ranks that reach different calls (one in ``end_epoch()``,
+another in ``scores()``), or whose trackers differ, thus pair messages of one size and all raise the
+same ValueError, instead of pairing collectives of different sizes, which aborts the process in
+the backend. A flush with no rows recorded on this rank since the last one communicates nothing,
+except where every rank calls it anyway (``end_epoch()``; a sharded tracker's ``scores()`` and
+``save()``): ranks agree on that as long as they call ``accumulate`` equally often between
+flushes, which the header checks wherever every rank is present.
 """
 
-from typing import Dict, List, Tuple
+import contextlib
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -42,9 +53,136 @@ def range_of(num_samples: int, world: int, rank: int) -> Tuple[int, int]:
     return start, min(start + c, num_samples)
 
 
-def check_agreement(fields: Dict[str, float], device: torch.device) -> None:
-    """Raises ValueError on every rank unless all ranks pass the same `fields` (None -> NaN). One small
-    all_gather."""
+# What each memcore collective is, by code: the header every one of them starts with names it, so that
+# ranks that reach different calls get a clear error instead of pairing unrelated collectives.
+SETTINGS = "the settings check (Tracker(shard=True), or a distributed Tracker's first accumulate)"
+KINDS = (
+    SETTINGS,
+    "a flush_every-th accumulate call",
+    "end_epoch()",
+    "scores()",
+    "state_dict()",
+    "save()",
+    "load()",
+    "to()",
+    "export.to_parquet()",
+    "export.gather_scores()",
+)
+# slots of the header: (kind, -kind), (num_samples, -num_samples), (epochs, -epochs), (rows, -rows)
+# compare the ranks (max and -min); grad, the three error bits and refused are ORed (max)
+_H_KIND, _H_N, _H_EPOCHS, _H_ROWS, _H_GRAD, _H_ERR, _H_REFUSED = 0, 2, 4, 6, 8, 9, 12
+_HEADER = 13
+
+
+class Header(NamedTuple):
+    rows: bool  # some rank has rows to exchange
+    grad: bool  # some rank records input gradients
+    errors: torch.Tensor  # int32 [1]: the deferred error bits of every rank, ORed
+
+
+@contextlib.contextmanager
+def backend_errors():
+    """Turns a backend failure inside memcore's collectives (gloo / NCCL say "timed out" or
+    "connection closed", not why) into an explanation."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise RuntimeError(
+            "memcore.Tracker: a collective between ranks failed. Tracker(shard=True), end_epoch(), "
+            "every flush_every-th accumulate call and, while rows are buffered, scores() / "
+            "state_dict() / save() are collectives: every rank must reach each of them, in the same "
+            "order (did a rank skip one, or stop?). After such a failure the process group is "
+            f"unusable: call torch.distributed.destroy_process_group() before exiting. Backend error: {e}"
+        ) from e
+
+
+def group_ready() -> bool:
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce(t: torch.Tensor) -> None:
+    """Collective: sums `t` in place across ranks."""
+    with backend_errors():
+        _dist().all_reduce(t)
+
+
+def collective_device(device: Optional[torch.device]) -> torch.device:
+    """Where the small tensors of the headers live: the tracker's device, or the one the default
+    process group's backend reduces (a refused tracker has no valid device of its own)."""
+    if device is not None:
+        return device
+    dist = _dist()
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def header(
+    kind: str,
+    num_samples: int,
+    epochs: int,
+    device: torch.device,
+    *,
+    rows: bool = False,
+    grad: bool = False,
+    errors: Optional[torch.Tensor] = None,
+    refused: bool = False,
+) -> Header:
+    """Collective: the first step of every memcore collective, one all_reduce of int64 [13] whatever
+    the call, so ranks that reach different calls pair the same message. Raises ValueError, on every
+    rank alike (they all see the same reduced values), when the ranks are in different calls, hold
+    trackers of different sizes or epoch counts, disagree on whether rows were recorded since the
+    last flush, or when a rank refused its Tracker arguments (`refused`). Changes nothing."""
+    dist = _dist()
+    code = KINDS.index(kind) + 1
+    rank = dist.get_rank()
+    bits = 0 if errors is None else int(errors.item())
+    mine = [code, -code, num_samples, -num_samples, epochs, -epochs, int(rows), -int(rows), int(grad)]
+    mine += [int(bool(bits & b)) for b in (1, 2, 4)] + [rank + 1 if refused else 0]
+    t = torch.tensor(mine, dtype=torch.int64, device=device)
+    with backend_errors():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    h = t.tolist()
+    if h[_H_REFUSED]:
+        raise ValueError(
+            f"Tracker(shard=True) was refused on rank {h[_H_REFUSED] - 1} (its arguments are wrong: see "
+            f"that rank's error); no rank holds a tracker"
+        )
+    lo, hi = -h[_H_KIND + 1], h[_H_KIND]
+    if lo != hi:
+        raise ValueError(
+            f"memcore Trackers are out of step across ranks: one rank is in {KINDS[hi - 1]} while another "
+            f"is in {KINDS[lo - 1]}. Every rank must reach memcore's collectives in the same order "
+            "(and call accumulate equally often between them, as DDP does); nothing was exchanged"
+        )
+    where = KINDS[code - 1]
+    lo, hi = -h[_H_N + 1], h[_H_N]
+    if lo != hi and kind != SETTINGS:  # the settings check that follows names every rank's value
+        raise ValueError(
+            f"memcore Trackers differ across ranks: num_samples ranges from {lo} to {hi} in {where} "
+            "(each rank must call it on its copy of the same tracker)"
+        )
+    lo, hi = -h[_H_EPOCHS + 1], h[_H_EPOCHS]
+    if lo != hi:
+        raise ValueError(
+            f"memcore Trackers differ across ranks: their completed epochs range from {lo} to {hi}; "
+            f"every rank must call end_epoch() the same number of times (nothing was exchanged)"
+        )
+    if h[_H_ROWS] != -h[_H_ROWS + 1]:
+        raise ValueError(
+            f"memcore Trackers are out of step across ranks in {where}: "
+            "some ranks recorded rows since the last flush and others none. Every rank must call "
+            "accumulate equally often between flushes (as DDP does); a rank that called end_epoch() "
+            "more often than the others shows this way too (nothing was exchanged)"
+        )
+    err = sum(b * h[_H_ERR + j] for j, b in enumerate((1, 2, 4)))
+    return Header(bool(h[_H_ROWS]), bool(h[_H_GRAD]), torch.tensor([err], dtype=torch.int32, device=device))
+
+
+def check_agreement(fields: Dict[str, Optional[float]], device: torch.device) -> None:
+    """Collective (after the caller's header): raises ValueError on every rank unless all ranks pass
+    the same `fields` (None -> NaN). One small all_gather."""
     dist = _dist()
     world = dist.get_world_size()
     names = list(fields)
@@ -54,7 +192,8 @@ def check_agreement(fields: Dict[str, float], device: torch.device) -> None:
         device=device,
     )
     got = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(got, mine)
+    with backend_errors():
+        dist.all_gather(got, mine)
     table = torch.stack(got).cpu()
     for j, k in enumerate(names):
         col = table[:, j]
@@ -71,7 +210,8 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     """Collective: whether `flag` is True on any rank."""
     dist = _dist()
     t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with backend_errors():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
@@ -160,58 +300,36 @@ class Router:
         )
 
     def merge(
-        self, errors: torch.Tensor, epochs: int, grad: bool
-    ) -> Tuple[torch.Tensor, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
-        """Collective: exchanges the buffered rows together with this rank's deferred error bits
-        (int32 [1]), completed epochs and whether it records input gradients. Returns the error bits
-        of every rank ORed, and the rows this rank commits (see ``exchange``; "grad" only when some
-        rank records input gradients). ValueError on every rank when their epoch counts differ."""
-        dev = errors.device
-        bits = errors.to(torch.int64)
-        # max-reduced with the rows: error bits, max and -min of the ranks' completed epochs (ranks that
-        # called end_epoch() unequally often would merge unrelated epochs), "some rank has grad rows"
-        flags = torch.cat(
-            [(bits & b).ne(0).to(torch.int64) for b in (1, 2, 4)]
-            + [torch.tensor([epochs, -epochs, int(grad)], device=dev)]
+        self, kind: str, errors: torch.Tensor, epochs: int, grad: bool
+    ) -> Tuple[Header, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+        """Collective: the header of call `kind` (see ``header``: this rank's deferred error bits,
+        int32 [1], its completed epochs, whether it records input gradients), then, when some rank has
+        rows, their exchange. Returns the header (error bits of every rank ORed) and the rows this rank
+        commits (see ``exchange``; "grad" only when some rank records input gradients; nothing when no
+        rank had rows). A header that raises leaves the buffer as it was."""
+        h = header(
+            kind, self.num_samples, epochs, errors.device, rows=self.pending(), grad=grad, errors=errors
         )
-        flags, got = self.exchange(flags)
-        hi, lo = int(flags[3]), -int(flags[4])
-        if hi != lo:  # on every rank alike: they all see the same reduced flags
-            raise ValueError(
-                f"memcore Trackers differ across ranks: their completed epochs range from {lo} to "
-                f"{hi}; every rank must call end_epoch() the same number of times (this rank's "
-                f"buffered rows were dropped)"
-            )
-        return (flags[:3] * torch.tensor([1, 2, 4], device=dev)).sum().to(torch.int32).view(1), got
+        self.calls = 0
+        if not h.rows:
+            return h, {}
+        return h, self.exchange(h.grad, errors.device)
 
-    def exchange(
-        self, flags: torch.Tensor
-    ) -> Tuple[torch.Tensor, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
-        """Collective. flags: int64 [k] per-rank flags, max-reduced over ranks and returned; the last
-        one says "this rank has input-gradient rows" (the grad channel is exchanged only when some
-        rank has). Returns also, per channel ("ce", "grad"), the (int64 ids, float64 values [n, w])
-        this rank commits: the rows it owns (shard) or every row (replicate), in rank order, then in
-        recording order. One host sync (the row counts)."""
-        try:
-            return self._exchange(flags)
-        except RuntimeError as e:  # gloo / NCCL say "timed out" or "connection closed", not why
-            raise RuntimeError(
-                "memcore.Tracker: exchanging the buffered rows between ranks failed. end_epoch(), "
-                "scores(), save() and every flush_every-th accumulate call are collectives: every rank "
-                f"must reach each of them, in the same order (did a rank skip one?). Backend error: {e}"
-            ) from e
+    def exchange(self, grad: bool, device: torch.device) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Collective, after a header: sends the buffered rows (emptying the buffer) and returns, per
+        channel ("ce"; "grad" when `grad`: some rank records input gradients), the (int64 ids, float64
+        values [n, w]) this rank commits: the rows it owns (shard) or every row (replicate), in rank
+        order, then in recording order. One host sync (the row counts)."""
+        with backend_errors():
+            return self._exchange(grad, device)
 
-    def _exchange(
-        self, flags: torch.Tensor
-    ) -> Tuple[torch.Tensor, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+    def _exchange(self, grad: bool, device: torch.device) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         dist = _dist()
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        device = flags.device
         sends = {}
         idx, keep, vals = self.take_ce(device)
         sends["ce"] = (idx[keep], vals[keep])
         gidx, gsq, grows = self.take_grad(device)
-        if int(flags[-1]):
+        if grad:
             gkeep = grows != 0
             sends["grad"] = (gidx[gkeep], gsq[gkeep][:, None])
         routed = {}
@@ -240,4 +358,4 @@ class Router:
             dist.all_to_all_single(r_idx, idx, r_split, s_split)
             dist.all_to_all_single(r_vals, vals, r_split, s_split)
             out[name] = (r_idx, r_vals)
-        return flags, out
+        return out

@@ -58,7 +58,14 @@ def _tensor(
     numel = 1
     for d in shape:
         numel *= d
-    t = torch.from_file(os.path.join(storage, f"{name}.bin"), shared=True, size=numel, dtype=dtype)
+    path = os.path.join(storage, f"{name}.bin")
+    try:
+        t = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    except (OSError, RuntimeError) as e:
+        raise OSError(
+            f"memcore Tracker storage: cannot map {path} ({e}); was the storage directory removed? The "
+            "tracker's state so far stays readable in memory: save() it elsewhere"
+        ) from None
     return t.view(shape).fill_(fill)
 
 
@@ -74,11 +81,40 @@ def allocate(n: int, device: torch.device, storage: Optional[str] = None) -> Sta
 
 
 def add_grad_fields(st: State, fixed_tau: bool, storage: Optional[str] = None) -> None:
+    """Adds the zeroed input-gradient fields to `st`: all of them, or (an allocation failed) none."""
     n, dev = st["sums"].shape[0], st["sums"].device
-    st["grad_sq_sum"] = _tensor((n,), torch.float64, 0, dev, storage, "grad_sq_sum")
-    st["grad_rows"] = _tensor((n,), torch.int32, 0, dev, storage, "grad_rows")
+    new = {
+        "grad_sq_sum": _tensor((n,), torch.float64, 0, dev, storage, "grad_sq_sum"),
+        "grad_rows": _tensor((n,), torch.int32, 0, dev, storage, "grad_rows"),
+    }
     if fixed_tau:
-        st["formal_since"] = _tensor((n,), torch.int16, -1, dev, storage, "formal_since")
+        new["formal_since"] = _tensor((n,), torch.int16, -1, dev, storage, "formal_since")
+    st.update(new)
+
+
+def lock_storage(directory: str):
+    """An exclusive lock on a storage directory (``<directory>/lock``), held as long as the returned
+    file object is open: a second Tracker on the directory, in this process or another, raises
+    ValueError instead of zeroing the first one's state. The OS drops the lock when its holder closes
+    the file or its process ends, so a crash leaves no stale lock behind."""
+    path = os.path.join(directory, "lock")
+    f = open(path, "a+b")
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows
+            import msvcrt
+
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        f.close()
+        raise ValueError(
+            f"storage directory {directory!r} is in use by another live Tracker (it holds {path}); "
+            "give each tracker its own directory"
+        ) from None
+    return f
 
 
 def assign(st: State, new: State, storage: Optional[str]) -> State:

@@ -81,6 +81,21 @@ def _require_integer(x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be an integer tensor of {what}, got {x.dtype}")
 
 
+def refuse_transforms(what: str, *tensors) -> None:
+    """TypeError when a tensor is wrapped by a torch.func transform (vmap, grad, jacrev, ...): the rows
+    a call records outlive the transform, which the Tracker's later flushes cannot read. Raised before
+    anything runs, so no row is left behind. (torch.compile traces no such wrapper: not checked there.)"""
+    if torch.compiler.is_compiling():
+        return
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors):
+        raise TypeError(
+            f"{what} cannot run under a torch.func transform (vmap, grad, jacrev, ...): the rows it records "
+            "into the Tracker would be transformed tensors that outlive the transform. Call it outside "
+            "the transform; the tracker was not updated"
+        )
+
+
 def same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
@@ -220,6 +235,7 @@ def rows_of(
     with targets [N, d1, ...] (`class_layout` decides which, from `class_dim` or the shapes); index
     either like targets or, for targets [B, T] ([N, d1, ...]), one sample id per sequence (input) [B].
     """
+    refuse_transforms("memcore.accumulate", logits, targets, index)
     if (  # the common case, checked with as few tensor calls as possible (they dominate small batches)
         type(logits) is torch.Tensor
         and type(targets) is torch.Tensor
@@ -366,6 +382,7 @@ def linear_rows_of(
     hidden [..., H]; weight [V, H] and bias [V] (or None) of hidden's dtype and device; targets [...]
     (hidden's leading shape); index [...] like targets or, for targets [B, T], one id per sequence [B].
     """
+    refuse_transforms("memcore.linear_accumulate", hidden, weight, bias, targets, index)
     _require_tensor(hidden, "hidden")
     _require_tensor(weight, "weight")
     if hidden.dtype not in FLOAT_DTYPES:

@@ -113,6 +113,9 @@ def accumulate(
         for reduction="none". The logits' gradient has their shape and layout. Gradients flow to ``logits`` only; double backward (a gradient
         penalty through ``create_graph=True``) is exact on the default route.
 
+    Distributed: a distributed tracker's first call (the ranks' settings check) and every
+    ``flush_every``-th call are collectives (see ``memcore.Tracker``): every rank makes them.
+
     Threads: concurrent calls on one tracker are safe (their recording is serialised). With
     ``inputs=``, ``x`` must feed no other loss term in the same backward; two ``accumulate`` calls
     on one ``x`` raise in the backward (the hook sees only the summed gradient), other terms on

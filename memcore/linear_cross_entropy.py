@@ -8,7 +8,7 @@ import torch
 
 from . import _C
 from ._layout import NON_FINITE
-from ._ops import linear_cross_entropy as _registered  # noqa: F401  (fake kernels and autograd of the ops)
+from ._ops import linear_cross_entropy as _registered  # fake kernels, autograd and autocast of the ops
 from ._validate import as_int, explain_status, linear_rows_of, loss_call
 from .tracker import Tracker, _capturing
 
@@ -84,8 +84,17 @@ def linear_accumulate(
     each logits chunk in the backward and applies each row's upstream gradient exactly. Inputs must
     not be modified in place between the forward and the backward pass.
 
+    Under ``torch.autocast`` the inputs are cast as F.linear's are (floating, not float64, to the
+    autocast dtype: a float32 weight with bfloat16 hidden too), the logits are in that dtype, and the
+    loss is float32, as ``F.cross_entropy(F.linear(...))`` gives. Double backward
+    (``create_graph=True``) raises RuntimeError: use ``accumulate`` on ``F.linear``'s logits for it.
+
+    Distributed: a distributed tracker's first call and every ``flush_every``-th call are
+    collectives, as for ``accumulate``.
+
     Returns:
-        The loss in hidden's dtype: a scalar, or per-row with the shape of ``targets`` for "none".
+        The loss in hidden's dtype (float32 for 16-bit logits under autocast): a scalar, or per-row
+        with the shape of ``targets`` for "none".
 
     Raises:
         TypeError / ValueError naming the argument on wrong dtypes, shapes or devices; IndexError
@@ -95,6 +104,15 @@ def linear_accumulate(
         ``end_epoch()`` / ``scores()``, as for ``accumulate``.
     """
     code, ignore_index = loss_call(tracker, reduction, ignore_index)
+    out_dtype = hidden.dtype if isinstance(hidden, torch.Tensor) else None
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # as F.linear under autocast: 16-bit logits from the cast inputs (the op's autocast kernel
+        # casts alike); the loss float32 for them, as F.cross_entropy under autocast
+        hidden, weight, bias = (
+            _registered.autocast_cast(t, hidden.device.type) for t in (hidden, weight, bias)
+        )
+        if hidden.dtype in (torch.float16, torch.bfloat16):
+            out_dtype = torch.float32
     hidden2d, targets1d, index1d = linear_rows_of(
         hidden, weight, bias, targets, index, ignore_index, tracker.device
     )
@@ -136,8 +154,8 @@ def linear_accumulate(
         ),
     )
     if reduction == "none":
-        return loss.to(hidden.dtype).reshape(targets.shape)
-    return out.to(hidden.dtype)
+        return loss.to(out_dtype).reshape(targets.shape)
+    return out.to(out_dtype)
 
 
 def _explain(bits, hidden, weight, bias, targets, index, num_samples, ignore_index, loss) -> Exception:

@@ -65,7 +65,14 @@ class Tracker:
             ``scores()``, ``state_dict()`` and ``save()``. Under torch.distributed a flush is a
             collective that routes the rows to the ranks holding their samples, so with a number
             here every rank must call ``accumulate`` equally often (as DDP training does); None
-            flushes only at those calls. Default: 64, but None for unsharded distributed trackers.
+            flushes only at those calls. A flush with no rows recorded on this rank since the last
+            one is local (``end_epoch()`` excepted, and a sharded tracker's ``scores()`` and
+            ``save()``): after ``end_epoch()`` one rank alone may read scores or save.
+            Default: 64, but None for unsharded distributed trackers.
+
+    Collectives, under torch.distributed: every one starts with a header that checks the ranks are in
+    the same call with the same tracker; ranks out of step all raise the same ValueError there (see
+    docs/distributed.md for the list of collectives and what each misuse gives).
 
     CUDA graphs: ``accumulate`` (every route: ``inputs=``, ``overwrite_logits=True``) may be
     captured by ``torch.cuda.graph`` and replayed, on a single process, after a warm-up step outside
@@ -99,16 +106,33 @@ class Tracker:
         flush_every: Optional[int] = -1,
         storage: Optional[str] = None,
     ) -> None:
-        num_samples = as_int(num_samples, "num_samples", minimum=1)
-        correct_threshold = as_float(
-            correct_threshold, "correct_threshold", minimum=0.0, maximum=1.0, open_minimum=True
-        )
-        if flush_every is not None and flush_every != -1:
-            flush_every = as_int(flush_every, "flush_every", minimum=1)
+        try:
+            num_samples = as_int(num_samples, "num_samples", minimum=1)
+            correct_threshold = as_float(
+                correct_threshold, "correct_threshold", minimum=0.0, maximum=1.0, open_minimum=True
+            )
+            if flush_every is not None and flush_every != -1:
+                flush_every = as_int(flush_every, "flush_every", minimum=1)
+            self._tau = None if tau is None else as_float(tau, "tau", minimum=0.0)
+            dev = None if device is None else _resolve(torch.device(device))
+            if storage is not None and dev is not None and dev.type != "cpu":
+                raise ValueError(
+                    f"storage= keeps the state in memory-mapped files on the CPU; got device={device!r}"
+                )
+            if shard and dev is None and storage is None:
+                raise ValueError(
+                    "Tracker(shard=True) needs an explicit device (the ranks exchange rows on it)"
+                )
+        except (TypeError, ValueError, RuntimeError):
+            if shard and _shard.group_ready():  # the other ranks wait in the settings check: tell them
+                try:
+                    _shard.header(_shard.SETTINGS, 0, 0, _shard.collective_device(None), refused=True)
+                except ValueError:  # "refused on rank r": this rank raises its own error instead
+                    pass
+            raise
         self.num_samples = num_samples
         self.strict = bool(strict)
         self.correct_threshold = correct_threshold
-        self._tau = None if tau is None else as_float(tau, "tau", minimum=0.0)
         self.distributed = distributed
         self.shard = bool(shard)
         self.flush_every = flush_every  # -1: the default of the mode, decided with the router
@@ -119,25 +143,25 @@ class Tracker:
         # [S] each, from the first epoch that recorded input gradients (epoch index _grad_start)
         self._grad_history: List[torch.Tensor] = []
         self._grad_start = -1
-        self.device: Optional[torch.device] = None if device is None else _resolve(torch.device(device))
+        self.device: Optional[torch.device] = dev
         self._router: Optional[_shard.Router] = None
         self._start, self._end = 0, num_samples  # the ids this tracker holds
         self._storage: Optional[str] = None
+        self._storage_lock = None  # an exclusive lock on the storage directory, held while the tracker lives
         # serialises the recording of concurrent accumulate calls (threads sharing one tracker) with
         # flushes and reads: the row buffer and the commits are not thread-safe (re-entrant: a record
         # may flush, a flush may move the tracker to the first batch's device)
         self._lock = threading.RLock()
         if storage is not None:
-            if self.device is not None and self.device.type != "cpu":
-                raise ValueError(
-                    f"storage= keeps the state in memory-mapped files on the CPU; got device={device!r}"
-                )
             self.device = torch.device("cpu")
         if self.shard:
             self._init_shard()
         if storage is not None:
-            self._storage = os.path.join(str(storage), self._storage_name())
-            os.makedirs(self._storage, exist_ok=True)
+            directory = os.path.join(str(storage), self._storage_name())
+            os.makedirs(directory, exist_ok=True)
+            # before the files are touched: a second tracker on the directory would zero the first's state
+            self._storage_lock = S.lock_storage(directory)
+            self._storage = directory
         self._alloc(self.device or torch.device("cpu"))
 
     @property
@@ -157,14 +181,12 @@ class Tracker:
     def _init_shard(self) -> None:
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not _shard.group_ready():
             raise ValueError(
                 "Tracker(shard=True) needs an initialized torch.distributed process group "
                 "(call dist.init_process_group first)"
             )
         world, rank = dist.get_world_size(), dist.get_rank()
-        if self.device is None:
-            raise ValueError("Tracker(shard=True) needs an explicit device (the ranks exchange rows on it)")
         self._check_agreement()
         self._start, self._end = _shard.range_of(self.num_samples, world, rank)
         self._router = _shard.Router(self.num_samples, world, rank, "shard")
@@ -173,6 +195,8 @@ class Tracker:
         """Collective: every rank must have built its tracker with the same settings (a clear error on
         every rank otherwise). Sharded trackers check at construction, replicated ones when they first
         route rows, so a rank with shard=True and one without meet in the same check."""
+        dev = self.device or torch.device("cpu")
+        _shard.header(_shard.SETTINGS, self.num_samples, 0, dev)
         _shard.check_agreement(
             {
                 "num_samples": self.num_samples,
@@ -181,7 +205,7 @@ class Tracker:
                 "correct_threshold": self.correct_threshold,
                 "tau": self._tau,
             },
-            self.device or torch.device("cpu"),
+            dev,
         )
 
     # ------------------------------------------------------------------ buffers
@@ -216,11 +240,12 @@ class Tracker:
             return 0 if self._router is None else self._router.bytes_pending()
 
     def to(self, device: DeviceLike) -> "Tracker":
-        """Moves all buffers to ``device`` (in place) and returns self."""
+        """Moves all buffers to ``device`` (in place) and returns self. Commits the buffered rows first:
+        under torch.distributed a collective when this rank recorded rows since the last flush."""
         dev = _resolve(torch.device(device))
         if self._storage is not None and dev.type != "cpu":
             raise ValueError("a Tracker with storage= stays on the CPU (its state is memory-mapped files)")
-        self._flush()
+        self._flush("to()")
         self._set_buffers({k: v.to(dev) for k, v in self._buffers().items()})
         self.device = dev
         return self
@@ -237,6 +262,9 @@ class Tracker:
     def __getstate__(self) -> Dict[str, Any]:  # copy / deepcopy / pickle: a lock cannot be copied
         state = self.__dict__.copy()
         del state["_lock"]
+        # a copy holds its state in memory (tensors copy their memory-mapped files' contents): it does
+        # not own the storage directory, whose files stay the original's
+        state["_storage"], state["_storage_lock"] = None, None
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -296,7 +324,7 @@ class Tracker:
                 router = self._routing()
                 router.add_ce(index, targets, loss, row_stats, status, ignore_index)
                 if self.flush_every is not None and router.calls >= self.flush_every:
-                    self._flush()
+                    self._flush(_shard.KINDS[1])
             self._after_batch(status, explain, deferred=capturing or compiling)
 
     def _record_grad(self, index: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor) -> None:
@@ -333,40 +361,48 @@ class Tracker:
             )
 
     def _start_grad(self) -> None:
-        if self._grad_start < 0:
-            self._grad_start = self.epochs
+        """Allocates the input-gradient fields at their first use; a failure (a storage directory that
+        was removed) leaves the tracker as it was, its state readable and savable."""
         if "grad_sq_sum" not in self._st:
             S.add_grad_fields(self._st, self._tau is not None, self._storage)
+        if self._grad_start < 0:
+            self._grad_start = self.epochs
 
-    def _flush(self) -> None:
-        """Commits the buffered rows. Under torch.distributed a collective: exchanges them first (each
-        rank commits the rows it holds) and merges the deferred-error bits of all ranks."""
+    def _flush(self, kind: str, collective: bool = False) -> None:
+        """Commits the buffered rows (`kind`: the public call flushing, for the header's messages).
+
+        Under torch.distributed a collective when this rank recorded rows since the last flush, or
+        when `collective` (calls every rank makes: end_epoch(), a sharded tracker's scores() and
+        save()): a header (memcore/_shard.py) checks that the ranks are in the same call and merges
+        their deferred-error bits, then the rows are exchanged, each rank committing those it holds.
+        With nothing recorded here since the last flush it is local: the ranks agree on that as long
+        as they call accumulate equally often between flushes (a header finds out otherwise)."""
         with self._locked():
-            self._flush_locked()
-
-    def _flush_locked(self) -> None:
-        router = self._router
-        if router is None:
-            return
-        router.calls = 0
-        dev = self.device or torch.device("cpu")
-        if router.mode == "local":
-            if router.grad:
+            router = self._router
+            if router is None:
+                return
+            dev = self.device or torch.device("cpu")
+            if router.mode == "local":
+                router.calls = 0
+                if router.grad:
+                    self._start_grad()
+                    S.commit_grad(self._st, *router.take_grad(dev))
+                if router.ce:
+                    idx, keep, vals = router.take_ce(dev)
+                    S.commit(self._st, idx, vals, keep)  # rejected and ignored rows add nothing
+                return
+            if not (collective or router.pending()):
+                return
+            h, got = router.merge(kind, self._errors, self.epochs, bool(router.grad) or self._grad_start >= 0)
+            self._errors = h.errors
+            if h.grad:  # some rank records input gradients: every shard holds the fields
                 self._start_grad()
-                S.commit_grad(self._st, *router.take_grad(dev))
-            if router.ce:
-                idx, keep, vals = router.take_ce(dev)
-                S.commit(self._st, idx, vals, keep)  # rejected and ignored rows add nothing
-            return
-        self._errors, got = router.merge(
-            self._errors, self.epochs, bool(router.grad) or self._grad_start >= 0
-        )
-        if "grad" in got:  # some rank records input gradients
-            self._start_grad()
-            gidx, gvals = got["grad"]
-            S.commit_grad(self._st, gidx - self._start, gvals[:, 0], torch.ones_like(gidx))
-        idx, vals = got["ce"]
-        S.commit(self._st, idx - self._start, vals)
+            if "grad" in got:
+                gidx, gvals = got["grad"]
+                S.commit_grad(self._st, gidx - self._start, gvals[:, 0], torch.ones_like(gidx))
+            if "ce" in got:
+                idx, vals = got["ce"]
+                S.commit(self._st, idx - self._start, vals)
 
     # ------------------------------------------------------------------ errors
     def _after_batch(self, status: torch.Tensor, explain: Callable[[int], Exception], deferred: bool) -> None:
@@ -401,7 +437,7 @@ class Tracker:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _open_epoch(self) -> bool:
-        """Whether any row was recorded since the last end_epoch (on any rank when sharded)."""
+        """Whether any row was recorded since the last end_epoch (on any rank when sharded: a collective)."""
         local = S.has_open_rows(self._st)
         return _shard.any_rank(local, self.device) if self.shard else local
 
@@ -410,12 +446,16 @@ class Tracker:
         """Closes the epoch: updates last loss, learning time and forgetting from its statistics.
 
         Call once per pass over the data, after the last ``accumulate`` of the epoch. Under
-        torch.distributed this is a collective: call it on every rank; the ranks' rows are
-        exchanged first, so every rank (or, sharded, every sample's owner) holds the whole epoch.
+        torch.distributed this is a collective, whether or not rows were recorded: call it on every
+        rank; the ranks' rows are exchanged first, so every rank (or, sharded, every sample's owner)
+        holds the whole epoch. Ranks that call it unequally often get a ValueError at the first
+        collective where that shows.
         """
         if self.epochs >= S.MAX_EPOCHS:
             raise ValueError(f"a Tracker counts at most {S.MAX_EPOCHS} epochs")
-        self._flush()
+        if self._distributed():
+            self._routing()  # the settings check, if this rank has not recorded yet
+        self._flush("end_epoch()", collective=True)
         self._raise_deferred(self._errors)
         if not self._open_epoch():
             _warn_once(
@@ -438,20 +478,23 @@ class Tracker:
         and counts (csl, rows, forgetting_events) and NaN for every other score.
 
         An epoch in progress (``accumulate`` called since the last ``end_epoch``) is included as if
-        it had just ended; the tracker itself is not changed. A collective under torch.distributed.
-        With ``shard=True`` each tensor covers this rank's samples only, and ``"index"`` (int64)
-        holds their ids.
+        it had just ended; the tracker itself is not changed. Under torch.distributed: sharded, a
+        collective (call it on every rank), each tensor covering this rank's samples only, with their
+        ids under ``"index"`` (int64); replicated, a collective only while this rank has rows
+        recorded since the last flush (mid-epoch: call it on every rank), and local after
+        ``end_epoch()``: every rank then holds every score, and any one rank may read them alone.
 
         What each score is: ``memcore.SCORES`` and the definitions in memcore/scores.py.
         """
-        _, out = next(self._score_blocks(max(self._end - self._start, 1)))
+        _, out = next(self._score_blocks(max(self._end - self._start, 1), "scores()"))
         if self.shard:
             out["index"] = torch.arange(self._start, self._end, dtype=torch.int64)
         return out
 
-    def _score_context(self) -> Context:
-        """The collective part of reading scores: flush, open epoch, dataset tau."""
-        self._flush()
+    def _score_context(self, kind: str) -> Context:
+        """The collective part of reading scores (`kind`: the public call): flush; sharded, the open
+        epoch and the dataset tau of every shard."""
+        self._flush(kind, collective=self.shard)
         self._raise_deferred(self._errors)
         open_epoch = self._open_epoch()
         if not open_epoch and self.epochs == 0:
@@ -463,20 +506,16 @@ class Tracker:
             )
         threshold = self._tau
         if self._grad_start >= 0 and self._tau is None:  # closing an epoch leaves grad_mean as it is
-            reduce = None
-            if self.shard:
-                import torch.distributed as dist
-
-                reduce = dist.all_reduce
+            reduce = _shard.all_reduce if self.shard else None
             threshold = dataset_mean(S.grad_mean(self._st), reduce)
         return Context(
             open_epoch, self.epochs, self.correct_threshold, self._tau, threshold, self._grad_start
         )
 
-    def _score_blocks(self, rows: int) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+    def _score_blocks(self, rows: int, kind: str) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
         """(first sample id, scores) of this tracker's samples, `rows` at a time (at least one block).
         The collectives happen in this call, once; the blocks are computed as they are taken."""
-        ctx = self._score_context()
+        ctx = self._score_context(kind)
         n = self._end - self._start
 
         def blocks():
@@ -492,8 +531,17 @@ class Tracker:
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume: buffers (CPU copies) and counters; plain tensors, numbers,
         lists and dicts (``torch.load(..., weights_only=True)`` reads it). Sharded: this rank's shard
-        (``"range"``: its ids [start, end)); a collective, like every flush."""
-        self._flush()
+        (``"range"``: its ids [start, end)).
+
+        Under torch.distributed a collective only while this rank has rows recorded since the last
+        flush (mid-epoch: call it on every rank, which then holds them all). After ``end_epoch()`` it
+        communicates nothing: a replicated tracker's ranks all hold the same state, so rank 0 alone
+        may save it."""
+        self._flush("state_dict()")
+        return self._snapshot()
+
+    def _snapshot(self) -> Dict[str, Any]:
+        """The state dict of what is committed (no flush)."""
         return _checkpoint.make(
             self.num_samples,
             (self._start, self._end),
@@ -515,9 +563,15 @@ class Tracker:
         id range): a rejected state raises ValueError and leaves the tracker exactly as it was.
         """
         with self._locked():
-            new = _checkpoint.validate(
-                state, self.num_samples, self._start, self._end, self.device or torch.device("cpu")
+            self._assign(
+                _checkpoint.validate(
+                    state, self.num_samples, self._start, self._end, self.device or torch.device("cpu")
+                )
             )
+
+    def _assign(self, new: Dict[str, Any]) -> None:
+        """Takes the values of a checked state (``_checkpoint.validate``)."""
+        with self._locked():
             # the swap: assignments (copies into the files, with storage=) of values already checked
             self._set_buffers(new["buffers"])
             self.epochs = new["epochs"]
@@ -532,26 +586,51 @@ class Tracker:
         """Writes ``state_dict()`` to ``path`` through a temporary file and an atomic rename, so a
         crash while saving never destroys the previous checkpoint at ``path``.
 
-        Sharded (a collective): ``path`` is a directory; each rank writes its shard's file there
-        and rank 0 then replaces ``manifest.json`` (world size, ranges, file names), the commit point."""
-        if self.shard:
-            import torch.distributed as dist
+        Sharded (a collective: call it on every rank): ``path`` is a directory; each rank writes its
+        shard's file there and rank 0 then replaces ``manifest.json`` (world size, ranges, file
+        names), the commit point, and removes the files of earlier saves. Otherwise a collective only
+        as ``state_dict()`` is."""
+        with self._locked():
+            if self.shard:
+                import torch.distributed as dist
 
-            world = dist.get_world_size()
-            ranges = [_shard.range_of(self.num_samples, world, r) for r in range(world)]
-            _checkpoint.save_shards(path, self.state_dict(), ranges, dist.get_rank(), self.device)
-            return
-        _checkpoint.atomic_save(self.state_dict(), path)
+                self._flush("save()", collective=True)
+                world = dist.get_world_size()
+                ranges = [_shard.range_of(self.num_samples, world, r) for r in range(world)]
+                _checkpoint.save_shards(path, self._snapshot(), ranges, dist.get_rank(), self.device)
+                return
+            self._flush("save()")
+            state = self._snapshot()
+        _checkpoint.atomic_save(state, path)
 
     def load(self, path: str) -> None:
         """Restores a tracker written by ``save`` (same checks as ``load_state_dict``); never runs code
-        from the file (``weights_only=True``). Sharded: reads the shards overlapping this rank's ids,
-        whatever world size wrote them."""
-        if self.shard:
-            state = _checkpoint.load_shards(path, self._start, self._end, self.num_samples)
-        else:
-            state = _checkpoint.load_plain(path, "memcore Tracker checkpoint")
-        self.load_state_dict(state)
+        from the file (``weights_only=True``).
+
+        Sharded (a collective: call it on every rank): reads the shards overlapping this rank's ids,
+        whatever world size wrote them (a rank that owns no ids gets an empty shard). Every rank checks
+        its part, then they agree: when any rank's part is missing or malformed, every rank raises
+        (that rank its own error) and none changes."""
+        if not self.shard:
+            self.load_state_dict(_checkpoint.load_plain(path, "memcore Tracker checkpoint"))
+            return
+        with self._locked():
+            dev = self.device or torch.device("cpu")
+            _shard.header("load()", self.num_samples, 0, dev)
+            err: Optional[BaseException] = None
+            try:
+                state = _checkpoint.load_shards(path, self._start, self._end, self.num_samples)
+                new = _checkpoint.validate(state, self.num_samples, self._start, self._end, dev)
+            except Exception as e:  # noqa: BLE001  (whatever fails here must reach the other ranks)
+                err = e
+            if not _checkpoint.all_ok(err is None, dev):
+                if err is not None:
+                    raise err
+                raise ValueError(
+                    f"loading the sharded checkpoint {path!r} failed on another rank (see its error); "
+                    "no rank's tracker changed"
+                )
+            self._assign(new)
 
     def __repr__(self) -> str:
         return (

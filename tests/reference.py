@@ -1,5 +1,7 @@
 """Plain-PyTorch reference of what memcore's kernels compute, for the tests."""
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -178,6 +180,19 @@ def init_gloo(rank, world, init_file, timeout_s=60):
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+@contextlib.contextmanager
+def single_rank_group(init_file):
+    """A gloo process group of world size 1 in this process (a sharded Tracker needs one), destroyed
+    on exit."""
+    import torch.distributed as dist
+
+    init_gloo(0, 1, init_file)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def recorded(tracker):

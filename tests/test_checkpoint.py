@@ -39,8 +39,66 @@ def _corruptions(st):
     yield "correct > rows", bufs(counts=more_correct), "'counts'"
     yield "negative grad rows", bufs(grad_rows=b["grad_rows"] - 1000), "'grad_rows'"
     yield "status word", bufs(errors=torch.tensor([8], dtype=torch.int32)), "'errors'"
+    for col, value in (
+        (0, float("nan")),
+        (0, float("inf")),
+        (3, float("-inf")),
+        (4, float("nan")),
+        (4, -float("inf")),
+    ):
+        sums = b["sums"].clone()
+        sums[1, col] = value
+        yield f"sums[:, {col}] = {value}", bufs(sums=sums), "'sums'"
+    grad = b["grad_sq_sum"].clone()
+    grad[0] = float("inf")
+    yield "infinite grad sum", bufs(grad_sq_sum=grad), "'grad_sq_sum'"
+    yield (
+        "infinite grad history",
+        s(grad_history=[h.clone().fill_(float("inf")) for h in st["grad_history"]]),
+        "grad_history",
+    )
     yield "range", s(range=[0, n + 1]), "sample ids"
     yield "version", s(version=3), "format version"
+
+
+def test_margin_sums_may_be_infinite():
+    """A row whose other logits are all -inf has margin +inf (documented): such a state saves and loads."""
+    tr = memcore.Tracker(2)
+    memcore.accumulate(
+        torch.tensor([[0.0, float("-inf")], [1.0, 0.0]]), torch.tensor([0, 0]), torch.arange(2), tr
+    )
+    tr.end_epoch()
+    assert tr.state_dict()["buffers"]["sums"][0, memcore._state.S_MARGIN] == float("inf")
+    back = memcore.Tracker(2)
+    back.load_state_dict(tr.state_dict())
+    assert_same_state(back.state_dict(), tr.state_dict())
+
+
+def test_fixed_tau_tracker_saves_and_resumes(tmp_path):
+    """A Tracker with a fixed finite tau and input gradients: saved, loaded and trained on, it ends
+    with the scores of the run that never stopped."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 4, generator=g)
+    data = [(torch.randn(8, 5, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+
+    def epoch(tr, x, y):
+        x = x.clone().requires_grad_()
+        memcore.accumulate(torch.tanh(x) @ w, y, torch.arange(8), tr, inputs=x).backward()
+        tr.end_epoch()
+
+    full = memcore.Tracker(8, tau=0.05)
+    for x, y in data:
+        epoch(full, x, y)
+    part = memcore.Tracker(8, tau=0.05)
+    for x, y in data[:2]:
+        epoch(part, x, y)
+    part.save(str(tmp_path / "t.pt"))
+    resumed = memcore.Tracker(8, tau=0.05)
+    resumed.load(str(tmp_path / "t.pt"))
+    for x, y in data[2:]:
+        epoch(resumed, x, y)
+    assert_same_state(resumed.state_dict(), full.state_dict())
+    assert not torch.isnan(full.scores()["learning_time_formal"]).any()
 
 
 def test_load_state_dict_is_atomic():
@@ -112,6 +170,25 @@ def test_load_refuses_pickled_callables_and_runs_nothing(tmp_path):
             target.load(str(path))
         assert not marker.exists()
         assert_same_state(target.state_dict(), before)
+
+
+def test_load_of_a_cut_or_foreign_file_names_it(tmp_path):
+    """A checkpoint cut short (a crash while copying it), an empty file or another format: ValueError
+    naming the file, whatever torch.load raised, and the tracker unchanged."""
+    tr = trained_tracker()
+    good = str(tmp_path / "good.pt")
+    tr.save(good)
+    data = open(good, "rb").read()
+    target = trained_tracker(seed=7)
+    before = target.state_dict()
+    for name, content in (("cut", data[: len(data) // 2]), ("empty", b""), ("text", b"epochs: 3\n" * 20)):
+        path = str(tmp_path / f"{name}.pt")
+        open(path, "wb").write(content)
+        with pytest.raises(ValueError, match=f"{path} is not a readable memcore Tracker checkpoint"):
+            target.load(path)
+        assert_same_state(target.state_dict(), before)
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        target.load(str(tmp_path / "absent.pt"))
 
 
 def test_save_load_weights_only_round_trip(tmp_path):

@@ -1,5 +1,6 @@
 import csv
 import math
+import os
 
 import numpy as np
 import pytest
@@ -83,6 +84,13 @@ def test_parquet_streams_row_groups_and_round_trips(tmp_path):
     assert torch.equal(back["index"], shard["index"]) and torch.equal(back["csl"], shard["csl"].double())
     with pytest.raises(ValueError, match="rows"):
         export.to_parquet({"a": torch.zeros(3), "b": torch.zeros(4)}, str(tmp_path / "bad"))
+    # ids in any order come back sorted, each score with its id
+    export.to_parquet(
+        {"index": torch.tensor([9, 2, 4]), "csl": torch.tensor([0.9, 0.2, 0.4], dtype=torch.float64)},
+        str(tmp_path / "u"),
+    )
+    back = export.read_parquet(str(tmp_path / "u"))
+    assert back["index"].tolist() == [2, 4, 9] and back["csl"].tolist() == [0.2, 0.4, 0.9]
 
 
 def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
@@ -135,6 +143,97 @@ def test_ranked_issues_refuses_negative_top():
         with pytest.raises(TypeError, match="top"):
             export.ranked_issues(sc, top=bad)
     assert len(export.ranked_issues(sc, top=0)) == 0 and len(export.ranked_issues(sc, top=np.int64(3))) == 3
+
+
+def test_export_helpers_use_the_scores_sample_ids(tmp_path):
+    """A shard's scores (ids 10..19 under "index"): ranked_issues returns those ids, to_csv and
+    to_dataframe write them, once, as the index column."""
+    s = {k: v[:10] for k, v in _tracker_with_open_epoch(10).scores().items()}
+    shard = {"index": torch.arange(10, 20), **s}
+    order = export.ranked_issues(s, by="csl")
+    assert list(export.ranked_issues(shard, by="csl")) == list(order + 10)
+    assert list(export.ranked_issues(shard, by="aum", top=3)) == list(
+        export.ranked_issues(s, by="aum", top=3) + 10
+    )
+    path = tmp_path / "shard.csv"
+    export.to_csv(shard, str(path))
+    lines = path.read_text().splitlines()
+    assert lines[0].split(",").count("index") == 1 and [int(x.split(",")[0]) for x in lines[1:]] == list(
+        range(10, 20)
+    )
+    pytest.importorskip("pandas")
+    df = export.to_dataframe(shard)
+    assert list(df["index"]) == list(range(10, 20)) and list(df.columns).count("index") == 1
+    for bad, match in (
+        ({**shard, "index": torch.arange(10.0, 20.0)}, "integer sample ids"),
+        ({**shard, "index": torch.tensor([10] * 10)}, "more than once"),
+        ({**shard, "index": torch.arange(-1, 9)}, "negative"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            export.ranked_issues(bad)
+        with pytest.raises(ValueError, match=match):
+            export.to_csv(bad, str(tmp_path / "bad.csv"))
+    assert not (tmp_path / "bad.csv").exists()
+
+
+def test_parquet_re_export_replaces_the_previous_one(tmp_path):
+    """A folder holding another export's parts (here a stale part 3 of 4): read_parquet refuses the
+    mixed folder, naming the file; a re-export leaves only its own file, other files alone."""
+    pytest.importorskip("pyarrow")
+    import shutil
+
+    out = tmp_path / "out"
+    tr = _tracker_with_open_epoch()
+    export.to_parquet(tr, str(out))
+    shutil.copy(out / "scores.parquet", out / "scores-00003-of-00004.parquet")
+    with pytest.raises(ValueError, match="scores-00003-of-00004.parquet"):
+        export.read_parquet(str(out))
+    (out / "notes.txt").write_text("kept")
+    export.to_parquet(tr, str(out))
+    assert sorted(os.listdir(out)) == ["notes.txt", "scores.parquet"]
+    got = export.read_parquet(str(out))
+    assert torch.equal(got["index"], torch.arange(23))
+
+
+def test_read_parquet_refuses_foreign_files(tmp_path):
+    """A Parquet file memcore did not write (even with an 'index' column), a non-Parquet file named
+    .parquet, or a memcore file with a repeated id: ValueError naming the file."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    for name, write in (
+        ("other.parquet", lambda p: pq.write_table(pa.table({"index": [0, 1], "csl": [0.5, 0.1]}), p)),
+        ("bad.parquet", lambda p: open(p, "wb").write(b"not parquet")),
+    ):
+        folder = tmp_path / name
+        export.to_parquet({"csl": torch.zeros(3)}, str(folder))
+        write(str(folder / name))
+        with pytest.raises(ValueError, match=name):
+            export.read_parquet(str(folder))
+    with pytest.raises(ValueError, match="more than once"):
+        export.to_parquet({"index": torch.tensor([4, 2, 4]), "csl": torch.zeros(3)}, str(tmp_path / "dup"))
+
+
+def test_join_scores_checks_ids_and_lengths():
+    """Ids that are negative, repeated, beyond the dataset or not integers, and columns of another
+    length, raise before anything is joined; ids in any order map to their rows."""
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "sid": [7, 3, 5]})
+    for scores, match in (
+        ({"index": torch.tensor([-1, 0]), "csl": torch.tensor([5.0, 7.0])}, "negative"),
+        ({"index": torch.tensor([0, 0]), "csl": torch.tensor([5.0, 7.0])}, "more than once"),
+        ({"index": torch.tensor([0, 1, 2]), "csl": torch.tensor([5.0])}, "different lengths"),
+        ({"index": torch.tensor([0, 3]), "csl": torch.tensor([5.0, 7.0])}, "beyond the dataset"),
+        ({"index": torch.tensor([0.0, 1.0]), "csl": torch.tensor([5.0, 7.0])}, "integer sample ids"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            export.join_scores(ds, scores)
+    got = export.join_scores(ds, {"index": torch.tensor([2, 0]), "csl": torch.tensor([5.0, 7.0])})
+    assert got["csl"][0] == 7.0 and np.isnan(got["csl"][1]) and got["csl"][2] == 5.0
+    by_id = export.join_scores(
+        ds, {"index": torch.tensor([5, 7, 9]), "csl": torch.tensor([1.0, 2.0, 3.0])}, index_column="sid"
+    )
+    assert by_id["csl"][0] == 2.0 and np.isnan(by_id["csl"][1]) and by_id["csl"][2] == 1.0
 
 
 def test_infinite_forgetting_survives_every_export(tmp_path):

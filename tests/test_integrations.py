@@ -12,6 +12,24 @@ def _example(name):
     return runpy.run_path(os.path.join(EXAMPLES, name))
 
 
+def _fit_two_epochs(L, mod, tracker, callback, root):
+    """The lightning example's classifier, two epochs on digits, checkpoints under `root`."""
+    import torch
+
+    from memcore.eval.datasets import load_digits
+
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        default_root_dir=str(root),
+    )
+    trainer.fit(mod["Classifier"](tracker), torch.utils.data.DataLoader(load_digits(), batch_size=256))
+
+
 @pytest.mark.slow
 def test_lightning_callback_and_checkpoint(tmp_path):
     L = pytest.importorskip("lightning")
@@ -24,19 +42,7 @@ def test_lightning_callback_and_checkpoint(tmp_path):
     assert mod["main"](epochs=15) > 0.9
     # the callback's state travels with Lightning checkpoints
     tracker = memcore.Tracker(1797)
-    cb = MemcoreCallback(tracker)
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-        default_root_dir=str(tmp_path),
-    )
-    from memcore.eval.datasets import load_digits
-
-    trainer.fit(mod["Classifier"](tracker), torch.utils.data.DataLoader(load_digits(), batch_size=256))
+    _fit_two_epochs(L, mod, tracker, MemcoreCallback(tracker), tmp_path)
     ckpt = (
         next((tmp_path / "checkpoints").glob("*.ckpt"))
         if (tmp_path / "checkpoints").exists()
@@ -47,6 +53,31 @@ def test_lightning_callback_and_checkpoint(tmp_path):
     fresh = memcore.Tracker(1797)
     MemcoreCallback(fresh).load_state_dict(state)
     assert fresh.epochs == 2 and torch.equal(fresh.scores()["csl"], tracker.scores()["csl"])
+
+
+@pytest.mark.slow
+def test_lightning_callback_saves_a_sharded_tracker(tmp_path):
+    """A sharded tracker (here a process group of one rank) travels as its own sharded checkpoint: the
+    Lightning checkpoint names it, and the callback's load_state_dict restores it."""
+    L = pytest.importorskip("lightning")
+    import torch
+    from reference import single_rank_group
+
+    import memcore
+    from memcore.integrations.lightning import SHARDED, MemcoreCallback
+
+    mod = _example("lightning_example.py")
+    with single_rank_group(str(tmp_path / "init")):
+        tracker = memcore.Tracker(1797, device="cpu", shard=True)
+        _fit_two_epochs(L, mod, tracker, MemcoreCallback(tracker), tmp_path)
+        ckpt = next(tmp_path.rglob("*.ckpt"))
+        saved = torch.load(ckpt, weights_only=False)["callbacks"]
+        state = next(v for k, v in saved.items() if "MemcoreCallback" in k)
+        assert state["epochs"] == 2 and os.path.isfile(os.path.join(state[SHARDED], "manifest.json"))
+        assert state[SHARDED].startswith(str(tmp_path / "memcore_tracker"))
+        fresh = memcore.Tracker(1797, device="cpu", shard=True)
+        MemcoreCallback(fresh).load_state_dict(state)
+        assert fresh.epochs == 2 and torch.equal(fresh.scores()["csl"], tracker.scores()["csl"])
 
 
 @pytest.mark.slow

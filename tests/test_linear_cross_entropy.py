@@ -526,3 +526,70 @@ def test_opcheck(reduction, device):
                 [True, False, True],
             ),
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mixed", [False, True])
+def test_autocast_matches_f_linear_and_cross_entropy(dtype, reduction, mixed, device):
+    """Under torch.autocast (forward and backward inside it), as F.cross_entropy(F.linear(...)): the
+    inputs cast as F.linear's are (`mixed`: 16-bit hidden with a float32 weight and bias, which F.linear
+    accepts there), float32 loss, gradients in each input's dtype. Both sides round the logits to
+    `dtype` once, from GEMMs whose blocking may differ: one 16-bit ulp of the largest logit bounds the
+    loss difference, one ulp of the largest entry each gradient's."""
+    hidden, weight, bias, targets, index = _problem(96, 32, 200, device=device, scale=4.0)
+    if mixed:
+        hidden = hidden.to(dtype)
+    up = _upstream(reduction, 96, device=device)
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
+    res = []
+    for fused in (False, True):
+        h, w, b = _leaves(hidden, weight, bias)
+        with torch.autocast(device, dtype=dtype):
+            if fused:
+                tr = memcore.Tracker(96, device=device)
+                loss = memcore.linear_accumulate(h, w, targets, index, tr, bias=b, reduction=reduction)
+            else:
+                logits = F.linear(h, w, b)
+                loss = F.cross_entropy(logits, targets, reduction=reduction)
+            (loss if up is None else loss * up).sum().backward()
+        res.append((loss.detach(), h.grad, w.grad, b.grad))
+    bound = ulp * float(logits.detach().float().abs().max())
+    (l0, *g0), (l1, *g1) = res
+    assert l1.dtype == l0.dtype == torch.float32 and l1.shape == l0.shape
+    torch.testing.assert_close(l1, l0, rtol=0, atol=bound * (2 if reduction != "sum" else 2 * 96))
+    for a, r in zip(g1, g0):
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a.float(), r.float(), rtol=ulp, atol=ulp * float(r.float().abs().max()))
+    assert tr.scores()["rows"].sum() == int((targets != -100).sum())
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float32_head_inside_an_autocast_region(reduction, device):
+    """A head kept in float32 (autocast disabled around it) inside an autocast region, the backward
+    run inside the region: the op's backward then meets autocast with float32 inputs, and must not let
+    it cast the GEMMs inside (the same results as without autocast, bitwise)."""
+    hidden, weight, bias, targets, index = _problem(64, 16, 50, device=device)
+    up = _upstream(reduction, 64, device=device)
+    res = []
+    for region in (False, True):
+        h, w, b = _leaves(hidden, weight, bias)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=region):
+            with torch.autocast(device, enabled=False):
+                tr = memcore.Tracker(64, device=device)
+                loss = memcore.linear_accumulate(h, w, targets, index, tr, bias=b, reduction=reduction)
+            (loss if up is None else loss * up).sum().backward()
+        res.append((loss.detach(), h.grad, w.grad, b.grad))
+    for a, r in zip(res[1], res[0]):
+        assert a.dtype == r.dtype == torch.float32 and torch.equal(a, r)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_is_refused(reduction):
+    """A gradient penalty through create_graph=True raises, instead of a gradient that is not a
+    function of the inputs (silently wrong second derivatives)."""
+    hidden, weight, bias, targets, index = _problem(12, 8, 20)
+    h, w, b = _leaves(hidden, weight, bias)
+    loss = memcore.linear_accumulate(h, w, targets, index, memcore.Tracker(12), bias=b, reduction=reduction)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss.sum(), (h, w), create_graph=True)

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import epoch_sums, random_batches, run_concurrently, run_tracker
+from reference import (
+    assert_same_state,
+    epoch_sums,
+    random_batches,
+    run_concurrently,
+    run_tracker,
+    trained_tracker,
+)
 from reference import scores as ref_scores
 
 import memcore
@@ -173,7 +180,13 @@ def test_storage_memory_maps_the_state(tmp_path):
     want = run_tracker(epochs, 12, "cpu").scores()
     tr = run_tracker(epochs, 12, "cpu", storage=str(tmp_path / "st"))
     folder = tmp_path / "st" / "state"
-    assert sorted(os.listdir(folder)) == ["counts.bin", "forgetting.bin", "learned_since.bin", "sums.bin"]
+    assert sorted(os.listdir(folder)) == [
+        "counts.bin",
+        "forgetting.bin",
+        "learned_since.bin",
+        "lock",
+        "sums.bin",
+    ]
     assert os.path.getsize(folder / "sums.bin") == 12 * 5 * 8
     on_disk = torch.from_file(str(folder / "sums.bin"), size=60, dtype=torch.float64)
     assert torch.equal(on_disk, tr.state_dict()["buffers"]["sums"].flatten())  # the state is the file
@@ -187,6 +200,89 @@ def test_storage_memory_maps_the_state(tmp_path):
     )
     with pytest.raises(ValueError, match="storage"):
         memcore.Tracker(3, device="meta", storage=str(tmp_path / "x"))
+
+
+def test_rejected_batch_among_batches_of_other_ignore_index_records_nothing():
+    """Buffered batches with different ignore_index values, one of them rejected (deferred, strict=False):
+    the flush drops every row of the rejected batch, whichever ignore_index the others use."""
+    g = torch.Generator().manual_seed(8)
+    batches = [
+        (torch.randn(6, 3, generator=g), torch.randint(0, 3, (6,), generator=g), torch.arange(6))
+        for _ in range(3)
+    ]
+    tr = memcore.Tracker(6, strict=False)
+    want = memcore.Tracker(6)
+    for k, (logits, targets, idx) in enumerate(batches):
+        if k == 1:  # rejected: an index out of range
+            memcore.accumulate(logits, targets, idx + 1, tr, ignore_index=-1)
+            continue
+        memcore.accumulate(logits, targets, idx, tr, ignore_index=-100 - k)
+        memcore.accumulate(logits, targets, idx, want)
+    with pytest.raises(ValueError, match="index out of range"):
+        tr.end_epoch()
+    tr.end_epoch()
+    want.end_epoch()
+    assert torch.equal(tr.scores()["csl"], want.scores()["csl"]) and tr.scores()["rows"].sum() == 12
+
+
+def test_storage_directory_holds_one_live_tracker(tmp_path):
+    """A second tracker on a directory in use raises instead of zeroing the first one's state; the lock
+    goes with the first tracker (and with its process: the OS drops it, so a crash leaves none)."""
+    import gc
+
+    epochs = [random_batches(16, 4, 12, 2, gen=torch.Generator().manual_seed(e)) for e in range(2)]
+    first = run_tracker(epochs, 12, "cpu", storage=str(tmp_path / "st"))
+    before = first.state_dict()
+    with pytest.raises(ValueError, match="in use by another live Tracker"):
+        memcore.Tracker(12, storage=str(tmp_path / "st"))
+    assert_same_state(first.state_dict(), before)
+    copy = __import__("copy").deepcopy(first)  # an in-memory copy: it owns no directory
+    assert copy._storage is None and torch.equal(copy.scores()["csl"], first.scores()["csl"])
+    del first, copy
+    gc.collect()
+    again = memcore.Tracker(12, storage=str(tmp_path / "st"))
+    assert again.scores()["rows"].sum() == 0
+
+
+def test_lost_storage_directory_keeps_the_state_readable(tmp_path):
+    """The directory removed mid-run: the batch that needs new files raises, and the state so far
+    stays readable in memory and savable elsewhere, input-gradient fields all or none."""
+    import shutil
+
+    g = torch.Generator().manual_seed(1)
+    tr = memcore.Tracker(8, storage=str(tmp_path / "st"))
+    memcore.accumulate(
+        torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g), torch.arange(8), tr
+    )
+    tr.end_epoch()
+    want = tr.scores()
+    shutil.rmtree(tmp_path / "st")
+    x = torch.randn(8, 3, generator=g, requires_grad=True)
+    loss = memcore.accumulate(x * 2, torch.randint(0, 3, (8,), generator=g), torch.arange(8), tr, inputs=x)
+    with pytest.raises(OSError, match="storage directory removed"):
+        loss.backward()
+    assert tr._grad_start == -1 and "grad_sq_sum" not in tr._st  # no half-made fields
+    tr.end_epoch()  # the forward's rows were recorded; the input gradients of that batch were not
+    got = tr.scores()
+    assert torch.equal(got["rows"], want["rows"] * 2) and torch.isnan(got["input_grad_norm"]).all()
+    tr.save(str(tmp_path / "ck.pt"))
+    back = memcore.Tracker(8)
+    back.load(str(tmp_path / "ck.pt"))
+    assert_same_state(back.state_dict(), tr.state_dict())
+
+
+def test_storage_tracker_drops_fields_the_loaded_state_lacks(tmp_path):
+    """Loading a state without input-gradient fields into a storage tracker that has them leaves it
+    with exactly the loaded buffers (no stale fields)."""
+    with_grads = trained_tracker(inputs=True)
+    plain = trained_tracker(seed=3)
+    tr = memcore.Tracker(12, storage=str(tmp_path / "st"))
+    tr.load_state_dict(with_grads.state_dict())
+    assert "grad_sq_sum" in tr.state_dict()["buffers"]
+    tr.load_state_dict(plain.state_dict())
+    assert_same_state(tr.state_dict(), plain.state_dict())
+    for k, v in plain.scores().items():
+        assert torch.equal(tr.scores()[k].nan_to_num(-1), v.nan_to_num(-1)), k
 
 
 def test_samples_missing_from_an_epoch_keep_their_history():
@@ -290,6 +386,26 @@ def test_concurrent_accumulate_loses_no_rows(with_inputs, flush_every, n, calls)
     torch.testing.assert_close(sc["csl"], want * 2 * calls, rtol=1e-6, atol=0)  # float32 losses
     if with_inputs:
         assert int(tr.state_dict()["buffers"]["grad_rows"].sum()) == 2 * calls * n
+
+
+def test_rejected_call_under_a_transform_leaves_no_row():
+    """accumulate under torch.vmap or torch.func.grad raises before anything runs: no transformed row
+    is buffered, and the tracker's later flushes, scores and checkpoints work."""
+    g = torch.Generator().manual_seed(6)
+    tr = memcore.Tracker(8)
+    logits, targets = torch.randn(3, 4, 5, generator=g), torch.randint(0, 5, (3, 4), generator=g)
+    index = torch.randint(0, 8, (3, 4), generator=g)
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.vmap(lambda a, b, c: memcore.accumulate(a, b, c, tr))(logits, targets, index)
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.func.grad(lambda z: memcore.accumulate(z, targets[0], index[0], tr))(logits[0])
+    hidden, weight = torch.randn(3, 4, 6, generator=g), torch.randn(5, 6, generator=g)
+    with pytest.raises(TypeError, match="torch.func transform"):
+        torch.vmap(lambda h, b, c: memcore.linear_accumulate(h, weight, b, c, tr))(hidden, targets, index)
+    assert tr.buffered_bytes() == 0
+    with pytest.warns(UserWarning, match="no batch recorded"):  # none of the calls counted as a batch
+        tr.end_epoch()
+    assert tr.scores()["rows"].sum() == 0 and tr.state_dict()["epochs"] == 1
 
 
 def _one_batch(tracker, n=4):

@@ -12,6 +12,16 @@ whole batch's non-ignored rows). In eager mode that scaling happens in place on 
 graph, whose buffers the first one handed out, recomputes like "none". Reduction "none": the upstream
 gradient differs per row, so linear_ce_backward recomputes every logits chunk and applies it inside
 ce_backward, exactly as F.cross_entropy's backward does.
+
+Double backward (``create_graph=True``, a gradient penalty) is refused: the gradients come out of the
+fused ops as stored tensors, not as functions of the inputs, so their own gradient would be
+silently wrong.
+
+Autocast: both ops have an autocast kernel (CPU and CUDA). Without one the ops would fall through
+to their CPU / CUDA kernels with autocast still on, which would then cast the GEMMs inside them. The
+forward casts hidden, weight and bias as autocast casts F.linear's inputs (floating, not float64,
+to the autocast dtype) and runs the op with autocast off; the backward only turns autocast off (its
+inputs are the forward's).
 """
 
 import torch
@@ -85,6 +95,12 @@ def _recompute(ctx, grad_rows, hidden, weight, bias, targets, lse, mask):
 
 
 def _backward(ctx, grad_out, _g_count, grad_loss, *_unused):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "memcore.linear_accumulate does not support double backward (create_graph=True, e.g. a "
+            "gradient penalty): its gradients are made by fused ops, not by differentiable ones. Use "
+            "memcore.accumulate(F.linear(hidden, weight, bias), ...) for that loss (exact double backward)"
+        )
     need = ctx.needs_input_grad
     saved = ctx.saved_tensors
     hidden, weight, bias, targets, lse, count = saved[:6]
@@ -119,3 +135,39 @@ def _backward(ctx, grad_out, _g_count, grad_loss, *_unused):
 
 
 torch.library.register_autograd("memcore::linear_ce_forward", _backward, setup_context=_setup_context)
+
+
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def autocast_cast(t, device_type: str):
+    """`t` cast as autocast casts F.linear's inputs on `device_type`: a floating tensor on that device
+    type, unless float64, to the autocast dtype; anything else as it is."""
+    if (
+        isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.dtype != torch.float64
+        and t.device.type == device_type
+    ):
+        return t.to(torch.get_autocast_dtype(device_type))
+    return t
+
+
+def _autocast_kernels(device_type: str):
+    def forward(hidden, weight, bias, *rest):
+        cast = [autocast_cast(t, device_type) for t in (hidden, weight, bias)]
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.memcore.linear_ce_forward(*cast, *rest)
+
+    def backward(*args):
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.memcore.linear_ce_backward(*args)
+
+    return forward, backward
+
+
+_lib = torch.library.Library("memcore", "IMPL")
+for _device_type, _key in _AUTOCAST_KEYS.items():
+    _fwd, _bwd = _autocast_kernels(_device_type)
+    _lib.impl("linear_ce_forward", _fwd, _key)
+    _lib.impl("linear_ce_backward", _bwd, _key)

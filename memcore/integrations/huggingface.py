@@ -24,17 +24,27 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("memcore.integrations.huggingface needs `pip install transformers`") from e
 
-from .._checkpoint import atomic_save, load_plain
+from .._checkpoint import TRACKER_FILE, load_from_folder, save_in_folder
 from ..cross_entropy import accumulate
 from ..linear_cross_entropy import linear_accumulate
 from ..tracker import Tracker
 
-TRACKER_FILE = "memcore_tracker.pt"
+__all__ = [
+    "MemcoreCallback",
+    "MemcoreTrainer",
+    "TRACKER_FILE",
+    "check_fused_head",
+    "fused_head",
+    "load_tracker",
+]
 
 
 class MemcoreCallback(TrainerCallback):
     """Closes tracker epochs and writes the tracker into every Trainer checkpoint folder
-    (``checkpoint-*/memcore_tracker.pt``); ``load_tracker`` restores it when resuming."""
+    (``checkpoint-*/memcore_tracker.pt``; a sharded tracker as ``checkpoint-*/memcore_tracker/``, one
+    file per rank and a manifest); ``load_tracker`` restores it when resuming, at any world size for a
+    sharded one. The Trainer calls the save hook on every rank: each takes part in the tracker's
+    collectives, and rank 0 writes an unsharded tracker's file."""
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
@@ -45,8 +55,7 @@ class MemcoreCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
-            atomic_save(self.tracker.state_dict(), os.path.join(folder, TRACKER_FILE))
+        save_in_folder(self.tracker, folder, write=state.is_world_process_zero)
         return control
 
 
@@ -78,10 +87,9 @@ class IndexCollator:
 
 
 def load_tracker(tracker: Tracker, checkpoint_dir: str) -> None:
-    """Restores the tracker saved by MemcoreCallback in a Trainer checkpoint folder."""
-    tracker.load_state_dict(
-        load_plain(os.path.join(checkpoint_dir, TRACKER_FILE), "memcore Tracker checkpoint")
-    )
+    """Restores the tracker saved by MemcoreCallback in a Trainer checkpoint folder (sharded: call it
+    on every rank, at any world size)."""
+    load_from_folder(tracker, checkpoint_dir)
 
 
 class MemcoreTrainer(Trainer):
