@@ -427,6 +427,43 @@ REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 _TRACKER = None  # memcore.Tracker, imported at the first call (tracker.py imports this module)
 
 
+def class_options(
+    weight,
+    label_smoothing,
+    softcap,
+    z_loss,
+    return_z_loss,
+    logits2d: torch.Tensor,
+    weight_name: str = "weight",
+):
+    """The loss options of accumulate / linear_accumulate checked against logits [N, C], returned as
+    (weight, label_smoothing, softcap, z_loss, return_z_loss): weight None or a floating [C] tensor
+    on the logits' device (returned detached in the ops' accumulation dtype, float64 for float64
+    logits, else float32), label_smoothing a number in [0, 1], softcap None or a number > 0, z_loss
+    a number >= 0 (floats), return_z_loss a bool. Raises TypeError / ValueError naming the argument."""
+    eps = as_float(label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0)
+    cap = None if softcap is None else as_float(softcap, "softcap", minimum=0.0, open_minimum=True)
+    zc = as_float(z_loss, "z_loss", minimum=0.0)
+    if not isinstance(return_z_loss, bool):
+        raise TypeError(f"return_z_loss must be a bool, got {type(return_z_loss).__name__}")
+    if weight is None:
+        return None, eps, cap, zc, return_z_loss
+    _require_tensor(weight, weight_name)
+    c = logits2d.shape[1]
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"{weight_name} must be a floating-point tensor of class weights, got {weight.dtype}")
+    if weight.shape != (c,):
+        raise ValueError(
+            f"{weight_name} must have shape ({c},), one weight per class, got {tuple(weight.shape)}"
+        )
+    if not same_device(weight.device, logits2d.device):
+        raise ValueError(
+            f"{weight_name} must be on the logits' device {logits2d.device}, got {weight.device}"
+        )
+    acc = torch.float64 if logits2d.dtype == torch.float64 else torch.float32
+    return weight.detach().to(acc).contiguous(), eps, cap, zc, return_z_loss
+
+
 def loss_call(tracker, reduction, ignore_index) -> Tuple[int, int]:
     """The checks ``accumulate`` and ``linear_accumulate`` open with: tracker a memcore.Tracker,
     reduction one of REDUCTIONS, ignore_index an integer (numpy integers and 0-d integer tensors too,

@@ -1,13 +1,14 @@
 """The cross_entropy family's public wrapper, `memcore.accumulate`: cross-entropy that also records
 per-sample statistics in a Tracker. The ops' fake kernels: memcore/_ops/cross_entropy.py; their
-autograd: csrc/autograd/cross_entropy.cpp."""
+autograd: csrc/autograd/cross_entropy.cpp. The loss options (class weights, label smoothing,
+z-loss) compose the ops here, in the autograd function _ClassOptions."""
 
 from typing import Optional
 
 import torch
 
 from ._ops import cross_entropy as _registered  # noqa: F401  (fake kernels of the ops)
-from ._validate import check_inputs_for_grad, explain_status, loss_call, rows_of
+from ._validate import check_inputs_for_grad, class_options, explain_status, loss_call, rows_of
 from .tracker import Tracker
 
 
@@ -22,7 +23,12 @@ def accumulate(
     inputs: Optional[torch.Tensor] = None,
     overwrite_logits: bool = False,
     class_dim: Optional[int] = None,
-) -> torch.Tensor:
+    weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
+):
     """Drop-in for ``F.cross_entropy(logits, targets, reduction=..., ignore_index=...)`` that also
     adds every row's loss, p(target), margin and correctness into ``tracker`` at ``index``.
 
@@ -73,8 +79,36 @@ def accumulate(
             copy, is copied back into the logits' layout (one more pass each way; with
             ``overwrite_logits=True`` it is the copy that is overwritten, not the logits).
 
+        weight: optional class weights [C] (F.cross_entropy's ``weight``): row r's loss is
+            multiplied by ``weight[targets[r]]``, and ``"mean"`` divides by the summed weights of
+            the non-ignored rows. The weights get no gradient.
+        label_smoothing: in [0, 1], F.cross_entropy's: the loss is taken against
+            ``(1 - label_smoothing) * onehot + label_smoothing / C``; with ``weight``, the smoothing
+            term of a row is ``-sum_j weight[j] * log p_j * label_smoothing / C``, and ignored rows
+            still contribute nothing.
+
+        softcap: optional positive cap (Liger-Kernel's ``softcap``, Gemma-2 / 3's final logit
+            soft-capping): the logits become ``softcap * tanh(logits / softcap)`` before the
+            softmax, the gradient flows through the tanh. Computed in float32 (float64 for float64
+            logits) into one N x C temporary, on which every route runs.
+        z_loss: coefficient of the z-loss (Liger-Kernel's ``lse_square_scale``, PaLM's auxiliary
+            loss): ``z_loss * logsumexp(row) ** 2`` is added to each non-ignored row's loss; it is
+            not weighted by ``weight``, and ``"mean"`` divides it by the number of non-ignored rows
+            (the cross-entropy part by the summed weights), as Liger-Kernel does.
+        return_z_loss: return ``(loss, z_loss_term)`` as Liger-Kernel does: the z-loss part of
+            ``loss``, reduced the same way, for logging (it carries no gradient; it is already in
+            ``loss``).
+
+            With any option the statistics recorded in ``tracker`` stay the model's own:
+            -log p(target), p(target), margin and correctness of the softmax the model predicts
+            (after ``softcap``), neither weighted, smoothed nor z-lossed. ``weight``,
+            ``label_smoothing`` and ``z_loss`` do not combine with ``overwrite_logits`` or
+            ``inputs``; they cost one more read of the logits in the forward when smoothing and one
+            more pass over the gradient in the backward when smoothing or with z-loss (none for
+            ``weight`` alone). Double backward is exact with every option.
+
     Returns:
-        The loss, in ``logits.dtype`` (float32 for float16 / bfloat16 logits under
+        The loss (a pair with ``return_z_loss=True``), in ``logits.dtype`` (float32 for float16 / bfloat16 logits under
         ``torch.autocast``, as F.cross_entropy): a scalar, or per-row with the shape of ``targets``
         for reduction="none". The logits' gradient has their shape and layout. Gradients flow to ``logits`` only; double backward (a gradient
         penalty through ``create_graph=True``) is exact on the default route.
@@ -95,6 +129,12 @@ def accumulate(
     """
     code, ignore_index = loss_call(tracker, reduction, ignore_index)
     logits2d, targets1d, index1d = rows_of(logits, targets, index, ignore_index, tracker.device, class_dim)
+    if weight is not None or label_smoothing != 0.0 or softcap is not None or z_loss != 0.0 or return_z_loss:
+        options = class_options(weight, label_smoothing, softcap, z_loss, return_z_loss, logits2d)
+        rows = (logits2d, targets1d, index1d)
+        return _with_options(
+            logits, targets, rows, tracker, (reduction, ignore_index, inputs, overwrite_logits), options
+        )
     if inputs is not None:
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
     if overwrite_logits:
@@ -138,6 +178,137 @@ def accumulate(
     else:
         out = loss.sum() / (targets1d != ignore_index).sum()
     return _as_result(out, logits)
+
+
+class _ClassOptions(torch.autograd.Function):
+    """Per-row losses of F.cross_entropy with class weights w (None: all 1) and label smoothing eps,
+    and the z-loss zc * lse^2, from the plain kernels: ce_forward gives nll = lse - z_t, lse and the
+    statistics, and
+
+        ce_r = (1 - eps) w_t nll_r + (eps / C) sum_j w_j (lse_r - z_rj)
+             = A_r nll_r - (eps / C) (sum_j w_j z_rj - W z_rt),   A_r = (1 - eps) w_t + (eps / C) W,
+
+    (W = sum_j w_j), whose gradient is g_r [A_r (p - onehot_t) - (eps / C) (w - W onehot_t)]; the
+    z-loss's is h_r 2 zc lse_r p. One ce_backward with upstream g A + h 2 zc lse, then the target's
+    entry corrected in one rounding and, when smoothing, the rank-one term. Ignored rows: losses
+    and gradient 0. The backward is written in differentiable ops (ce_backward has its own
+    derivative), so double backward is exact."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, index, num_samples: int, ignore_index: int, w, eps: float, zc: float):
+        nll, lse, row_stats, status = torch.ops.memcore.ce_forward(
+            logits, targets, index, num_samples, ignore_index
+        )
+        keep = targets != ignore_index
+        safe_t = torch.where(keep, targets, 0)
+        c = logits.shape[1]
+        keep_f = keep.to(nll.dtype)
+        if w is None:
+            w_t = keep_f
+            big_w = float(c)
+        else:
+            w_t = w[safe_t] * keep_f
+            big_w = w.sum()
+        scale = (1.0 - eps) * w_t + (eps / c) * big_w * keep_f
+        ce = scale * nll
+        if eps != 0.0:
+            z_t = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1).to(nll.dtype)
+            if w is None:
+                zw = logits.sum(1, dtype=nll.dtype)
+            elif logits.dtype == nll.dtype:
+                zw = logits @ w
+            else:  # 16-bit logits: the product in their dtype, accumulated in float32 by the GEMV
+                zw = (logits @ w.to(logits.dtype)).to(nll.dtype)
+            ce = ce - torch.where(keep, (eps / c) * (zw - big_w * z_t), 0.0)
+        zl = zc * lse * lse * keep_f  # ignored rows hold lse 0
+        ctx.save_for_backward(logits, targets, lse, scale, w, keep)
+        ctx.eps, ctx.zc, ctx.ignore_index, ctx.big_w = eps, zc, ignore_index, big_w
+        ctx.mark_non_differentiable(nll, row_stats, status, w_t, keep_f)
+        return ce, zl, nll, row_stats, status, w_t, keep_f
+
+    @staticmethod
+    def backward(ctx, g, h, *_unused):
+        logits, targets, lse, scale, w, keep = ctx.saved_tensors
+        eps, zc = ctx.eps, ctx.zc
+        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+        g = zero if g is None else torch.where(keep, g.to(lse.dtype), 0.0)
+        grad_enabled = (
+            torch.is_grad_enabled()
+        )  # double backward: out of place, lse as a function of the logits
+        if h is None or zc == 0.0:
+            hz = zero
+        else:
+            lse_h = torch.logsumexp(logits.to(lse.dtype), 1) if grad_enabled else lse
+            hz = torch.where(keep, h.to(lse.dtype) * (2.0 * zc) * lse_h, 0.0)
+        up = (g * scale + hz).expand(lse.shape)
+        grad = torch.ops.memcore.ce_backward(up, logits, targets, lse, ctx.ignore_index)
+        if eps == 0.0 and zc == 0.0:
+            return grad, None, None, None, None, None, None, None
+        c = logits.shape[1]
+        ge = (g * (eps / c)).expand(lse.shape)
+        safe_t = torch.where(keep, targets, 0).unsqueeze(1)
+        # the target's entry: the kernel's up * (p_t - 1), plus up - g (1 - eps) w_t - g (eps / C) w_t
+        # (the part of onehot the options do not take), in one rounding
+        w_t = 1.0 if w is None else w[safe_t]
+        fix = (hz + ge * ctx.big_w).unsqueeze(1) - ge.unsqueeze(1) * w_t
+        if grad.dtype == lse.dtype:
+            base = grad.gather(1, safe_t)
+        else:  # 16-bit: from p_t in float32 rather than the kernel's rounded entry
+            p_t = torch.exp(logits.gather(1, safe_t).to(lse.dtype) - lse.unsqueeze(1))
+            base = up.unsqueeze(1) * (p_t - 1.0)
+        at_t = (base + fix).to(grad.dtype)
+        if eps != 0.0:
+            off = ge.unsqueeze(1) if w is None else torch.outer(ge, w)
+            grad = grad - off.to(grad.dtype) if grad_enabled else grad.sub_(off)
+        grad = grad.scatter(1, safe_t, at_t) if grad_enabled else grad.scatter_(1, safe_t, at_t)
+        return grad, None, None, None, None, None, None, None
+
+
+def _with_options(logits, targets, rows, tracker, route, options):
+    """accumulate with any of weight, label_smoothing, softcap, z_loss, return_z_loss. rows: the
+    (logits2d, targets1d, index1d) of rows_of; route: (reduction, ignore_index, inputs,
+    overwrite_logits); options: as class_options returns them."""
+    logits2d, targets1d, index1d = rows
+    reduction, ignore_index, inputs, overwrite = route
+    w, eps, softcap, zc, return_z_loss = options
+    if softcap is not None:
+        acc = torch.float64 if logits2d.dtype == torch.float64 else torch.float32
+        logits2d = torch.tanh(logits2d.to(acc) / softcap) * softcap
+    if w is None and eps == 0.0 and zc == 0.0:
+        out = accumulate(
+            logits2d,
+            targets1d,
+            index1d,
+            tracker,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            inputs=inputs,
+            overwrite_logits=overwrite,
+        )
+        out = _as_result(out.reshape(targets.shape) if reduction == "none" else out, logits)
+        if return_z_loss:
+            return out, torch.zeros_like(out)
+        return out
+    if overwrite or inputs is not None:
+        raise ValueError(
+            "weight=, label_smoothing= and z_loss= cannot be combined with overwrite_logits=True or "
+            "inputs= (both need the plain cross-entropy of each row); use the default route"
+        )
+    ce, zl, nll, row_stats, status, w_t, keep_f = _ClassOptions.apply(
+        logits2d, targets1d, index1d, tracker.num_samples, ignore_index, w, eps, zc
+    )
+    _record(tracker, logits2d, targets1d, index1d, ignore_index, nll, row_stats, status)
+    if reduction == "none":
+        out, z = (ce + zl).reshape(targets.shape), zl.reshape(targets.shape)
+    elif reduction == "sum":
+        out, z = ce.sum() + zl.sum(), zl.sum()
+    else:  # F.cross_entropy's mean (over the summed weights of the non-ignored rows); the z-loss's over rows
+        z = zl.sum() / keep_f.sum()
+        out = ce.sum() / w_t.sum() + z
+    out = _as_result(out, logits)
+    if return_z_loss:
+        return out, _as_result(z.detach(), logits)
+    return out
 
 
 def _as_result(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

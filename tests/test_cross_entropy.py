@@ -247,7 +247,7 @@ def test_row_paths_statistics(c, dtype, device):
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_row_paths_narrower_isa(isa, tmp_path):
     """The AVX2 and baseline copies of the CPU block kernels (a wider machine picks AVX-512 at
-    load; MEMCORE_CPU_ISA caps it) pass the row-path tests too."""
+    load; MEMCORE_CPU_ISA caps it) pass the row-path and accuracy tests too."""
     import os
     import subprocess
     import sys
@@ -282,8 +282,9 @@ def test_row_paths_narrower_isa(isa, tmp_path):
             "-o",  # this build first, not pyproject's pythonpath (the source tree, maybe another build)
             f"pythonpath={build}",
             os.path.join(here, "test_cross_entropy.py"),
+            os.path.join(here, "test_cross_entropy_accuracy.py"),
             "-k",
-            "row_paths_statistics and cpu",
+            "row_paths_statistics and cpu or test_cpu_as_exact",
         ],
         env=env,
         cwd=tmp_path,

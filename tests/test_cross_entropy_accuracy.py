@@ -1,4 +1,8 @@
-"""fp32 and fp64 accuracy of the CUDA cross-entropy kernels, on the host: their own row logic
+"""fp32 and fp64 accuracy of the cross-entropy kernels. The CPU ops run as they are (ce_forward,
+ce_backward from its stored lse, the in-place overwrite of ce_forward_grad_; the narrow rows under
+16 classes, the blocks of up to 1024 and the rows streamed in pieces beyond; the ISA copy this
+process loaded, the narrower ones through test_cross_entropy.py's subprocess test). The CUDA
+kernels are checked on the host: their own row logic
 (csrc/cuda/cross_entropy_row.h) replayed lane by lane as each launch runs it, with ex2.approx.ftz.f32
 modelled at its documented error (2 ulp; csrc/cross_entropy_replay.cpp's host_ex2), against float64.
 
@@ -22,6 +26,7 @@ from memcore import _C
 
 SCALES = (1, 3, 10, 30)
 ROWS = {10: 64, 1000: 32, 32000: 4, 256000: 2}  # classes: rows (few for the wide ones: cost)
+CPU_ROWS = {**ROWS, 100: 32, 4000: 8}  # and a block row of two vector lengths, a streamed one of four pieces
 TOL = {torch.float32: (1e-6, 1e-5), torch.float64: (1e-12, 1e-10)}  # atol, rtol
 SMS = 132  # the split decision as on an H100 / H200
 EX2 = ("hashed", "low", "high")
@@ -34,7 +39,7 @@ def _threads(c):
 
 def _batch(scale, c, dtype):
     g = torch.Generator().manual_seed(1000 * scale + c)
-    n = ROWS[c]
+    n = CPU_ROWS[c]
     z = (torch.randn(n, c, generator=g, dtype=torch.float64) * scale).to(dtype)
     t = torch.randint(0, c, (n,), generator=g)
     t[::2] = z[::2].argmax(1)
@@ -99,6 +104,19 @@ def _split_routes(z, t):
     return {f"split forward + backward (S={s})": (loss, back), f"split overwrite (S={s})": (loss_o, over)}
 
 
+def _cpu_routes(z, t):
+    """Per route name: (loss [N], gradient [N, C]) of the CPU ops themselves."""
+    n = len(t)
+    index = torch.arange(n)
+    ops = torch.ops.memcore
+    loss, lse, _, status = ops.ce_forward(z, t, index, n, -100)
+    assert int(status) == 0
+    back = ops.ce_backward(torch.ones(n, dtype=lse.dtype), z, t, lse, -100)
+    over = z.clone()
+    loss_o = ops.ce_forward_grad_(over, t, index, n, -100, 2)[2]  # sum: upstream gradient 1 per row
+    return {"cpu forward + backward": (loss, back), "cpu overwrite": (loss_o, over)}
+
+
 def _cuda_routes(z, t):
     """The CUDA kernels themselves (their own ex2.approx), on the launch this GPU takes for the shape
     (the split launch for the few wide rows): ce_forward + ce_backward, and ce_forward_grad_ (sum:
@@ -113,11 +131,17 @@ def _cuda_routes(z, t):
     return {"CUDA forward + backward": (loss.cpu(), back.cpu()), "CUDA overwrite": (loss_o.cpu(), over.cpu())}
 
 
-def _check(dtype, scale, c, on_gpu=False):
+def _check(dtype, scale, c, where="replay"):
+    """where: "replay" (the CUDA row logic on the host), "cpu" or "cuda" (the ops themselves)."""
     z, t = _batch(scale, c, dtype)
     ref_loss, ref_grad = _reference(z, t)
     torch_bad = _bad_rows(*_torch(z, t), ref_loss, ref_grad, dtype)
-    routes = _cuda_routes(z, t) if on_gpu else {**_block_routes(z, t), **_split_routes(z, t)}
+    if where == "cpu":
+        routes = _cpu_routes(z, t)
+    elif where == "cuda":
+        routes = _cuda_routes(z, t)
+    else:
+        routes = {**_block_routes(z, t), **_split_routes(z, t)}
     assert routes
     failures = []
     for name, (loss, grad) in routes.items():
@@ -147,6 +171,13 @@ def test_fp64_as_exact_as_pytorch(scale, c):
     _check(torch.float64, scale, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", sorted(CPU_ROWS))
+@pytest.mark.parametrize("scale", SCALES)
+def test_cpu_as_exact_as_pytorch(scale, c, dtype):
+    _check(dtype, scale, c, where="cpu")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -154,7 +185,7 @@ def test_fp64_as_exact_as_pytorch(scale, c):
 @pytest.mark.parametrize("scale", SCALES)
 def test_cuda_kernels_as_exact_as_pytorch(scale, c, dtype):
     """The same sweep on a GPU: the compiled kernels, not their replay."""
-    _check(dtype, scale, c, on_gpu=True)
+    _check(dtype, scale, c, where="cuda")
 
 
 def test_ex2_model_stays_within_two_ulp():

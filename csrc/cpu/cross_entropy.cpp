@@ -54,7 +54,7 @@ int64_t piece_len(int64_t left) { return left - kChunk < 16 ? left : kChunk; }
 // streamed (shorter rows take the block kernels of cross_entropy_block.h).
 template <typename scalar_t>
 RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
-  double zt, m_before, m_after, lse;
+  double zt, m_before, m_after, lse, loss;
   if constexpr (std::is_same_v<scalar_t, double>) {
     const double inf = std::numeric_limits<double>::infinity();
     zt = z[t];
@@ -76,6 +76,7 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
     }
     if (m == -inf) s = std::numeric_limits<double>::quiet_NaN();  // no finite max: NaN flags the row
     lse = m + std::log(s);
+    loss = (m - zt) + std::log(s);
   } else {
     RowAcc a{-kInf, 0.f, -kInf, -kInf};
     for (int64_t off = 0; off < C;) {
@@ -87,11 +88,14 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
     m_after = a.after;
     zt = static_cast<float>(z[t]);
     // a row of -inf (m stays -inf) has no finite max: NaN flags it, as it does NaN entries
-    lse = a.m == -kInf ? std::numeric_limits<double>::quiet_NaN() : static_cast<double>(a.m + std::log(a.s));
+    const double log_s = a.m == -kInf ? std::numeric_limits<double>::quiet_NaN() : std::log(static_cast<double>(a.s));
+    lse = static_cast<float>(a.m + log_s);
+    // (m - zt) + log s, not lse - zt: no rounding of lse to float in the loss
+    loss = (static_cast<double>(a.m) - zt) + log_s;
   }
   RowResult r;
   r.lse = lse;
-  r.loss = lse - zt;
+  r.loss = loss;
   r.prob = static_cast<double>(exp_approx(static_cast<float>(-r.loss)));
   if constexpr (std::is_same_v<scalar_t, double>) r.prob = std::exp(-r.loss);
   const double other = std::max(m_before, m_after);
