@@ -194,7 +194,7 @@ void grad_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double lse
   }
   // the owner's fix-up, after the row's sum (kTargetBySum) that every lane takes part in
   const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(sums, "_ce_grad_replay") : acc_t(0);
-  out[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, acc_t(lse), others, acc_t(g)));
+  out[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, acc_t(lse), others, acc_t(g), out + t));
 }
 
 // ---- the split path (ce_split_forward_kernel, ce_split_finish_kernel, ce_split_grad_kernel)
@@ -301,13 +301,13 @@ void split_grad(const scalar_t* logits, scalar_t* out, const int64_t* targets, c
       if (cerow::kTargetBySum<scalar_t>)
         parts[k] = row_sum<acc_t, TPR>(sums, "_ce_split_grad_replay");  // lane 0 stores the slice's
       else if (own >= 0)
-        o[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, lse[row], acc_t(0), g[row]));
+        o[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, lse[row], acc_t(0), g[row], o + t));
     }
     if (cerow::row_skipped(t, a.C, a.ignore_index)) continue;
     TORCH_CHECK(owners == 1, "_ce_split_grad_replay: column ", t, " is owned by ", owners, " slices");
     if (cerow::kTargetBySum<scalar_t>) {  // ce_split_target_kernel: the warp's sum, lane 0 writes
       warp_sums(parts);
-      o[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(acc_t(0), acc_t(0), parts[0], g[row]));
+      o[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(acc_t(0), acc_t(0), parts[0], g[row], o + t));
     }
   }
 }

@@ -188,6 +188,32 @@ def test_cuda_kernels_as_exact_as_pytorch(scale, c, dtype):
     _check(dtype, scale, c, where="cuda")
 
 
+@pytest.mark.parametrize("c", [1000, 131072])
+def test_fp32_target_gradient_of_unconfident_rows(ex2, c):
+    """Where p_t <= 1/2 the fp32 target gradient p_t - 1 comes from exp(z_t - lse) - 1, so lse's
+    rounding to fp32 (ulp(lse) / 2, relative to every p_j) reaches it scaled by p_t, not by 1 as
+    minus the others' sum would carry it. Per row: |error| <= p_t (|lse| + 4) 2^-24 + 2^-24 (lse
+    rounding, ex2's 2 ulp, the subtraction), doubled for the other roundings; logits shifted by 40
+    so |lse| is in [32, 64), where minus the others' sum errs by ~|lse| 2^-24 ~ 2.4e-6."""
+    g = torch.Generator().manual_seed(c)
+    n = 4 if c > 4096 else 64
+    z = (torch.randn(n, c, generator=g, dtype=torch.float64) * 2 + 40).float()
+    t = torch.randint(0, c, (n,), generator=g)
+    _, ref_grad = _reference(z, t)
+    rows = torch.arange(n)
+    p_t = (ref_grad[rows, t] + 1).clamp(min=0)
+    lse = torch.logsumexp(z.double(), 1)
+    bound = 2 * (p_t * (lse.abs() + 4) * 2.0**-24 + 2.0**-24)
+    routes = {**_block_routes(z, t), **_split_routes(z, t)} if c <= 4096 else _split_routes(z, t)
+    assert routes, "the split launch should take these rows"
+    unconfident = p_t <= 0.5
+    assert unconfident.sum() >= n // 2, "fixture should hold unconfident rows"
+    for name, (_, grad) in routes.items():
+        err = (grad[rows, t].double() - ref_grad[rows, t]).abs()
+        bad = unconfident & (err > bound)
+        assert not bad.any(), f"{name}: rows {bad.nonzero().flatten().tolist()}, errors {err[bad].tolist()}"
+
+
 def test_ex2_model_stays_within_two_ulp():
     """host_ex2 under every model: within 2 ulp of 2^x for normal results, the low and high models
     at the bound's two ends for some x, and flushed to +0 below the smallest normal (.ftz)."""

@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) c
     const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(mine, lane) : acc_t(0);
     // the onehot: by the thread that wrote column t in the pass, after it (program order)
     if (lane == cerow::owner<TPR, VEC>(L, t))
-      g[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, o.lse, others, w));
+      g[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, o.lse, others, w, g + t));
   }
   if (lane != 0) return;
   int flags = 0;
@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) c
   const acc_t mine = cerow::grad_row<scalar_t, TPR, VEC>(z, g, C, t, L, l, gl, lane);
   const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(mine, lane) : acc_t(0);
   if (lane == cerow::owner<TPR, VEC>(L, t))
-    g[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(static_cast<acc_t>(z[t]), l, others, gl));
+    g[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(static_cast<acc_t>(z[t]), l, others, gl, g + t));
 }
 
 // ---- the split launch: few rows of many classes, each row over S blocks (cerow::split_slices)
@@ -408,13 +408,14 @@ __global__ void __launch_bounds__(TPR, kMinBlocks<scalar_t>) ce_split_grad_kerne
     const acc_t slice = row_sum<acc_t, TPR>(mine, lane);
     if (lane == 0) others[row * S + k] = slice;
   } else if (lane == own) {
-    g[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, l, acc_t(0), w));
+    g[t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(zt, l, acc_t(0), w, g + t));
   }
 }
 
 // The target's gradient of cerow::kTargetBySum logits on the split path, after ce_split_grad_kernel:
 // a warp per row adds the S slices' sums (lane k holds slice k's; warp_sum's butterfly, the order
-// the host replays) and lane 0 writes column t, which the gradient kernel wrote only in its pass.
+// the host replays) and lane 0 writes column t, which the gradient kernel wrote only in its pass
+// (p_t * w: what target_grad reads back where the others' total is 1/2 or more).
 template <typename scalar_t>
 __global__ void __launch_bounds__(256) ce_split_target_kernel(
     scalar_t* __restrict__ grad, const int64_t* __restrict__ targets,
@@ -430,7 +431,7 @@ __global__ void __launch_bounds__(256) ce_split_target_kernel(
   const acc_t total = warp_sum(lane < S ? others[row * S + lane] : acc_t(0));
   if (lane != 0) return;
   const acc_t w = split_weight(grad_loss, count, mean, row);
-  grad[row * C + t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(acc_t(0), acc_t(0), total, w));
+  grad[row * C + t] = static_cast<scalar_t>(cerow::target_grad<scalar_t>(acc_t(0), acc_t(0), total, w, grad + row * C + t));
 }
 
 // x *= s unless s == 1, the test made on the device (no host sync): the backward of

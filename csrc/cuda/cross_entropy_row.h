@@ -100,12 +100,14 @@ MEMCORE_HD acc_t term(acc_t x, acc_t ref) {
   else return expo(fma_(x, kScale<acc_t>, ref));
 }
 
-// fp32 logits: the target's gradient p_t - 1 is taken as minus the sum of the other columns'
-// p_j, not from exp(z_t - lse) - 1. lse is stored in fp32, rounded by up to ulp(lse) / 2, which
-// shifts every p_j by that much relative: harmless where p_j is the gradient, but p_t - 1 of a
-// confident row (p_t near 1) would keep it as an absolute error, up to 1.9e-6 for |lse| in [32, 64).
-// The others' sum carries it relative to p_t - 1 instead. fp64 (error 2^-53 |lse|) and 16-bit
-// logits (gradient rounded to 2^-9 or 2^-12) keep exp(z_t - lse) - 1.
+// fp32 logits: where the other columns' p_j sum below 1/2 (p_t > 1/2), the target's gradient
+// p_t - 1 is taken as minus that sum, not from exp(z_t - lse) - 1. lse is stored in fp32, rounded
+// by up to ulp(lse) / 2, which shifts every p_j by that much relative: harmless where p_j is the
+// gradient, but p_t - 1 of a confident row (p_t near 1) would keep it as an absolute error, up to
+// 1.9e-6 for |lse| in [32, 64); the others' sum carries it relative to p_t - 1 instead. Where p_t
+// is small the sum (near 1) would carry it absolutely and exp(z_t - lse) - 1 does not: that form
+// stays there, as on the CPU. fp64 (error 2^-53 |lse|) and 16-bit logits (gradient rounded to 2^-9
+// or 2^-12) always take exp(z_t - lse) - 1.
 template <typename scalar_t>
 constexpr bool kTargetBySum = std::is_same_v<scalar_t, float>;
 
@@ -494,16 +496,18 @@ MEMCORE_UNROLL
   return sum;
 }
 
-// out[t] = (p_t - 1) * g: kTargetBySum, minus others (the row's total of grad_row's sums) times g;
-// otherwise from zt, the target logit.
+// out[t] = (p_t - 1) * g. kTargetBySum: minus others (the row's total of the pass's sums) times g
+// where others < 1/2, else written - g, written = out[t] as the pass left it (p_t * g, the column's
+// own term: read back, so no value stays live through the pass); otherwise from zt, the target
+// logit, and lse.
 template <typename scalar_t>
 MEMCORE_HD typename OpMath<scalar_t>::type target_grad(typename OpMath<scalar_t>::type zt,
                                                        typename OpMath<scalar_t>::type lse,
                                                        typename OpMath<scalar_t>::type others,
-                                                       typename OpMath<scalar_t>::type g) {
+                                                       typename OpMath<scalar_t>::type g, const scalar_t* written) {
   using acc_t = typename OpMath<scalar_t>::type;
   constexpr bool E = kExactDiff<scalar_t>;
-  if constexpr (kTargetBySum<scalar_t>) return -others * g;
+  if constexpr (kTargetBySum<scalar_t>) return others < acc_t(0.5) ? -others * g : static_cast<acc_t>(*written) - g;
   else return (term<acc_t, E>(zt, ref_of<acc_t, E>(lse)) - acc_t(1)) * g;
 }
 
