@@ -96,6 +96,14 @@ def copy_bandwidth(rows):
 
 
 CPU_INTERLEAVED = "bash scripts/bench.sh --full -k cross_entropy_interleaved (MEMCORE_CPU_ISA=baseline too)"
+OPTION_SHAPES = [(512, 1000), (4096, 32000)]
+OPTIONS = {  # variant: accumulate's options ("w": the class weights of the case)
+    "memcore_weight": dict(weight="w"),
+    "memcore_label_smoothing": dict(label_smoothing=0.1),
+    "memcore_softcap": dict(softcap=30.0),
+    "memcore_z_loss": dict(z_loss=1e-4),
+}
+CPU_OPTIONS = "bash scripts/bench.sh --full -k cross_entropy_options"
 GOALS = [
     Goal("accumulate fwd+bwd ≤ 1.10x plain F.cross_entropy", "cpu", ratio("median_ms", "memcore", "plain"),
          "<=", 1.10, "{:.2f}x", "bash scripts/bench.sh --full"),
@@ -108,6 +116,9 @@ GOALS = [
     Goal("CPU backward kernel at least as fast as F.cross_entropy's backward (interleaved)", "cpu",
          value("interleaved_ratio", label="{case}, {shape} {dtype}", variant="memcore_backward"),
          "<=", 1.0, "{:.2f}x", CPU_INTERLEAVED),
+    Goal("each loss option's step ≤ 1.10x the default step at 4096x32000 (interleaved)", "cpu",
+         value("interleaved_ratio", label="{variant}, {shape} {dtype}", variant=list(OPTIONS), shape="4096x32000"),
+         "<=", 1.10, "{:.2f}x", CPU_OPTIONS),
     Goal("accumulate ≥ 1.5x faster than the eager statistics", "cpu", ratio("median_ms", "eager", "memcore"),
          ">=", 1.5, "{:.2f}x", "bash scripts/bench.sh --full"),
     Goal("accumulate fwd+bwd ≤ 1.10x plain F.cross_entropy", "cuda", ratio("median_ms", "memcore", "plain"),
@@ -396,6 +407,52 @@ def test_cross_entropy_interleaved(benchmark, request, shape, dtype):
             device="cpu", timed=False, **fields)  # fmt: skip
     note = load_note(before, load_average())
     benchmark.extra_info["rows"] = [dict(r, note=note) for r in interleaved_rows(times, KERNEL_AGAINST)]
+    z.grad = None
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        param((n, c), device="cpu", full=(n, c) == (4096, 32000), id=f"cpu-{n}x{c}-float32")
+        for n, c in OPTION_SHAPES
+    ],
+)
+def test_cross_entropy_options_interleaved(benchmark, request, shape):
+    """Each loss option's training step (forward + backward, recorded) against the default step's."""
+    n, c = shape
+    _CACHE.clear()
+    gc.collect()
+    g = torch.Generator().manual_seed(4321 + n + c)
+    z = (2.0 * torch.randn(n, c, generator=g)).requires_grad_()
+    t, index = torch.randint(0, c, (n,), generator=g), torch.randperm(n, generator=g)
+    w = torch.rand(c, generator=g) + 0.5
+    tracker = memcore.Tracker(n)
+
+    def step(**options):
+        kw = {k: (w if v == "w" else v) for k, v in options.items()}
+        z.grad = None
+        return _clock(lambda: memcore.accumulate(z, t, index, tracker, **kw).backward())
+
+    # outside the timing: the weighted, smoothed loss is F.cross_entropy's
+    with torch.no_grad():
+        got = memcore.accumulate(z, t, index, memcore.Tracker(n), weight=w, label_smoothing=0.1)
+        torch.testing.assert_close(
+            got, F.cross_entropy(z, t, weight=w, label_smoothing=0.1), **TOL[torch.float32]
+        )
+    variants = {"memcore": lambda: step(), **{v: (lambda o=o: step(**o)) for v, o in OPTIONS.items()}}
+    times: Dict[str, List[float]] = {}
+    target = interleave(variants, times)
+    rounds = rounds_for(request, benchmark, target, lambda: None)
+    for v in times.values():
+        v.clear()
+    before = load_average()
+    fields = dict(suite="cross_entropy", case="loss options, interleaved", shape=f"{n}x{c}")
+    measure(benchmark, request, target, rounds=rounds, warmup=0, variant="interleaved", dtype="float32",
+            device="cpu", timed=False, **fields)  # fmt: skip
+    note = load_note(before, load_average())
+    benchmark.extra_info["rows"] = [
+        dict(r, note=note) for r in interleaved_rows(times, {v: "memcore" for v in OPTIONS})
+    ]
     z.grad = None
 
 
