@@ -56,9 +56,10 @@ def range_of(num_samples: int, world: int, rank: int) -> Tuple[int, int]:
 # What each memcore collective is, by code: the header every one of them starts with names it, so that
 # ranks that reach different calls get a clear error instead of pairing unrelated collectives.
 SETTINGS = "the settings check (Tracker(shard=True), or a distributed Tracker's first accumulate)"
+PERIODIC = "a flush_every-th accumulate call"
 KINDS = (
     SETTINGS,
-    "a flush_every-th accumulate call",
+    PERIODIC,
     "end_epoch()",
     "scores()",
     "state_dict()",

@@ -232,9 +232,8 @@ class _ClassOptions(torch.autograd.Function):
         eps, zc = ctx.eps, ctx.zc
         zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
         g = zero if g is None else torch.where(keep, g.to(lse.dtype), 0.0)
-        grad_enabled = (
-            torch.is_grad_enabled()
-        )  # double backward: out of place, lse as a function of the logits
+        # double backward: out of place, lse as a function of the logits
+        grad_enabled = torch.is_grad_enabled()
         if h is None or zc == 0.0:
             hz = zero
         else:

@@ -271,10 +271,13 @@ class Tracker:
         self.__dict__.update(state)
         self._lock = threading.RLock()
 
-    def _locked(self):
+    def _locked(self, compiling: Optional[bool] = None):
         """The tracker's lock in eager mode; nothing under torch.compile, which cannot trace a lock
-        (a compiled step runs its graph as one unit)."""
-        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
+        (a compiled step runs its graph as one unit). `compiling`: torch.compiler.is_compiling(), when
+        the caller has asked already."""
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
+        return contextlib.nullcontext() if compiling else self._lock
 
     def _routing(self) -> _shard.Router:
         """The row buffer; created at the first batch (by then a process group is up, if any)."""
@@ -311,7 +314,7 @@ class Tracker:
         process) committed at once, so that no Python state changes per call; likewise inside CUDA-graph
         capture, where a buffered row would be read once at the next flush, not once per replay."""
         compiling = torch.compiler.is_compiling()  # asked once: each query costs a Python call
-        with contextlib.nullcontext() if compiling else self._lock:  # as _locked()
+        with self._locked(compiling):
             capturing = not compiling and _capturing()  # compile: no torch.cuda to trace
             if capturing:
                 self._check_capture(loss.device, grad=False)
@@ -324,7 +327,7 @@ class Tracker:
                 router = self._routing()
                 router.add_ce(index, targets, loss, row_stats, status, ignore_index)
                 if self.flush_every is not None and router.calls >= self.flush_every:
-                    self._flush(_shard.KINDS[1])
+                    self._flush(_shard.PERIODIC)
             self._after_batch(status, explain, deferred=capturing or compiling)
 
     def _record_grad(self, index: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor) -> None:
