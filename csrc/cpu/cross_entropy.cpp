@@ -50,10 +50,55 @@ const float* z_as_float(const scalar_t* z, int64_t n, float* buf) {
 // fewer than 16 would remain for the last piece (the piece kernel needs 16).
 int64_t piece_len(int64_t left) { return left - kChunk < 16 ? left : kChunk; }
 
+// Host side of one call's options: the softcap (0: none), the class weights (opmath [C], nullptr:
+// all 1) and their sum (C without weights), for the float kernels and the float64 rows
+struct HostOpts {
+  double cap = 0.0;
+  const void* weight = nullptr;
+  double usum = 0.0;
+  OptArgs args() const {
+    const float c = static_cast<float>(cap);
+    return OptArgs{c, c > 0.f ? 1.f / c : 0.f, static_cast<const float*>(weight), static_cast<float>(usum),
+                   nullptr, nullptr, nullptr, nullptr};
+  }
+};
+
+// A float64 row with options: plain double math throughout (exact std::tanh and std::exp, for
+// gradcheck), the maxima and sums as the float kernels take them. *smooth = -sum_j u_j log p_j.
+template <class O>
+RowResult forward_row_f64_options(const double* z, int64_t C, int64_t t, const HostOpts& h, double* smooth) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const double* u = static_cast<const double*>(h.weight);
+  auto f = [&](double v) { return O::kCap ? h.cap * std::tanh(v / h.cap) : v; };
+  double mb = -inf, ma = -inf;
+  for (int64_t j = 0; j < t; ++j) mb = f(z[j]) > mb ? f(z[j]) : mb;
+  for (int64_t j = t + 1; j < C; ++j) ma = f(z[j]) > ma ? f(z[j]) : ma;
+  const double zt = f(z[t]), m = std::max(zt, std::max(mb, ma));
+  double s = 0.0, d = 0.0;
+  for (int64_t j = 0; j < C; ++j) {
+    const double v = f(z[j]);
+    s += std::exp(v - m);
+    if constexpr (O::kSmooth) d += (O::kWeight ? u[j] : 1.0) * (m - v);
+  }
+  if (m == -inf) s = std::numeric_limits<double>::quiet_NaN();  // no finite max: NaN flags the row
+  const double log_s = std::log(s);
+  if constexpr (O::kSmooth) *smooth = h.usum * log_s + d;
+  RowResult r;
+  r.lse = m + log_s;
+  r.loss = (m - zt) + log_s;
+  r.prob = std::exp(-r.loss);
+  r.margin = zt - std::max(mb, ma);
+  r.correct = (zt > mb && zt >= ma) ? 1.0 : 0.0;
+  return r;
+}
+
 // One row: exact double math for double logits (gradcheck); otherwise a row longer than kChunk,
-// streamed (shorter rows take the block kernels of cross_entropy_block.h).
-template <typename scalar_t>
-RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
+// streamed (shorter rows take the block kernels of cross_entropy_block.h). With smoothing (O),
+// *smooth = -sum_j u_j log p_j.
+template <typename scalar_t, class O>
+RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf, [[maybe_unused]] const HostOpts& h,
+                      [[maybe_unused]] double* smooth) {
+  if constexpr (std::is_same_v<scalar_t, double> && O::kOpt) return forward_row_f64_options<O>(z, C, t, h, smooth);
   double zt, m_before, m_after, lse, loss;
   if constexpr (std::is_same_v<scalar_t, double>) {
     const double inf = std::numeric_limits<double>::infinity();
@@ -79,19 +124,23 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
     loss = (m - zt) + std::log(s);
   } else {
     RowAcc a{-kInf, 0.f, -kInf, -kInf};
+    [[maybe_unused]] OptAcc oa{0.f, 0.0, 0.0};
+    [[maybe_unused]] const OptArgs args = O::kOpt ? h.args() : OptArgs{};
     for (int64_t off = 0; off < C;) {
       const int64_t len = piece_len(C - off);
-      forward_piece_f32(z_as_float(z + off, len, buf), len, off, t, &a);
+      forward_piece_f32<O>(z_as_float(z + off, len, buf), len, off, t, &a, O::kOpt ? &oa : nullptr,
+                           O::kOpt ? &args : nullptr);
       off += len;
     }
     m_before = a.before;
     m_after = a.after;
-    zt = static_cast<float>(z[t]);
+    zt = O::kCap ? oa.zt : static_cast<float>(z[t]);
     // a row of -inf (m stays -inf) has no finite max: NaN flags it, as it does NaN entries
     const double log_s = a.m == -kInf ? std::numeric_limits<double>::quiet_NaN() : std::log(static_cast<double>(a.s));
     lse = static_cast<float>(a.m + log_s);
     // (m - zt) + log s, not lse - zt: no rounding of lse to float in the loss
     loss = (static_cast<double>(a.m) - zt) + log_s;
+    if constexpr (O::kSmooth) *smooth = h.usum * log_s + oa.d;
   }
   RowResult r;
   r.lse = lse;
@@ -105,12 +154,39 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf) {
   return r;
 }
 
+// Per-row factors of ce_backward_options beside a (= g): b, the target's, and c, the smoothing
+// term's (nullptr without smoothing), both opmath [N]
+template <typename acc_t>
+struct RowFactors {
+  const acc_t* b;
+  const acc_t* c;
+};
+
 // double rows, and half / bf16 rows longer than kChunk (the others take the block kernels). out may
-// be z (in place): the target logit is read first, every chunk is read before it is written.
-template <typename scalar_t>
+// be z (in place): the target logit is read first, every chunk is read before it is written. With
+// options (O) the row is (a p_j - b [j = t] - c u_j) (1 - tanh^2), a = g, the target's entry
+// a (p_t - 1) + (a - b) - c u_t; float64 rows in plain double math (exact std::tanh).
+template <typename scalar_t, class O>
 void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double lse, double g,
+                  [[maybe_unused]] double b, [[maybe_unused]] double c, [[maybe_unused]] const HostOpts& h,
                   float* buf, float* obuf) {
   if constexpr (std::is_same_v<scalar_t, double>) {
+    if constexpr (O::kOpt) {
+      const double* u = static_cast<const double*>(h.weight);
+      double ot = 0.0;
+      for (int64_t j = 0; j < C; ++j) {
+        const double th = O::kCap ? std::tanh(z[j] / h.cap) : 0.0, v = O::kCap ? h.cap * th : z[j];
+        const double p = std::exp(v - lse);
+        // the target's a p_t - b as a (p_t - 1) + (a - b)
+        double e = j == t ? (p - 1.0) * g + (g - b) : p * g;
+        if constexpr (O::kSmooth) e -= c * (O::kWeight ? u[j] : 1.0);
+        if constexpr (O::kCap) e *= 1.0 - th * th;
+        if (j == t) ot = e;
+        out[j] = e;
+      }
+      out[t] = ot;  // in place: written after the row
+      return;
+    }
     if (C >= 8) {
       backward_row_f64(z, out, C, t, lse, g);
       return;
@@ -120,11 +196,21 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double
     out[t] = ot;
   } else {
     const float lsef = static_cast<float>(lse), gf = static_cast<float>(g);
-    const scalar_t ot = static_cast<scalar_t>((exp_approx(static_cast<float>(z[t]) - lsef) - 1.f) * gf);
+    [[maybe_unused]] const OptArgs args = O::kOpt ? h.args() : OptArgs{};
+    [[maybe_unused]] float dt = 1.f;
+    const float zt = O::kCap ? softcap_f32(static_cast<float>(z[t]), &args, &dt) : static_cast<float>(z[t]);
+    scalar_t ot;
+    if constexpr (!O::kOpt) {
+      ot = static_cast<scalar_t>((exp_approx(zt - lsef) - 1.f) * gf);
+    } else {
+      double v = static_cast<double>(exp_approx(zt - lsef) - 1.f) * g + (g - b);
+      if constexpr (O::kSmooth) v -= c * (O::kWeight ? static_cast<const float*>(h.weight)[t] : 1.f);
+      ot = static_cast<scalar_t>(v * dt);
+    }
     for (int64_t off = 0; off < C;) {
       const int64_t len = piece_len(C - off);
       widen(z + off, buf, len);
-      softmax_scale_f32(buf, obuf, len, lsef, gf);
+      softmax_scale_f32<O>(buf, obuf, len, lsef, gf, off, static_cast<float>(c), O::kOpt ? &args : nullptr);
       narrow(obuf, out + off, len);
       off += len;
     }
@@ -149,26 +235,23 @@ int64_t widened_rows(int64_t C) {
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1)); }
 
 // Rows of one thread's range that are valid and not ignored, gathered in blocks of up to kBlock and
-// handed to the block kernels of cross_entropy_block.h (half/bf16 rows widened into a float buffer first).
-template <typename scalar_t, typename acc_t>
-int32_t forward_rows_small(const scalar_t*, int64_t, const int64_t*, const int64_t*, int64_t, int64_t,
-                           int64_t, int64_t, acc_t*, acc_t*, acc_t*);
-
-// double rows take forward_row (exact double math for gradcheck); never called
-template <>
-int32_t forward_rows_small<double, double>(const double*, int64_t, const int64_t*, const int64_t*,
-                                           int64_t, int64_t, int64_t, int64_t, double*, double*,
-                                           double*) {
-  return 0;
-}
-
-template <typename scalar_t, typename acc_t>
+// handed to the block kernels of cross_entropy_block.h (half/bf16 rows widened into a float buffer
+// first). Float and 16-bit logits only (float64 rows take forward_row).
+template <typename scalar_t, typename acc_t, class O>
 int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, const int64_t* ix,
                            int64_t num_samples, int64_t ignore_index, int64_t begin, int64_t end,
-                           acc_t* loss_p, acc_t* lse_p, acc_t* rs) {
+                           acc_t* loss_p, acc_t* lse_p, acc_t* rs, [[maybe_unused]] acc_t* smooth_p,
+                           [[maybe_unused]] const HostOpts& h) {
   int64_t row[kBlock], tb[kBlock], local_row[kBlock];
   alignas(64) float tmp[5 * kBlock] = {};
   alignas(64) float lse[kBlock], loss[kBlock], prob[kBlock], margin[kBlock], correct[kBlock];
+  [[maybe_unused]] alignas(64) float dsum[kBlock], smooth[kBlock];
+  [[maybe_unused]] OptArgs args{};
+  if constexpr (O::kOpt) {
+    args = h.args();
+    args.d = dsum;
+    args.smooth = smooth;
+  }
   // half/bf16: the block's rows widened to float (widened_rows)
   const int64_t rows_per_block = std::is_same_v<scalar_t, float> ? kBlock : widened_rows(C);
   std::vector<float> wide(std::is_same_v<scalar_t, float> ? 0 : rows_per_block * C);
@@ -189,11 +272,13 @@ int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, cons
       rows = local_row;
     }
     const BlockOut out{lse, loss, prob, margin, correct};
+    const OptArgs* opt = O::kOpt ? &args : nullptr;
     if (C < 16) {
-      forward_block_narrow_f32(base, C, rows, tb, nb, out);
+      forward_block_narrow_f32<O>(base, C, rows, tb, nb, out, opt);
     } else {
-      forward_block_f32(base, C, rows, tb, nb,
-                        BlockTmp{tmp, tmp + kBlock, tmp + 2 * kBlock, tmp + 3 * kBlock, tmp + 4 * kBlock}, out);
+      forward_block_f32<O>(base, C, rows, tb, nb,
+                           BlockTmp{tmp, tmp + kBlock, tmp + 2 * kBlock, tmp + 3 * kBlock, tmp + 4 * kBlock}, out,
+                           opt);
     }
     for (int64_t r = 0; r < nb; ++r) {
       const int64_t i = row[r];
@@ -203,6 +288,7 @@ int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, cons
       rs[i * kNumRowStats + kRowProb] = prob[r];
       rs[i * kNumRowStats + kRowMargin] = margin[r];
       rs[i * kNumRowStats + kRowCorrect] = correct[r];
+      if constexpr (O::kSmooth) smooth_p[i] = smooth[r];
     }
     nb = 0;
   };
@@ -211,6 +297,7 @@ int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, cons
     if (t == ignore_index || t < 0 || t >= C) {
       if (t != ignore_index) flags |= kBadTarget;
       zero_row(i, loss_p, lse_p, rs);
+      if constexpr (O::kSmooth) smooth_p[i] = 0;
       continue;
     }
     if (ix[i] < 0 || ix[i] >= num_samples) flags |= kBadIndex;
@@ -222,17 +309,19 @@ int32_t forward_rows_small(const scalar_t* z, int64_t C, const int64_t* tg, cons
   return flags;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
-    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
-    int64_t num_samples, int64_t ignore_index) {
-  check_rows(logits, targets, "memcore::ce_forward");
-  check_vector(index, logits, at::kLong, "index", "memcore::ce_forward");
+// ce_forward, and with options (O) ce_forward_options' forward: the softcapped rows' outputs, and
+// the smoothing sums into smooth (opmath [N]) where O smooths.
+template <class O>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+    int64_t ignore_index, const HostOpts& h, [[maybe_unused]] at::Tensor* smooth) {
   const int64_t N = logits.size(0), C = logits.size(1);
   const auto acc = logits.options().dtype(opmath_dtype(logits));
   // every row is written (skipped rows with zeros): no fill passes
   at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc);
   at::Tensor row_stats = at::empty({N, kNumRowStats}, acc);
   at::Tensor status = at::empty({1}, logits.options().dtype(at::kInt));
+  if constexpr (O::kSmooth) *smooth = at::empty({N}, acc);
   std::atomic<int32_t> flags{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -242,12 +331,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
     acc_t* loss_p = loss.data_ptr<acc_t>();
     acc_t* lse_p = lse.data_ptr<acc_t>();
     acc_t* rs = row_stats.data_ptr<acc_t>();
+    [[maybe_unused]] acc_t* sm_p = nullptr;
+    if constexpr (O::kSmooth) sm_p = smooth->data_ptr<acc_t>();
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      if (!std::is_same_v<scalar_t, double> && C <= kChunk) {
-        const int32_t local = forward_rows_small<scalar_t, acc_t>(
-            z, C, tg, ix, num_samples, ignore_index, begin, end, loss_p, lse_p, rs);
-        if (local) flags.fetch_or(local);
-        return;
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (C <= kChunk) {
+          const int32_t local = forward_rows_small<scalar_t, acc_t, O>(
+              z, C, tg, ix, num_samples, ignore_index, begin, end, loss_p, lse_p, rs, sm_p, h);
+          if (local) flags.fetch_or(local);
+          return;
+        }
       }
       std::vector<float> buf(kChunk + 16);
       int32_t local = 0;
@@ -256,16 +349,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
         if (t == ignore_index || t < 0 || t >= C) {
           if (t != ignore_index) local |= kBadTarget;
           zero_row(i, loss_p, lse_p, rs);
+          if constexpr (O::kSmooth) sm_p[i] = 0;
           continue;
         }
         if (ix[i] < 0 || ix[i] >= num_samples) local |= kBadIndex;
-        const RowResult r = forward_row(z + i * C, C, t, buf.data());
+        [[maybe_unused]] double sm = 0.0;
+        const RowResult r = forward_row<scalar_t, O>(z + i * C, C, t, buf.data(), h, &sm);
         if (!std::isfinite(r.loss)) local |= kNonFinite;
         loss_p[i] = static_cast<acc_t>(r.loss);
         lse_p[i] = static_cast<acc_t>(r.lse);
         rs[i * kNumRowStats + kRowProb] = static_cast<acc_t>(r.prob);
         rs[i * kNumRowStats + kRowMargin] = static_cast<acc_t>(r.margin);
         rs[i * kNumRowStats + kRowCorrect] = static_cast<acc_t>(r.correct);
+        if constexpr (O::kSmooth) sm_p[i] = static_cast<acc_t>(sm);
       }
       if (local) flags.fetch_or(local);
     });
@@ -274,12 +370,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
   return {loss, lse, row_stats, status};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+    int64_t num_samples, int64_t ignore_index) {
+  check_rows(logits, targets, "memcore::ce_forward");
+  check_vector(index, logits, at::kLong, "index", "memcore::ce_forward");
+  return forward_impl<Plain>(logits, targets, index, num_samples, ignore_index, HostOpts{}, nullptr);
+}
+
+template <class O>
 void backward_block(const float* z, float* out, int64_t C, const int64_t* row, const int64_t* t,
-                    const float* lse, const float* g, int64_t n) {
+                    const float* lse, const float* g, int64_t n, const OptArgs* opt) {
   if (C < 16) {
-    backward_block_narrow_f32(z, out, C, row, t, lse, g, n);
+    backward_block_narrow_f32<O>(z, out, C, row, t, lse, g, n, opt);
   } else {
-    backward_block_f32(z, out, C, row, t, lse, g, n);
+    backward_block_f32<O>(z, out, C, row, t, lse, g, n, opt);
   }
 }
 
@@ -311,10 +416,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // Backward of rows [begin, end). Float rows, and half / bf16 rows of up to kChunk classes (widened
 // block by block into float scratch), go through the block kernels; double rows and longer half /
-// bf16 rows one by one.
-template <typename scalar_t, typename acc_t>
+// bf16 rows one by one. With options (O), f holds the rows' b and c (g is their a).
+template <typename scalar_t, typename acc_t, class O>
 void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* tg, const acc_t* lse_p,
-                   const acc_t* g_p, int64_t g_stride, int64_t ignore_index, int64_t begin, int64_t end) {
+                   const acc_t* g_p, int64_t g_stride, int64_t ignore_index, int64_t begin, int64_t end,
+                   [[maybe_unused]] RowFactors<acc_t> f, [[maybe_unused]] const HostOpts& h) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   if (std::is_same_v<scalar_t, double> || (!kFloat && C > kChunk)) {
     std::vector<float> buf(kChunk + 16), obuf(kChunk + 16);
@@ -324,7 +430,8 @@ void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* t
         std::fill(out + i * C, out + (i + 1) * C, scalar_t(0));
         continue;
       }
-      backward_row(z + i * C, out + i * C, C, t, lse_p[i], g_p[i * g_stride], buf.data(), obuf.data());
+      backward_row<scalar_t, O>(z + i * C, out + i * C, C, t, lse_p[i], g_p[i * g_stride], O::kOpt ? f.b[i] : 0.0,
+                                O::kSmooth ? f.c[i] : 0.0, h, buf.data(), obuf.data());
     }
     return;
   }
@@ -332,15 +439,23 @@ void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* t
   std::vector<float> in(kFloat ? 0 : rows_per_block * C), res(kFloat ? 0 : rows_per_block * C);
   int64_t row[kBlock], local_row[kBlock], tb[kBlock];
   float lb[kBlock], gb[kBlock];
+  [[maybe_unused]] float bb[kBlock], cb[kBlock];
+  [[maybe_unused]] OptArgs args{};
+  if constexpr (O::kOpt) {
+    args = h.args();
+    args.b = bb;
+    args.c = cb;
+  }
+  const OptArgs* opt = O::kOpt ? &args : nullptr;
   for (int64_t k = 0; k < kBlock; ++k) local_row[k] = k;
   int64_t nb = 0;
   auto flush = [&]() {
     if constexpr (kFloat) {
-      backward_block(z, out, C, row, tb, lb, gb, nb);
+      backward_block<O>(z, out, C, row, tb, lb, gb, nb, opt);
     } else if constexpr (!std::is_same_v<scalar_t, double>) {
       for (int64_t r = 0; r < nb; ++r)
         widen(z + row[r] * C, in.data() + r * C, C);
-      backward_block(in.data(), res.data(), C, local_row, tb, lb, gb, nb);
+      backward_block<O>(in.data(), res.data(), C, local_row, tb, lb, gb, nb, opt);
       for (int64_t r = 0; r < nb; ++r)
         narrow(res.data() + r * C, out + row[r] * C, C);
     }
@@ -356,15 +471,20 @@ void backward_rows(const scalar_t* z, scalar_t* out, int64_t C, const int64_t* t
     tb[nb] = t;
     lb[nb] = lse_p[i];
     gb[nb] = g_p[i * g_stride];
+    if constexpr (O::kOpt) bb[nb] = f.b[i];
+    if constexpr (O::kSmooth) cb[nb] = f.c[i];
     if (++nb == rows_per_block) flush();
   }
   if (nb) flush();
 }
 
 // out = (softmax(logits) - onehot) * g row by row, across threads; out may be logits (in place).
-// g: opmath [N], contiguous or one value broadcast (stride 0).
+// g: opmath [N], contiguous or one value broadcast (stride 0). With options (O): ce_backward_options'
+// rows, a = g, b and c (opmath [N], contiguous; c undefined without smoothing).
+template <class O = Plain>
 void backward_into(const at::Tensor& logits, at::Tensor& out, const at::Tensor& targets, const at::Tensor& lse,
-                   const at::Tensor& g, int64_t ignore_index) {
+                   const at::Tensor& g, int64_t ignore_index, const at::Tensor* b = nullptr,
+                   const at::Tensor* c = nullptr, const HostOpts& h = HostOpts{}) {
   const int64_t N = logits.size(0), C = logits.size(1), g_stride = g.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -373,8 +493,11 @@ void backward_into(const at::Tensor& logits, at::Tensor& out, const at::Tensor& 
     const int64_t* tg = targets.data_ptr<int64_t>();
     const acc_t* lse_p = lse.data_ptr<acc_t>();
     const acc_t* g_p = g.data_ptr<acc_t>();
+    RowFactors<acc_t> f{nullptr, nullptr};
+    if constexpr (O::kOpt) f.b = b->data_ptr<acc_t>();
+    if constexpr (O::kSmooth) f.c = c->data_ptr<acc_t>();
     at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      backward_rows(z, o, C, tg, lse_p, g_p, g_stride, ignore_index, begin, end);
+      backward_rows<scalar_t, acc_t, O>(z, o, C, tg, lse_p, g_p, g_stride, ignore_index, begin, end, f, h);
     });
   });
 }

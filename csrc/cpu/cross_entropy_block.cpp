@@ -82,22 +82,28 @@ const Isa kIsa = detect();
 #define MEMCORE_DISPATCH(fn, ...) return isa_base::fn(__VA_ARGS__);
 #endif
 
+template <class O>
 void forward_block_f32(const float* z, int64_t C, const int64_t* row, const int64_t* t, int64_t n,
-                       BlockTmp tmp, BlockOut out) {
-  MEMCORE_DISPATCH(forward_block_f32, z, C, row, t, n, tmp, out)
+                       BlockTmp tmp, BlockOut out, const OptArgs* o) {
+  MEMCORE_DISPATCH(forward_block_f32<O>, z, C, row, t, n, tmp, out, o)
 }
 
+template <class O>
 void forward_block_narrow_f32(const float* z, int64_t C, const int64_t* row, const int64_t* t,
-                              int64_t n, BlockOut out) {
-  MEMCORE_DISPATCH(forward_block_narrow_f32, z, C, row, t, n, out)
+                              int64_t n, BlockOut out, const OptArgs* o) {
+  MEMCORE_DISPATCH(forward_block_narrow_f32<O>, z, C, row, t, n, out, o)
 }
 
-void forward_piece_f32(const float* x, int64_t len, int64_t j0, int64_t t, RowAcc* a) {
-  MEMCORE_DISPATCH(forward_piece_f32, x, len, j0, t, a)
+template <class O>
+void forward_piece_f32(const float* x, int64_t len, int64_t j0, int64_t t, RowAcc* a, OptAcc* oa,
+                       const OptArgs* o) {
+  MEMCORE_DISPATCH(forward_piece_f32<O>, x, len, j0, t, a, oa, o)
 }
 
-void softmax_scale_f32(const float* x, float* out, int64_t n, float lse, float g) {
-  MEMCORE_DISPATCH(softmax_scale_f32, x, out, n, lse, g)
+template <class O>
+void softmax_scale_f32(const float* x, float* out, int64_t n, float lse, float g, int64_t j0, float c,
+                       const OptArgs* o) {
+  MEMCORE_DISPATCH(softmax_scale_f32<O>, x, out, n, lse, g, j0, c, o)
 }
 
 void forward_row_f64(const double* x, int64_t C, int64_t t, double* res) {
@@ -112,15 +118,22 @@ float sumsq_f32(const float* x, int64_t n) { MEMCORE_DISPATCH(sumsq_f32, x, n) }
 
 double sumsq_f64(const double* x, int64_t n) { MEMCORE_DISPATCH(sumsq_f64, x, n) }
 
+template <class O>
 void backward_block_f32(const float* z, float* out, int64_t C, const int64_t* row, const int64_t* t,
-                        const float* lse, const float* g, int64_t n) {
-  MEMCORE_DISPATCH(backward_block_f32, z, out, C, row, t, lse, g, n)
+                        const float* lse, const float* g, int64_t n, const OptArgs* o) {
+  MEMCORE_DISPATCH(backward_block_f32<O>, z, out, C, row, t, lse, g, n, o)
 }
 
+template <class O>
 void backward_block_narrow_f32(const float* z, float* out, int64_t C, const int64_t* row,
-                               const int64_t* t, const float* lse, const float* g, int64_t n) {
-  MEMCORE_DISPATCH(backward_block_narrow_f32, z, out, C, row, t, lse, g, n)
+                               const int64_t* t, const float* lse, const float* g, int64_t n,
+                               const OptArgs* o) {
+  MEMCORE_DISPATCH(backward_block_narrow_f32<O>, z, out, C, row, t, lse, g, n, o)
 }
+
+float softcap_f32(float x, const OptArgs* o, float* d1) { MEMCORE_DISPATCH(softcap_f32, x, o, d1) }
+
+MEMCORE_CE_INSTANCES(MEMCORE_CE_FWD, MEMCORE_CE_BWD)
 
 const char* block_isa() {
   switch (kIsa) {
