@@ -89,8 +89,9 @@ def accumulate(
 
         softcap: optional positive cap (Liger-Kernel's ``softcap``, Gemma-2 / 3's final logit
             soft-capping): the logits become ``softcap * tanh(logits / softcap)`` before the
-            softmax, the gradient flows through the tanh. Computed in float32 (float64 for float64
-            logits) into one N x C temporary, on which every route runs.
+            softmax, the gradient flows through the tanh (in float32; float64 for float64 logits).
+            With ``overwrite_logits=True`` or ``inputs=`` (softcap alone) the default route runs
+            on a capped N x C copy.
         z_loss: coefficient of the z-loss (Liger-Kernel's ``lse_square_scale``, PaLM's auxiliary
             loss): ``z_loss * logsumexp(row) ** 2`` is added to each non-ignored row's loss; it is
             not weighted by ``weight``, and ``"mean"`` divides it by the number of non-ignored rows
@@ -103,9 +104,10 @@ def accumulate(
             -log p(target), p(target), margin and correctness of the softmax the model predicts
             (after ``softcap``), neither weighted, smoothed nor z-lossed. ``weight``,
             ``label_smoothing`` and ``z_loss`` do not combine with ``overwrite_logits`` or
-            ``inputs``; they cost one more read of the logits in the forward when smoothing and one
-            more pass over the gradient in the backward when smoothing or with z-loss (none for
-            ``weight`` alone). Double backward is exact with every option.
+            ``inputs``. The options run in the ops ``memcore::ce_forward_options`` /
+            ``ce_backward_options`` (one pass over the logits each way; their measured cost
+            beside the default route: benchmarks/RESULTS.md). Double backward is exact with every
+            option.
 
     Returns:
         The loss (a pair with ``return_z_loss=True``), in ``logits.dtype`` (float32 for float16 / bfloat16 logits under
