@@ -5,9 +5,16 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <optional>
+
 #include "common.h"
 
 namespace memcore {
+
+inline at::ScalarType opmath_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 inline void check_rows(const at::Tensor& logits, const at::Tensor& targets, const char* op) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, C], got ", logits.sizes());
@@ -42,10 +49,6 @@ inline void check_forward_grad(const at::Tensor& logits, int64_t reduction) {
   TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written over them)");
 }
 
-inline at::ScalarType opmath_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // ce_input_sqnorm (CPU and CUDA): grad [N, ...] contiguous, scale float64 [N] on grad's device
 inline void check_input_sqnorm(const at::Tensor& grad, const at::Tensor& scale) {
   const char* op = "memcore::ce_input_sqnorm";
@@ -55,6 +58,31 @@ inline void check_input_sqnorm(const at::Tensor& grad, const at::Tensor& scale) 
               ": scale must be float64 [N=", grad.size(0), "], got ", scale.scalar_type(), " ", scale.sizes());
   TORCH_CHECK(scale.device() == grad.device() && scale.is_contiguous(), op, ": scale must be contiguous on ",
               grad.device());
+}
+
+// ce_forward_options / ce_backward_options (CPU and CUDA): the options' scalars and class weights
+inline void check_options(const at::Tensor& logits, double softcap, double label_smoothing,
+                          const std::optional<at::Tensor>& weight, const char* op) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be finite and >= 0 (0: none), got ",
+              softcap);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), op, ": weight must be [C=", logits.size(1),
+                "], got ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == opmath_dtype(logits), op, ": weight must be ", opmath_dtype(logits),
+                ", got ", weight->scalar_type());
+    TORCH_CHECK(weight->device() == logits.device() && weight->is_contiguous(), op,
+                ": weight must be contiguous on ", logits.device());
+  }
+}
+
+// ce_backward_options's per-row coefficients: a, b opmath [N]; c opmath [N] or [0]
+inline void check_option_coefficients(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                      const at::Tensor& logits, const char* op) {
+  check_vector(a, logits, opmath_dtype(logits), "a", op);
+  check_vector(b, logits, opmath_dtype(logits), "b", op);
+  if (c.numel() != 0 || c.dim() != 1) check_vector(c, logits, opmath_dtype(logits), "c", op);
 }
 
 inline void check_scale_unless_one(const at::Tensor& grad, const at::Tensor& scale) {

@@ -47,6 +47,25 @@ TORCH_LIBRARY(memcore, m) {
   // inputs=x) passes scale = 1 / dL/dloss_r, which turns the gradient of the reduced loss into that
   // of the row's own loss.
   m.def("ce_input_sqnorm(Tensor grad, Tensor scale) -> Tensor");
+  // The loss options of accumulate / linear_accumulate (softcap, label smoothing, class weights,
+  // z-loss): z' = softcap * tanh(z / softcap) where softcap > 0, else z, in opmath. loss, lse,
+  // row_stats and status are ce_forward's, of z' (the model's own prediction). smooth [N] (opmath):
+  // where label_smoothing > 0, the row's -sum_j u_j log p_j (u = weight when given, else 1;
+  // p = softmax(z')), 0 for ignored rows; shape [0] when label_smoothing == 0. weight: [C] opmath,
+  // contiguous, on the logits' device, read only for smooth. The caller combines these per-row
+  // terms into the options' loss (memcore/cross_entropy.py).
+  m.def(
+      "ce_forward_options(Tensor logits, Tensor targets, Tensor index, int num_samples, int ignore_index,"
+      " float softcap, float label_smoothing, Tensor? weight)"
+      " -> (Tensor loss, Tensor lse, Tensor row_stats, Tensor status, Tensor smooth)");
+  // The options' logits gradient, in the logits' dtype [N, C]:
+  // grad[r, j] = (a[r] p_rj - b[r] [j == t_r] - c[r] u_j) * (softcap > 0 ? 1 - (z'_rj / softcap)^2 : 1)
+  // with p = exp(z' - lse), lse ce_forward_options's; a, b opmath [N]; c opmath [N], or [0] for
+  // none; u = weight ([C] opmath) or 1. Ignored rows 0. The target's entry is a (p_t - 1) + (a - b)
+  // - c u_t, p_t - 1 taken as ce_backward takes it.
+  m.def(
+      "ce_backward_options(Tensor a, Tensor b, Tensor c, Tensor logits, Tensor targets, Tensor lse,"
+      " int ignore_index, float softcap, Tensor? weight) -> Tensor");
 
   // ---- linear_cross_entropy: fused linear + cross-entropy, composed of ATen GEMMs and the
   // cross_entropy ops (one implementation serves CPU and CUDA): logits = F.linear(hidden [N, H],
@@ -91,6 +110,7 @@ TORCH_LIBRARY(memcore, m) {
 }
 
 #include "cross_entropy_replay.h"
+#include "ops.h"
 #include "curvature.h"
 
 namespace memcore {
@@ -100,6 +120,14 @@ const char* block_isa();  // csrc/cpu/cross_entropy_block.cpp
 // csrc/composite/linear_cross_entropy.cpp: the fp32-accumulate GEMM probe for like's dtype and device
 // (refused while capturing), and what it found so far
 bool linear_ce_gemm_probe(const at::Tensor& like, bool capturing);
+// csrc/composite/cross_entropy_options.cpp: the options ops composed of the default ops and ATen
+// (their CUDA kernels), callable on any device for tests
+Tensor5 ce_forward_options_composed(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                    int64_t num_samples, int64_t ignore_index, double softcap,
+                                    double label_smoothing, const std::optional<at::Tensor>& weight);
+at::Tensor ce_backward_options_composed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                        const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                        int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight);
 std::string linear_ce_gemm_form(const at::Tensor& like);
 }  // namespace memcore
 
@@ -131,6 +159,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // linear_accumulate runs the GEMM probe before a 16-bit CUDA call, outside CUDA-graph capture
   m.def("_linear_ce_gemm_probe", &memcore::linear_ce_gemm_probe);
   m.def("_linear_ce_gemm_form", &memcore::linear_ce_gemm_form);
+  // the options ops' composed implementation (their CUDA kernels) on any device, for the tests
+  m.def("_ce_forward_options_composed", &memcore::ce_forward_options_composed);
+  m.def("_ce_backward_options_composed", &memcore::ce_backward_options_composed);
   // the Philox4x32-10 words every curvature kernel draws its probes from, for known-answer tests
   m.def("_philox4x32", &memcore::cpu::philox4x32_words);
 }

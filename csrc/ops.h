@@ -25,6 +25,7 @@ namespace memcore {
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor9 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                            at::Tensor, at::Tensor>;
@@ -43,6 +44,14 @@ Tensor6 ce_forward_grad_(at::Tensor& logits, const at::Tensor& targets, const at
 void scale_unless_one_(at::Tensor& grad, const at::Tensor& scale);
 // -> float64 [N]
 at::Tensor ce_input_sqnorm(const at::Tensor& grad, const at::Tensor& scale);
+// options route (CPU: csrc/cpu/cross_entropy.cpp; CUDA: csrc/composite/cross_entropy_options.cpp)
+// -> (loss, lse, row_stats, status, smooth)
+Tensor5 ce_forward_options(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                           int64_t num_samples, int64_t ignore_index, double softcap, double label_smoothing,
+                           const std::optional<at::Tensor>& weight);
+at::Tensor ce_backward_options(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                               const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                               int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight);
 
 // linear_cross_entropy (csrc/composite/linear_cross_entropy.cpp, one implementation for CPU and CUDA)
 // -> (out, count, loss, lse, row_stats, status, grad_hidden, grad_weight, grad_bias)

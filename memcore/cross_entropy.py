@@ -1,7 +1,7 @@
 """The cross_entropy family's public wrapper, `memcore.accumulate`: cross-entropy that also records
 per-sample statistics in a Tracker. The ops' fake kernels: memcore/_ops/cross_entropy.py; their
 autograd: csrc/autograd/cross_entropy.cpp. The loss options (class weights, label smoothing,
-z-loss) compose the ops here, in the autograd function _ClassOptions."""
+soft-capping, z-loss) go through the options ops, in the autograd function _Options here."""
 
 from typing import Optional
 
@@ -89,8 +89,9 @@ def accumulate(
 
         softcap: optional positive cap (Liger-Kernel's ``softcap``, Gemma-2 / 3's final logit
             soft-capping): the logits become ``softcap * tanh(logits / softcap)`` before the
-            softmax, the gradient flows through the tanh. Computed in float32 (float64 for float64
-            logits) into one N x C temporary, on which every route runs.
+            softmax, the gradient flows through the tanh (in float32; float64 for float64 logits).
+            With ``overwrite_logits=True`` or ``inputs=`` (softcap alone) the default route runs
+            on a capped N x C copy.
         z_loss: coefficient of the z-loss (Liger-Kernel's ``lse_square_scale``, PaLM's auxiliary
             loss): ``z_loss * logsumexp(row) ** 2`` is added to each non-ignored row's loss; it is
             not weighted by ``weight``, and ``"mean"`` divides it by the number of non-ignored rows
@@ -103,9 +104,10 @@ def accumulate(
             -log p(target), p(target), margin and correctness of the softmax the model predicts
             (after ``softcap``), neither weighted, smoothed nor z-lossed. ``weight``,
             ``label_smoothing`` and ``z_loss`` do not combine with ``overwrite_logits`` or
-            ``inputs``; they cost one more read of the logits in the forward when smoothing and one
-            more pass over the gradient in the backward when smoothing or with z-loss (none for
-            ``weight`` alone). Double backward is exact with every option.
+            ``inputs``. The options run in the ops ``memcore::ce_forward_options`` /
+            ``ce_backward_options`` (one pass over the logits each way; their measured cost
+            beside the default route: benchmarks/RESULTS.md). Double backward is exact with every
+            option.
 
     Returns:
         The loss (a pair with ``return_z_loss=True``), in ``logits.dtype`` (float32 for float16 / bfloat16 logits under
@@ -180,87 +182,71 @@ def accumulate(
     return _as_result(out, logits)
 
 
-class _ClassOptions(torch.autograd.Function):
-    """Per-row losses of F.cross_entropy with class weights w (None: all 1) and label smoothing eps,
-    and the z-loss zc * lse^2, from the plain kernels: ce_forward gives nll = lse - z_t, lse and the
-    statistics, and
+class _Options(torch.autograd.Function):
+    """Per-row losses of F.cross_entropy with class weights w (None: all 1), label smoothing eps and
+    soft-capping of the logits, and the z-loss zc * lse^2, from the options ops: ce_forward_options
+    gives nll = lse - z'_t, lse, the statistics (all of the capped logits z') and, when smoothing,
+    smooth = -sum_j w_j log p_j; then
 
-        ce_r = (1 - eps) w_t nll_r + (eps / C) sum_j w_j (lse_r - z_rj)
-             = A_r nll_r - (eps / C) (sum_j w_j z_rj - W z_rt),   A_r = (1 - eps) w_t + (eps / C) W,
+        ce_r = (1 - eps) w_t nll_r + (eps / C) smooth_r,      zl_r = zc lse_r^2,
 
-    (W = sum_j w_j), whose gradient is g_r [A_r (p - onehot_t) - (eps / C) (w - W onehot_t)]; the
-    z-loss's is h_r 2 zc lse_r p. One ce_backward with upstream g A + h 2 zc lse, then the target's
-    entry corrected in one rounding and, when smoothing, the rank-one term. Ignored rows: losses
-    and gradient 0. The backward is written in differentiable ops (ce_backward has its own
-    derivative), so double backward is exact."""
+    whose logits gradient, for upstreams g (ce) and h (zl), is ce_backward_options's
+    (a p - b onehot_t - c w) * dz'/dz with a = g A_r + h 2 zc lse_r, A_r = (1 - eps) w_t + (eps / C) W
+    (W = sum_j w_j), b = g (1 - eps) w_t, c = g eps / C. Ignored rows: losses and gradient 0. Under
+    double backward (create_graph=True) the same gradient is built from differentiable torch ops
+    instead, so its own derivative is exact."""
 
     @staticmethod
-    def forward(ctx, logits, targets, index, num_samples: int, ignore_index: int, w, eps: float, zc: float):
-        nll, lse, row_stats, status = torch.ops.memcore.ce_forward(
-            logits, targets, index, num_samples, ignore_index
+    def forward(
+        ctx, logits, targets, index, num_samples: int, ignore_index: int, w, eps: float, cap, zc: float
+    ):
+        nll, lse, row_stats, status, smooth = torch.ops.memcore.ce_forward_options(
+            logits, targets, index, num_samples, ignore_index, cap or 0.0, eps, w
         )
         keep = targets != ignore_index
-        safe_t = torch.where(keep, targets, 0)
-        c = logits.shape[1]
         keep_f = keep.to(nll.dtype)
+        c = logits.shape[1]
         if w is None:
-            w_t = keep_f
-            big_w = float(c)
+            w_t, big_w = keep_f, float(c)
         else:
-            w_t = w[safe_t] * keep_f
-            big_w = w.sum()
-        scale = (1.0 - eps) * w_t + (eps / c) * big_w * keep_f
-        ce = scale * nll
-        if eps != 0.0:
-            z_t = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1).to(nll.dtype)
-            if w is None:
-                zw = logits.sum(1, dtype=nll.dtype)
-            elif logits.dtype == nll.dtype:
-                zw = logits @ w
-            else:  # 16-bit logits: the product in their dtype, accumulated in float32 by the GEMV
-                zw = (logits @ w.to(logits.dtype)).to(nll.dtype)
-            ce = ce - torch.where(keep, (eps / c) * (zw - big_w * z_t), 0.0)
+            w_t, big_w = w[torch.where(keep, targets, 0)] * keep_f, w.sum()
+        ce = nll * w_t if eps == 0.0 else (1.0 - eps) * w_t * nll + (eps / c) * smooth
         zl = zc * lse * lse * keep_f  # ignored rows hold lse 0
-        ctx.save_for_backward(logits, targets, lse, scale, w, keep)
-        ctx.eps, ctx.zc, ctx.ignore_index, ctx.big_w = eps, zc, ignore_index, big_w
+        ctx.save_for_backward(logits, targets, lse, w_t, w, keep_f)
+        ctx.eps, ctx.cap, ctx.zc, ctx.ignore_index, ctx.big_w = eps, cap, zc, ignore_index, big_w
         ctx.mark_non_differentiable(nll, row_stats, status, w_t, keep_f)
         return ce, zl, nll, row_stats, status, w_t, keep_f
 
     @staticmethod
     def backward(ctx, g, h, *_unused):
-        logits, targets, lse, scale, w, keep = ctx.saved_tensors
-        eps, zc = ctx.eps, ctx.zc
-        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
-        g = zero if g is None else torch.where(keep, g.to(lse.dtype), 0.0)
-        # double backward: out of place, lse as a function of the logits
-        grad_enabled = torch.is_grad_enabled()
-        if h is None or zc == 0.0:
-            hz = zero
-        else:
-            lse_h = torch.logsumexp(logits.to(lse.dtype), 1) if grad_enabled else lse
-            hz = torch.where(keep, h.to(lse.dtype) * (2.0 * zc) * lse_h, 0.0)
-        up = (g * scale + hz).expand(lse.shape)
-        grad = torch.ops.memcore.ce_backward(up, logits, targets, lse, ctx.ignore_index)
-        if eps == 0.0 and zc == 0.0:
-            return grad, None, None, None, None, None, None, None
+        logits, targets, lse, w_t, w, keep_f = ctx.saved_tensors
+        eps, cap, zc = ctx.eps, ctx.cap, ctx.zc
         c = logits.shape[1]
-        ge = (g * (eps / c)).expand(lse.shape)
-        safe_t = torch.where(keep, targets, 0).unsqueeze(1)
-        # the target's entry: the kernel's up * (p_t - 1), plus up - g (1 - eps) w_t - g (eps / C) w_t
-        # (the part of onehot the options do not take), in one rounding
-        w_t = 1.0 if w is None else w[safe_t]
-        fix = (hz + ge * ctx.big_w).unsqueeze(1) - ge.unsqueeze(1) * w_t
-        if grad.dtype == lse.dtype:
-            base = grad.gather(1, safe_t)
-        else:  # 16-bit: from p_t in float32 rather than the kernel's rounded entry
-            p_t = torch.exp(logits.gather(1, safe_t).to(lse.dtype) - lse.unsqueeze(1))
-            base = up.unsqueeze(1) * (p_t - 1.0)
-        at_t = (base + fix).to(grad.dtype)
+        g = torch.zeros_like(lse) if g is None else g.to(lse.dtype) * keep_f
+        a = g * ((1.0 - eps) * w_t + (eps / c) * ctx.big_w * keep_f)
+        b = g * ((1.0 - eps) * w_t)
+        if not torch.is_grad_enabled():
+            if h is not None and zc != 0.0:
+                a = a + h.to(lse.dtype) * (2.0 * zc) * lse * keep_f
+            cc = g * (eps / c) if eps != 0.0 else lse.new_empty(0)
+            grad = torch.ops.memcore.ce_backward_options(
+                a, b, cc, logits, targets, lse, ctx.ignore_index, cap or 0.0, w
+            )
+            return grad, None, None, None, None, None, None, None, None
+        # double backward: the same gradient in differentiable ops of the logits (lse too)
+        z = logits.to(lse.dtype)
+        if cap is not None:
+            z = torch.tanh(z / cap) * cap
+        lse_z = torch.logsumexp(z, 1)
+        if h is not None and zc != 0.0:
+            a = a + h.to(lse.dtype) * (2.0 * zc) * lse_z * keep_f
+        onehot = torch.nn.functional.one_hot(torch.where(keep_f > 0, targets, 0), c).to(z.dtype)
+        grad = a.unsqueeze(1) * torch.exp(z - lse_z.unsqueeze(1)) - b.unsqueeze(1) * onehot
         if eps != 0.0:
-            off = ge.unsqueeze(1) if w is None else torch.outer(ge, w)
-            grad = grad - off.to(grad.dtype) if grad_enabled else grad.sub_(off)
-        grad = grad.scatter(1, safe_t, at_t) if grad_enabled else grad.scatter_(1, safe_t, at_t)
-        return grad, None, None, None, None, None, None, None
+            grad = grad - (g * (eps / c)).unsqueeze(1) * (1.0 if w is None else w)
+        if cap is not None:
+            grad = grad * (1.0 - (z / cap) ** 2)
+        return grad.to(logits.dtype), None, None, None, None, None, None, None, None
 
 
 def _with_options(logits, targets, rows, tracker, route, options):
@@ -270,12 +256,17 @@ def _with_options(logits, targets, rows, tracker, route, options):
     logits2d, targets1d, index1d = rows
     reduction, ignore_index, inputs, overwrite = route
     w, eps, softcap, zc, return_z_loss = options
-    if softcap is not None:
+    if overwrite or inputs is not None:
+        if w is not None or eps != 0.0 or zc != 0.0:
+            raise ValueError(
+                "weight=, label_smoothing= and z_loss= cannot be combined with overwrite_logits=True or "
+                "inputs= (both need the plain cross-entropy of each row); use the default route"
+            )
+        # softcap alone: the default route on the capped logits (a float32 / float64 temporary)
         acc = torch.float64 if logits2d.dtype == torch.float64 else torch.float32
-        logits2d = torch.tanh(logits2d.to(acc) / softcap) * softcap
-    if w is None and eps == 0.0 and zc == 0.0:
+        capped = logits2d if softcap is None else torch.tanh(logits2d.to(acc) / softcap) * softcap
         out = accumulate(
-            logits2d,
+            capped,
             targets1d,
             index1d,
             tracker,
@@ -285,16 +276,9 @@ def _with_options(logits, targets, rows, tracker, route, options):
             overwrite_logits=overwrite,
         )
         out = _as_result(out.reshape(targets.shape) if reduction == "none" else out, logits)
-        if return_z_loss:
-            return out, torch.zeros_like(out)
-        return out
-    if overwrite or inputs is not None:
-        raise ValueError(
-            "weight=, label_smoothing= and z_loss= cannot be combined with overwrite_logits=True or "
-            "inputs= (both need the plain cross-entropy of each row); use the default route"
-        )
-    ce, zl, nll, row_stats, status, w_t, keep_f = _ClassOptions.apply(
-        logits2d, targets1d, index1d, tracker.num_samples, ignore_index, w, eps, zc
+        return (out, torch.zeros_like(out)) if return_z_loss else out
+    ce, zl, nll, row_stats, status, w_t, keep_f = _Options.apply(
+        logits2d, targets1d, index1d, tracker.num_samples, ignore_index, w, eps, softcap, zc
     )
     _record(tracker, logits2d, targets1d, index1d, ignore_index, nll, row_stats, status)
     if reduction == "none":

@@ -1,9 +1,11 @@
 """The cross_entropy family's ops on the Python side: fake kernels for torch.compile of ce_forward,
-ce_forward_reduce, ce_forward_grad_, ce_backward, scale_unless_one_ and ce_input_sqnorm.
+ce_forward_reduce, ce_forward_grad_, ce_backward, scale_unless_one_, ce_input_sqnorm and the options
+ops ce_forward_options / ce_backward_options.
 
 Schemas: csrc/memcore.cpp; kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu; autograd
 (ce_forward, ce_forward_reduce, ce_forward_grad_ and the double backward of ce_backward): C++,
-csrc/autograd/cross_entropy.cpp, so a training step's backward never enters Python. The public
+csrc/autograd/cross_entropy.cpp, so a training step's backward never enters Python (the options
+ops': the autograd function in memcore/cross_entropy.py). The public
 wrapper is ``memcore.accumulate`` (memcore/cross_entropy.py).
 """
 
@@ -52,3 +54,16 @@ def _ce_backward_fake(grad_loss, logits, targets, lse, ignore_index):
 @torch.library.register_fake("memcore::ce_input_sqnorm")
 def _ce_input_sqnorm_fake(grad, scale):
     return grad.new_empty(grad.shape[0], dtype=torch.float64)
+
+
+@torch.library.register_fake("memcore::ce_forward_options")
+def _ce_forward_options_fake(
+    logits, targets, index, num_samples, ignore_index, softcap, label_smoothing, weight
+):
+    loss, lse, row_stats, status = _ce_forward_fake(logits, targets, index, num_samples, ignore_index)
+    return loss, lse, row_stats, status, lse.new_empty(logits.shape[0] if label_smoothing > 0 else 0)
+
+
+@torch.library.register_fake("memcore::ce_backward_options")
+def _ce_backward_options_fake(a, b, c, logits, targets, lse, ignore_index, softcap, weight):
+    return torch.empty_like(logits)
