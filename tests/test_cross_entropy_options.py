@@ -178,15 +178,27 @@ def test_statistics_are_the_plain_softmax():
 
 def test_statistics_with_softcap_are_those_of_the_capped_logits():
     """softcap / z_loss: the tracker records what plain accumulate records for the soft-capped
-    logits (the softmax the model predicts), bit for bit."""
+    logits (the softmax the model predicts). The CPU kernels cap each logit with their own tanh
+    (within 4.2 * 2^-24 relative, docs/kernels.md), not torch.tanh's: a loss or margin moves by at
+    most twice a capped logit's error, 2 * 4.2 * 2^-24 * cap, on top of the fp32 kernels' own
+    bound; the counts (correct, forgetting) are the same."""
     z, t, w = _problem(torch.float32, -100, seed=8)
     z = z * 10
+    cap = 20.0
     plain, opt = memcore.Tracker(N), memcore.Tracker(N)
-    memcore.accumulate(torch.tanh(z / 20.0) * 20.0, t, torch.arange(N), plain)
+    memcore.accumulate(torch.tanh(z / cap) * cap, t, torch.arange(N), plain)
     memcore.accumulate(
-        z, t, torch.arange(N), opt, softcap=20.0, z_loss=1e-3, label_smoothing=0.1, weight=w.float()
+        z, t, torch.arange(N), opt, softcap=cap, z_loss=1e-3, label_smoothing=0.1, weight=w.float()
     )
-    assert_same_state(plain.state_dict(), opt.state_dict())
+    a, b = plain.state_dict(), opt.state_dict()
+    for name in a["buffers"]:
+        if a["buffers"][name].is_floating_point():
+            torch.testing.assert_close(
+                b["buffers"][name], a["buffers"][name], rtol=1e-5, atol=1e-6 + 2 * 4.2 * 2**-24 * cap
+            )
+        else:
+            assert torch.equal(b["buffers"][name], a["buffers"][name]), name
+    assert {k: v for k, v in a.items() if k != "buffers"} == {k: v for k, v in b.items() if k != "buffers"}
 
 
 def test_double_backward_exact():

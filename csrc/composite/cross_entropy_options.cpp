@@ -76,11 +76,6 @@ at::Tensor ce_backward_options_composed(const at::Tensor& a, const at::Tensor& b
   return grad.to(logits.scalar_type());
 }
 
-TORCH_LIBRARY_IMPL(memcore, CPU, m) {
-  MEMCORE_IMPL(m, ce_forward_options, ce_forward_options_composed);
-  MEMCORE_IMPL(m, ce_backward_options, ce_backward_options_composed);
-}
-
 #ifdef MEMCORE_WITH_CUDA
 TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
   MEMCORE_IMPL(m, ce_forward_options, ce_forward_options_composed);

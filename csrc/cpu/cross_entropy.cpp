@@ -1,5 +1,6 @@
 // CPU kernels of the cross-entropy family (schemas in csrc/memcore.cpp): ce_forward,
-// ce_forward_reduce, ce_backward, ce_forward_grad_, scale_unless_one_, ce_input_sqnorm. Rows are
+// ce_forward_reduce, ce_backward, ce_forward_grad_, scale_unless_one_, ce_input_sqnorm, and the
+// options ops ce_forward_options / ce_backward_options (the same kernels with the options compiled in). Rows are
 // split across threads and each is read once per pass: rows of up to kChunk elements in blocks of
 // 64 by the vector kernels of cross_entropy_block.h (half / bf16 widened to float in L1-sized
 // scratch), longer rows streamed in kChunk pieces with an online (max, sum) rescale; float64
@@ -536,6 +537,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return res;
 }
 
+// The Opt instance of a call's options, handed to f as a value: None where neither softcap nor
+// smoothing is on (Plain in the forward; in the backward, the instance that still takes b)
+template <class None, class F>
+void with_options(bool cap, bool smooth, bool weighted, F&& f) {
+  if (!smooth) {
+    if (cap) f(Opt<true, false, false>{});
+    else f(None{});
+  } else if (weighted) {
+    if (cap) f(Opt<true, true, true>{});
+    else f(Opt<false, true, true>{});
+  } else {
+    if (cap) f(Opt<true, true, false>{});
+    else f(Opt<false, true, false>{});
+  }
+}
+
+// The host side of the options: softcap, and where smoothing reads them the weights and their sum
+HostOpts host_options(const at::Tensor& logits, double softcap, bool smooth,
+                      const std::optional<at::Tensor>& weight) {
+  HostOpts h;
+  h.cap = softcap;
+  if (smooth) {
+    h.weight = weight.has_value() ? weight->data_ptr() : nullptr;
+    h.usum = weight.has_value() ? weight->sum(at::kDouble).item<double>() : static_cast<double>(logits.size(1));
+  }
+  return h;
+}
+
+// ce_forward's row kernels with the options fused in (cross_entropy_block.h's Opt): the softcap on
+// each value as it is loaded, the smoothing sum in the exp pass.
+Tensor5 ce_forward_options_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                               int64_t num_samples, int64_t ignore_index, double softcap, double label_smoothing,
+                               const std::optional<at::Tensor>& weight) {
+  const char* op = "memcore::ce_forward_options";
+  check_rows(logits, targets, op);
+  check_vector(index, logits, at::kLong, "index", op);
+  check_options(logits, softcap, label_smoothing, weight, op);
+  const bool smooth = label_smoothing > 0.0;
+  const HostOpts h = host_options(logits, softcap, smooth, weight);
+  at::Tensor sm = at::empty({0}, logits.options().dtype(opmath_dtype(logits)));
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> res;
+  with_options<Plain>(softcap > 0.0, smooth, weight.has_value(), [&](auto o) {
+    res = forward_impl<decltype(o)>(logits, targets, index, num_samples, ignore_index, h, &sm);
+  });
+  auto& [loss, lse, row_stats, status] = res;
+  return {loss, lse, row_stats, status, sm};
+}
+
+// ce_backward's row kernels with a / b / c and the softcap's factor fused into the one pass
+at::Tensor ce_backward_options_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                   const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                   int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight) {
+  const char* op = "memcore::ce_backward_options";
+  check_rows(logits, targets, op);
+  check_vector(lse, logits, opmath_dtype(logits), "lse", op);
+  check_option_coefficients(a, b, c, logits, op);
+  check_options(logits, softcap, 0.0, weight, op);
+  const bool smooth = c.numel() != 0;
+  const HostOpts h = host_options(logits, softcap, smooth, weight);
+  at::Tensor grad = at::empty_like(logits);
+  with_options<Opt<false, false, false, true>>(softcap > 0.0, smooth, weight.has_value(), [&](auto o) {
+    backward_into<decltype(o)>(logits, grad, targets, lse, a, ignore_index, &b, &c, h);
+  });
+  return grad;
+}
+
 void scale_unless_one_cpu(at::Tensor& grad, const at::Tensor& scale) {
   check_scale_unless_one(grad, scale);
   if (scale.item<double>() != 1.0) grad.mul_(scale.reshape({}));
@@ -588,6 +655,8 @@ TORCH_LIBRARY_IMPL(memcore, CPU, m) {
   MEMCORE_IMPL(m, ce_forward_grad_, ce_forward_grad_cpu);
   MEMCORE_IMPL(m, scale_unless_one_, scale_unless_one_cpu);
   MEMCORE_IMPL(m, ce_input_sqnorm, ce_input_sqnorm_cpu);
+  MEMCORE_IMPL(m, ce_forward_options, ce_forward_options_cpu);
+  MEMCORE_IMPL(m, ce_backward_options, ce_backward_options_cpu);
 }
 
 }  // namespace cpu
