@@ -52,22 +52,27 @@ def _tolerances(dtype, cap, z, ref_grad, p, a, b, c, u):
     """Per-entry bounds. float64: exact math (std::exp, std::tanh), 2^-40 relative. fp32 and 16-bit
     logits (computed in float): the default kernels' fp32 bounds, atol 1e-6 + rtol 1e-5 on loss,
     lse, p(target), margin and each p_j (tests/test_cross_entropy_accuracy.py, docs/kernels.md),
-    plus the softcap's rounding: a capped logit is off by at most delta = 7 u cap (the tanh's
-    4.2 u |tanh|, the rounding of z / cap carried through tanh' x <= 0.45, the product by cap),
-    which moves lse, a loss or a margin by at most 2 delta and p_j by 2 delta relative. The
-    gradient's a / b / c terms add their own roundings (2 u each), the softcap factor 1 - tanh^2
-    8 u relative; 16-bit gradients are rounded to their dtype (half an ulp, fp16's subnormals 2^-25).
-    The smoothing sum adds C such terms: U (1e-6 + 2 delta), U the weights' sum."""
+    plus the softcap's rounding: a capped logit is off by at most delta = 9 u cap (the tanh's
+    6.9 u |tanh| on any ISA, csrc/cpu/vec.inc, and the roundings of z / cap and of the product by
+    cap), which moves lse, a loss or a margin by at most 2 delta and p_j by 2 delta relative. The
+    gradient's a / b / c terms add their own roundings (2 u each), the softcap factor 1 - tanh^2 is
+    within 14 u absolute; 16-bit gradients are rounded to their dtype (half an ulp, fp16's subnormals
+    2^-25). The smoothing sum adds C such terms: U (1e-6 + 2 delta), U the weights' sum."""
     if dtype == torch.float64:
         return 2**-40, 2**-40, 2**-40 * (ref_grad.abs() + a.abs()[:, None] + 1e-300)
-    delta = 7 * U * cap
+    delta = 9 * U * cap
     stat_atol = 1e-6 + 2 * delta
     d = (1 - (torch.tanh(z.double() / cap)) ** 2) if cap else torch.ones_like(p)
+    terms = (
+        a.double().abs()[:, None] * (p + 1)
+        + (a.double() - b.double()).abs()[:, None]
+        + (c.double().abs()[:, None] * u[None, :] if c.numel() else 0.0)
+    )
     grad_tol = (
         a.double().abs()[:, None] * (1e-6 + p * 1e-5 + 2 * delta * p)
         + (a.double() - b.double()).abs()[:, None] * 2 * U
         + (c.double().abs()[:, None] * u[None, :] * 2 * U if c.numel() else 0.0)
-    ) * d + (1e-5 + 8 * U) * ref_grad.abs()
+    ) * d + (14 * U * terms if cap else 0.0) + 1e-5 * ref_grad.abs()
     if dtype == torch.bfloat16:
         grad_tol = grad_tol + 2**-8 * ref_grad.abs()
     elif dtype == torch.float16:
@@ -164,7 +169,7 @@ def test_options_kernels_against_composed(dtype, c):
         args = (z, t, torch.arange(n), n, -100, cap, eps, wt)
         got = torch.ops.memcore.ce_forward_options(*args)
         want = memcore._C._ce_forward_options_composed(*args)
-        atol = 2 * (1e-6 + 14 * U * cap)
+        atol = 2 * (1e-6 + 18 * U * cap)
         big_u = float(w.double().sum()) if weighted else float(c)
         assert torch.equal(got[3], want[3])
         for k, (x, y) in enumerate(zip(got, want)):
@@ -180,7 +185,7 @@ def test_options_kernels_against_composed(dtype, c):
         half_ulp = {torch.float32: 0.0, torch.bfloat16: 2**-8}[dtype]
         scale = float(a.abs().max())
         torch.testing.assert_close(
-            grad.double(), ref.double(), atol=scale * (2e-6 + 28 * U * cap), rtol=2e-5 + 2 * half_ulp
+            grad.double(), ref.double(), atol=scale * (2e-6 + 36 * U * cap + 28 * U), rtol=2e-5 + 2 * half_ulp
         )
 
 
