@@ -69,10 +69,15 @@ def _tolerances(dtype, cap, z, ref_grad, p, a, b, c, u):
         + (c.double().abs()[:, None] * u[None, :] if c.numel() else 0.0)
     )
     grad_tol = (
-        a.double().abs()[:, None] * (1e-6 + p * 1e-5 + 2 * delta * p)
-        + (a.double() - b.double()).abs()[:, None] * 2 * U
-        + (c.double().abs()[:, None] * u[None, :] * 2 * U if c.numel() else 0.0)
-    ) * d + (14 * U * terms if cap else 0.0) + 1e-5 * ref_grad.abs()
+        (
+            a.double().abs()[:, None] * (1e-6 + p * 1e-5 + 2 * delta * p)
+            + (a.double() - b.double()).abs()[:, None] * 2 * U
+            + (c.double().abs()[:, None] * u[None, :] * 2 * U if c.numel() else 0.0)
+        )
+        * d
+        + (14 * U * terms if cap else 0.0)
+        + 1e-5 * ref_grad.abs()
+    )
     if dtype == torch.bfloat16:
         grad_tol = grad_tol + 2**-8 * ref_grad.abs()
     elif dtype == torch.float16:
