@@ -85,6 +85,25 @@ inline void check_option_coefficients(const at::Tensor& a, const at::Tensor& b, 
   if (c.numel() != 0 || c.dim() != 1) check_vector(c, logits, opmath_dtype(logits), "c", op);
 }
 
+// Every argument of ce_forward_options / ce_backward_options (CPU and CUDA)
+inline void check_forward_options(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                  double softcap, double label_smoothing, const std::optional<at::Tensor>& weight) {
+  const char* op = "memcore::ce_forward_options";
+  check_rows(logits, targets, op);
+  check_vector(index, logits, at::kLong, "index", op);
+  check_options(logits, softcap, label_smoothing, weight, op);
+}
+
+inline void check_backward_options(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                   const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                   double softcap, const std::optional<at::Tensor>& weight) {
+  const char* op = "memcore::ce_backward_options";
+  check_rows(logits, targets, op);
+  check_vector(lse, logits, opmath_dtype(logits), "lse", op);
+  check_option_coefficients(a, b, c, logits, op);
+  check_options(logits, softcap, 0.0, weight, op);
+}
+
 inline void check_scale_unless_one(const at::Tensor& grad, const at::Tensor& scale) {
   const char* op = "memcore::scale_unless_one_";
   TORCH_CHECK(grad.is_contiguous() && grad.is_floating_point(), op,

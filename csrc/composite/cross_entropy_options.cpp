@@ -29,10 +29,7 @@ at::Tensor capped(const at::Tensor& logits, double softcap) {
 Tensor5 ce_forward_options_composed(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                                     int64_t num_samples, int64_t ignore_index, double softcap,
                                     double label_smoothing, const std::optional<at::Tensor>& weight) {
-  const char* op = "memcore::ce_forward_options";
-  check_rows(logits, targets, op);
-  check_vector(index, logits, at::kLong, "index", op);
-  check_options(logits, softcap, label_smoothing, weight, op);
+  check_forward_options(logits, targets, index, softcap, label_smoothing, weight);
   static const auto forward = MEMCORE_OP(ce_forward);
   const at::Tensor z = capped(logits, softcap);
   auto [loss, lse, row_stats, status] = forward.call(z, targets, index, num_samples, ignore_index);
@@ -55,11 +52,7 @@ Tensor5 ce_forward_options_composed(const at::Tensor& logits, const at::Tensor& 
 at::Tensor ce_backward_options_composed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                                         const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                         int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight) {
-  const char* op = "memcore::ce_backward_options";
-  check_rows(logits, targets, op);
-  check_vector(lse, logits, opmath_dtype(logits), "lse", op);
-  check_option_coefficients(a, b, c, logits, op);
-  check_options(logits, softcap, 0.0, weight, op);
+  check_backward_options(a, b, c, logits, targets, lse, softcap, weight);
   static const auto backward = MEMCORE_OP(ce_backward);
   const at::Tensor z = capped(logits, softcap);
   const at::Tensor keep = targets.ne(ignore_index);

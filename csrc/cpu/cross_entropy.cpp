@@ -570,10 +570,7 @@ HostOpts host_options(const at::Tensor& logits, double softcap, bool smooth,
 Tensor5 ce_forward_options_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                                int64_t num_samples, int64_t ignore_index, double softcap, double label_smoothing,
                                const std::optional<at::Tensor>& weight) {
-  const char* op = "memcore::ce_forward_options";
-  check_rows(logits, targets, op);
-  check_vector(index, logits, at::kLong, "index", op);
-  check_options(logits, softcap, label_smoothing, weight, op);
+  check_forward_options(logits, targets, index, softcap, label_smoothing, weight);
   const bool smooth = label_smoothing > 0.0;
   const HostOpts h = host_options(logits, softcap, smooth, weight);
   at::Tensor sm = at::empty({0}, logits.options().dtype(opmath_dtype(logits)));
@@ -589,11 +586,7 @@ Tensor5 ce_forward_options_cpu(const at::Tensor& logits, const at::Tensor& targe
 at::Tensor ce_backward_options_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                                    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                    int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight) {
-  const char* op = "memcore::ce_backward_options";
-  check_rows(logits, targets, op);
-  check_vector(lse, logits, opmath_dtype(logits), "lse", op);
-  check_option_coefficients(a, b, c, logits, op);
-  check_options(logits, softcap, 0.0, weight, op);
+  check_backward_options(a, b, c, logits, targets, lse, softcap, weight);
   const bool smooth = c.numel() != 0;
   const HostOpts h = host_options(logits, softcap, smooth, weight);
   at::Tensor grad = at::empty_like(logits);
