@@ -45,6 +45,22 @@ def _bounds(z, dtype, cap):
 @pytest.mark.parametrize("options", list(OPTION_SETS))
 @pytest.mark.parametrize("c, offset", [(5, 0), (37, 1), (300, 3)])
 def test_options_kernels_replayed_against_float64(dtype, tpr, vec, options, c, offset):
+    _check_replay(dtype, tpr, vec, options, c, offset)
+
+
+@pytest.mark.parametrize("model", ["low", "high", "nearest"])
+def test_options_kernels_hold_at_both_ends_of_the_approximate_instructions(model):
+    """ex2.approx and rcp.approx anywhere within their documented errors: every float at the low
+    or the high end of the bound, and correctly rounded."""
+    before = _C._ce_ex2_model(model)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            _check_replay(dtype, 256, True, "cap+weighted smooth", 300, 3)
+    finally:
+        _C._ce_ex2_model(before)
+
+
+def _check_replay(dtype, tpr, vec, options, c, offset):
     cap, eps, weighted = OPTION_SETS[options]
     z, t, g = _problem(dtype, c, offset, seed=c + tpr)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
