@@ -121,7 +121,7 @@ const char* block_isa();  // csrc/cpu/cross_entropy_block.cpp
 // (refused while capturing), and what it found so far
 bool linear_ce_gemm_probe(const at::Tensor& like, bool capturing);
 // csrc/composite/cross_entropy_options.cpp: the options ops composed of the default ops and ATen
-// (their CUDA kernels), callable on any device for tests
+// (the fused kernels' reference), callable on any device for tests
 Tensor5 ce_forward_options_composed(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                                     int64_t num_samples, int64_t ignore_index, double softcap,
                                     double label_smoothing, const std::optional<at::Tensor>& weight);
@@ -154,12 +154,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_ce_split_forward_replay", &memcore::replay::ce_split_forward_replay);
   m.def("_ce_split_backward_replay", &memcore::replay::ce_split_backward_replay);
   m.def("_ce_reduce_replay", &memcore::replay::ce_reduce_replay);
+  m.def("_ce_forward_options_replay", &memcore::replay::ce_forward_options_replay);
+  m.def("_ce_backward_options_replay", &memcore::replay::ce_backward_options_replay);
   m.def("_ce_ex2_model", &memcore::replay::ce_ex2_model);
   m.def("_ce_host_ex2", &memcore::replay::ce_host_ex2);
   // linear_accumulate runs the GEMM probe before a 16-bit CUDA call, outside CUDA-graph capture
   m.def("_linear_ce_gemm_probe", &memcore::linear_ce_gemm_probe);
   m.def("_linear_ce_gemm_form", &memcore::linear_ce_gemm_form);
-  // the options ops' composed implementation (their CUDA kernels) on any device, for the tests
+  // the options ops' composed implementation (the fused kernels' reference) on any device, for the tests
   m.def("_ce_forward_options_composed", &memcore::ce_forward_options_composed);
   m.def("_ce_backward_options_composed", &memcore::ce_backward_options_composed);
   // the Philox4x32-10 words every curvature kernel draws its probes from, for known-answer tests

@@ -7,7 +7,7 @@ ignored rows) against the ops' contracts in float64 torch ops, against the compo
 
 import pytest
 import torch
-from test_cross_entropy_options import _options_reference
+from reference import options_reference
 
 import memcore
 
@@ -115,9 +115,7 @@ def _check_against_reference(dtype, c, options=OPTIONS):
         )
         a, b, cc = _coefficients(t, lse, wt if eps else None, eps, g, c)
         grad = torch.ops.memcore.ce_backward_options(a, b, cc, z, t, lse, -100, cap, wt)
-        ref_nll, ref_smooth, ref_grad = _options_reference(
-            z, t, -100, cap, eps, wt if eps else None, a, b, cc
-        )
+        ref_nll, ref_smooth, ref_grad = options_reference(z, t, -100, cap, eps, wt if eps else None, a, b, cc)
         ref_lse, ref_p, ref_margin, ref_correct, zc = _stats_reference(z, t, cap)
         p = torch.softmax(zc, 1)
         u = w.double() if (weighted and eps) else torch.ones(c, dtype=torch.float64)
