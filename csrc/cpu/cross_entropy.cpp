@@ -1,13 +1,13 @@
 // CPU kernels of the cross-entropy family (schemas in csrc/memcore.cpp): ce_forward,
 // ce_forward_reduce, ce_backward, ce_forward_grad_, scale_unless_one_, ce_input_sqnorm, and the
-// options ops ce_forward_options / ce_backward_options (the same kernels with the options compiled in). Rows are
-// split across threads and each is read once per pass: rows of up to kChunk elements in blocks of
-// 64 by the vector kernels of cross_entropy_block.h (half / bf16 widened to float in L1-sized
-// scratch), longer rows streamed in kChunk pieces with an online (max, sum) rescale; float64
-// logits take a plain double path. Memory: O(N) outputs, the N x C gradient of ce_backward (none
-// for ce_forward_grad_, which writes over the logits), per-thread scratch of at most 32 KiB.
-// Reductions over rows are serial in double, so results do not depend on the thread count. More:
-// docs/kernels.md.
+// options ops ce_forward_options / ce_backward_options (the same kernels with the options compiled
+// in: cross_entropy_block.h's Opt). Rows are split across threads and each is read once per pass:
+// rows of up to kChunk elements in blocks of 64 by the vector kernels of cross_entropy_block.h
+// (half / bf16 widened to float in L1-sized scratch), longer rows streamed in kChunk pieces with an
+// online (max, sum) rescale; float64 logits take a plain double path. Memory: O(N) outputs, the
+// N x C gradient of ce_backward / ce_backward_options (none for ce_forward_grad_, which writes over
+// the logits), per-thread scratch of at most 32 KiB. Reductions over rows are serial in double, so
+// results do not depend on the thread count. More: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -174,18 +174,15 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, double
   if constexpr (std::is_same_v<scalar_t, double>) {
     if constexpr (O::kOpt) {
       const double* u = static_cast<const double*>(h.weight);
-      double ot = 0.0;
-      for (int64_t j = 0; j < C; ++j) {
+      for (int64_t j = 0; j < C; ++j) {  // each element read before it is written
         const double th = O::kCap ? std::tanh(z[j] / h.cap) : 0.0, v = O::kCap ? h.cap * th : z[j];
         const double p = std::exp(v - lse);
         // the target's a p_t - b as a (p_t - 1) + (a - b)
         double e = j == t ? (p - 1.0) * g + (g - b) : p * g;
         if constexpr (O::kSmooth) e -= c * (O::kWeight ? u[j] : 1.0);
         if constexpr (O::kCap) e *= 1.0 - th * th;
-        if (j == t) ot = e;
-        out[j] = e;
+        out[j] = static_cast<scalar_t>(e);
       }
-      out[t] = ot;  // in place: written after the row
       return;
     }
     if (C >= 8) {
