@@ -19,6 +19,20 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 VOCAB = 61  # odd
 
 
+def _sizes(hidden, layers, **extra):
+    """A tiny decoder config's keyword arguments: hidden size, layers, 2 heads sharing 1 KV head."""
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        **extra,
+    )
+
+
 def _model(kind, **extra):
     t = transformers
     torch.manual_seed(0)
@@ -26,16 +40,7 @@ def _model(kind, **extra):
         return t.GPT2LMHeadModel(
             t.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2, **extra)
         )
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        **extra,
-    )
+    common = _sizes(16, 1, **extra)
     cls = {
         "llama": (t.LlamaConfig, t.LlamaForCausalLM),
         "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
@@ -107,20 +112,9 @@ def _head_model(kind):
     if not hasattr(transformers, model_cls):
         pytest.skip(f"this transformers has no {model_cls}")
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        initializer_range=0.5,  # logits of a few units: the soft-capping at 2 matters
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **extra,
-    )
+    # initializer_range: logits of a few units, so the soft-capping at 2 matters
+    special = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = getattr(transformers, config_cls)(**_sizes(32, 2, initializer_range=0.5, **special, **extra))
     return getattr(transformers, model_cls)(config).eval()
 
 

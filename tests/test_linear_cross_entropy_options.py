@@ -245,59 +245,29 @@ def test_statistics_are_the_models_own():
     """Whatever the options, the tracker records what plain linear_accumulate records for the
     soft-capped logits' softmax: the same state as accumulate on softcap * tanh(F.linear / softcap)."""
     hidden, weight, bias, targets, index, w = _problem(torch.float64, seed=5)
+    rows = (hidden, weight, targets, index)
+    others = dict(bias=bias, chunk_size=7, ce_weight=w, label_smoothing=0.3, z_loss=0.1)
     plain, opt = memcore.Tracker(S), memcore.Tracker(S)
     with torch.no_grad():
         z = F.linear(hidden, weight, bias)
         memcore.accumulate(SOFTCAP * torch.tanh(z / SOFTCAP), targets, index, plain)
-    memcore.linear_accumulate(
-        hidden,
-        weight,
-        targets,
-        index,
-        opt,
-        bias=bias,
-        ce_weight=w,
-        label_smoothing=0.3,
-        softcap=SOFTCAP,
-        z_loss=0.1,
-    )
+    memcore.linear_accumulate(*rows, opt, softcap=SOFTCAP, **others)
     torch.testing.assert_close(recorded(opt), recorded(plain), rtol=1e-12, atol=1e-12)
     # without softcap: the plain statistics, bit for bit (same GEMM, same kernel per row)
     plain, opt = memcore.Tracker(S), memcore.Tracker(S)
-    memcore.linear_accumulate(hidden, weight, targets, index, plain, bias=bias, chunk_size=7)
-    memcore.linear_accumulate(
-        hidden,
-        weight,
-        targets,
-        index,
-        opt,
-        bias=bias,
-        chunk_size=7,
-        ce_weight=w,
-        label_smoothing=0.3,
-        z_loss=0.1,
-    )
+    memcore.linear_accumulate(*rows, plain, bias=bias, chunk_size=7)
+    memcore.linear_accumulate(*rows, opt, **others)
     assert_same_state(plain.state_dict(), opt.state_dict())
 
 
 def test_return_z_loss_without_z_loss_is_zero():
     hidden, weight, bias, targets, index, _ = _problem(torch.float32)
+    rows = (hidden, weight, targets, index)
     for reduction in REDUCTIONS:
-        loss, z = memcore.linear_accumulate(
-            hidden,
-            weight,
-            targets,
-            index,
-            memcore.Tracker(S),
-            bias=bias,
-            reduction=reduction,
-            return_z_loss=True,
-        )
+        kw = dict(bias=bias, reduction=reduction)
+        loss, z = memcore.linear_accumulate(*rows, memcore.Tracker(S), return_z_loss=True, **kw)
         assert z.shape == loss.shape and z.dtype == loss.dtype and not z.any()
-        want = memcore.linear_accumulate(
-            hidden, weight, targets, index, memcore.Tracker(S), bias=bias, reduction=reduction
-        )
-        assert torch.equal(loss, want)
+        assert torch.equal(loss, memcore.linear_accumulate(*rows, memcore.Tracker(S), **kw))
 
 
 def test_retained_graph_second_backward():
@@ -306,17 +276,8 @@ def test_retained_graph_second_backward():
     hidden, weight, bias, targets, index, w = _problem(torch.float64, seed=6)
     for reduction in ("mean", "sum"):
         h = hidden.clone().requires_grad_()
-        loss = memcore.linear_accumulate(
-            h,
-            weight,
-            targets,
-            index,
-            memcore.Tracker(S),
-            bias=bias,
-            reduction=reduction,
-            ce_weight=w,
-            z_loss=0.05,
-        )
+        opts = dict(bias=bias, reduction=reduction, ce_weight=w, z_loss=0.05)
+        loss = memcore.linear_accumulate(h, weight, targets, index, memcore.Tracker(S), **opts)
         (g1,) = torch.autograd.grad(loss, h, retain_graph=True)
         (g2,) = torch.autograd.grad(loss, h)
         torch.testing.assert_close(g2, g1, rtol=1e-12, atol=1e-14)
@@ -432,32 +393,28 @@ def test_opcheck(reduction):
             )
 
 
-@pytest.mark.parametrize(
-    "kwargs, error, words",
-    [
-        (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
-        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
-        (dict(label_smoothing=float("nan")), ValueError, "label_smoothing"),
-        (dict(label_smoothing="0.1"), TypeError, "label_smoothing"),
-        (dict(ce_weight=torch.ones(V + 1)), ValueError, "ce_weight"),
-        (dict(ce_weight=torch.ones(V, dtype=torch.int64)), TypeError, "ce_weight"),
-        (dict(ce_weight=[1.0] * V), TypeError, "ce_weight"),
-        (dict(softcap=0.0), ValueError, "softcap"),
-        (dict(softcap=-1.0), ValueError, "softcap"),
-        (dict(softcap=float("inf")), ValueError, "softcap"),
-        (dict(softcap="20"), TypeError, "softcap"),
-        (dict(z_loss=-1e-4), ValueError, "z_loss"),
-        (dict(z_loss=float("inf")), ValueError, "z_loss"),
-        (dict(return_z_loss=1), TypeError, "return_z_loss"),
-    ],
-)
-def test_bad_options_are_refused_without_state_change(kwargs, error, words):
+# (argument, bad value, exception): each refused by name
+BAD_OPTIONS = [
+    *[("label_smoothing", v, ValueError) for v in (-0.1, 1.5, float("nan"))],
+    *[("softcap", v, ValueError) for v in (0.0, -1.0, float("inf"))],
+    *[("z_loss", v, ValueError) for v in (-1e-4, float("inf"))],
+    ("ce_weight", torch.ones(V + 1), ValueError),
+    ("ce_weight", torch.ones(V, dtype=torch.int64), TypeError),
+    ("ce_weight", [1.0] * V, TypeError),
+    ("label_smoothing", "0.1", TypeError),
+    ("softcap", "20", TypeError),
+    ("return_z_loss", 1, TypeError),
+]
+
+
+@pytest.mark.parametrize("name, value, error", BAD_OPTIONS)
+def test_bad_options_are_refused_without_state_change(name, value, error):
     hidden, weight, bias, targets, index, _ = _problem(torch.float32, seed=10)
     tr = memcore.Tracker(S)
     memcore.linear_accumulate(hidden, weight, targets, index, tr, bias=bias)
     before = tr.state_dict()
-    with pytest.raises(error, match=words):
+    with pytest.raises(error, match=name):
         memcore.linear_accumulate(
-            hidden.clone().requires_grad_(), weight, targets, index, tr, bias=bias, **kwargs
+            hidden.clone().requires_grad_(), weight, targets, index, tr, bias=bias, **{name: value}
         )
     assert_same_state(before, tr.state_dict())

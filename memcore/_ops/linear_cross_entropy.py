@@ -79,20 +79,7 @@ def _linear_ce_forward_fake(
 
 @torch.library.register_fake("memcore::linear_ce_backward")
 def _linear_ce_backward_fake(
-    grad_loss,
-    hidden,
-    weight,
-    bias,
-    targets,
-    lse,
-    ignore_index,
-    chunk_size,
-    grad_mask,
-    ce_weight=None,
-    label_smoothing=0.0,
-    softcap=0.0,
-    z_loss=0.0,
-    grad_zloss=None,
+    grad_loss, hidden, weight, bias, targets, lse, ignore_index, chunk_size, grad_mask, *_options
 ):
     return (
         torch.empty_like(hidden) if grad_mask[0] else hidden.new_empty(0),
