@@ -179,7 +179,7 @@ def linear_accumulate(
         torch.ops.memcore.linear_ce_forward(*args)
     )
     # the statistics are the model's own: -log p(target) (nll with options, else the loss)
-    nll = nll if options else loss.detach()
+    nll = (nll if options else loss).detach()
     # one record for the whole batch, skipped (on the device) when any chunk flagged an error
     tracker._record(
         index1d,
