@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -354,6 +355,67 @@ void check_row(const at::Tensor& row, int64_t target, bool vec, const char* op) 
               ": packs need an element-aligned row");
 }
 
+// ---- the options route (ce_forward_options_kernel, ce_backward_options_kernel), one row at a time
+
+template <typename acc_t>
+struct OptArgs {
+  acc_t cap, inv;   // softcap and 1 / softcap (CAP)
+  bool smooth;      // forward: the smoothing sum wanted
+  const acc_t* u;   // class weights, or null (1)
+  acc_t big_u;      // sum of u (C without weights)
+};
+
+// ce_forward_options_kernel on row z (kept: 0 <= t < C): [lse, loss, prob, margin, correct, smooth]
+template <typename scalar_t, int TPR, int VEC, bool CAP>
+std::vector<double> opt_forward_row(const scalar_t* z, int64_t C, int64_t t, const OptArgs<at::opmath_type<scalar_t>>& o) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<Part<acc_t>> p(TPR);
+  std::vector<acc_t> zs(TPR);
+  for (int lane = 0; lane < TPR; ++lane) {
+    const cerow::OptPart<acc_t> r = cerow::opt_walk_row<scalar_t, TPR, VEC, CAP>(z, C, t, lane, o.cap, o.inv, o.smooth, o.u);
+    p[lane] = r.p;
+    zs[lane] = r.zs;
+  }
+  row_merge<acc_t, TPR, cerow::kExactDiff<scalar_t>>(p);
+  check_agree(p, "_ce_forward_options_replay");
+  const acc_t total = o.smooth ? row_sum<acc_t, TPR>(zs, "_ce_forward_options_replay") : acc_t(0);
+  acc_t sm = acc_t(0);
+  const cerow::RowOut<acc_t> r =
+      cerow::opt_finish<acc_t, CAP>(p[0], static_cast<acc_t>(z[t]), o.cap, o.inv, o.smooth, total, o.big_u, &sm);
+  return {double(r.lse), double(r.loss), double(r.prob), double(r.margin), double(r.correct), double(sm)};
+}
+
+// ce_backward_options_kernel on row z (kept) into out (a new row at z's offset from 16 bytes)
+template <typename scalar_t, int TPR, int VEC, bool CAP>
+void opt_grad_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, at::opmath_type<scalar_t> lse,
+                  at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> b, at::opmath_type<scalar_t> c,
+                  const OptArgs<at::opmath_type<scalar_t>>& o) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const cerow::Layout L = cerow::layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
+  const int own = cerow::owner<TPR, VEC>(L, t);
+  unsigned char marker[sizeof(scalar_t)];  // as _ce_grad_replay: column t first written by its owner
+  std::memset(marker, 0xA5, sizeof(marker));
+  std::memcpy(&out[t], marker, sizeof(scalar_t));
+  std::vector<acc_t> sums(TPR);
+  for (int lane = 0; lane < TPR; ++lane) {
+    sums[lane] = cerow::opt_grad_row<scalar_t, TPR, VEC, CAP>(z, out, C, t, L, lse, a, c, o.cap, o.inv, o.u, lane);
+    const bool written = std::memcmp(&out[t], marker, sizeof(scalar_t)) != 0;
+    TORCH_CHECK(written == (lane >= own), "_ce_backward_options_replay: column ", t, " is written by lane ",
+                written ? lane : -1, ", the fix-up is done by lane ", own);
+  }
+  const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(sums, "_ce_backward_options_replay") : acc_t(0);
+  const acc_t ut = c != acc_t(0) && o.u ? o.u[t] : acc_t(1);
+  out[t] = static_cast<scalar_t>(
+      cerow::opt_target_grad<scalar_t, CAP>(static_cast<acc_t>(z[t]), lse, others, a, b, c, ut, o.cap, o.inv));
+}
+
+// f(std::bool_constant<CAP>)
+template <typename F>
+void by_cap(double softcap, F&& f) {
+  if (softcap > 0.0) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 }  // namespace
 
 at::Tensor ce_row_replay(const at::Tensor& row, int64_t target, int64_t tpr, bool vec) {
@@ -442,6 +504,106 @@ at::Tensor ce_split_backward_replay(const at::Tensor& grad_loss, const at::Tenso
       split_grad<scalar_t, decltype(T)::value>(logits.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                                tg.data_ptr<int64_t>(), l.data_ptr<acc_t>(), gl.data_ptr<acc_t>(),
                                                nullptr, a);
+    });
+  });
+  return out;
+}
+
+namespace {
+void check_options_replay(const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
+                          const char* op) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(), op,
+              ": logits must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0) && targets.scalar_type() == at::kLong &&
+                  targets.device().is_cpu() && targets.is_contiguous(),
+              op, ": targets must be contiguous int64 [N] on the CPU");
+  TORCH_CHECK(!weight.has_value() || (weight->dim() == 1 && weight->size(0) == logits.size(1) &&
+                                      weight->scalar_type() == at::toOpMathType(logits.scalar_type()) &&
+                                      weight->is_contiguous() && weight->device().is_cpu()),
+              op, ": weight must be a contiguous opmath [C] CPU tensor");
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_options_replay(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                  int64_t num_samples, int64_t ignore_index, double softcap, double label_smoothing,
+                                  const std::optional<at::Tensor>& weight, int64_t tpr, bool vec) {
+  const char* op = "_ce_forward_options_replay";
+  check_options_replay(logits, targets, weight, op);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto acc = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
+  at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc), rs = at::empty({N, kNumRowStats}, acc);
+  at::Tensor status = at::zeros({1}, at::kInt);
+  const bool smooth = label_smoothing > 0.0;
+  at::Tensor sm = at::empty({smooth ? N : 0}, acc);
+  const at::Tensor ix = index.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "_ce_options_replay", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const OptArgs<acc_t> o{static_cast<acc_t>(softcap), softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0),
+                           smooth, weight.has_value() ? weight->data_ptr<acc_t>() : nullptr,
+                           weight.has_value() ? weight->sum().item<acc_t>() : static_cast<acc_t>(C)};
+    by_cap(softcap, [&](auto cap) {
+      by_shape<scalar_t>(tpr, vec, [&](auto T, auto V) {
+        for (int64_t row = 0; row < N; ++row) {
+          const int64_t t = targets.data_ptr<int64_t>()[row];
+          acc_t* r = rs.data_ptr<acc_t>() + row * kNumRowStats;
+          acc_t* out[] = {lse.data_ptr<acc_t>() + row, loss.data_ptr<acc_t>() + row, r + kRowProb, r + kRowMargin,
+                          r + kRowCorrect};
+          if (cerow::row_skipped(t, C, ignore_index)) {
+            status.data_ptr<int>()[0] |= cerow::skipped_flags(t, ignore_index);
+            for (acc_t* p : out) *p = acc_t(0);
+            if (smooth) sm.data_ptr<acc_t>()[row] = acc_t(0);
+            continue;
+          }
+          const std::vector<double> v = opt_forward_row<scalar_t, decltype(T)::value, decltype(V)::value,
+                                                        decltype(cap)::value>(logits.data_ptr<scalar_t>() + row * C, C, t, o);
+          for (int k = 0; k < 5; ++k) *out[k] = static_cast<acc_t>(v[k]);
+          if (smooth) sm.data_ptr<acc_t>()[row] = static_cast<acc_t>(v[5]);
+          status.data_ptr<int>()[0] |= cerow::row_flags(ix.data_ptr<int64_t>()[row], num_samples, static_cast<acc_t>(v[1]));
+        }
+      });
+    });
+  });
+  return {loss, lse, rs, status, sm};
+}
+
+at::Tensor ce_backward_options_replay(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                      const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                      int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight,
+                                      int64_t tpr, bool vec) {
+  const char* op = "_ce_backward_options_replay";
+  check_options_replay(logits, targets, weight, op);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto acc = at::toOpMathType(logits.scalar_type());
+  for (const at::Tensor* v : {&a, &b, &lse})
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == N && v->scalar_type() == acc && v->is_contiguous(), op,
+                ": a, b and lse must be contiguous opmath [N]");
+  TORCH_CHECK(c.numel() == 0 || (c.dim() == 1 && c.size(0) == N && c.scalar_type() == acc && c.is_contiguous()), op,
+              ": c must be contiguous opmath [N] or empty");
+  // the gradient at the logits' offset from a 16-byte boundary, as ce_backward_options_cuda allocates it
+  const int64_t esize = logits.element_size();
+  const int64_t shift = static_cast<int64_t>(reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16) / esize;
+  at::Tensor buf = at::empty({N * C + 32 / esize}, logits.options());
+  const int64_t base = static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16) % 16) / esize;
+  at::Tensor out = buf.narrow(0, base + shift, N * C).view({N, C});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "_ce_options_replay", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const OptArgs<acc_t> o{static_cast<acc_t>(softcap), softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0),
+                           false, weight.has_value() ? weight->data_ptr<acc_t>() : nullptr, acc_t(0)};
+    by_cap(softcap, [&](auto cap) {
+      by_shape<scalar_t>(tpr, vec, [&](auto T, auto V) {
+        for (int64_t row = 0; row < N; ++row) {
+          const int64_t t = targets.data_ptr<int64_t>()[row];
+          scalar_t* g = out.data_ptr<scalar_t>() + row * C;
+          if (cerow::row_skipped(t, C, ignore_index)) {
+            std::fill(g, g + C, scalar_t(0));
+            continue;
+          }
+          const acc_t cr = c.numel() ? c.data_ptr<acc_t>()[row] : acc_t(0);
+          opt_grad_row<scalar_t, decltype(T)::value, decltype(V)::value, decltype(cap)::value>(
+              logits.data_ptr<scalar_t>() + row * C, g, C, t, lse.data_ptr<acc_t>()[row], a.data_ptr<acc_t>()[row],
+              b.data_ptr<acc_t>()[row], cr, o);
+        }
+      });
     });
   });
   return out;

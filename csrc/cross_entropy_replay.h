@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -30,6 +31,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_split_forward_repl
 // ce_backward's split launch: the gradient, allocated at the logits' offset from a 16-byte boundary
 at::Tensor ce_split_backward_replay(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
                                     const at::Tensor& lse, int64_t ignore_index, int64_t slices, int64_t tpr);
+// ce_forward_options' CUDA kernel over logits [N, C] (a CPU tensor), tpr threads per row, 16-byte
+// packs when vec: the op's (loss, lse, row_stats, status, smooth)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forward_options_replay(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+    int64_t ignore_index, double softcap, double label_smoothing, const std::optional<at::Tensor>& weight,
+    int64_t tpr, bool vec);
+// ce_backward_options' CUDA kernel: the gradient, at the logits' offset from a 16-byte boundary
+at::Tensor ce_backward_options_replay(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                      const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                      int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight,
+                                      int64_t tpr, bool vec);
 // the replays' model of ex2.approx.ftz.f32 in this thread (csrc/cross_entropy_replay.cpp): "hashed"
 // (the default), "low", "high" or "nearest"; returns the model it replaces
 std::string ce_ex2_model(const std::string& model);

@@ -167,6 +167,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_ce_split_forward_replay", &memcore::replay::ce_split_forward_replay);
   m.def("_ce_split_backward_replay", &memcore::replay::ce_split_backward_replay);
   m.def("_ce_reduce_replay", &memcore::replay::ce_reduce_replay);
+  m.def("_ce_forward_options_replay", &memcore::replay::ce_forward_options_replay);
+  m.def("_ce_backward_options_replay", &memcore::replay::ce_backward_options_replay);
   m.def("_ce_ex2_model", &memcore::replay::ce_ex2_model);
   m.def("_ce_host_ex2", &memcore::replay::ce_host_ex2);
   // linear_accumulate runs the GEMM probe before a 16-bit CUDA call, outside CUDA-graph capture

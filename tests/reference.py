@@ -202,3 +202,24 @@ def recorded(tracker):
     bufs = tracker.state_dict()["buffers"]
     keys = [k for k in ("sums", "counts", "grad_sq_sum", "grad_rows") if k in bufs]
     return torch.cat([bufs[k].double().flatten() for k in keys])
+
+
+def options_reference(z, t, ignore_index, cap, eps, w, a, b, c):
+    """ce_forward_options's and ce_backward_options's contracts in float64 torch ops: per-row nll and
+    smooth (-sum_j u_j log p_j) and the gradient (a p - b onehot - c u) * dz'/dz; ignored rows 0."""
+    z = z.double()
+    if cap:
+        z = torch.tanh(z / cap) * cap
+    keep = t != ignore_index
+    ts = torch.where(keep, t, 0)
+    logp = torch.log_softmax(z, 1)
+    u = torch.ones(z.shape[1], dtype=torch.float64) if w is None else w.double()
+    nll = torch.where(keep, -logp.gather(1, ts[:, None])[:, 0], 0.0)
+    smooth = torch.where(keep, -(logp * u).sum(1), 0.0)
+    onehot = F.one_hot(ts, z.shape[1]).double()
+    grad = a.double()[:, None] * logp.exp() - b.double()[:, None] * onehot
+    if c.numel():
+        grad = grad - c.double()[:, None] * u
+    if cap:
+        grad = grad * (1 - (z / cap) ** 2)
+    return nll, smooth, torch.where(keep[:, None], grad, 0.0)

@@ -8,7 +8,7 @@ soft-capped logits). Double backward, torch.compile and autocast, and the refusa
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_same_state
+from reference import assert_same_state, options_reference
 
 import memcore
 
@@ -316,26 +316,6 @@ def test_softcap_on_the_overwrite_and_input_gradient_routes():
         torch.testing.assert_close(float(tr.scores()["input_grad_norm"][r]), want, rtol=1e-9, atol=1e-12)
 
 
-def _options_reference(z, t, ignore_index, cap, eps, w, a, b, c):
-    """ce_forward_options's and ce_backward_options's contracts in float64 torch ops."""
-    z = z.double()
-    if cap:
-        z = torch.tanh(z / cap) * cap
-    keep = t != ignore_index
-    ts = torch.where(keep, t, 0)
-    logp = torch.log_softmax(z, 1)
-    u = torch.ones(z.shape[1], dtype=torch.float64) if w is None else w.double()
-    nll = torch.where(keep, -logp.gather(1, ts[:, None])[:, 0], 0.0)
-    smooth = torch.where(keep, -(logp * u).sum(1), 0.0)
-    onehot = F.one_hot(ts, z.shape[1]).double()
-    grad = a.double()[:, None] * logp.exp() - b.double()[:, None] * onehot
-    if c.numel():
-        grad = grad - c.double()[:, None] * u
-    if cap:
-        grad = grad * (1 - (z / cap) ** 2)
-    return nll, smooth, torch.where(keep[:, None], grad, 0.0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("cap, eps, weighted", [(0.0, 0.1, False), (5.0, 0.0, False), (5.0, 0.2, True)])
 @pytest.mark.parametrize("composed", [False, True])
@@ -358,7 +338,7 @@ def test_options_ops_against_float64_reference(dtype, cap, eps, weighted, compos
     nll, lse, _stats, status, smooth = fwd(z, t, torch.arange(n), n, -100, cap, eps, w)
     cc = cc if eps else cc.new_empty(0)
     grad = bwd(a, b, cc, z, t, lse, -100, cap, w)
-    ref_nll, ref_smooth, ref_grad = _options_reference(z, t, -100, cap, eps, w, a, b, cc)
+    ref_nll, ref_smooth, ref_grad = options_reference(z, t, -100, cap, eps, w, a, b, cc)
     tol = 2**-40 if dtype == torch.float64 else 2**-18
     assert int(status) == 0 and grad.dtype == dtype and grad.shape == z.shape
     torch.testing.assert_close(nll.double(), ref_nll, rtol=tol, atol=tol * 8)

@@ -87,6 +87,32 @@ def _ce(op: str, n: int, c: int, dtype: torch.dtype, device: str) -> Callable[[]
     return run
 
 
+# The options route's launches (csrc/cuda/cross_entropy_options.cu): block-per-row shapes only, each
+# with soft-capping on and off (CAP is a compile-time variant), smoothing with class weights and
+# without, and the gradient's c term present and absent.
+OPTION_ROUTES = ("warp", "block 256", "block 512")
+
+
+def _ce_options(op: str, n: int, c: int, dtype: torch.dtype, device: str) -> Callable[[], object]:
+    def run():
+        logits, targets, index = _rows(n, c, dtype, device)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        w = torch.linspace(0.5, 1.5, c, device=device, dtype=acc)
+        out = []
+        for cap, eps, weight in ((0.0, 0.1, None), (7.0, 0.2, w), (7.0, 0.0, None)):
+            res = OPS_NS.ce_forward_options(logits, targets, index, n, IGNORE, cap, eps, weight)
+            if op == "ce_forward_options":
+                out.append(res)
+                continue
+            lse = res[1]
+            a = torch.linspace(0.5, 1.5, n, device=device, dtype=acc)
+            cc = a * 0.1 if eps else a[:0]
+            out.append(OPS_NS.ce_backward_options(a, a * 0.9, cc, logits, targets, lse, IGNORE, cap, weight))
+        return out
+
+    return run
+
+
 def _scale_unless_one(dtype: torch.dtype, device: str) -> Callable[[], object]:
     def run():
         grad = torch.randn(7, 333, device=device, generator=_gen(device, 1)).to(dtype)
@@ -151,6 +177,13 @@ OPS: Dict[str, Dict[str, Factory]] = {
     **{
         op: {r: (lambda dt, dev, sms, op=op, r=r: _ce(op, *ce_shape(r, sms), dt, dev)) for r in CE_ROUTES}
         for op in ("ce_forward", "ce_forward_reduce", "ce_forward_grad_", "ce_backward")
+    },
+    **{
+        op: {
+            r: (lambda dt, dev, sms, op=op, r=r: _ce_options(op, *ce_shape(r, sms), dt, dev))
+            for r in OPTION_ROUTES
+        }
+        for op in ("ce_forward_options", "ce_backward_options")
     },
     "scale_unless_one_": {"grid-stride": lambda dt, dev, sms: _scale_unless_one(dt, dev)},
     # 16-byte packs where D is a multiple of the pack and the rows aligned; else the scalar loop

@@ -1,7 +1,7 @@
 // The cross_entropy family's options ops, memcore::ce_forward_options and memcore::ce_backward_options
-// (schemas and contracts in csrc/memcore.cpp), composed of the default ops and ATen: their CUDA
-// kernels. The CPU kernels fuse the options into the row kernels (csrc/cpu/cross_entropy.cpp); this
-// composition is their reference on any device in the tests (memcore._C._ce_*_options_composed).
+// (schemas and contracts in csrc/memcore.cpp), composed of the default ops and ATen: the reference
+// the fused kernels (csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy_options.cu) are tested
+// against on any device (memcore._C._ce_*_options_composed), and the CPU kernels for now.
 // Memory: with softcap, or for 16-bit logits, one [N, C] opmath copy of the logits (z'), made again
 // in the backward; the gradient [N, C] in opmath before its cast to the logits' dtype.
 #include <torch/extension.h>
@@ -81,11 +81,5 @@ TORCH_LIBRARY_IMPL(memcore, CPU, m) {
   MEMCORE_IMPL(m, ce_backward_options, ce_backward_options_composed);
 }
 
-#ifdef MEMCORE_WITH_CUDA
-TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
-  MEMCORE_IMPL(m, ce_forward_options, ce_forward_options_composed);
-  MEMCORE_IMPL(m, ce_backward_options, ce_backward_options_composed);
-}
-#endif
 
 }  // namespace memcore

@@ -734,5 +734,158 @@ MEMCORE_HD double reduce_value(const Total& t, bool mean) {
   return mean ? t.sum / static_cast<double>(t.count) : t.sum;
 }
 
+// ---- the options route (ce_forward_options / ce_backward_options): soft-capping, label smoothing
+//
+// Separate kernels on the same per-row pieces (Part, merge, term, layout), so the default route's
+// code stays as it is. CAP (compile time): each value is capped as it is widened,
+// z' = cap * tanh(z / cap); the smoothing sum sum_j u_j z'_j (u = weight, or 1 where weight is
+// null) and the gradient's c u_j term are runtime choices (a null pointer, c == 0), uniform over a
+// row. Kept per thread beside the Part: one more register (the sum), merged by row_sum.
+
+// tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2 |y|) from ex2 (fp32): within 2 ulp of e, an
+// absolute error of about 2^-22 in tanh, so z' = cap * tanh within cap * 2^-22 of the exact value
+// (fp64: the library's tanh). -2 log2(e) |y| >= -inf: e = 0 and tanh = +-1 for large |y|.
+MEMCORE_HD float tanh_(float y) {
+  const float e = expo(-2.f * kScale<float> * fabsf(y));
+  return copysignf((1.f - e) / (1.f + e), y);
+}
+MEMCORE_HD double tanh_(double y) { return tanh(y); }
+
+// The capped value of x and tanh(x / cap) (th, for the gradient's 1 - th^2).
+template <typename acc_t>
+struct Capped {
+  acc_t x, th;
+};
+
+template <typename acc_t, bool CAP>
+MEMCORE_HD Capped<acc_t> cap_of(acc_t x, acc_t cap, acc_t inv_cap) {
+  if constexpr (CAP) {
+    const acc_t th = tanh_(x * inv_cap);
+    return Capped<acc_t>{cap * th, th};
+  } else {
+    return Capped<acc_t>{x, acc_t(0)};
+  }
+}
+
+// One thread's partial state of the row z[0, C) with target t under the options: walk_row's Part
+// of the capped values, and in zs the thread's share of sum_j u_j z'_j (when smooth; u null: 1).
+template <typename acc_t>
+struct OptPart {
+  Part<acc_t> p;
+  acc_t zs;
+};
+
+template <typename scalar_t, int TPR, int VEC, bool CAP>
+MEMCORE_HD OptPart<typename OpMath<scalar_t>::type> opt_walk_row(const scalar_t* z, int64_t C, int64_t t,
+                                                                 int lane, typename OpMath<scalar_t>::type cap,
+                                                                 typename OpMath<scalar_t>::type inv_cap, bool smooth,
+                                                                 const typename OpMath<scalar_t>::type* u) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr bool E = kExactDiff<scalar_t>;
+  OptPart<acc_t> r{part_init<acc_t>(), acc_t(0)};
+  auto weigh = [&](acc_t x, int64_t col) {
+    if (smooth) r.zs += u ? u[col] * x : x;
+  };
+  auto one = [&](acc_t v, int64_t col) {
+    const acc_t x = cap_of<acc_t, CAP>(v, cap, inv_cap).x;
+    add_one<acc_t, E>(r.p, x, col, t);
+    weigh(x, col);
+  };
+  const Layout L = layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
+  if constexpr (VEC > 1) {
+    static_assert(VEC == kVec<scalar_t>, "packs are 16 bytes");
+    if (lane < L.head) one(static_cast<acc_t>(z[lane]), lane);
+    const scalar_t* body = z + L.head;
+    for (int64_t v = lane; v < L.nv; v += TPR) {
+      acc_t x[VEC];
+      widen<scalar_t>(load16(body + v * VEC), x);
+      const int64_t c0 = L.head + v * VEC;
+      if (v == L.tp) {  // the target's pack: element by element
+MEMCORE_UNROLL
+        for (int k = 0; k < VEC; ++k) one(x[k], c0 + k);
+      } else {
+MEMCORE_UNROLL
+        for (int k = 0; k < VEC; ++k) {
+          x[k] = cap_of<acc_t, CAP>(x[k], cap, inv_cap).x;
+          weigh(x[k], c0 + k);
+        }
+        add_group<acc_t, VEC, E>(r.p, x, v < L.tp ? r.p.before : r.p.after);
+      }
+    }
+  }
+  for (int64_t j = L.tail0 + lane; j < C; j += TPR) one(static_cast<acc_t>(z[j]), j);
+  return r;
+}
+
+// A kept row's outputs from the merged Part and the row's total zs: finish() of the capped target
+// logit, and smooth = -sum_j u_j log p_j = U lse - sum_j u_j z'_j (U = sum_j u_j) when smoothing.
+template <typename acc_t, bool CAP>
+MEMCORE_HD RowOut<acc_t> opt_finish(const Part<acc_t>& p, acc_t zt, acc_t cap, acc_t inv_cap, bool smooth, acc_t zs,
+                                    acc_t big_u, acc_t* smooth_out) {
+  const RowOut<acc_t> o = finish(p, cap_of<acc_t, CAP>(zt, cap, inv_cap).x);
+  if (smooth) *smooth_out = big_u * o.lse - zs;
+  return o;
+}
+
+// The gradient pass of the options over one thread's share of the row: out[j] =
+// (a p_j - c u_j) * (1 - th_j^2) (CAP; else without the factor), p_j = exp(z'_j - lse), column t
+// included (opt_target_grad rewrites it); returns the share's sum of p_j over the other columns.
+// c == 0: no smoothing term. z and out rows share their offset from a 16-byte boundary.
+template <typename scalar_t, int TPR, int VEC, bool CAP>
+MEMCORE_HD typename OpMath<scalar_t>::type opt_grad_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t,
+                                                        const Layout& L, typename OpMath<scalar_t>::type lse,
+                                                        typename OpMath<scalar_t>::type a,
+                                                        typename OpMath<scalar_t>::type c,
+                                                        typename OpMath<scalar_t>::type cap,
+                                                        typename OpMath<scalar_t>::type inv_cap,
+                                                        const typename OpMath<scalar_t>::type* u, int lane) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr bool E = kExactDiff<scalar_t>;
+  const acc_t ref = ref_of<acc_t, E>(lse);
+  acc_t others = acc_t(0);
+  auto val = [&](acc_t v, int64_t col) -> acc_t {
+    const Capped<acc_t> x = cap_of<acc_t, CAP>(v, cap, inv_cap);
+    const acc_t e = term<acc_t, E>(x.x, ref);
+    if (col != t) others += e;
+    acc_t d = a * e;
+    if (c != acc_t(0)) d -= u ? c * u[col] : c;
+    if constexpr (CAP) d *= acc_t(1) - x.th * x.th;
+    return d;
+  };
+  if constexpr (VEC > 1) {
+    if (lane < L.head) out[lane] = static_cast<scalar_t>(val(static_cast<acc_t>(z[lane]), lane));
+    const scalar_t* zb = z + L.head;
+    scalar_t* ob = out + L.head;
+    for (int64_t v = lane; v < L.nv; v += TPR) {
+      acc_t x[VEC];
+      widen<scalar_t>(load16(zb + v * VEC), x);
+MEMCORE_UNROLL
+      for (int k = 0; k < VEC; ++k) x[k] = val(x[k], L.head + v * VEC + k);
+      store16(ob + v * VEC, narrow<scalar_t>(x));
+    }
+  }
+  for (int64_t j = L.tail0 + lane; j < C; j += TPR) out[j] = static_cast<scalar_t>(val(static_cast<acc_t>(z[j]), j));
+  return others;
+}
+
+// The target's entry of the options' gradient: a (p_t - 1) + (a - b) - c u_t, times 1 - th_t^2
+// (CAP), p_t - 1 as target_grad takes it (minus the others' sum where it is below 1/2 for fp32
+// logits, else exp(z'_t - lse) - 1); zt the raw target logit, others the row's total of the pass.
+template <typename scalar_t, bool CAP>
+MEMCORE_HD typename OpMath<scalar_t>::type opt_target_grad(
+    typename OpMath<scalar_t>::type zt, typename OpMath<scalar_t>::type lse, typename OpMath<scalar_t>::type others,
+    typename OpMath<scalar_t>::type a, typename OpMath<scalar_t>::type b, typename OpMath<scalar_t>::type c,
+    typename OpMath<scalar_t>::type u_t, typename OpMath<scalar_t>::type cap,
+    typename OpMath<scalar_t>::type inv_cap) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  constexpr bool E = kExactDiff<scalar_t>;
+  const Capped<acc_t> x = cap_of<acc_t, CAP>(zt, cap, inv_cap);
+  const acc_t pm1 = kTargetBySum<scalar_t> && others < acc_t(0.5) ? -others
+                                                                 : term<acc_t, E>(x.x, ref_of<acc_t, E>(lse)) - acc_t(1);
+  acc_t d = a * pm1 + (a - b) - c * u_t;
+  if constexpr (CAP) d *= acc_t(1) - x.th * x.th;
+  return d;
+}
+
 }  // namespace cerow
 }  // namespace memcore

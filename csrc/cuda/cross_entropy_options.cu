@@ -1,0 +1,207 @@
+// CUDA kernels of the cross_entropy family's options route (schemas in csrc/memcore.cpp):
+// ce_forward_options and ce_backward_options. A warp (C <= 2048) or a block owns a row, as on the
+// default route (csrc/cuda/cross_entropy.cu), and streams it once per pass with 16-byte loads; the
+// per-row logic is cross_entropy_row.h's options section (opt_walk_row, opt_grad_row,
+// opt_target_grad), replayed on the host by csrc/cross_entropy_replay.cpp. Soft-capping is a
+// compile-time variant (CAP), label smoothing and class weights runtime choices uniform over the
+// launch. Memory: O(N) outputs and the N x C gradient; no workspace, no host sync. Few very wide
+// rows take the block-per-row launch here (the default route's split launch is not used).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "../checks.h"
+#include "../common.h"
+#include "../ops.h"
+#include "cross_entropy_launch.h"
+#include "cross_entropy_row.h"
+#include "cuda_helpers.h"
+
+namespace memcore {
+namespace cuda {
+namespace {
+
+// The capping constants of a launch: cap and 1 / cap in opmath (unused without CAP).
+template <typename acc_t>
+struct CapArgs {
+  acc_t cap, inv;
+};
+
+// ce_forward_options: ce_forward_kernel's outputs of the capped logits, and smooth[row] (when
+// smooth) = U lse - sum_j u_j z'_j, U = *big_u. Every output row is written (zeros for skipped rows).
+template <typename scalar_t, int TPR, int VEC, bool CAP>
+__global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) ce_forward_options_kernel(
+    const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets, const int64_t* __restrict__ index,
+    typename OpMath<scalar_t>::type* __restrict__ loss, typename OpMath<scalar_t>::type* __restrict__ lse_out,
+    typename OpMath<scalar_t>::type* __restrict__ row_stats, int* __restrict__ status,
+    typename OpMath<scalar_t>::type* __restrict__ smooth_out, const typename OpMath<scalar_t>::type* __restrict__ u,
+    const typename OpMath<scalar_t>::type* __restrict__ big_u, int64_t N, int64_t C, int64_t num_samples,
+    int64_t ignore_index, CapArgs<typename OpMath<scalar_t>::type> ca) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  using Map = RowMap<TPR>;
+  const int64_t row = Map::row();
+  const int lane = Map::lane();
+  if (row >= N) return;  // uniform over the row's threads
+  const int64_t t = targets[row];
+  acc_t* rs = row_stats + row * kNumRowStats;
+  const bool smooth = smooth_out != nullptr;
+  if (cerow::row_skipped(t, C, ignore_index)) {
+    if (lane == 0) {
+      if (const int flags = cerow::skipped_flags(t, ignore_index)) atomicOr(status, flags);
+      loss[row] = lse_out[row] = acc_t(0);
+      rs[kRowProb] = rs[kRowMargin] = rs[kRowCorrect] = acc_t(0);
+      if (smooth) smooth_out[row] = acc_t(0);
+    }
+    return;
+  }
+  const scalar_t* z = logits + row * C;
+  cerow::OptPart<acc_t> r = cerow::opt_walk_row<scalar_t, TPR, VEC, CAP>(z, C, t, lane, ca.cap, ca.inv, smooth, u);
+  const Part<acc_t> p = row_merge<acc_t, TPR, cerow::kExactDiff<scalar_t>>(r.p, lane);
+  const acc_t zs = smooth ? row_sum<acc_t, TPR>(r.zs, lane) : acc_t(0);
+  if (lane != 0) return;
+  const acc_t bu = smooth ? (u ? *big_u : static_cast<acc_t>(C)) : acc_t(0);
+  const cerow::RowOut<acc_t> o = cerow::opt_finish<acc_t, CAP>(p, static_cast<acc_t>(z[t]), ca.cap, ca.inv, smooth,
+                                                               zs, bu, smooth_out + row);
+  if (const int flags = cerow::row_flags(index[row], num_samples, o.loss)) atomicOr(status, flags);
+  loss[row] = o.loss;
+  lse_out[row] = o.lse;
+  rs[kRowProb] = o.prob;
+  rs[kRowMargin] = o.margin;
+  rs[kRowCorrect] = o.correct;
+}
+
+// ce_backward_options: grad row = (a p - b onehot - c u) (* (1 - th^2) with CAP); c null: no c term.
+// grad is a new tensor (never the logits): the target logit may be read after the pass.
+template <typename scalar_t, int TPR, int VEC, bool CAP>
+__global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) ce_backward_options_kernel(
+    const typename OpMath<scalar_t>::type* __restrict__ a, const typename OpMath<scalar_t>::type* __restrict__ b,
+    const typename OpMath<scalar_t>::type* __restrict__ c, const scalar_t* __restrict__ logits,
+    const int64_t* __restrict__ targets, const typename OpMath<scalar_t>::type* __restrict__ lse,
+    const typename OpMath<scalar_t>::type* __restrict__ u, scalar_t* __restrict__ grad, int64_t N, int64_t C,
+    int64_t ignore_index, CapArgs<typename OpMath<scalar_t>::type> ca) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  using Map = RowMap<TPR>;
+  const int64_t row = Map::row();
+  const int lane = Map::lane();
+  if (row >= N) return;
+  const int64_t t = targets[row];
+  scalar_t* g = grad + row * C;
+  if (cerow::row_skipped(t, C, ignore_index)) {  // zero gradient, logits never read
+    zero_row<scalar_t, TPR>(g, C, lane);
+    return;
+  }
+  const scalar_t* z = logits + row * C;
+  const acc_t l = lse[row], ar = a[row], cr = c ? c[row] : acc_t(0);
+  const cerow::Layout L = cerow::layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
+  const acc_t mine = cerow::opt_grad_row<scalar_t, TPR, VEC, CAP>(z, g, C, t, L, l, ar, cr, ca.cap, ca.inv, u, lane);
+  const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(mine, lane) : acc_t(0);
+  // the owner of column t rewrites it after its own store (program order)
+  if (lane == cerow::owner<TPR, VEC>(L, t)) {
+    const acc_t ut = cr != acc_t(0) && u ? u[t] : acc_t(1);
+    g[t] = static_cast<scalar_t>(cerow::opt_target_grad<scalar_t, CAP>(static_cast<acc_t>(z[t]), l, others, ar, b[row],
+                                                                       cr, ut, ca.cap, ca.inv));
+  }
+}
+
+// f(std::bool_constant<CAP>) for the launch's softcap
+template <typename F>
+void by_cap(double softcap, F&& f) {
+  if (softcap > 0.0) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+Tensor5 ce_forward_options_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                int64_t num_samples, int64_t ignore_index, double softcap, double label_smoothing,
+                                const std::optional<at::Tensor>& weight) {
+  const char* op = "memcore::ce_forward_options";
+  check_rows(logits, targets, op);
+  check_vector(index, logits, at::kLong, "index", op);
+  check_options(logits, softcap, label_smoothing, weight, op);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto acc = logits.options().dtype(opmath_dtype(logits));
+  at::Tensor loss = at::empty({N}, acc), lse = at::empty({N}, acc), row_stats = at::empty({N, kNumRowStats}, acc);
+  at::Tensor status = at::zeros({1}, logits.options().dtype(at::kInt));
+  const bool smooth = label_smoothing > 0.0;
+  at::Tensor smooth_out = at::empty({smooth ? N : 0}, acc);
+  if (N == 0) return {loss, lse, row_stats, status, smooth_out};
+  // U = sum of the weights, on the device (no sync); unused without weights
+  const at::Tensor big_u = smooth && weight.has_value() ? weight->sum() : at::Tensor();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool aligned = reinterpret_cast<uintptr_t>(logits.data_ptr()) % logits.element_size() == 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_options_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const CapArgs<acc_t> ca{static_cast<acc_t>(softcap), softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0)};
+    const acc_t* u = smooth && weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
+    const acc_t* bu = big_u.defined() ? big_u.data_ptr<acc_t>() : nullptr;
+    by_cap(softcap, [&](auto cap) {
+      dispatch_shape<scalar_t>(C, aligned, [&](auto tpr, auto vec) {
+        constexpr int TPR = decltype(tpr)::value, VEC = decltype(vec)::value;
+        using Map = RowMap<TPR>;
+        const int64_t blocks = grid_size((N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock, op);
+        ce_forward_options_kernel<scalar_t, TPR, VEC, decltype(cap)::value><<<blocks, Map::kThreads, 0, stream>>>(
+            logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), index.data_ptr<int64_t>(),
+            loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), row_stats.data_ptr<acc_t>(), status.data_ptr<int>(),
+            smooth ? smooth_out.data_ptr<acc_t>() : nullptr, u, bu, N, C, num_samples, ignore_index, ca);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {loss, lse, row_stats, status, smooth_out};
+}
+
+at::Tensor ce_backward_options_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                    int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight) {
+  const char* op = "memcore::ce_backward_options";
+  check_rows(logits, targets, op);
+  check_vector(lse, logits, opmath_dtype(logits), "lse", op);
+  check_option_coefficients(a, b, c, logits, op);
+  check_options(logits, softcap, 0.0, weight, op);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), C = logits.size(1);
+  // the gradient at the logits' offset from a 16-byte boundary, so both rows take 16-byte packs
+  // (as ce_backward allocates it)
+  const int64_t esize = logits.element_size();
+  const auto lp = reinterpret_cast<uintptr_t>(logits.data_ptr());
+  const int64_t shift = lp % esize == 0 ? static_cast<int64_t>(lp % 16) / esize : 0;
+  at::Tensor grad = shift == 0 ? at::empty_like(logits)
+                               : at::empty({N * C + 16 / esize}, logits.options()).narrow(0, shift, N * C).view({N, C});
+  if (N == 0 || C == 0) return grad;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_options_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto gp = reinterpret_cast<uintptr_t>(grad.data_ptr());
+    const bool vec = reinterpret_cast<uintptr_t>(logits.data_ptr()) % esize == 0 && gp % esize == 0 && (lp - gp) % 16 == 0;
+    const CapArgs<acc_t> ca{static_cast<acc_t>(softcap), softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0)};
+    const acc_t* cp = c.numel() != 0 ? c.data_ptr<acc_t>() : nullptr;
+    const acc_t* u = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
+    by_cap(softcap, [&](auto cap) {
+      dispatch_shape<scalar_t>(C, vec, [&](auto tpr, auto v) {
+        constexpr int TPR = decltype(tpr)::value, VEC = decltype(v)::value;
+        using Map = RowMap<TPR>;
+        const int64_t blocks = grid_size((N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock, op);
+        ce_backward_options_kernel<scalar_t, TPR, VEC, decltype(cap)::value><<<blocks, Map::kThreads, 0, stream>>>(
+            a.data_ptr<acc_t>(), b.data_ptr<acc_t>(), cp, logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
+            lse.data_ptr<acc_t>(), u, grad.data_ptr<scalar_t>(), N, C, ignore_index, ca);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
+  MEMCORE_IMPL(m, ce_forward_options, ce_forward_options_cuda);
+  MEMCORE_IMPL(m, ce_backward_options, ce_backward_options_cuda);
+}
+
+}  // namespace cuda
+}  // namespace memcore
