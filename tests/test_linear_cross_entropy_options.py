@@ -95,6 +95,44 @@ def _run(fused, inputs, reduction, ignore_index, kw, up, dtype=None, chunk_size=
     return loss.detach(), z, h.grad, w.grad, b.grad, tr, (None if g_logits is None else g_logits.grad)
 
 
+def _truth(inputs, reduction, ignore_index, kw, up):
+    """The float64 truth, written out from the definitions without memcore (Liger-Kernel's fused
+    linear cross-entropy and F.cross_entropy's weight / label_smoothing): logits F.linear(h, W, b),
+    soft-capped as softcap * tanh(z / softcap); the cross-entropy F.cross_entropy's per row; the
+    z-loss z_loss * lse^2 on non-ignored rows; "mean" divides the cross-entropy part by the summed
+    class weights of the non-ignored rows and the z-loss part by their number. Returns the loss, the
+    z-loss term and the gradients of hidden, weight and bias for upstream `up`."""
+    hidden, weight, bias, targets = inputs[:4]
+    h, w, b = (t.detach().double().clone().requires_grad_() for t in (hidden, weight, bias))
+    ce_weight = kw.get("ce_weight")
+    cap, zc = kw.get("softcap"), kw.get("z_loss", 0.0)
+    z = F.linear(h, w, b)
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    keep = targets != ignore_index
+    ce = F.cross_entropy(
+        z,
+        targets,
+        weight=None if ce_weight is None else ce_weight.double(),
+        ignore_index=ignore_index,
+        label_smoothing=kw.get("label_smoothing", 0.0),
+        reduction="none",
+    )
+    zl = torch.where(keep, zc * torch.logsumexp(z, 1) ** 2, 0.0)
+    if reduction == "none":
+        loss, zterm = ce + zl, zl
+    elif reduction == "sum":
+        loss, zterm = (ce + zl).sum(), zl.sum()
+    else:
+        w_t = (
+            keep.double() if ce_weight is None else torch.where(keep, ce_weight.double()[targets * keep], 0.0)
+        )
+        zterm = zl.sum() / keep.sum()
+        loss = ce.sum() / w_t.sum() + zterm
+    (loss * up).sum().backward()
+    return loss.detach(), zterm.detach(), h.grad, w.grad, b.grad
+
+
 def _bounds(inputs, reduction, ignore_index, kw, up, dtype):
     """First-order bounds on the error of any evaluation in `dtype` (float32 or bfloat16, math in
     fp32, u = 2^-24; r: the result dtype's rounding, u or 2^-9) of the loss, z-loss term and the
@@ -170,8 +208,8 @@ def _assert_within(got, want, bound, what):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_every_option_matches_accumulate_on_f_linear(dtype, reduction):
-    """fp64 at 1e-10 relative; fp32: the fused results and accumulate's each within the fp32 error
-    bounds (_bounds) of the float64 truth. The statistics recorded as accumulate records them
+    """fp64 at 1e-10 relative, against accumulate and the written-out truth (_truth); fp32: the fused
+    results and accumulate's each within the fp32 error bounds (_bounds) of that float64 truth. The statistics recorded as accumulate records them
     (within those bounds)."""
     for ignore_index, case in itertools.product(IGNORE, OPTIONS):
         inputs = _problem(dtype, ignore_index)
@@ -189,11 +227,13 @@ def test_every_option_matches_accumulate_on_f_linear(dtype, reduction):
                 torch.testing.assert_close(
                     a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{what} {n}: {m}"
                 )
+            for name, a, t in zip(names, got[:5], _truth(inputs, reduction, ignore_index, kw, up)):
+                torch.testing.assert_close(
+                    a, t, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{what} {n} (truth): {m}"
+                )
             torch.testing.assert_close(recorded(got[5]), recorded(want[5]), rtol=1e-12, atol=1e-12)
             continue
-        truth = _run(
-            False, inputs[:5] + [None], reduction, ignore_index, _kwargs(case, inputs[-1]), up, torch.float64
-        )
+        truth = _truth(inputs, reduction, ignore_index, _kwargs(case, inputs[-1]), up)
         bounds, e = _bounds(inputs, reduction, ignore_index, _kwargs(case, inputs[-1]), up, dtype)
         for name, a, b, t, bound in zip(names, got[:5], want[:5], truth[:5], bounds):
             # each within its bound of the truth, so the two within twice it of each other
@@ -215,9 +255,7 @@ def test_bfloat16_within_the_error_bounds(reduction):
         up = _upstream(reduction, torch.bfloat16)
         got = _run(True, inputs[:5] + [None], reduction, -100, kw, up)
         plain = _run(False, inputs[:5] + [None], reduction, -100, kw, up)
-        truth = _run(
-            False, inputs[:5] + [None], reduction, -100, _kwargs(case, inputs[-1]), up, torch.float64
-        )
+        truth = _truth(inputs, reduction, -100, _kwargs(case, inputs[-1]), up)
         bounds, _ = _bounds(inputs, reduction, -100, _kwargs(case, inputs[-1]), up, torch.bfloat16)
         names = ("loss", "z-loss term", "grad_hidden", "grad_weight", "grad_bias")
         for name, a, p, t, bound in zip(names, got, plain, truth, bounds):
