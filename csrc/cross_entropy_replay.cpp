@@ -27,9 +27,10 @@ namespace memcore {
 namespace cerow {
 namespace {
 
-// Which float within ex2.approx.ftz.f32's documented error (2 ulp) host_ex2 returns. The
-// instruction's algorithm is not documented, so no emulation of it can be trusted; its error bound
-// is, and the kernels' accuracy must hold anywhere inside it. kHashed (the default) picks one of the
+// Which float within ex2.approx.ftz.f32's documented error (2 ulp) host_ex2 returns (and within
+// rcp.approx.ftz.f32's 1 ulp, host_rcp). The instructions' algorithms are not documented, so no
+// emulation of them can be trusted; their error bounds are, and the kernels' accuracy must hold
+// anywhere inside them. kHashed (the default) picks one of the
 // floats within 2 ulp of 2^x by a hash of x's bits: deterministic, a function of x as the
 // hardware's result is, and reaching both ends of the bound; kLow / kHigh take the lowest / highest
 // of them for every x (the error as one systematic bias); kNearest rounds 2^x correctly.
@@ -53,6 +54,33 @@ uint32_t mix32(uint32_t h) {  // murmur3's finalizer
   return h ^ (h >> 16);
 }
 
+// A float within ulps ulp of y (a finite double in float's normal range), as the thread's model
+// picks it: the nearest, the lowest, the highest, or one chosen by a hash of key (an input's bits).
+float within_ulps(double y, int ulps, uint32_t key) {
+  const float nearest = static_cast<float>(y);
+  if (std::isinf(nearest) || ex2_model == Ex2Model::kNearest) return nearest;
+  int e = 0;
+  std::frexp(y, &e);  // |y| in [2^(e-1), 2^e): floats there are 2^(e-24) apart
+  const double ulp = std::ldexp(1.0, e - 24);
+  const float inf = std::numeric_limits<float>::infinity();
+  float lo = nearest, hi = nearest;
+  for (float n = std::nextafter(lo, -inf); static_cast<double>(n) >= y - ulps * ulp; n = std::nextafter(n, -inf)) lo = n;
+  for (float n = std::nextafter(hi, inf); static_cast<double>(n) <= y + ulps * ulp; n = std::nextafter(n, inf)) hi = n;
+  if (ex2_model == Ex2Model::kLow) return lo;
+  if (ex2_model == Ex2Model::kHigh) return hi;
+  int count = 0;
+  for (float f = lo; f < hi; f = std::nextafter(f, inf)) ++count;
+  float r = lo;
+  for (uint32_t k = mix32(key) % static_cast<uint32_t>(count + 1); k > 0; --k) r = std::nextafter(r, inf);
+  return r;
+}
+
+uint32_t bits_of(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+}
+
 }  // namespace
 
 float host_ex2(float x) {
@@ -61,24 +89,18 @@ float host_ex2(float x) {
   const double y = std::exp2(static_cast<double>(x));
   if (std::isnan(y)) return std::numeric_limits<float>::quiet_NaN();
   if (y < static_cast<double>(std::numeric_limits<float>::min())) return 0.0f;
-  const float nearest = static_cast<float>(y);
-  if (std::isinf(nearest) || ex2_model == Ex2Model::kNearest) return nearest;
-  int e = 0;
-  std::frexp(y, &e);  // y in [2^(e-1), 2^e): floats there are 2^(e-24) apart
-  const double ulp = std::ldexp(1.0, e - 24);
-  const float inf = std::numeric_limits<float>::infinity();
-  float lo = nearest, hi = nearest;
-  for (float n = std::nextafter(lo, -inf); static_cast<double>(n) >= y - 2 * ulp; n = std::nextafter(n, -inf)) lo = n;
-  for (float n = std::nextafter(hi, inf); static_cast<double>(n) <= y + 2 * ulp; n = std::nextafter(n, inf)) hi = n;
-  if (ex2_model == Ex2Model::kLow) return lo;
-  if (ex2_model == Ex2Model::kHigh) return hi;
-  int count = 0;
-  for (float f = lo; f < hi; f = std::nextafter(f, inf)) ++count;
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  float r = lo;
-  for (uint32_t k = mix32(bits) % static_cast<uint32_t>(count + 1); k > 0; --k) r = std::nextafter(r, inf);
-  return r;
+  return within_ulps(y, 2, bits_of(x));
+}
+
+float host_rcp(float x) {
+  // rcp.approx.ftz.f32: within 1 ulp of 1 / x (PTX ISA); .ftz: a subnormal input reads as a signed
+  // 0 (1 / 0 = inf), a result below the smallest normal float flushes to a signed 0
+  if (std::isnan(x)) return x;
+  if (std::fpclassify(x) == FP_SUBNORMAL || x == 0.0f) return std::copysign(std::numeric_limits<float>::infinity(), x);
+  if (std::isinf(x)) return std::copysign(0.0f, x);
+  const double y = 1.0 / static_cast<double>(x);
+  if (std::fabs(y) < static_cast<double>(std::numeric_limits<float>::min())) return std::copysign(0.0f, x);
+  return within_ulps(y, 1, bits_of(x) ^ 0x9E3779B9u);
 }
 
 }  // namespace cerow
@@ -359,7 +381,7 @@ void check_row(const at::Tensor& row, int64_t target, bool vec, const char* op) 
 
 template <typename acc_t>
 struct OptArgs {
-  acc_t cap, inv;   // softcap and 1 / softcap (CAP)
+  acc_t cap, kc;    // softcap and cerow::cap_k_of(softcap) (CAP)
   bool smooth;      // forward: the smoothing sum wanted
   const acc_t* u;   // class weights, or null (1)
   acc_t big_u;      // sum of u (C without weights)
@@ -372,7 +394,7 @@ std::vector<double> opt_forward_row(const scalar_t* z, int64_t C, int64_t t, con
   std::vector<Part<acc_t>> p(TPR);
   std::vector<acc_t> zs(TPR);
   for (int lane = 0; lane < TPR; ++lane) {
-    const cerow::OptPart<acc_t> r = cerow::opt_walk_row<scalar_t, TPR, VEC, CAP>(z, C, t, lane, o.cap, o.inv, o.smooth, o.u);
+    const cerow::OptPart<acc_t> r = cerow::opt_walk_row<scalar_t, TPR, VEC, CAP>(z, C, t, lane, o.cap, o.kc, o.smooth, o.u);
     p[lane] = r.p;
     zs[lane] = r.zs;
   }
@@ -381,7 +403,7 @@ std::vector<double> opt_forward_row(const scalar_t* z, int64_t C, int64_t t, con
   const acc_t total = o.smooth ? row_sum<acc_t, TPR>(zs, "_ce_forward_options_replay") : acc_t(0);
   acc_t sm = acc_t(0);
   const cerow::RowOut<acc_t> r =
-      cerow::opt_finish<acc_t, CAP>(p[0], static_cast<acc_t>(z[t]), o.cap, o.inv, o.smooth, total, o.big_u, &sm);
+      cerow::opt_finish<acc_t, CAP>(p[0], static_cast<acc_t>(z[t]), o.cap, o.kc, o.smooth, total, o.big_u, &sm);
   return {double(r.lse), double(r.loss), double(r.prob), double(r.margin), double(r.correct), double(sm)};
 }
 
@@ -398,7 +420,7 @@ void opt_grad_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, at::op
   std::memcpy(&out[t], marker, sizeof(scalar_t));
   std::vector<acc_t> sums(TPR);
   for (int lane = 0; lane < TPR; ++lane) {
-    sums[lane] = cerow::opt_grad_row<scalar_t, TPR, VEC, CAP>(z, out, C, t, L, lse, a, c, o.cap, o.inv, o.u, lane);
+    sums[lane] = cerow::opt_grad_row<scalar_t, TPR, VEC, CAP>(z, out, C, t, L, lse, a, c, o.cap, o.kc, o.u, lane);
     const bool written = std::memcmp(&out[t], marker, sizeof(scalar_t)) != 0;
     TORCH_CHECK(written == (lane >= own), "_ce_backward_options_replay: column ", t, " is written by lane ",
                 written ? lane : -1, ", the fix-up is done by lane ", own);
@@ -406,7 +428,7 @@ void opt_grad_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, at::op
   const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(sums, "_ce_backward_options_replay") : acc_t(0);
   const acc_t ut = c != acc_t(0) && o.u ? o.u[t] : acc_t(1);
   out[t] = static_cast<scalar_t>(
-      cerow::opt_target_grad<scalar_t, CAP>(static_cast<acc_t>(z[t]), lse, others, a, b, c, ut, o.cap, o.inv));
+      cerow::opt_target_grad<scalar_t, CAP>(static_cast<acc_t>(z[t]), lse, others, a, b, c, ut, o.cap, o.kc));
 }
 
 // f(std::bool_constant<CAP>)
@@ -538,7 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forwar
   const at::Tensor ix = index.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "_ce_options_replay", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const OptArgs<acc_t> o{static_cast<acc_t>(softcap), softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0),
+    const OptArgs<acc_t> o{static_cast<acc_t>(softcap), softcap > 0.0 ? cerow::cap_k_of<acc_t>(softcap) : acc_t(0),
                            smooth, weight.has_value() ? weight->data_ptr<acc_t>() : nullptr,
                            weight.has_value() ? weight->sum().item<acc_t>() : static_cast<acc_t>(C)};
     by_cap(softcap, [&](auto cap) {
@@ -587,7 +609,7 @@ at::Tensor ce_backward_options_replay(const at::Tensor& a, const at::Tensor& b, 
   at::Tensor out = buf.narrow(0, base + shift, N * C).view({N, C});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "_ce_options_replay", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const OptArgs<acc_t> o{static_cast<acc_t>(softcap), softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0),
+    const OptArgs<acc_t> o{static_cast<acc_t>(softcap), softcap > 0.0 ? cerow::cap_k_of<acc_t>(softcap) : acc_t(0),
                            false, weight.has_value() ? weight->data_ptr<acc_t>() : nullptr, acc_t(0)};
     by_cap(softcap, [&](auto cap) {
       by_shape<scalar_t>(tpr, vec, [&](auto T, auto V) {

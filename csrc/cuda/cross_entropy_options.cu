@@ -26,16 +26,22 @@ namespace memcore {
 namespace cuda {
 namespace {
 
-// The capping constants of a launch: cap and 1 / cap in opmath (unused without CAP).
+// The second __launch_bounds__ argument of both kernels, every dtype and arch: without it ptxas
+// (CUDA 13) caps some instances at 40 registers and spills 12-24 B around the row loop (bf16 / fp16
+// backward at 512 threads on sm_90; fp32 / fp64 with soft-capping on sm_80), as kMinBlocks says
+// of the default route's fp64 kernels; with it none spills (tools/sass_report.py).
+constexpr int kOptionsMinBlocks = 1;
+
+// The capping constants of a launch: cap and cerow::cap_k_of(cap) in opmath (unused without CAP).
 template <typename acc_t>
 struct CapArgs {
-  acc_t cap, inv;
+  acc_t cap, kc;
 };
 
 // ce_forward_options: ce_forward_kernel's outputs of the capped logits, and smooth[row] (when
 // smooth) = U lse - sum_j u_j z'_j, U = *big_u. Every output row is written (zeros for skipped rows).
 template <typename scalar_t, int TPR, int VEC, bool CAP>
-__global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) ce_forward_options_kernel(
+__global__ void __launch_bounds__(RowMap<TPR>::kThreads, kOptionsMinBlocks) ce_forward_options_kernel(
     const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets, const int64_t* __restrict__ index,
     typename OpMath<scalar_t>::type* __restrict__ loss, typename OpMath<scalar_t>::type* __restrict__ lse_out,
     typename OpMath<scalar_t>::type* __restrict__ row_stats, int* __restrict__ status,
@@ -60,12 +66,12 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) c
     return;
   }
   const scalar_t* z = logits + row * C;
-  cerow::OptPart<acc_t> r = cerow::opt_walk_row<scalar_t, TPR, VEC, CAP>(z, C, t, lane, ca.cap, ca.inv, smooth, u);
+  cerow::OptPart<acc_t> r = cerow::opt_walk_row<scalar_t, TPR, VEC, CAP>(z, C, t, lane, ca.cap, ca.kc, smooth, u);
   const Part<acc_t> p = row_merge<acc_t, TPR, cerow::kExactDiff<scalar_t>>(r.p, lane);
   const acc_t zs = smooth ? row_sum<acc_t, TPR>(r.zs, lane) : acc_t(0);
   if (lane != 0) return;
   const acc_t bu = smooth ? (u ? *big_u : static_cast<acc_t>(C)) : acc_t(0);
-  const cerow::RowOut<acc_t> o = cerow::opt_finish<acc_t, CAP>(p, static_cast<acc_t>(z[t]), ca.cap, ca.inv, smooth,
+  const cerow::RowOut<acc_t> o = cerow::opt_finish<acc_t, CAP>(p, static_cast<acc_t>(z[t]), ca.cap, ca.kc, smooth,
                                                                zs, bu, smooth_out + row);
   if (const int flags = cerow::row_flags(index[row], num_samples, o.loss)) atomicOr(status, flags);
   loss[row] = o.loss;
@@ -78,7 +84,7 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) c
 // ce_backward_options: grad row = (a p - b onehot - c u) (* (1 - th^2) with CAP); c null: no c term.
 // grad is a new tensor (never the logits): the target logit may be read after the pass.
 template <typename scalar_t, int TPR, int VEC, bool CAP>
-__global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) ce_backward_options_kernel(
+__global__ void __launch_bounds__(RowMap<TPR>::kThreads, kOptionsMinBlocks) ce_backward_options_kernel(
     const typename OpMath<scalar_t>::type* __restrict__ a, const typename OpMath<scalar_t>::type* __restrict__ b,
     const typename OpMath<scalar_t>::type* __restrict__ c, const scalar_t* __restrict__ logits,
     const int64_t* __restrict__ targets, const typename OpMath<scalar_t>::type* __restrict__ lse,
@@ -98,13 +104,13 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kMinBlocks<scalar_t>) c
   const scalar_t* z = logits + row * C;
   const acc_t l = lse[row], ar = a[row], cr = c ? c[row] : acc_t(0);
   const cerow::Layout L = cerow::layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
-  const acc_t mine = cerow::opt_grad_row<scalar_t, TPR, VEC, CAP>(z, g, C, t, L, l, ar, cr, ca.cap, ca.inv, u, lane);
+  const acc_t mine = cerow::opt_grad_row<scalar_t, TPR, VEC, CAP>(z, g, C, t, L, l, ar, cr, ca.cap, ca.kc, u, lane);
   const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(mine, lane) : acc_t(0);
   // the owner of column t rewrites it after its own store (program order)
   if (lane == cerow::owner<TPR, VEC>(L, t)) {
     const acc_t ut = cr != acc_t(0) && u ? u[t] : acc_t(1);
     g[t] = static_cast<scalar_t>(cerow::opt_target_grad<scalar_t, CAP>(static_cast<acc_t>(z[t]), l, others, ar, b[row],
-                                                                       cr, ut, ca.cap, ca.inv));
+                                                                       cr, ut, ca.cap, ca.kc));
   }
 }
 
@@ -136,7 +142,7 @@ Tensor5 ce_forward_options_cuda(const at::Tensor& logits, const at::Tensor& targ
   const bool aligned = reinterpret_cast<uintptr_t>(logits.data_ptr()) % logits.element_size() == 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_forward_options_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const CapArgs<acc_t> ca{static_cast<acc_t>(softcap), softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0)};
+    const CapArgs<acc_t> ca{static_cast<acc_t>(softcap), softcap > 0.0 ? cerow::cap_k_of<acc_t>(softcap) : acc_t(0)};
     const acc_t* u = smooth && weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
     const acc_t* bu = big_u.defined() ? big_u.data_ptr<acc_t>() : nullptr;
     by_cap(softcap, [&](auto cap) {
@@ -178,7 +184,7 @@ at::Tensor ce_backward_options_cuda(const at::Tensor& a, const at::Tensor& b, co
     using acc_t = at::opmath_type<scalar_t>;
     const auto gp = reinterpret_cast<uintptr_t>(grad.data_ptr());
     const bool vec = reinterpret_cast<uintptr_t>(logits.data_ptr()) % esize == 0 && gp % esize == 0 && (lp - gp) % 16 == 0;
-    const CapArgs<acc_t> ca{static_cast<acc_t>(softcap), softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0)};
+    const CapArgs<acc_t> ca{static_cast<acc_t>(softcap), softcap > 0.0 ? cerow::cap_k_of<acc_t>(softcap) : acc_t(0)};
     const acc_t* cp = c.numel() != 0 ? c.data_ptr<acc_t>() : nullptr;
     const acc_t* u = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
     by_cap(softcap, [&](auto cap) {

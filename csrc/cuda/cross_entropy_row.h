@@ -53,6 +53,8 @@ MEMCORE_HD double fmax_(double a, double b) { return fmax(a, b); }
 // The host replays' ex2.approx.ftz.f32: 2^x within the instruction's documented 2 ulp, subnormal
 // results flushed to zero (csrc/cross_entropy_replay.cpp, which says how and why).
 float host_ex2(float x);
+// and rcp.approx.ftz.f32: 1 / x within the instruction's documented 1 ulp
+float host_rcp(float x);
 #endif
 
 // exp in the kernels' units: expo(x * kScale) == exp(x). float: base 2, double: base e.
@@ -742,29 +744,50 @@ MEMCORE_HD double reduce_value(const Total& t, bool mean) {
 // null) and the gradient's c u_j term are runtime choices (a null pointer, c == 0), uniform over a
 // row. Kept per thread beside the Part: one more register (the sum), merged by row_sum.
 
-// tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2 |y|) from ex2 (fp32): within 2 ulp of e, an
-// absolute error of about 2^-22 in tanh, so z' = cap * tanh within cap * 2^-22 of the exact value
-// (fp64: the library's tanh). -2 log2(e) |y| >= -inf: e = 0 and tanh = +-1 for large |y|.
-MEMCORE_HD float tanh_(float y) {
-  const float e = expo(-2.f * kScale<float> * fabsf(y));
-  return copysignf((1.f - e) / (1.f + e), y);
+// 1 / x by rcp.approx.ftz.f32 (an IEEE division would add a slow-path call, and with it a stack
+// frame, to every kernel using it); fp64 divides
+MEMCORE_HD float rcp_(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return host_rcp(x);
+#endif
 }
-MEMCORE_HD double tanh_(double y) { return tanh(y); }
+MEMCORE_HD double rcp_(double x) { return 1.0 / x; }
 
-// The capped value of x and tanh(x / cap) (th, for the gradient's 1 - th^2).
+// The capping constant of a launch: kc = 2 log2(e) / cap in the kernels' exp units (2 / cap for
+// fp64), so that expo(x kc) = exp(2 x / cap).
+template <typename acc_t>
+acc_t cap_k_of(double cap) {
+  return static_cast<acc_t>(2.0 * static_cast<double>(kScale<acc_t>) / cap);
+}
+
+// The capped value z' = cap tanh(x / cap) of x, and r = 1 / (1 + exp(2 x / cap)): tanh = 1 - 2 r, so
+// z' = cap - 2 cap r (one FFMA) and the gradient's factor 1 - tanh^2 = 4 r (1 - r), which keeps
+// its relative accuracy where tanh^2 is near 1. fp32: exp within 2 ulp (ex2.approx), 1 / (1 + e)
+// within 1 ulp (rcp.approx), so |z' - exact| < cap 2^-21. Large |x|: exp overflows to inf (r = 0,
+// z' = cap) or flushes to 0 (r = 1, z' = -cap); inf logits are capped as ATen's tanh caps them.
 template <typename acc_t>
 struct Capped {
-  acc_t x, th;
+  acc_t x, r;
 };
 
 template <typename acc_t, bool CAP>
-MEMCORE_HD Capped<acc_t> cap_of(acc_t x, acc_t cap, acc_t inv_cap) {
+MEMCORE_HD Capped<acc_t> cap_of(acc_t x, acc_t cap, acc_t kc) {
   if constexpr (CAP) {
-    const acc_t th = tanh_(x * inv_cap);
-    return Capped<acc_t>{cap * th, th};
+    const acc_t r = rcp_(acc_t(1) + expo(x * kc));
+    return Capped<acc_t>{fma_(r, acc_t(-2) * cap, cap), r};
   } else {
     return Capped<acc_t>{x, acc_t(0)};
   }
+}
+
+// dz'/dx = 1 - tanh^2 = 4 r (1 - r)
+template <typename acc_t>
+MEMCORE_HD acc_t cap_slope(const Capped<acc_t>& c) {
+  return acc_t(4) * c.r * (acc_t(1) - c.r);
 }
 
 // One thread's partial state of the row z[0, C) with target t under the options: walk_row's Part
@@ -775,26 +798,33 @@ struct OptPart {
   acc_t zs;
 };
 
+// the smoothing sum's term of column col (u null: weight 1)
+template <typename acc_t>
+MEMCORE_HD void opt_weigh(OptPart<acc_t>& r, acc_t x, int64_t col, bool smooth, const acc_t* u) {
+  if (smooth) r.zs += u ? u[col] * x : x;
+}
+
+// One value v of known column col (head, tail, the target's pack), capped
+template <typename acc_t, bool E, bool CAP>
+MEMCORE_HD void opt_add_one(OptPart<acc_t>& r, acc_t v, int64_t col, int64_t t, acc_t cap, acc_t kc, bool smooth,
+                            const acc_t* u) {
+  const acc_t x = cap_of<acc_t, CAP>(v, cap, kc).x;
+  add_one<acc_t, E>(r.p, x, col, t);
+  opt_weigh(r, x, col, smooth, u);
+}
+
 template <typename scalar_t, int TPR, int VEC, bool CAP>
 MEMCORE_HD OptPart<typename OpMath<scalar_t>::type> opt_walk_row(const scalar_t* z, int64_t C, int64_t t,
                                                                  int lane, typename OpMath<scalar_t>::type cap,
-                                                                 typename OpMath<scalar_t>::type inv_cap, bool smooth,
+                                                                 typename OpMath<scalar_t>::type kc, bool smooth,
                                                                  const typename OpMath<scalar_t>::type* u) {
   using acc_t = typename OpMath<scalar_t>::type;
   constexpr bool E = kExactDiff<scalar_t>;
   OptPart<acc_t> r{part_init<acc_t>(), acc_t(0)};
-  auto weigh = [&](acc_t x, int64_t col) {
-    if (smooth) r.zs += u ? u[col] * x : x;
-  };
-  auto one = [&](acc_t v, int64_t col) {
-    const acc_t x = cap_of<acc_t, CAP>(v, cap, inv_cap).x;
-    add_one<acc_t, E>(r.p, x, col, t);
-    weigh(x, col);
-  };
   const Layout L = layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
   if constexpr (VEC > 1) {
     static_assert(VEC == kVec<scalar_t>, "packs are 16 bytes");
-    if (lane < L.head) one(static_cast<acc_t>(z[lane]), lane);
+    if (lane < L.head) opt_add_one<acc_t, E, CAP>(r, static_cast<acc_t>(z[lane]), lane, t, cap, kc, smooth, u);
     const scalar_t* body = z + L.head;
     for (int64_t v = lane; v < L.nv; v += TPR) {
       acc_t x[VEC];
@@ -802,33 +832,48 @@ MEMCORE_HD OptPart<typename OpMath<scalar_t>::type> opt_walk_row(const scalar_t*
       const int64_t c0 = L.head + v * VEC;
       if (v == L.tp) {  // the target's pack: element by element
 MEMCORE_UNROLL
-        for (int k = 0; k < VEC; ++k) one(x[k], c0 + k);
+        for (int k = 0; k < VEC; ++k) opt_add_one<acc_t, E, CAP>(r, x[k], c0 + k, t, cap, kc, smooth, u);
       } else {
 MEMCORE_UNROLL
         for (int k = 0; k < VEC; ++k) {
-          x[k] = cap_of<acc_t, CAP>(x[k], cap, inv_cap).x;
-          weigh(x[k], c0 + k);
+          x[k] = cap_of<acc_t, CAP>(x[k], cap, kc).x;
+          opt_weigh(r, x[k], c0 + k, smooth, u);
         }
         add_group<acc_t, VEC, E>(r.p, x, v < L.tp ? r.p.before : r.p.after);
       }
     }
   }
-  for (int64_t j = L.tail0 + lane; j < C; j += TPR) one(static_cast<acc_t>(z[j]), j);
+  for (int64_t j = L.tail0 + lane; j < C; j += TPR)
+    opt_add_one<acc_t, E, CAP>(r, static_cast<acc_t>(z[j]), j, t, cap, kc, smooth, u);
   return r;
 }
 
 // A kept row's outputs from the merged Part and the row's total zs: finish() of the capped target
 // logit, and smooth = -sum_j u_j log p_j = U lse - sum_j u_j z'_j (U = sum_j u_j) when smoothing.
 template <typename acc_t, bool CAP>
-MEMCORE_HD RowOut<acc_t> opt_finish(const Part<acc_t>& p, acc_t zt, acc_t cap, acc_t inv_cap, bool smooth, acc_t zs,
+MEMCORE_HD RowOut<acc_t> opt_finish(const Part<acc_t>& p, acc_t zt, acc_t cap, acc_t kc, bool smooth, acc_t zs,
                                     acc_t big_u, acc_t* smooth_out) {
-  const RowOut<acc_t> o = finish(p, cap_of<acc_t, CAP>(zt, cap, inv_cap).x);
+  const RowOut<acc_t> o = finish(p, cap_of<acc_t, CAP>(zt, cap, kc).x);
   if (smooth) *smooth_out = big_u * o.lse - zs;
   return o;
 }
 
+// One entry (a p_j - c u_j) (1 - tanh_j^2) of column col from its logit v; adds p_j into others unless
+// col is the target
+template <typename acc_t, bool E, bool CAP>
+MEMCORE_HD acc_t opt_grad_value(acc_t v, int64_t col, int64_t t, acc_t ref, acc_t a, acc_t c, acc_t cap, acc_t kc,
+                                const acc_t* u, acc_t& others) {
+  const Capped<acc_t> x = cap_of<acc_t, CAP>(v, cap, kc);
+  const acc_t e = term<acc_t, E>(x.x, ref);
+  if (col != t) others += e;
+  acc_t d = a * e;
+  if (c != acc_t(0)) d -= u ? c * u[col] : c;
+  if constexpr (CAP) d *= cap_slope(x);
+  return d;
+}
+
 // The gradient pass of the options over one thread's share of the row: out[j] =
-// (a p_j - c u_j) * (1 - th_j^2) (CAP; else without the factor), p_j = exp(z'_j - lse), column t
+// (a p_j - c u_j) * (1 - tanh_j^2) (CAP; else without the factor), p_j = exp(z'_j - lse), column t
 // included (opt_target_grad rewrites it); returns the share's sum of p_j over the other columns.
 // c == 0: no smoothing term. z and out rows share their offset from a 16-byte boundary.
 template <typename scalar_t, int TPR, int VEC, bool CAP>
@@ -837,38 +882,34 @@ MEMCORE_HD typename OpMath<scalar_t>::type opt_grad_row(const scalar_t* z, scala
                                                         typename OpMath<scalar_t>::type a,
                                                         typename OpMath<scalar_t>::type c,
                                                         typename OpMath<scalar_t>::type cap,
-                                                        typename OpMath<scalar_t>::type inv_cap,
+                                                        typename OpMath<scalar_t>::type kc,
                                                         const typename OpMath<scalar_t>::type* u, int lane) {
   using acc_t = typename OpMath<scalar_t>::type;
   constexpr bool E = kExactDiff<scalar_t>;
   const acc_t ref = ref_of<acc_t, E>(lse);
   acc_t others = acc_t(0);
-  auto val = [&](acc_t v, int64_t col) -> acc_t {
-    const Capped<acc_t> x = cap_of<acc_t, CAP>(v, cap, inv_cap);
-    const acc_t e = term<acc_t, E>(x.x, ref);
-    if (col != t) others += e;
-    acc_t d = a * e;
-    if (c != acc_t(0)) d -= u ? c * u[col] : c;
-    if constexpr (CAP) d *= acc_t(1) - x.th * x.th;
-    return d;
-  };
   if constexpr (VEC > 1) {
-    if (lane < L.head) out[lane] = static_cast<scalar_t>(val(static_cast<acc_t>(z[lane]), lane));
+    if (lane < L.head)
+      out[lane] = static_cast<scalar_t>(
+          opt_grad_value<acc_t, E, CAP>(static_cast<acc_t>(z[lane]), lane, t, ref, a, c, cap, kc, u, others));
     const scalar_t* zb = z + L.head;
     scalar_t* ob = out + L.head;
     for (int64_t v = lane; v < L.nv; v += TPR) {
       acc_t x[VEC];
       widen<scalar_t>(load16(zb + v * VEC), x);
 MEMCORE_UNROLL
-      for (int k = 0; k < VEC; ++k) x[k] = val(x[k], L.head + v * VEC + k);
+      for (int k = 0; k < VEC; ++k)
+        x[k] = opt_grad_value<acc_t, E, CAP>(x[k], L.head + v * VEC + k, t, ref, a, c, cap, kc, u, others);
       store16(ob + v * VEC, narrow<scalar_t>(x));
     }
   }
-  for (int64_t j = L.tail0 + lane; j < C; j += TPR) out[j] = static_cast<scalar_t>(val(static_cast<acc_t>(z[j]), j));
+  for (int64_t j = L.tail0 + lane; j < C; j += TPR)
+    out[j] = static_cast<scalar_t>(
+        opt_grad_value<acc_t, E, CAP>(static_cast<acc_t>(z[j]), j, t, ref, a, c, cap, kc, u, others));
   return others;
 }
 
-// The target's entry of the options' gradient: a (p_t - 1) + (a - b) - c u_t, times 1 - th_t^2
+// The target's entry of the options' gradient: a (p_t - 1) + (a - b) - c u_t, times 1 - tanh_t^2
 // (CAP), p_t - 1 as target_grad takes it (minus the others' sum where it is below 1/2 for fp32
 // logits, else exp(z'_t - lse) - 1); zt the raw target logit, others the row's total of the pass.
 template <typename scalar_t, bool CAP>
@@ -876,14 +917,14 @@ MEMCORE_HD typename OpMath<scalar_t>::type opt_target_grad(
     typename OpMath<scalar_t>::type zt, typename OpMath<scalar_t>::type lse, typename OpMath<scalar_t>::type others,
     typename OpMath<scalar_t>::type a, typename OpMath<scalar_t>::type b, typename OpMath<scalar_t>::type c,
     typename OpMath<scalar_t>::type u_t, typename OpMath<scalar_t>::type cap,
-    typename OpMath<scalar_t>::type inv_cap) {
+    typename OpMath<scalar_t>::type kc) {
   using acc_t = typename OpMath<scalar_t>::type;
   constexpr bool E = kExactDiff<scalar_t>;
-  const Capped<acc_t> x = cap_of<acc_t, CAP>(zt, cap, inv_cap);
+  const Capped<acc_t> x = cap_of<acc_t, CAP>(zt, cap, kc);
   const acc_t pm1 = kTargetBySum<scalar_t> && others < acc_t(0.5) ? -others
                                                                  : term<acc_t, E>(x.x, ref_of<acc_t, E>(lse)) - acc_t(1);
   acc_t d = a * pm1 + (a - b) - c * u_t;
-  if constexpr (CAP) d *= acc_t(1) - x.th * x.th;
+  if constexpr (CAP) d *= cap_slope(x);
   return d;
 }
 
