@@ -864,6 +864,8 @@ def headline(rows: List[Row]) -> List[Row]:
     def key(r: Row):
         width = max((d["elems"] for d in r.detail), default=0)
         nums = [int(x) for x in re.findall(r"\b(\d+)\b", r.kernel)]
+        if r.family in MIN_CEILING:  # one pack per trip: the packed instance first (VEC), not the
+            return (nums[1:2], width, nums)  # scalar one, whose zero-fill loop of skipped rows is wider
         return (width, nums)
 
     pick: Dict[Tuple[str, str, str], Row] = {}
@@ -1083,14 +1085,14 @@ MAX_INSTR_PER_ELEM = {"bf16": GOALS[0].threshold, "fp32": GOALS[2].threshold}
 # The options route's main loops (bf16, fp32 headline instances), judged by the roofline model
 # rather than a count: the smallest fraction of HBM bandwidth their issue rate allows on each device
 # of their architecture. Without soft-capping they must stay memory-bound (100%); its tanh (an ex2,
-# an rcp and three FP ops per element, in both passes) may cost a quarter of the bandwidth on an
-# H100 / A100 (a 16-bit forward, an fp32 gradient on unaligned rows are issue-bound there), more on
-# an H200, whose faster HBM gives each element fewer issue slots (checked on the devices listed).
+# an rcp and three FP ops per element, in both passes) may cost the forward a quarter of the
+# bandwidth on an H100 / A100: a 16-bit forward is issue-bound there, and more so on an H200, whose
+# faster HBM gives each element fewer issue slots (the goal is checked on the devices listed).
 MIN_CEILING = {
     "forward (options)": 1.0,
     "backward (options)": 1.0,
     "forward (options, softcap)": 0.75,
-    "backward (options, softcap)": 0.75,
+    "backward (options, softcap)": 1.0,
 }
 CEILING_DEVICES = ("H100 SXM", "A100 SXM 80GB")
 
