@@ -77,17 +77,30 @@ TORCH_LIBRARY(memcore, m) {
   // hidden's in its dtype, weight's and bias's in opmath (fp32 accumulation across chunks for
   // fp16 / bf16); the backward only scales them. Reduction 0 makes no gradient:
   // linear_ce_backward recomputes.
+  // Loss options (accumulate's, on these logits; any of them set routes every chunk through
+  // ce_forward_options / ce_backward_options): ce_weight [V] opmath (class weights), label_smoothing,
+  // softcap (0: none), z_loss (coefficient of lse^2). Then loss [N] is each row's loss
+  // ce_r + z_loss lse_r^2 (ce_r weighted and smoothed), nll [N] the model's own -log p(target) of
+  // the soft-capped logits (what the statistics record), zloss [N] the z-loss part (shape [0] when
+  // z_loss is 0), out the reduced loss ("mean": the cross-entropy part over the summed class weights
+  // of the non-ignored rows, the z-loss part over their number), and the gradients those of out
+  // itself (not of the sum): the backward scales them by the upstream gradient only. Without
+  // options nll and zloss are empty ([0]).
   m.def(
       "linear_ce_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor index,"
-      " int num_samples, int ignore_index, int reduction, int chunk_size, bool[3] grad_mask)"
+      " int num_samples, int ignore_index, int reduction, int chunk_size, bool[3] grad_mask,"
+      " Tensor? ce_weight=None, float label_smoothing=0., float softcap=0., float z_loss=0.)"
       " -> (Tensor out, Tensor count, Tensor loss, Tensor lse, Tensor row_stats, Tensor status,"
-      " Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+      " Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, Tensor nll, Tensor zloss)");
   // Gradients of sum_r grad_loss[r] * loss_r (reduction "none") w.r.t. hidden, weight and bias in
   // their dtypes, recomputing each logits chunk and its ce_backward: exact per-row upstream
-  // gradients, no N x V tensor. lse [N] (opmath) from linear_ce_forward.
+  // gradients, no N x V tensor. lse [N] (opmath) from linear_ce_forward. The loss options as
+  // linear_ce_forward takes them (ce_backward_options per chunk); grad_zloss: the upstream gradient
+  // of the rows' z-loss parts where it differs from grad_loss (a "mean" recomputed), else None.
   m.def(
       "linear_ce_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets,"
-      " Tensor lse, int ignore_index, int chunk_size, bool[3] grad_mask)"
+      " Tensor lse, int ignore_index, int chunk_size, bool[3] grad_mask, Tensor? ce_weight=None,"
+      " float label_smoothing=0., float softcap=0., float z_loss=0., Tensor? grad_zloss=None)"
       " -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- curvature: input-loss curvature. Probes are Rademacher vectors from Philox4x32-10

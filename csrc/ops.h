@@ -27,8 +27,8 @@ using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using Tensor9 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                           at::Tensor, at::Tensor>;
+using Tensor11 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // cross_entropy (csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu, csrc/autograd/cross_entropy.cpp)
 // -> (loss, lse, row_stats, status)
@@ -54,14 +54,18 @@ at::Tensor ce_backward_options(const at::Tensor& a, const at::Tensor& b, const a
                                int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight);
 
 // linear_cross_entropy (csrc/composite/linear_cross_entropy.cpp, one implementation for CPU and CUDA)
-// -> (out, count, loss, lse, row_stats, status, grad_hidden, grad_weight, grad_bias)
-Tensor9 linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
-                          int64_t ignore_index, int64_t reduction, int64_t chunk_size, std::array<bool, 3> grad_mask);
+// -> (out, count, loss, lse, row_stats, status, grad_hidden, grad_weight, grad_bias, nll, zloss)
+Tensor11 linear_ce_forward(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+                           int64_t ignore_index, int64_t reduction, int64_t chunk_size, std::array<bool, 3> grad_mask,
+                           const std::optional<at::Tensor>& ce_weight, double label_smoothing, double softcap,
+                           double z_loss);
 // -> (grad_hidden, grad_weight, grad_bias)
 Tensor3 linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
-                           int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> grad_mask);
+                           int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> grad_mask,
+                           const std::optional<at::Tensor>& ce_weight, double label_smoothing, double softcap,
+                           double z_loss, const std::optional<at::Tensor>& grad_zloss);
 
 // curvature (csrc/cpu/curvature.cpp, csrc/cuda/curvature.cu)
 at::Tensor rademacher(const at::Tensor& index, int64_t seed, int64_t probe_start, int64_t n_probes,

@@ -9,7 +9,7 @@ import torch
 from . import _C
 from ._layout import NON_FINITE
 from ._ops import linear_cross_entropy as _registered  # fake kernels, autograd and autocast of the ops
-from ._validate import as_int, explain_status, linear_rows_of, loss_call
+from ._validate import as_int, class_options, explain_status, linear_rows_of, loss_call
 from .tracker import Tracker, _capturing
 
 _MIB = 2**20
@@ -54,7 +54,12 @@ def linear_accumulate(
     reduction: str = "mean",
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
-) -> torch.Tensor:
+    ce_weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
+):
     """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ...)`` that also records every row's
     statistics in ``tracker`` (as :func:`memcore.accumulate` on those logits would), computed chunk
     by chunk so that the [N, V] logits never exist whole.
@@ -77,6 +82,25 @@ def linear_accumulate(
             fp32 weight gradient [V, H] and hidden's gradient [N, H]; time is that of the three
             GEMMs F.linear + backward would run plus memcore's CE passes.
 
+        ce_weight: optional class weights [V] (Liger-Kernel's name; ``accumulate``'s ``weight``, which
+            here is the head's matrix): row r's cross-entropy is multiplied by ``ce_weight[targets[r]]``
+            and ``"mean"`` divides by the summed weights of the non-ignored rows, as F.cross_entropy.
+            No gradient.
+        label_smoothing: in [0, 1], F.cross_entropy's (with ``ce_weight`` as there).
+        softcap: optional positive cap (Gemma-2 / 3's final logit soft-capping): the logits become
+            ``softcap * tanh(logits / softcap)`` before the softmax, in fp32 (fp64 for fp64 input)
+            inside each chunk; the gradient flows through the tanh.
+        z_loss: coefficient of ``z_loss * logsumexp(row) ** 2`` added to each non-ignored row's loss
+            (Liger-Kernel's ``lse_square_scale``), not weighted; ``"mean"`` divides it by the number
+            of non-ignored rows.
+        return_z_loss: return ``(loss, z_loss_term)``: the z-loss part of ``loss`` reduced the same
+            way, for logging (no gradient; it is already in ``loss``).
+
+            Each option is exactly ``accumulate``'s on ``F.linear(hidden, weight, bias)``, and the
+            statistics recorded stay the model's own (-log p(target), p(target), margin and
+            correctness of the soft-capped logits), neither weighted, smoothed nor z-lossed. With
+            any option each chunk goes through the options' kernels (the default route is untouched).
+
     Math: logits in hidden's dtype as F.linear gives them; softmax, loss and statistics in fp32
     (fp64 for fp64 input); weight and bias gradients accumulate across chunks in fp32 and are
     rounded once. "mean" / "sum" compute the gradients during the forward pass (the backward only
@@ -94,7 +118,8 @@ def linear_accumulate(
 
     Returns:
         The loss in hidden's dtype (float32 for 16-bit logits under autocast): a scalar, or per-row
-        with the shape of ``targets`` for "none".
+        with the shape of ``targets`` for "none"; a pair ``(loss, z_loss_term)`` with
+        ``return_z_loss=True``.
 
     Raises:
         TypeError / ValueError naming the argument on wrong dtypes, shapes or devices; IndexError
@@ -117,6 +142,13 @@ def linear_accumulate(
         hidden, weight, bias, targets, index, ignore_index, tracker.device
     )
     n, v = hidden2d.shape[0], weight.shape[0]
+    options = ce_weight is not None or label_smoothing != 0.0 or softcap is not None or z_loss != 0.0
+    if options or return_z_loss:
+        # checked against the [N, V] logits F.linear would give (a stride-0 view: nothing allocated)
+        logits_like = hidden2d.new_empty(()).expand(n, v)
+        ce_weight, label_smoothing, softcap, z_loss, return_z_loss = class_options(
+            ce_weight, label_smoothing, softcap, z_loss, return_z_loss, logits_like, "ce_weight"
+        )
     if chunk_size is None:
         chunk_size = auto_chunk_size(n, v, hidden.dtype, hidden.device)
     else:
@@ -129,7 +161,7 @@ def linear_accumulate(
     ]
     if mask[1] and hidden.is_cuda and hidden.dtype in _16BIT and not torch.compiler.is_compiling():
         settle_gemm(hidden)
-    out, _count, loss, _lse, row_stats, status, *_grads = torch.ops.memcore.linear_ce_forward(
+    args = (
         hidden2d,
         weight,
         bias,
@@ -141,21 +173,35 @@ def linear_accumulate(
         chunk_size,
         mask,
     )
+    if options:
+        args += (ce_weight, label_smoothing, 0.0 if softcap is None else softcap, z_loss)
+    out, count, loss, _lse, row_stats, status, _gh, _gw, _gb, nll, zloss = (
+        torch.ops.memcore.linear_ce_forward(*args)
+    )
+    # the statistics are the model's own: -log p(target) (nll with options, else the loss)
+    nll = (nll if options else loss).detach()
     # one record for the whole batch, skipped (on the device) when any chunk flagged an error
     tracker._record(
         index1d,
         targets1d,
-        loss.detach(),
+        nll,
         row_stats,
         status,
         ignore_index,
         lambda bits: _explain(
-            bits, hidden2d, weight, bias, targets1d, index1d, tracker.num_samples, ignore_index, loss
+            bits, hidden2d, weight, bias, targets1d, index1d, tracker.num_samples, ignore_index, nll
         ),
     )
+    result = loss.to(out_dtype).reshape(targets.shape) if reduction == "none" else out.to(out_dtype)
+    if not return_z_loss:
+        return result
+    if zloss.numel() == 0:  # no z-loss: its term is 0
+        return result, torch.zeros_like(result).detach()
     if reduction == "none":
-        return loss.to(out_dtype).reshape(targets.shape)
-    return out.to(out_dtype)
+        z = zloss.reshape(targets.shape)
+    else:
+        z = zloss.sum() if reduction == "sum" else zloss.sum() / count
+    return result, z.detach().to(out_dtype)
 
 
 def _explain(bits, hidden, weight, bias, targets, index, num_samples, ignore_index, loss) -> Exception:

@@ -206,9 +206,18 @@ def test_sass_check_flags_spills_slow_loops_and_missing_kernels():
     the build fails."""
     from tools import sass_report
 
-    clean = [_sass_row(f, dtype=d) for f in sass_report.CHECKED for d in ("bf16", "fp32")]
+    families = sass_report.CHECKED + tuple(sass_report.MIN_CEILING)
+    clean = [_sass_row(f, dtype=d) for f in families for d in ("bf16", "fp32")]
     clean.append(_sass_row("forward", dtype="fp64", instr=44.0))
     assert sass_report.check(clean) == []
+    # an options loop whose issue rate leaves HBM idle fails by the roofline, not by a count
+    import dataclasses
+
+    issue_bound = [
+        dataclasses.replace(r, cycles_per_elem=200.0) if r.family == "forward (options, softcap)" else r
+        for r in clean
+    ]
+    assert any("forward (options, softcap) bf16" in p and "HBM" in p for p in sass_report.check(issue_bound))
     assert any("spill" in p for p in sass_report.check(clean + [_sass_row("commit", dtype="fp64", spill=16)]))
     slow = [
         r if (r.family, r.dtype) != ("backward", "bf16") else _sass_row("backward", instr=10.5) for r in clean

@@ -60,17 +60,52 @@ def test_options_kernels_hold_at_both_ends_of_the_approximate_instructions(model
         _C._ce_ex2_model(before)
 
 
-def _check_replay(dtype, tpr, vec, options, c, offset):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+@pytest.mark.parametrize("c, offset", [(37, 1), (3001, 2), (17000, 0)])
+def test_options_ops_on_each_device_within_the_kernels_bounds(device, dtype, options, c, offset):
+    """The ops themselves (the CUDA kernels on a GPU: warp, 256- and 512-thread launches) held to the
+    replays' bounds."""
+
+    def fwd(z, t, cap, eps, w):
+        out = torch.ops.memcore.ce_forward_options(
+            z.to(device),
+            t.to(device),
+            torch.arange(N, device=device),
+            N,
+            -100,
+            cap,
+            eps,
+            None if w is None else w.to(device),
+        )
+        return [o.cpu() for o in out]
+
+    def bwd(a, b, cc, z, t, lse, cap, w):
+        dev = [x.to(device) for x in (a, b, cc, z, t, lse)]
+        return torch.ops.memcore.ce_backward_options(
+            *dev, -100, cap, None if w is None else w.to(device)
+        ).cpu()
+
+    _check_replay(dtype, 32, True, options, c, offset, fwd, bwd)
+
+
+def _check_replay(dtype, tpr, vec, options, c, offset, fwd=None, bwd=None):
     cap, eps, weighted = OPTION_SETS[options]
     z, t, g = _problem(dtype, c, offset, seed=c + tpr)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     w = (torch.rand(c, generator=g) + 0.5).to(acc) if weighted else None
-    loss, lse, _stats, status, smooth = _C._ce_forward_options_replay(
-        z, t, torch.arange(N), N, -100, cap, eps, w, tpr, vec
-    )
+    if fwd is None:
+        loss, lse, _stats, status, smooth = _C._ce_forward_options_replay(
+            z, t, torch.arange(N), N, -100, cap, eps, w, tpr, vec
+        )
+    else:
+        loss, lse, _stats, status, smooth = fwd(z, t, cap, eps, w)
     a, b, cc = (torch.randn(N, generator=g).to(acc) for _ in range(3))
     cc = cc if eps else cc.new_empty(0)
-    grad = _C._ce_backward_options_replay(a, b, cc, z, t, lse, -100, cap, w, tpr, vec)
+    if bwd is None:
+        grad = _C._ce_backward_options_replay(a, b, cc, z, t, lse, -100, cap, w, tpr, vec)
+    else:
+        grad = bwd(a, b, cc, z, t, lse, cap, w)
     ref_nll, ref_smooth, ref_grad = options_reference(z, t, -100, cap, eps, w, a, b, cc)
     e = _bounds(z, dtype, cap)
     lse_abs = float(lse.double().abs().max())

@@ -132,7 +132,9 @@ def _sqnorm(d: int, dtype: torch.dtype, device: str) -> Callable[[], object]:
     return run
 
 
-def _linear(op: str, dtype: torch.dtype, device: str) -> Callable[[], object]:
+def _linear(op: str, dtype: torch.dtype, device: str, options: bool = False) -> Callable[[], object]:
+    """The chunk loop, on the default route or (options) through the options ops with every option
+    set; the backward then with a separate z-loss upstream, as a recomputed mean passes it."""
     n, h, v, chunk = 9, 16, 37, 4  # three chunks, the last one short
 
     def run():
@@ -144,12 +146,17 @@ def _linear(op: str, dtype: torch.dtype, device: str) -> Callable[[], object]:
         targets[2] = IGNORE
         index = torch.arange(n, device=device)
         mask = [True, True, True]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        opts = (torch.linspace(0.5, 1.5, v, device=device, dtype=acc), 0.1, 7.0, 1e-2) if options else ()
         if op == "linear_ce_forward":
-            return OPS_NS.linear_ce_forward(hidden, weight, bias, targets, index, n, IGNORE, 1, chunk, mask)
-        out = OPS_NS.linear_ce_forward(hidden, weight, bias, targets, index, n, IGNORE, 0, chunk, mask)
+            return OPS_NS.linear_ce_forward(
+                hidden, weight, bias, targets, index, n, IGNORE, 1, chunk, mask, *opts
+            )
+        out = OPS_NS.linear_ce_forward(hidden, weight, bias, targets, index, n, IGNORE, 0, chunk, mask, *opts)
         grad_loss = torch.linspace(0.5, 1.5, n, device=device, dtype=out[3].dtype)
+        grad_z = (grad_loss * 0.5,) if options else ()
         return OPS_NS.linear_ce_backward(
-            grad_loss, hidden, weight, bias, targets, out[3], IGNORE, chunk, mask
+            grad_loss, hidden, weight, bias, targets, out[3], IGNORE, chunk, mask, *opts, *grad_z
         )
 
     return run
@@ -192,7 +199,10 @@ OPS: Dict[str, Dict[str, Factory]] = {
         "scalar": lambda dt, dev, sms: _sqnorm(63, dt, dev),
     },
     **{
-        op: {"chunks": lambda dt, dev, sms, op=op: _linear(op, dt, dev)}
+        op: {
+            "chunks": lambda dt, dev, sms, op=op: _linear(op, dt, dev),
+            "options-chunks": lambda dt, dev, sms, op=op: _linear(op, dt, dev, options=True),
+        }
         for op in ("linear_ce_forward", "linear_ce_backward")
     },
     **{

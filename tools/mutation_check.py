@@ -181,6 +181,41 @@ MUTANTS = [
         "    if False:",
         ["test_linear_cross_entropy.py::test_double_backward_is_refused"],
     ),
+    (
+        "linear options' mean scaled by the row count again",
+        "_ops/linear_cross_entropy.py",
+        "    if ctx.reduction == 1 and not ctx.with_options:",
+        "    if ctx.reduction == 1:",
+        ["test_linear_cross_entropy_options.py::test_every_option_matches_accumulate_on_f_linear"],
+    ),
+    (
+        "linear options' recomputed mean with one denominator",
+        "_ops/linear_cross_entropy.py",
+        "    return (scale / wsum).expand(n), (scale / count.to(scale.dtype)).expand(n)",
+        "    return (scale / wsum).expand(n), None",
+        ["test_linear_cross_entropy_options.py::test_retained_graph_second_backward"],
+    ),
+    (
+        "linear options record the options' loss",
+        "linear_cross_entropy.py",
+        "    nll = (nll if options else loss).detach()",
+        "    nll = loss.detach()",
+        ["test_linear_cross_entropy_options.py::test_statistics_are_the_models_own"],
+    ),
+    (
+        "fused trainer drops Gemma's soft-capping",
+        "integrations/huggingface.py",
+        "bias=bias, reduction=reduction, softcap=softcap",
+        "bias=bias, reduction=reduction",
+        ["test_linear_cross_entropy_integrations.py::test_fused_trainer_takes_softcap_and_logit_scale"],
+    ),
+    (
+        "fused trainer multiplies by Granite's logits_scaling",
+        "integrations/huggingface.py",
+        'return (value if kind == "multiply" else 1.0 / value), None',
+        "return value, None",
+        ["test_linear_cross_entropy_integrations.py::test_fused_trainer_takes_softcap_and_logit_scale"],
+    ),
     # input validation
     (
         "overflow explained as NaN / inf logits",

@@ -3,13 +3,15 @@
 // composed of ATen GEMMs and the cross_entropy ops, so one implementation is registered for CPU and
 // CUDA. Rows go in chunks of chunk_size: per chunk one GEMM makes the logits (hidden's dtype, as
 // F.linear), ce_forward_grad_ (mean / sum) or ce_forward (none) reads them, and the gradient GEMMs
-// follow. Memory: one [chunk_size, V] logits chunk, the opmath weight / bias gradient accumulators
+// follow; with a loss option (class weights, label smoothing, soft-capping, z-loss) the chunk goes
+// through ce_forward_options and, for the gradient, ce_backward_options instead. Memory: one [chunk_size, V] logits chunk, the opmath weight / bias gradient accumulators
 // and hidden's gradient [N, H]; never the [N, V] logits. Autograd: memcore/_ops/linear_cross_entropy.py.
 // More (fp32 accumulation of 16-bit gradients, the GEMM probe): docs/kernels.md.
 #include <torch/extension.h>
 
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -178,12 +180,137 @@ void chunk_grads(const at::Tensor& g, const at::Tensor& h_chunk, const at::Tenso
   if (mask[2] && grad_b.numel() > 0) grad_b.add_(at::sum(g, at::IntArrayRef{0}, /*keepdim=*/false, grad_b.scalar_type()));
 }
 
-Tensor9 linear_ce_forward_composite(const at::Tensor& hidden, const at::Tensor& weight,
+// The loss options of linear_accumulate (accumulate's, on the logits F.linear gives): class weights
+// w ([V] opmath, or none: all 1), label smoothing eps, soft-capping (0: none) and the z-loss
+// coefficient zc. any(): whether the chunks take the options ops.
+struct LossOptions {
+  const std::optional<at::Tensor>& weight;
+  double eps, softcap, zc;
+  bool any() const { return weight.has_value() || eps != 0.0 || softcap != 0.0 || zc != 0.0; }
+};
+
+void check_options(const LossOptions& o, const at::Tensor& hidden, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(o.eps >= 0.0 && o.eps <= 1.0, op, ": label_smoothing must be in [0, 1], got ", o.eps);
+  TORCH_CHECK(o.softcap >= 0.0 && std::isfinite(o.softcap), op, ": softcap must be finite and >= 0 (0: none), got ",
+              o.softcap);
+  TORCH_CHECK(o.zc >= 0.0 && std::isfinite(o.zc), op, ": z_loss must be finite and >= 0, got ", o.zc);
+  if (o.weight.has_value()) {
+    const at::Tensor& w = *o.weight;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == weight.size(0) && w.scalar_type() == opmath_dtype(hidden) &&
+                    w.device() == hidden.device() && w.is_contiguous(),
+                op, ": ce_weight must be contiguous ", opmath_dtype(hidden), " [V=", weight.size(0),
+                "] on hidden's device, got ", w.scalar_type(), " ", w.sizes());
+  }
+}
+
+// Per-row factors of the options' loss that do not depend on the logits, over all N rows (opmath):
+// with w_t = w[t_r] (1 without weights) on kept rows and 0 on ignored ones, W = sum(w) (or V),
+//   ce_r = B_r nll_r + (eps / V) smooth_r,    B_r = (1 - eps) w_t,
+//   d ce_r / d z = A_r p - B_r onehot_t - (eps / V) u,   A_r = (1 - eps) w_t + (eps / V) W [kept],
+// keep = 1 on kept rows, and wsum = sum of w_t (the weighted mean's denominator), 0-d. Targets out
+// of range read class 0 here: ce_forward_options flags them.
+struct RowFactors {
+  at::Tensor keep, A, B, wsum;
+};
+
+RowFactors row_factors(const at::Tensor& targets, int64_t ignore_index, int64_t V, const LossOptions& o,
+                       at::ScalarType acc_t) {
+  const at::Tensor kept = targets.ne(ignore_index);
+  const at::Tensor keep = kept.to(acc_t);
+  at::Tensor w_t = keep;
+  at::Tensor big_w = at::scalar_tensor(static_cast<double>(V), keep.options());
+  if (o.weight.has_value()) {
+    const at::Tensor valid = kept.logical_and(targets.ge(0)).logical_and(targets.lt(V));
+    w_t = o.weight->index_select(0, at::where(valid, targets, 0)) * keep;
+    big_w = o.weight->sum();
+  }
+  at::Tensor B = w_t * (1.0 - o.eps);
+  at::Tensor A = o.eps == 0.0 ? B : B + keep * (big_w * (o.eps / static_cast<double>(V)));
+  return {keep, A, B, w_t.sum()};
+}
+
+// ce_backward_options' a, b, c of rows [start, start + c) for upstream gradients g (the
+// cross-entropy part's) and gz (the z-loss part's), each [c] or 0-d: a = g A + gz 2 zc lse,
+// b = g B, c = g eps / V (an empty c without smoothing).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> option_coefficients(const RowFactors& f, const LossOptions& o,
+                                                                 const at::Tensor& g, const at::Tensor& gz,
+                                                                 const at::Tensor& lse, int64_t start,
+                                                                 int64_t c, int64_t V) {
+  const at::Tensor keep = f.keep.narrow(0, start, c);
+  at::Tensor a = g * f.A.narrow(0, start, c);
+  if (o.zc != 0.0) a = a + gz * lse * keep * (2.0 * o.zc);
+  at::Tensor b = (g * f.B.narrow(0, start, c)).expand({c}).contiguous();
+  at::Tensor cc = o.eps == 0.0 ? at::empty({0}, keep.options())
+                               : (g * keep * (o.eps / static_cast<double>(V))).expand({c}).contiguous();
+  return {a.expand({c}).contiguous(), b, cc};
+}
+
+// linear_ce_forward with loss options: per chunk ce_forward_options (statistics and nll of the
+// soft-capped logits, the smoothing term), the options' per-row loss, and for mean / sum the
+// gradient of the REDUCED loss through ce_backward_options: both denominators (the summed w_t of the
+// cross-entropy part, the kept rows of the z-loss part) are known before the loop, so the backward
+// only scales by the upstream gradient. `outs`: the zero-filled per-row outputs and gradient
+// accumulators the caller allocated (loss, lse, row_stats, status, grad_h, grad_w, grad_b).
+Tensor11 options_forward(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
+                         int64_t ignore_index, int64_t reduction, int64_t chunk_size, const std::array<bool, 3>& mask,
+                         const LossOptions& o, std::array<at::Tensor, 7> outs) {
+  auto& [loss, lse, row_stats, status, grad_h, grad_w, grad_b] = outs;
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const at::ScalarType acc_t = opmath_dtype(hidden);
+  const bool grads = mask[0] || mask[1] || mask[2];
+  static const auto forward = MEMCORE_OP(ce_forward_options);
+  static const auto backward = MEMCORE_OP(ce_backward_options);
+
+  const RowFactors f = row_factors(targets, ignore_index, V, o, acc_t);
+  const at::Tensor count = targets.ne(ignore_index).sum();
+  at::Tensor nll = at::zeros({N}, loss.options());
+  at::Tensor zl = o.zc != 0.0 ? at::zeros({N}, loss.options()) : at::empty({0}, loss.options());
+  // upstream gradients of the reduced loss: the cross-entropy part's and the z-loss part's
+  const at::Tensor one = at::ones({}, loss.options());
+  const at::Tensor g = reduction == kMean ? one / f.wsum : one;
+  const at::Tensor gz = reduction == kMean ? one / count.to(acc_t) : one;
+
+  at::Tensor logits = chunk_buffer(hidden, weight, chunk_size);
+  for (int64_t start = 0; start < N; start += chunk_size) {
+    const int64_t c = std::min(chunk_size, N - start);
+    const at::Tensor h_chunk = hidden.narrow(0, start, c);
+    const at::Tensor t_chunk = targets.narrow(0, start, c), i_chunk = index.narrow(0, start, c);
+    const at::Tensor z = linear_into(logits, h_chunk, weight, bias);  // [c, V], hidden's dtype
+    const auto [l, ls, rs, st, smooth] =
+        forward.call(z, t_chunk, i_chunk, num_samples, ignore_index, o.softcap, o.eps, o.weight);
+    at::Tensor ce = f.B.narrow(0, start, c) * l;
+    if (o.eps != 0.0) ce = ce + smooth * (o.eps / static_cast<double>(V));
+    loss.narrow(0, start, c).copy_(ce);
+    nll.narrow(0, start, c).copy_(l);
+    lse.narrow(0, start, c).copy_(ls);
+    if (o.zc != 0.0) zl.narrow(0, start, c).copy_(ls * ls * f.keep.narrow(0, start, c) * o.zc);
+    row_stats.narrow(0, start, c).copy_(rs);
+    status.bitwise_or_(st);
+    if (grads) {
+      const auto [a, b, cc] = option_coefficients(f, o, g, gz, ls, start, c, V);
+      const at::Tensor gzc = backward.call(a, b, cc, z, t_chunk, ls, ignore_index, o.softcap, o.weight);
+      chunk_grads(gzc, h_chunk, weight, start, mask, grad_h, grad_w, grad_b);
+    }
+  }
+  // the sums in double, like the default route's; ignored and rejected rows hold 0
+  at::Tensor total = loss.sum(at::kDouble);
+  at::Tensor ztotal = o.zc != 0.0 ? zl.sum(at::kDouble) : at::zeros({}, total.options());
+  at::Tensor out = reduction == kMean ? total / f.wsum.to(at::kDouble) + ztotal / count : total + ztotal;
+  if (o.zc != 0.0) loss.add_(zl);
+  return {out.to(acc_t), count, loss, lse, row_stats, status, grad_h, grad_w, grad_b, nll, zl};
+}
+
+Tensor11 linear_ce_forward_composite(const at::Tensor& hidden, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& targets,
                                 const at::Tensor& index, int64_t num_samples, int64_t ignore_index,
-                                int64_t reduction, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+                                int64_t reduction, int64_t chunk_size, std::array<bool, 3> grad_mask,
+                                const std::optional<at::Tensor>& ce_weight, double label_smoothing,
+                                double softcap, double z_loss) {
   const char* op = "memcore::linear_ce_forward";
   check_linear(hidden, weight, bias, targets, chunk_size, op);
+  const LossOptions opts{ce_weight, label_smoothing, softcap, z_loss};
+  check_options(opts, hidden, weight, op);
   check_reduction(reduction, /*allow_none=*/true, op);
   TORCH_CHECK(index.dim() == 1 && index.size(0) == hidden.size(0) && index.scalar_type() == at::kLong &&
                   index.device() == hidden.device() && index.is_contiguous(),
@@ -205,6 +332,10 @@ Tensor9 linear_ce_forward_composite(const at::Tensor& hidden, const at::Tensor& 
   at::Tensor grad_w = weight_acc(weight, hidden, mask[1]);
   at::Tensor grad_b = bias_acc(bias, weight, hidden, mask[2]);
 
+  if (opts.any()) {
+    return options_forward(hidden, weight, bias, targets, index, num_samples, ignore_index, reduction, chunk_size,
+                           mask, opts, {loss, lse, row_stats, status, grad_h, grad_w, grad_b});
+  }
   at::Tensor logits = chunk_buffer(hidden, weight, chunk_size);
   for (int64_t start = 0; start < N; start += chunk_size) {
     const int64_t c = std::min(chunk_size, N - start);
@@ -229,18 +360,25 @@ Tensor9 linear_ce_forward_composite(const at::Tensor& hidden, const at::Tensor& 
   at::Tensor count = targets.ne(ignore_index).sum();
   at::Tensor total = loss.sum(at::kDouble);
   at::Tensor out = (reduction == kMean ? total / count : total).to(acc_t);  // 0 / 0 = NaN, like torch
-  return {out, count, loss, lse, row_stats, status, grad_h, grad_w, grad_b};
+  // no options: no nll or z-loss rows (two tensors: outputs must not alias)
+  return {out, count, loss, lse, row_stats, status, grad_h, grad_w, grad_b, at::empty({0}, acc), at::empty({0}, acc)};
 }
 
 Tensor3 linear_ce_backward_composite(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
-    int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+    int64_t ignore_index, int64_t chunk_size, std::array<bool, 3> grad_mask,
+    const std::optional<at::Tensor>& ce_weight, double label_smoothing, double softcap, double z_loss,
+    const std::optional<at::Tensor>& grad_zloss) {
   const char* op = "memcore::linear_ce_backward";
   check_linear(hidden, weight, bias, targets, chunk_size, op);
-  const int64_t N = hidden.size(0), H = hidden.size(1);
+  const LossOptions opts{ce_weight, label_smoothing, softcap, z_loss};
+  check_options(opts, hidden, weight, op);
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto acc = opmath_dtype(hidden);
   TORCH_CHECK(grad_loss.numel() == N, op, ": grad_loss must have N=", N, " entries, got ", grad_loss.sizes());
+  TORCH_CHECK(!grad_zloss.has_value() || grad_zloss->numel() == N, op, ": grad_zloss must have N=", N,
+              " entries, got ", grad_zloss.has_value() ? grad_zloss->sizes() : at::IntArrayRef{});
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N && lse.scalar_type() == acc && lse.is_contiguous(), op,
               ": lse must be contiguous ", acc, " [N=", N, "]");
   std::array<bool, 3> mask = grad_mask;
@@ -249,7 +387,22 @@ Tensor3 linear_ce_backward_composite(
   at::Tensor grad_h = mask[0] ? at::empty({N, H}, hidden.options()) : at::empty({0}, hidden.options());
   at::Tensor grad_w = weight_acc(weight, hidden, mask[1]);
   at::Tensor grad_b = bias_acc(bias, weight, hidden, mask[2]);
-  if (mask[0] || mask[1] || mask[2]) {
+  if ((mask[0] || mask[1] || mask[2]) && opts.any()) {
+    static const auto backward = MEMCORE_OP(ce_backward_options);
+    const RowFactors f = row_factors(targets, ignore_index, V, opts, acc);
+    const at::Tensor gz = grad_zloss.has_value() ? grad_zloss->reshape({N}).to(acc).contiguous() : g;
+    for (int64_t start = 0; start < N; start += chunk_size) {
+      const int64_t c = std::min(chunk_size, N - start);
+      const at::Tensor h_chunk = hidden.narrow(0, start, c), t_chunk = targets.narrow(0, start, c);
+      const at::Tensor ls = lse.narrow(0, start, c);
+      at::Tensor z = at::linear(h_chunk, weight, bias).contiguous();
+      const auto [a, b, cc] = option_coefficients(f, opts, g.narrow(0, start, c), gz.narrow(0, start, c), ls,
+                                                  start, c, V);
+      const at::Tensor gzc = backward.call(a, b, cc, z, t_chunk, ls, ignore_index, opts.softcap, opts.weight);
+      z.reset();
+      chunk_grads(gzc, h_chunk, weight, start, mask, grad_h, grad_w, grad_b);
+    }
+  } else if (mask[0] || mask[1] || mask[2]) {
     static const auto backward = MEMCORE_OP(ce_backward);
     for (int64_t start = 0; start < N; start += chunk_size) {
       const int64_t c = std::min(chunk_size, N - start);

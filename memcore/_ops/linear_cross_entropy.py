@@ -13,6 +13,11 @@ graph, whose buffers the first one handed out, recomputes like "none". Reduction
 gradient differs per row, so linear_ce_backward recomputes every logits chunk and applies it inside
 ce_backward, exactly as F.cross_entropy's backward does.
 
+Loss options (class weights, label smoothing, soft-capping, z-loss): the forward op makes the
+gradients of the reduced loss itself ("mean" has two denominators, the summed class weights and the
+number of rows), so the backward scales by grad_out alone; "none" and a retained graph's second
+backward recompute through ce_backward_options with each row's upstream gradients.
+
 Double backward (``create_graph=True``, a gradient penalty) is refused: the gradients come out of the
 fused ops as stored tensors, not as functions of the inputs, so their own gradient would be
 silently wrong.
@@ -29,13 +34,32 @@ import torch
 from .cross_entropy import _opmath  # also registers torch.ops.memcore.*
 
 
+def _any_option(ce_weight, label_smoothing, softcap, z_loss) -> bool:
+    """Whether linear_ce_forward / linear_ce_backward take the options route."""
+    return ce_weight is not None or label_smoothing != 0.0 or softcap != 0.0 or z_loss != 0.0
+
+
 @torch.library.register_fake("memcore::linear_ce_forward")
 def _linear_ce_forward_fake(
-    hidden, weight, bias, targets, index, num_samples, ignore_index, reduction, chunk_size, grad_mask
+    hidden,
+    weight,
+    bias,
+    targets,
+    index,
+    num_samples,
+    ignore_index,
+    reduction,
+    chunk_size,
+    grad_mask,
+    ce_weight=None,
+    label_smoothing=0.0,
+    softcap=0.0,
+    z_loss=0.0,
 ):
     n, h = hidden.shape
     acc = _opmath(hidden.dtype)
     grads = reduction != 0 and any(grad_mask)
+    options = _any_option(ce_weight, label_smoothing, softcap, z_loss)
     return (
         hidden.new_empty((), dtype=acc),
         targets.new_empty((), dtype=torch.int64),
@@ -48,12 +72,14 @@ def _linear_ce_forward_fake(
         hidden.new_empty(
             (weight.shape[0],) if grads and grad_mask[2] and bias is not None else (0,), dtype=acc
         ),
+        hidden.new_empty(n if options else 0, dtype=acc),
+        hidden.new_empty(n if options and z_loss != 0.0 else 0, dtype=acc),
     )
 
 
 @torch.library.register_fake("memcore::linear_ce_backward")
 def _linear_ce_backward_fake(
-    grad_loss, hidden, weight, bias, targets, lse, ignore_index, chunk_size, grad_mask
+    grad_loss, hidden, weight, bias, targets, lse, ignore_index, chunk_size, grad_mask, *_options
 ):
     return (
         torch.empty_like(hidden) if grad_mask[0] else hidden.new_empty(0),
@@ -63,9 +89,14 @@ def _linear_ce_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, _index, _s, ignore_index, reduction, chunk_size, grad_mask = inputs
-    _out, count, _loss, lse, _rs, _status, grad_h, grad_w, grad_b = output
+    hidden, weight, bias, targets, _index, _s, ignore_index, reduction, chunk_size, grad_mask, *options = (
+        inputs
+    )
+    _out, count, _loss, lse, _rs, _status, grad_h, grad_w, grad_b, _nll, _zloss = output
     ctx.reduction, ctx.ignore_index, ctx.chunk_size = reduction, ignore_index, chunk_size
+    # (ce_weight, label_smoothing, softcap, z_loss) as the op took them (defaults where omitted)
+    ce_weight, *ctx.options = list(options) + [None, 0.0, 0.0, 0.0][len(options) :]
+    ctx.with_options = _any_option(ce_weight, *ctx.options)
     ctx.grad_mask = tuple(grad_mask)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.has_bias = bias is not None
@@ -75,23 +106,38 @@ def _setup_context(ctx, inputs, output):
     # hidden / weight / bias are alive anyway (leaves or activations): saving them costs no memory
     ctx.buffers = None
     if reduction == 0 or torch.compiler.is_compiling():
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, count, grad_h, grad_w, grad_b)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, count, ce_weight, grad_h, grad_w, grad_b)
     else:
         # eager mean / sum: the gradient buffers as detached attributes that the backward pops, so
         # that it hands autograd the only reference (AccumulateGrad then adopts a buffer as .grad
         # instead of copying it: one [V, H] buffer less at the backward's peak). None once handed out.
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, count)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, count, ce_weight)
         ctx.buffers = [grad_h.detach(), grad_w.detach(), grad_b.detach()]
 
 
-def _recompute(ctx, grad_rows, hidden, weight, bias, targets, lse, mask):
-    """Gradients of sum_r grad_rows[r] * loss_r, recomputing every logits chunk."""
+_NO_GRADS = (None,) * 14  # one per input of linear_ce_forward
+
+
+def _recompute(ctx, grad_rows, hidden, weight, bias, targets, lse, ce_weight, mask, grad_z=None):
+    """Gradients of sum_r grad_rows[r] * loss_r, recomputing every logits chunk (grad_z: the upstream
+    gradient of the rows' z-loss parts where it is not grad_rows)."""
     if not any(mask):
-        return (None,) * 10
+        return _NO_GRADS
     gh, gw, gb = torch.ops.memcore.linear_ce_backward(
-        grad_rows, hidden, weight, bias, targets, lse, ctx.ignore_index, ctx.chunk_size, mask
+        grad_rows,
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        ctx.ignore_index,
+        ctx.chunk_size,
+        mask,
+        ce_weight,
+        *ctx.options,
+        grad_z,
     )
-    return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + (None,) * 7
+    return (gh if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + _NO_GRADS[3:]
 
 
 def _backward(ctx, grad_out, _g_count, grad_loss, *_unused):
@@ -103,25 +149,28 @@ def _backward(ctx, grad_out, _g_count, grad_loss, *_unused):
         )
     need = ctx.needs_input_grad
     saved = ctx.saved_tensors
-    hidden, weight, bias, targets, lse, count = saved[:6]
+    hidden, weight, bias, targets, lse, count, ce_weight = saved[:7]
     mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
     if ctx.reduction == 0:
         if grad_loss is None:
-            return (None,) * 10
-        return _recompute(ctx, grad_loss, hidden, weight, bias, targets, lse, mask)
+            return _NO_GRADS
+        return _recompute(ctx, grad_loss, hidden, weight, bias, targets, lse, ce_weight, mask)
     if grad_out is None:
-        return (None,) * 10
+        return _NO_GRADS
     scale = grad_out.to(lse.dtype)
-    if ctx.reduction == 1:  # mean over the batch's non-ignored rows (all ignored: the gradients are 0)
+    # mean over the batch's non-ignored rows (all ignored: the gradients are 0); the options route
+    # made the gradients of the mean itself
+    if ctx.reduction == 1 and not ctx.with_options:
         scale = scale / count.clamp_min(1).to(scale.dtype)
     scale = scale.reshape(1)
     mask = [m and made for m, made in zip(mask, ctx.grad_mask)]
     if torch.compiler.is_compiling():  # no mutation of saved activations in a traced graph
-        grads = [g * scale if m else None for g, m in zip(saved[6:], mask)]
+        grads = [g * scale if m else None for g, m in zip(saved[7:], mask)]
     elif ctx.buffers is None:
         # a second backward through a retained graph: the buffers now belong to .grad attributes or
-        # other nodes, so this one recomputes (every row's upstream gradient is scale)
-        return _recompute(ctx, scale.expand(lse.shape[0]), hidden, weight, bias, targets, lse, mask)
+        # other nodes, so this one recomputes with every row's upstream gradient
+        rows, rows_z = _row_upstreams(ctx, scale, targets, ce_weight, count, lse.shape[0])
+        return _recompute(ctx, rows, hidden, weight, bias, targets, lse, ce_weight, mask, rows_z)
     else:
         # in place: no second [V, H] buffer, and no pass at all when the factor is 1
         buffers, ctx.buffers = ctx.buffers, None
@@ -131,7 +180,21 @@ def _backward(ctx, grad_out, _g_count, grad_loss, *_unused):
             if g is not None:
                 torch.ops.memcore.scale_unless_one_(g, scale)
     # fp32 buffers are returned as they are (autograd adopts them as .grad); 16-bit ones rounded once
-    return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)) + (None,) * 7
+    return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)) + _NO_GRADS[3:]
+
+
+def _row_upstreams(ctx, scale, targets, ce_weight, count, n):
+    """(grad_rows, grad_z) of a reduced loss's recomputation: every row's upstream gradient of its
+    cross-entropy part and of its z-loss part (None: the same), for upstream `scale` of out."""
+    if ctx.reduction == 2 or not ctx.with_options:
+        return scale.expand(n), None
+    keep = targets != ctx.ignore_index
+    if ce_weight is None:
+        wsum = keep.sum().to(scale.dtype)
+    else:
+        safe = torch.where(keep & (targets >= 0) & (targets < ce_weight.shape[0]), targets, 0)
+        wsum = torch.where(keep, ce_weight[safe], 0.0).sum()
+    return (scale / wsum).expand(n), (scale / count.to(scale.dtype)).expand(n)
 
 
 torch.library.register_autograd("memcore::linear_ce_forward", _backward, setup_context=_setup_context)

@@ -9,8 +9,9 @@ Each training example carries its dataset index under ``sample_index``. The loss
 ``memcore.accumulate`` on the model's logits (labels shifted for causal LMs), labels -100 are
 padding; ``overwrite_logits=True`` writes the gradient over the logits in training steps;
 ``fused_linear=True`` computes the loss from the base model's last hidden state and the output
-embedding through ``memcore.linear_accumulate``, so the [B, T, V] logits never exist (LLM scale).
-See examples/hf_trainer_example.py.
+embedding through ``memcore.linear_accumulate``, so the [B, T, V] logits never exist (LLM scale),
+with the head's logit scaling and soft-capping taken from the model config (Gemma-2 / 3, Cohere,
+Granite: ``head_transform``). See examples/hf_trainer_example.py.
 """
 
 import contextlib
@@ -35,6 +36,7 @@ __all__ = [
     "TRACKER_FILE",
     "check_fused_head",
     "fused_head",
+    "head_transform",
     "load_tracker",
 ]
 
@@ -108,11 +110,13 @@ class MemcoreTrainer(Trainer):
         fused_linear: compute the loss with ``memcore.linear_accumulate`` from the base model's
             last hidden state and ``model.get_output_embeddings()`` (weight and bias; tied
             embeddings too): no [B, T, V] logits tensor, no logits gradient. Same loss, gradients
-            and statistics as the default. For decoders whose logits are exactly that linear map
-            (Llama, Qwen, Mistral, GPT-2, ...); models whose head does more (logit soft-capping,
-            logit scaling, a head that is not a plain ``nn.Linear``) are refused with a ValueError,
-            and the first batch checks the last position's logits against the model's own forward.
-            Steps that return outputs (evaluation with logits) use the default route.
+            and statistics as the default. For decoders whose logits are that linear map (Llama,
+            Qwen, Mistral, GPT-2, ...), and for the heads :func:`head_transform` knows, which
+            scale and soft-cap it as their forward does (Gemma-2 / 3, Cohere, Granite); other
+            heads (a config attribute this model type's forward is not known to apply, a head
+            that is not a plain ``nn.Linear``) are refused with a ValueError, and the first batch
+            checks the last position's logits against the model's own forward. Steps that return
+            outputs (evaluation with logits) use the default route.
     """
 
     def __init__(
@@ -182,6 +186,7 @@ class MemcoreTrainer(Trainer):
 
     def _fused_loss(self, model, inputs, labels, index, num_items_in_batch):
         base, head = fused_head(model)
+        scale, softcap = head_transform(model)
         if not self._fused_checked:
             check_fused_head(model, base, head, inputs, self.accelerator.autocast)
             self._fused_checked = True
@@ -189,44 +194,91 @@ class MemcoreTrainer(Trainer):
         # model's forward is not wrapped, so it gets the same context here
         with self.accelerator.autocast():
             hidden = base(**inputs)[0]  # last_hidden_state [B, T, H]
+            hidden, weight, bias = _scaled_head(hidden, head, scale)
         if self.causal_lm:
             labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
         reduction = "mean" if num_items_in_batch is None else "sum"
         loss = linear_accumulate(
-            hidden,
-            head.weight.to(hidden.dtype),
-            labels,
-            index,
-            self.tracker,
-            bias=None if head.bias is None else head.bias.to(hidden.dtype),
-            reduction=reduction,
+            hidden, weight, labels, index, self.tracker, bias=bias, reduction=reduction, softcap=softcap
         )
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
         return loss
 
 
-# config attributes of heads that are more than a linear map (Gemma 2/3 soft-capping, Cohere's
-# logit_scale, Granite's logits_scaling); a value of None (or a scale of 1) leaves the head plain
-_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# The heads whose forward transforms F.linear's logits, by config model_type, as transformers'
+# *ForCausalLM.forward computes them: (kind, attribute) with kind "multiply" (logits * value: Cohere's
+# logit_scale, read from the model as its forward does), "divide" (logits / value: Granite's
+# logits_scaling) or "softcap" (value * tanh(logits / value): Gemma-2 / 3's final_logit_softcapping,
+# None for none). A config attribute of _HEAD_ATTRIBUTES on any other model type is refused: whether
+# its forward applies it is not known.
+_HEAD_TRANSFORMS = {
+    "gemma2": ("softcap", "final_logit_softcapping"),
+    "gemma3_text": ("softcap", "final_logit_softcapping"),
+    "vaultgemma": ("softcap", "final_logit_softcapping"),
+    "cohere": ("multiply", "logit_scale"),
+    "cohere2": ("multiply", "logit_scale"),
+    "granite": ("divide", "logits_scaling"),
+    "granitemoe": ("divide", "logits_scaling"),
+    "granitemoeshared": ("divide", "logits_scaling"),
+    "granitemoehybrid": ("divide", "logits_scaling"),
+}
+_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def head_transform(model):
+    """(scale, softcap) of the model's head: its logits are ``softcap * tanh(F.linear(h, W, b) * scale
+    / softcap)`` (no tanh where softcap is None), as its forward computes them: the scale first, then
+    the soft-capping. (None, None) for a plain linear head. ValueError for a config attribute of a
+    transformed head on a model type whose forward is not known to apply it."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    known = _HEAD_TRANSFORMS.get(model_type)
+    for attr in _HEAD_ATTRIBUTES:
+        value = getattr(config, attr, None)
+        plain = value is None or (attr != "final_logit_softcapping" and value == 1)
+        if not plain and (known is None or known[1] != attr):
+            raise ValueError(
+                f"fused_linear=True: this model's config sets {attr}={value!r}, and memcore does not "
+                f"know how {type(model).__name__}'s forward ({model_type!r}) applies it to the logits; "
+                f"fused heads take it on model types {sorted(_HEAD_TRANSFORMS)}"
+            )
+    if known is None:
+        return None, None
+    kind, attr = known
+    if kind == "multiply":  # Cohere's forward multiplies by its own attribute, set from the config
+        value = getattr(model, attr, getattr(config, attr))
+    else:
+        value = getattr(config, attr)
+    if value is None:
+        return None, None
+    value = float(value)
+    if kind == "softcap":
+        return None, value
+    return (value if kind == "multiply" else 1.0 / value), None
+
+
+def _scaled_head(hidden, head, scale):
+    """(hidden, weight, bias) in hidden's dtype whose F.linear is the head's logits times scale: the
+    scale goes on hidden (and bias), [N, H] rather than the [V, H] weight; the same logits up to
+    rounding, and the gradient flows through the product."""
+    weight = head.weight.to(hidden.dtype)
+    bias = None if head.bias is None else head.bias.to(hidden.dtype)
+    if scale is None or scale == 1.0:
+        return hidden, weight, bias
+    return hidden * scale, weight, None if bias is None else bias * scale
 
 
 def fused_head(model):
-    """(base model, output embedding) of a decoder whose logits are F.linear(base(...)[0], W, b);
-    ValueError naming the reason for any other model."""
+    """(base model, output embedding) of a decoder whose logits are F.linear(base(...)[0], W, b), or
+    that map transformed as :func:`head_transform` says; ValueError naming the reason for any other
+    model."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise ValueError(
             "fused_linear=True calls the base model directly, bypassing the "
             "DistributedDataParallel wrapper; use the default route with DDP"
         )
-    config = getattr(model, "config", None)
-    for attr in _HEAD_EXTRAS:
-        value = getattr(config, attr, None)
-        if value is not None and not (attr != "final_logit_softcapping" and value == 1):
-            raise ValueError(
-                f"fused_linear=True supports plain linear heads only: this model's config sets "
-                f"{attr}={value!r}, which its forward applies to the logits"
-            )
+    head_transform(model)
     base = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if base is None or base is model or head is None:
@@ -245,9 +297,10 @@ def fused_head(model):
 @torch.no_grad()
 def check_fused_head(model, base, head, inputs, autocast=contextlib.nullcontext) -> None:
     """Once per trainer: the model's own logits at the last position (``logits_to_keep=1``, in eval
-    mode so dropout does not differ) equal F.linear of its base model's last hidden state; catches
-    heads that scale or transform the logits in code no config attribute announces. Skipped for
-    models without ``logits_to_keep`` (that check would materialise every position's logits)."""
+    mode so dropout does not differ) equal F.linear of its base model's last hidden state, scaled and
+    soft-capped as :func:`head_transform` says; catches heads that transform the logits in code no
+    config attribute announces. Skipped for models without ``logits_to_keep`` (that check would
+    materialise every position's logits)."""
     import inspect
 
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
@@ -257,12 +310,11 @@ def check_fused_head(model, base, head, inputs, autocast=contextlib.nullcontext)
     try:
         want = model(**inputs, logits_to_keep=1).logits[:, -1].float()
         with autocast():
+            scale, softcap = head_transform(model)
             hidden = base(**inputs)[0][:, -1]
-            got = torch.nn.functional.linear(
-                hidden,
-                head.weight.to(hidden.dtype),
-                None if head.bias is None else head.bias.to(hidden.dtype),
-            ).float()
+            got = torch.nn.functional.linear(*_scaled_head(hidden, head, scale)).float()
+            if softcap is not None:
+                got = torch.tanh(got / softcap) * softcap
             mixed = torch.is_autocast_enabled(hidden.device.type)
     finally:
         model.train(was_training)
