@@ -229,3 +229,17 @@ def test_options_kernels_same_bits_any_thread_count(dtype):
                     assert torch.equal(x, y), (c, dtype)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_options_kernels_statistics_without_softcap_are_the_default_ops(dtype):
+    """Without a softcap the options' forward is ce_forward plus the smoothing sum: loss, lse,
+    statistics and status bit for bit the default op's, on every route."""
+    for c in CLASSES:
+        z, t, w, _ = _problem(dtype, c, seed=4)
+        n = z.shape[0]
+        want = torch.ops.memcore.ce_forward(z, t, torch.arange(n), n, -100)
+        for eps, weight in [(0.0, None), (0.1, None), (0.1, w)]:
+            got = torch.ops.memcore.ce_forward_options(z, t, torch.arange(n), n, -100, 0.0, eps, weight)
+            for x, y in zip(got[:4], want):
+                assert torch.equal(x, y), (c, dtype, eps)

@@ -64,23 +64,32 @@ struct HostOpts {
   }
 };
 
-// A float64 row with options: plain double math throughout (exact std::tanh and std::exp, for
-// gradcheck), the maxima and sums as the float kernels take them. *smooth = -sum_j u_j log p_j.
+// A float64 row with options: exact double math (std::tanh, std::exp: gradcheck). Without a
+// softcap the row's maxima and exp sum are ce_forward's own (forward_row_f64 from C = 8), so the
+// statistics are the default route's bit for bit; the smoothing sum takes one more pass.
+// *smooth = -sum_j u_j log p_j.
 template <class O>
 RowResult forward_row_f64_options(const double* z, int64_t C, int64_t t, const HostOpts& h, double* smooth) {
   const double inf = std::numeric_limits<double>::infinity();
   const double* u = static_cast<const double*>(h.weight);
   auto f = [&](double v) { return O::kCap ? h.cap * std::tanh(v / h.cap) : v; };
-  double mb = -inf, ma = -inf;
-  for (int64_t j = 0; j < t; ++j) mb = f(z[j]) > mb ? f(z[j]) : mb;
-  for (int64_t j = t + 1; j < C; ++j) ma = f(z[j]) > ma ? f(z[j]) : ma;
-  const double zt = f(z[t]), m = std::max(zt, std::max(mb, ma));
-  double s = 0.0, d = 0.0;
-  for (int64_t j = 0; j < C; ++j) {
-    const double v = f(z[j]);
-    s += std::exp(v - m);
-    if constexpr (O::kSmooth) d += (O::kWeight ? u[j] : 1.0) * (m - v);
+  double mb = -inf, ma = -inf, m, s = 0.0, d = 0.0;
+  const double zt = f(z[t]);
+  if (!O::kCap && C >= 8) {
+    double res[4];
+    forward_row_f64(z, C, t, res);
+    mb = res[0];
+    ma = res[1];
+    m = res[2];
+    s = res[3];
+  } else {
+    for (int64_t j = 0; j < t; ++j) mb = f(z[j]) > mb ? f(z[j]) : mb;
+    for (int64_t j = t + 1; j < C; ++j) ma = f(z[j]) > ma ? f(z[j]) : ma;
+    m = std::max(zt, std::max(mb, ma));
+    for (int64_t j = 0; j < C; ++j) s += std::exp(f(z[j]) - m);
   }
+  if constexpr (O::kSmooth)
+    for (int64_t j = 0; j < C; ++j) d += (O::kWeight ? u[j] : 1.0) * (m - f(z[j]));
   if (m == -inf) s = std::numeric_limits<double>::quiet_NaN();  // no finite max: NaN flags the row
   const double log_s = std::log(s);
   if constexpr (O::kSmooth) *smooth = h.usum * log_s + d;
