@@ -141,3 +141,24 @@ def test_options_replay_flags_bad_targets_and_keeps_capped_infinities_finite():
     t[2] = 3
     status = _C._ce_forward_options_replay(z, t, torch.arange(4), 4, -100, 0.0, 0.1, None, 32, True)[3]
     assert int(status) == 4  # non-finite loss without the cap
+
+
+@pytest.mark.parametrize("kernel", ["cuda replay", "op"])
+def test_smoothing_term_keeps_its_accuracy_under_a_large_logit_offset(kernel):
+    """Logits around 1000 (a common offset the softmax ignores): the smoothing term -sum_j log p_j
+    is summed from differences of nearby logits, so its error scales with their spread and the
+    loss, U (spread + loss) 2^-22, not with the offset (U lse - sum_j z_j would lose U 1000 2^-24,
+    about 10 times that bound here)."""
+    g = torch.Generator().manual_seed(11)
+    c = 300
+    z = torch.randn(N, c, generator=g) * 3 + 1000
+    t = torch.randint(0, c, (N,), generator=g)
+    if kernel == "op":
+        out = torch.ops.memcore.ce_forward_options(z, t, torch.arange(N), N, -100, 0.0, 0.1, None)
+    else:
+        out = _C._ce_forward_options_replay(z, t, torch.arange(N), N, -100, 0.0, 0.1, None, 256, True)
+    loss, smooth = out[0], out[4]
+    _, ref_smooth, _ = options_reference(z, t, -100, 0.0, 0.1, None, *(torch.zeros(N),) * 2, torch.zeros(0))
+    spread = float((z - z.mean(1, keepdim=True)).abs().max())
+    bound = c * (2 * spread + float(loss.max())) * 2**-22
+    assert float((smooth.double() - ref_smooth).abs().max()) <= bound

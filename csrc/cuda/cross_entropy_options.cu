@@ -39,7 +39,7 @@ struct CapArgs {
 };
 
 // ce_forward_options: ce_forward_kernel's outputs of the capped logits, and smooth[row] (when
-// smooth) = U lse - sum_j u_j z'_j, U = *big_u. Every output row is written (zeros for skipped rows).
+// smooth) = U loss - sum_j u_j (z'_j - z'_t), U = *big_u. Every output row is written (zeros for skipped rows).
 template <typename scalar_t, int TPR, int VEC, bool CAP>
 __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kOptionsMinBlocks) ce_forward_options_kernel(
     const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets, const int64_t* __restrict__ index,
@@ -125,9 +125,7 @@ Tensor5 ce_forward_options_cuda(const at::Tensor& logits, const at::Tensor& targ
                                 int64_t num_samples, int64_t ignore_index, double softcap, double label_smoothing,
                                 const std::optional<at::Tensor>& weight) {
   const char* op = "memcore::ce_forward_options";
-  check_rows(logits, targets, op);
-  check_vector(index, logits, at::kLong, "index", op);
-  check_options(logits, softcap, label_smoothing, weight, op);
+  check_forward_options(logits, targets, index, softcap, label_smoothing, weight);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
   const auto acc = logits.options().dtype(opmath_dtype(logits));
@@ -165,10 +163,7 @@ at::Tensor ce_backward_options_cuda(const at::Tensor& a, const at::Tensor& b, co
                                     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                     int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight) {
   const char* op = "memcore::ce_backward_options";
-  check_rows(logits, targets, op);
-  check_vector(lse, logits, opmath_dtype(logits), "lse", op);
-  check_option_coefficients(a, b, c, logits, op);
-  check_options(logits, softcap, 0.0, weight, op);
+  check_backward_options(a, b, c, logits, targets, lse, softcap, weight);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
   // the gradient at the logits' offset from a 16-byte boundary, so both rows take 16-byte packs

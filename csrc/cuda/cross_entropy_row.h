@@ -791,26 +791,28 @@ MEMCORE_HD acc_t cap_slope(const Capped<acc_t>& c) {
 }
 
 // One thread's partial state of the row z[0, C) with target t under the options: walk_row's Part
-// of the capped values, and in zs the thread's share of sum_j u_j z'_j (when smooth; u null: 1).
+// of the capped values, and in zs the thread's share of sum_j u_j (z'_j - z'_t) (when smooth; u
+// null: 1).
 template <typename acc_t>
 struct OptPart {
   Part<acc_t> p;
   acc_t zs;
 };
 
-// the smoothing sum's term of column col (u null: weight 1)
+// the smoothing sum's term of column col, taken from zref (the capped target logit: the row's
+// terms are differences of nearby logits, whatever the logits' offset; u null: weight 1)
 template <typename acc_t>
-MEMCORE_HD void opt_weigh(OptPart<acc_t>& r, acc_t x, int64_t col, bool smooth, const acc_t* u) {
-  if (smooth) r.zs += u ? u[col] * x : x;
+MEMCORE_HD void opt_weigh(OptPart<acc_t>& r, acc_t x, int64_t col, bool smooth, const acc_t* u, acc_t zref) {
+  if (smooth) r.zs += u ? u[col] * (x - zref) : x - zref;
 }
 
 // One value v of known column col (head, tail, the target's pack), capped
 template <typename acc_t, bool E, bool CAP>
 MEMCORE_HD void opt_add_one(OptPart<acc_t>& r, acc_t v, int64_t col, int64_t t, acc_t cap, acc_t kc, bool smooth,
-                            const acc_t* u) {
+                            const acc_t* u, acc_t zref) {
   const acc_t x = cap_of<acc_t, CAP>(v, cap, kc).x;
   add_one<acc_t, E>(r.p, x, col, t);
-  opt_weigh(r, x, col, smooth, u);
+  opt_weigh(r, x, col, smooth, u, zref);
 }
 
 template <typename scalar_t, int TPR, int VEC, bool CAP>
@@ -821,10 +823,11 @@ MEMCORE_HD OptPart<typename OpMath<scalar_t>::type> opt_walk_row(const scalar_t*
   using acc_t = typename OpMath<scalar_t>::type;
   constexpr bool E = kExactDiff<scalar_t>;
   OptPart<acc_t> r{part_init<acc_t>(), acc_t(0)};
+  const acc_t zref = smooth ? cap_of<acc_t, CAP>(static_cast<acc_t>(z[t]), cap, kc).x : acc_t(0);
   const Layout L = layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
   if constexpr (VEC > 1) {
     static_assert(VEC == kVec<scalar_t>, "packs are 16 bytes");
-    if (lane < L.head) opt_add_one<acc_t, E, CAP>(r, static_cast<acc_t>(z[lane]), lane, t, cap, kc, smooth, u);
+    if (lane < L.head) opt_add_one<acc_t, E, CAP>(r, static_cast<acc_t>(z[lane]), lane, t, cap, kc, smooth, u, zref);
     const scalar_t* body = z + L.head;
     for (int64_t v = lane; v < L.nv; v += TPR) {
       acc_t x[VEC];
@@ -832,29 +835,31 @@ MEMCORE_HD OptPart<typename OpMath<scalar_t>::type> opt_walk_row(const scalar_t*
       const int64_t c0 = L.head + v * VEC;
       if (v == L.tp) {  // the target's pack: element by element
 MEMCORE_UNROLL
-        for (int k = 0; k < VEC; ++k) opt_add_one<acc_t, E, CAP>(r, x[k], c0 + k, t, cap, kc, smooth, u);
+        for (int k = 0; k < VEC; ++k) opt_add_one<acc_t, E, CAP>(r, x[k], c0 + k, t, cap, kc, smooth, u, zref);
       } else {
 MEMCORE_UNROLL
         for (int k = 0; k < VEC; ++k) {
           x[k] = cap_of<acc_t, CAP>(x[k], cap, kc).x;
-          opt_weigh(r, x[k], c0 + k, smooth, u);
+          opt_weigh(r, x[k], c0 + k, smooth, u, zref);
         }
         add_group<acc_t, VEC, E>(r.p, x, v < L.tp ? r.p.before : r.p.after);
       }
     }
   }
   for (int64_t j = L.tail0 + lane; j < C; j += TPR)
-    opt_add_one<acc_t, E, CAP>(r, static_cast<acc_t>(z[j]), j, t, cap, kc, smooth, u);
+    opt_add_one<acc_t, E, CAP>(r, static_cast<acc_t>(z[j]), j, t, cap, kc, smooth, u, zref);
   return r;
 }
 
 // A kept row's outputs from the merged Part and the row's total zs: finish() of the capped target
-// logit, and smooth = -sum_j u_j log p_j = U lse - sum_j u_j z'_j (U = sum_j u_j) when smoothing.
+// logit, and smooth = -sum_j u_j log p_j = U (lse - z'_t) - sum_j u_j (z'_j - z'_t) = U loss - zs
+// (U = sum_j u_j) when smoothing: from the row's loss, not its lse, so a large common offset of the
+// logits cancels in each term instead of between two large sums.
 template <typename acc_t, bool CAP>
 MEMCORE_HD RowOut<acc_t> opt_finish(const Part<acc_t>& p, acc_t zt, acc_t cap, acc_t kc, bool smooth, acc_t zs,
                                     acc_t big_u, acc_t* smooth_out) {
   const RowOut<acc_t> o = finish(p, cap_of<acc_t, CAP>(zt, cap, kc).x);
-  if (smooth) *smooth_out = big_u * o.lse - zs;
+  if (smooth) *smooth_out = big_u * o.loss - zs;
   return o;
 }
 
