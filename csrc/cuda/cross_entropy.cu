@@ -586,22 +586,13 @@ at::Tensor ce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logit
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor g = grad_loss.to(opmath_dtype(logits)).contiguous();
   check_vector(g, logits, opmath_dtype(logits), "grad_loss", "memcore::ce_backward");
-  const int64_t N = logits.size(0), C = logits.size(1);
-  // the gradient at the logits' offset from a 16-byte boundary, so both rows take 16-byte packs
-  // even for logits that start mid-pack (a view at an odd offset); a fresh tensor is aligned
-  const int64_t esize = logits.element_size();
-  const auto lp = reinterpret_cast<uintptr_t>(logits.data_ptr());
-  const int64_t shift = lp % esize == 0 ? static_cast<int64_t>(lp % 16) / esize : 0;
-  at::Tensor grad = shift == 0 ? at::empty_like(logits)
-                               : at::empty({N * C + 16 / esize}, logits.options()).narrow(0, shift, N * C).view({N, C});
+  const int64_t N = logits.size(0), C = logits.size(1), esize = logits.element_size();
+  at::Tensor grad = grad_like(logits);
   if (N == 0 || C == 0) return grad;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // packs need logits and grad rows at the same offset from a 16-byte boundary (see above)
-    const auto gp = reinterpret_cast<uintptr_t>(grad.data_ptr());
-    const bool vec = element_aligned<scalar_t>(logits.data_ptr()) && element_aligned<scalar_t>(grad.data_ptr()) &&
-                     (lp - gp) % 16 == 0;
+    const bool vec = packs_fit(logits, grad);
     if (const int S = vec ? split_slices(N, C, esize) : 1; S > 1) {  // few wide rows: each over S blocks
       split_grad_launch<scalar_t>(logits.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), targets, lse,
                                   g.data_ptr<acc_t>(), nullptr, false, nullptr, C, S, ignore_index, stream);

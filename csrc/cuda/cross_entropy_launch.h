@@ -122,14 +122,30 @@ void dispatch_shape(int64_t C, bool vec, F&& f) {
   else by_tpr(Int<512>{});
 }
 
-template <typename scalar_t>
-bool element_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(scalar_t) == 0; }
-
 // Grid size for <<<>>>, which takes an unsigned int: a clear error instead of a silent wrap.
 inline int64_t grid_size(int64_t blocks, const char* op) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": batch too large for one launch (",
               blocks, " blocks); split it");
   return blocks;
+}
+
+// A new [N, C] gradient for logits at the logits' offset from a 16-byte boundary, so that both rows
+// take 16-byte packs even for logits that start mid-pack (a view at an odd offset); a fresh tensor
+// is aligned.
+inline at::Tensor grad_like(const at::Tensor& logits) {
+  const int64_t N = logits.size(0), C = logits.size(1), esize = logits.element_size();
+  const auto lp = reinterpret_cast<uintptr_t>(logits.data_ptr());
+  const int64_t shift = lp % esize == 0 ? static_cast<int64_t>(lp % 16) / esize : 0;
+  return shift == 0 ? at::empty_like(logits)
+                    : at::empty({N * C + 16 / esize}, logits.options()).narrow(0, shift, N * C).view({N, C});
+}
+
+// Whether the gradient kernels may take 16-byte packs on logits and grad: both element-aligned and
+// at the same offset from a 16-byte boundary.
+inline bool packs_fit(const at::Tensor& logits, const at::Tensor& grad) {
+  const auto lp = reinterpret_cast<uintptr_t>(logits.data_ptr()), gp = reinterpret_cast<uintptr_t>(grad.data_ptr());
+  const int64_t esize = logits.element_size();
+  return lp % esize == 0 && gp % esize == 0 && (lp - gp) % 16 == 0;
 }
 
 }  // namespace cuda

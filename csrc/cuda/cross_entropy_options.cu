@@ -166,19 +166,12 @@ at::Tensor ce_backward_options_cuda(const at::Tensor& a, const at::Tensor& b, co
   check_backward_options(a, b, c, logits, targets, lse, softcap, weight);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
-  // the gradient at the logits' offset from a 16-byte boundary, so both rows take 16-byte packs
-  // (as ce_backward allocates it)
-  const int64_t esize = logits.element_size();
-  const auto lp = reinterpret_cast<uintptr_t>(logits.data_ptr());
-  const int64_t shift = lp % esize == 0 ? static_cast<int64_t>(lp % 16) / esize : 0;
-  at::Tensor grad = shift == 0 ? at::empty_like(logits)
-                               : at::empty({N * C + 16 / esize}, logits.options()).narrow(0, shift, N * C).view({N, C});
+  at::Tensor grad = grad_like(logits);  // at the logits' 16-byte offset, as ce_backward's
   if (N == 0 || C == 0) return grad;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_options_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto gp = reinterpret_cast<uintptr_t>(grad.data_ptr());
-    const bool vec = reinterpret_cast<uintptr_t>(logits.data_ptr()) % esize == 0 && gp % esize == 0 && (lp - gp) % 16 == 0;
+    const bool vec = packs_fit(logits, grad);
     const CapArgs<acc_t> ca{static_cast<acc_t>(softcap), softcap > 0.0 ? cerow::cap_k_of<acc_t>(softcap) : acc_t(0)};
     const acc_t* cp = c.numel() != 0 ? c.data_ptr<acc_t>() : nullptr;
     const acc_t* u = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
