@@ -123,7 +123,6 @@ TORCH_LIBRARY(memcore, m) {
 }
 
 #include "cross_entropy_replay.h"
-#include "ops.h"
 #include "curvature.h"
 
 namespace memcore {
@@ -133,14 +132,6 @@ const char* block_isa();  // csrc/cpu/cross_entropy_block.cpp
 // csrc/composite/linear_cross_entropy.cpp: the fp32-accumulate GEMM probe for like's dtype and device
 // (refused while capturing), and what it found so far
 bool linear_ce_gemm_probe(const at::Tensor& like, bool capturing);
-// csrc/composite/cross_entropy_options.cpp: the options ops composed of the default ops and ATen
-// (the fused kernels' reference), callable on any device for tests
-Tensor5 ce_forward_options_composed(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
-                                    int64_t num_samples, int64_t ignore_index, double softcap,
-                                    double label_smoothing, const std::optional<at::Tensor>& weight);
-at::Tensor ce_backward_options_composed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                                        const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                                        int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight);
 std::string linear_ce_gemm_form(const at::Tensor& like);
 }  // namespace memcore
 
@@ -174,9 +165,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // linear_accumulate runs the GEMM probe before a 16-bit CUDA call, outside CUDA-graph capture
   m.def("_linear_ce_gemm_probe", &memcore::linear_ce_gemm_probe);
   m.def("_linear_ce_gemm_form", &memcore::linear_ce_gemm_form);
-  // the options ops' composed implementation (the fused kernels' reference) on any device, for the tests
-  m.def("_ce_forward_options_composed", &memcore::ce_forward_options_composed);
-  m.def("_ce_backward_options_composed", &memcore::ce_backward_options_composed);
   // the Philox4x32-10 words every curvature kernel draws its probes from, for known-answer tests
   m.def("_philox4x32", &memcore::cpu::philox4x32_words);
 }

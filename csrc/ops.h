@@ -44,7 +44,7 @@ Tensor6 ce_forward_grad_(at::Tensor& logits, const at::Tensor& targets, const at
 void scale_unless_one_(at::Tensor& grad, const at::Tensor& scale);
 // -> float64 [N]
 at::Tensor ce_input_sqnorm(const at::Tensor& grad, const at::Tensor& scale);
-// options route (CPU: csrc/composite/cross_entropy_options.cpp; CUDA: csrc/cuda/cross_entropy_options.cu)
+// options route (CPU: csrc/cpu/cross_entropy.cpp; CUDA: csrc/cuda/cross_entropy_options.cu)
 // -> (loss, lse, row_stats, status, smooth)
 Tensor5 ce_forward_options(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                            int64_t num_samples, int64_t ignore_index, double softcap, double label_smoothing,

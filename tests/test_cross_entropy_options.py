@@ -330,12 +330,10 @@ def test_softcap_on_the_overwrite_and_input_gradient_routes():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("cap, eps, weighted", [(0.0, 0.1, False), (5.0, 0.0, False), (5.0, 0.2, True)])
-@pytest.mark.parametrize("composed", [False, True])
-def test_options_ops_against_float64_reference(dtype, cap, eps, weighted, composed):
-    """Both options ops (and their composed implementation, the CUDA kernels' code) against their
-    contracts in float64. Bounds: fp32 / bf16 rows carry the fp32 rounding of the capped logits
-    (softcap * 2^-23) and of lse (|lse| 2^-24) into every term: 2^-18 relative on sums of |terms|;
-    float64 2^-40."""
+def test_options_ops_against_float64_reference(dtype, cap, eps, weighted):
+    """Both options ops against their contracts in float64. Bounds: fp32 / bf16 rows carry the fp32
+    rounding of the capped logits (softcap * 2^-23) and of lse (|lse| 2^-24) into every term: 2^-18
+    relative on sums of |terms|; float64 2^-40."""
     g = torch.Generator().manual_seed(3)
     n, c = 24, 37
     z = (torch.randn(n, c, generator=g) * 6).to(dtype)
@@ -345,8 +343,8 @@ def test_options_ops_against_float64_reference(dtype, cap, eps, weighted, compos
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     w = None if w is None else w.to(acc)
     a, b, cc = (torch.randn(n, generator=g).to(acc) for _ in range(3))
-    fwd = memcore._C._ce_forward_options_composed if composed else torch.ops.memcore.ce_forward_options
-    bwd = memcore._C._ce_backward_options_composed if composed else torch.ops.memcore.ce_backward_options
+    fwd = torch.ops.memcore.ce_forward_options
+    bwd = torch.ops.memcore.ce_backward_options
     nll, lse, _stats, status, smooth = fwd(z, t, torch.arange(n), n, -100, cap, eps, w)
     cc = cc if eps else cc.new_empty(0)
     grad = bwd(a, b, cc, z, t, lse, -100, cap, w)
