@@ -60,20 +60,22 @@ inline void check_input_sqnorm(const at::Tensor& grad, const at::Tensor& scale) 
               grad.device());
 }
 
-// ce_forward_options / ce_backward_options (CPU and CUDA): the options' scalars and class weights
-inline void check_options(const at::Tensor& logits, double softcap, double label_smoothing,
-                          const std::optional<at::Tensor>& weight, const char* op) {
+// The loss options' scalars and class weights (ce_forward_options / ce_backward_options on CPU and
+// CUDA, linear_ce_forward / linear_ce_backward): weight [classes] in the opmath dtype of like (the
+// logits, or linear's hidden), contiguous on like's device; weight_name: the argument's name in the op.
+inline void check_options(int64_t classes, const at::Tensor& like, double softcap, double label_smoothing,
+                          const std::optional<at::Tensor>& weight, const char* op, const char* weight_name = "weight") {
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be finite and >= 0 (0: none), got ",
               softcap);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
               label_smoothing);
   if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), op, ": weight must be [C=", logits.size(1),
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == classes, op, ": ", weight_name, " must be [C=", classes,
                 "], got ", weight->sizes());
-    TORCH_CHECK(weight->scalar_type() == opmath_dtype(logits), op, ": weight must be ", opmath_dtype(logits),
+    TORCH_CHECK(weight->scalar_type() == opmath_dtype(like), op, ": ", weight_name, " must be ", opmath_dtype(like),
                 ", got ", weight->scalar_type());
-    TORCH_CHECK(weight->device() == logits.device() && weight->is_contiguous(), op,
-                ": weight must be contiguous on ", logits.device());
+    TORCH_CHECK(weight->device() == like.device() && weight->is_contiguous(), op, ": ", weight_name,
+                " must be contiguous on ", like.device());
   }
 }
 
@@ -91,7 +93,7 @@ inline void check_forward_options(const at::Tensor& logits, const at::Tensor& ta
   const char* op = "memcore::ce_forward_options";
   check_rows(logits, targets, op);
   check_vector(index, logits, at::kLong, "index", op);
-  check_options(logits, softcap, label_smoothing, weight, op);
+  check_options(logits.size(1), logits, softcap, label_smoothing, weight, op);
 }
 
 inline void check_backward_options(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
@@ -101,7 +103,7 @@ inline void check_backward_options(const at::Tensor& a, const at::Tensor& b, con
   check_rows(logits, targets, op);
   check_vector(lse, logits, opmath_dtype(logits), "lse", op);
   check_option_coefficients(a, b, c, logits, op);
-  check_options(logits, softcap, 0.0, weight, op);
+  check_options(logits.size(1), logits, softcap, 0.0, weight, op);
 }
 
 inline void check_scale_unless_one(const at::Tensor& grad, const at::Tensor& scale) {

@@ -189,18 +189,10 @@ struct LossOptions {
   bool any() const { return weight.has_value() || eps != 0.0 || softcap != 0.0 || zc != 0.0; }
 };
 
+// the cross_entropy options' checks (csrc/checks.h), and the z-loss coefficient's
 void check_options(const LossOptions& o, const at::Tensor& hidden, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(o.eps >= 0.0 && o.eps <= 1.0, op, ": label_smoothing must be in [0, 1], got ", o.eps);
-  TORCH_CHECK(o.softcap >= 0.0 && std::isfinite(o.softcap), op, ": softcap must be finite and >= 0 (0: none), got ",
-              o.softcap);
+  memcore::check_options(weight.size(0), hidden, o.softcap, o.eps, o.weight, op, "ce_weight");
   TORCH_CHECK(o.zc >= 0.0 && std::isfinite(o.zc), op, ": z_loss must be finite and >= 0, got ", o.zc);
-  if (o.weight.has_value()) {
-    const at::Tensor& w = *o.weight;
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == weight.size(0) && w.scalar_type() == opmath_dtype(hidden) &&
-                    w.device() == hidden.device() && w.is_contiguous(),
-                op, ": ce_weight must be contiguous ", opmath_dtype(hidden), " [V=", weight.size(0),
-                "] on hidden's device, got ", w.scalar_type(), " ", w.sizes());
-  }
 }
 
 // Per-row factors of the options' loss that do not depend on the logits, over all N rows (opmath):
