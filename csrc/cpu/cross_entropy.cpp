@@ -64,57 +64,25 @@ struct HostOpts {
   }
 };
 
-// A float64 row with options: exact double math (std::tanh, std::exp: gradcheck). Without a
-// softcap the row's maxima and exp sum are ce_forward's own (forward_row_f64 from C = 8), so the
-// statistics are the default route's bit for bit; the smoothing sum takes one more pass.
-// *smooth = -sum_j u_j log p_j.
-template <class O>
-RowResult forward_row_f64_options(const double* z, int64_t C, int64_t t, const HostOpts& h, double* smooth) {
-  const double inf = std::numeric_limits<double>::infinity();
-  const double* u = static_cast<const double*>(h.weight);
-  auto f = [&](double v) { return O::kCap ? h.cap * std::tanh(v / h.cap) : v; };
-  double mb = -inf, ma = -inf, m, s = 0.0, d = 0.0;
-  const double zt = f(z[t]);
-  if (!O::kCap && C >= 8) {
-    double res[4];
-    forward_row_f64(z, C, t, res);
-    mb = res[0];
-    ma = res[1];
-    m = res[2];
-    s = res[3];
-  } else {
-    for (int64_t j = 0; j < t; ++j) mb = f(z[j]) > mb ? f(z[j]) : mb;
-    for (int64_t j = t + 1; j < C; ++j) ma = f(z[j]) > ma ? f(z[j]) : ma;
-    m = std::max(zt, std::max(mb, ma));
-    for (int64_t j = 0; j < C; ++j) s += std::exp(f(z[j]) - m);
-  }
-  if constexpr (O::kSmooth)
-    for (int64_t j = 0; j < C; ++j) d += (O::kWeight ? u[j] : 1.0) * (m - f(z[j]));
-  if (m == -inf) s = std::numeric_limits<double>::quiet_NaN();  // no finite max: NaN flags the row
-  const double log_s = std::log(s);
-  if constexpr (O::kSmooth) *smooth = h.usum * log_s + d;
-  RowResult r;
-  r.lse = m + log_s;
-  r.loss = (m - zt) + log_s;
-  r.prob = std::exp(-r.loss);
-  r.margin = zt - std::max(mb, ma);
-  r.correct = (zt > mb && zt >= ma) ? 1.0 : 0.0;
-  return r;
-}
-
-// One row: exact double math for double logits (gradcheck); otherwise a row longer than kChunk,
-// streamed (shorter rows take the block kernels of cross_entropy_block.h). With smoothing (O),
-// *smooth = -sum_j u_j log p_j.
+// One row: exact double math for double logits (gradcheck), with or without options; otherwise a
+// row longer than kChunk, streamed (shorter rows take the block kernels of cross_entropy_block.h).
+// With smoothing (O), *smooth = -sum_j u_j log p_j.
 template <typename scalar_t, class O>
 RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf, [[maybe_unused]] const HostOpts& h,
                       [[maybe_unused]] double* smooth) {
-  if constexpr (std::is_same_v<scalar_t, double> && O::kOpt) return forward_row_f64_options<O>(z, C, t, h, smooth);
   double zt, m_before, m_after, lse, loss;
   if constexpr (std::is_same_v<scalar_t, double>) {
+    // exact double math (std::tanh, std::exp: gradcheck); without a softcap the maxima and the exp
+    // sum come from forward_row_f64 from C = 8, so the options' statistics are the default route's
+    // bit for bit, and the smoothing sum takes one more pass
     const double inf = std::numeric_limits<double>::infinity();
-    zt = z[t];
+    auto f = [&](double v) -> double {
+      if constexpr (O::kCap) return h.cap * std::tanh(v / h.cap);
+      return v;
+    };
+    zt = f(z[t]);
     double m, s = 0.0;
-    if (C >= 8) {
+    if (!O::kCap && C >= 8) {
       double res[4];
       forward_row_f64(z, C, t, res);
       m_before = res[0];
@@ -124,14 +92,21 @@ RowResult forward_row(const scalar_t* z, int64_t C, int64_t t, float* buf, [[may
     } else {
       m_before = -inf;
       m_after = -inf;
-      for (int64_t j = 0; j < t; ++j) m_before = z[j] > m_before ? z[j] : m_before;
-      for (int64_t j = t + 1; j < C; ++j) m_after = z[j] > m_after ? z[j] : m_after;
+      for (int64_t j = 0; j < t; ++j) m_before = f(z[j]) > m_before ? f(z[j]) : m_before;
+      for (int64_t j = t + 1; j < C; ++j) m_after = f(z[j]) > m_after ? f(z[j]) : m_after;
       m = std::max(zt, std::max(m_before, m_after));
-      for (int64_t j = 0; j < C; ++j) s += std::exp(z[j] - m);
+      for (int64_t j = 0; j < C; ++j) s += std::exp(f(z[j]) - m);
+    }
+    [[maybe_unused]] double d = 0.0;  // sum_j u_j (m - z'_j): -sum_j u_j log p_j = U log s + d
+    if constexpr (O::kSmooth) {
+      const double* u = static_cast<const double*>(h.weight);
+      for (int64_t j = 0; j < C; ++j) d += (O::kWeight ? u[j] : 1.0) * (m - f(z[j]));
     }
     if (m == -inf) s = std::numeric_limits<double>::quiet_NaN();  // no finite max: NaN flags the row
-    lse = m + std::log(s);
-    loss = (m - zt) + std::log(s);
+    const double log_s = std::log(s);
+    if constexpr (O::kSmooth) *smooth = h.usum * log_s + d;
+    lse = m + log_s;
+    loss = (m - zt) + log_s;
   } else {
     RowAcc a{-kInf, 0.f, -kInf, -kInf};
     [[maybe_unused]] OptAcc oa{0.f, 0.0, 0.0};
