@@ -43,8 +43,8 @@ inline void check_reduction(int64_t reduction, bool allow_none, const char* op) 
 }
 
 // ce_forward_grad_ (CPU and CUDA): a reduction and logits it can overwrite row by row
-inline void check_forward_grad(const at::Tensor& logits, int64_t reduction) {
-  const char* op = "memcore::ce_forward_grad_";
+inline void check_forward_grad(const at::Tensor& logits, int64_t reduction,
+                               const char* op = "memcore::ce_forward_grad_") {
   check_reduction(reduction, /*allow_none=*/false, op);
   TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (the gradient is written over them)");
 }

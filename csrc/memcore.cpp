@@ -66,6 +66,16 @@ TORCH_LIBRARY(memcore, m) {
   m.def(
       "ce_backward_options(Tensor a, Tensor b, Tensor c, Tensor logits, Tensor targets, Tensor lse,"
       " int ignore_index, float softcap, Tensor? weight) -> Tensor");
+  // The options' overwrite_logits route: ce_forward_options, the options' loss reduced as
+  // F.cross_entropy does (reduction 1 mean: the cross-entropy part over the summed weights of the
+  // kept rows, the z-loss part z_loss * lse^2 over the kept rows; 2 sum), and the gradient of out
+  // (upstream gradient 1) written over the logits by ce_backward_options's kernels in place. out and
+  // zloss (the z-loss part of out) 0-d opmath; loss (the model's own -log p(target)), lse,
+  // row_stats and status: ce_forward_options's. Autograd as ce_forward_grad_'s.
+  m.def(
+      "ce_forward_grad_options_(Tensor(a!) logits, Tensor targets, Tensor index, int num_samples,"
+      " int ignore_index, int reduction, Tensor? weight, float label_smoothing, float softcap, float z_loss)"
+      " -> (Tensor out, Tensor zloss, Tensor loss, Tensor lse, Tensor row_stats, Tensor status)");
 
   // ---- linear_cross_entropy: fused linear + cross-entropy, composed of ATen GEMMs and the
   // cross_entropy ops (one implementation serves CPU and CUDA): logits = F.linear(hidden [N, H],

@@ -135,7 +135,7 @@ def accumulate(
         options = class_options(weight, label_smoothing, softcap, z_loss, return_z_loss, logits2d)
         rows = (logits2d, targets1d, index1d)
         return _with_options(
-            logits, targets, rows, tracker, (reduction, ignore_index, inputs, overwrite_logits), options
+            logits, targets, rows, tracker, (reduction, code, ignore_index, inputs, overwrite_logits), options
         )
     if inputs is not None:
         check_inputs_for_grad(inputs, targets1d.shape[0], logits2d)
@@ -251,16 +251,16 @@ class _Options(torch.autograd.Function):
 
 def _with_options(logits, targets, rows, tracker, route, options):
     """accumulate with any of weight, label_smoothing, softcap, z_loss, return_z_loss. rows: the
-    (logits2d, targets1d, index1d) of rows_of; route: (reduction, ignore_index, inputs,
+    (logits2d, targets1d, index1d) of rows_of; route: (reduction, its op code, ignore_index, inputs,
     overwrite_logits); options: as class_options returns them."""
     logits2d, targets1d, index1d = rows
-    reduction, ignore_index, inputs, overwrite = route
+    reduction, code, ignore_index, inputs, overwrite = route
     w, eps, softcap, zc, return_z_loss = options
-    if overwrite or inputs is not None:
+    if inputs is not None:
         if w is not None or eps != 0.0 or zc != 0.0:
             raise ValueError(
-                "weight=, label_smoothing= and z_loss= cannot be combined with overwrite_logits=True or "
-                "inputs= (both need the plain cross-entropy of each row); use the default route"
+                "weight=, label_smoothing= and z_loss= cannot be combined with inputs= (the input-gradient "
+                "norm is that of each row's plain cross-entropy); use softcap= alone there, or no inputs="
             )
         # softcap alone: the default route on the capped logits (a float32 / float64 temporary)
         acc = torch.float64 if logits2d.dtype == torch.float64 else torch.float32
@@ -277,6 +277,20 @@ def _with_options(logits, targets, rows, tracker, route, options):
         )
         out = _as_result(out.reshape(targets.shape) if reduction == "none" else out, logits)
         return (out, torch.zeros_like(out)) if return_z_loss else out
+    if overwrite:
+        if reduction == "none":
+            raise ValueError(
+                'overwrite_logits=True needs reduction "mean" or "sum" (the gradient it '
+                "writes in the forward pass is that of the reduced loss)"
+            )
+        if logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # the loss and its gradient over the logits in one op; autograd as ce_forward_grad_'s
+            out, z, nll, _lse, row_stats, status = torch.ops.memcore.ce_forward_grad_options_(
+                logits2d, targets1d, index1d, tracker.num_samples, ignore_index, code, w, eps, softcap or 0.0, zc
+            )
+            _record(tracker, logits2d, targets1d, index1d, ignore_index, nll, row_stats, status)
+            out = _as_result(out, logits)
+            return (out, _as_result(z, logits)) if return_z_loss else out
     ce, zl, nll, row_stats, status, w_t, keep_f = _Options.apply(
         logits2d, targets1d, index1d, tracker.num_samples, ignore_index, w, eps, softcap, zc
     )

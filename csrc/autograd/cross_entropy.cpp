@@ -5,10 +5,12 @@
 //     lse alive, copying nothing.
 //   ce_backward: its own derivative, so double backward (gradient penalties) is exact; written with
 //     ATen ops on the logits, so it is differentiable again.
-//   ce_forward_grad_ (overwrite_logits=True): the forward writes the gradient over the logits and
-//     bumps their version counter; the backward hands that memory back, scaled by
-//     scale_unless_one_. It refuses a second backward (the gradient exists once) and a double
-//     backward (it is stored, not a function of the logits).
+//   ce_forward_grad_ and ce_forward_grad_options_ (overwrite_logits=True): the forward writes the
+//     gradient over the logits and bumps their version counter; the backward hands that memory
+//     back, scaled by scale_unless_one_. It refuses a second backward (the gradient exists once)
+//     and a double backward (it is stored, not a function of the logits). (The options' default
+//     route, ce_forward_options / ce_backward_options, has its autograd in Python:
+//     memcore/cross_entropy.py's _Options.)
 // Fake kernels for torch.compile: memcore/_ops/cross_entropy.py. More: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -143,23 +145,63 @@ class CEForwardReduce : public torch::autograd::Function<CEForwardReduce> {
   }
 };
 
-// ce_forward_grad_ on z, a detached alias of the logits (same memory, same version counter), below
-// autograd; then the version bump that a C++ op does not make itself, so that autograd catches any
-// other node that saved the logits ("modified by an inplace operation").
-Tensor6 forward_grad_below_autograd(const at::Tensor& z, const at::Tensor& targets, const at::Tensor& index,
-                                    int64_t num_samples, int64_t ignore_index, int64_t reduction) {
-  static const auto op = MEMCORE_OP(ce_forward_grad_);
-  at::Tensor alias = z;
+// f() (ce_forward_grad_ or ce_forward_grad_options_ on z, a detached alias of the logits: same
+// memory, same version counter) below autograd; then the version bump that a C++ op does not make
+// itself, so that autograd catches any other node that saved the logits ("modified by an inplace
+// operation").
+template <class F>
+Tensor6 overwrite_below_autograd(const at::Tensor& z, F&& f) {
   Tensor6 res;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    res = op.call(alias, targets, index, num_samples, ignore_index, reduction);
+    res = f();
   }
-  if (!alias.is_inference()) torch::autograd::impl::bump_version(alias);  // inference tensors have none
+  if (!z.is_inference()) torch::autograd::impl::bump_version(z);  // inference tensors have none
   return res;
 }
 
-// out's node: the gradient of out w.r.t. the logits is the logits' own memory after the forward.
+Tensor6 forward_grad_below_autograd(at::Tensor z, const at::Tensor& targets, const at::Tensor& index,
+                                    int64_t num_samples, int64_t ignore_index, int64_t reduction) {
+  static const auto op = MEMCORE_OP(ce_forward_grad_);
+  return overwrite_below_autograd(z, [&] { return op.call(z, targets, index, num_samples, ignore_index, reduction); });
+}
+
+Tensor6 forward_grad_options_below_autograd(at::Tensor z, const at::Tensor& targets, const at::Tensor& index,
+                                            int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                                            const std::optional<at::Tensor>& weight, double label_smoothing,
+                                            double softcap, double z_loss) {
+  static const auto op = MEMCORE_OP(ce_forward_grad_options_);
+  return overwrite_below_autograd(z, [&] {
+    return op.call(z, targets, index, num_samples, ignore_index, reduction, weight, label_smoothing, softcap, z_loss);
+  });
+}
+
+// The backward of an overwrite node: the gradient of out w.r.t. the logits is the logits' own
+// memory after the forward (saved_data "grad"), handed out once, scaled by the upstream gradient;
+// n_inputs: the forward's argument count (the logits first).
+torch::autograd::variable_list hand_back_grad(torch::autograd::AutogradContext* ctx,
+                                              const torch::autograd::variable_list& grads, size_t n_inputs) {
+  // grad mode is on inside a backward exactly when it builds a graph (create_graph=True)
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "memcore.accumulate(..., overwrite_logits=True) does not support double backward "
+              "(create_graph=True, e.g. a gradient penalty): its gradient was written in the forward pass "
+              "and is not a function of the logits. Use overwrite_logits=False, whose double backward is exact.");
+  const auto it = ctx->saved_data.find("grad");
+  TORCH_CHECK(it != ctx->saved_data.end(),
+              "memcore.accumulate(..., overwrite_logits=True) keeps the logits gradient once, in the logits' "
+              "own memory; a second backward through the same loss (retain_graph=True) cannot recompute it. "
+              "Use overwrite_logits=False for that.");
+  at::Tensor grad = it->second.toTensor();
+  ctx->saved_data.erase(it);
+  torch::autograd::variable_list out(n_inputs);
+  if (!grads[0].defined()) return out;
+  static const auto scale = MEMCORE_OP(scale_unless_one_);
+  scale.call(grad, grads[0]);
+  out[0] = grad;
+  return out;
+}
+
+// out's node (ce_forward_grad_): the logits' gradient is their own memory after the forward.
 class CEForwardGrad : public torch::autograd::Function<CEForwardGrad> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
@@ -177,22 +219,30 @@ class CEForwardGrad : public torch::autograd::Function<CEForwardGrad> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    // grad mode is on inside a backward exactly when it builds a graph (create_graph=True)
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "memcore.accumulate(..., overwrite_logits=True) does not support double backward "
-                "(create_graph=True, e.g. a gradient penalty): its gradient was written in the forward pass "
-                "and is not a function of the logits. Use overwrite_logits=False, whose double backward is exact.");
-    const auto it = ctx->saved_data.find("grad");
-    TORCH_CHECK(it != ctx->saved_data.end(),
-                "memcore.accumulate(..., overwrite_logits=True) keeps the logits gradient once, in the logits' "
-                "own memory; a second backward through the same loss (retain_graph=True) cannot recompute it. "
-                "Use overwrite_logits=False for that.");
-    at::Tensor grad = it->second.toTensor();
-    ctx->saved_data.erase(it);
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    static const auto scale = MEMCORE_OP(scale_unless_one_);
-    scale.call(grad, grads[0]);
-    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return hand_back_grad(ctx, grads, 6);
+  }
+};
+
+// out's node of the options' overwrite route (ce_forward_grad_options_), as CEForwardGrad's; zloss,
+// the z-loss part already in out, is reported without a gradient.
+class CEForwardGradOptions : public torch::autograd::Function<CEForwardGradOptions> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                                                const at::Tensor& targets, const at::Tensor& index,
+                                                int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                                                const std::optional<at::Tensor>& weight, double label_smoothing,
+                                                double softcap, double z_loss) {
+    const at::Tensor z = logits.detach();
+    auto [out, zloss, loss, lse, row_stats, status] = forward_grad_options_below_autograd(
+        z, targets, index, num_samples, ignore_index, reduction, weight, label_smoothing, softcap, z_loss);
+    ctx->saved_data["grad"] = z;
+    ctx->mark_non_differentiable({zloss, loss, lse, row_stats, status});
+    return {out, zloss, loss, lse, row_stats, status};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return hand_back_grad(ctx, grads, 10);
   }
 };
 
@@ -202,6 +252,19 @@ Tensor6 ce_forward_grad_autograd(at::Tensor& logits, const at::Tensor& targets, 
     return forward_grad_below_autograd(logits, targets, index, num_samples, ignore_index, reduction);
   }
   auto out = CEForwardGrad::apply(logits, targets, index, num_samples, ignore_index, reduction);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+Tensor6 ce_forward_grad_options_autograd(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                         int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                                         const std::optional<at::Tensor>& weight, double label_smoothing,
+                                         double softcap, double z_loss) {
+  if (!at::GradMode::is_enabled() || !logits.requires_grad()) {
+    return forward_grad_options_below_autograd(logits, targets, index, num_samples, ignore_index, reduction, weight,
+                                               label_smoothing, softcap, z_loss);
+  }
+  auto out = CEForwardGradOptions::apply(logits, targets, index, num_samples, ignore_index, reduction, weight,
+                                         label_smoothing, softcap, z_loss);
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
@@ -224,6 +287,7 @@ TORCH_LIBRARY_IMPL(memcore, Autograd, m) {
   MEMCORE_IMPL(m, ce_forward, ce_forward_autograd);
   MEMCORE_IMPL(m, ce_forward_reduce, ce_forward_reduce_autograd);
   MEMCORE_IMPL(m, ce_forward_grad_, ce_forward_grad_autograd);
+  MEMCORE_IMPL(m, ce_forward_grad_options_, ce_forward_grad_options_autograd);
   MEMCORE_IMPL(m, ce_backward, ce_backward_autograd);
 }
 

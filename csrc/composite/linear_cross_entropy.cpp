@@ -24,6 +24,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "../cross_entropy_options.h"
 #include "../ops.h"
 
 namespace memcore {
@@ -180,61 +181,9 @@ void chunk_grads(const at::Tensor& g, const at::Tensor& h_chunk, const at::Tenso
   if (mask[2] && grad_b.numel() > 0) grad_b.add_(at::sum(g, at::IntArrayRef{0}, /*keepdim=*/false, grad_b.scalar_type()));
 }
 
-// The loss options of linear_accumulate (accumulate's, on the logits F.linear gives): class weights
-// w ([V] opmath, or none: all 1), label smoothing eps, soft-capping (0: none) and the z-loss
-// coefficient zc. any(): whether the chunks take the options ops.
-struct LossOptions {
-  const std::optional<at::Tensor>& weight;
-  double eps, softcap, zc;
-  bool any() const { return weight.has_value() || eps != 0.0 || softcap != 0.0 || zc != 0.0; }
-};
-
-// the cross_entropy options' checks (csrc/checks.h), and the z-loss coefficient's
+// the loss options' checks as linear_ce_forward / backward name them (weight: the head's matrix)
 void check_options(const LossOptions& o, const at::Tensor& hidden, const at::Tensor& weight, const char* op) {
-  memcore::check_options(weight.size(0), hidden, o.softcap, o.eps, o.weight, op, "ce_weight");
-  TORCH_CHECK(o.zc >= 0.0 && std::isfinite(o.zc), op, ": z_loss must be finite and >= 0, got ", o.zc);
-}
-
-// Per-row factors of the options' loss that do not depend on the logits, over all N rows (opmath):
-// with w_t = w[t_r] (1 without weights) on kept rows and 0 on ignored ones, W = sum(w) (or V),
-//   ce_r = B_r nll_r + (eps / V) smooth_r,    B_r = (1 - eps) w_t,
-//   d ce_r / d z = A_r p - B_r onehot_t - (eps / V) u,   A_r = (1 - eps) w_t + (eps / V) W [kept],
-// keep = 1 on kept rows, and wsum = sum of w_t (the weighted mean's denominator), 0-d. Targets out
-// of range read class 0 here: ce_forward_options flags them.
-struct RowFactors {
-  at::Tensor keep, A, B, wsum;
-};
-
-RowFactors row_factors(const at::Tensor& targets, int64_t ignore_index, int64_t V, const LossOptions& o,
-                       at::ScalarType acc_t) {
-  const at::Tensor kept = targets.ne(ignore_index);
-  const at::Tensor keep = kept.to(acc_t);
-  at::Tensor w_t = keep;
-  at::Tensor big_w = at::scalar_tensor(static_cast<double>(V), keep.options());
-  if (o.weight.has_value()) {
-    const at::Tensor valid = kept.logical_and(targets.ge(0)).logical_and(targets.lt(V));
-    w_t = o.weight->index_select(0, at::where(valid, targets, 0)) * keep;
-    big_w = o.weight->sum();
-  }
-  at::Tensor B = w_t * (1.0 - o.eps);
-  at::Tensor A = o.eps == 0.0 ? B : B + keep * (big_w * (o.eps / static_cast<double>(V)));
-  return {keep, A, B, w_t.sum()};
-}
-
-// ce_backward_options' a, b, c of rows [start, start + c) for upstream gradients g (the
-// cross-entropy part's) and gz (the z-loss part's), each [c] or 0-d: a = g A + gz 2 zc lse,
-// b = g B, c = g eps / V (an empty c without smoothing).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> option_coefficients(const RowFactors& f, const LossOptions& o,
-                                                                 const at::Tensor& g, const at::Tensor& gz,
-                                                                 const at::Tensor& lse, int64_t start,
-                                                                 int64_t c, int64_t V) {
-  const at::Tensor keep = f.keep.narrow(0, start, c);
-  at::Tensor a = g * f.A.narrow(0, start, c);
-  if (o.zc != 0.0) a = a + gz * lse * keep * (2.0 * o.zc);
-  at::Tensor b = (g * f.B.narrow(0, start, c)).expand({c}).contiguous();
-  at::Tensor cc = o.eps == 0.0 ? at::empty({0}, keep.options())
-                               : (g * keep * (o.eps / static_cast<double>(V))).expand({c}).contiguous();
-  return {a.expand({c}).contiguous(), b, cc};
+  check_loss_options(o, weight.size(0), hidden, op, "ce_weight");
 }
 
 // linear_ce_forward with loss options: per chunk ce_forward_options (statistics and nll of the
@@ -271,12 +220,11 @@ Tensor11 options_forward(const at::Tensor& hidden, const at::Tensor& weight, con
     const at::Tensor z = linear_into(logits, h_chunk, weight, bias);  // [c, V], hidden's dtype
     const auto [l, ls, rs, st, smooth] =
         forward.call(z, t_chunk, i_chunk, num_samples, ignore_index, o.softcap, o.eps, o.weight);
-    at::Tensor ce = f.B.narrow(0, start, c) * l;
-    if (o.eps != 0.0) ce = ce + smooth * (o.eps / static_cast<double>(V));
+    const auto [ce, z_rows] = option_losses(f, o, l, ls, smooth, start, c, V);
     loss.narrow(0, start, c).copy_(ce);
     nll.narrow(0, start, c).copy_(l);
     lse.narrow(0, start, c).copy_(ls);
-    if (o.zc != 0.0) zl.narrow(0, start, c).copy_(ls * ls * f.keep.narrow(0, start, c) * o.zc);
+    if (o.zc != 0.0) zl.narrow(0, start, c).copy_(z_rows);
     row_stats.narrow(0, start, c).copy_(rs);
     status.bitwise_or_(st);
     if (grads) {
@@ -285,10 +233,8 @@ Tensor11 options_forward(const at::Tensor& hidden, const at::Tensor& weight, con
       chunk_grads(gzc, h_chunk, weight, start, mask, grad_h, grad_w, grad_b);
     }
   }
-  // the sums in double, like the default route's; ignored and rejected rows hold 0
-  at::Tensor total = loss.sum(at::kDouble);
-  at::Tensor ztotal = o.zc != 0.0 ? zl.sum(at::kDouble) : at::zeros({}, total.options());
-  at::Tensor out = reduction == kMean ? total / f.wsum.to(at::kDouble) + ztotal / count : total + ztotal;
+  // ignored and rejected rows hold 0
+  const at::Tensor out = std::get<0>(option_reduce(f, loss, zl, count, reduction));
   if (o.zc != 0.0) loss.add_(zl);
   return {out.to(acc_t), count, loss, lse, row_stats, status, grad_h, grad_w, grad_b, nll, zl};
 }

@@ -1,12 +1,12 @@
 // CPU kernels of the cross-entropy family (schemas in csrc/memcore.cpp): ce_forward,
 // ce_forward_reduce, ce_backward, ce_forward_grad_, scale_unless_one_, ce_input_sqnorm, and the
-// options ops ce_forward_options / ce_backward_options (the same kernels with the options compiled
-// in: cross_entropy_block.h's Opt). Rows are split across threads and each is read once per pass:
+// options ops ce_forward_options / ce_backward_options / ce_forward_grad_options_ (the same kernels
+// with the options compiled in: cross_entropy_block.h's Opt). Rows are split across threads and each is read once per pass:
 // rows of up to kChunk elements in blocks of 64 by the vector kernels of cross_entropy_block.h
 // (half / bf16 widened to float in L1-sized scratch), longer rows streamed in kChunk pieces with an
 // online (max, sum) rescale; float64 logits take a plain double path. Memory: O(N) outputs, the
-// N x C gradient of ce_backward / ce_backward_options (none for ce_forward_grad_, which writes over
-// the logits), per-thread scratch of at most 32 KiB. Reductions over rows are serial in double, so
+// N x C gradient of ce_backward / ce_backward_options (none for ce_forward_grad_ and
+// ce_forward_grad_options_, which write over the logits), per-thread scratch of at most 32 KiB. Reductions over rows are serial in double, so
 // results do not depend on the thread count. More: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,6 +20,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "../cross_entropy_options.h"
 #include "../ops.h"
 #include "cross_entropy_block.h"
 #include "vec_math.h"
@@ -563,18 +564,35 @@ Tensor5 ce_forward_options_cpu(const at::Tensor& logits, const at::Tensor& targe
   return {loss, lse, row_stats, status, sm};
 }
 
-// ce_backward's row kernels with a / b / c and the softcap's factor fused into the one pass
+// ce_backward's row kernels with a / b / c and the softcap's factor fused into the one pass, into
+// out (a new tensor, or the logits themselves: the row kernels read each element before writing it)
+void backward_options_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& logits,
+                           at::Tensor& out, const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index,
+                           double softcap, const std::optional<at::Tensor>& weight) {
+  const bool smooth = c.numel() != 0;
+  const HostOpts h = host_options(logits, softcap, smooth, weight);
+  with_options<Opt<false, false, false, true>>(softcap > 0.0, smooth, weight.has_value(), [&](auto o) {
+    backward_into<decltype(o)>(logits, out, targets, lse, a, ignore_index, &b, &c, h);
+  });
+}
+
 at::Tensor ce_backward_options_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                                    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                    int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight) {
   check_backward_options(a, b, c, logits, targets, lse, softcap, weight);
-  const bool smooth = c.numel() != 0;
-  const HostOpts h = host_options(logits, softcap, smooth, weight);
   at::Tensor grad = at::empty_like(logits);
-  with_options<Opt<false, false, false, true>>(softcap > 0.0, smooth, weight.has_value(), [&](auto o) {
-    backward_into<decltype(o)>(logits, grad, targets, lse, a, ignore_index, &b, &c, h);
-  });
+  backward_options_into(a, b, c, logits, grad, targets, lse, ignore_index, softcap, weight);
   return grad;
+}
+
+// The options' overwrite route (cross_entropy_options.h): ce_forward_options_cpu, the reduced loss,
+// and its gradient written over the logits by the options' backward kernels run in place
+Tensor6 ce_forward_grad_options_cpu(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                    int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                                    const std::optional<at::Tensor>& weight, double label_smoothing, double softcap,
+                                    double z_loss) {
+  return forward_grad_options(logits, targets, index, num_samples, ignore_index, reduction, weight,
+                              label_smoothing, softcap, z_loss, ce_forward_options_cpu, backward_options_into);
 }
 
 void scale_unless_one_cpu(at::Tensor& grad, const at::Tensor& scale) {
@@ -631,6 +649,7 @@ TORCH_LIBRARY_IMPL(memcore, CPU, m) {
   MEMCORE_IMPL(m, ce_input_sqnorm, ce_input_sqnorm_cpu);
   MEMCORE_IMPL(m, ce_forward_options, ce_forward_options_cpu);
   MEMCORE_IMPL(m, ce_backward_options, ce_backward_options_cpu);
+  MEMCORE_IMPL(m, ce_forward_grad_options_, ce_forward_grad_options_cpu);
 }
 
 }  // namespace cpu

@@ -1,12 +1,13 @@
 """The cross_entropy family's ops on the Python side: fake kernels for torch.compile of ce_forward,
 ce_forward_reduce, ce_forward_grad_, ce_backward, scale_unless_one_, ce_input_sqnorm and the options
-ops ce_forward_options / ce_backward_options.
+ops ce_forward_options / ce_backward_options / ce_forward_grad_options_.
 
-Schemas: csrc/memcore.cpp; kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu; autograd
-(ce_forward, ce_forward_reduce, ce_forward_grad_ and the double backward of ce_backward): C++,
-csrc/autograd/cross_entropy.cpp, so a training step's backward never enters Python (the options
-ops': the autograd function in memcore/cross_entropy.py). The public
-wrapper is ``memcore.accumulate`` (memcore/cross_entropy.py).
+Schemas: csrc/memcore.cpp; kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu,
+csrc/cuda/cross_entropy_options.cu; autograd (ce_forward, ce_forward_reduce, ce_forward_grad_,
+ce_forward_grad_options_ and the double backward of ce_backward): C++, csrc/autograd/cross_entropy.cpp,
+so a training step's backward never enters Python (ce_forward_options / ce_backward_options': the
+autograd function in memcore/cross_entropy.py). The public wrapper is ``memcore.accumulate``
+(memcore/cross_entropy.py).
 """
 
 import torch
@@ -67,3 +68,11 @@ def _ce_forward_options_fake(
 @torch.library.register_fake("memcore::ce_backward_options")
 def _ce_backward_options_fake(a, b, c, logits, targets, lse, ignore_index, softcap, weight):
     return torch.empty_like(logits)
+
+
+@torch.library.register_fake("memcore::ce_forward_grad_options_")
+def _ce_forward_grad_options_fake(
+    logits, targets, index, num_samples, ignore_index, reduction, weight, label_smoothing, softcap, z_loss
+):
+    loss, lse, row_stats, status = _ce_forward_fake(logits, targets, index, num_samples, ignore_index)
+    return loss.new_empty(()), loss.new_empty(()), loss, lse, row_stats, status
