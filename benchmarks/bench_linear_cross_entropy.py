@@ -223,7 +223,7 @@ def test_linear_cross_entropy(benchmark, request, device, shape, variant):
         dtype=dtype_name(p["dtype"]),
         device=device,
         figures={"peak_mib": (peak, "MiB")},
-        chunk_size=auto_chunk_size(n, v, p["dtype"], torch.device(device)),
+        chunk_size=auto_chunk_size(n, v, p["dtype"], torch.device(device), h),
     )
     _clear(p)
     assert torch.isfinite(loss.float())

@@ -1,9 +1,9 @@
-// The loss options' per-row algebra, shared by every caller of the options ops that forms the loss
-// in C++: linear_ce_forward / backward (csrc/composite/linear_cross_entropy.cpp) and
-// ce_forward_grad_options_ (the options' overwrite route; CPU csrc/cpu/cross_entropy.cpp, CUDA
-// csrc/cuda/cross_entropy_options.cu). O(N) ATen work on the rows' device, no host sync; the kernels
-// do the O(N C) passes. accumulate's default options route forms the same loss in its autograd
-// function (memcore/cross_entropy.py, _Options).
+// The loss options' per-row algebra, in one place for every op that forms the options' loss from
+// the options kernels (ce_forward_options / ce_backward_options): ce_forward_reduce_options and
+// ce_forward_grad_options_ (accumulate's two routes; CPU csrc/cpu/cross_entropy.cpp, CUDA
+// csrc/cuda/cross_entropy_options.cu, autograd csrc/autograd/cross_entropy.cpp) and linear_ce_forward
+// / backward (csrc/composite/linear_cross_entropy.cpp). O(N) ATen work on the rows' device, no host
+// sync; the kernels do the O(N C) passes.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -38,7 +38,7 @@ inline void check_loss_options(const LossOptions& o, int64_t classes, const at::
 //   ce_r = B_r nll_r + (eps / C) smooth_r,    B_r = (1 - eps) w_t,
 //   d ce_r / d z = A_r p - B_r onehot_t - (eps / C) u,   A_r = (1 - eps) w_t + (eps / C) W [kept],
 // keep = 1 on kept rows, and wsum = sum of w_t (the weighted mean's denominator), 0-d. Targets out
-// of range read class 0 here: ce_forward_options flags them.
+// of range read the nearest class here: ce_forward_options flags them (the batch is rejected).
 struct RowFactors {
   at::Tensor keep, A, B, wsum;
 };
@@ -50,8 +50,7 @@ inline RowFactors row_factors(const at::Tensor& targets, int64_t ignore_index, i
   at::Tensor w_t = keep;
   at::Tensor big_w = at::scalar_tensor(static_cast<double>(C), keep.options());
   if (o.weight.has_value()) {
-    const at::Tensor valid = kept.logical_and(targets.ge(0)).logical_and(targets.lt(C));
-    w_t = o.weight->index_select(0, at::where(valid, targets, 0)) * keep;
+    w_t = o.weight->index_select(0, targets.clamp(0, C - 1)) * keep;
     big_w = o.weight->sum();
   }
   at::Tensor B = w_t * (1.0 - o.eps);
@@ -98,6 +97,33 @@ inline Tensor2 option_reduce(const RowFactors& f, const at::Tensor& ce, const at
     return {total / f.wsum.to(at::kDouble) + zout, zout};
   }
   return {total + ztotal, ztotal};
+}
+
+// ce_forward_reduce_options on one device: fwd is that device's ce_forward_options kernel; then the
+// options' row losses and F.cross_entropy's reduction (none: per row, out = ce + z-loss and zloss
+// the z-loss rows, zeros without it).
+template <class Fwd>
+Tensor6 forward_reduce_options(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                               int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                               const std::optional<at::Tensor>& weight, double label_smoothing, double softcap,
+                               double z_loss, Fwd&& fwd) {
+  const char* op = "memcore::ce_forward_reduce_options";
+  check_rows(logits, targets, op);
+  check_reduction(reduction, /*allow_none=*/true, op);
+  const LossOptions o{weight, label_smoothing, softcap, z_loss};
+  check_loss_options(o, logits.size(1), logits, op, "weight");
+  auto [nll, lse, row_stats, status, smooth] =
+      fwd(logits, targets, index, num_samples, ignore_index, softcap, label_smoothing, weight);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const at::ScalarType acc_t = opmath_dtype(logits);
+  const RowFactors f = row_factors(targets, ignore_index, C, o, acc_t);
+  const auto [ce, zl] = option_losses(f, o, nll, lse, smooth, 0, N, C);
+  if (reduction == kNone) {
+    if (zl.numel() == 0) return {ce, at::zeros_like(ce), nll, lse, row_stats, status};
+    return {ce + zl, zl, nll, lse, row_stats, status};
+  }
+  const auto [out, zout] = option_reduce(f, ce, zl, targets.ne(ignore_index).sum(), reduction);
+  return {out.to(acc_t), zout.to(acc_t), nll, lse, row_stats, status};
 }
 
 // ce_forward_grad_options_ on one device: fwd is that device's ce_forward_options kernel, bwd_into

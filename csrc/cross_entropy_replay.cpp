@@ -407,28 +407,31 @@ std::vector<double> opt_forward_row(const scalar_t* z, int64_t C, int64_t t, con
   return {double(r.lse), double(r.loss), double(r.prob), double(r.margin), double(r.correct), double(sm)};
 }
 
-// ce_backward_options_kernel on row z (kept) into out (a new row at z's offset from 16 bytes)
+// ce_backward_options_kernel on row z (kept) into out: a new row at z's offset from 16 bytes, or z
+// itself (in place, ce_forward_grad_options_: the lanes run one after another over the row they
+// overwrite, the owner having read the target logit before)
 template <typename scalar_t, int TPR, int VEC, bool CAP>
 void opt_grad_row(const scalar_t* z, scalar_t* out, int64_t C, int64_t t, at::opmath_type<scalar_t> lse,
                   at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> b, at::opmath_type<scalar_t> c,
                   const OptArgs<at::opmath_type<scalar_t>>& o) {
   using acc_t = at::opmath_type<scalar_t>;
+  const bool inplace = static_cast<const void*>(z) == static_cast<const void*>(out);
   const cerow::Layout L = cerow::layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
   const int own = cerow::owner<TPR, VEC>(L, t);
+  const acc_t zt = static_cast<acc_t>(z[t]);  // the owner's read before its pass
   unsigned char marker[sizeof(scalar_t)];  // as _ce_grad_replay: column t first written by its owner
   std::memset(marker, 0xA5, sizeof(marker));
-  std::memcpy(&out[t], marker, sizeof(scalar_t));
+  if (!inplace) std::memcpy(&out[t], marker, sizeof(scalar_t));
   std::vector<acc_t> sums(TPR);
   for (int lane = 0; lane < TPR; ++lane) {
     sums[lane] = cerow::opt_grad_row<scalar_t, TPR, VEC, CAP>(z, out, C, t, L, lse, a, c, o.cap, o.kc, o.u, lane);
     const bool written = std::memcmp(&out[t], marker, sizeof(scalar_t)) != 0;
-    TORCH_CHECK(written == (lane >= own), "_ce_backward_options_replay: column ", t, " is written by lane ",
+    TORCH_CHECK(inplace || written == (lane >= own), "_ce_backward_options_replay: column ", t, " is written by lane ",
                 written ? lane : -1, ", the fix-up is done by lane ", own);
   }
   const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(sums, "_ce_backward_options_replay") : acc_t(0);
   const acc_t ut = c != acc_t(0) && o.u ? o.u[t] : acc_t(1);
-  out[t] = static_cast<scalar_t>(
-      cerow::opt_target_grad<scalar_t, CAP>(static_cast<acc_t>(z[t]), lse, others, a, b, c, ut, o.cap, o.kc));
+  out[t] = static_cast<scalar_t>(cerow::opt_target_grad<scalar_t, CAP>(zt, lse, others, a, b, c, ut, o.cap, o.kc));
 }
 
 // f(std::bool_constant<CAP>)
@@ -591,7 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forwar
 at::Tensor ce_backward_options_replay(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                                       const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                       int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight,
-                                      int64_t tpr, bool vec) {
+                                      int64_t tpr, bool vec, bool inplace) {
   const char* op = "_ce_backward_options_replay";
   check_options_replay(logits, targets, weight, op);
   const int64_t N = logits.size(0), C = logits.size(1);
@@ -607,6 +610,8 @@ at::Tensor ce_backward_options_replay(const at::Tensor& a, const at::Tensor& b, 
   at::Tensor buf = at::empty({N * C + 32 / esize}, logits.options());
   const int64_t base = static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16) % 16) / esize;
   at::Tensor out = buf.narrow(0, base + shift, N * C).view({N, C});
+  if (inplace) out.copy_(logits);  // the rows the kernel overwrites, at the logits' offset
+  const at::Tensor& z_rows = inplace ? out : logits;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "_ce_options_replay", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const OptArgs<acc_t> o{static_cast<acc_t>(softcap), softcap > 0.0 ? cerow::cap_k_of<acc_t>(softcap) : acc_t(0),
@@ -622,7 +627,7 @@ at::Tensor ce_backward_options_replay(const at::Tensor& a, const at::Tensor& b, 
           }
           const acc_t cr = c.numel() ? c.data_ptr<acc_t>()[row] : acc_t(0);
           opt_grad_row<scalar_t, decltype(T)::value, decltype(V)::value, decltype(cap)::value>(
-              logits.data_ptr<scalar_t>() + row * C, g, C, t, lse.data_ptr<acc_t>()[row], a.data_ptr<acc_t>()[row],
+              z_rows.data_ptr<scalar_t>() + row * C, g, C, t, lse.data_ptr<acc_t>()[row], a.data_ptr<acc_t>()[row],
               b.data_ptr<acc_t>()[row], cr, o);
         }
       });

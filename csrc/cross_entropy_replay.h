@@ -37,11 +37,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_forwar
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
     int64_t ignore_index, double softcap, double label_smoothing, const std::optional<at::Tensor>& weight,
     int64_t tpr, bool vec);
-// ce_backward_options' CUDA kernel: the gradient, at the logits' offset from a 16-byte boundary
+// ce_backward_options' CUDA kernel: the gradient, at the logits' offset from a 16-byte boundary;
+// inplace: written over a copy of the logits there, as ce_forward_grad_options_ runs it
 at::Tensor ce_backward_options_replay(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                                       const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                       int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight,
-                                      int64_t tpr, bool vec);
+                                      int64_t tpr, bool vec, bool inplace);
 // the replays' model of ex2.approx.ftz.f32 in this thread (csrc/cross_entropy_replay.cpp): "hashed"
 // (the default), "low", "high" or "nearest"; returns the model it replaces
 std::string ce_ex2_model(const std::string& model);

@@ -66,12 +66,20 @@ TORCH_LIBRARY(memcore, m) {
   m.def(
       "ce_backward_options(Tensor a, Tensor b, Tensor c, Tensor logits, Tensor targets, Tensor lse,"
       " int ignore_index, float softcap, Tensor? weight) -> Tensor");
-  // The options' overwrite_logits route: ce_forward_options, the options' loss reduced as
-  // F.cross_entropy does (reduction 1 mean: the cross-entropy part over the summed weights of the
-  // kept rows, the z-loss part z_loss * lse^2 over the kept rows; 2 sum), and the gradient of out
-  // (upstream gradient 1) written over the logits by ce_backward_options's kernels in place. out and
-  // zloss (the z-loss part of out) 0-d opmath; loss (the model's own -log p(target)), lse,
-  // row_stats and status: ce_forward_options's. Autograd as ce_forward_grad_'s.
+  // The options' loss, from ce_forward_options: per row ce_r + z_loss * lse_r^2 on kept rows, with
+  // ce_r = (1 - eps) w_t nll_r + (eps / C) smooth_r (w_t = weight[t_r], or 1; eps = label_smoothing),
+  // F.cross_entropy's: reduction 0 (none) out [N] per row; 1 (mean) 0-d, the cross-entropy part over
+  // the summed w_t of the kept rows, the z-loss part over the kept rows (Liger-Kernel's); 2 (sum)
+  // 0-d. zloss: the z-loss part of out, shaped like it. loss (the model's own -log p(target)), lse,
+  // row_stats and status: ce_forward_options's. Autograd (C++): ce_backward_options with each row's
+  // coefficients; double backward exact.
+  m.def(
+      "ce_forward_reduce_options(Tensor logits, Tensor targets, Tensor index, int num_samples,"
+      " int ignore_index, int reduction, Tensor? weight, float label_smoothing, float softcap, float z_loss)"
+      " -> (Tensor out, Tensor zloss, Tensor loss, Tensor lse, Tensor row_stats, Tensor status)");
+  // The options' overwrite_logits route: ce_forward_reduce_options (reduction 1 mean or 2 sum), and
+  // the gradient of out (upstream gradient 1) written over the logits by ce_backward_options's
+  // kernels in place. Outputs as ce_forward_reduce_options's. Autograd as ce_forward_grad_'s.
   m.def(
       "ce_forward_grad_options_(Tensor(a!) logits, Tensor targets, Tensor index, int num_samples,"
       " int ignore_index, int reduction, Tensor? weight, float label_smoothing, float softcap, float z_loss)"

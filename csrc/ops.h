@@ -53,6 +53,10 @@ at::Tensor ce_backward_options(const at::Tensor& a, const at::Tensor& b, const a
                                const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                                int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight);
 // -> (out, zloss, loss, lse, row_stats, status)
+Tensor6 ce_forward_reduce_options(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                  int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                                  const std::optional<at::Tensor>& weight, double label_smoothing, double softcap,
+                                  double z_loss);
 Tensor6 ce_forward_grad_options_(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                                  int64_t num_samples, int64_t ignore_index, int64_t reduction,
                                  const std::optional<at::Tensor>& weight, double label_smoothing, double softcap,

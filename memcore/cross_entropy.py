@@ -1,7 +1,8 @@
 """The cross_entropy family's public wrapper, `memcore.accumulate`: cross-entropy that also records
 per-sample statistics in a Tracker. The ops' fake kernels: memcore/_ops/cross_entropy.py; their
 autograd: csrc/autograd/cross_entropy.cpp. The loss options (class weights, label smoothing,
-soft-capping, z-loss) go through the options ops, in the autograd function _Options here."""
+soft-capping, z-loss) go through the options ops (ce_forward_reduce_options, or
+ce_forward_grad_options_ with overwrite_logits=True)."""
 
 from typing import Optional
 
@@ -90,8 +91,7 @@ def accumulate(
         softcap: optional positive cap (Liger-Kernel's ``softcap``, Gemma-2 / 3's final logit
             soft-capping): the logits become ``softcap * tanh(logits / softcap)`` before the
             softmax, the gradient flows through the tanh (in float32; float64 for float64 logits).
-            With ``overwrite_logits=True`` or ``inputs=`` (softcap alone) the default route runs
-            on a capped N x C copy.
+            With ``inputs=`` the default route runs on a capped N x C copy.
         z_loss: coefficient of the z-loss (Liger-Kernel's ``lse_square_scale``, PaLM's auxiliary
             loss): ``z_loss * logsumexp(row) ** 2`` is added to each non-ignored row's loss; it is
             not weighted by ``weight``, and ``"mean"`` divides it by the number of non-ignored rows
@@ -103,11 +103,12 @@ def accumulate(
             With any option the statistics recorded in ``tracker`` stay the model's own:
             -log p(target), p(target), margin and correctness of the softmax the model predicts
             (after ``softcap``), neither weighted, smoothed nor z-lossed. ``weight``,
-            ``label_smoothing`` and ``z_loss`` do not combine with ``overwrite_logits`` or
-            ``inputs``. The options run in the ops ``memcore::ce_forward_options`` /
-            ``ce_backward_options`` (one pass over the logits each way; their measured cost
-            beside the default route: benchmarks/RESULTS.md). Double backward is exact with every
-            option.
+            ``label_smoothing`` and ``z_loss`` do not combine with ``inputs``. The options run in
+            the ops ``memcore::ce_forward_reduce_options`` (one pass over the logits each way, as
+            the default route; their measured cost beside it: benchmarks/RESULTS.md), with
+            ``overwrite_logits=True`` in ``ce_forward_grad_options_`` (the same two passes in the
+            forward, the second writing the gradient over the logits). Double backward is exact
+            with every option on the default route.
 
     Returns:
         The loss (a pair with ``return_z_loss=True``), in ``logits.dtype`` (float32 for float16 / bfloat16 logits under
@@ -182,73 +183,6 @@ def accumulate(
     return _as_result(out, logits)
 
 
-class _Options(torch.autograd.Function):
-    """Per-row losses of F.cross_entropy with class weights w (None: all 1), label smoothing eps and
-    soft-capping of the logits, and the z-loss zc * lse^2, from the options ops: ce_forward_options
-    gives nll = lse - z'_t, lse, the statistics (all of the capped logits z') and, when smoothing,
-    smooth = -sum_j w_j log p_j; then
-
-        ce_r = (1 - eps) w_t nll_r + (eps / C) smooth_r,      zl_r = zc lse_r^2,
-
-    whose logits gradient, for upstreams g (ce) and h (zl), is ce_backward_options's
-    (a p - b onehot_t - c w) * dz'/dz with a = g A_r + h 2 zc lse_r, A_r = (1 - eps) w_t + (eps / C) W
-    (W = sum_j w_j), b = g (1 - eps) w_t, c = g eps / C. Ignored rows: losses and gradient 0. Under
-    double backward (create_graph=True) the same gradient is built from differentiable torch ops
-    instead, so its own derivative is exact."""
-
-    @staticmethod
-    def forward(
-        ctx, logits, targets, index, num_samples: int, ignore_index: int, w, eps: float, cap, zc: float
-    ):
-        nll, lse, row_stats, status, smooth = torch.ops.memcore.ce_forward_options(
-            logits, targets, index, num_samples, ignore_index, cap or 0.0, eps, w
-        )
-        keep = targets != ignore_index
-        keep_f = keep.to(nll.dtype)
-        c = logits.shape[1]
-        if w is None:
-            w_t, big_w = keep_f, float(c)
-        else:
-            w_t, big_w = w[torch.where(keep, targets, 0)] * keep_f, w.sum()
-        ce = nll * w_t if eps == 0.0 else (1.0 - eps) * w_t * nll + (eps / c) * smooth
-        zl = zc * lse * lse * keep_f  # ignored rows hold lse 0
-        ctx.save_for_backward(logits, targets, lse, w_t, w, keep_f)
-        ctx.eps, ctx.cap, ctx.zc, ctx.ignore_index, ctx.big_w = eps, cap, zc, ignore_index, big_w
-        ctx.mark_non_differentiable(nll, row_stats, status, w_t, keep_f)
-        return ce, zl, nll, row_stats, status, w_t, keep_f
-
-    @staticmethod
-    def backward(ctx, g, h, *_unused):
-        logits, targets, lse, w_t, w, keep_f = ctx.saved_tensors
-        eps, cap, zc = ctx.eps, ctx.cap, ctx.zc
-        c = logits.shape[1]
-        g = torch.zeros_like(lse) if g is None else g.to(lse.dtype) * keep_f
-        a = g * ((1.0 - eps) * w_t + (eps / c) * ctx.big_w * keep_f)
-        b = g * ((1.0 - eps) * w_t)
-        if not torch.is_grad_enabled():
-            if h is not None and zc != 0.0:
-                a = a + h.to(lse.dtype) * (2.0 * zc) * lse * keep_f
-            cc = g * (eps / c) if eps != 0.0 else lse.new_empty(0)
-            grad = torch.ops.memcore.ce_backward_options(
-                a, b, cc, logits, targets, lse, ctx.ignore_index, cap or 0.0, w
-            )
-            return grad, None, None, None, None, None, None, None, None
-        # double backward: the same gradient in differentiable ops of the logits (lse too)
-        z = logits.to(lse.dtype)
-        if cap is not None:
-            z = torch.tanh(z / cap) * cap
-        lse_z = torch.logsumexp(z, 1)
-        if h is not None and zc != 0.0:
-            a = a + h.to(lse.dtype) * (2.0 * zc) * lse_z * keep_f
-        onehot = torch.nn.functional.one_hot(torch.where(keep_f > 0, targets, 0), c).to(z.dtype)
-        grad = a.unsqueeze(1) * torch.exp(z - lse_z.unsqueeze(1)) - b.unsqueeze(1) * onehot
-        if eps != 0.0:
-            grad = grad - (g * (eps / c)).unsqueeze(1) * (1.0 if w is None else w)
-        if cap is not None:
-            grad = grad * (1.0 - (z / cap) ** 2)
-        return grad.to(logits.dtype), None, None, None, None, None, None, None, None
-
-
 def _with_options(logits, targets, rows, tracker, route, options):
     """accumulate with any of weight, label_smoothing, softcap, z_loss, return_z_loss. rows: the
     (logits2d, targets1d, index1d) of rows_of; route: (reduction, its op code, ignore_index, inputs,
@@ -256,6 +190,7 @@ def _with_options(logits, targets, rows, tracker, route, options):
     logits2d, targets1d, index1d = rows
     reduction, code, ignore_index, inputs, overwrite = route
     w, eps, softcap, zc, return_z_loss = options
+    op_options = (w, eps, softcap or 0.0, zc)  # the ops' weight, label_smoothing, softcap, z_loss
     if inputs is not None:
         if w is not None or eps != 0.0 or zc != 0.0:
             raise ValueError(
@@ -286,25 +221,21 @@ def _with_options(logits, targets, rows, tracker, route, options):
         if logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # the loss and its gradient over the logits in one op; autograd as ce_forward_grad_'s
             out, z, nll, _lse, row_stats, status = torch.ops.memcore.ce_forward_grad_options_(
-                logits2d, targets1d, index1d, tracker.num_samples, ignore_index, code, w, eps, softcap or 0.0, zc
+                logits2d, targets1d, index1d, tracker.num_samples, ignore_index, code, *op_options
             )
             _record(tracker, logits2d, targets1d, index1d, ignore_index, nll, row_stats, status)
             out = _as_result(out, logits)
             return (out, _as_result(z, logits)) if return_z_loss else out
-    ce, zl, nll, row_stats, status, w_t, keep_f = _Options.apply(
-        logits2d, targets1d, index1d, tracker.num_samples, ignore_index, w, eps, softcap, zc
+    # the options' loss, its C++ autograd one ce_backward_options call (csrc/autograd/cross_entropy.cpp)
+    out, z, nll, _lse, row_stats, status = torch.ops.memcore.ce_forward_reduce_options(
+        logits2d, targets1d, index1d, tracker.num_samples, ignore_index, code, *op_options
     )
     _record(tracker, logits2d, targets1d, index1d, ignore_index, nll, row_stats, status)
     if reduction == "none":
-        out, z = (ce + zl).reshape(targets.shape), zl.reshape(targets.shape)
-    elif reduction == "sum":
-        out, z = ce.sum() + zl.sum(), zl.sum()
-    else:  # F.cross_entropy's mean (over the summed weights of the non-ignored rows); the z-loss's over rows
-        z = zl.sum() / keep_f.sum()
-        out = ce.sum() / w_t.sum() + z
+        out, z = out.reshape(targets.shape), z.reshape(targets.shape)
     out = _as_result(out, logits)
     if return_z_loss:
-        return out, _as_result(z.detach(), logits)
+        return out, _as_result(z, logits)
     return out
 
 

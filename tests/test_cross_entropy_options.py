@@ -373,3 +373,38 @@ def test_options_ops_opcheck():
     a, b, c = torch.randn(6, generator=g), torch.randn(6, generator=g), torch.randn(6, generator=g)
     torch.library.opcheck(torch.ops.memcore.ce_backward_options, (a, b, c, z, t, lse, -100, 3.0, w))
     torch.library.opcheck(torch.ops.memcore.ce_backward_options, (a, b, c[:0], z, t, lse, -100, 0.0, None))
+    # the options' loss, with its C++ autograd: every reduction, options on and off
+    zg = z.clone().requires_grad_()
+    for code in (0, 1, 2):
+        for opts in ((w, 0.1, 3.0, 1e-2), (None, 0.0, 0.0, 0.0), (None, 0.2, 0.0, 1e-3)):
+            torch.library.opcheck(
+                torch.ops.memcore.ce_forward_reduce_options, (zg, t, torch.arange(6), 6, -100, code, *opts)
+            )
+
+
+def test_options_loss_op_checks_its_arguments_and_gradcheck():
+    """memcore::ce_forward_reduce_options called directly: bad arguments raise naming them; its
+    gradient and its double backward against finite differences in float64, every reduction."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 3, -100, 1, 2])
+    w = torch.rand(4, generator=g, dtype=torch.float64) + 0.2
+    op = torch.ops.memcore.ce_forward_reduce_options
+    for args, words in [
+        ((3, None, 0.0, 0.0, 0.0), "reduction"),
+        ((1, torch.ones(5, dtype=torch.float64), 0.0, 0.0, 0.0), "weight"),
+        ((1, w.float(), 0.0, 0.0, 0.0), "weight"),
+        ((1, None, -0.5, 0.0, 0.0), "label_smoothing"),
+        ((1, None, 0.0, float("inf"), 0.0), "softcap"),
+        ((1, None, 0.0, 0.0, -1.0), "z_loss"),
+    ]:
+        with pytest.raises(RuntimeError, match=words):
+            op(z, t, torch.arange(5), 5, -100, *args)
+    for code in (0, 1, 2):
+
+        def f(x, code=code):
+            return op(x, t, torch.arange(5), 5, -100, code, w, 0.15, 2.5, 0.05)[0]
+
+        x = z.clone().requires_grad_()
+        assert torch.autograd.gradcheck(f, (x,))
+        assert torch.autograd.gradgradcheck(f, (x,))

@@ -35,7 +35,9 @@ def _opts(kw, c, dtype, device, seed=0):
         return kw
     g = torch.Generator().manual_seed(seed + 99)
     acc = torch.float64 if dtype == torch.float64 else dtype
-    return dict(kw, weight=(torch.rand(c, generator=g, dtype=torch.float64) + 0.1).to(device=device, dtype=acc))
+    return dict(
+        kw, weight=(torch.rand(c, generator=g, dtype=torch.float64) + 0.1).to(device=device, dtype=acc)
+    )
 
 
 def _batch(n, c, dtype, device, seed=0):
@@ -138,7 +140,13 @@ def test_classes_in_dim_1_and_sequences(device):
             a = logits.clone().requires_grad_()
             tr = memcore.Tracker(3, device=device)
             loss = memcore.accumulate(
-                a, t, torch.arange(3, device=device), tr, overwrite_logits=overwrite, label_smoothing=0.1, **kw
+                a,
+                t,
+                torch.arange(3, device=device),
+                tr,
+                overwrite_logits=overwrite,
+                label_smoothing=0.1,
+                **kw,
             )
             loss.backward()
             out.append((loss.detach(), a.grad, tr.scores()["csl"]))
@@ -170,12 +178,16 @@ def test_refusals_change_nothing(device):
 def test_second_and_double_backward_raise(device):
     logits, targets, index = _batch(8, 5, torch.float32, device)
     a = logits.clone().requires_grad_()
-    loss = memcore.accumulate(a, targets, index, memcore.Tracker(8, device=device), overwrite_logits=True, z_loss=1e-3)
+    loss = memcore.accumulate(
+        a, targets, index, memcore.Tracker(8, device=device), overwrite_logits=True, z_loss=1e-3
+    )
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         loss.backward()
     b = logits.clone().requires_grad_()
-    loss = memcore.accumulate(b, targets, index, memcore.Tracker(8, device=device), overwrite_logits=True, softcap=2.0)
+    loss = memcore.accumulate(
+        b, targets, index, memcore.Tracker(8, device=device), overwrite_logits=True, softcap=2.0
+    )
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, b, create_graph=True)
 
@@ -216,7 +228,8 @@ def test_opcheck(dtype, device):
     for code in (1, 2):
         for args in ((w, 0.1, 3.0, 1e-3), (None, 0.0, 2.0, 0.0), (w, 0.0, 0.0, 0.0)):
             torch.library.opcheck(
-                torch.ops.memcore.ce_forward_grad_options_.default, (logits.clone(), targets, index, 9, -100, code, *args)
+                torch.ops.memcore.ce_forward_grad_options_.default,
+                (logits.clone(), targets, index, 9, -100, code, *args),
             )
 
 
@@ -249,7 +262,9 @@ def test_no_gradient_sized_allocation():
     for kw in OPTIONS:
         opts = _opts(kw, c, torch.float32, "cpu")
         fresh = logits.detach().clone().requires_grad_()
-        peak = peak_cpu_mib(lambda: memcore.accumulate(fresh, targets, index, tr, overwrite_logits=True, **opts).backward())
+        peak = peak_cpu_mib(
+            lambda: memcore.accumulate(fresh, targets, index, tr, overwrite_logits=True, **opts).backward()
+        )
         if peak is None:
             pytest.skip("this torch's profiler exposes no allocation events: CPU peak memory not measurable")
         assert peak < 0.1 * grad_mib, (kw, peak)

@@ -103,7 +103,11 @@ def _check_replay(dtype, tpr, vec, options, c, offset, fwd=None, bwd=None):
     a, b, cc = (torch.randn(N, generator=g).to(acc) for _ in range(3))
     cc = cc if eps else cc.new_empty(0)
     if bwd is None:
-        grad = _C._ce_backward_options_replay(a, b, cc, z, t, lse, -100, cap, w, tpr, vec)
+        grad = _C._ce_backward_options_replay(a, b, cc, z, t, lse, -100, cap, w, tpr, vec, False)
+        # in place (ce_forward_grad_options_): the same values, bit for bit, the logits left as they were
+        before = z.clone()
+        over = _C._ce_backward_options_replay(a, b, cc, z, t, lse, -100, cap, w, tpr, vec, True)
+        assert torch.equal(over.view(torch.uint8), grad.view(torch.uint8)) and torch.equal(z, before)
     else:
         grad = bwd(a, b, cc, z, t, lse, cap, w)
     ref_nll, ref_smooth, ref_grad = options_reference(z, t, -100, cap, eps, w, a, b, cc)

@@ -418,6 +418,12 @@ def test_auto_chunk_size():
     assert auto_chunk_size(100, 32000, torch.float32, torch.device("cpu")) == 100
     assert auto_chunk_size(8192, 128256, torch.bfloat16, torch.device("cuda")) == 697
     assert auto_chunk_size(10, 10**12, torch.float32, torch.device("cpu")) == 1
+    # on the CPU at least H / 2 rows per chunk (the weight's re-reads per chunk), at most N
+    assert auto_chunk_size(2048, 128256, torch.float32, torch.device("cpu"), 2048) == 1024
+    assert auto_chunk_size(2048, 128256, torch.float32, torch.device("cpu")) == 261
+    assert auto_chunk_size(500, 128256, torch.float32, torch.device("cpu"), 2048) == 500
+    assert auto_chunk_size(4096, 32000, torch.float32, torch.device("cpu"), 1024) == 1048
+    assert auto_chunk_size(8192, 128256, torch.bfloat16, torch.device("cuda"), 4096) == 697
 
 
 # ------------------------------------------------------------------------------------ bad input

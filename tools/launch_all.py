@@ -100,6 +100,14 @@ def _ce_options(op: str, n: int, c: int, dtype: torch.dtype, device: str) -> Cal
         w = torch.linspace(0.5, 1.5, c, device=device, dtype=acc)
         out = []
         for cap, eps, weight in ((0.0, 0.1, None), (7.0, 0.2, w), (7.0, 0.0, None)):
+            if op == "ce_forward_grad_options_":  # both kernels, the backward in place; mean and sum
+                for r in (1, 2):
+                    out.append(
+                        OPS_NS.ce_forward_grad_options_(
+                            logits.clone(), targets, index, n, IGNORE, r, weight, eps, cap, 1e-3
+                        )
+                    )
+                continue
             res = OPS_NS.ce_forward_options(logits, targets, index, n, IGNORE, cap, eps, weight)
             if op == "ce_forward_options":
                 out.append(res)
@@ -190,7 +198,7 @@ OPS: Dict[str, Dict[str, Factory]] = {
             r: (lambda dt, dev, sms, op=op, r=r: _ce_options(op, *ce_shape(r, sms), dt, dev))
             for r in OPTION_ROUTES
         }
-        for op in ("ce_forward_options", "ce_backward_options")
+        for op in ("ce_forward_options", "ce_backward_options", "ce_forward_grad_options_")
     },
     "scale_unless_one_": {"grid-stride": lambda dt, dev, sms: _scale_unless_one(dt, dev)},
     # 16-byte packs where D is a multiple of the pack and the rows aligned; else the scalar loop

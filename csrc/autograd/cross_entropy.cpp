@@ -8,15 +8,16 @@
 //   ce_forward_grad_ and ce_forward_grad_options_ (overwrite_logits=True): the forward writes the
 //     gradient over the logits and bumps their version counter; the backward hands that memory
 //     back, scaled by scale_unless_one_. It refuses a second backward (the gradient exists once)
-//     and a double backward (it is stored, not a function of the logits). (The options' default
-//     route, ce_forward_options / ce_backward_options, has its autograd in Python:
-//     memcore/cross_entropy.py's _Options.)
+//     and a double backward (it is stored, not a function of the logits).
+//   ce_forward_reduce_options (the loss options): backward = one ce_backward_options call with each
+//     row's coefficients (csrc/cross_entropy_options.h); double backward through ATen ops.
 // Fake kernels for torch.compile: memcore/_ops/cross_entropy.py. More: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "../common.h"
+#include "../cross_entropy_options.h"
 #include "../ops.h"
 
 namespace memcore {
@@ -144,6 +145,87 @@ class CEForwardReduce : public torch::autograd::Function<CEForwardReduce> {
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// The options' loss (accumulate with weight / label_smoothing / softcap / z_loss): out's gradient
+// is ce_backward_options with each row's a, b, c (cross_entropy_options.h) for the upstream gradient
+// of out (0-d for mean / sum, [N] for none; the z-loss part shares it, zloss is reported without a
+// gradient). Under create_graph=True the same gradient is built from differentiable ATen ops of
+// the logits instead, so its own derivative is exact.
+class CEForwardReduceOptions : public torch::autograd::Function<CEForwardReduceOptions> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                                                const at::Tensor& targets, const at::Tensor& index,
+                                                int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                                                const std::optional<at::Tensor>& weight, double label_smoothing,
+                                                double softcap, double z_loss) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = MEMCORE_OP(ce_forward_reduce_options);
+    auto [out, zloss, loss, lse, row_stats, status] = op.call(logits, targets, index, num_samples, ignore_index,
+                                                              reduction, weight, label_smoothing, softcap, z_loss);
+    ctx->set_materialize_grads(false);  // no zero tensors for the outputs without a gradient
+    ctx->save_for_backward({logits, targets, lse, weight.has_value() ? *weight : at::Tensor()});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->mark_non_differentiable({zloss, loss, lse, row_stats, status});
+    return {out, zloss, loss, lse, row_stats, status};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list out(10);
+    if (!grads[0].defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& logits = saved[0];
+    const at::Tensor& targets = saved[1];
+    const at::Tensor& lse = saved[2];
+    const std::optional<at::Tensor> w = saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const double eps = ctx->saved_data["label_smoothing"].toDouble(), cap = ctx->saved_data["softcap"].toDouble();
+    const LossOptions o{w, eps, cap, ctx->saved_data["z_loss"].toDouble()};
+    const int64_t N = logits.size(0), C = logits.size(1);
+    const RowFactors f = row_factors(targets, ignore_index, C, o, lse.scalar_type());
+    // the upstream gradients of each row's cross-entropy part and z-loss part
+    at::Tensor g = grads[0].to(lse.scalar_type()), gz = g;
+    if (ctx->saved_data["reduction"].toInt() == kMean) {
+      gz = g / f.keep.sum();
+      g = g / f.wsum;
+    }
+    if (!at::GradMode::is_enabled()) {
+      static const auto backward = MEMCORE_OP(ce_backward_options);
+      const auto [a, b, c] = option_coefficients(f, o, g, gz, lse, 0, N, C);
+      out[0] = backward.call(a, b, c, logits, targets, lse, ignore_index, cap, w);
+      return out;
+    }
+    // double backward: (a p - b onehot - c u) (1 - tanh^2) in differentiable ops of the logits
+    at::Tensor z = logits.to(lse.scalar_type());
+    if (cap != 0.0) z = at::tanh(z / cap) * cap;
+    const at::Tensor lse_z = at::logsumexp(z, {1});
+    at::Tensor a = g * f.A;
+    if (o.zc != 0.0) a = a + gz * lse_z * f.keep * (2.0 * o.zc);
+    const at::Tensor safe_t = at::where(targets.ne(ignore_index), targets, at::zeros_like(targets));
+    const at::Tensor onehot = at::arange(C, targets.options()).unsqueeze(0).eq(safe_t.unsqueeze(1)).to(z.scalar_type());
+    at::Tensor grad = a.unsqueeze(1) * at::exp(z - lse_z.unsqueeze(1)) - (g * f.B).unsqueeze(1) * onehot;
+    if (eps != 0.0) {
+      const at::Tensor c = (g * f.keep * (eps / static_cast<double>(C))).unsqueeze(1);
+      grad = grad - (w.has_value() ? c * w->unsqueeze(0) : c);
+    }
+    if (cap != 0.0) grad = grad * (1.0 - (z / cap).square());
+    out[0] = grad.to(logits.scalar_type());
+    return out;
+  }
+};
+
+Tensor6 ce_forward_reduce_options_autograd(const at::Tensor& logits, const at::Tensor& targets,
+                                           const at::Tensor& index, int64_t num_samples, int64_t ignore_index,
+                                           int64_t reduction, const std::optional<at::Tensor>& weight,
+                                           double label_smoothing, double softcap, double z_loss) {
+  auto out = CEForwardReduceOptions::apply(logits, targets, index, num_samples, ignore_index, reduction, weight,
+                                           label_smoothing, softcap, z_loss);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
 
 // f() (ce_forward_grad_ or ce_forward_grad_options_ on z, a detached alias of the logits: same
 // memory, same version counter) below autograd; then the version bump that a C++ op does not make
@@ -287,6 +369,7 @@ TORCH_LIBRARY_IMPL(memcore, Autograd, m) {
   MEMCORE_IMPL(m, ce_forward, ce_forward_autograd);
   MEMCORE_IMPL(m, ce_forward_reduce, ce_forward_reduce_autograd);
   MEMCORE_IMPL(m, ce_forward_grad_, ce_forward_grad_autograd);
+  MEMCORE_IMPL(m, ce_forward_reduce_options, ce_forward_reduce_options_autograd);
   MEMCORE_IMPL(m, ce_forward_grad_options_, ce_forward_grad_options_autograd);
   MEMCORE_IMPL(m, ce_backward, ce_backward_autograd);
 }

@@ -1,7 +1,7 @@
 // CPU kernels of the cross-entropy family (schemas in csrc/memcore.cpp): ce_forward,
 // ce_forward_reduce, ce_backward, ce_forward_grad_, scale_unless_one_, ce_input_sqnorm, and the
-// options ops ce_forward_options / ce_backward_options / ce_forward_grad_options_ (the same kernels
-// with the options compiled in: cross_entropy_block.h's Opt). Rows are split across threads and each is read once per pass:
+// options ops ce_forward_options / ce_backward_options (the same kernels with the options compiled
+// in: cross_entropy_block.h's Opt) and ce_forward_reduce_options / ce_forward_grad_options_ on them. Rows are split across threads and each is read once per pass:
 // rows of up to kChunk elements in blocks of 64 by the vector kernels of cross_entropy_block.h
 // (half / bf16 widened to float in L1-sized scratch), longer rows streamed in kChunk pieces with an
 // online (max, sum) rescale; float64 logits take a plain double path. Memory: O(N) outputs, the
@@ -585,6 +585,15 @@ at::Tensor ce_backward_options_cpu(const at::Tensor& a, const at::Tensor& b, con
   return grad;
 }
 
+// The options' loss (cross_entropy_options.h): ce_forward_options_cpu, the row losses, the reduction
+Tensor6 ce_forward_reduce_options_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                      int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                                      const std::optional<at::Tensor>& weight, double label_smoothing,
+                                      double softcap, double z_loss) {
+  return forward_reduce_options(logits, targets, index, num_samples, ignore_index, reduction, weight,
+                                label_smoothing, softcap, z_loss, ce_forward_options_cpu);
+}
+
 // The options' overwrite route (cross_entropy_options.h): ce_forward_options_cpu, the reduced loss,
 // and its gradient written over the logits by the options' backward kernels run in place
 Tensor6 ce_forward_grad_options_cpu(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
@@ -649,6 +658,7 @@ TORCH_LIBRARY_IMPL(memcore, CPU, m) {
   MEMCORE_IMPL(m, ce_input_sqnorm, ce_input_sqnorm_cpu);
   MEMCORE_IMPL(m, ce_forward_options, ce_forward_options_cpu);
   MEMCORE_IMPL(m, ce_backward_options, ce_backward_options_cpu);
+  MEMCORE_IMPL(m, ce_forward_reduce_options, ce_forward_reduce_options_cpu);
   MEMCORE_IMPL(m, ce_forward_grad_options_, ce_forward_grad_options_cpu);
 }
 

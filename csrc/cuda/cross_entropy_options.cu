@@ -1,10 +1,11 @@
 // CUDA kernels of the cross_entropy family's options route (schemas in csrc/memcore.cpp):
-// ce_forward_options and ce_backward_options. A warp (C <= 2048) or a block owns a row, as on the
+// ce_forward_options and ce_backward_options, and on them ce_forward_reduce_options (the options'
+// loss) and ce_forward_grad_options_ (both kernels in turn, the backward in place over the logits). A warp (C <= 2048) or a block owns a row, as on the
 // default route (csrc/cuda/cross_entropy.cu), and streams it once per pass with 16-byte loads; the
 // per-row logic is cross_entropy_row.h's options section (opt_walk_row, opt_grad_row,
 // opt_target_grad), replayed on the host by csrc/cross_entropy_replay.cpp. Soft-capping is a
 // compile-time variant (CAP), label smoothing and class weights runtime choices uniform over the
-// launch. Memory: O(N) outputs and the N x C gradient; no workspace, no host sync. Few very wide
+// launch. Memory: O(N) outputs and the N x C gradient (none in place); no workspace, no host sync. Few very wide
 // rows take the block-per-row launch here (the default route's split launch is not used).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,6 +18,7 @@
 
 #include "../checks.h"
 #include "../common.h"
+#include "../cross_entropy_options.h"
 #include "../ops.h"
 #include "cross_entropy_launch.h"
 #include "cross_entropy_row.h"
@@ -82,13 +84,14 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kOptionsMinBlocks) ce_f
 }
 
 // ce_backward_options: grad row = (a p - b onehot - c u) (* (1 - th^2) with CAP); c null: no c term.
-// grad is a new tensor (never the logits): the target logit may be read after the pass.
+// grad may be the logits (ce_forward_grad_options_): no __restrict__ on them; each element is read
+// and then written by one thread, and the owner of column t reads the target logit before its pass.
 template <typename scalar_t, int TPR, int VEC, bool CAP>
 __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kOptionsMinBlocks) ce_backward_options_kernel(
     const typename OpMath<scalar_t>::type* __restrict__ a, const typename OpMath<scalar_t>::type* __restrict__ b,
-    const typename OpMath<scalar_t>::type* __restrict__ c, const scalar_t* __restrict__ logits,
+    const typename OpMath<scalar_t>::type* __restrict__ c, const scalar_t* logits,
     const int64_t* __restrict__ targets, const typename OpMath<scalar_t>::type* __restrict__ lse,
-    const typename OpMath<scalar_t>::type* __restrict__ u, scalar_t* __restrict__ grad, int64_t N, int64_t C,
+    const typename OpMath<scalar_t>::type* __restrict__ u, scalar_t* grad, int64_t N, int64_t C,
     int64_t ignore_index, CapArgs<typename OpMath<scalar_t>::type> ca) {
   using acc_t = typename OpMath<scalar_t>::type;
   using Map = RowMap<TPR>;
@@ -104,13 +107,14 @@ __global__ void __launch_bounds__(RowMap<TPR>::kThreads, kOptionsMinBlocks) ce_b
   const scalar_t* z = logits + row * C;
   const acc_t l = lse[row], ar = a[row], cr = c ? c[row] : acc_t(0);
   const cerow::Layout L = cerow::layout<VEC>(reinterpret_cast<uintptr_t>(z), sizeof(scalar_t), C, t);
+  const bool own = lane == cerow::owner<TPR, VEC>(L, t);
+  const acc_t zt = own ? static_cast<acc_t>(z[t]) : acc_t(0);  // before the pass may overwrite it
   const acc_t mine = cerow::opt_grad_row<scalar_t, TPR, VEC, CAP>(z, g, C, t, L, l, ar, cr, ca.cap, ca.kc, u, lane);
   const acc_t others = cerow::kTargetBySum<scalar_t> ? row_sum<acc_t, TPR>(mine, lane) : acc_t(0);
   // the owner of column t rewrites it after its own store (program order)
-  if (lane == cerow::owner<TPR, VEC>(L, t)) {
+  if (own) {
     const acc_t ut = cr != acc_t(0) && u ? u[t] : acc_t(1);
-    g[t] = static_cast<scalar_t>(cerow::opt_target_grad<scalar_t, CAP>(static_cast<acc_t>(z[t]), l, others, ar, b[row],
-                                                                       cr, ut, ca.cap, ca.kc));
+    g[t] = static_cast<scalar_t>(cerow::opt_target_grad<scalar_t, CAP>(zt, l, others, ar, b[row], cr, ut, ca.cap, ca.kc));
   }
 }
 
@@ -159,19 +163,18 @@ Tensor5 ce_forward_options_cuda(const at::Tensor& logits, const at::Tensor& targ
   return {loss, lse, row_stats, status, smooth_out};
 }
 
-at::Tensor ce_backward_options_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                                    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                                    int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight) {
+// ce_backward_options_kernel over every row into out: a new tensor at the logits' 16-byte offset
+// (grad_like), or the logits themselves
+void backward_options_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& logits,
+                           at::Tensor& out, const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index,
+                           double softcap, const std::optional<at::Tensor>& weight) {
   const char* op = "memcore::ce_backward_options";
-  check_backward_options(a, b, c, logits, targets, lse, softcap, weight);
-  const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
-  at::Tensor grad = grad_like(logits);  // at the logits' 16-byte offset, as ce_backward's
-  if (N == 0 || C == 0) return grad;
+  if (N == 0 || C == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_backward_options_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool vec = packs_fit(logits, grad);
+    const bool vec = packs_fit(logits, out);
     const CapArgs<acc_t> ca{static_cast<acc_t>(softcap), softcap > 0.0 ? cerow::cap_k_of<acc_t>(softcap) : acc_t(0)};
     const acc_t* cp = c.numel() != 0 ? c.data_ptr<acc_t>() : nullptr;
     const acc_t* u = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
@@ -182,12 +185,43 @@ at::Tensor ce_backward_options_cuda(const at::Tensor& a, const at::Tensor& b, co
         const int64_t blocks = grid_size((N + Map::kRowsPerBlock - 1) / Map::kRowsPerBlock, op);
         ce_backward_options_kernel<scalar_t, TPR, VEC, decltype(cap)::value><<<blocks, Map::kThreads, 0, stream>>>(
             a.data_ptr<acc_t>(), b.data_ptr<acc_t>(), cp, logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
-            lse.data_ptr<acc_t>(), u, grad.data_ptr<scalar_t>(), N, C, ignore_index, ca);
+            lse.data_ptr<acc_t>(), u, out.data_ptr<scalar_t>(), N, C, ignore_index, ca);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
+}
+
+at::Tensor ce_backward_options_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                                    int64_t ignore_index, double softcap, const std::optional<at::Tensor>& weight) {
+  check_backward_options(a, b, c, logits, targets, lse, softcap, weight);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = grad_like(logits);  // at the logits' 16-byte offset, as ce_backward's
+  backward_options_into(a, b, c, logits, grad, targets, lse, ignore_index, softcap, weight);
   return grad;
+}
+
+// The options' loss (cross_entropy_options.h): the forward kernel, the row losses and the reduction
+// on the device (no host sync)
+Tensor6 ce_forward_reduce_options_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                       int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                                       const std::optional<at::Tensor>& weight, double label_smoothing,
+                                       double softcap, double z_loss) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  return forward_reduce_options(logits, targets, index, num_samples, ignore_index, reduction, weight,
+                                label_smoothing, softcap, z_loss, ce_forward_options_cuda);
+}
+
+// The options' overwrite route (cross_entropy_options.h): the forward kernel, the reduced loss on
+// the device (no host sync), and the backward kernel in place over the logits
+Tensor6 ce_forward_grad_options_cuda(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                     int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                                     const std::optional<at::Tensor>& weight, double label_smoothing, double softcap,
+                                     double z_loss) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  return forward_grad_options(logits, targets, index, num_samples, ignore_index, reduction, weight,
+                              label_smoothing, softcap, z_loss, ce_forward_options_cuda, backward_options_into);
 }
 
 }  // namespace
@@ -195,6 +229,8 @@ at::Tensor ce_backward_options_cuda(const at::Tensor& a, const at::Tensor& b, co
 TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
   MEMCORE_IMPL(m, ce_forward_options, ce_forward_options_cuda);
   MEMCORE_IMPL(m, ce_backward_options, ce_backward_options_cuda);
+  MEMCORE_IMPL(m, ce_forward_reduce_options, ce_forward_reduce_options_cuda);
+  MEMCORE_IMPL(m, ce_forward_grad_options_, ce_forward_grad_options_cuda);
 }
 
 }  // namespace cuda

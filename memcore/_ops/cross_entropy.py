@@ -1,13 +1,12 @@
 """The cross_entropy family's ops on the Python side: fake kernels for torch.compile of ce_forward,
 ce_forward_reduce, ce_forward_grad_, ce_backward, scale_unless_one_, ce_input_sqnorm and the options
-ops ce_forward_options / ce_backward_options / ce_forward_grad_options_.
+ops ce_forward_options / ce_backward_options / ce_forward_reduce_options / ce_forward_grad_options_.
 
 Schemas: csrc/memcore.cpp; kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu,
 csrc/cuda/cross_entropy_options.cu; autograd (ce_forward, ce_forward_reduce, ce_forward_grad_,
-ce_forward_grad_options_ and the double backward of ce_backward): C++, csrc/autograd/cross_entropy.cpp,
-so a training step's backward never enters Python (ce_forward_options / ce_backward_options': the
-autograd function in memcore/cross_entropy.py). The public wrapper is ``memcore.accumulate``
-(memcore/cross_entropy.py).
+ce_forward_reduce_options, ce_forward_grad_options_ and the double backward of ce_backward): C++,
+csrc/autograd/cross_entropy.cpp, so a training step's backward never enters Python. The public
+wrapper is ``memcore.accumulate`` (memcore/cross_entropy.py).
 """
 
 import torch
@@ -68,6 +67,15 @@ def _ce_forward_options_fake(
 @torch.library.register_fake("memcore::ce_backward_options")
 def _ce_backward_options_fake(a, b, c, logits, targets, lse, ignore_index, softcap, weight):
     return torch.empty_like(logits)
+
+
+@torch.library.register_fake("memcore::ce_forward_reduce_options")
+def _ce_forward_reduce_options_fake(
+    logits, targets, index, num_samples, ignore_index, reduction, weight, label_smoothing, softcap, z_loss
+):
+    loss, lse, row_stats, status = _ce_forward_fake(logits, targets, index, num_samples, ignore_index)
+    shape = (logits.shape[0],) if reduction == 0 else ()
+    return loss.new_empty(shape), loss.new_empty(shape), loss, lse, row_stats, status
 
 
 @torch.library.register_fake("memcore::ce_forward_grad_options_")
