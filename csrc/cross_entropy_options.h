@@ -10,6 +10,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "checks.h"
 #include "common.h"
@@ -99,62 +100,64 @@ inline Tensor2 option_reduce(const RowFactors& f, const at::Tensor& ce, const at
   return {total + ztotal, ztotal};
 }
 
-// ce_forward_reduce_options on one device: fwd is that device's ce_forward_options kernel; then the
-// options' row losses and F.cross_entropy's reduction (none: per row, out = ce + z-loss and zloss
-// the z-loss rows, zeros without it).
+// The options' loss on one device, kept with its row factors: fwd is that device's
+// ce_forward_options kernel; then the options' row losses and F.cross_entropy's reduction (none: per
+// row, out = ce + z-loss and zloss the z-loss rows, zeros without it). op names the caller in errors.
+template <class Fwd>
+std::pair<Tensor6, RowFactors> options_loss(const at::Tensor& logits, const at::Tensor& targets,
+                                            const at::Tensor& index, int64_t num_samples, int64_t ignore_index,
+                                            int64_t reduction, const LossOptions& o, Fwd&& fwd, const char* op) {
+  check_rows(logits, targets, op);
+  check_reduction(reduction, /*allow_none=*/true, op);
+  check_loss_options(o, logits.size(1), logits, op, "weight");
+  auto [nll, lse, row_stats, status, smooth] =
+      fwd(logits, targets, index, num_samples, ignore_index, o.softcap, o.eps, o.weight);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const at::ScalarType acc_t = opmath_dtype(logits);
+  RowFactors f = row_factors(targets, ignore_index, C, o, acc_t);
+  const auto [ce, zl] = option_losses(f, o, nll, lse, smooth, 0, N, C);
+  if (reduction == kNone) {
+    if (zl.numel() == 0) return {{ce, at::zeros_like(ce), nll, lse, row_stats, status}, f};
+    return {{ce + zl, zl, nll, lse, row_stats, status}, f};
+  }
+  const auto [out, zout] = option_reduce(f, ce, zl, targets.ne(ignore_index).sum(), reduction);
+  return {{out.to(acc_t), zout.to(acc_t), nll, lse, row_stats, status}, f};
+}
+
+// ce_forward_reduce_options on one device (fwd: its ce_forward_options kernel)
 template <class Fwd>
 Tensor6 forward_reduce_options(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                                int64_t num_samples, int64_t ignore_index, int64_t reduction,
                                const std::optional<at::Tensor>& weight, double label_smoothing, double softcap,
                                double z_loss, Fwd&& fwd) {
-  const char* op = "memcore::ce_forward_reduce_options";
-  check_rows(logits, targets, op);
-  check_reduction(reduction, /*allow_none=*/true, op);
   const LossOptions o{weight, label_smoothing, softcap, z_loss};
-  check_loss_options(o, logits.size(1), logits, op, "weight");
-  auto [nll, lse, row_stats, status, smooth] =
-      fwd(logits, targets, index, num_samples, ignore_index, softcap, label_smoothing, weight);
-  const int64_t N = logits.size(0), C = logits.size(1);
-  const at::ScalarType acc_t = opmath_dtype(logits);
-  const RowFactors f = row_factors(targets, ignore_index, C, o, acc_t);
-  const auto [ce, zl] = option_losses(f, o, nll, lse, smooth, 0, N, C);
-  if (reduction == kNone) {
-    if (zl.numel() == 0) return {ce, at::zeros_like(ce), nll, lse, row_stats, status};
-    return {ce + zl, zl, nll, lse, row_stats, status};
-  }
-  const auto [out, zout] = option_reduce(f, ce, zl, targets.ne(ignore_index).sum(), reduction);
-  return {out.to(acc_t), zout.to(acc_t), nll, lse, row_stats, status};
+  return options_loss(logits, targets, index, num_samples, ignore_index, reduction, o, fwd,
+                      "memcore::ce_forward_reduce_options")
+      .first;
 }
 
-// ce_forward_grad_options_ on one device: fwd is that device's ce_forward_options kernel, bwd_into
-// (a, b, c, logits, out, targets, lse, ignore_index, softcap, weight) its ce_backward_options kernel
-// writing into out, here the logits themselves (every backward kernel reads an element before it
-// writes it, and the target logit before the row's pass). The gradient is that of the reduced loss
-// for upstream 1: a, b, c with g = 1 / sum w_t (mean) or 1 and the z-loss's 1 / count or 1.
+// ce_forward_grad_options_ on one device: options_loss, then bwd_into (a, b, c, logits, out,
+// targets, lse, ignore_index, softcap, weight), its ce_backward_options kernel writing into out,
+// here the logits themselves (every backward kernel reads an element before it writes it, and the
+// target logit before the row's pass). The gradient is that of the reduced loss for upstream 1:
+// a, b, c with g = 1 / sum w_t (mean) or 1 and the z-loss's 1 / count or 1.
 template <class Fwd, class BwdInto>
 Tensor6 forward_grad_options(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
                              int64_t num_samples, int64_t ignore_index, int64_t reduction,
                              const std::optional<at::Tensor>& weight, double label_smoothing, double softcap,
                              double z_loss, Fwd&& fwd, BwdInto&& bwd_into) {
   const char* op = "memcore::ce_forward_grad_options_";
-  check_rows(logits, targets, op);
   check_forward_grad(logits, reduction, op);
   const LossOptions o{weight, label_smoothing, softcap, z_loss};
-  check_loss_options(o, logits.size(1), logits, op, "weight");
-  auto [nll, lse, row_stats, status, smooth] =
-      fwd(logits, targets, index, num_samples, ignore_index, softcap, label_smoothing, weight);
+  auto [res, f] = options_loss(logits, targets, index, num_samples, ignore_index, reduction, o, fwd, op);
+  const at::Tensor& lse = std::get<3>(res);
   const int64_t N = logits.size(0), C = logits.size(1);
-  const at::ScalarType acc_t = opmath_dtype(logits);
-  const RowFactors f = row_factors(targets, ignore_index, C, o, acc_t);
-  const at::Tensor count = targets.ne(ignore_index).sum();
-  const auto [ce, zl] = option_losses(f, o, nll, lse, smooth, 0, N, C);
-  const auto [out, zout] = option_reduce(f, ce, zl, count, reduction);
   const at::Tensor one = at::ones({}, lse.options());
   const at::Tensor g = reduction == kMean ? one / f.wsum : one;
-  const at::Tensor gz = reduction == kMean ? one / count.to(acc_t) : one;
+  const at::Tensor gz = reduction == kMean ? one / f.keep.sum() : one;
   const auto [a, b, c] = option_coefficients(f, o, g, gz, lse, 0, N, C);
   bwd_into(a, b, c, logits, logits, targets, lse, ignore_index, softcap, weight);
-  return {out.to(acc_t), zout.to(acc_t), nll, lse, row_stats, status};
+  return res;
 }
 
 }  // namespace memcore
