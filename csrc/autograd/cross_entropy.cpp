@@ -199,7 +199,13 @@ class CEForwardReduceOptions : public torch::autograd::Function<CEForwardReduceO
       out[0] = backward.call(a, b, c, logits, targets, lse, ignore_index, cap, w);
       return out;
     }
-    // double backward: (a p - b onehot - c u) (1 - tanh^2) in differentiable ops of the logits
+    // double backward: (a p - b onehot - c u) (1 - tanh^2) in differentiable ops of the logits. The
+    // rows the kernel skips (ignored, target out of range) take a zero scale, as there: with every
+    // row ignored "mean"'s 1 / 0 would make 0 * inf = NaN of them (F.cross_entropy gives zeros)
+    const at::Tensor rows = targets.ne(ignore_index).logical_and(targets.ge(0)).logical_and(targets.lt(C));
+    const at::Tensor zero = at::zeros({}, g.options());
+    g = at::where(rows, g, zero);
+    gz = at::where(rows, gz, zero);
     at::Tensor z = logits.to(lse.scalar_type());
     if (cap != 0.0) z = at::tanh(z / cap) * cap;
     const at::Tensor lse_z = at::logsumexp(z, {1});
