@@ -26,8 +26,8 @@ decision in csrc/cuda/cross_entropy.cu take for it):
                 (F.linear + F.cross_entropy), memcore.linear_accumulate, Liger's fused loss: time,
                 TFLOP/s (6 N H V), peak memory above the inputs, differences from plain
     accumulate  memcore.accumulate(...).backward() end to end (tracker commit included), default
-                and overwrite_logits=True, F.cross_entropy, Liger's cross-entropy, at 8192 x 32000
-                and 8192 x 128256
+                and overwrite_logits=True, with softcap=30 on both routes, F.cross_entropy, Liger's
+                cross-entropy (with softcap=30 too), at 8192 x 32000 and 8192 x 128256
     torch.compile  torch.compile(F.cross_entropy) fwd+bwd at 8192 x 32000 (its compile time too)
 GB/s counts the least HBM traffic of the case (the passes above), so it compares directly with the
 copy's; pct_copy is that ratio. Each line is flushed as soon as measured; a case that raises writes
@@ -313,8 +313,8 @@ def linear_cross_entropy(run: Run, n: int, h: int, v: int) -> None:
 
 def accumulate(run: Run, n: int, c: int) -> None:
     """End to end fwd+bwd from a leaf of logits (a fresh copy before each call, untimed):
-    memcore.accumulate (default, overwrite_logits=True; its tracker commit included),
-    F.cross_entropy and Liger's cross-entropy."""
+    memcore.accumulate (default, overwrite_logits=True, each with softcap=30 too; its tracker commit
+    included), F.cross_entropy and Liger's cross-entropy (and with softcap=30)."""
     dev, dt = run.device, run.dtype
     g = torch.Generator(device=dev).manual_seed(c)
     master = torch.randn(n, c, device=dev, dtype=dt, generator=g)
@@ -332,11 +332,23 @@ def accumulate(run: Run, n: int, c: int) -> None:
             lambda: memcore.accumulate(box["x"], targets, index, tracker, overwrite_logits=True).backward(),
             2,
         ),
+        # the options route (Gemma's soft-capping; its kernels, then in place with overwrite)
+        "memcore softcap": (
+            lambda: memcore.accumulate(box["x"], targets, index, tracker, softcap=30.0).backward(),
+            3,
+        ),
+        "memcore softcap overwrite": (
+            lambda: memcore.accumulate(
+                box["x"], targets, index, tracker, softcap=30.0, overwrite_logits=True
+            ).backward(),
+            3,
+        ),
         "F.cross_entropy": (lambda: F.cross_entropy(box["x"], targets).backward(), 3),
     }
     if LigerCrossEntropyLoss is not None and dev == "cuda":
-        lig = LigerCrossEntropyLoss()
+        lig, lig_cap = LigerCrossEntropyLoss(), LigerCrossEntropyLoss(softcap=30.0)
         variants["liger"] = (lambda: lig(box["x"], targets).backward(), 2)
+        variants["liger softcap"] = (lambda: lig_cap(box["x"], targets).backward(), 2)
     nbytes = master.numel() * master.element_size()
     for name, (fn, passes) in variants.items():
 

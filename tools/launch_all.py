@@ -100,6 +100,15 @@ def _ce_options(op: str, n: int, c: int, dtype: torch.dtype, device: str) -> Cal
         w = torch.linspace(0.5, 1.5, c, device=device, dtype=acc)
         out = []
         for cap, eps, weight in ((0.0, 0.1, None), (7.0, 0.2, w), (7.0, 0.0, None)):
+            if op == "ce_forward_reduce_options":  # the options' loss, every reduction, and its backward
+                for r in (0, 1, 2):
+                    x = logits.detach().clone().requires_grad_()
+                    res = OPS_NS.ce_forward_reduce_options(
+                        x, targets, index, n, IGNORE, r, weight, eps, cap, 1e-3
+                    )
+                    res[0].sum().backward()
+                    out.append((res, x.grad))
+                continue
             if op == "ce_forward_grad_options_":  # both kernels, the backward in place; mean and sum
                 for r in (1, 2):
                     out.append(
@@ -198,7 +207,12 @@ OPS: Dict[str, Dict[str, Factory]] = {
             r: (lambda dt, dev, sms, op=op, r=r: _ce_options(op, *ce_shape(r, sms), dt, dev))
             for r in OPTION_ROUTES
         }
-        for op in ("ce_forward_options", "ce_backward_options", "ce_forward_grad_options_")
+        for op in (
+            "ce_forward_options",
+            "ce_backward_options",
+            "ce_forward_reduce_options",
+            "ce_forward_grad_options_",
+        )
     },
     "scale_unless_one_": {"grid-stride": lambda dt, dev, sms: _scale_unless_one(dt, dev)},
     # 16-byte packs where D is a multiple of the pack and the rows aligned; else the scalar loop
