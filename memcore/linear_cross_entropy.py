@@ -18,12 +18,14 @@ _MIB = 2**20
 # from the free memory, so that the chunking, and with it the rounding of the results, does not
 # depend on what else happens to be allocated.
 CHUNK_BYTES = {"cpu": 128 * _MIB, "cuda": 512 * _MIB}
-# On the CPU a chunk also takes at least this many rows per feature of hidden: every chunk reads the
-# head's weight [V, H] twice (the logits GEMM, hidden's gradient) and reads and writes the fp32
-# weight-gradient accumulator once, so with few rows per chunk that traffic, not the GEMMs' work,
-# sets the time (2,048 x 2,048 x 128,256 fp32 on 2 cores: 261-row chunks 1.13-1.25x the time of
-# F.linear + F.cross_entropy, 1,024-row chunks 0.94-0.96x; benchmarks/RESULTS.md).
+# On the CPU a chunk also takes at least this many rows per feature of hidden, as far as
+# CPU_MAX_CHUNK_BYTES allows: every chunk reads the head's weight [V, H] twice (the logits GEMM,
+# hidden's gradient) and reads and writes the fp32 weight-gradient accumulator once, so with few rows
+# per chunk that traffic, not the GEMMs' work, sets the time (2,048 x 2,048 x 128,256 fp32 on 2
+# cores: 261-row chunks 1.13-1.25x the time of F.linear + F.cross_entropy, 1,024-row chunks
+# 0.94-0.96x; benchmarks/RESULTS.md).
 CPU_MIN_ROWS_PER_FEATURE = 0.5
+CPU_MAX_CHUNK_BYTES = 512 * _MIB
 
 
 def auto_chunk_size(
@@ -31,14 +33,15 @@ def auto_chunk_size(
 ) -> int:
     """Rows per chunk for ``chunk_size=None``: as many as keep one chunk's [rows, V] logits (and, for
     float16 / bfloat16, their fp32 copy) within ``CHUNK_BYTES`` of the device type (128 MiB on CPU,
-    512 MiB elsewhere), on the CPU at least ``hidden_size / 2`` rows (``CPU_MIN_ROWS_PER_FEATURE``),
-    at least 1 and at most ``num_rows``. Examples: V=32,000 fp32 -> 1,048 rows on CPU; V=128,256,
-    H=2,048 fp32 -> 1,024 rows on CPU (a 501 MiB chunk); V=128,256 bf16 on CUDA -> 697 rows."""
+    512 MiB elsewhere); on the CPU at least ``hidden_size / 2`` rows (``CPU_MIN_ROWS_PER_FEATURE``)
+    while the chunk stays within 512 MiB; at least 1 and at most ``num_rows``. Examples: V=32,000
+    fp32 -> 1,048 rows on CPU; V=128,256, H=2,048 fp32 -> 1,024 rows on CPU (a 501 MiB chunk);
+    V=128,256 bf16 on CUDA -> 697 rows."""
     per_row = num_classes * (dtype.itemsize + (4 if dtype in (torch.float16, torch.bfloat16) else 0))
     kind = torch.device(device).type
     rows = CHUNK_BYTES.get(kind, CHUNK_BYTES["cuda"]) // per_row
     if kind == "cpu":
-        rows = max(rows, int(hidden_size * CPU_MIN_ROWS_PER_FEATURE))
+        rows = max(rows, min(int(hidden_size * CPU_MIN_ROWS_PER_FEATURE), CPU_MAX_CHUNK_BYTES // per_row))
     return max(1, min(int(num_rows), rows))
 
 
@@ -90,7 +93,7 @@ def linear_accumulate(
         reduction: "mean" (over the non-ignored rows of the whole call), "sum" or "none".
         ignore_index: rows with this target contribute no loss, gradient or statistics.
         chunk_size: rows per chunk; None: :func:`auto_chunk_size` (one chunk's logits within 128 MiB
-            on CPU, 512 MiB on CUDA; on CPU at least H / 2 rows). Peak memory above the inputs is about one chunk's logits, the
+            on CPU, 512 MiB on CUDA; on CPU at least H / 2 rows, up to 512 MiB). Peak memory above the inputs is about one chunk's logits, the
             fp32 weight gradient [V, H] and hidden's gradient [N, H]; time is that of the three
             GEMMs F.linear + backward would run plus memcore's CE passes.
 

@@ -424,6 +424,8 @@ def test_auto_chunk_size():
     assert auto_chunk_size(500, 128256, torch.float32, torch.device("cpu"), 2048) == 500
     assert auto_chunk_size(4096, 32000, torch.float32, torch.device("cpu"), 1024) == 1048
     assert auto_chunk_size(8192, 128256, torch.bfloat16, torch.device("cuda"), 4096) == 697
+    # ... while the chunk stays within 512 MiB (H = 8,192: 1,046 rows, not 4,096)
+    assert auto_chunk_size(8192, 128256, torch.float32, torch.device("cpu"), 8192) == 1046
 
 
 # ------------------------------------------------------------------------------------ bad input
