@@ -95,7 +95,11 @@ inline Tensor2 option_reduce(const RowFactors& f, const at::Tensor& ce, const at
   const at::Tensor ztotal = zl.numel() != 0 ? zl.sum(at::kDouble) : at::zeros({}, total.options());
   if (reduction == kMean) {
     const at::Tensor zout = ztotal / count;
-    return {total / f.wsum.to(at::kDouble) + zout, zout};
+    // F.cross_entropy divides its nll and smoothing parts by the summed weights one by one, so a
+    // zero total weight gives NaN (0 / 0) even where the smoothing part alone would give inf
+    const at::Tensor wsum = f.wsum.to(at::kDouble);
+    const at::Tensor ce = at::where(wsum.ne(0), total / wsum, at::full({}, NAN, wsum.options()));
+    return {ce + zout, zout};
   }
   return {total + ztotal, ztotal};
 }

@@ -238,6 +238,31 @@ def test_every_row_ignored(reduction, overwrite):
         assert torch.equal(grad, torch.zeros_like(z)), _case(kw)
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_zero_total_weight_is_nan_as_in_f_cross_entropy(overwrite):
+    """Every kept row's class weighted 0: F.cross_entropy's weighted mean is 0 / 0 = NaN, with label
+    smoothing too (its smoothing part alone would be x / 0 = inf), and so is the gradient."""
+    z = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tensor([0, 0, 1, 1])
+    w = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    for eps in (0.0, 0.1):
+        a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+        got = memcore.accumulate(
+            a,
+            t,
+            torch.arange(4),
+            memcore.Tracker(4),
+            weight=w,
+            label_smoothing=eps,
+            overwrite_logits=overwrite,
+        )
+        want = F.cross_entropy(b, t, weight=w, label_smoothing=eps)
+        assert torch.isnan(got) and torch.isnan(want)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
+
+
 @pytest.mark.parametrize("reduction, overwrite", ROUTES)
 def test_empty_batch(reduction, overwrite):
     """N = 0 on either route: what the default route gives (F.cross_entropy's values: NaN for
