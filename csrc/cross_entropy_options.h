@@ -38,10 +38,11 @@ inline void check_loss_options(const LossOptions& o, int64_t classes, const at::
 // with w_t = w[t_r] (1 without weights) on kept rows and 0 on ignored ones, W = sum(w) (or C),
 //   ce_r = B_r nll_r + (eps / C) smooth_r,    B_r = (1 - eps) w_t,
 //   d ce_r / d z = A_r p - B_r onehot_t - (eps / C) u,   A_r = (1 - eps) w_t + (eps / C) W [kept],
-// keep = 1 on kept rows, and wsum = sum of w_t (the weighted mean's denominator), 0-d. Targets out
-// of range read the nearest class here: ce_forward_options flags them (the batch is rejected).
+// keep = 1 on kept rows, wsum = sum of w_t (the weighted mean's denominator, 0-d) and count = the
+// number of kept rows (int64 0-d, exact at any N: the z-loss mean's denominator). Targets out of
+// range read the nearest class here: ce_forward_options flags them (the batch is rejected).
 struct RowFactors {
-  at::Tensor keep, A, B, wsum;
+  at::Tensor keep, A, B, wsum, count;
 };
 
 inline RowFactors row_factors(const at::Tensor& targets, int64_t ignore_index, int64_t C, const LossOptions& o,
@@ -56,7 +57,7 @@ inline RowFactors row_factors(const at::Tensor& targets, int64_t ignore_index, i
   }
   at::Tensor B = w_t * (1.0 - o.eps);
   at::Tensor A = o.eps == 0.0 ? B : B + keep * (big_w * (o.eps / static_cast<double>(C)));
-  return {keep, A, B, w_t.sum()};
+  return {keep, A, B, w_t.sum(), kept.sum()};
 }
 
 // ce_backward_options' a, b, c of rows [start, start + n) for upstream gradients g (the
@@ -89,12 +90,11 @@ inline Tensor2 option_losses(const RowFactors& f, const LossOptions& o, const at
 // (out, zout), out the reduced loss with its z-loss part, zout that part alone. mean: the
 // cross-entropy part over the summed w_t, the z-loss part over the kept rows (Liger-Kernel's
 // convention); all rows ignored gives NaN, as torch.
-inline Tensor2 option_reduce(const RowFactors& f, const at::Tensor& ce, const at::Tensor& zl, const at::Tensor& count,
-                             int64_t reduction) {
+inline Tensor2 option_reduce(const RowFactors& f, const at::Tensor& ce, const at::Tensor& zl, int64_t reduction) {
   const at::Tensor total = ce.sum(at::kDouble);
   const at::Tensor ztotal = zl.numel() != 0 ? zl.sum(at::kDouble) : at::zeros({}, total.options());
   if (reduction == kMean) {
-    const at::Tensor zout = ztotal / count;
+    const at::Tensor zout = ztotal / f.count;
     // F.cross_entropy divides its nll and smoothing parts by the summed weights one by one, so a
     // zero total weight gives NaN (0 / 0) even where the smoothing part alone would give inf
     const at::Tensor wsum = f.wsum.to(at::kDouble);
@@ -124,7 +124,7 @@ std::pair<Tensor6, RowFactors> options_loss(const at::Tensor& logits, const at::
     if (zl.numel() == 0) return {{ce, at::zeros_like(ce), nll, lse, row_stats, status}, f};
     return {{ce + zl, zl, nll, lse, row_stats, status}, f};
   }
-  const auto [out, zout] = option_reduce(f, ce, zl, targets.ne(ignore_index).sum(), reduction);
+  const auto [out, zout] = option_reduce(f, ce, zl, reduction);
   return {{out.to(acc_t), zout.to(acc_t), nll, lse, row_stats, status}, f};
 }
 
@@ -158,7 +158,7 @@ Tensor6 forward_grad_options(at::Tensor& logits, const at::Tensor& targets, cons
   const int64_t N = logits.size(0), C = logits.size(1);
   const at::Tensor one = at::ones({}, lse.options());
   const at::Tensor g = reduction == kMean ? one / f.wsum : one;
-  const at::Tensor gz = reduction == kMean ? one / f.keep.sum() : one;
+  const at::Tensor gz = reduction == kMean ? one / f.count : one;
   const auto [a, b, c] = option_coefficients(f, o, g, gz, lse, 0, N, C);
   bwd_into(a, b, c, logits, logits, targets, lse, ignore_index, softcap, weight);
   return res;

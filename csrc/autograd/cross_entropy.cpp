@@ -190,7 +190,7 @@ class CEForwardReduceOptions : public torch::autograd::Function<CEForwardReduceO
     // the upstream gradients of each row's cross-entropy part and z-loss part
     at::Tensor g = grads[0].to(lse.scalar_type()), gz = g;
     if (ctx->saved_data["reduction"].toInt() == kMean) {
-      gz = g / f.keep.sum();
+      gz = g / f.count;
       g = g / f.wsum;
     }
     if (!at::GradMode::is_enabled()) {
@@ -211,7 +211,7 @@ class CEForwardReduceOptions : public torch::autograd::Function<CEForwardReduceO
     const at::Tensor lse_z = at::logsumexp(z, {1});
     at::Tensor a = g * f.A;
     if (o.zc != 0.0) a = a + gz * lse_z * f.keep * (2.0 * o.zc);
-    const at::Tensor safe_t = at::where(targets.ne(ignore_index), targets, at::zeros_like(targets));
+    const at::Tensor safe_t = at::where(rows, targets, at::zeros_like(targets));  // skipped rows: g = 0
     const at::Tensor onehot = at::arange(C, targets.options()).unsqueeze(0).eq(safe_t.unsqueeze(1)).to(z.scalar_type());
     at::Tensor grad = a.unsqueeze(1) * at::exp(z - lse_z.unsqueeze(1)) - (g * f.B).unsqueeze(1) * onehot;
     if (eps != 0.0) {

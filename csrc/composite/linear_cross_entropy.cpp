@@ -204,13 +204,12 @@ Tensor11 options_forward(const at::Tensor& hidden, const at::Tensor& weight, con
   static const auto backward = MEMCORE_OP(ce_backward_options);
 
   const RowFactors f = row_factors(targets, ignore_index, V, o, acc_t);
-  const at::Tensor count = targets.ne(ignore_index).sum();
   at::Tensor nll = at::zeros({N}, loss.options());
   at::Tensor zl = o.zc != 0.0 ? at::zeros({N}, loss.options()) : at::empty({0}, loss.options());
   // upstream gradients of the reduced loss: the cross-entropy part's and the z-loss part's
   const at::Tensor one = at::ones({}, loss.options());
   const at::Tensor g = reduction == kMean ? one / f.wsum : one;
-  const at::Tensor gz = reduction == kMean ? one / count.to(acc_t) : one;
+  const at::Tensor gz = reduction == kMean ? one / f.count : one;
 
   at::Tensor logits = chunk_buffer(hidden, weight, chunk_size);
   for (int64_t start = 0; start < N; start += chunk_size) {
@@ -234,9 +233,9 @@ Tensor11 options_forward(const at::Tensor& hidden, const at::Tensor& weight, con
     }
   }
   // ignored and rejected rows hold 0
-  const at::Tensor out = std::get<0>(option_reduce(f, loss, zl, count, reduction));
+  const at::Tensor out = std::get<0>(option_reduce(f, loss, zl, reduction));
   if (o.zc != 0.0) loss.add_(zl);
-  return {out.to(acc_t), count, loss, lse, row_stats, status, grad_h, grad_w, grad_b, nll, zl};
+  return {out.to(acc_t), f.count, loss, lse, row_stats, status, grad_h, grad_w, grad_b, nll, zl};
 }
 
 Tensor11 linear_ce_forward_composite(const at::Tensor& hidden, const at::Tensor& weight,
