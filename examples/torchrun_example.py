@@ -12,6 +12,7 @@ the state is kept. Needs only torch and memcore.
 """
 
 import argparse
+import gc
 import os
 
 import torch
@@ -77,6 +78,11 @@ def main() -> None:
             f"{mode} over {dist.get_world_size()} ranks, {tracker.epochs} epochs: {int(flipped[top].sum())} of the {k} highest-CSL samples are flipped labels"
         )
         print(f"top 10 by CSL: {top[:10].tolist()}")
+    # DDP's reducer holds the process group and DDP modules sit in reference cycles: left to the
+    # collector at interpreter exit, gloo's threads can be torn down mid-way and abort the process
+    # (std::terminate) after a run that succeeded; release it first, then the group
+    del model, opt
+    gc.collect()
     dist.destroy_process_group()
 
 
