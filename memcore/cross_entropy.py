@@ -127,7 +127,9 @@ def accumulate(
     Raises:
         TypeError / ValueError on wrong dtypes, shapes or devices; IndexError for targets or index
         out of range; ValueError for NaN / +inf logits. A rejected batch leaves the tracker
-        unchanged. With ``Tracker(strict=False)`` (and always inside torch.compile) value errors are
+        unchanged; with ``overwrite_logits=True`` its logits are overwritten all the same (the
+        kernel finds a bad target, index or value in the pass that writes the gradient; argument
+        errors are raised before anything is written). With ``Tracker(strict=False)`` (and always inside torch.compile) value errors are
         raised at the next ``end_epoch()`` / ``scores()`` instead, so no GPU sync is needed per step.
     """
     code, ignore_index = loss_call(tracker, reduction, ignore_index)

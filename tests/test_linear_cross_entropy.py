@@ -261,6 +261,26 @@ def test_all_rows_ignored(reduction, device):
     assert got[4].scores()["rows"].sum() == 0
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_empty_batch(reduction, smoothing, device):
+    """N = 0: no chunk runs, so the weight gradient (which the first chunk's GEMM writes otherwise)
+    is zero-filled; loss and gradients as F.cross_entropy's on an empty batch."""
+    hidden, weight, bias, targets, index = _problem(0, 8, 17, device=device)
+    h, w, b = _leaves(hidden, weight, bias)
+    tr = memcore.Tracker(4, device=device)
+    loss = memcore.linear_accumulate(
+        h, w, targets, index, tr, bias=b, reduction=reduction, label_smoothing=smoothing
+    )
+    loss.sum().backward()
+    rh, rw, rb = _leaves(hidden, weight, bias)
+    ref = F.cross_entropy(F.linear(rh, rw, rb), targets, reduction=reduction, label_smoothing=smoothing)
+    ref.sum().backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), equal_nan=True)
+    for a, r in ((h.grad, rh.grad), (w.grad, rw.grad), (b.grad, rb.grad)):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
 def test_custom_ignore_index(device):
     hidden, weight, bias, targets, index = _problem(30, 8, 19, device=device, ignore_every=0)
     targets[::3] = 7  # a valid class id used as ignore_index

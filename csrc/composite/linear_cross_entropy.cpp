@@ -56,10 +56,13 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight, const std:
   TORCH_CHECK(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
 }
 
-// Accumulators of the weight and bias gradients: opmath (fp32 for fp16 / bf16), zero-filled.
+// Accumulators of the weight and bias gradients: opmath (fp32 for fp16 / bf16). The weight's is
+// left unfilled where a chunk will run (N > 0): the first chunk's GEMM writes it (chunk_grads), which
+// saves a fill and a read of a [V, H] buffer (1 GiB at V = 128k, H = 2k in fp32); zeros otherwise.
 at::Tensor weight_acc(const at::Tensor& weight, const at::Tensor& hidden, bool wanted) {
   const auto opts = weight.options().dtype(opmath_dtype(hidden));
-  return wanted ? at::zeros(weight.sizes(), opts) : at::empty({0}, opts);
+  if (!wanted) return at::empty({0}, opts);
+  return hidden.size(0) > 0 ? at::empty(weight.sizes(), opts) : at::zeros(weight.sizes(), opts);
 }
 
 at::Tensor bias_acc(const std::optional<at::Tensor>& bias, const at::Tensor& weight, const at::Tensor& hidden,
@@ -159,21 +162,30 @@ at::Tensor linear_into(at::Tensor& buf, const at::Tensor& h_chunk, const at::Ten
 
 // The gradient GEMMs of one chunk, g = d(sum of the chunk's weighted losses) / d(logits chunk)
 // [c, V] in hidden's dtype: grad_hidden rows [start, start + c) = g @ W (complete: one GEMM over V),
-// grad_w += g^T @ h_chunk and grad_b += g.sum(0) in opmath.
+// grad_w += g^T @ h_chunk (the first chunk, start 0, writes it: weight_acc leaves it unfilled) and
+// grad_b += g.sum(0) in opmath.
 void chunk_grads(const at::Tensor& g, const at::Tensor& h_chunk, const at::Tensor& weight, int64_t start,
                  const std::array<bool, 3>& mask, at::Tensor& grad_h, at::Tensor& grad_w, at::Tensor& grad_b) {
   const int64_t c = g.size(0);
+  const bool first = start == 0;
   if (mask[0]) {
     at::Tensor rows = grad_h.narrow(0, start, c);
     at::mm_out(rows, g, weight);
   }
   if (mask[1]) {
     if (!is_16bit(g)) {
-      grad_w.addmm_(g.t(), h_chunk);
+      if (first) {
+        at::mm_out(grad_w, g.t(), h_chunk);
+      } else {
+        grad_w.addmm_(g.t(), h_chunk);
+      }
     } else if (g.is_cuda() && fp32_accumulate_gemm(g.scalar_type(), g.device(), stream_capturing(g.device()))) {
       // tensor cores with an fp32 C: the same sums as below at 16-bit GEMM speed (the widened
       // GEMM below would run without tensor cores: ~15x slower on an H100, ~2 TFLOP per 8k rows)
+      if (first) grad_w.zero_();  // an accumulating GEMM only: C starts at zero
       addmm_fp32_(grad_w, g.t(), h_chunk);
+    } else if (first) {
+      at::mm_out(grad_w, g.to(at::kFloat).t(), h_chunk.to(at::kFloat));
     } else {
       grad_w.addmm_(g.to(at::kFloat).t(), h_chunk.to(at::kFloat));
     }
@@ -190,8 +202,9 @@ void check_options(const LossOptions& o, const at::Tensor& hidden, const at::Ten
 // soft-capped logits, the smoothing term), the options' per-row loss, and for mean / sum the
 // gradient of the REDUCED loss through ce_backward_options: both denominators (the summed w_t of the
 // cross-entropy part, the kept rows of the z-loss part) are known before the loop, so the backward
-// only scales by the upstream gradient. `outs`: the zero-filled per-row outputs and gradient
-// accumulators the caller allocated (loss, lse, row_stats, status, grad_h, grad_w, grad_b).
+// only scales by the upstream gradient. `outs`: the per-row outputs (zero-filled) and the gradient
+// buffers the caller allocated (loss, lse, row_stats, status, grad_h, grad_w, grad_b; chunk_grads
+// writes grad_h and grad_w's first chunk).
 Tensor11 options_forward(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& targets, const at::Tensor& index, int64_t num_samples,
                          int64_t ignore_index, int64_t reduction, int64_t chunk_size, const std::array<bool, 3>& mask,
