@@ -128,12 +128,14 @@ std::pair<Tensor6, RowFactors> options_loss(const at::Tensor& logits, const at::
   return {{out.to(acc_t), zout.to(acc_t), nll, lse, row_stats, status}, f};
 }
 
-// ce_forward_reduce_options on one device (fwd: its ce_forward_options kernel)
-template <class Fwd>
-Tensor6 forward_reduce_options(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
-                               int64_t num_samples, int64_t ignore_index, int64_t reduction,
-                               const std::optional<at::Tensor>& weight, double label_smoothing, double softcap,
-                               double z_loss, Fwd&& fwd) {
+// ce_forward_reduce_options, one kernel for every device (registered for CPU and CUDA): the device's
+// ce_forward_options through the dispatcher, then the options' row losses and reduction in ATen ops
+inline Tensor6 forward_reduce_options(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
+                                      int64_t num_samples, int64_t ignore_index, int64_t reduction,
+                                      const std::optional<at::Tensor>& weight, double label_smoothing,
+                                      double softcap, double z_loss) {
+  static const auto forward = MEMCORE_OP(ce_forward_options);
+  const auto fwd = [&](auto&&... args) { return forward.call(args...); };
   const LossOptions o{weight, label_smoothing, softcap, z_loss};
   return options_loss(logits, targets, index, num_samples, ignore_index, reduction, o, fwd,
                       "memcore::ce_forward_reduce_options")

@@ -585,15 +585,6 @@ at::Tensor ce_backward_options_cpu(const at::Tensor& a, const at::Tensor& b, con
   return grad;
 }
 
-// The options' loss (cross_entropy_options.h): ce_forward_options_cpu, the row losses, the reduction
-Tensor6 ce_forward_reduce_options_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
-                                      int64_t num_samples, int64_t ignore_index, int64_t reduction,
-                                      const std::optional<at::Tensor>& weight, double label_smoothing,
-                                      double softcap, double z_loss) {
-  return forward_reduce_options(logits, targets, index, num_samples, ignore_index, reduction, weight,
-                                label_smoothing, softcap, z_loss, ce_forward_options_cpu);
-}
-
 // The options' overwrite route (cross_entropy_options.h): ce_forward_options_cpu, the reduced loss,
 // and its gradient written over the logits by the options' backward kernels run in place
 Tensor6 ce_forward_grad_options_cpu(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
@@ -658,7 +649,7 @@ TORCH_LIBRARY_IMPL(memcore, CPU, m) {
   MEMCORE_IMPL(m, ce_input_sqnorm, ce_input_sqnorm_cpu);
   MEMCORE_IMPL(m, ce_forward_options, ce_forward_options_cpu);
   MEMCORE_IMPL(m, ce_backward_options, ce_backward_options_cpu);
-  MEMCORE_IMPL(m, ce_forward_reduce_options, ce_forward_reduce_options_cpu);
+  MEMCORE_IMPL(m, ce_forward_reduce_options, forward_reduce_options);  // cross_entropy_options.h
   MEMCORE_IMPL(m, ce_forward_grad_options_, ce_forward_grad_options_cpu);
 }
 

@@ -202,17 +202,6 @@ at::Tensor ce_backward_options_cuda(const at::Tensor& a, const at::Tensor& b, co
   return grad;
 }
 
-// The options' loss (cross_entropy_options.h): the forward kernel, the row losses and the reduction
-// on the device (no host sync)
-Tensor6 ce_forward_reduce_options_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
-                                       int64_t num_samples, int64_t ignore_index, int64_t reduction,
-                                       const std::optional<at::Tensor>& weight, double label_smoothing,
-                                       double softcap, double z_loss) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  return forward_reduce_options(logits, targets, index, num_samples, ignore_index, reduction, weight,
-                                label_smoothing, softcap, z_loss, ce_forward_options_cuda);
-}
-
 // The options' overwrite route (cross_entropy_options.h): the forward kernel, the reduced loss on
 // the device (no host sync), and the backward kernel in place over the logits
 Tensor6 ce_forward_grad_options_cuda(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& index,
@@ -229,7 +218,7 @@ Tensor6 ce_forward_grad_options_cuda(at::Tensor& logits, const at::Tensor& targe
 TORCH_LIBRARY_IMPL(memcore, CUDA, m) {
   MEMCORE_IMPL(m, ce_forward_options, ce_forward_options_cuda);
   MEMCORE_IMPL(m, ce_backward_options, ce_backward_options_cuda);
-  MEMCORE_IMPL(m, ce_forward_reduce_options, ce_forward_reduce_options_cuda);
+  MEMCORE_IMPL(m, ce_forward_reduce_options, forward_reduce_options);  // cross_entropy_options.h
   MEMCORE_IMPL(m, ce_forward_grad_options_, ce_forward_grad_options_cuda);
 }
 
