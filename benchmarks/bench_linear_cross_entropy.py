@@ -55,6 +55,7 @@ from benchmarks.common import (
     load_average,
     load_note,
     measure,
+    paired_ratio_rows,
     param,
     sync,
 )
@@ -261,7 +262,7 @@ def test_linear_cross_entropy_interleaved(benchmark, request, shape):
     note = load_note(before, load_average())
     rows = interleaved_rows(times, {x: "plain" for x in variants if x != "plain"})
     if "cce" in times:  # linear against Cut Cross-Entropy round by round, as the goal reads it
-        rows += interleaved_rows(times, {"linear": "cce"}, metric="interleaved_ratio_to_cce")
+        rows += paired_ratio_rows(times, "linear", "cce", "interleaved_ratio_to_cce")
     rows += [
         dict(variant=x, metric="peak_mib", value=peaks[x], unit="MiB")
         for x in variants

@@ -147,29 +147,30 @@ def interleave(variants: Dict[str, Callable[[], float]], times: Dict[str, List[f
     return round_
 
 
-def interleaved_rows(
-    times: Dict[str, List[float]], against: Dict[str, str], metric: str = "interleaved_ratio"
-) -> List[dict]:
+def interleaved_rows(times: Dict[str, List[float]], against: Dict[str, str]) -> List[dict]:
     """Store rows of interleaved rounds: per variant its median (ms) and rounds; per variant v in
-    ``against`` the median over rounds of (v's time / against[v]'s time in the same round), with the
-    ~95 % confidence interval of that median (median_ci), as ``metric`` (+ ``_lo`` / ``_hi``). With
-    ``metric`` other than the default only those ratio rows come back (a second comparison of the
-    same rounds)."""
+    ``against`` its paired_ratio_rows against against[v] as "interleaved_ratio"."""
     rows = []
     for v, t in times.items():
-        if metric == "interleaved_ratio":
-            med, _, _ = median_ci(t)
-            rows += [
-                dict(variant=v, metric="interleaved_median_ms", value=1e3 * med, unit="ms"),
-                dict(variant=v, metric="interleaved_rounds", value=len(t), unit="count"),
-            ]
+        med, _, _ = median_ci(t)
+        rows += [
+            dict(variant=v, metric="interleaved_median_ms", value=1e3 * med, unit="ms"),
+            dict(variant=v, metric="interleaved_rounds", value=len(t), unit="count"),
+        ]
         if v in against:
-            ratio, lo, hi = median_ci([a / b for a, b in zip(t, times[against[v]])])
-            rows += [
-                dict(variant=v, metric=f"{metric}{suffix}", value=x, unit="ratio")
-                for suffix, x in (("", ratio), ("_lo", lo), ("_hi", hi))
-            ]
+            rows += paired_ratio_rows(times, v, against[v], "interleaved_ratio")
     return rows
+
+
+def paired_ratio_rows(times: Dict[str, List[float]], v: str, base: str, metric: str) -> List[dict]:
+    """Rows ``metric`` (+ ``_lo`` / ``_hi``) of variant v: the median over interleaved rounds of (v's
+    time / base's time in the same round), with the ~95 % confidence interval of that median
+    (median_ci)."""
+    ratio, lo, hi = median_ci([a / b for a, b in zip(times[v], times[base])])
+    return [
+        dict(variant=v, metric=f"{metric}{suffix}", value=x, unit="ratio")
+        for suffix, x in (("", ratio), ("_lo", lo), ("_hi", hi))
+    ]
 
 
 def load_average() -> Optional[float]:
